@@ -1,0 +1,45 @@
+"""ClusterMoE for Hugging Face Transformers.
+
+Importing this package registers `model_type="clustermoe"` with the Auto classes, so `AutoConfig.for_model`,
+`AutoModelForCausalLM.from_config` and `from_pretrained` work, and marks the classes for `register_for_auto_class`
+so that `save_pretrained` writes `auto_map` and copies the self-contained modeling/config files next to the weights.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from .compat import CoEConfig, create_coe_model
+from .configuration_clustermoe import ClusterMoEConfig
+from .modeling_clustermoe import (
+    ClusterMoEForCausalLM,
+    ClusterMoEForSequenceClassification,
+    ClusterMoEModel,
+    ClusterMoEPreTrainedModel,
+)
+
+
+AutoConfig.register(ClusterMoEConfig.model_type, ClusterMoEConfig, exist_ok=True)
+AutoModel.register(ClusterMoEConfig, ClusterMoEModel, exist_ok=True)
+AutoModelForCausalLM.register(ClusterMoEConfig, ClusterMoEForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(ClusterMoEConfig, ClusterMoEForSequenceClassification, exist_ok=True)
+
+ClusterMoEConfig.register_for_auto_class()
+ClusterMoEModel.register_for_auto_class("AutoModel")
+ClusterMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+ClusterMoEForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClusterMoEConfig",
+    "ClusterMoEModel",
+    "ClusterMoEPreTrainedModel",
+    "ClusterMoEForCausalLM",
+    "ClusterMoEForSequenceClassification",
+    "CoEConfig",
+    "create_coe_model",
+]

@@ -1,0 +1,252 @@
+# Copyright 2026 The ClusterMoE authors. Licensed under the Apache License, Version 2.0.
+"""ClusterMoE configuration.
+
+Self-contained (imports only torch/transformers) so that `save_pretrained` can copy it next to the weights and
+`from_pretrained(..., trust_remote_code=True)` works where `clustermoe_hf` is not installed.
+"""
+
+from typing import ClassVar, Literal
+
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+
+class ClusterMoEConfig(PreTrainedConfig):
+    r"""
+    Configuration of a ClusterMoE decoder-only language model: a Llama-style transformer (RMSNorm, RoPE,
+    grouped-query attention) whose MLPs are hierarchical mixture-of-experts blocks. The
+    `num_clusters * experts_per_cluster` experts are grouped into clusters; each token picks `top_k_clusters`
+    clusters, then `top_k_experts` experts inside each chosen cluster.
+
+    Args:
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, hidden_act,
+        max_position_embeddings, initializer_range, rms_norm_eps, use_cache, tie_word_embeddings, rope_parameters,
+        attention_bias, attention_dropout, pad_token_id, bos_token_id, eos_token_id:
+            As in transformers' Llama/Qwen3-MoE configurations.
+        intermediate_size (`int`): width of ONE expert's SwiGLU MLP.
+        num_clusters (`int`): number of expert clusters `C`.
+        experts_per_cluster (`int`): experts per cluster `E`; expert `c * E + e` is expert `e` of cluster `c`.
+        top_k_clusters (`int`): clusters chosen per token.
+        top_k_experts (`int`): experts chosen inside each chosen cluster. A token uses
+            `top_k_clusters * top_k_experts` distinct experts.
+        norm_topk_prob (`bool`): renormalise the combine weights `P(cluster) * P(expert | cluster)` of the chosen
+            experts to sum to one.
+        routing_temperature (`float`): softmax temperature of both router levels.
+        router_jitter_noise (`float`): std of Gaussian noise added to the selection scores while training
+            (exploration); 0 disables it. Never applied in eval.
+        router_implementation (`"auto"`, `"hierarchical"`, `"flat"`): `hierarchical` scores experts only inside the
+            chosen clusters (cost ~ `C + top_k_clusters * E` per token), `flat` scores all `C * E` experts and
+            gathers the chosen clusters. Both route identically; `auto` picks the faster one for the model's size.
+        shared_expert_intermediate_size (`int`): width of an always-on shared expert MLP; 0 means none.
+        first_k_dense_layers (`int`): the first k decoder layers use a dense MLP instead of a MoE block.
+        dense_intermediate_size (`int`, *optional*): width of those dense MLPs; defaults to the active expert
+            width `intermediate_size * top_k_clusters * top_k_experts`.
+        router_aux_loss_coef (`float`): weight of the expert-level load-balancing loss (within clusters).
+        router_cluster_aux_loss_coef (`float`, *optional*): weight of the cluster-level load-balancing loss;
+            defaults to `router_aux_loss_coef`.
+        router_z_loss_coef (`float`): weight of the router z-loss on both router levels.
+        output_router_logits (`bool`): return each MoE layer's cluster-router logits.
+        use_reliability_routing (`bool`): track an EMA health score per expert, mask the output of experts that
+            produce non-finite or outsized outputs, and deprioritise degraded experts when routing.
+        reliability_decay (`float`): EMA decay of the reliability scores, in (0, 1).
+        reliability_threshold (`float`): experts whose reliability falls below this are not selected.
+        reliability_max_norm_ratio (`float`): an expert whose mean output norm exceeds its cluster's (geometric) mean
+            by this factor in a step is treated as faulty for that step.
+        use_adaptive_routing (`bool`): auxiliary-loss-free balancing: per-cluster and per-expert selection biases
+            nudged toward uniform load after every optimizer step (DeepSeek-V3 style).
+        adaptive_routing_rate (`float`): bias update step size.
+        expert_capacity_factor (`float`, *optional*): `None` is dropless; otherwise each expert takes at most
+            `ceil(factor * tokens * k / num_experts)` tokens per forward, overflow is re-routed inside the chosen
+            cluster, then dropped (the token keeps its residual path).
+
+    The names of the original ClusterMoE package are accepted as aliases: `d_model`, `d_ff`, `num_layers`,
+    `load_balancing_weight`, `router_z_loss_weight`, `dropout`.
+    """
+
+    model_type = "clustermoe"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    attribute_map = {
+        "d_model": "hidden_size",
+        "d_ff": "intermediate_size",
+        "num_layers": "num_hidden_layers",
+        "load_balancing_weight": "router_aux_loss_coef",
+        "router_z_loss_weight": "router_z_loss_coef",
+        "dropout": "attention_dropout",
+    }
+    # Routing statistics are always recorded: the losses and the training-state updates need them.
+    output_routing_stats: ClassVar[bool] = True
+
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_expert.gate_proj": "colwise",
+        "layers.*.mlp.shared_expert.up_proj": "colwise",
+        "layers.*.mlp.shared_expert.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+
+    num_clusters: int = 4
+    experts_per_cluster: int = 4
+    top_k_clusters: int = 1
+    top_k_experts: int = 2
+    norm_topk_prob: bool = True
+    routing_temperature: float | int = 1.0
+    router_jitter_noise: float | int = 0.0
+    router_implementation: Literal["auto", "hierarchical", "flat"] = "auto"
+    shared_expert_intermediate_size: int = 0
+    first_k_dense_layers: int = 0
+    dense_intermediate_size: int | None = None
+
+    router_aux_loss_coef: float | int = 0.01
+    router_cluster_aux_loss_coef: float | int | None = None
+    router_z_loss_coef: float | int = 0.001
+    output_router_logits: bool = False
+
+    use_reliability_routing: bool = True
+    reliability_decay: float = 0.9
+    reliability_threshold: float = 0.5
+    reliability_max_norm_ratio: float | int = 100.0
+    use_adaptive_routing: bool = False
+    adaptive_routing_rate: float = 1e-3
+    expert_capacity_factor: float | int | None = None
+
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)  # also applies the alias kwargs (d_model=...) through `attribute_map`
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}) unless head_dim is given explicitly."
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.router_cluster_aux_loss_coef is None:
+            self.router_cluster_aux_loss_coef = self.router_aux_loss_coef
+        if self.dense_intermediate_size is None:
+            self.dense_intermediate_size = self.intermediate_size * self.num_experts_per_tok
+        self._check_values()
+
+    @property
+    def num_experts(self) -> int:
+        """Total number of routed experts, `num_clusters * experts_per_cluster`."""
+        return self.num_clusters * self.experts_per_cluster
+
+    @property
+    def num_experts_per_tok(self) -> int:
+        """Distinct experts each token uses, `top_k_clusters * top_k_experts`."""
+        return self.top_k_clusters * self.top_k_experts
+
+    def _check_values(self):
+        """Reject impossible values at construction, naming the field and the constraint."""
+
+        def require(condition: bool, message: str):
+            if not condition:
+                raise ValueError(f"Invalid ClusterMoEConfig: {message}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "num_clusters", "experts_per_cluster",
+            "top_k_clusters", "top_k_experts", "dense_intermediate_size",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            require(is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}.")
+        require(
+            self.top_k_clusters <= self.num_clusters,
+            f"top_k_clusters ({self.top_k_clusters}) must be <= num_clusters ({self.num_clusters}).",
+        )
+        require(
+            self.top_k_experts <= self.experts_per_cluster,
+            f"top_k_experts ({self.top_k_experts}) must be <= experts_per_cluster ({self.experts_per_cluster}).",
+        )
+        require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+            f"({self.num_attention_heads}).",
+        )
+        require(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        for name in ("shared_expert_intermediate_size", "first_k_dense_layers"):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 0, f"{name} must be a non-negative integer, got {value!r}.")
+        require(
+            self.first_k_dense_layers <= self.num_hidden_layers,
+            f"first_k_dense_layers ({self.first_k_dense_layers}) must be <= num_hidden_layers "
+            f"({self.num_hidden_layers}).",
+        )
+        require(self.routing_temperature > 0, f"routing_temperature must be > 0, got {self.routing_temperature}.")
+        require(self.router_jitter_noise >= 0, f"router_jitter_noise must be >= 0, got {self.router_jitter_noise}.")
+        require(
+            self.router_implementation in ("auto", "hierarchical", "flat"),
+            f"router_implementation must be 'auto', 'hierarchical' or 'flat', got {self.router_implementation!r}.",
+        )
+        for name in ("router_aux_loss_coef", "router_cluster_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            require(value >= 0, f"{name} must be >= 0 (0 disables it), got {value}.")
+        require(0 <= self.attention_dropout < 1, f"attention_dropout must be in [0, 1), got {self.attention_dropout}.")
+        require(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}.")
+        require(
+            0 < self.reliability_decay < 1, f"reliability_decay must be in (0, 1), got {self.reliability_decay}."
+        )
+        require(
+            0 <= self.reliability_threshold < 1,
+            f"reliability_threshold must be in [0, 1), got {self.reliability_threshold}.",
+        )
+        require(
+            self.reliability_max_norm_ratio > 1,
+            f"reliability_max_norm_ratio must be > 1, got {self.reliability_max_norm_ratio}.",
+        )
+        require(self.adaptive_routing_rate > 0, f"adaptive_routing_rate must be > 0, got {self.adaptive_routing_rate}.")
+        require(
+            self.expert_capacity_factor is None or self.expert_capacity_factor > 0,
+            f"expert_capacity_factor must be None (dropless) or > 0, got {self.expert_capacity_factor}.",
+        )
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            require(
+                value is None or (is_int(value) and 0 <= value < self.vocab_size),
+                f"{name} ({value}) must be None or in [0, vocab_size={self.vocab_size}).",
+            )
+
+
+__all__ = ["ClusterMoEConfig"]

@@ -1,0 +1,801 @@
+# Copyright 2026 The ClusterMoE authors. Licensed under the Apache License, Version 2.0.
+"""ClusterMoE: a decoder-only transformer whose MLPs are hierarchical (cluster -> expert) mixtures of experts.
+
+Self-contained (imports only torch, transformers and `configuration_clustermoe`) so that `save_pretrained` can copy
+it next to the weights and `from_pretrained(..., trust_remote_code=True)` works without this package installed.
+
+Routing state (utilisation counts, reliability scores, balancing biases) lives in buffers. The forward pass only
+*records* routing statistics (through transformers' output recording, so a layer recomputed by gradient
+checkpointing is never counted twice); they are folded into the buffers by a forward hook on the base model
+(counts) and by a global optimizer-step hook (EMAs and biases), in training mode only.
+"""
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import _grouped_mm
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.import_utils import is_torchdynamo_compiling
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_clustermoe import ClusterMoEConfig
+
+
+# `router_implementation="auto"` scores experts only inside the chosen clusters from this many experts on; below it
+# one dense matmul over all experts is cheaper than grouping tokens by cluster (see benchmarks/router_scaling.py).
+HIERARCHICAL_ROUTER_MIN_EXPERTS = 64
+
+
+class ClusterMoERMSNorm(LlamaRMSNorm):
+    pass
+
+
+class ClusterMoERotaryEmbedding(LlamaRotaryEmbedding):
+    pass
+
+
+class ClusterMoEAttention(LlamaAttention):
+    """Grouped-query attention with RoPE, dispatched through transformers' attention interface."""
+
+
+class ClusterMoEMLP(nn.Module):
+    """SwiGLU MLP, used for dense layers and the shared expert."""
+
+    def __init__(self, config: ClusterMoEConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@use_experts_implementation
+class ClusterMoEExperts(nn.Module):
+    """All `num_clusters * experts_per_cluster` experts as fused 3D weights; cluster `c` owns ids `c*E ... c*E+E-1`."""
+
+    def __init__(self, config: ClusterMoEConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Eager reference: loop over the experts that received tokens."""
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            if expert_idx == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+def _position_in_group(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """For each entry, how many earlier entries (in order) share its group id. No host sync."""
+    sorted_ids, perm = torch.sort(group_ids, stable=True)
+    counts = torch.zeros(num_groups, dtype=torch.long, device=group_ids.device)
+    counts.index_add_(0, group_ids, torch.ones_like(group_ids))
+    starts = counts.cumsum(0) - counts
+    position_sorted = torch.arange(group_ids.numel(), device=group_ids.device) - starts[sorted_ids]
+    return torch.empty_like(position_sorted).scatter_(0, perm, position_sorted)
+
+
+class ClusterMoERouter(nn.Module):
+    """Two-level router: `top_k_clusters` clusters per token, then experts scored inside those clusters only.
+
+    Returns `(cluster_logits, cluster_index, expert_logits, expert_candidates)`:
+        cluster_logits    (tokens, C)      raw cluster-router logits (recorded as `router_logits`)
+        cluster_index     (tokens, kc)     chosen clusters
+        expert_logits     (tokens, kc, E)  raw expert logits inside each chosen cluster
+        expert_candidates (tokens, kc, E') local expert ids, best first by selection score (E' = top_k_experts,
+                                           or all E when capacity limits may need the next-best experts)
+    Selection scores add, to the log-probabilities, the adaptive balancing biases, the log-reliability of the
+    experts/clusters, and training-time jitter; the combine weights use the plain probabilities.
+    """
+
+    def __init__(self, config: ClusterMoEConfig):
+        super().__init__()
+        self.config = config
+        self.num_clusters = config.num_clusters
+        self.experts_per_cluster = config.experts_per_cluster
+        self.cluster_weight = nn.Parameter(torch.zeros(config.num_clusters, config.hidden_size))
+        self.expert_weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        # Adaptive (auxiliary-loss-free) balancing biases, nudged after each optimizer step.
+        self.register_buffer("cluster_bias", torch.zeros(config.num_clusters))
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        # EMA health score in [0, 1] per expert, and its token counts (for utilisation-weighted aggregation).
+        self.register_buffer("expert_reliability", torch.ones(config.num_experts))
+        self.register_buffer("expert_token_counts", torch.zeros(config.num_experts, dtype=torch.long))
+        if config.router_implementation == "auto":
+            self.hierarchical = config.num_experts >= HIERARCHICAL_ROUTER_MIN_EXPERTS
+        else:
+            self.hierarchical = config.router_implementation == "hierarchical"
+
+    def cluster_reliability(self) -> torch.Tensor:
+        """Utilisation-weighted mean expert reliability of each cluster, shape (C,)."""
+        weights = (self.expert_token_counts.float() + 1.0).view(self.num_clusters, -1)
+        scores = self.expert_reliability.view(self.num_clusters, -1)
+        return (weights * scores).sum(-1) / weights.sum(-1)
+
+    def _expert_logits(self, hidden_states: torch.Tensor, cluster_index: torch.Tensor) -> torch.Tensor:
+        """Expert logits inside the chosen clusters, (tokens, kc, E)."""
+        num_tokens, top_k_clusters = cluster_index.shape
+        if not self.hierarchical:
+            all_logits = F.linear(hidden_states, self.expert_weight).view(num_tokens, self.num_clusters, -1)
+            return all_logits.gather(1, cluster_index.unsqueeze(-1).expand(-1, -1, self.experts_per_cluster))
+        # Group (token, cluster) pairs by cluster and multiply each group by its own cluster's expert rows only:
+        # cost grows with top_k_clusters * E instead of C * E.
+        flat_clusters = cluster_index.reshape(-1)  # (tokens * kc,)
+        sorted_clusters, perm = torch.sort(flat_clusters)
+        histc_input = sorted_clusters.float() if hidden_states.device.type in ("cpu", "mps") else sorted_clusters.int()
+        counts = torch.histc(histc_input, bins=self.num_clusters, min=0, max=self.num_clusters - 1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        weight = self.expert_weight.view(self.num_clusters, self.experts_per_cluster, -1).transpose(1, 2)  # (C,H,E)
+        sorted_logits = _grouped_mm(hidden_states[perm // top_k_clusters], weight, offs=offsets)  # (tokens*kc, E)
+        logits = torch.empty_like(sorted_logits).index_copy_(0, perm, sorted_logits)
+        return logits.view(num_tokens, top_k_clusters, self.experts_per_cluster)
+
+    def forward(self, hidden_states: torch.Tensor):
+        config = self.config
+        noise = config.router_jitter_noise if self.training else 0.0
+        cluster_logits = F.linear(hidden_states, self.cluster_weight)  # (tokens, C)
+        cluster_scores = F.log_softmax(cluster_logits.float() / config.routing_temperature, dim=-1)
+        if config.use_adaptive_routing:
+            cluster_scores = cluster_scores + self.cluster_bias
+        if config.use_reliability_routing:
+            cluster_scores = cluster_scores + self.cluster_reliability().clamp_min(1e-6).log()
+        if noise > 0:
+            cluster_scores = cluster_scores + torch.randn_like(cluster_scores) * noise
+        cluster_index = torch.topk(cluster_scores, config.top_k_clusters, dim=-1).indices  # (tokens, kc)
+
+        expert_logits = self._expert_logits(hidden_states, cluster_index)  # (tokens, kc, E)
+        expert_scores = F.log_softmax(expert_logits.float() / config.routing_temperature, dim=-1)
+        global_ids = cluster_index.unsqueeze(-1) * self.experts_per_cluster + torch.arange(
+            self.experts_per_cluster, device=cluster_index.device
+        )
+        if config.use_adaptive_routing:
+            expert_scores = expert_scores + self.expert_bias[global_ids]
+        if config.use_reliability_routing:
+            reliability = self.expert_reliability[global_ids]
+            expert_scores = expert_scores + reliability.clamp_min(1e-6).log()
+            expert_scores = expert_scores.masked_fill(reliability < config.reliability_threshold, -1e4)
+        if noise > 0:
+            expert_scores = expert_scores + torch.randn_like(expert_scores) * noise
+        num_candidates = config.top_k_experts if config.expert_capacity_factor is None else self.experts_per_cluster
+        expert_candidates = torch.topk(expert_scores, num_candidates, dim=-1).indices  # (tokens, kc, E')
+        return cluster_logits, cluster_index, expert_logits, expert_candidates
+
+
+class ClusterMoESparseMoeBlock(nn.Module):
+    """Hierarchical MoE block: route, (optionally) enforce capacity, run the fused experts, combine.
+
+    Returns `(hidden_states, routing_stats)`; `routing_stats` (a dict of tensors) carries this layer's balancing and
+    z losses and the counts/health observations the model folds into its buffers outside the recomputed path.
+    """
+
+    def __init__(self, config: ClusterMoEConfig):
+        super().__init__()
+        self.config = config
+        self.num_clusters = config.num_clusters
+        self.experts_per_cluster = config.experts_per_cluster
+        self.num_experts = config.num_experts
+        self.router = ClusterMoERouter(config)
+        self.experts = ClusterMoEExperts(config)
+        self.shared_expert = (
+            ClusterMoEMLP(config, config.shared_expert_intermediate_size)
+            if config.shared_expert_intermediate_size > 0
+            else None
+        )
+        if config.use_reliability_routing:
+            # A broken expert must not poison the whole update (e.g. through gradient clipping's global norm).
+            for weight in (self.experts.gate_up_proj, self.experts.down_proj):
+                weight.register_hook(lambda grad: torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0))
+
+    def _limit_capacity(self, candidates: torch.Tensor):
+        """Keep at most `capacity` (token, expert) pairs per expert, in token order; re-route the overflow to the next
+        best expert inside the same chosen cluster, and drop what still does not fit.
+
+        candidates: (tokens, kc, E) global expert ids, best first. Returns the chosen ids (tokens, kc, ke), a served
+        mask of the same shape and the number of re-routed pairs.
+        """
+        num_tokens, _, num_in_cluster = candidates.shape
+        top_k_experts = self.config.top_k_experts
+        capacity = math.ceil(
+            self.config.expert_capacity_factor * num_tokens * self.config.num_experts_per_tok / self.num_experts
+        )
+        primary = candidates[..., :top_k_experts]
+        kept = _position_in_group(primary.reshape(-1), self.num_experts).view_as(primary) < capacity
+        load = torch.zeros(self.num_experts + 1, dtype=torch.long, device=candidates.device)
+        load.index_add_(0, primary[kept], torch.ones_like(primary[kept]))
+        # The j-th overflowing slot of a (token, cluster) tries the j-th expert after the selected ones.
+        overflow = ~kept
+        alternative_rank = top_k_experts + overflow.long().cumsum(-1) - 1
+        has_alternative = overflow & (alternative_rank < num_in_cluster)
+        alternative = candidates.gather(-1, alternative_rank.clamp(max=num_in_cluster - 1))
+        alternative = alternative.masked_fill(~has_alternative, self.num_experts)  # sentinel group
+        position = _position_in_group(alternative.reshape(-1), self.num_experts + 1).view_as(alternative)
+        accepted = has_alternative & (position + load[alternative] < capacity)
+        chosen = torch.where(accepted, alternative, primary)
+        return chosen, kept | accepted, accepted.sum()
+
+    def _balance_losses(self, cluster_logits, cluster_index, expert_logits, expert_index, token_mask):
+        """Switch-style balancing at both levels plus the router z-loss, with padding tokens excluded."""
+        num_tokens, top_k_clusters = cluster_index.shape
+        mask = cluster_logits.new_ones(num_tokens) if token_mask is None else token_mask.to(cluster_logits.dtype)
+        mask = mask.float()
+        num_valid = mask.sum().clamp_min(1.0)
+        temperature = self.config.routing_temperature
+        # Cluster level: fraction of (token, cluster) choices per cluster x mean cluster probability.
+        cluster_probs = F.softmax(cluster_logits.float() / temperature, dim=-1)  # (tokens, C)
+        cluster_choices = torch.zeros_like(cluster_probs).scatter_add_(
+            1, cluster_index, mask[:, None].expand(-1, top_k_clusters).contiguous()
+        )
+        cluster_fraction = cluster_choices.sum(0) / (num_valid * top_k_clusters)
+        cluster_prob = (cluster_probs * mask[:, None]).sum(0) / num_valid
+        cluster_balance = self.num_clusters * (cluster_fraction * cluster_prob).sum()
+        # Expert level, inside each cluster, weighted by the cluster's share of (token, cluster) pairs.
+        expert_probs = F.softmax(expert_logits.float() / temperature, dim=-1)  # (tokens, kc, E)
+        local_index = expert_index - cluster_index.unsqueeze(-1) * self.experts_per_cluster  # (tokens, kc, ke)
+        pair_mask = mask[:, None].expand(-1, top_k_clusters)
+        expert_choices = torch.zeros_like(expert_probs).scatter_add_(
+            2, local_index, pair_mask[..., None].expand_as(local_index).contiguous()
+        )
+        flat_clusters = cluster_index.reshape(-1)
+        per_cluster = lambda values: torch.zeros(  # noqa: E731  (tokens*kc, E) -> (C, E) sums
+            self.num_clusters, self.experts_per_cluster, device=values.device
+        ).index_add_(0, flat_clusters, values.reshape(-1, self.experts_per_cluster))
+        choices = per_cluster(expert_choices)
+        probs = per_cluster(expert_probs * pair_mask[..., None])
+        pairs = choices.sum(-1, keepdim=True) / self.config.top_k_experts  # (C, 1) pairs routed to each cluster
+        expert_fraction = choices / (pairs * self.config.top_k_experts).clamp_min(1.0)
+        expert_prob = probs / pairs.clamp_min(1.0)
+        cluster_share = pairs.squeeze(-1) / pairs.sum().clamp_min(1.0)
+        expert_balance = self.experts_per_cluster * (cluster_share * (expert_fraction * expert_prob).sum(-1)).sum()
+        # z-loss on both router levels keeps the logits small (ST-MoE).
+        z_cluster = torch.logsumexp(cluster_logits.float(), dim=-1).square()
+        z_expert = torch.logsumexp(expert_logits.float(), dim=-1).square().mean(-1)
+        router_z = ((z_cluster + z_expert) * mask).sum() / num_valid
+        return cluster_balance, expert_balance, router_z
+
+    def _expert_health(self, expert_out: torch.Tensor, expert_ids: torch.Tensor, served: torch.Tensor):
+        """Which experts misbehaved in this forward: any non-finite output, or a mean output norm more than
+        `reliability_max_norm_ratio` times their cluster's geometric-mean norm. Returns (faulty, observed), (N,)."""
+        norms = expert_out.float().norm(dim=-1)  # (pairs,)
+        finite = torch.isfinite(norms)
+        served = served.float()
+        log_norms = torch.where(finite, norms.clamp_min(1e-12).log(), torch.zeros_like(norms)) * served
+        zeros = torch.zeros(self.num_experts, device=expert_out.device)
+        pair_count = zeros.index_add(0, expert_ids, served)
+        nonfinite = zeros.index_add(0, expert_ids, (~finite).float() * served)
+        log_norm_sum = zeros.index_add(0, expert_ids, log_norms)
+        observed = pair_count > 0
+        mean_log_norm = log_norm_sum / pair_count.clamp_min(1.0)
+        healthy_mean = torch.where(observed & (nonfinite == 0), mean_log_norm, torch.zeros_like(mean_log_norm))
+        healthy_count = (observed & (nonfinite == 0)).float().view(self.num_clusters, -1).sum(-1)
+        cluster_reference = healthy_mean.view(self.num_clusters, -1).sum(-1) / healthy_count.clamp_min(1.0)
+        outsized = mean_log_norm - cluster_reference.repeat_interleave(self.experts_per_cluster) > math.log(
+            self.config.reliability_max_norm_ratio
+        )
+        faulty = observed & ((nonfinite > 0) | outsized)
+        return faulty, observed
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_flat = hidden_states.reshape(-1, hidden_dim)  # (tokens, H)
+        num_tokens = hidden_flat.shape[0]
+        cluster_logits, cluster_index, expert_logits, candidates = self.router(hidden_flat)
+
+        global_candidates = cluster_index.unsqueeze(-1) * self.experts_per_cluster + candidates
+        if self.config.expert_capacity_factor is None:
+            expert_index, served, rerouted = global_candidates, None, global_candidates.new_zeros(())
+        else:
+            expert_index, served, rerouted = self._limit_capacity(global_candidates)
+
+        # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
+        temperature = self.config.routing_temperature
+        cluster_probs = F.softmax(cluster_logits.float() / temperature, dim=-1).gather(1, cluster_index)
+        local_index = expert_index - cluster_index.unsqueeze(-1) * self.experts_per_cluster
+        expert_probs = F.softmax(expert_logits.float() / temperature, dim=-1).gather(-1, local_index)
+        weights = (cluster_probs.unsqueeze(-1) * expert_probs).view(num_tokens, -1)  # (tokens, k)
+        top_k_index = expert_index.view(num_tokens, -1)  # (tokens, k)
+        top_k = top_k_index.shape[1]
+        served_flat = (
+            torch.ones_like(top_k_index, dtype=torch.bool) if served is None else served.view(num_tokens, -1)
+        )
+
+        # One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be
+        # checked before it is combined. Works with every experts backend (eager, grouped_mm, batched_mm, ...).
+        pair_inputs = hidden_flat.repeat_interleave(top_k, dim=0)  # (tokens*k, H)
+        pair_ids = top_k_index.reshape(-1)
+        pair_outputs = self.experts(pair_inputs, pair_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
+
+        faulty = observed = None
+        if self.config.use_reliability_routing:
+            faulty, observed = self._expert_health(pair_outputs, pair_ids, served_flat.reshape(-1))
+            pair_faulty = faulty[pair_ids]
+            pair_outputs = pair_outputs.masked_fill(pair_faulty[:, None], 0.0)
+            if pair_inputs.requires_grad:
+                pair_inputs.register_hook(lambda grad: grad.masked_fill(pair_faulty[:, None], 0.0))
+            weights = weights.masked_fill(pair_faulty.view(num_tokens, top_k), 0.0)
+        if self.config.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+        weights = weights * served_flat  # dropped pairs contribute nothing; the token keeps its residual path
+
+        combined = (pair_outputs.view(num_tokens, top_k, hidden_dim) * weights.unsqueeze(-1).to(pair_outputs.dtype))
+        output = combined.sum(1)
+        if self.shared_expert is not None:
+            output = output + self.shared_expert(hidden_flat)
+
+        cluster_balance, expert_balance, router_z = self._balance_losses(
+            cluster_logits, cluster_index, expert_logits, expert_index, token_mask
+        )
+        valid_pairs = served_flat if token_mask is None else served_flat & token_mask.view(-1, 1)
+        expert_counts = torch.zeros(self.num_experts, dtype=torch.long, device=hidden_states.device)
+        expert_counts.index_add_(0, pair_ids, valid_pairs.reshape(-1).long())
+        routing_stats = {
+            "cluster_balance_loss": cluster_balance,
+            "expert_balance_loss": expert_balance,
+            "router_z_loss": router_z,
+            "expert_counts": expert_counts,
+            "dropped_pairs": (~served_flat).sum(),
+            "rerouted_pairs": rerouted,
+        }
+        if faulty is not None:
+            routing_stats["expert_faulty"] = faulty
+            routing_stats["expert_observed"] = observed
+        return output.view(batch_size, sequence_length, hidden_dim), routing_stats
+
+
+class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: ClusterMoEConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = ClusterMoEAttention(config, layer_idx)
+        self.is_moe = layer_idx >= config.first_k_dense_layers
+        if self.is_moe:
+            self.mlp = ClusterMoESparseMoeBlock(config)
+        else:
+            self.mlp = ClusterMoEMLP(config, config.dense_intermediate_size)
+        self.input_layernorm = ClusterMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = ClusterMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        if self.is_moe:
+            hidden_states, _ = self.mlp(hidden_states, token_mask)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class ClusterMoEPreTrainedModel(PreTrainedModel):
+    config: ClusterMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ClusterMoEDecoderLayer"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False  # capacity limits and health checks are data dependent but sync-free
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(ClusterMoERouter, index=0),
+        "routing_stats": OutputRecorder(ClusterMoESparseMoeBlock, index=1),
+        "hidden_states": ClusterMoEDecoderLayer,
+        "attentions": ClusterMoEAttention,
+    }
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, ClusterMoEExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, ClusterMoERouter):
+            init.normal_(module.cluster_weight, mean=0.0, std=std)
+            init.normal_(module.expert_weight, mean=0.0, std=std)
+            init.zeros_(module.cluster_bias)
+            init.zeros_(module.expert_bias)
+            init.ones_(module.expert_reliability)
+            init.zeros_(module.expert_token_counts)
+
+    # ----- routing state and statistics (read on demand; nothing here runs in the forward pass) -----
+
+    def _moe_layers(self) -> list[tuple[int, "ClusterMoESparseMoeBlock"]]:
+        base = getattr(self, self.base_model_prefix, self)
+        return [(idx, layer.mlp) for idx, layer in enumerate(base.layers) if layer.is_moe]
+
+    def get_expert_utilization(self) -> dict[str, float]:
+        """Fraction of each MoE layer's (non-padding) token assignments that went to each expert during training,
+        keyed `layer_{l}_cluster_{c}_expert_{e}`."""
+        stats = {}
+        for layer_idx, block in self._moe_layers():
+            counts = block.router.expert_token_counts.double()
+            shares = (counts / counts.sum().clamp_min(1)).view(block.num_clusters, -1).tolist()
+            for c, row in enumerate(shares):
+                for e, share in enumerate(row):
+                    stats[f"layer_{layer_idx}_cluster_{c}_expert_{e}"] = share
+        return stats
+
+    def reset_expert_utilization(self):
+        for _, block in self._moe_layers():
+            block.router.expert_token_counts.zero_()
+
+    def get_reliability_stats(self) -> dict[str, float]:
+        """Reliability scores per expert, cluster (utilisation weighted), layer and model."""
+        base = getattr(self, self.base_model_prefix, self)
+        stats = {"training_step": int(base.training_step.item())}
+        layer_scores = []
+        for layer_idx, block in self._moe_layers():
+            router = block.router
+            clusters = router.cluster_reliability()
+            weights = router.expert_token_counts.double() + 1.0
+            layer_score = float((weights * router.expert_reliability.double()).sum() / weights.sum())
+            layer_scores.append(layer_score)
+            stats[f"layer_{layer_idx}_reliability"] = layer_score
+            for c in range(block.num_clusters):
+                stats[f"layer_{layer_idx}_cluster_{c}_reliability"] = float(clusters[c])
+                for e in range(block.experts_per_cluster):
+                    score = router.expert_reliability[c * block.experts_per_cluster + e]
+                    stats[f"layer_{layer_idx}_cluster_{c}_expert_{e}_reliability"] = float(score)
+        stats["model_reliability"] = sum(layer_scores) / len(layer_scores) if layer_scores else 1.0
+        return stats
+
+    def reset_reliability(self):
+        """Forget past faults: every expert's reliability back to 1."""
+        for _, block in self._moe_layers():
+            block.router.expert_reliability.fill_(1.0)
+
+    def model_reliability(self) -> torch.Tensor:
+        """Mean over MoE layers of the utilisation-weighted expert reliability, as a 0-d tensor (no host sync)."""
+        scores = []
+        for _, block in self._moe_layers():
+            weights = block.router.expert_token_counts.float() + 1.0
+            scores.append((weights * block.router.expert_reliability).sum() / weights.sum())
+        return torch.stack(scores).mean() if scores else torch.ones(())
+
+    def get_model_summary(self) -> dict:
+        config = self.config
+        total = sum(p.numel() for p in self.parameters())
+        expert_params = sum(block.experts.gate_up_proj.numel() + block.experts.down_proj.numel() for _, block in self._moe_layers())
+        inactive = expert_params * (1 - config.num_experts_per_tok / config.num_experts)
+        embedding = config.vocab_size * config.hidden_size
+        return {
+            "model_type": config.model_type,
+            "total_parameters": total,
+            "active_parameters_per_token": int(total - inactive - (0 if config.tie_word_embeddings else embedding)),
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "num_moe_layers": len(self._moe_layers()),
+            "num_clusters": config.num_clusters,
+            "experts_per_cluster": config.experts_per_cluster,
+            "num_experts": config.num_experts,
+            "top_k_clusters": config.top_k_clusters,
+            "top_k_experts": config.top_k_experts,
+            "experts_per_token": config.num_experts_per_tok,
+            "expert_intermediate_size": config.intermediate_size,
+            "reliability": self.get_reliability_stats(),
+            "expert_utilization": self.get_expert_utilization(),
+        }
+
+
+# Base models whose pending routing statistics the optimizer-step hook folds into their buffers.
+_TRAINING_STATE_OWNERS: "weakref.WeakSet[ClusterMoEModel]" = weakref.WeakSet()
+
+
+@dataclass
+class ClusterMoEModelOutputWithPast(MoeModelOutputWithPast):
+    """`routing_stats`: one dict per MoE layer with its balancing/z losses and routing counts. Kept last so that it
+    is also the last element of `to_tuple()`."""
+
+    routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
+
+
+class ClusterMoEModel(ClusterMoEPreTrainedModel):
+    def __init__(self, config: ClusterMoEConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [ClusterMoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = ClusterMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = ClusterMoERotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        num_experts = config.num_experts
+        num_moe = config.num_hidden_layers - config.first_k_dense_layers
+        self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
+        # Statistics gathered since the last optimizer step (global batch, all micro-batches): (layers, N) each.
+        self.register_buffer("pending_counts", torch.zeros(num_moe, num_experts), persistent=False)
+        self.register_buffer("pending_observed", torch.zeros(num_moe, num_experts), persistent=False)
+        self.register_buffer("pending_healthy", torch.zeros(num_moe, num_experts), persistent=False)
+        self.register_forward_hook(_record_training_statistics)
+        _TRAINING_STATE_OWNERS.add(self)
+        self.post_init()
+
+    def _check_input_ids(self, input_ids: torch.Tensor):
+        if is_torchdynamo_compiling():
+            return
+        message = f"input_ids must be in [0, vocab_size={self.vocab_size})"
+        if input_ids.device.type == "cpu":  # checking costs no device sync here
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"{message}; got ids from {low} to {high}.")
+        else:
+            torch._assert_async(((input_ids >= 0) & (input_ids < self.vocab_size)).all(), message)
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> ClusterMoEModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None and input_ids.numel() > 0:
+            self._check_input_ids(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        # Padding tokens are excluded from the balancing losses and the routing statistics.
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1] :].reshape(-1).bool()
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                token_mask=token_mask,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return ClusterMoEModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+    @torch.no_grad()
+    def apply_pending_routing_updates(self):
+        """Fold the statistics gathered since the last optimizer step into the reliability EMAs and balancing
+        biases. Called by a global optimizer-step hook; summed over processes when torch.distributed is running."""
+        pending = torch.stack([self.pending_counts, self.pending_observed, self.pending_healthy])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(pending)
+        counts, observed, healthy = pending
+        config = self.config
+        for row, (_, block) in enumerate(self._moe_layers()):
+            router = block.router
+            if config.use_reliability_routing:
+                seen = observed[row] > 0
+                health = healthy[row] / observed[row].clamp_min(1.0)
+                updated = config.reliability_decay * router.expert_reliability + (1 - config.reliability_decay) * health
+                router.expert_reliability.copy_(torch.where(seen, updated, router.expert_reliability))
+            if config.use_adaptive_routing:
+                load = counts[row].view(block.num_clusters, -1)  # (C, E)
+                cluster_load = load.sum(-1)
+                router.cluster_bias.add_(config.adaptive_routing_rate * torch.sign(cluster_load.mean() - cluster_load))
+                expert_step = torch.sign(load.mean(-1, keepdim=True) - load) * (cluster_load[:, None] > 0)
+                router.expert_bias.add_(config.adaptive_routing_rate * expert_step.reshape(-1))
+        self.training_step.add_(1)
+        self.pending_counts.zero_()
+        self.pending_observed.zero_()
+        self.pending_healthy.zero_()
+
+
+@torch.no_grad()
+def _record_training_statistics(model: ClusterMoEModel, args, output):
+    """Forward hook on the base model: runs once per forward, outside every (possibly recomputed) layer."""
+    if not model.training:
+        return
+    stats = output["routing_stats"] if isinstance(output, dict) else output[-1]
+    for row, ((_, block), layer_stats) in enumerate(zip(model._moe_layers(), stats)):
+        counts = layer_stats["expert_counts"]
+        block.router.expert_token_counts.add_(counts)
+        model.pending_counts[row].add_(counts.float())
+        if "expert_faulty" in layer_stats:
+            observed = layer_stats["expert_observed"].float()
+            model.pending_observed[row].add_(observed)
+            model.pending_healthy[row].add_(observed * (~layer_stats["expert_faulty"]).float())
+
+
+def _after_optimizer_step(optimizer, args, kwargs):
+    for model in list(_TRAINING_STATE_OWNERS):
+        if model.training:
+            model.apply_pending_routing_updates()
+
+
+_STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+@dataclass
+class ClusterMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """Adds the parts of `aux_loss` (unweighted, averaged over MoE layers) and the model's reliability score."""
+
+    cluster_balance_loss: torch.Tensor | None = None
+    expert_balance_loss: torch.Tensor | None = None
+    router_z_loss: torch.Tensor | None = None
+    model_reliability: torch.Tensor | None = None
+
+
+class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: ClusterMoEConfig):
+        super().__init__(config)
+        self.model = ClusterMoEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ClusterMoECausalLMOutputWithPast:
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        outputs: ClusterMoEModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        parts = combine_router_losses(outputs.routing_stats)
+        aux_loss = None
+        if parts is not None:
+            cluster_balance, expert_balance, router_z = parts
+            aux_loss = (
+                self.config.router_cluster_aux_loss_coef * cluster_balance
+                + self.config.router_aux_loss_coef * expert_balance
+                + self.config.router_z_loss_coef * router_z
+            )
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            if aux_loss is not None:
+                loss = loss + aux_loss.to(loss.device) * _aux_loss_share(labels, kwargs.get("num_items_in_batch"))
+
+        return ClusterMoECausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            cluster_balance_loss=None if parts is None else parts[0],
+            expert_balance_loss=None if parts is None else parts[1],
+            router_z_loss=None if parts is None else parts[2],
+            model_reliability=self.model_reliability() if self.config.use_reliability_routing else None,
+        )
+
+
+def combine_router_losses(routing_stats):
+    """Average each router loss over the MoE layers; `None` for a model without MoE layers."""
+    if not routing_stats:
+        return None
+    return tuple(
+        torch.stack([layer[name] for layer in routing_stats]).mean()
+        for name in ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
+    )
+
+
+def _aux_loss_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
+    """With gradient accumulation the Trainer sums per-micro-batch losses normalised by the global token count;
+    weight this micro-batch's aux loss by its share of those tokens so the accumulated aux loss is an average."""
+    if num_items_in_batch is None:
+        return 1.0
+    micro_batch_items = (labels[..., 1:] != -100).sum()
+    return micro_batch_items.to(torch.float32) / torch.as_tensor(num_items_in_batch, dtype=torch.float32)
+
+
+class ClusterMoEForSequenceClassification(GenericForSequenceClassification, ClusterMoEPreTrainedModel):
+    pass
+
+
+__all__ = [
+    "ClusterMoEPreTrainedModel",
+    "ClusterMoEModel",
+    "ClusterMoEForCausalLM",
+    "ClusterMoEForSequenceClassification",
+]

