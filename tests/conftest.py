@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+import clustermoe_hf  # noqa: F401  (registers model_type "clustermoe" with the Auto classes)
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+
+
+# Small enough for CPU tests, big enough to exercise grouped-query attention and two-level routing.
+TINY_CONFIG = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "num_clusters": 2,
+    "experts_per_cluster": 4,
+    "top_k_clusters": 1,
+    "top_k_experts": 2,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~10 s on CPU (deselect with -m 'not slow')")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: `tiny_config(**overrides)` -> a small ClusterMoEConfig."""
+
+    def make(**overrides) -> ClusterMoEConfig:
+        return ClusterMoEConfig(**{**TINY_CONFIG, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    """Factory: `tiny_model(**config_overrides)` -> a randomly initialised ClusterMoEForCausalLM in eval mode."""
+
+    def make(**overrides) -> ClusterMoEForCausalLM:
+        return ClusterMoEForCausalLM(tiny_config(**overrides)).eval()
+
+    return make
