@@ -5,6 +5,10 @@ import clustermoe_hf  # noqa: F401  (registers model_type "clustermoe" with the 
 from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
 
 
+# The test models are tiny: intra-op threads only add synchronisation, which costs far more than the work whenever
+# the cores are shared (e.g. ~0.25 s per grouped matmul with 2 threads on a busy 2-core machine vs ~30 us with 1).
+torch.set_num_threads(1)
+
 # Small enough for CPU tests, big enough to exercise grouped-query attention and two-level routing.
 TINY_CONFIG = {
     "vocab_size": 64,

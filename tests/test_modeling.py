@@ -1,0 +1,321 @@
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM, ClusterMoEModel, create_coe_model
+
+
+VOCAB_SIZE = 64
+PAD = 0
+
+
+def random_ids(batch_size, length):
+    """Token ids that avoid the pad/bos/eos ids, so masking is the only thing that marks padding."""
+    return torch.randint(3, VOCAB_SIZE, (batch_size, length))
+
+
+def lm_loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def expert_counts(model):
+    """(MoE layers, experts) utilisation counts."""
+    return torch.stack([block.router.expert_token_counts for _, block in model._moe_layers()])
+
+
+def clone_model(model, **from_config_kwargs):
+    """Same weights and buffers, possibly another attention/experts backend."""
+    clone = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), **from_config_kwargs)
+    clone.load_state_dict(model.state_dict())
+    return clone.train(model.training)
+
+
+# ----- Auto classes and the original package's API -----
+
+
+def test_auto_classes():
+    config = AutoConfig.for_model(
+        "clustermoe", vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_clusters=2, experts_per_cluster=2,
+    )  # fmt: skip
+    assert isinstance(config, ClusterMoEConfig)
+    assert (config.hidden_size, config.num_experts) == (32, 4)
+    assert isinstance(AutoModelForCausalLM.from_config(config), ClusterMoEForCausalLM)
+    assert isinstance(AutoModel.from_config(config), ClusterMoEModel)
+
+
+def test_create_coe_model_accepts_original_names():
+    model = create_coe_model(
+        d_model=32, num_layers=1, num_clusters=2, experts_per_cluster=2, vocab_size=VOCAB_SIZE, d_ff=16,
+        num_attention_heads=4,
+    )  # fmt: skip
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (32, 1, 16)
+    assert config.num_experts == 4
+
+    out = model(random_ids(2, 5))
+    assert out["logits"].shape == (2, 5, VOCAB_SIZE)
+    assert out["aux_loss"].shape == ()
+    assert out["aux_loss"] is out.aux_loss
+
+
+# ----- losses -----
+
+
+def test_loss_is_lm_loss_plus_weighted_router_losses(tiny_model):
+    model = tiny_model(router_cluster_aux_loss_coef=0.3, router_aux_loss_coef=0.2, router_z_loss_coef=0.1)
+    ids = random_ids(2, 7)
+    out = model(ids, labels=ids)
+
+    parts = (out.cluster_balance_loss, out.expert_balance_loss, out.router_z_loss)
+    assert all(part.shape == () and part > 0 for part in parts)
+    expected_aux = 0.3 * out.cluster_balance_loss + 0.2 * out.expert_balance_loss + 0.1 * out.router_z_loss
+    torch.testing.assert_close(out.aux_loss, expected_aux)
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, ids) + out.aux_loss)
+    assert out["logits"] is out.logits and out["aux_loss"] is out.aux_loss
+
+
+def test_router_losses_train_both_router_levels(tiny_model):
+    model = tiny_model().train()
+    model(random_ids(2, 7)).aux_loss.backward()
+    router = model.model.layers[0].mlp.router
+    assert router.cluster_weight.grad.abs().sum() > 0
+    assert router.expert_weight.grad.abs().sum() > 0
+
+
+def test_zero_coefficients_disable_router_losses(tiny_model):
+    model = tiny_model(router_aux_loss_coef=0.0, router_cluster_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    ids = random_ids(2, 7)
+    out = model(ids, labels=ids)
+    assert out.aux_loss == 0
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, ids), rtol=0, atol=0)
+    assert out.cluster_balance_loss > 0  # still reported
+
+
+@pytest.mark.parametrize("bad_id", [-1, VOCAB_SIZE, VOCAB_SIZE + 10])
+def test_out_of_range_token_ids_are_rejected(tiny_model, bad_id):
+    model = tiny_model()
+    ids = random_ids(1, 6)
+    ids[0, 3] = bad_id
+    with pytest.raises(ValueError, match=f"vocab_size={VOCAB_SIZE}"):
+        model(ids)
+
+
+# ----- generation and attention backends -----
+
+
+def test_greedy_generation_with_and_without_cache(tiny_model):
+    model = tiny_model(initializer_range=0.2)
+    ids = random_ids(2, 5)
+    with_cache = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True)
+    without_cache = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert with_cache.shape == (2, 15)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_left_padded_batch_generation_matches_per_sample(tiny_model):
+    model = tiny_model(initializer_range=0.2)
+    prompts = [random_ids(1, 7), random_ids(1, 4), random_ids(1, 2)]
+    longest = max(prompt.shape[1] for prompt in prompts)
+    batch = torch.cat([F.pad(prompt, (longest - prompt.shape[1], 0), value=PAD) for prompt in prompts])
+    attention_mask = (batch != PAD).long()
+
+    generated = model.generate(batch, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        assert torch.equal(generated[row, longest:], alone[0, prompt.shape[1] :]), f"prompt {row}"
+
+
+def test_eager_and_sdpa_attention_agree_on_padded_batch(tiny_model):
+    sdpa = tiny_model(initializer_range=0.2)
+    eager = clone_model(sdpa, attn_implementation="eager")
+    assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
+
+    ids = random_ids(2, 9)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :4] = 0
+    with torch.no_grad():
+        sdpa_logits = sdpa(ids, attention_mask=attention_mask).logits
+        eager_logits = eager(ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(sdpa_logits[real], eager_logits[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
+def test_experts_backends_match_eager(tiny_model, experts_implementation):
+    reference = tiny_model(top_k_clusters=2, experts_per_cluster=3, initializer_range=0.1).train()
+    eager = clone_model(reference, experts_implementation="eager")
+    other = clone_model(reference, experts_implementation=experts_implementation)
+    assert other.config._experts_implementation == experts_implementation
+    assert eager.config._experts_implementation == "eager"
+
+    ids = random_ids(2, 8)
+    outputs = {}
+    for name, model in (("eager", eager), (experts_implementation, other)):
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        outputs[name] = (out.logits, {n: p.grad for n, p in model.named_parameters()})
+    (eager_logits, eager_grads), (other_logits, other_grads) = outputs.values()
+    torch.testing.assert_close(other_logits, eager_logits, rtol=1e-4, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(other_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----- saving and loading -----
+
+
+def test_save_and_load_round_trip(tiny_model, tmp_path):
+    model = tiny_model().train()
+    model(random_ids(2, 6))  # fills the utilisation counts, which are saved with the weights
+    model.eval()
+    model.save_pretrained(tmp_path)
+
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "configuration_clustermoe.py", "modeling_clustermoe.py"} <= files
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_clustermoe.ClusterMoEConfig"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_clustermoe.ClusterMoEForCausalLM"
+
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        expected = model(ids).logits
+    for loader in (ClusterMoEForCausalLM, AutoModelForCausalLM):
+        reloaded = loader.from_pretrained(tmp_path)
+        assert type(reloaded) is ClusterMoEForCausalLM
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+        assert torch.equal(expert_counts(reloaded), expert_counts(model))
+        assert expert_counts(reloaded).sum() > 0
+
+
+@pytest.mark.slow
+def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "checkpoint")
+    ids = random_ids(2, 6)
+    torch.save(ids, tmp_path / "ids.pt")
+
+    script = textwrap.dedent(
+        """
+        import sys
+
+        sys.modules["clustermoe_hf"] = None  # blocks the installed (editable or not) package
+        try:
+            import clustermoe_hf
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("clustermoe_hf is still importable")
+
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained("checkpoint", trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        with torch.no_grad():
+            torch.save(model(torch.load("ids.pt")).logits, "logits.pt")
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-6)
+
+
+# ----- gradient checkpointing -----
+
+
+def test_gradient_checkpointing_same_gradients_and_counts(tiny_model):
+    model = tiny_model(top_k_clusters=2, attention_dropout=0.0, router_jitter_noise=0.0).train()
+    checkpointed = clone_model(model)
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.model.layers[0].gradient_checkpointing
+
+    ids = random_ids(2, 8)
+    results = []
+    for candidate in (model, checkpointed):
+        out = candidate(ids, labels=ids)
+        out.loss.backward()
+        grads = {name: param.grad for name, param in candidate.named_parameters()}
+        results.append((out.loss, grads, expert_counts(candidate)))
+    (loss, grads, counts), (ckpt_loss, ckpt_grads, ckpt_counts) = results
+
+    torch.testing.assert_close(ckpt_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, msg=name)
+    # one count per (token, chosen expert): the recomputation in the backward pass is not counted again
+    assert torch.equal(counts.sum(-1), torch.full((2,), ids.numel() * model.config.num_experts_per_tok))
+    assert torch.equal(ckpt_counts, counts)
+
+
+# ----- expert utilisation -----
+
+
+def test_utilization_counts_training_forwards_only(tiny_model):
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    per_forward = ids.numel() * model.config.num_experts_per_tok
+
+    model.train()
+    model(ids)
+    counts = expert_counts(model).clone()
+    assert torch.equal(counts.sum(-1), torch.full((2,), per_forward))
+
+    with torch.no_grad():
+        model(ids)  # inference in train mode
+    model.generate(ids, max_new_tokens=3, do_sample=False)  # generate in train mode
+    model.eval()
+    model(ids)
+    model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(expert_counts(model), counts)
+
+    model.train()
+    model(ids)
+    assert torch.equal(expert_counts(model), 2 * counts)
+
+
+def test_get_expert_utilization_and_reset(tiny_model):
+    model = tiny_model(num_hidden_layers=3, first_k_dense_layers=1, num_clusters=3, experts_per_cluster=2).train()
+    model(random_ids(2, 6))
+
+    utilization = model.get_expert_utilization()
+    expected_keys = {
+        f"layer_{layer}_cluster_{c}_expert_{e}" for layer in (1, 2) for c in range(3) for e in range(2)
+    }
+    assert set(utilization) == expected_keys
+    for layer in (1, 2):
+        counts = model.model.layers[layer].mlp.router.expert_token_counts
+        fractions = torch.tensor([utilization[f"layer_{layer}_cluster_{i // 2}_expert_{i % 2}"] for i in range(6)])
+        assert fractions.sum().item() == pytest.approx(1.0)
+        torch.testing.assert_close(fractions, counts.double().div(counts.sum()).float())
+
+    model.reset_expert_utilization()
+    assert expert_counts(model).sum() == 0
+    assert set(model.get_expert_utilization().values()) == {0.0}
+
+
+def test_padding_tokens_are_not_counted(tiny_model):
+    model = tiny_model().train()
+    full, short = random_ids(1, 8), random_ids(1, 5)
+    batch = torch.cat([full, F.pad(short, (0, 3), value=PAD)])  # right padding leaves the real tokens unchanged
+    model(batch, attention_mask=(batch != PAD).long())
+    padded_counts = expert_counts(model).clone()
+    assert torch.equal(padded_counts.sum(-1), torch.full((2,), 13 * model.config.num_experts_per_tok))
+
+    model.reset_expert_utilization()
+    model(full)
+    model(short)
+    assert torch.equal(expert_counts(model), padded_counts)
