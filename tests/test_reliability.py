@@ -1,0 +1,301 @@
+"""Reliability tracking and fault tolerance (`use_reliability_routing`)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+
+
+def expert_output(experts, expert, x):
+    """One expert's SwiGLU output computed straight from the fused weights."""
+    gate, up = F.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, experts.down_proj[expert])
+
+
+def sequences(generator, batch_size=8, length=16):
+    """Learnable data: runs of consecutive token ids."""
+    start = torch.randint(3, 60, (batch_size, 1), generator=generator)
+    return (start + torch.arange(length)) % 61 + 3
+
+
+def train_step(model, optimizer, input_ids):
+    """One plain-PyTorch step with gradient clipping (as Trainer's max_grad_norm); returns (loss, grad norm)."""
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.detach(), grad_norm
+
+
+def test_nan_expert_contributes_nothing_and_its_tokens_use_the_other_selected_expert(tiny_model):
+    model = tiny_model()
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(1, 12, model.config.hidden_size)
+    flat = hidden.view(12, -1)
+    cluster_logits, cluster_index, expert_logits, candidates = block.router(flat)
+    chosen = cluster_index[:, 0, None] * block.experts_per_cluster + candidates[:, 0]  # (tokens, 2), kc = 1
+    broken = int(chosen[0, 0])
+    with torch.no_grad():
+        block.experts.gate_up_proj[broken] = float("nan")
+
+    hidden.requires_grad_(True)
+    output, stats = block(hidden)
+    assert bool(stats["expert_faulty"][broken]) and int(stats["expert_faulty"].sum()) == 1
+
+    cluster_probs = F.softmax(cluster_logits, -1).gather(1, cluster_index)[:, 0]
+    expert_probs = F.softmax(expert_logits[:, 0], -1).gather(1, candidates[:, 0])
+    weights = cluster_probs[:, None] * expert_probs
+    weights = weights.masked_fill(chosen == broken, 0.0)
+    weights = weights / weights.sum(-1, keepdim=True)
+    expected = torch.zeros_like(flat)
+    with torch.no_grad():
+        for token, slot in torch.nonzero(chosen != broken).tolist():
+            expected[token] += weights[token, slot] * expert_output(block.experts, chosen[token, slot], flat[token])
+    assert (chosen == broken).sum() > 0
+    torch.testing.assert_close(output.view(12, -1), expected)
+
+    output.sum().backward()
+    assert torch.isfinite(hidden.grad).all()
+    assert torch.isfinite(block.router.cluster_weight.grad).all() and torch.isfinite(block.router.expert_weight.grad).all()
+    assert torch.isfinite(block.experts.gate_up_proj.grad).all() and torch.isfinite(block.experts.down_proj.grad).all()
+
+
+def test_without_reliability_routing_a_nan_expert_poisons_the_output(tiny_model):
+    """Counterpart of the test above: the masking is what keeps the output finite."""
+    model = tiny_model(use_reliability_routing=False)
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.gate_up_proj.fill_(float("nan"))
+    assert torch.isnan(model(torch.randint(3, 64, (1, 8))).logits).all()
+
+
+def test_health_check_flags_outputs_far_larger_than_the_other_experts_of_the_cluster(tiny_model):
+    block = tiny_model().model.layers[0].mlp  # 2 clusters x 4 experts
+    direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    # Cluster 0: experts 0 and 1 observed, expert 1 is 150x larger (> reliability_max_norm_ratio = 100): with only one
+    # healthy peer it must still be caught, which needs a reference that leaves the judged expert out.
+    # Cluster 1: expert 4 at 50x expert 5: sane. Expert 6 emits inf, expert 7 is not observed.
+    norms = {0: 1.0, 1: 150.0, 4: 50.0, 5: 1.0, 6: float("inf")}
+    ids = torch.tensor([e for e in norms for _ in range(3)])
+    outputs = torch.stack([direction * norms[int(e)] for e in ids])
+    faulty, observed = block._expert_health(outputs, ids, torch.ones(len(ids), dtype=torch.bool))
+    assert observed.tolist() == [True, True, False, False, True, True, True, False]
+    assert faulty.tolist() == [False, True, False, False, False, False, True, False]
+
+
+def test_reliability_ema_after_one_optimizer_step(tiny_model):
+    model = tiny_model(reliability_decay=0.8)
+    routers = [layer.mlp.router for layer in model.model.layers]
+    excluded = 3  # below reliability_threshold: never selected, so never observed, so left alone
+    routers[0].expert_reliability[excluded] = 0.3
+    input_ids = torch.randint(3, 64, (4, 16))
+    broken = int(model.model(input_ids).routing_stats[0]["expert_counts"].argmax())
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[broken] = float("nan")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    model.train()
+    model(input_ids, labels=input_ids).loss.backward()
+    counts = routers[0].expert_token_counts.clone()
+    optimizer.step()
+
+    assert counts[excluded] == 0 and counts[broken] > 0
+    reliability = routers[0].expert_reliability
+    assert reliability[broken].item() == pytest.approx(0.8)  # 0.8 * 1 + 0.2 * (healthy = 0)
+    assert reliability[excluded].item() == pytest.approx(0.3)
+    others = [e for e in range(8) if e not in (broken, excluded)]
+    assert torch.all(reliability[others] == 1.0)
+    assert torch.all(routers[1].expert_reliability == 1.0)
+    assert model.get_reliability_stats()["training_step"] == 1
+
+
+def test_degraded_experts_are_deprioritised_and_excluded_below_the_threshold(tiny_model):
+    model = tiny_model(top_k_experts=1)
+    router = model.model.layers[0].mlp.router
+    with torch.no_grad():
+        router.expert_weight.mul_(25)  # spread the router scores (about 1 nat) so a mild penalty shifts, not erases
+    hidden = torch.randn(512, model.config.hidden_size)
+
+    def share(expert):
+        _, cluster_index, _, candidates = router(hidden)
+        chosen = cluster_index[:, 0] * router.experts_per_cluster + candidates[:, 0, 0]
+        return (chosen == expert).float().mean().item()
+
+    target = max(range(8), key=share)
+    healthy = share(target)
+    router.expert_reliability[target] = 0.6  # above the threshold: a log(0.6) penalty on its selection score
+    degraded = share(target)
+    router.expert_reliability[target] = 0.4  # below the threshold: never selected
+    assert 0 < degraded < healthy and share(target) == 0.0
+    model.config.use_reliability_routing = False
+    assert share(target) == pytest.approx(healthy)
+
+
+def test_reliability_stats_aggregate_by_utilisation(tiny_model):
+    model = tiny_model()
+    for layer_idx, layer in enumerate(model.model.layers):
+        router = layer.mlp.router
+        router.expert_reliability.copy_(torch.tensor([1.0, 0.5, 1.0, 1.0, 0.2, 1.0, 1.0, 1.0]))
+        router.expert_token_counts.copy_(torch.tensor([9, 29, 0, 0, 99, 0, 0, layer_idx]))
+    stats = model.get_reliability_stats()
+
+    # Weights are counts + 1, so unused experts still count.
+    cluster_0 = (10 * 1.0 + 30 * 0.5 + 1 + 1) / 42
+    cluster_1 = (100 * 0.2 + 1 + 1 + 1) / 103
+    layer_0 = (10 + 15 + 2 + 20 + 3) / 145
+    layer_1 = (10 + 15 + 2 + 20 + 2 + 2) / 146
+    assert stats["layer_0_cluster_0_reliability"] == pytest.approx(cluster_0)
+    assert stats["layer_0_cluster_1_reliability"] == pytest.approx(cluster_1)
+    assert stats["layer_0_cluster_0_expert_1_reliability"] == pytest.approx(0.5)
+    assert stats["layer_1_cluster_1_expert_0_reliability"] == pytest.approx(0.2)
+    assert stats["layer_0_reliability"] == pytest.approx(layer_0)
+    assert stats["layer_1_reliability"] == pytest.approx(layer_1)
+    assert stats["model_reliability"] == pytest.approx((layer_0 + layer_1) / 2)
+    assert stats["training_step"] == 0
+    assert model(torch.randint(3, 64, (1, 4))).model_reliability.item() == pytest.approx(stats["model_reliability"])
+
+    summary = model.get_model_summary()
+    assert summary["reliability"] == stats
+    assert (summary["num_clusters"], summary["experts_per_cluster"], summary["num_experts"]) == (2, 4, 8)
+
+
+def test_model_summary_parameter_counts(tiny_model):
+    model = tiny_model()
+    summary = model.get_model_summary()
+    expert_size = 3 * 32 * 16  # gate, up, down of one expert
+    assert summary["total_parameters"] == sum(p.numel() for p in model.parameters())
+    # A token runs 2 of the 8 experts in each of the 2 MoE layers.
+    assert summary["active_parameters_per_token"] == summary["total_parameters"] - 2 * 6 * expert_size
+
+
+def test_fault_injection_during_training(tiny_config):
+    """NaN, then huge weights injected into one expert mid-run: the loss stays finite, training goes on, the expert
+    stops receiving tokens within a few steps, its score shows it, and re-initialising it lets it recover."""
+    torch.manual_seed(0)
+    model = ClusterMoEForCausalLM(tiny_config(reliability_decay=0.5)).train()
+    block = model.model.layers[1].mlp
+    router = block.router
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+
+    def run(steps):
+        """Train; returns each step's share of layer 1's token assignments per expert, (steps, N)."""
+        shares = []
+        for _ in range(steps):
+            before = router.expert_token_counts.clone()
+            loss, grad_norm = train_step(model, optimizer, sequences(generator))
+            assert torch.isfinite(loss) and torch.isfinite(grad_norm)
+            losses.append(loss.item())
+            counts = (router.expert_token_counts - before).float()
+            shares.append(counts / counts.sum())
+        return torch.stack(shares)
+
+    run(4)
+    target = int(router.expert_token_counts.argmax())  # the busiest expert
+    cluster, expert = divmod(target, block.experts_per_cluster)
+    key = f"layer_1_cluster_{cluster}_expert_{expert}_reliability"
+    for corrupt in (lambda: block.experts.down_proj[target].fill_(float("nan")),
+                    lambda: block.experts.gate_up_proj[target].mul_(1e3)):  # fmt: skip
+        with torch.no_grad():
+            corrupt()
+        shares = run(8)
+        # decay 0.5: 0.5 after one faulty step (a log(0.5) selection penalty), excluded once chosen again.
+        assert shares[0, target] > 0.05
+        assert shares[1:, target].mean() < 0.01 and shares[-3:, target].sum() == 0
+        stats = model.get_reliability_stats()
+        assert stats[key] <= 0.5
+        assert stats["layer_1_reliability"] < 1.0 and stats["layer_0_reliability"] == 1.0
+        assert model(sequences(generator)).model_reliability < 1.0
+        for name, parameter in model.named_parameters():  # nothing else was damaged
+            if name.startswith("model.layers.1.mlp.experts."):
+                parameter = torch.cat([parameter[:target], parameter[target + 1 :]])
+            assert torch.isfinite(parameter).all(), name
+
+        model.reinitialize_expert(1, cluster, expert)
+        assert model.get_reliability_stats()[key] == 1.0
+        shares = run(4)
+        assert shares[:, target].mean() > 0.02
+        assert model.get_reliability_stats()[key] == 1.0
+    assert losses[-1] < losses[0] - 0.5  # training went on
+
+
+def test_reset_reliability_readmits_an_excluded_expert(tiny_model):
+    model = tiny_model().train()
+    router = model.model.layers[0].mlp.router
+    router.expert_reliability[:4] = 0.1  # cluster 0 fully excluded from expert selection
+    input_ids = torch.randint(3, 64, (4, 16))
+    model(input_ids)
+    assert router.expert_token_counts[:4].sum() == 0  # (cluster 0 is also deprioritised at the cluster level)
+    model.reset_reliability()
+    assert torch.all(router.expert_reliability == 1.0)
+    model(input_ids)
+    assert router.expert_token_counts[:4].sum() > 0
+
+
+def test_eval_inference_and_no_grad_do_not_update_reliability(tiny_model):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[:2] = float("nan")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    input_ids = torch.randint(3, 64, (2, 8))
+    model.eval()
+    model(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    model.train()
+    with torch.no_grad():
+        model(input_ids)
+    optimizer.step()
+    assert model.get_reliability_stats()["training_step"] == 0
+    assert torch.all(model.model.layers[0].mlp.router.expert_reliability == 1.0)
+    assert model.model.layers[0].mlp.router.expert_token_counts.sum() == 0
+
+
+def test_reliability_state_survives_save_and_load(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model()
+    router = model.model.layers[1].mlp.router
+    router.expert_reliability.copy_(torch.linspace(0.2, 1.0, 8))
+    router.expert_token_counts.copy_(torch.arange(8))
+    model.model.training_step.fill_(17)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.get_reliability_stats() == pytest.approx(model.get_reliability_stats())
+    assert reloaded.get_reliability_stats()["training_step"] == 17
+
+
+def test_trainer_resume_restores_reliability_state(tiny_config, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    generator = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (16, 16), generator=generator)]
+
+    def trainer(model, max_steps):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, save_steps=2,
+            report_to="none", use_cpu=True, logging_steps=100, disable_tqdm=True,
+        )  # fmt: skip
+        return Trainer(model=model, args=args, train_dataset=data)
+
+    model = ClusterMoEForCausalLM(tiny_config())
+    model.model.layers[0].mlp.router.expert_reliability[5] = 0.3  # excluded, so it keeps this value
+    trainer(model, max_steps=2).train()
+    saved = model.get_reliability_stats()
+    assert saved["training_step"] == 2
+
+    resumed = ClusterMoEForCausalLM(tiny_config())
+    assert resumed.get_reliability_stats()["training_step"] == 0
+    trainer(resumed, max_steps=3).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    stats = resumed.get_reliability_stats()
+    assert stats["training_step"] == 3
+    assert stats["layer_0_cluster_1_expert_1_reliability"] == pytest.approx(0.3)
+    counts = resumed.model.layers[0].mlp.router.expert_token_counts.sum()
+    assert counts == 3 * 4 * 16 * 2  # 2 restored steps + 1 new one, 4 x 16 tokens, 2 experts each
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, 1.5, -0.1])
+def test_reliability_decay_outside_open_unit_interval_is_rejected(decay):
+    with pytest.raises(ValueError, match="reliability_decay"):
+        ClusterMoEConfig(reliability_decay=decay)
+
