@@ -1,0 +1,205 @@
+"""Routing invariants of the hierarchical (cluster -> expert) router, checked against direct computations from the
+router and expert weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clustermoe_hf import ClusterMoEForCausalLM
+
+
+VOCAB_SIZE = 64
+PAD = 0
+
+
+def random_ids(batch_size, length):
+    return torch.randint(3, VOCAB_SIZE, (batch_size, length))
+
+
+def expert_forward(experts, expert_id, hidden):
+    gate, up = F.linear(hidden, experts.gate_up_proj[expert_id]).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, experts.down_proj[expert_id])
+
+
+def reference_routing(block, hidden):
+    """Token by token: top clusters by P(cluster), top experts of each by P(expert | cluster), weight = product.
+    Returns (expert ids (tokens, k), combine weights (tokens, k)) with the experts in routing order."""
+    config = block.config
+    router = block.router
+    temperature = config.routing_temperature
+    expert_weight = router.expert_weight.view(config.num_clusters, config.experts_per_cluster, -1)
+    all_ids, all_weights = [], []
+    for token in hidden:
+        cluster_probs = F.softmax(router.cluster_weight @ token / temperature, dim=-1)
+        ids, weights = [], []
+        for cluster in cluster_probs.topk(config.top_k_clusters).indices:
+            expert_probs = F.softmax(expert_weight[cluster] @ token / temperature, dim=-1)
+            top = expert_probs.topk(config.top_k_experts)
+            ids += [cluster * config.experts_per_cluster + top.indices]
+            weights += [cluster_probs[cluster] * top.values]
+        all_ids.append(torch.cat(ids))
+        all_weights.append(torch.cat(weights))
+    weights = torch.stack(all_weights)
+    if config.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return torch.stack(all_ids), weights
+
+
+def capture_expert_ids(block):
+    """Records the expert id of every (token, expert) pair the block sends to its experts."""
+    captured = []
+    handle = block.experts.register_forward_pre_hook(lambda module, args: captured.append(args[1].reshape(-1)))
+    return captured, handle
+
+
+# ----- which experts a token uses -----
+
+
+@pytest.mark.parametrize("router_implementation", ["hierarchical", "flat"])
+def test_each_token_uses_distinct_experts_of_its_chosen_clusters(tiny_model, router_implementation):
+    model = tiny_model(
+        num_clusters=4, experts_per_cluster=3, top_k_clusters=2, top_k_experts=2,
+        router_implementation=router_implementation, initializer_range=0.2,
+    )  # fmt: skip
+    block = model.model.layers[1].mlp
+    clusters = []
+    block.router.register_forward_hook(lambda module, args, output: clusters.append(output[1]))
+    expert_ids, _ = capture_expert_ids(block)
+    model(random_ids(3, 10))
+
+    cluster_index = clusters[0]  # (tokens, kc)
+    ids = expert_ids[0].view(30, 2, 2)  # (tokens, kc, ke)
+    assert torch.equal(ids // 3, cluster_index[..., None].expand_as(ids)), "expert outside its chosen cluster"
+    for per_token, name in ((cluster_index, "clusters"), (ids.flatten(1), "experts")):
+        distinct = per_token.sort(-1).values.diff(dim=-1) != 0
+        assert distinct.all(), f"a token chose the same {name} twice"
+    assert cluster_index.unique().numel() > 1 and ids.unique().numel() > 4  # routing depends on the token
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_combine_weights_are_cluster_times_expert_probability(tiny_model, norm_topk_prob):
+    model = tiny_model(
+        num_clusters=3, experts_per_cluster=4, top_k_clusters=2, top_k_experts=2, routing_temperature=0.7,
+        norm_topk_prob=norm_topk_prob, initializer_range=0.2,
+    )  # fmt: skip
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(12, 32)
+    with torch.no_grad():
+        output, _ = block(hidden[None])
+        ids, weights = reference_routing(block, hidden)
+        expected = torch.stack(
+            [sum(w * expert_forward(block.experts, e, h) for e, w in zip(*row)) for *row, h in zip(ids, weights, hidden)]
+        )
+    torch.testing.assert_close(output[0], expected, rtol=1e-4, atol=1e-6)
+    if not norm_topk_prob:
+        assert (weights.sum(-1) < 0.99).all()  # otherwise this would not tell the two modes apart
+
+
+def test_normalised_combine_weights_sum_to_one(tiny_model):
+    """With every expert identical, the block returns that expert's output times the sum of the weights."""
+    model = tiny_model(num_clusters=3, experts_per_cluster=4, top_k_clusters=2, top_k_experts=3)
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.experts.gate_up_proj.copy_(block.experts.gate_up_proj[:1].expand_as(block.experts.gate_up_proj))
+        block.experts.down_proj.copy_(block.experts.down_proj[:1].expand_as(block.experts.down_proj))
+        hidden = torch.randn(10, 32)
+        output, _ = block(hidden[None])
+        torch.testing.assert_close(output[0], expert_forward(block.experts, 0, hidden), rtol=1e-4, atol=1e-6)
+
+
+# ----- hierarchical and flat router paths -----
+
+
+@pytest.mark.parametrize(
+    "num_clusters, experts_per_cluster, top_k_clusters, top_k_experts", [(2, 4, 1, 2), (4, 3, 2, 2), (8, 16, 3, 4)]
+)
+def test_hierarchical_and_flat_routers_agree(
+    tiny_config, num_clusters, experts_per_cluster, top_k_clusters, top_k_experts
+):
+    sizes = {
+        "num_clusters": num_clusters, "experts_per_cluster": experts_per_cluster, "top_k_clusters": top_k_clusters,
+        "top_k_experts": top_k_experts, "intermediate_size": 8, "initializer_range": 0.2,
+    }  # fmt: skip
+    hierarchical = ClusterMoEForCausalLM(tiny_config(router_implementation="hierarchical", **sizes)).train()
+    flat = ClusterMoEForCausalLM(tiny_config(router_implementation="flat", **sizes)).train()
+    flat.load_state_dict(hierarchical.state_dict())
+    router, flat_router = hierarchical.model.layers[0].mlp.router, flat.model.layers[0].mlp.router
+    assert router.hierarchical and not flat_router.hierarchical
+
+    hidden = torch.randn(40, 32)
+    cluster_logits, cluster_index, expert_logits, candidates = router(hidden)
+    flat_cluster_logits, flat_cluster_index, flat_expert_logits, flat_candidates = flat_router(hidden)
+    assert torch.equal(cluster_index, flat_cluster_index)
+    assert torch.equal(candidates, flat_candidates)
+    torch.testing.assert_close(cluster_logits, flat_cluster_logits)
+    torch.testing.assert_close(expert_logits, flat_expert_logits)
+
+    ids = random_ids(2, 9)
+    out, flat_out = hierarchical(ids, labels=ids), flat(ids, labels=ids)
+    torch.testing.assert_close(out.logits, flat_out.logits)
+    torch.testing.assert_close(out.aux_loss, flat_out.aux_loss)
+    out.loss.backward()
+    flat_out.loss.backward()
+    for name, param in hierarchical.named_parameters():
+        torch.testing.assert_close(param.grad, flat.get_parameter(name).grad, msg=name)
+
+
+# ----- balancing and z losses -----
+
+
+def test_padding_is_excluded_from_block_losses(tiny_model):
+    model = tiny_model(num_clusters=3, experts_per_cluster=3, top_k_clusters=2, top_k_experts=2)
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(2, 7, 32)
+    token_mask = torch.ones(2, 7, dtype=torch.bool)
+    token_mask[0, :3] = False
+    token_mask[1, 5:] = False
+    with torch.no_grad():
+        _, masked = block(hidden, token_mask.view(-1))
+        _, real_only = block(hidden[token_mask][None])
+        _, unmasked = block(hidden)
+    for name in ("cluster_balance_loss", "expert_balance_loss", "router_z_loss"):
+        torch.testing.assert_close(masked[name], real_only[name], msg=name)
+        assert not torch.allclose(unmasked[name], real_only[name]), f"padding does not affect {name}"
+    assert torch.equal(masked["expert_counts"], real_only["expert_counts"])
+
+
+def test_padding_is_excluded_from_model_aux_losses(tiny_model):
+    model = tiny_model(top_k_clusters=2)
+    ids = random_ids(2, 6)
+    padded = F.pad(ids, (0, 3), value=PAD)  # right padding leaves the real tokens' hidden states unchanged
+    attention_mask = (padded != PAD).long()
+    other_padding = padded.clone()
+    other_padding[:, 6:] = random_ids(2, 3)
+
+    def router_losses(input_ids, attention_mask=None):
+        with torch.no_grad():
+            out = model(input_ids, attention_mask=attention_mask)
+        return torch.stack([out.cluster_balance_loss, out.expert_balance_loss, out.router_z_loss])
+
+    unpadded = router_losses(ids)
+    torch.testing.assert_close(router_losses(padded, attention_mask), unpadded)
+    torch.testing.assert_close(router_losses(other_padding, attention_mask), unpadded)
+    assert not torch.allclose(router_losses(other_padding), unpadded)  # without the mask, pad tokens would count
+
+
+def test_router_loss_formulas(tiny_model):
+    model = tiny_model(num_clusters=3, experts_per_cluster=4, top_k_clusters=2, top_k_experts=2, initializer_range=0.2)
+    block = model.model.layers[0].mlp
+    router = block.router
+    hidden = torch.randn(20, 32)
+    with torch.no_grad():
+        _, stats = block(hidden[None])
+        cluster_logits = hidden @ router.cluster_weight.T  # (tokens, C)
+        expert_logits = (hidden @ router.expert_weight.T).view(20, 3, 4)  # (tokens, C, E)
+        chosen = cluster_logits.topk(2).indices  # (tokens, kc)
+        chosen_expert_logits = expert_logits.gather(1, chosen[..., None].expand(-1, -1, 4))  # (tokens, kc, E)
+
+    # ST-MoE z-loss on both levels: logsumexp(cluster logits)^2 + mean over chosen clusters of logsumexp(...)^2
+    z_loss = cluster_logits.logsumexp(-1).square() + chosen_expert_logits.logsumexp(-1).square().mean(-1)
+    torch.testing.assert_close(stats["router_z_loss"], z_loss.mean())
+
+    # Switch balancing over clusters: C * sum_c (share of cluster choices) * (mean cluster probability)
+    choice_share = F.one_hot(chosen, 3).float().sum((0, 1)) / chosen.numel()
+    mean_prob = F.softmax(cluster_logits, -1).mean(0)
+    torch.testing.assert_close(stats["cluster_balance_loss"], 3 * (choice_share * mean_prob).sum())
