@@ -1,0 +1,215 @@
+"""Auxiliary-loss-free balancing (`use_adaptive_routing`) and when routing state is updated."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+
+
+CONFIG = {
+    "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_clusters": 2, "experts_per_cluster": 4, "top_k_clusters": 1, "top_k_experts": 2,
+}  # fmt: skip
+
+
+def adaptive_model(rate=0.01, **overrides):
+    torch.manual_seed(0)
+    config = ClusterMoEConfig(**{**CONFIG, "use_adaptive_routing": True, "adaptive_routing_rate": rate, **overrides})
+    return ClusterMoEForCausalLM(config).train()
+
+
+def routers(model):
+    return [layer.mlp.router for layer in model.model.layers]
+
+
+def biases(model):
+    return [(router.cluster_bias.clone(), router.expert_bias.clone()) for router in routers(model)]
+
+
+def expected_bias_step(counts, num_clusters, rate):
+    """DeepSeek-V3 update, computed independently: +rate below the mean load, -rate above, per level."""
+    load = counts.float().view(num_clusters, -1)
+    cluster_load = load.sum(-1)
+    cluster_step = rate * torch.sign(cluster_load.mean() - cluster_load)
+    expert_step = rate * torch.sign(load.mean(-1, keepdim=True) - load)
+    return cluster_step, expert_step.flatten()
+
+
+def test_biases_move_toward_uniform_load_after_each_optimizer_step():
+    model = adaptive_model(rate=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for _ in range(2):
+        before = biases(model)
+        counts_before = [router.expert_token_counts.clone() for router in routers(model)]
+        input_ids = torch.randint(3, 64, (4, 16))
+        model(input_ids, labels=input_ids).loss.backward()
+        assert all(torch.equal(a, b) for pair_a, pair_b in zip(before, biases(model)) for a, b in zip(pair_a, pair_b))
+        optimizer.step()
+        for router, (cluster_bias, expert_bias), old_counts in zip(routers(model), before, counts_before):
+            cluster_step, expert_step = expected_bias_step(router.expert_token_counts - old_counts, 2, 0.01)
+            torch.testing.assert_close(router.cluster_bias - cluster_bias, cluster_step)
+            torch.testing.assert_close(router.expert_bias - expert_bias, expert_step)
+            assert expert_step.abs().sum() > 0
+
+
+def test_biases_choose_experts_but_do_not_change_combine_weights():
+    model = adaptive_model(norm_topk_prob=False).eval()
+    block = model.model.layers[0].mlp
+    router = block.router
+    router.cluster_bias.copy_(torch.tensor([0.0, 10.0]))
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 10.0, 8.0, 0.0]))
+    hidden = torch.randn(1, 10, 32)
+    flat = hidden.view(10, 32)
+    output, _ = block(hidden)
+
+    cluster_logits, cluster_index, expert_logits, candidates = router(flat)
+    assert torch.all(cluster_index == 1) and torch.all(candidates.sort(-1).values == torch.tensor([1, 2]))
+    expected = torch.zeros_like(flat)
+    with torch.no_grad():
+        cluster_prob = F.softmax(flat @ router.cluster_weight.T, -1)[:, 1]  # the raw probabilities
+        expert_probs = F.softmax(flat @ router.expert_weight[4:].T, -1)
+        for expert in (5, 6):
+            gate, up = F.linear(flat, block.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_out = F.linear(F.silu(gate) * up, block.experts.down_proj[expert])
+            expected += (cluster_prob * expert_probs[:, expert - 4])[:, None] * expert_out
+    torch.testing.assert_close(output.view(10, 32), expected)
+
+
+def load_imbalance(adaptive: bool, steps: int = 40) -> float:
+    """Coefficient of variation of layer-0 expert loads over the last steps of a run with a skewed router."""
+    model = adaptive_model(rate=0.05) if adaptive else adaptive_model(rate=0.05, use_adaptive_routing=False)
+    with torch.no_grad():  # skew: expert 0 (cluster 0) and its cluster attract most tokens
+        mean_embedding = model.model.embed_tokens.weight.mean(0)
+        routers(model)[0].cluster_weight[0] += 40 * mean_embedding
+        routers(model)[0].expert_weight[0] += 40 * mean_embedding
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # only the balancing biases change
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        if step == steps - 10:
+            model.reset_expert_utilization()
+        model(torch.randint(3, 64, (4, 16), generator=generator))
+        optimizer.step()
+    counts = routers(model)[0].expert_token_counts.float()
+    return (counts.std(unbiased=False) / counts.mean()).item()
+
+
+def test_adaptive_routing_evens_out_a_skewed_load():
+    without, with_balancing = load_imbalance(adaptive=False), load_imbalance(adaptive=True)
+    assert without > 0.8
+    assert with_balancing < without / 3
+
+
+def test_gradient_accumulation_counts_the_global_batch():
+    input_ids = torch.randint(3, 64, (8, 16))
+    accumulated = adaptive_model()
+    optimizer = torch.optim.SGD(accumulated.parameters(), lr=0.0)
+    for micro_batch in input_ids.chunk(2):
+        accumulated(micro_batch, labels=micro_batch).loss.backward()
+    assert accumulated.get_reliability_stats()["training_step"] == 0
+    optimizer.step()
+
+    full_batch = adaptive_model()
+    full_batch(input_ids, labels=input_ids).loss.backward()
+    torch.optim.SGD(full_batch.parameters(), lr=0.0).step()
+    for (cluster_a, expert_a), (cluster_b, expert_b) in zip(biases(accumulated), biases(full_batch)):
+        assert torch.equal(cluster_a, cluster_b) and torch.equal(expert_a, expert_b)
+    assert accumulated.get_reliability_stats()["training_step"] == 1
+
+
+def test_gradient_checkpointing_counts_each_token_once(monkeypatch):
+    model = adaptive_model()
+    model.activation_checkpointing_enable()
+    block_class = type(model.model.layers[0].mlp)
+    calls = []
+
+    def counted_forward(self, *args, **kwargs):
+        calls.append(self)
+        return block_forward(self, *args, **kwargs)
+
+    block_forward = block_class.forward
+    monkeypatch.setattr(block_class, "forward", counted_forward)
+    input_ids = torch.randint(3, 64, (2, 16))
+    model(input_ids, labels=input_ids).loss.backward()
+    assert len(calls) == 4  # each MoE block ran twice: forward and recomputation
+    for router in routers(model):
+        assert router.expert_token_counts.sum() == 2 * 16 * 2
+    assert torch.all(model.model.pending_counts.sum(-1) == 2 * 16 * 2)
+
+
+def test_optimizer_steps_without_a_training_forward_change_nothing():
+    model = adaptive_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    input_ids = torch.randint(3, 64, (2, 16))
+    before = biases(model)
+    model.eval()
+    model(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    model.train()
+    with torch.no_grad():
+        model(input_ids)
+        model.generate(input_ids[:, :4], max_new_tokens=3, do_sample=False)
+    optimizer.step()
+    assert model.get_reliability_stats()["training_step"] == 0
+    assert all(torch.equal(a, b) for pair_a, pair_b in zip(before, biases(model)) for a, b in zip(pair_a, pair_b))
+    assert all(router.expert_token_counts.sum() == 0 for router in routers(model))
+
+
+def test_plain_trainer_updates_routing_state_per_optimizer_step(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = adaptive_model(rate=0.01)
+    generator = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (24, 16), generator=generator)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        report_to="none", use_cpu=True, save_strategy="no", logging_steps=100, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4])
+    trainer.train()
+
+    assert model.get_reliability_stats()["training_step"] == 3  # one update per optimizer step, not per micro-batch
+    for router in routers(model):
+        assert router.expert_token_counts.sum() == 3 * 2 * 2 * 16 * 2
+        steps = router.cluster_bias / 0.01  # three +-1 (or 0) steps
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3
+        assert router.expert_bias.abs().sum() > 0
+
+    state = [tensor.clone() for tensor in model.model.buffers()]
+    trainer.evaluate()
+    assert all(torch.equal(a, b) for a, b in zip(state, model.model.buffers()))
+
+
+def _distributed_worker(rank, world_size, init_file, input_ids, output_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = adaptive_model()
+        local = input_ids.chunk(world_size)[rank]
+        model(local, labels=local).loss.backward()
+        torch.optim.SGD(model.parameters(), lr=0.0).step()
+        torch.save(biases(model), f"{output_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_multi_process_training_counts_the_global_batch(tmp_path):
+    """Two gloo processes, each with half the batch, end up with the biases of one process seeing all of it."""
+    import torch.multiprocessing as mp
+
+    input_ids = torch.randint(3, 64, (8, 16))
+    worker_args = (2, str(tmp_path / "init"), input_ids, str(tmp_path))
+    mp.start_processes(_distributed_worker, args=worker_args, nprocs=2, start_method="fork")
+
+    reference = adaptive_model()
+    reference(input_ids, labels=input_ids).loss.backward()
+    torch.optim.SGD(reference.parameters(), lr=0.0).step()
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        for (cluster_a, expert_a), (cluster_b, expert_b) in zip(result, biases(reference)):
+            assert torch.equal(cluster_a, cluster_b) and torch.equal(expert_a, expert_b)
+
+
+@pytest.mark.parametrize("rate", [0.0, -1e-3])
+def test_non_positive_update_rate_is_rejected(rate):
+    with pytest.raises(ValueError, match="adaptive_routing_rate"):
+        ClusterMoEConfig(use_adaptive_routing=True, adaptive_routing_rate=rate)
