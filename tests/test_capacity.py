@@ -1,0 +1,169 @@
+"""Capacity limits (`expert_capacity_factor`): exact capacity, re-routing inside the chosen cluster, dropping."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clustermoe_hf import ClusterMoEConfig
+
+
+def skewed_block(tiny_model, **overrides):
+    """A MoE block whose router sends most tokens to the same experts, so that capacity limits bite."""
+    model = tiny_model(use_reliability_routing=False, **overrides)
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.router.cluster_weight[0] += 2.0
+        block.router.expert_weight[:, :] *= 20
+        block.router.expert_weight[[0, 1, 4, 5]] += 1.0
+    return model, block
+
+
+def reference_capacity(candidates, capacity, top_k_experts, valid):
+    """Python re-statement of the rule: primary choices in token order up to `capacity` per expert; then, in token
+    order, each overflowing slot of a (token, cluster) tries the next unused candidate of that cluster; the rest is
+    dropped. Padding takes no capacity and is not served."""
+    num_tokens, top_k_clusters, _ = candidates.shape
+    chosen = candidates[..., :top_k_experts].clone()
+    served = torch.zeros_like(chosen, dtype=torch.bool)
+    load = {}
+    for t in range(num_tokens):
+        for c in range(top_k_clusters):
+            for j in range(top_k_experts):
+                expert = int(chosen[t, c, j])
+                if valid[t] and load.get(expert, 0) < capacity:
+                    load[expert] = load.get(expert, 0) + 1
+                    served[t, c, j] = True
+    rerouted = 0
+    for t in range(num_tokens):
+        for c in range(top_k_clusters):
+            next_rank = top_k_experts
+            for j in range(top_k_experts):
+                if not valid[t] or served[t, c, j]:
+                    continue
+                if next_rank < candidates.shape[2]:
+                    alternative = int(candidates[t, c, next_rank])
+                    next_rank += 1
+                    if load.get(alternative, 0) < capacity:
+                        load[alternative] = load.get(alternative, 0) + 1
+                        chosen[t, c, j], served[t, c, j] = alternative, True
+                        rerouted += 1
+    return chosen, served, rerouted
+
+
+@pytest.mark.parametrize(
+    "factor, overrides",
+    [(0.5, {}), (1.0, {}), (1.25, {}), (1.0, {"top_k_clusters": 2, "top_k_experts": 1}), (0.75, {"top_k_experts": 3})],
+)
+def test_capacity_arithmetic_and_rerouting_match_the_reference(tiny_model, factor, overrides):
+    model, block = skewed_block(tiny_model, expert_capacity_factor=factor, **overrides)
+    config = model.config
+    hidden = torch.randn(30, config.hidden_size)
+    valid = torch.ones(30, dtype=torch.bool)
+    valid[:4] = False  # leading padding
+    _, cluster_index, _, candidates = block.router(hidden)
+    assert candidates.shape[-1] == config.experts_per_cluster  # all experts ranked, for re-routing
+    candidates = cluster_index.unsqueeze(-1) * config.experts_per_cluster + candidates
+
+    chosen, served, rerouted = block._limit_capacity(candidates, valid)
+    capacity = math.ceil(factor * 30 * config.num_experts_per_tok / config.num_experts)
+    ref_chosen, ref_served, ref_rerouted = reference_capacity(candidates, capacity, config.top_k_experts, valid)
+    assert torch.equal(served, ref_served)
+    assert torch.equal(chosen[served], ref_chosen[ref_served])
+    assert rerouted.item() == ref_rerouted
+    load = torch.bincount(chosen[served], minlength=config.num_experts)
+    assert load.max() <= capacity
+    assert (load == capacity).any()  # the skewed router fills some experts up
+    assert torch.all(chosen // config.experts_per_cluster == cluster_index.unsqueeze(-1))  # never leaves its cluster
+    for row in chosen.flatten(0, 1):  # a token never uses the same expert twice in a cluster
+        assert row.unique().numel() == row.numel()
+
+
+def test_every_token_is_served_rerouted_or_reported_dropped(tiny_model):
+    model, block = skewed_block(tiny_model, expert_capacity_factor=0.75)
+    hidden = torch.randn(2, 12, model.config.hidden_size)
+    flat = hidden.view(24, -1)
+    output, stats = block(hidden)
+
+    cluster_logits, cluster_index, expert_logits, candidates = block.router(flat)
+    chosen, served, rerouted = block._limit_capacity(cluster_index.unsqueeze(-1) * 4 + candidates, None)
+    chosen, served = chosen.view(24, -1), served.view(24, -1)
+    assert stats["expert_counts"].sum() + stats["dropped_pairs"] == 24 * 2
+    assert stats["dropped_pairs"] == (~served).sum() > 0 and stats["rerouted_pairs"] == rerouted > 0
+
+    # Combine weights of all chosen pairs (re-routed ones at their new expert's probability), normalised over the
+    # token's pairs; a dropped pair then contributes nothing and the token keeps its residual path.
+    cluster_prob = F.softmax(cluster_logits, -1).gather(1, cluster_index)
+    expert_prob = F.softmax(expert_logits[:, 0], -1).gather(1, chosen - cluster_index * 4)
+    weights = cluster_prob * expert_prob
+    weights = weights / weights.sum(-1, keepdim=True) * served
+    expected = torch.zeros_like(flat)
+    with torch.no_grad():
+        for token, slot in torch.nonzero(served).tolist():
+            expert = chosen[token, slot]
+            gate, up = F.linear(flat[token], block.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            expected[token] += weights[token, slot] * F.linear(F.silu(gate) * up, block.experts.down_proj[expert])
+    torch.testing.assert_close(output.view(24, -1), expected)
+    fully_dropped = ~served.any(-1)
+    assert torch.all(output.view(24, -1)[fully_dropped] == 0)
+
+
+def test_counts_are_reported_per_forward_and_accumulated_in_training(tiny_model):
+    model, _ = skewed_block(tiny_model, expert_capacity_factor=0.5)
+    input_ids = torch.randint(3, 64, (2, 16))
+    outputs = model(input_ids)  # eval: reported, not accumulated
+    routing_stats = model.model(input_ids).routing_stats
+    assert outputs.dropped_pairs.tolist() == [int(layer["dropped_pairs"]) for layer in routing_stats]
+    assert outputs.rerouted_pairs.tolist() == [int(layer["rerouted_pairs"]) for layer in routing_stats]
+    assert model.get_capacity_stats()["dropped_pairs"] == 0
+
+    model.train()
+    totals = torch.zeros(2, dtype=torch.long)
+    for _ in range(2):
+        outputs = model(input_ids, labels=input_ids)
+        totals += outputs.dropped_pairs
+        # half the capacity of the 64 pairs: at least 32 pairs must be dropped in each layer
+        assert torch.all(outputs.dropped_pairs >= 32)
+    stats = model.get_capacity_stats()
+    assert [stats["layer_0_dropped_pairs"], stats["layer_1_dropped_pairs"]] == totals.tolist()
+    assert stats["dropped_pairs"] == totals.sum()
+    model.reset_expert_utilization()
+    assert model.get_capacity_stats()["dropped_pairs"] == 0
+
+
+def test_padding_takes_no_capacity_and_is_not_reported(tiny_model):
+    model, block = skewed_block(tiny_model, expert_capacity_factor=1.0)
+    hidden = torch.randn(2, 16, model.config.hidden_size)
+    token_mask = torch.ones(2, 16, dtype=torch.bool)
+    token_mask[:, :8] = False  # left padding, first in token order
+    token_mask = token_mask.flatten()
+    _, stats = block(hidden, token_mask)
+
+    _, cluster_index, _, candidates = block.router(hidden.view(32, -1))
+    candidates = cluster_index.unsqueeze(-1) * 4 + candidates
+    capacity = math.ceil(1.0 * 32 * 2 / 8)
+    _, served, rerouted = reference_capacity(candidates, capacity, 2, token_mask)
+    _, served_if_padding_counted, _ = reference_capacity(candidates, capacity, 2, torch.ones(32, dtype=torch.bool))
+    real_pairs_dropped = (~served[token_mask]).sum()
+    assert real_pairs_dropped < (~served_if_padding_counted[token_mask]).sum()  # the padding would have cost real tokens
+    assert stats["dropped_pairs"] == real_pairs_dropped and stats["rerouted_pairs"] == rerouted
+    assert stats["expert_counts"].sum() + stats["dropped_pairs"] == 16 * 2
+
+
+def test_large_capacity_matches_dropless_routing(tiny_model):
+    input_ids = torch.randint(3, 64, (2, 16))
+    torch.manual_seed(0)
+    dropless = tiny_model()
+    torch.manual_seed(0)
+    limited = tiny_model(expert_capacity_factor=4.0)  # capacity = all tokens: nothing can overflow
+    outputs = limited(input_ids)
+    torch.testing.assert_close(outputs.logits, dropless(input_ids).logits)
+    assert outputs.dropped_pairs.sum() == 0 and outputs.rerouted_pairs.sum() == 0
+    assert dropless(input_ids).dropped_pairs is None
+
+
+@pytest.mark.parametrize("factor", [0, 0.0, -1.0])
+def test_non_positive_capacity_factor_is_rejected(factor):
+    with pytest.raises(ValueError, match="expert_capacity_factor"):
+        ClusterMoEConfig(expert_capacity_factor=factor)
