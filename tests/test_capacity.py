@@ -146,7 +146,7 @@ def test_padding_takes_no_capacity_and_is_not_reported(tiny_model):
     _, served, rerouted = reference_capacity(candidates, capacity, 2, token_mask)
     _, served_if_padding_counted, _ = reference_capacity(candidates, capacity, 2, torch.ones(32, dtype=torch.bool))
     real_pairs_dropped = (~served[token_mask]).sum()
-    assert real_pairs_dropped < (~served_if_padding_counted[token_mask]).sum()  # the padding would have cost real tokens
+    assert real_pairs_dropped < (~served_if_padding_counted[token_mask]).sum()  # padding would cost real tokens
     assert stats["dropped_pairs"] == real_pairs_dropped and stats["rerouted_pairs"] == rerouted
     assert stats["expert_counts"].sum() + stats["dropped_pairs"] == 16 * 2
 

@@ -58,8 +58,8 @@ def test_nan_expert_contributes_nothing_and_its_tokens_use_the_other_selected_ex
 
     output.sum().backward()
     assert torch.isfinite(hidden.grad).all()
-    assert torch.isfinite(block.router.cluster_weight.grad).all() and torch.isfinite(block.router.expert_weight.grad).all()
-    assert torch.isfinite(block.experts.gate_up_proj.grad).all() and torch.isfinite(block.experts.down_proj.grad).all()
+    for parameter in block.parameters():
+        assert torch.isfinite(parameter.grad).all()
 
 
 def test_without_reliability_routing_a_nan_expert_poisons_the_output(tiny_model):

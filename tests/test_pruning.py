@@ -1,0 +1,187 @@
+"""Expert pruning (`model.prune_experts`)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from clustermoe_hf.analysis import perplexity
+
+
+ROUTING_BUFFERS = ("expert_bias", "expert_reliability", "expert_token_counts")
+
+
+def with_utilization(model, counts_per_layer):
+    for layer, counts in zip(model.model.layers, counts_per_layer):
+        layer.mlp.router.expert_token_counts.copy_(torch.tensor(counts))
+    return model
+
+
+def test_prune_keeps_the_most_used_experts_of_each_cluster_and_slices_everything(tiny_model):
+    model = with_utilization(tiny_model(), [[5, 9, 1, 7, 0, 3, 8, 2], [1, 2, 3, 4, 40, 30, 20, 10]])
+    for layer in model.model.layers:
+        layer.mlp.router.expert_bias.copy_(torch.arange(8.0))
+        layer.mlp.router.expert_reliability.copy_(torch.linspace(0.6, 1.0, 8))
+        layer.mlp.router.cluster_bias.copy_(torch.tensor([0.5, -0.5]))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    num_parameters = model.num_parameters()
+
+    kept = model.prune_experts(experts_per_cluster_keep=2, rank_by="utilization")
+
+    assert kept == {0: [1, 3, 5, 6], 1: [2, 3, 4, 5]}
+    assert (model.config.num_clusters, model.config.experts_per_cluster, model.config.num_experts) == (2, 2, 4)
+    for layer_idx, ids in kept.items():
+        prefix = f"model.layers.{layer_idx}.mlp."
+        sliced = ("experts.gate_up_proj", "experts.down_proj", "router.expert_weight")
+        for name in sliced + tuple(f"router.{buffer}" for buffer in ROUTING_BUFFERS):
+            torch.testing.assert_close(model.state_dict()[prefix + name], before[prefix + name][ids])
+        for name in ("router.cluster_weight", "router.cluster_bias"):
+            torch.testing.assert_close(model.state_dict()[prefix + name], before[prefix + name])
+    assert model.num_parameters() == num_parameters - 2 * 4 * (3 * 32 * 16 + 32)  # 4 experts + router rows per layer
+    assert model.model.pending_counts.shape == (2, 4)
+
+
+def test_pruned_model_computes_what_the_original_computed_with_the_kept_experts(tiny_model):
+    model = tiny_model()
+    input_ids = torch.randint(3, 64, (2, 12))
+    # Below reliability_threshold: the original never selects experts 0, 3 (cluster 0) and 5, 6 (cluster 1).
+    for layer in model.model.layers:
+        layer.mlp.router.expert_reliability.copy_(torch.tensor([0.1, 1.0, 1.0, 0.1, 1.0, 0.1, 0.1, 1.0]))
+    expected = model(input_ids).logits
+
+    kept = model.prune_experts(experts_per_cluster_keep=2, rank_by="reliability")
+    assert kept == {0: [1, 2, 4, 7], 1: [1, 2, 4, 7]}
+    torch.testing.assert_close(model(input_ids).logits, expected)
+
+
+def test_prune_whole_clusters(tiny_model):
+    model = with_utilization(tiny_model(top_k_clusters=2), [[1, 1, 1, 1, 5, 5, 5, 5], [9, 9, 9, 9, 1, 1, 1, 1]])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    kept = model.prune_experts(clusters_keep=1, rank_by="utilization")
+    assert kept == {0: [4, 5, 6, 7], 1: [0, 1, 2, 3]}
+    assert (model.config.num_clusters, model.config.top_k_clusters, model.config.experts_per_cluster) == (1, 1, 4)
+    cluster_weight = before["model.layers.0.mlp.router.cluster_weight"]
+    torch.testing.assert_close(model.model.layers[0].mlp.router.cluster_weight, cluster_weight[1:])
+    assert torch.isfinite(model(torch.randint(3, 64, (1, 8))).logits).all()
+
+
+def test_calibration_data_ranks_the_experts_and_leaves_the_training_state_alone(tiny_model):
+    model = tiny_model(top_k_experts=1)
+    generator = torch.Generator().manual_seed(0)
+    padded = {"input_ids": torch.randint(3, 64, (2, 12), generator=generator), "attention_mask": torch.ones(2, 12)}
+    padded["attention_mask"][0, :5] = 0
+    batches = [torch.randint(3, 64, (2, 12), generator=generator), padded]  # tensors or dicts
+    usage = sum(
+        torch.stack([layer["expert_counts"] for layer in model.model(**batch).routing_stats])
+        for batch in ({"input_ids": batches[0]}, padded)
+    )  # (layers, experts), padding excluded
+    expected = {}
+    for layer_idx, counts in enumerate(usage):
+        best = counts.view(2, 4).argsort(dim=-1, descending=True, stable=True)[:, :2].sort(-1).values
+        expected[layer_idx] = (best + torch.tensor([[0], [4]])).flatten().tolist()
+    model.model.layers[0].mlp.router.expert_token_counts.fill_(3)  # training counts: sliced, not changed
+
+    kept = model.prune_experts(experts_per_cluster_keep=2, calibration_data=batches, rank_by="utilization")
+    assert kept == expected
+    assert torch.all(model.model.layers[0].mlp.router.expert_token_counts == 3)
+    assert model.get_reliability_stats()["training_step"] == 0
+    assert not model.training
+
+
+def test_pruned_model_saves_reloads_and_generates(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = with_utilization(tiny_model(), [[5, 9, 1, 7, 0, 3, 8, 2]] * 2)
+    model.save_pretrained(tmp_path / "full")
+    model.prune_experts(experts_per_cluster_keep=1)
+    model.save_pretrained(tmp_path / "pruned")
+
+    size = lambda name: os.path.getsize(tmp_path / name / "model.safetensors")  # noqa: E731
+    assert size("pruned") < size("full")
+    assert json.loads((tmp_path / "pruned" / "config.json").read_text())["experts_per_cluster"] == 1
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert reloaded.config.top_k_experts == 1 and reloaded.config.num_experts == 2
+    input_ids = torch.randint(3, 64, (2, 6))
+    torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits)
+    generated = reloaded.generate(input_ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, model.generate(input_ids, max_new_tokens=5, do_sample=False))
+    assert torch.all(reloaded.model.layers[1].mlp.router.expert_token_counts == torch.tensor([9, 8]))
+
+
+@pytest.mark.slow
+def test_prune_a_model_loaded_with_remote_code_only(tiny_model, tmp_path):
+    """Load, prune, save and reload through `trust_remote_code`, without the `clustermoe_hf` package."""
+    with_utilization(tiny_model(), [[5, 9, 1, 7, 0, 3, 8, 2]] * 2).save_pretrained(tmp_path / "full")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "full")!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        print(model.prune_experts(experts_per_cluster_keep=2, rank_by="utilization"))
+        model.save_pretrained({str(tmp_path / "pruned")!r})
+        reloaded = AutoModelForCausalLM.from_pretrained({str(tmp_path / "pruned")!r}, trust_remote_code=True)
+        ids = torch.tensor([[5, 6, 7]])
+        assert torch.equal(reloaded.generate(ids, max_new_tokens=4, do_sample=False),
+                           model.generate(ids, max_new_tokens=4, do_sample=False))
+        assert "clustermoe_hf" not in sys.modules
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "{0: [1, 3, 5, 6], 1: [1, 3, 5, 6]}" in result.stdout
+
+
+def test_pruned_model_keeps_training(tiny_model):
+    model = with_utilization(tiny_model(use_adaptive_routing=True), [[5, 9, 1, 7, 0, 3, 8, 2]] * 2)
+    model.prune_experts(experts_per_cluster_keep=3)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    input_ids = torch.randint(3, 64, (2, 12))
+    model(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    router = model.model.layers[0].mlp.router
+    assert model.get_reliability_stats()["training_step"] == 1
+    assert router.expert_bias.abs().sum() > 0 and router.expert_bias.shape == (6,)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.grad.shape[0] == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"experts_per_cluster_keep": 0}, "experts_per_cluster_keep"),
+        ({"experts_per_cluster_keep": 5}, "experts_per_cluster_keep"),
+        ({"clusters_keep": 0}, "clusters_keep"),
+        ({"experts_per_cluster_keep": 1.5}, "experts_per_cluster_keep"),
+        ({}, "Nothing to prune"),
+        ({"experts_per_cluster_keep": 2, "rank_by": "size"}, "rank_by"),
+        ({"experts_per_cluster_keep": 2}, "No utilisation data"),
+        ({"experts_per_cluster_keep": 2, "calibration_data": []}, "No utilisation data"),
+    ],
+)
+def test_bad_prune_requests_raise_and_change_nothing(tiny_model, tmp_path, kwargs, message):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    config = model.config.to_dict()
+    with pytest.raises(ValueError, match=message):
+        model.prune_experts(**kwargs)
+    assert model.config.to_dict() == config
+    assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
+    model.save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_perplexity_is_the_exponential_of_the_language_model_loss(tiny_model):
+    model = tiny_model(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    input_ids = torch.randint(3, 64, (3, 10))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :4] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    loss = model(input_ids, attention_mask=attention_mask, labels=labels).loss
+    value = perplexity(model, [{"input_ids": input_ids, "attention_mask": attention_mask}])
+    assert value == pytest.approx(torch.exp(loss).item(), rel=1e-5)
