@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+# Copyright 2026 The ClusterMoE authors. Licensed under the Apache License, Version 2.0.
+"""Generate text with a ClusterMoE model, streaming it to the terminal.
+
+    python examples/generate.py --model_name_or_path clustermoe-shakespeare --prompt $'**ROMEO**\\n' $'**JULIET**\\n'
+
+The model is a folder written by run_clm.py or a Hub id. Sampling settings default to the model's
+generation_config.json; every option given here overrides it. See `--help` for all options.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer, set_seed
+
+
+try:
+    import clustermoe_hf  # noqa: F401  (registers "clustermoe" with the Auto classes when the package is installed)
+except ImportError:  # then the model's own code is used, with --trust_remote_code
+    pass
+
+
+@dataclass
+class GenerationArguments:
+    model_name_or_path: str = field(metadata={"help": "A model folder written by run_clm.py, or a Hub id."})
+    prompt: list[str] = field(
+        metadata={
+            "help": "One or more prompts, each continued separately. In bash, $'...' quotes turn \\n into newlines."
+        },
+    )
+    max_new_tokens: int = field(default=100, metadata={"help": "Tokens to generate per prompt."})
+    do_sample: bool | None = field(
+        default=None, metadata={"help": "Sample (true) or decode greedily (false). Default: the model's setting."}
+    )
+    temperature: float | None = field(
+        default=None, metadata={"help": "Sampling temperature; lower is more conservative. Default: the model's."}
+    )
+    top_k: int | None = field(
+        default=None, metadata={"help": "Sample only among the k most likely tokens. Default: the model's."}
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "Sample only among the most likely tokens whose probabilities sum to p. Default: the model's."},
+    )
+    repetition_penalty: float | None = field(
+        default=None, metadata={"help": "Penalty (> 1) for repeating tokens already in the text. Default: none."}
+    )
+    num_return_sequences: int = field(
+        default=1, metadata={"help": "Continuations per prompt; more than one is printed at the end, not streamed."}
+    )
+    seed: int = field(default=42, metadata={"help": "Random seed, for reproducible samples."})
+    device: str | None = field(
+        default=None, metadata={"help": "Device to run on (cpu, cuda, cuda:1, mps, ...). Default: cuda if available."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the modeling code stored with the model; needed when clustermoe_hf is not installed. "
+            "With it, that stored code is used even when the package is installed."
+        },
+    )
+
+
+def main(args: list[str] | None = None) -> list[str]:
+    """Print and return the generated texts (prompt included), in prompt order."""
+    (generation_args,) = HfArgumentParser(GenerationArguments).parse_args_into_dataclasses(args=args)
+    device = generation_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(
+        generation_args.model_name_or_path, trust_remote_code=generation_args.trust_remote_code
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        generation_args.model_name_or_path, trust_remote_code=generation_args.trust_remote_code
+    ).to(device)
+    model.eval()
+    overrides = {
+        name: getattr(generation_args, name)
+        for name in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+        if getattr(generation_args, name) is not None
+    }
+    stream = generation_args.num_return_sequences == 1  # TextStreamer handles one sequence at a time
+    set_seed(generation_args.seed)
+    texts = []
+    for index, prompt in enumerate(generation_args.prompt):
+        print(f"\n===== prompt {index + 1} =====")
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=generation_args.max_new_tokens,
+            num_return_sequences=generation_args.num_return_sequences,
+            streamer=TextStreamer(tokenizer, skip_special_tokens=True) if stream else None,
+            **overrides,
+        )
+        prompt_texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+        if not stream:
+            for number, text in enumerate(prompt_texts, start=1):
+                print(f"--- sequence {number} ---\n{text}")
+        texts.extend(prompt_texts)
+    return texts
+
+
+if __name__ == "__main__":
+    main()

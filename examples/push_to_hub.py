@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+# Copyright 2026 The ClusterMoE authors. Licensed under the Apache License, Version 2.0.
+"""Upload a model folder written by run_clm.py to the Hugging Face Hub, in one commit.
+
+    python examples/push_to_hub.py --folder clustermoe-shakespeare --repo-id your-name/clustermoe-shakespeare --dry-run
+    python examples/push_to_hub.py --folder clustermoe-shakespeare --repo-id your-name/clustermoe-shakespeare
+
+The folder is checked first (config with auto_map and its modeling code, safetensors weights, tokenizer, generation
+config, model card with YAML metadata); nothing is uploaded if a check fails. `--dry-run` stops after the checks and
+lists exactly the files that would be uploaded. Training checkpoints (checkpoint-*/) and hidden files stay local.
+The token comes from the HF_TOKEN environment variable or from `hf auth login`.
+"""
+
+import fnmatch
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+
+# Files and folders (matched against every path component) that stay local.
+IGNORED_PATTERNS = ("checkpoint-*", ".*", "__pycache__", "*.pyc")
+REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModelForCausalLM")
+CARD_METADATA_KEYS = ("library_name", "pipeline_tag", "tags")
+
+
+@dataclass
+class PushArguments:
+    folder: str = field(metadata={"help": "The model folder to upload (the --output_dir of run_clm.py)."})
+    repo_id: str = field(metadata={"help": "The Hub repository, e.g. your-name/clustermoe-shakespeare; created if needed."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private (if it does not exist)."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to commit to (created if needed). Default: main."})
+    commit_message: str = field(default="Upload ClusterMoE model", metadata={"help": "Message of the upload commit."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "Only check the folder and list the files that would be uploaded."}
+    )
+
+
+def files_to_upload(folder: Path) -> list[Path]:
+    """Every file under `folder`, relative to it and sorted, except the `IGNORED_PATTERNS`."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        ignored = any(fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in IGNORED_PATTERNS)
+        if path.is_file() and not ignored:
+            files.append(relative)
+    return files
+
+
+def _check_safetensors(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as weights:
+            if not list(weights.keys()):
+                return f"{path.name} holds no tensors."
+    except Exception as error:  # safetensors raises several error types for unreadable files
+        return f"{path.name} is not a readable safetensors file: {error}"
+    return None
+
+
+def folder_problems(folder: Path) -> list[str]:
+    """What keeps `folder` from being a complete Hub model repository; empty when it is one."""
+    if not folder.is_dir():
+        return [f"{folder} is not a folder."]
+    problems = []
+    present = {path.as_posix() for path in files_to_upload(folder)}
+
+    def require(name: str) -> bool:
+        if name not in present:
+            problems.append(f"{name} is missing.")
+            return False
+        return True
+
+    if require("config.json"):
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if config.get("model_type") != "clustermoe":
+            problems.append(f"config.json has model_type {config.get('model_type')!r}, expected 'clustermoe'.")
+        auto_map = config.get("auto_map", {})
+        for auto_class in REQUIRED_AUTO_CLASSES:
+            if auto_class not in auto_map:
+                problems.append(f"config.json's auto_map has no {auto_class} (needed for trust_remote_code loading).")
+        pending = {reference.split(".")[0] for reference in auto_map.values()}
+        checked = set()
+        while pending:  # the auto_map modules and the modules they import relatively
+            module = pending.pop()
+            checked.add(module)
+            if require(f"{module}.py"):
+                code = (folder / f"{module}.py").read_text(encoding="utf-8")
+                pending |= set(re.findall(r"^from \.(\w+) import", code, flags=re.MULTILINE)) - checked
+    if "model.safetensors.index.json" in present:
+        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        for shard in sorted(set(index["weight_map"].values())):
+            if require(shard):
+                problems.extend(filter(None, [_check_safetensors(folder / shard)]))
+    elif require("model.safetensors"):
+        problems.extend(filter(None, [_check_safetensors(folder / "model.safetensors")]))
+    for name in ("generation_config.json", "tokenizer_config.json", "tokenizer.json"):
+        require(name)
+    if require("README.md"):
+        from huggingface_hub import metadata_load
+
+        metadata = metadata_load(folder / "README.md") or {}
+        for key in CARD_METADATA_KEYS:
+            if key not in metadata:
+                problems.append(f"README.md has no {key!r} in its YAML metadata.")
+    return problems
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+
+
+def main(args: list[str] | None = None) -> list[str]:
+    """Check, then upload (or with --dry-run only list) the folder; return the repository paths of its files."""
+    (push_args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=args)
+    folder = Path(push_args.folder)
+    problems = folder_problems(folder)
+    if problems:
+        print(f"{folder} is not ready for the Hub:", *(f"  - {problem}" for problem in problems), sep="\n")
+        sys.exit(1)
+    files = files_to_upload(folder)
+    total = sum((folder / path).stat().st_size for path in files)
+    action = "Would upload" if push_args.dry_run else "Uploading"
+    visibility = "private" if push_args.private else "public"
+    print(f"{action} {len(files)} files ({_size(total)}) from {folder} to {push_args.repo_id} ({visibility}):")
+    for path in files:
+        print(f"  {path.as_posix():<40} {_size((folder / path).stat().st_size):>10}")
+    if push_args.dry_run:
+        return [path.as_posix() for path in files]
+
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    if get_token() is None:
+        sys.exit("No Hugging Face token: set HF_TOKEN or run `hf auth login`.")
+    api = HfApi()
+    api.create_repo(push_args.repo_id, private=push_args.private, exist_ok=True)
+    if push_args.revision is not None:
+        api.create_branch(push_args.repo_id, branch=push_args.revision, exist_ok=True)
+    commit = api.create_commit(
+        push_args.repo_id,
+        operations=[CommitOperationAdd(path.as_posix(), str(folder / path)) for path in files],
+        commit_message=push_args.commit_message,
+        revision=push_args.revision,
+    )
+    print(f"Uploaded: {commit.commit_url}")
+    return [path.as_posix() for path in files]
+
+
+if __name__ == "__main__":
+    main()

