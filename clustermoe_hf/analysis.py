@@ -1,0 +1,173 @@
+"""Specialisation statistics for ClusterMoE models.
+
+How evenly a model uses its experts and clusters (utilisation entropy), and how much its cluster choices tell about
+a label the user supplies per sequence or per token, e.g. the source document or domain (mutual information). The
+helpers work on any ClusterMoE model, including one loaded with `trust_remote_code=True`.
+"""
+
+import math
+from collections.abc import Hashable, Iterable, Sequence
+
+import torch
+
+
+def entropy(counts: torch.Tensor) -> float:
+    """Shannon entropy (nats) of the distribution proportional to the non-negative `counts`; 0 for all zeros."""
+    probs = counts.double().flatten()
+    total = probs.sum()
+    if total <= 0:
+        return 0.0
+    probs = probs[probs > 0] / total
+    return float(-(probs * probs.log()).sum())
+
+
+def mutual_information(labels: torch.Tensor, clusters: torch.Tensor) -> float:
+    """Mutual information I(label; cluster) in nats between paired integer samples.
+
+    labels: (n,). clusters: (n,), or (n, k) when each sample chose k clusters; each choice then counts 1/k, so every
+    sample weighs the same.
+    """
+    clusters = clusters.reshape(labels.shape[0], -1)
+    if labels.numel() == 0:
+        return 0.0
+    num_clusters = int(clusters.max()) + 1
+    joint_ids = (labels.long()[:, None] * num_clusters + clusters.long()).flatten()
+    joint = torch.bincount(joint_ids, minlength=(int(labels.max()) + 1) * num_clusters).double()
+    joint = joint.view(-1, num_clusters) / clusters.shape[1]
+    return entropy(joint.sum(1)) + entropy(joint.sum(0)) - entropy(joint)
+
+
+def _utilization_entropies(prefix: str, expert_counts: torch.Tensor, num_clusters: int) -> dict[str, float]:
+    """Entropy (nats) of the expert and of the cluster utilisation, and each divided by its maximum (1 = even)."""
+    cluster_counts = expert_counts.view(num_clusters, -1).sum(-1)
+    stats = {}
+    for level, counts in (("expert", expert_counts), ("cluster", cluster_counts)):
+        value = entropy(counts)
+        stats[f"{prefix}_{level}_entropy"] = value
+        stats[f"{prefix}_{level}_entropy_normalized"] = value / math.log(counts.numel()) if counts.numel() > 1 else 1.0
+    return stats
+
+
+def utilization_entropy(model) -> dict[str, float]:
+    """Per MoE layer, `layer_{l}_{expert,cluster}_entropy[_normalized]` of the utilisation accumulated in training."""
+    stats = {}
+    for layer_idx, block in model._moe_layers():
+        counts = block.router.expert_token_counts
+        stats.update(_utilization_entropies(f"layer_{layer_idx}", counts, block.num_clusters))
+    return stats
+
+
+def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int]) -> torch.Tensor:
+    """Integer label per token, (batch, seq): from a per-token tensor, a per-sequence tensor, or a per-sequence list
+    of hashable labels (e.g. domain names), numbered in order of first appearance."""
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.tensor([vocabulary.setdefault(label, len(vocabulary)) for label in labels])
+    labels = labels.long()
+    if labels.shape not in (shape, shape[:1]) or (labels < 0).any():
+        raise ValueError(
+            f"Labels must be non-negative integers, one per sequence or per token of the {tuple(shape)} batch; got "
+            f"shape {tuple(labels.shape)}."
+        )
+    return labels[:, None].expand(shape) if labels.dim() == 1 else labels
+
+
+@torch.no_grad()
+def specialization_statistics(
+    model, batches: Iterable[dict[str, torch.Tensor | Sequence[Hashable]]], label_key: str | None = "label"
+) -> dict[str, float]:
+    """Routing statistics of `model` (in eval mode, without touching its training state) over `batches`.
+
+    Each batch is a dict with `input_ids` (batch, seq), optionally `attention_mask` (padding is ignored) and, under
+    `label_key`, a label per sequence (tensor or list of hashables) or per token (tensor). Returns, per MoE layer `l`:
+
+    - `layer_{l}_{expert,cluster}_entropy` and `..._entropy_normalized`: utilisation entropy on this data;
+    - `layer_{l}_mutual_information`: I(label; chosen cluster) in nats;
+    - `layer_{l}_specialization`: that mutual information divided by H(label), in [0, 1]: the share of the label's
+      uncertainty that the layer's cluster choice removes (0: clusters ignore the label, 1: they determine it);
+
+    plus `label_entropy` and `specialization`, the mean over MoE layers. Without `label_key`, only the entropies.
+    """
+    layers = model._moe_layers()
+    base = getattr(model, model.base_model_prefix, model)
+    expert_counts = [torch.zeros_like(block.router.expert_token_counts) for _, block in layers]
+    cluster_choices = [[] for _ in layers]  # per layer, (valid tokens, top_k_clusters) chunks
+    labels, vocabulary, token_mask = [], {}, None
+
+    def record_choices(row):
+        def hook(module, args, output):
+            cluster_index = output[1]  # (tokens, top_k_clusters)
+            cluster_choices[row].append(cluster_index if token_mask is None else cluster_index[token_mask])
+
+        return hook
+
+    handles = [block.router.register_forward_hook(record_choices(row)) for row, (_, block) in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            input_ids = batch["input_ids"].to(model.device)
+            attention_mask = batch.get("attention_mask")
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(model.device)
+            token_mask = None if attention_mask is None else attention_mask.bool().reshape(-1)
+            outputs = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            for counts, layer_stats in zip(expert_counts, outputs.routing_stats):
+                counts += layer_stats["expert_counts"]
+            if label_key is not None:
+                token_labels = _label_ids(batch[label_key], input_ids.shape, vocabulary).to(model.device).reshape(-1)
+                labels.append(token_labels if token_mask is None else token_labels[token_mask])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    stats = {}
+    for (layer_idx, block), counts in zip(layers, expert_counts):
+        stats.update(_utilization_entropies(f"layer_{layer_idx}", counts, block.num_clusters))
+    if label_key is None:
+        return stats
+    if not labels:
+        raise ValueError("`batches` is empty: there is nothing to measure the specialisation on.")
+    labels = torch.cat(labels)
+    label_entropy = entropy(torch.bincount(labels))
+    stats["label_entropy"] = label_entropy
+    scores = []
+    for (layer_idx, _), choices in zip(layers, cluster_choices):
+        information = mutual_information(labels, torch.cat(choices))
+        stats[f"layer_{layer_idx}_mutual_information"] = information
+        scores.append(information / label_entropy if label_entropy > 0 else 0.0)
+        stats[f"layer_{layer_idx}_specialization"] = scores[-1]
+    stats["specialization"] = sum(scores) / len(scores) if scores else 0.0
+    return stats
+
+
+@torch.no_grad()
+def perplexity(model, batches: Iterable[torch.Tensor | dict[str, torch.Tensor]]) -> float:
+    """Token-level perplexity of a causal LM over `batches` (`input_ids` tensors, or dicts with `input_ids` and
+    optionally `attention_mask`; padding is not scored), in eval mode."""
+    total_loss, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
+            input_ids = batch["input_ids"].to(model.device)
+            attention_mask = batch.get("attention_mask")
+            labels = input_ids.clone()
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(model.device)
+                labels[attention_mask == 0] = -100
+            # Scored here rather than with `labels=`: the model's loss also includes the router losses.
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            shift_labels = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+            total_loss += float(nll)
+            total_tokens += int((shift_labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return math.exp(total_loss / max(total_tokens, 1))
+
+
+__all__ = ["entropy", "mutual_information", "perplexity", "specialization_statistics", "utilization_entropy"]

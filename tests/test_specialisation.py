@@ -1,0 +1,113 @@
+"""Specialisation statistics: utilisation entropy and label/cluster mutual information."""
+
+import math
+
+import pytest
+import torch
+
+from clustermoe_hf.analysis import entropy, mutual_information, specialization_statistics, utilization_entropy
+
+
+def test_entropy():
+    assert entropy(torch.tensor([5, 5, 5, 5])) == pytest.approx(math.log(4))
+    assert entropy(torch.tensor([0, 7, 0])) == 0.0
+    assert entropy(torch.zeros(3)) == 0.0
+    assert entropy(torch.tensor([1.0, 3.0])) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+
+
+def test_mutual_information():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert mutual_information(labels, torch.tensor([1, 1, 0, 0, 2, 2])) == pytest.approx(math.log(3))
+    assert mutual_information(labels, torch.tensor([0, 1, 0, 1, 0, 1])) == pytest.approx(0.0, abs=1e-12)
+    # cluster 0 for label 0; clusters 0 and 1 for label 1: I = H(cluster) - H(cluster | label) = H(3/4, 1/4) - log(2)/2
+    assert mutual_information(torch.tensor([0, 1]), torch.tensor([0, 0, 0, 1]).view(2, 2)) == pytest.approx(
+        entropy(torch.tensor([3.0, 1.0])) - math.log(2) / 2
+    )
+    # Choosing every cluster says nothing about the label.
+    assert mutual_information(labels, torch.tensor([[0, 1]] * 6)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_utilization_entropy_of_the_training_counts(tiny_model):
+    model = tiny_model()
+    model.model.layers[0].mlp.router.expert_token_counts.copy_(torch.tensor([4, 4, 4, 4, 0, 0, 0, 0]))
+    model.model.layers[1].mlp.router.expert_token_counts.fill_(3)
+    stats = utilization_entropy(model)
+    assert stats["layer_0_expert_entropy"] == pytest.approx(math.log(4))
+    assert stats["layer_0_expert_entropy_normalized"] == pytest.approx(2 / 3)
+    assert stats["layer_0_cluster_entropy"] == 0.0
+    assert stats["layer_1_expert_entropy_normalized"] == pytest.approx(1.0)
+    assert stats["layer_1_cluster_entropy_normalized"] == pytest.approx(1.0)
+
+
+DOMAIN_A, DOMAIN_B = range(3, 33), range(33, 64)
+
+
+def domain_routed_model(tiny_model):
+    """One MoE layer whose cluster router sends domain-A tokens to cluster 0 and domain-B tokens to cluster 1."""
+    model = tiny_model(num_hidden_layers=1)
+    direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    with torch.no_grad():
+        embeddings = model.model.embed_tokens.weight
+        embeddings[list(DOMAIN_A)] += direction
+        embeddings[list(DOMAIN_B)] -= direction
+        router = model.model.layers[0].mlp.router
+        router.cluster_weight.copy_(torch.stack([direction, -direction]) * 10)
+    return model
+
+
+def domain_batches(generator, label_of, num_batches=4):
+    batches = []
+    for _ in range(num_batches):
+        domains = torch.randint(0, 2, (4,), generator=generator)
+        low = torch.where(domains == 0, DOMAIN_A.start, DOMAIN_B.start)
+        input_ids = low[:, None] + torch.randint(0, 30, (4, 10), generator=generator)
+        batches.append({"input_ids": input_ids, "label": [label_of(int(domain)) for domain in domains]})
+    return batches
+
+
+def test_specialisation_is_high_when_clusters_follow_the_label_and_zero_when_they_ignore_it(tiny_model):
+    model = domain_routed_model(tiny_model).train()
+    generator = torch.Generator().manual_seed(0)
+
+    stats = specialization_statistics(model, domain_batches(generator, lambda domain: ["law", "code"][domain]))
+    assert stats["layer_0_specialization"] == pytest.approx(1.0)
+    assert stats["layer_0_mutual_information"] == pytest.approx(stats["label_entropy"])
+    assert stats["specialization"] == stats["layer_0_specialization"]
+
+    # A label drawn independently of the text: the clusters carry no information about it.
+    coin = torch.Generator().manual_seed(1)
+    noise = domain_batches(generator, lambda domain: int(torch.randint(0, 2, (), generator=coin)), num_batches=40)
+    assert specialization_statistics(model, noise)["layer_0_specialization"] < 0.02
+
+    # Evaluation only: the training state and mode are left as they were.
+    assert model.training and model.model.layers[0].mlp.router.expert_token_counts.sum() == 0
+
+
+def test_per_token_labels_padding_and_entropies_on_the_data(tiny_model):
+    model = domain_routed_model(tiny_model)
+    input_ids = torch.tensor([list(DOMAIN_A[:6]) + list(DOMAIN_B[:6])] * 2)
+    labels = torch.tensor([[0] * 6 + [1] * 6] * 2)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :6] = 0  # padding, with label 0: must not count
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "domain": labels}
+    stats = specialization_statistics(model, [batch], label_key="domain")
+
+    # 18 real tokens: 6 of label 0 (cluster 0), 12 of label 1 (cluster 1).
+    assert stats["label_entropy"] == pytest.approx(entropy(torch.tensor([6.0, 12.0])))
+    assert stats["layer_0_specialization"] == pytest.approx(1.0)
+    assert stats["layer_0_cluster_entropy"] == pytest.approx(stats["label_entropy"])
+    assert stats["layer_0_expert_entropy"] <= math.log(8)
+
+    only_entropies = specialization_statistics(model, [batch], label_key=None)
+    assert set(only_entropies) == {
+        "layer_0_expert_entropy", "layer_0_expert_entropy_normalized",
+        "layer_0_cluster_entropy", "layer_0_cluster_entropy_normalized",
+    }  # fmt: skip
+    assert only_entropies["layer_0_cluster_entropy"] == stats["layer_0_cluster_entropy"]
+
+
+def test_labels_must_match_the_batch(tiny_model):
+    model = tiny_model()
+    batch = {"input_ids": torch.randint(3, 64, (2, 5)), "label": torch.tensor([0, 1, 1])}
+    with pytest.raises(ValueError, match="Labels"):
+        specialization_statistics(model, [batch])
