@@ -1,0 +1,310 @@
+"""What transformers' common model tests (ModelTesterMixin, GenerationTesterMixin, CausalLMModelTester) require of a
+model, checked on ClusterMoE with tiny configs. Written from the behaviour those tests check, not copied from them."""
+
+import copy
+from unittest.mock import Mock, patch
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, CompileConfig, GenerationMixin
+from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.initialization import no_init_weights
+from transformers.integrations.moe import batched_mm_experts_forward, grouped_mm_experts_forward
+
+from clustermoe_hf import ClusterMoEForCausalLM, ClusterMoEForSequenceClassification, ClusterMoEModel
+from clustermoe_hf.modeling_clustermoe import ClusterMoEPreTrainedModel, ClusterMoERouter
+
+
+VOCAB_SIZE = 64  # tests/conftest.py TINY_CONFIG
+PAD = 0
+MODEL_CLASSES = (ClusterMoEModel, ClusterMoEForCausalLM, ClusterMoEForSequenceClassification)
+
+
+def random_ids(batch_size, length):
+    return torch.randint(3, VOCAB_SIZE, (batch_size, length))
+
+
+def greedy(model, input_ids, max_new_tokens=6, **kwargs):
+    return model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+
+
+# ----- fused experts -----
+
+
+def test_experts_dispatch_through_the_experts_interface(tiny_model):
+    """`set_experts_implementation` must reach the experts (found through `@use_experts_implementation`), and
+    eager, batched_mm and grouped_mm must agree."""
+    model = tiny_model(top_k_clusters=2, initializer_range=0.1)
+    assert ClusterMoEForCausalLM._can_set_experts_implementation()
+    ids = random_ids(3, 7)
+    batched = Mock(wraps=batched_mm_experts_forward)
+    grouped = Mock(wraps=grouped_mm_experts_forward)
+    logits = {}
+    mapping = "transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS._global_mapping"
+    with patch.dict(mapping, {"batched_mm": batched, "grouped_mm": grouped}), torch.no_grad():
+        for implementation, expected_calls in (("eager", (0, 0)), ("batched_mm", (1, 0)), ("grouped_mm", (0, 1))):
+            batched.reset_mock()
+            grouped.reset_mock()
+            model.set_experts_implementation(implementation)
+            assert model.config._experts_implementation == implementation
+            logits[implementation] = model(ids).logits
+            # one call per MoE layer, or none
+            num_layers = model.config.num_hidden_layers
+            assert (batched.call_count, grouped.call_count) == tuple(n * num_layers for n in expected_calls)
+    torch.testing.assert_close(logits["batched_mm"], logits["eager"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits["grouped_mm"], logits["eager"], rtol=1e-4, atol=1e-5)
+
+
+# ----- router logits -----
+
+
+def test_router_logits_are_recorded_and_returned(tiny_model):
+    assert "router_logits" in ClusterMoEPreTrainedModel._can_record_outputs
+    model = tiny_model(num_hidden_layers=3, first_k_dense_layers=1)
+    captured = []
+    for _, block in model._moe_layers():
+        block.router.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    ids = random_ids(2, 5)
+    with torch.no_grad():
+        out = model(ids, output_router_logits=True)
+    # one (tokens, num_clusters) tensor per MoE layer, equal to what each router computed
+    assert len(out.router_logits) == 2
+    for recorded, expected in zip(out.router_logits, captured):
+        assert recorded.shape == (ids.numel(), model.config.num_clusters)
+        torch.testing.assert_close(recorded, expected, rtol=0, atol=0)
+
+    with torch.no_grad():
+        assert model(ids).router_logits is None
+        model.config.output_router_logits = True
+        from_config = model(ids).router_logits
+        base = model.model(ids).router_logits
+    torch.testing.assert_close(from_config, out.router_logits)
+    torch.testing.assert_close(base, out.router_logits)
+
+
+def test_router_output_recorder_points_at_the_router():
+    recorder = ClusterMoEPreTrainedModel._can_record_outputs["router_logits"]
+    assert recorder.target_class is ClusterMoERouter and recorder.index == 0
+
+
+# ----- generation -----
+
+
+def test_generation_mixin_is_a_direct_base():
+    assert GenerationMixin in ClusterMoEForCausalLM.__bases__
+    assert ClusterMoEForCausalLM.can_generate()
+    assert not ClusterMoEModel.can_generate()
+
+
+def test_static_cache_generation_matches_dynamic(tiny_model):
+    model = tiny_model(initializer_range=0.2)
+    ids = random_ids(2, 5)
+    dynamic = greedy(model, ids, return_dict_in_generate=True, output_logits=True)
+    static = greedy(model, ids, cache_implementation="static", return_dict_in_generate=True, output_logits=True)
+    assert isinstance(dynamic.cache, DynamicCache) and isinstance(static.cache, StaticCache)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=1e-4, atol=1e-5)
+
+
+def _compile_config(backend):
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=backend)
+    config._compile_all_devices = True  # generate only auto-compiles on accelerators otherwise
+    return config
+
+
+@pytest.mark.parametrize(
+    "backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)]
+)  # "eager": dynamo capture only (fullgraph, so any graph break fails), "inductor": real compiled kernels
+def test_compiled_generation_matches_eager(tiny_model, backend):
+    assert ClusterMoEForCausalLM._can_compile_fullgraph
+    torch._dynamo.reset()
+    model = tiny_model(num_hidden_layers=1, initializer_range=0.2)  # capture time grows with depth
+    compile_config = _compile_config(backend)
+    captured_graphs = []
+    for prompt in (random_ids(2, 5), random_ids(2, 5)):
+        expected = greedy(model, prompt, max_new_tokens=4, cache_implementation="static")
+        compiled = greedy(
+            model, prompt, max_new_tokens=4, cache_implementation="static", compile_config=compile_config
+        )
+        assert torch.equal(compiled, expected)
+        captured_graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    # the decoding steps ran through a captured graph, which the second prompt reused (static shapes, no recompile)
+    assert captured_graphs[0] > 0 and captured_graphs[1] == captured_graphs[0]
+
+
+def test_assisted_and_prompt_lookup_decoding_match_greedy(tiny_model):
+    model = tiny_model(initializer_range=0.2)
+    draft = tiny_model(num_hidden_layers=1, initializer_range=0.2)  # different weights: many rejected tokens
+    prompt = torch.cat([random_ids(1, 4)] * 3, dim=1)  # repeated n-grams give prompt lookup candidates
+    expected = greedy(model, prompt, max_new_tokens=8)
+    assert torch.equal(greedy(model, prompt, max_new_tokens=8, assistant_model=draft), expected)
+    assert torch.equal(greedy(model, prompt, max_new_tokens=8, assistant_model=model), expected)
+    assert torch.equal(greedy(model, prompt, max_new_tokens=8, prompt_lookup_num_tokens=3), expected)
+
+
+def test_generation_from_inputs_embeds_matches_input_ids(tiny_model):
+    model = tiny_model(initializer_range=0.2)
+    ids = random_ids(2, 5)
+    embeds = model.get_input_embeddings()(ids)
+    expected_new_tokens = greedy(model, ids)[:, ids.shape[1] :]
+    for cache_implementation in (None, "static"):
+        from_embeds = greedy(model, None, inputs_embeds=embeds, cache_implementation=cache_implementation)
+        assert torch.equal(from_embeds, expected_new_tokens)  # only the new tokens come back
+
+
+def test_generation_continues_from_returned_cache(tiny_model):
+    model = tiny_model(initializer_range=0.2)
+    ids = random_ids(2, 5)
+    full = greedy(model, ids, max_new_tokens=6)
+    first = greedy(model, ids, max_new_tokens=3, return_dict_in_generate=True)
+    assert first.cache.get_seq_length() == ids.shape[1] + 2  # the last generated token is not in the cache yet
+    continued = greedy(model, first.sequences, max_new_tokens=3, cache=first.cache)
+    assert torch.equal(continued, full)
+
+
+def test_generation_continues_from_inputs_embeds_and_cache(tiny_model):
+    model = tiny_model(initializer_range=0.2)
+    ids = random_ids(2, 5)
+    embed = model.get_input_embeddings()
+    full = greedy(model, ids, max_new_tokens=6)
+    first = greedy(model, None, inputs_embeds=embed(ids), max_new_tokens=3, return_dict_in_generate=True)
+    sequences = torch.cat([ids, first.sequences], dim=1)
+    continued = greedy(model, None, inputs_embeds=embed(sequences), max_new_tokens=3, cache=first.cache)
+    assert torch.equal(continued, full[:, sequences.shape[1] :])
+
+
+def test_logits_to_keep(tiny_model):
+    model = tiny_model()
+    assert model._supports_logits_to_keep()
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        all_logits = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+        picked = model(ids, logits_to_keep=torch.tensor([1, 4])).logits
+    assert all_logits.shape == (2, 6, VOCAB_SIZE) and last.shape == (2, 1, VOCAB_SIZE)
+    torch.testing.assert_close(last, all_logits[:, -1:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(picked, all_logits[:, [1, 4]], rtol=1e-5, atol=1e-6)
+
+
+# ----- attention masks and packing -----
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_custom_4d_attention_mask_packs_shared_prefix(tiny_model, attn_implementation):
+    """Three sequences sharing a 3-token prefix, packed into one row with a 4D mask in which the last three tokens
+    only see the prefix and themselves, give the same last-token logits as the three sequences batched."""
+    model = tiny_model(attn_implementation=attn_implementation)
+    prefix = random_ids(1, 3)
+    endings = random_ids(3, 1)
+    batched_ids = torch.cat([prefix.expand(3, -1), endings], dim=1)  # (3, 4)
+    packed_ids = torch.cat([prefix, endings.T], dim=1)  # (1, 6)
+    allowed = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 0, 1, 0],
+            [1, 1, 1, 0, 0, 1],
+        ]
+    )
+    additive_mask = (allowed == 0).float()[None, None] * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        batched = model(batched_ids, position_ids=torch.arange(4).expand(3, -1)).logits[:, -1]
+        packed = model(packed_ids, attention_mask=additive_mask, position_ids=torch.tensor([[0, 1, 2, 3, 3, 3]]))
+    torch.testing.assert_close(packed.logits[0, -3:], batched, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_padding_free_position_ids_match_padded_batch(tiny_model, attn_implementation):
+    model = tiny_model(attn_implementation=attn_implementation)
+    lengths = [8, 5, 3]
+    ids = random_ids(3, 8)
+    attention_mask = (torch.arange(8) < torch.tensor(lengths)[:, None]).long()  # right padding
+    ids = ids.masked_fill(attention_mask == 0, PAD)
+    packed_ids = ids[attention_mask.bool()][None]
+    position_ids = torch.cat([torch.arange(length) for length in lengths])[None]
+    with torch.no_grad():
+        padded = model(ids, attention_mask=attention_mask, use_cache=False).logits[attention_mask.bool()]
+        packed = model(packed_ids, position_ids=position_ids, use_cache=False).logits[0]
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_left_padding_does_not_change_logits(tiny_model, attn_implementation):
+    """Many pad tokens (zero embeddings, hence all-zero expert outputs) must not change the real tokens' outputs:
+    padding is excluded from the expert health checks, which compare experts within a cluster."""
+    model = tiny_model(attn_implementation=attn_implementation)
+    ids = random_ids(2, 6)
+    padded_ids = F.pad(ids, (32, 0), value=PAD)
+    attention_mask = (padded_ids != PAD).long()
+    with torch.no_grad():
+        expected = model(ids).logits
+        padded = model(padded_ids, attention_mask=attention_mask).logits[:, 32:]
+    torch.testing.assert_close(padded, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_rows_match_single_rows(tiny_model):
+    model = tiny_model()
+    ids = random_ids(4, 7)
+    with torch.no_grad():
+        batched = model(ids, output_hidden_states=True, output_router_logits=True)
+        single = model(ids[:1], output_hidden_states=True, output_router_logits=True)
+    torch.testing.assert_close(batched.logits[:1], single.logits, rtol=1e-5, atol=1e-5)
+    for batched_states, single_states in zip(batched.hidden_states, single.hidden_states):
+        torch.testing.assert_close(batched_states[:1], single_states, rtol=1e-5, atol=1e-5)
+    for batched_logits, single_logits in zip(batched.router_logits, single.router_logits):
+        torch.testing.assert_close(batched_logits[:7], single_logits, rtol=1e-5, atol=1e-5)
+
+
+# ----- loading and initialisation -----
+
+
+def test_loading_with_mismatched_shapes(tiny_model, tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, vocab_size=VOCAB_SIZE + 8)
+    resized = AutoModelForCausalLM.from_pretrained(tmp_path, vocab_size=VOCAB_SIZE + 8, ignore_mismatched_sizes=True)
+    assert resized.lm_head.weight.shape == resized.model.embed_tokens.weight.shape == (VOCAB_SIZE + 8, 32)
+    expected_experts = model.model.layers[0].mlp.experts.gate_up_proj
+    assert torch.equal(resized.model.layers[0].mlp.experts.gate_up_proj, expected_experts)
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=42)
+    assert classifier.score.weight.shape == (42, 32)
+    assert torch.equal(classifier.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_init_weights_restores_buffers_after_meta_init(tiny_config, model_class):
+    """A model built on the meta device and materialised with `init_weights()` must get the same buffers as one built
+    normally (routing state, counters, rotary frequencies)."""
+    config = tiny_config()
+    with no_init_weights():
+        reference = model_class(copy.deepcopy(config))
+    with torch.device("meta"):
+        model = model_class(copy.deepcopy(config))
+    model.to_empty(device="cpu")
+    for buffer in model.buffers():
+        buffer.fill_(7)  # whatever `to_empty` left there must be overwritten
+    model.init_weights()
+    buffers = dict(model.named_buffers())
+    assert buffers.keys() == dict(reference.named_buffers()).keys()
+    for name, expected in reference.named_buffers():
+        assert torch.equal(buffers[name], expected), name
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_missing_weights_and_buffers_are_initialised_on_load(tiny_config, model_class):
+    config = tiny_config()
+    reference = model_class(copy.deepcopy(config))
+    loaded = model_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={})
+    tensors = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert not [name for name, tensor in tensors.items() if tensor.device.type == "meta"]
+    assert tensors.keys() == (dict(reference.named_parameters()) | dict(reference.named_buffers())).keys()
+    for name, expected in reference.named_buffers():
+        assert torch.equal(tensors[name], expected), name
+    for name, param in loaded.named_parameters():
+        assert torch.isfinite(param).all(), name

@@ -1,0 +1,342 @@
+"""What users try with any transformers model: loading options, big-model placement, sharding, embeddings resizing
+and tying, gradient checkpointing, extra outputs, pipelines, PEFT, sequence classification, parallelism plans."""
+
+import inspect
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import infer_auto_device_map
+from accelerate.utils import compute_module_sizes
+from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerFast,
+    pipeline,
+)
+from transformers.distributed.fsdp import ALL_FSDP_STYLES
+from transformers.distributed.parallel_utils import _get_parameter_plan
+from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+from clustermoe_hf import ClusterMoEForCausalLM, ClusterMoEForSequenceClassification
+from clustermoe_hf.modeling_clustermoe import ClusterMoEDecoderLayer
+
+
+VOCAB_SIZE = 64  # tests/conftest.py TINY_CONFIG
+PAD = 0
+ROUTING_STATE = ("cluster_bias", "expert_bias", "expert_reliability")
+
+
+def random_ids(batch_size, length, vocab_size=VOCAB_SIZE):
+    return torch.randint(3, vocab_size, (batch_size, length))
+
+
+def greedy(model, input_ids, max_new_tokens=5, **kwargs):
+    return model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+
+
+# ----- loading options -----
+
+
+def test_from_pretrained_in_bfloat16_keeps_routing_state_in_float32(tiny_model, tmp_path):
+    model = tiny_model(use_adaptive_routing=True)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+
+    assert loaded.dtype == torch.bfloat16
+    assert {param.dtype for param in loaded.parameters()} == {torch.bfloat16}
+    router = loaded.model.layers[0].mlp.router
+    # bf16 would round away the small steps these accumulate (bias updates of 1e-3, reliability EMAs)
+    assert all(getattr(router, name).dtype == torch.float32 for name in ROUTING_STATE)
+
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        expected = model(ids).logits
+        logits = loaded(ids).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), expected, rtol=0.05, atol=0.05)
+    assert greedy(loaded, ids).shape == (2, 11)
+
+
+def test_device_map_auto_loads_the_same_model(tiny_model, tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto")
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_no_split_modules_keep_decoder_layers_whole(tiny_model):
+    model = tiny_model(num_hidden_layers=4)
+    assert set(model._no_split_modules) == {"ClusterMoEDecoderLayer"}
+    layer_size = compute_module_sizes(model)["model.layers.0"]
+    # Three devices that each hold about 1.5 layers: the layers must be spread, never cut.
+    device_map = infer_auto_device_map(
+        model,
+        max_memory={0: int(1.5 * layer_size), 1: int(1.5 * layer_size), "cpu": 10**9},
+        no_split_module_classes=model._no_split_modules,
+    )
+    assert len(set(device_map.values())) > 1
+    layer_names = {name for name, module in model.named_modules() if isinstance(module, ClusterMoEDecoderLayer)}
+    for name in device_map:
+        assert not any(name.startswith(layer + ".") for layer in layer_names), f"{name} splits a decoder layer"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="accelerate only places the parameters and submodules of a module it splits, not its own buffers; "
+    "ClusterMoEModel.training_step (persistent) then has no device",
+)
+def test_device_map_auto_with_disk_offload(tiny_model, tmp_path):
+    model = tiny_model(num_hidden_layers=4)
+    model.save_pretrained(tmp_path)
+    cpu_budget = int(0.6 * compute_module_sizes(model)[""])
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, device_map="auto", max_memory={"cpu": cpu_budget}, offload_folder=tmp_path / "offload"
+    )
+    assert "disk" in offloaded.hf_device_map.values()
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_sharded_save_and_load(tiny_model, tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / shard).exists() for shard in shards)
+    assert not (tmp_path / "model.safetensors").exists()
+    assert set(index["weight_map"]) == set(model.state_dict())
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+# ----- embeddings -----
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+def test_resize_token_embeddings(tiny_model, tie_word_embeddings):
+    model = tiny_model(tie_word_embeddings=tie_word_embeddings)
+    old_embeddings = model.get_input_embeddings().weight.detach().clone()
+    model.resize_token_embeddings(VOCAB_SIZE + 10)
+
+    assert model.config.vocab_size == VOCAB_SIZE + 10
+    assert model.get_input_embeddings().weight.shape == (VOCAB_SIZE + 10, 32)
+    assert model.get_output_embeddings().weight.shape == (VOCAB_SIZE + 10, 32)
+    assert torch.equal(model.get_input_embeddings().weight[:VOCAB_SIZE], old_embeddings)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == tie_word_embeddings
+
+    ids = random_ids(2, 6, vocab_size=VOCAB_SIZE + 10)
+    ids[:, -1] = VOCAB_SIZE + 5  # a new token
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 6, VOCAB_SIZE + 10) and torch.isfinite(out.loss)
+
+
+def test_tied_embeddings_survive_save_and_load(tiny_model, tmp_path):
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is True
+    with safe_open(tmp_path / "model.safetensors", "pt") as checkpoint:
+        saved_names = set(checkpoint.keys())
+    assert "model.embed_tokens.weight" in saved_names and "lm_head.weight" not in saved_names
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+    # one parameter, trained through both uses
+    out = loaded.train()(random_ids(2, 6), labels=random_ids(2, 6))
+    out.loss.backward()
+    assert loaded.model.embed_tokens.weight.grad is not None
+
+
+def test_untied_embeddings_stay_independent(tiny_model, tmp_path):
+    model = tiny_model(tie_word_embeddings=False)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_num_parameters(tiny_model):
+    untied = tiny_model(tie_word_embeddings=False)
+    tied = tiny_model(tie_word_embeddings=True)
+    embedding_size = VOCAB_SIZE * 32
+    assert untied.num_parameters() == sum(param.numel() for param in untied.parameters())
+    assert untied.num_parameters() - tied.num_parameters() == embedding_size  # the tied head is counted once
+    assert untied.num_parameters(exclude_embeddings=True) == untied.num_parameters() - embedding_size
+
+    for param in untied.model.parameters():
+        param.requires_grad_(False)
+    assert untied.num_parameters(only_trainable=True) == embedding_size  # only the lm_head is left
+
+
+# ----- training helpers and extra outputs -----
+
+
+def test_gradient_checkpointing_with_peft_lora(tiny_model):
+    """The PEFT + Trainer setup: frozen base, LoRA adapters, checkpointed layers, inputs made to require grad."""
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ids = random_ids(2, 7)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        lora = get_peft_model(tiny_model(), config).train()
+        if checkpointing:
+            lora.gradient_checkpointing_enable()
+            assert lora.base_model.model.model.layers[0].gradient_checkpointing
+        lora(input_ids=ids, labels=ids).loss.backward()
+        grads.append({name: param.grad for name, param in lora.named_parameters() if param.requires_grad})
+    assert grads[1].keys() == grads[0].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def test_output_hidden_states(tiny_model):
+    model = tiny_model(num_hidden_layers=3, first_k_dense_layers=1)
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        out = model.model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == 4  # embeddings + one per layer
+    assert all(states.shape == (2, 6, 32) for states in out.hidden_states)
+    torch.testing.assert_close(out.hidden_states[0], model.model.embed_tokens(ids))
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+
+
+def test_output_attentions_with_eager_attention(tiny_model):
+    model = tiny_model(attn_implementation="eager")
+    ids = random_ids(2, 6)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :2] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=attention_mask, output_attentions=True)
+    assert len(out.attentions) == 2
+    for weights in out.attentions:
+        assert weights.shape == (2, 4, 6, 6)  # (batch, heads, queries, keys)
+        real_queries = [weights[0], weights[1, :, 2:]]  # the queries at padding positions are meaningless
+        for rows in real_queries:
+            torch.testing.assert_close(rows.sum(-1), torch.ones(rows.shape[:-1]))
+        assert torch.all(weights[0].triu(diagonal=1) == 0)  # causal
+        assert torch.all(weights[1, :, 2:, 2:].triu(diagonal=1) == 0)
+        assert torch.all(weights[1, :, 2:, :2] == 0)  # padding is not attended
+
+
+# ----- pipelines, PEFT, sequence classification -----
+
+
+def build_tokenizer():
+    """A word-level tokenizer built locally (no download)."""
+    words = "the cat sat on a mat dog ran far away and then came back home to eat some food".split()
+    vocab = {token: idx for idx, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_text_generation_pipeline(tiny_model):
+    tokenizer = build_tokenizer()
+    model = tiny_model(vocab_size=len(tokenizer), initializer_range=0.2)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+
+    prompts = ["the cat sat", "a dog ran far away"]
+    expected = [greedy(model, tokenizer(prompt, return_tensors="pt").input_ids)[0] for prompt in prompts]
+    text = generator(prompts[0], max_new_tokens=5, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert text == tokenizer.decode(expected[0][3:], skip_special_tokens=True)
+
+    # batched: the pipeline left-pads the shorter prompt
+    batched = generator(prompts, max_new_tokens=5, do_sample=False, return_tensors=True, batch_size=2)
+    for result, alone in zip(batched, expected):
+        token_ids = torch.tensor(result[0]["generated_token_ids"])
+        assert torch.equal(token_ids[token_ids != tokenizer.pad_token_id], alone)
+
+
+def test_peft_lora_on_attention_projections(tiny_model):
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    trainable = {name for name, param in lora.named_parameters() if param.requires_grad}
+    assert trainable and all("lora_" in name and ("q_proj" in name or "v_proj" in name) for name in trainable)
+
+    lora.train()
+    lora(input_ids=ids, labels=ids).loss.backward()
+    assert all(
+        param.grad is not None and param.grad.abs().sum() > 0 for param in lora.parameters() if param.requires_grad
+    )
+    assert all(param.grad is None for param in lora.parameters() if not param.requires_grad)
+
+    lora.eval()
+    with torch.no_grad():
+        lora_logits = lora(input_ids=ids).logits
+        assert not torch.allclose(lora_logits, base_logits)
+        merged = lora.merge_and_unload()
+        assert type(merged) is ClusterMoEForCausalLM
+        assert not any("lora_" in name for name, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(ids).logits, lora_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_classification_pools_the_last_real_token(tiny_config):
+    model = AutoModelForSequenceClassification.from_config(tiny_config(num_labels=3)).eval()
+    assert type(model) is ClusterMoEForSequenceClassification
+    lengths = [6, 4]
+    ids = random_ids(2, 6)
+    ids[1, 4:] = PAD  # right padding
+    attention_mask = (ids != PAD).long()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=attention_mask).logits
+        alone = [model(ids[row : row + 1, :length]).logits[0] for row, length in enumerate(lengths)]
+    assert logits.shape == (2, 3)
+    torch.testing.assert_close(logits, torch.stack(alone), rtol=1e-5, atol=1e-5)
+
+    labels = torch.tensor([0, 2])
+    loss = model(ids, attention_mask=attention_mask, labels=labels).loss
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
+
+
+# ----- parallelism plans -----
+
+
+def test_parallel_plans_name_real_modules(tiny_model):
+    """Every TP/EP/FSDP rule must match a module or parameter (a typo would silently leave it unsharded), with a
+    style transformers knows; the model has a dense layer and a shared expert so that every rule can match."""
+    model = tiny_model(num_hidden_layers=2, first_k_dense_layers=1, shared_expert_intermediate_size=8)
+    names = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
+    plans = {"tp": (model.tp_plan, ALL_PARALLEL_STYLES), "ep": (model.ep_plan, ALL_PARALLEL_STYLES)}
+    plans["fsdp"] = (model.fsdp_plan, ALL_FSDP_STYLES)
+    for kind, (plan, styles) in plans.items():
+        assert plan, f"no {kind} plan"
+        for pattern, style in plan.items():
+            assert style in styles, f"{kind} rule {pattern}: unknown style {style}"
+            assert any(_get_parameter_plan(name, {pattern: style}) for name in names), f"{kind} rule {pattern}"
+    # the fused experts are what expert parallelism shards
+    assert model.ep_plan["model.layers.*.mlp.experts"] == "ep_dispatch_experts"
+    assert {"lm_head", "model.layers.*.mlp.experts"} <= model.tp_plan.keys()
+
+
+def test_pipeline_plan_matches_forward_signatures(tiny_model):
+    model = tiny_model()
+    plan = model.pp_plan
+    assert list(plan) == ["lm_head", "model.embed_tokens", "model.layers", "model.norm"]
+    # stages are consecutive submodules, each stage's inputs are what the next one gets
+    assert plan["model.embed_tokens"] == (["input_ids"], ["inputs_embeds"])
+    layer_inputs, layer_outputs = plan["model.layers"]
+    layer_arguments = inspect.signature(ClusterMoEDecoderLayer.forward).parameters
+    assert all(name in layer_arguments for name in layer_inputs) and layer_outputs == ["hidden_states"]
+    assert plan["lm_head"] == (["hidden_states"], ["logits"])
+    assert all(model.get_submodule(name) is not None for name in plan)
