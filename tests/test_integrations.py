@@ -29,6 +29,7 @@ from clustermoe_hf.modeling_clustermoe import ClusterMoEDecoderLayer
 VOCAB_SIZE = 64  # tests/conftest.py TINY_CONFIG
 PAD = 0
 ROUTING_STATE = ("cluster_bias", "expert_bias", "expert_reliability")
+PENDING_STATISTICS = ("pending_counts", "pending_observed", "pending_healthy")
 
 
 def random_ids(batch_size, length, vocab_size=VOCAB_SIZE):
@@ -42,16 +43,21 @@ def greedy(model, input_ids, max_new_tokens=5, **kwargs):
 # ----- loading options -----
 
 
-def test_from_pretrained_in_bfloat16_keeps_routing_state_in_float32(tiny_model, tmp_path):
+def assert_routing_state_in_float32(model):
+    # bf16 would round away the small steps this state accumulates (bias updates of 1e-3, reliability EMAs, counts)
+    for _, block in model._moe_layers():
+        assert all(getattr(block.router, name).dtype == torch.float32 for name in ROUTING_STATE)
+    assert all(getattr(model.model, name).dtype == torch.float32 for name in PENDING_STATISTICS)
+
+
+def test_bfloat16_keeps_routing_state_in_float32(tiny_model, tiny_config, tmp_path):
     model = tiny_model(use_adaptive_routing=True)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-
     assert loaded.dtype == torch.bfloat16
     assert {param.dtype for param in loaded.parameters()} == {torch.bfloat16}
-    router = loaded.model.layers[0].mlp.router
-    # bf16 would round away the small steps these accumulate (bias updates of 1e-3, reliability EMAs)
-    assert all(getattr(router, name).dtype == torch.float32 for name in ROUTING_STATE)
+    assert_routing_state_in_float32(loaded)
+    assert_routing_state_in_float32(AutoModelForCausalLM.from_config(tiny_config(), dtype=torch.bfloat16))
 
     ids = random_ids(2, 6)
     with torch.no_grad():
@@ -60,6 +66,15 @@ def test_from_pretrained_in_bfloat16_keeps_routing_state_in_float32(tiny_model, 
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), expected, rtol=0.05, atol=0.05)
     assert greedy(loaded, ids).shape == (2, 11)
+
+    # a bf16 training step folds its statistics into the float32 state
+    loaded.train()
+    optimizer = torch.optim.SGD(loaded.parameters(), lr=0.1)
+    loaded(ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert loaded.model.training_step == 1
+    assert any(block.router.expert_bias.abs().sum() > 0 for _, block in loaded._moe_layers())
+    assert_routing_state_in_float32(loaded)
 
 
 def test_device_map_auto_loads_the_same_model(tiny_model, tmp_path):
