@@ -121,14 +121,24 @@ def test_degraded_experts_are_deprioritised_and_excluded_below_the_threshold(tin
         chosen = cluster_index[:, 0] * router.experts_per_cluster + candidates[:, 0, 0]
         return (chosen == expert).float().mean().item()
 
+    def cluster_share(cluster):
+        return (router(hidden)[1] == cluster).float().mean().item()
+
     target = max(range(8), key=share)
-    healthy = share(target)
-    router.expert_reliability[target] = 0.6  # above the threshold: a log(0.6) penalty on its selection score
-    degraded = share(target)
-    router.expert_reliability[target] = 0.4  # below the threshold: never selected
+    partner = (target + 4) % 8  # same place in the other cluster: the clusters stay equally reliable
+    healthy, clusters = share(target), router(hidden)[1]
+    router.expert_reliability[[target, partner]] = 0.6  # above the threshold: a log(0.6) selection penalty
+    assert torch.equal(router(hidden)[1], clusters)  # same cluster choices...
+    degraded = share(target)  # ...but inside its cluster the expert is chosen less
+    router.expert_reliability[[target, partner]] = 0.4  # below the threshold: never selected
     assert 0 < degraded < healthy and share(target) == 0.0
+
+    router.expert_reliability.fill_(1.0)
+    healthy_cluster = cluster_share(0)
+    router.expert_reliability[:4] = 0.6  # a degraded cluster is deprioritised too
+    assert cluster_share(0) < healthy_cluster
     model.config.use_reliability_routing = False
-    assert share(target) == pytest.approx(healthy)
+    assert share(target) == pytest.approx(healthy) and cluster_share(0) == pytest.approx(healthy_cluster)
 
 
 def test_reliability_stats_aggregate_by_utilisation(tiny_model):
