@@ -176,6 +176,11 @@ def test_bad_prune_requests_raise_and_change_nothing(tiny_model, tmp_path, kwarg
     AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+def test_pruning_a_model_without_moe_layers_raises(tiny_model):
+    with pytest.raises(ValueError, match="no MoE layers"):
+        tiny_model(first_k_dense_layers=2).prune_experts(experts_per_cluster_keep=1)
+
+
 def test_perplexity_is_the_exponential_of_the_language_model_loss(tiny_model):
     model = tiny_model(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
     input_ids = torch.randint(3, 64, (3, 10))
