@@ -12,7 +12,9 @@ checkpointing is never counted twice); they are folded into the buffers by a for
 
 import math
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
-from transformers.integrations.moe import _grouped_mm
+from transformers.integrations.moe import ExpertsInterface, _grouped_mm, grouped_mm_experts_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -42,6 +44,12 @@ from .configuration_clustermoe import ClusterMoEConfig
 # `router_implementation="auto"` scores experts only inside the chosen clusters from this many experts on; below it
 # one dense matmul over all experts is cheaper than grouping tokens by cluster (see benchmarks/router_scaling.py).
 HIERARCHICAL_ROUTER_MIN_EXPERTS = 64
+
+
+def _uses_hierarchical_router(config: ClusterMoEConfig) -> bool:
+    if config.router_implementation == "auto":
+        return config.num_experts >= HIERARCHICAL_ROUTER_MIN_EXPERTS
+    return config.router_implementation == "hierarchical"
 
 
 class ClusterMoERMSNorm(LlamaRMSNorm):
@@ -101,6 +109,102 @@ class ClusterMoEExperts(nn.Module):
         return final_hidden_states
 
 
+def _grouped_matmul(inputs, weights, group_sizes: list[int], transpose: bool, out: torch.Tensor) -> torch.Tensor:
+    """`out[rows of group g] = inputs[rows of group g] @ weights[g]` (`weights[g].T` if `transpose`) for consecutive
+    groups of rows, one torch.mm each, written in place; empty groups cost nothing."""
+    start = 0
+    for group, size in enumerate(group_sizes):
+        if size:
+            weight = weights[group].t() if transpose else weights[group]
+            torch.mm(inputs[start : start + size], weight, out=out[start : start + size])
+            start += size
+    return out
+
+
+def _grouped_weight_grad(inputs, grad_outputs, group_sizes: list[int], transpose: bool, grad_weights) -> torch.Tensor:
+    """Gradient of `_grouped_matmul`'s weights, written in place: `grad_outputs[g].T @ inputs[g]` for transposed
+    weights, else `inputs[g].T @ grad_outputs[g]`; zero for the groups that received no rows."""
+    start = 0
+    for group, size in enumerate(group_sizes):
+        if size:
+            rows_in, rows_grad = inputs[start : start + size], grad_outputs[start : start + size]
+            if transpose:
+                torch.mm(rows_grad.t(), rows_in, out=grad_weights[group])
+            else:
+                torch.mm(rows_in.t(), rows_grad, out=grad_weights[group])
+            start += size
+        else:
+            grad_weights[group].zero_()
+    return grad_weights
+
+
+class _SortedExpertsMLP(torch.autograd.Function):
+    """Gated expert MLPs over rows sorted by expert, as one autograd node. It keeps only the inputs and the gate/up
+    activations for the backward (the gated activations are recomputed), about half of what the op-by-op graph
+    keeps, and writes every weight gradient in place."""
+
+    @staticmethod
+    def forward(ctx, inputs, gate_up_proj, down_proj, group_sizes, apply_gate, is_transposed):
+        # inputs (S, H) sorted by expert; gate_up_proj (N, 2I, H) and down_proj (N, H, I), or (N, H, 2I) and
+        # (N, I, H) when `is_transposed`.
+        transpose = not is_transposed
+        num_rows = inputs.shape[0]
+        gate_up_dim = gate_up_proj.shape[1] if transpose else gate_up_proj.shape[2]
+        out_dim = down_proj.shape[1] if transpose else down_proj.shape[2]
+        gate_up = _grouped_matmul(inputs, gate_up_proj, group_sizes, transpose, inputs.new_empty(num_rows, gate_up_dim))
+        hidden = apply_gate(gate_up)  # (S, I)
+        out = _grouped_matmul(hidden, down_proj, group_sizes, transpose, inputs.new_empty(num_rows, out_dim))
+        ctx.save_for_backward(inputs, gate_up_proj, down_proj, gate_up)
+        ctx.group_sizes, ctx.apply_gate, ctx.transpose = group_sizes, apply_gate, transpose
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs, gate_up_proj, down_proj, gate_up = ctx.saved_tensors
+        group_sizes, transpose = ctx.group_sizes, ctx.transpose
+        with torch.enable_grad():
+            gate_up = gate_up.detach().requires_grad_()
+            hidden = ctx.apply_gate(gate_up)
+        grad_hidden = _grouped_matmul(grad_out, down_proj, group_sizes, not transpose, torch.empty_like(hidden))
+        grad_down = _grouped_weight_grad(hidden.detach(), grad_out, group_sizes, transpose, torch.empty_like(down_proj))
+        (grad_gate_up,) = torch.autograd.grad(hidden, gate_up, grad_hidden)
+        grad_inputs = _grouped_matmul(grad_gate_up, gate_up_proj, group_sizes, not transpose, torch.empty_like(inputs))
+        grad_gate_up_proj = _grouped_weight_grad(
+            inputs, grad_gate_up, group_sizes, transpose, torch.empty_like(gate_up_proj)
+        )
+        return grad_inputs, grad_gate_up_proj, grad_down, None, None, None
+
+
+def sorted_mm_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`experts_implementation="sorted_mm"`: sort the (token, expert) pairs by expert once and run one torch.mm per
+    expert that received pairs. On CPU a loop of plain GEMMs is as fast as `grouped_mm` and the fused node keeps
+    less for the backward (see docs/benchmarks.md). The group sizes cost one host sync per call, which the
+    per-expert GEMMs need. Under torch.compile it defers to `grouped_mm`, which traces without that sync."""
+    if is_torchdynamo_compiling():
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if not self.has_gate or self.has_bias or self.has_post_expert_norm or self._is_expert_parallel:
+        raise NotImplementedError(
+            "experts_implementation='sorted_mm' supports gated experts without biases, post-expert norms or "
+            "expert parallelism; use 'grouped_mm' for this model."
+        )
+    num_tokens, hidden_dim = hidden_states.shape
+    pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k
+    sorted_experts, order = torch.sort(pair_experts, stable=True)  # stable: per token, the eager summation order
+    group_sizes = torch.bincount(sorted_experts, minlength=self.num_experts).tolist()
+    pair_tokens = order // top_k_index.shape[-1]  # (S,) token of each sorted pair
+    inputs = hidden_states[pair_tokens].to(self.gate_up_proj.dtype)
+    outputs = _SortedExpertsMLP.apply(
+        inputs, self.gate_up_proj, self.down_proj, group_sizes, self._apply_gate, self.is_transposed
+    )  # (S, H)
+    outputs = outputs * top_k_weights.reshape(-1)[order, None].to(outputs.dtype)
+    return hidden_states.new_zeros(num_tokens, hidden_dim).index_add_(0, pair_tokens, outputs.to(hidden_states.dtype))
+
+
+ExpertsInterface.register("sorted_mm", sorted_mm_experts_forward)
+
+
 def _position_in_group(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
     """For each entry, how many earlier entries (in order) share its group id. No host sync."""
     sorted_ids, perm = torch.sort(group_ids, stable=True)
@@ -132,15 +236,12 @@ class ClusterMoERouter(nn.Module):
         self.cluster_weight = nn.Parameter(torch.zeros(config.num_clusters, config.hidden_size))
         self.expert_weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         # Adaptive (auxiliary-loss-free) balancing biases, nudged after each optimizer step.
-        self.register_buffer("cluster_bias", torch.zeros(config.num_clusters))
-        self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        self.register_buffer("cluster_bias", torch.zeros(config.num_clusters, dtype=torch.float32))
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         # EMA health score in [0, 1] per expert, and its token counts (for utilisation-weighted aggregation).
-        self.register_buffer("expert_reliability", torch.ones(config.num_experts))
+        self.register_buffer("expert_reliability", torch.ones(config.num_experts, dtype=torch.float32))
         self.register_buffer("expert_token_counts", torch.zeros(config.num_experts, dtype=torch.long))
-        if config.router_implementation == "auto":
-            self.hierarchical = config.num_experts >= HIERARCHICAL_ROUTER_MIN_EXPERTS
-        else:
-            self.hierarchical = config.router_implementation == "hierarchical"
+        self.hierarchical = _uses_hierarchical_router(config)
 
     def cluster_reliability(self) -> torch.Tensor:
         """Utilisation-weighted mean expert reliability of each cluster, shape (C,)."""
@@ -162,7 +263,11 @@ class ClusterMoERouter(nn.Module):
         counts = torch.histc(histc_input, bins=self.num_clusters, min=0, max=self.num_clusters - 1)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         weight = self.expert_weight.view(self.num_clusters, self.experts_per_cluster, -1).transpose(1, 2)  # (C,H,E)
-        sorted_logits = _grouped_mm(hidden_states[perm // top_k_clusters], weight, offs=offsets)  # (tokens*kc, E)
+        # grouped_mm needs 16-byte aligned strides, also in the backward for the gradient of its (tokens*kc, E)
+        # output: zero-pad E to a multiple of 8 columns and slice them off again.
+        weight = F.pad(weight, (0, -self.experts_per_cluster % 8))
+        sorted_logits = _grouped_mm(hidden_states[perm // top_k_clusters], weight, offs=offsets)
+        sorted_logits = sorted_logits[:, : self.experts_per_cluster]  # (tokens*kc, E)
         logits = torch.empty_like(sorted_logits).index_copy_(0, perm, sorted_logits)
         return logits.view(num_tokens, top_k_clusters, self.experts_per_cluster)
 
@@ -217,14 +322,45 @@ class ClusterMoESparseMoeBlock(nn.Module):
             if config.shared_expert_intermediate_size > 0
             else None
         )
-        if config.use_reliability_routing:
-            # A broken expert must not poison the whole update (e.g. through gradient clipping's global norm).
-            for weight in (self.experts.gate_up_proj, self.experts.down_proj):
-                weight.register_hook(lambda grad: torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0))
 
-    def _limit_capacity(self, candidates: torch.Tensor):
+    @torch.no_grad()
+    def keep_experts(self, clusters: torch.Tensor, experts: torch.Tensor):
+        """Prune this block in place (its hooks stay) down to the local `experts` (C', E') of the kept `clusters`
+        (C',): fused expert weights, router rows and routing buffers. `self.config` must already describe C' x E'."""
+        keep = (clusters[:, None] * self.experts_per_cluster + experts).reshape(-1)  # (C' * E',) old global ids
+        router = self.router
+        for module, name, index in (
+            (self.experts, "gate_up_proj", keep),
+            (self.experts, "down_proj", keep),
+            (router, "cluster_weight", clusters),
+            (router, "expert_weight", keep),
+            (router, "cluster_bias", clusters),
+            (router, "expert_bias", keep),
+            (router, "expert_reliability", keep),
+            (router, "expert_token_counts", keep),
+        ):
+            old = getattr(module, name)
+            new = old[index]
+            setattr(module, name, nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new)
+        self.num_clusters = router.num_clusters = clusters.numel()
+        self.experts_per_cluster = router.experts_per_cluster = experts.shape[1]
+        self.num_experts = self.experts.num_experts = keep.numel()
+        router.hierarchical = _uses_hierarchical_router(self.config)
+
+    def _guard_expert_gradients(self):
+        """A broken (e.g. NaN) expert gets non-finite weight gradients even when its outputs are masked (0 * NaN);
+        zero them so it cannot poison the whole update, e.g. through gradient clipping's global norm. Registered
+        lazily because loading or pruning replaces the Parameter objects. All parameters of `self.experts`, so that
+        adapters wrapping it (peft's LoRA `target_parameters`) are covered too."""
+        for weight in self.experts.parameters():
+            if weight.requires_grad and not getattr(weight, "_clustermoe_finite_grad", False):
+                weight.register_hook(lambda grad: torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0))
+                weight._clustermoe_finite_grad = True
+
+    def _limit_capacity(self, candidates: torch.Tensor, token_mask: torch.Tensor | None):
         """Keep at most `capacity` (token, expert) pairs per expert, in token order; re-route the overflow to the next
-        best expert inside the same chosen cluster, and drop what still does not fit.
+        best expert inside the same chosen cluster, and drop what still does not fit. Padding tokens take no
+        capacity (with left padding they would otherwise come first); their pairs are simply not served.
 
         candidates: (tokens, kc, E) global expert ids, best first. Returns the chosen ids (tokens, kc, ke), a served
         mask of the same shape and the number of re-routed pairs.
@@ -235,11 +371,13 @@ class ClusterMoESparseMoeBlock(nn.Module):
             self.config.expert_capacity_factor * num_tokens * self.config.num_experts_per_tok / self.num_experts
         )
         primary = candidates[..., :top_k_experts]
-        kept = _position_in_group(primary.reshape(-1), self.num_experts).view_as(primary) < capacity
+        real = torch.ones_like(primary, dtype=torch.bool) if token_mask is None else token_mask.view(-1, 1, 1)
+        groups = primary.masked_fill(~real, self.num_experts)  # padding goes to a sentinel group
+        kept = real & (_position_in_group(groups.reshape(-1), self.num_experts + 1).view_as(primary) < capacity)
         load = torch.zeros(self.num_experts + 1, dtype=torch.long, device=candidates.device)
         load.index_add_(0, primary[kept], torch.ones_like(primary[kept]))
         # The j-th overflowing slot of a (token, cluster) tries the j-th expert after the selected ones.
-        overflow = ~kept
+        overflow = real & ~kept
         alternative_rank = top_k_experts + overflow.long().cumsum(-1) - 1
         has_alternative = overflow & (alternative_rank < num_in_cluster)
         alternative = candidates.gather(-1, alternative_rank.clamp(max=num_in_cluster - 1))
@@ -290,7 +428,8 @@ class ClusterMoESparseMoeBlock(nn.Module):
 
     def _expert_health(self, expert_out: torch.Tensor, expert_ids: torch.Tensor, served: torch.Tensor):
         """Which experts misbehaved in this forward: any non-finite output, or a mean output norm more than
-        `reliability_max_norm_ratio` times their cluster's geometric-mean norm. Returns (faulty, observed), (N,)."""
+        `reliability_max_norm_ratio` times the geometric-mean norm of the *other* healthy experts of its cluster
+        (leaving itself out, an outsized expert cannot raise its own bar). Returns (faulty, observed), (N,)."""
         norms = expert_out.float().norm(dim=-1)  # (pairs,)
         finite = torch.isfinite(norms)
         served = served.float()
@@ -301,13 +440,13 @@ class ClusterMoESparseMoeBlock(nn.Module):
         log_norm_sum = zeros.index_add(0, expert_ids, log_norms)
         observed = pair_count > 0
         mean_log_norm = log_norm_sum / pair_count.clamp_min(1.0)
-        healthy_mean = torch.where(observed & (nonfinite == 0), mean_log_norm, torch.zeros_like(mean_log_norm))
-        healthy_count = (observed & (nonfinite == 0)).float().view(self.num_clusters, -1).sum(-1)
-        cluster_reference = healthy_mean.view(self.num_clusters, -1).sum(-1) / healthy_count.clamp_min(1.0)
-        outsized = mean_log_norm - cluster_reference.repeat_interleave(self.experts_per_cluster) > math.log(
-            self.config.reliability_max_norm_ratio
-        )
-        faulty = observed & ((nonfinite > 0) | outsized)
+        healthy = (observed & (nonfinite == 0)).float().view(self.num_clusters, -1)  # (C, E)
+        healthy_log_norm = mean_log_norm.view(self.num_clusters, -1) * healthy
+        others_count = healthy.sum(-1, keepdim=True) - healthy
+        others_reference = (healthy_log_norm.sum(-1, keepdim=True) - healthy_log_norm) / others_count.clamp_min(1.0)
+        max_log_ratio = math.log(self.config.reliability_max_norm_ratio)
+        outsized = (others_count > 0) & (mean_log_norm.view(self.num_clusters, -1) - others_reference > max_log_ratio)
+        faulty = observed & ((nonfinite > 0) | outsized.view(-1))
         return faulty, observed
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
@@ -320,7 +459,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         if self.config.expert_capacity_factor is None:
             expert_index, served, rerouted = global_candidates, None, global_candidates.new_zeros(())
         else:
-            expert_index, served, rerouted = self._limit_capacity(global_candidates)
+            expert_index, served, rerouted = self._limit_capacity(global_candidates, token_mask)
 
         # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
         temperature = self.config.routing_temperature
@@ -340,9 +479,14 @@ class ClusterMoESparseMoeBlock(nn.Module):
         pair_ids = top_k_index.reshape(-1)
         pair_outputs = self.experts(pair_inputs, pair_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
 
+        # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the health
+        # reference of their cluster and mask experts for the real tokens of the batch.
+        valid_pairs = served_flat if token_mask is None else served_flat & token_mask.view(-1, 1)
         faulty = observed = None
         if self.config.use_reliability_routing:
-            faulty, observed = self._expert_health(pair_outputs, pair_ids, served_flat.reshape(-1))
+            if torch.is_grad_enabled():
+                self._guard_expert_gradients()
+            faulty, observed = self._expert_health(pair_outputs, pair_ids, valid_pairs.reshape(-1))
             pair_faulty = faulty[pair_ids]
             pair_outputs = pair_outputs.masked_fill(pair_faulty[:, None], 0.0)
             if pair_inputs.requires_grad:
@@ -360,7 +504,6 @@ class ClusterMoESparseMoeBlock(nn.Module):
         cluster_balance, expert_balance, router_z = self._balance_losses(
             cluster_logits, cluster_index, expert_logits, expert_index, token_mask
         )
-        valid_pairs = served_flat if token_mask is None else served_flat & token_mask.view(-1, 1)
         expert_counts = torch.zeros(self.num_experts, dtype=torch.long, device=hidden_states.device)
         expert_counts.index_add_(0, pair_ids, valid_pairs.reshape(-1).long())
         routing_stats = {
@@ -368,7 +511,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
             "expert_balance_loss": expert_balance,
             "router_z_loss": router_z,
             "expert_counts": expert_counts,
-            "dropped_pairs": (~served_flat).sum(),
+            "dropped_pairs": (~served_flat if token_mask is None else ~served_flat & token_mask.view(-1, 1)).sum(),
             "rerouted_pairs": rerouted,
         }
         if faulty is not None:
@@ -427,11 +570,16 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ClusterMoEDecoderLayer"]
+    # Routing state accumulates small updates (bias steps, reliability EMAs, token counts) that bf16/fp16 would
+    # round away.
+    _keep_in_fp32_modules_strict = [
+        "cluster_bias", "expert_bias", "expert_reliability", "pending_counts", "pending_observed", "pending_healthy"
+    ]  # fmt: skip
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False  # capacity limits and health checks are data dependent but sync-free
+    _can_compile_fullgraph = True  # routing, capacity limits and health checks have static shapes and no host syncs
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(ClusterMoERouter, index=0),
@@ -439,6 +587,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         "hidden_states": ClusterMoEDecoderLayer,
         "attentions": ClusterMoEAttention,
     }
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Without an accelerator the default is `sorted_mm`, the fastest and leanest backend on CPU
+        (docs/benchmarks.md); elsewhere transformers' default (`grouped_mm`)."""
+        if requested_experts is None and not torch.accelerator.is_available():
+            requested_experts = "sorted_mm"
+        return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -453,6 +608,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.expert_bias)
             init.ones_(module.expert_reliability)
             init.zeros_(module.expert_token_counts)
+        elif isinstance(module, ClusterMoEModel):
+            init.zeros_(module.training_step)
+            init.zeros_(module.pending_counts)
+            init.zeros_(module.pending_observed)
+            init.zeros_(module.pending_healthy)
+            init.zeros_(module.dropped_pair_counts)
+            init.zeros_(module.rerouted_pair_counts)
 
     # ----- routing state and statistics (read on demand; nothing here runs in the forward pass) -----
 
@@ -475,6 +637,21 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     def reset_expert_utilization(self):
         for _, block in self._moe_layers():
             block.router.expert_token_counts.zero_()
+        base = getattr(self, self.base_model_prefix, self)
+        base.dropped_pair_counts.zero_()
+        base.rerouted_pair_counts.zero_()
+
+    def get_capacity_stats(self) -> dict[str, int]:
+        """(token, expert) pairs that capacity limits re-routed or dropped during training, per MoE layer
+        (`layer_{l}_rerouted_pairs`, `layer_{l}_dropped_pairs`) and in total. All zero when dropless."""
+        base = getattr(self, self.base_model_prefix, self)
+        stats = {}
+        for row, (layer_idx, _) in enumerate(self._moe_layers()):
+            stats[f"layer_{layer_idx}_rerouted_pairs"] = int(base.rerouted_pair_counts[row])
+            stats[f"layer_{layer_idx}_dropped_pairs"] = int(base.dropped_pair_counts[row])
+        stats["rerouted_pairs"] = int(base.rerouted_pair_counts.sum())
+        stats["dropped_pairs"] = int(base.dropped_pair_counts.sum())
+        return stats
 
     def get_reliability_stats(self) -> dict[str, float]:
         """Reliability scores per expert, cluster (utilisation weighted), layer and model."""
@@ -501,6 +678,25 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         for _, block in self._moe_layers():
             block.router.expert_reliability.fill_(1.0)
 
+    @torch.no_grad()
+    def reinitialize_expert(self, layer_idx: int, cluster_idx: int, expert_idx: int):
+        """Re-draw the weights of expert `expert_idx` of cluster `cluster_idx` in MoE layer `layer_idx` (e.g. after
+        they were corrupted) and reset its reliability to 1, so that the router selects it again."""
+        blocks = dict(self._moe_layers())
+        if layer_idx not in blocks:
+            raise ValueError(f"Layer {layer_idx} is not a MoE layer; MoE layers are {sorted(blocks)}.")
+        block = blocks[layer_idx]
+        if not (0 <= cluster_idx < block.num_clusters and 0 <= expert_idx < block.experts_per_cluster):
+            raise ValueError(
+                f"No expert {expert_idx} in cluster {cluster_idx}: layer {layer_idx} has {block.num_clusters} "
+                f"clusters of {block.experts_per_cluster} experts."
+            )
+        expert = cluster_idx * block.experts_per_cluster + expert_idx
+        std = self.config.initializer_range
+        block.experts.gate_up_proj[expert].normal_(mean=0.0, std=std)
+        block.experts.down_proj[expert].normal_(mean=0.0, std=std)
+        block.router.expert_reliability[expert] = 1.0
+
     def model_reliability(self) -> torch.Tensor:
         """Mean over MoE layers of the utilisation-weighted expert reliability, as a 0-d tensor (no host sync)."""
         scores = []
@@ -514,11 +710,10 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         total = sum(p.numel() for p in self.parameters())
         expert_params = sum(block.experts.gate_up_proj.numel() + block.experts.down_proj.numel() for _, block in self._moe_layers())
         inactive = expert_params * (1 - config.num_experts_per_tok / config.num_experts)
-        embedding = config.vocab_size * config.hidden_size
         return {
             "model_type": config.model_type,
             "total_parameters": total,
-            "active_parameters_per_token": int(total - inactive - (0 if config.tie_word_embeddings else embedding)),
+            "active_parameters_per_token": int(total - inactive),
             "hidden_size": config.hidden_size,
             "num_hidden_layers": config.num_hidden_layers,
             "num_moe_layers": len(self._moe_layers()),
@@ -532,6 +727,106 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             "reliability": self.get_reliability_stats(),
             "expert_utilization": self.get_expert_utilization(),
         }
+
+    @torch.no_grad()
+    def prune_experts(
+        self,
+        experts_per_cluster_keep: int | None = None,
+        clusters_keep: int | None = None,
+        calibration_data: Iterable[torch.Tensor | dict[str, torch.Tensor]] | None = None,
+        rank_by: Literal["utilization", "reliability", "utilization_x_reliability"] = "utilization_x_reliability",
+    ) -> dict[int, list[int]]:
+        """Physically remove experts: in every MoE layer keep the `clusters_keep` best clusters and, inside each, the
+        `experts_per_cluster_keep` best experts (`None` keeps all), slicing the fused expert weights, router rows and
+        routing buffers, and update the config so that the pruned model saves, reloads and generates.
+        `top_k_clusters`/`top_k_experts` are lowered if fewer clusters/experts remain.
+
+        Experts are ranked by their utilisation (share of the layer's token assignments), their reliability, or the
+        product of both; clusters by the sum of their experts' scores. Utilisation is measured on `calibration_data`
+        (an iterable of `input_ids` tensors or of dicts with `input_ids` and optionally `attention_mask`) when given,
+        else taken from the counts accumulated in training. Everything is checked before anything is changed.
+
+        Returns the original global ids (`cluster * experts_per_cluster + expert`) of the kept experts of each MoE
+        layer, in their new order.
+        """
+        config = self.config
+        for name, value, limit in (
+            ("experts_per_cluster_keep", experts_per_cluster_keep, config.experts_per_cluster),
+            ("clusters_keep", clusters_keep, config.num_clusters),
+        ):
+            if value is not None and not (isinstance(value, int) and 1 <= value <= limit):
+                raise ValueError(f"{name} must be an integer in [1, {limit}] (or None to keep all), got {value!r}.")
+        if experts_per_cluster_keep is None and clusters_keep is None:
+            raise ValueError("Nothing to prune: pass experts_per_cluster_keep and/or clusters_keep.")
+        if rank_by not in ("utilization", "reliability", "utilization_x_reliability"):
+            raise ValueError(
+                f"rank_by must be 'utilization', 'reliability' or 'utilization_x_reliability', got {rank_by!r}."
+            )
+        layers = self._moe_layers()
+        if not layers:
+            raise ValueError("This model has no MoE layers to prune.")
+        if calibration_data is not None:
+            counts = self._calibration_counts(calibration_data)
+        else:
+            counts = [block.router.expert_token_counts for _, block in layers]
+        if rank_by != "reliability" and any(int(layer_counts.sum()) == 0 for layer_counts in counts):
+            raise ValueError(
+                "No utilisation data to rank the experts by: pass `calibration_data`, train the model first (counts "
+                "accumulate in training mode) or use rank_by='reliability'."
+            )
+
+        new_clusters = clusters_keep or config.num_clusters
+        new_experts = experts_per_cluster_keep or config.experts_per_cluster
+        selections = []
+        for (_, block), layer_counts in zip(layers, counts):
+            utilization = layer_counts.double() / layer_counts.sum().clamp_min(1)
+            reliability = block.router.expert_reliability.double()
+            if rank_by == "utilization":
+                score = utilization
+            elif rank_by == "reliability":
+                score = reliability
+            else:
+                score = utilization * reliability
+            score = score.view(block.num_clusters, block.experts_per_cluster)
+            # Stable ranking (ties keep the lower id), then the kept ids in their original order.
+            clusters = score.sum(-1).argsort(descending=True, stable=True)[:new_clusters].sort().values
+            experts = score[clusters].argsort(dim=-1, descending=True, stable=True)[:, :new_experts].sort(-1).values
+            selections.append((clusters, experts))
+
+        config.num_clusters, config.experts_per_cluster = new_clusters, new_experts
+        config.top_k_clusters = min(config.top_k_clusters, new_clusters)
+        config.top_k_experts = min(config.top_k_experts, new_experts)
+        kept = {}
+        for (layer_idx, block), (clusters, experts) in zip(layers, selections):
+            kept[layer_idx] = (clusters[:, None] * block.experts_per_cluster + experts).reshape(-1).tolist()
+            block.keep_experts(clusters, experts)
+        base = getattr(self, self.base_model_prefix, self)
+        for name in ("pending_counts", "pending_observed", "pending_healthy"):
+            setattr(base, name, getattr(base, name).new_zeros(len(layers), config.num_experts))
+        return kept
+
+    @torch.no_grad()
+    def _calibration_counts(self, calibration_data) -> list[torch.Tensor]:
+        """Per MoE layer, how many (non-padding) token assignments each expert received over `calibration_data`,
+        in eval mode (nothing is folded into the training state)."""
+        base = getattr(self, self.base_model_prefix, self)
+        counts = [torch.zeros_like(block.router.expert_token_counts) for _, block in self._moe_layers()]
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in calibration_data:
+                batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
+                attention_mask = batch.get("attention_mask")
+                outputs = base(
+                    input_ids=batch["input_ids"].to(self.device),
+                    attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                    use_cache=False,
+                )
+                for layer_counts, layer_stats in zip(counts, outputs.routing_stats):
+                    layer_counts += layer_stats["expert_counts"]
+        finally:
+            self.train(was_training)
+        return counts
 
 
 # Base models whose pending routing statistics the optimizer-step hook folds into their buffers.
@@ -561,24 +856,30 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         num_experts = config.num_experts
         num_moe = config.num_hidden_layers - config.first_k_dense_layers
         self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
-        # Statistics gathered since the last optimizer step (global batch, all micro-batches): (layers, N) each.
-        self.register_buffer("pending_counts", torch.zeros(num_moe, num_experts), persistent=False)
-        self.register_buffer("pending_observed", torch.zeros(num_moe, num_experts), persistent=False)
-        self.register_buffer("pending_healthy", torch.zeros(num_moe, num_experts), persistent=False)
+        # Statistics gathered since the last optimizer step (global batch, all micro-batches): (layers, N) each, in
+        # float32 whatever the model's dtype (bf16 cannot count past 256 exactly).
+        for name in ("pending_counts", "pending_observed", "pending_healthy"):
+            self.register_buffer(name, torch.zeros(num_moe, num_experts, dtype=torch.float32), persistent=False)
+        # Pairs re-routed / dropped by capacity limits during training, per MoE layer (see `get_capacity_stats`).
+        self.register_buffer("rerouted_pair_counts", torch.zeros(num_moe, dtype=torch.long), persistent=False)
+        self.register_buffer("dropped_pair_counts", torch.zeros(num_moe, dtype=torch.long), persistent=False)
         self.register_forward_hook(_record_training_statistics)
+        # Set by a training forward: only then does an optimizer step update this model's state and step count.
+        self.has_pending_routing_updates = False
         _TRAINING_STATE_OWNERS.add(self)
         self.post_init()
 
     def _check_input_ids(self, input_ids: torch.Tensor):
         if is_torchdynamo_compiling():
             return
-        message = f"input_ids must be in [0, vocab_size={self.vocab_size})"
+        vocab_size = self.config.vocab_size  # not `self.vocab_size`: `resize_token_embeddings` updates the config
+        message = f"input_ids must be in [0, vocab_size={vocab_size})"
         if input_ids.device.type == "cpu":  # checking costs no device sync here
             low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.vocab_size:
+            if low < 0 or high >= vocab_size:
                 raise ValueError(f"{message}; got ids from {low} to {high}.")
         else:
-            torch._assert_async(((input_ids >= 0) & (input_ids < self.vocab_size)).all(), message)
+            torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(), message)
 
     @merge_with_config_defaults
     @capture_outputs
@@ -660,27 +961,32 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self.pending_counts.zero_()
         self.pending_observed.zero_()
         self.pending_healthy.zero_()
+        self.has_pending_routing_updates = False
 
 
-@torch.no_grad()
 def _record_training_statistics(model: ClusterMoEModel, args, output):
-    """Forward hook on the base model: runs once per forward, outside every (possibly recomputed) layer."""
-    if not model.training:
+    """Forward hook on the base model: runs once per forward, outside every (possibly recomputed) layer. Only
+    training forwards count: a model left in train mode must not count `no_grad` inference or `generate`."""
+    if not (model.training and torch.is_grad_enabled()):
         return
     stats = output["routing_stats"] if isinstance(output, dict) else output[-1]
-    for row, ((_, block), layer_stats) in enumerate(zip(model._moe_layers(), stats)):
-        counts = layer_stats["expert_counts"]
-        block.router.expert_token_counts.add_(counts)
-        model.pending_counts[row].add_(counts.float())
-        if "expert_faulty" in layer_stats:
-            observed = layer_stats["expert_observed"].float()
-            model.pending_observed[row].add_(observed)
-            model.pending_healthy[row].add_(observed * (~layer_stats["expert_faulty"]).float())
+    with torch.no_grad():
+        for row, ((_, block), layer_stats) in enumerate(zip(model._moe_layers(), stats)):
+            counts = layer_stats["expert_counts"]
+            block.router.expert_token_counts.add_(counts)
+            model.pending_counts[row].add_(counts.float())
+            model.rerouted_pair_counts[row].add_(layer_stats["rerouted_pairs"])
+            model.dropped_pair_counts[row].add_(layer_stats["dropped_pairs"])
+            if "expert_faulty" in layer_stats:
+                observed = layer_stats["expert_observed"].float()
+                model.pending_observed[row].add_(observed)
+                model.pending_healthy[row].add_(observed * (~layer_stats["expert_faulty"]).float())
+    model.has_pending_routing_updates = True
 
 
 def _after_optimizer_step(optimizer, args, kwargs):
     for model in list(_TRAINING_STATE_OWNERS):
-        if model.training:
+        if model.training and model.has_pending_routing_updates:
             model.apply_pending_routing_updates()
 
 
@@ -689,18 +995,22 @@ _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 @dataclass
 class ClusterMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """Adds the parts of `aux_loss` (unweighted, averaged over MoE layers) and the model's reliability score."""
+    """Adds the parts of `aux_loss` (unweighted, averaged over MoE layers), the model's reliability score and, with
+    capacity limits, the (token, expert) pairs each MoE layer re-routed and dropped in this forward, (moe_layers,)."""
 
     cluster_balance_loss: torch.Tensor | None = None
     expert_balance_loss: torch.Tensor | None = None
     router_z_loss: torch.Tensor | None = None
     model_reliability: torch.Tensor | None = None
+    rerouted_pairs: torch.Tensor | None = None
+    dropped_pairs: torch.Tensor | None = None
 
 
 class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: ClusterMoEConfig):
         super().__init__(config)
@@ -741,6 +1051,12 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)
 
         parts = combine_router_losses(outputs.routing_stats)
+        capacity_counts = {}
+        if self.config.expert_capacity_factor is not None and outputs.routing_stats:
+            capacity_counts = {
+                name: torch.stack([layer[name] for layer in outputs.routing_stats])
+                for name in ("rerouted_pairs", "dropped_pairs")
+            }
         aux_loss = None
         if parts is not None:
             cluster_balance, expert_balance, router_z = parts
@@ -751,7 +1067,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             )
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
             if aux_loss is not None:
                 loss = loss + aux_loss.to(loss.device) * _aux_loss_share(labels, kwargs.get("num_items_in_batch"))
 
@@ -767,6 +1083,8 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             expert_balance_loss=None if parts is None else parts[1],
             router_z_loss=None if parts is None else parts[2],
             model_reliability=self.model_reliability() if self.config.use_reliability_routing else None,
+            rerouted_pairs=capacity_counts.get("rerouted_pairs"),
+            dropped_pairs=capacity_counts.get("dropped_pairs"),
         )
 
 
