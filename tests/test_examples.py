@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from dataclasses import fields
 from pathlib import Path
 
@@ -184,6 +185,23 @@ def test_run_clm_fine_tunes_with_lora_and_saves_merged_weights(run_clm, trained,
         assert torch.equal(tuned.get_tensor("lm_head.weight"), base.get_tensor("lm_head.weight"))
     assert front_matter((output / "README.md").read_text())["base_model"] == str(base_folder)
     assert "| LoRA | rank 4" in (output / "README.md").read_text()
+
+
+def test_run_clm_reads_a_datasets_dataset(run_clm, monkeypatch):
+    class Split(dict):
+        column_names = property(lambda self: list(self))
+
+    splits = {"train": Split(text=[f"row {i}" for i in range(10)])}
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config: splits
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    arguments = run_clm.DataArguments(dataset_name="someone/rows", validation_split_percentage=20)
+    train, validation, dataset_id, _ = run_clm.load_corpus(arguments)
+    assert (train, validation) == ([f"row {i}" for i in range(8)], ["row 8", "row 9"])  # no validation split
+    assert dataset_id == "someone/rows"
+    splits["validation"] = Split(text=["held out"])
+    train, validation, _, _ = run_clm.load_corpus(arguments)
+    assert (len(train), validation) == (10, ["held out"])
 
 
 def test_config_overrides_are_parsed_as_json_values(run_clm):
