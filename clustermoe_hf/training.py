@@ -22,9 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-
 from transformers import PreTrainedTokenizerBase, TrainerCallback
-
 
 TEXT_FILE_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 AUX_LOSS_PARTS = ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
@@ -112,7 +110,6 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
     """Train a byte-level BPE tokenizer (GPT-2 style: any text round-trips, no unknown token) with `<pad>`, `<s>` and
     `</s>` as ids 0, 1 and 2, matching ClusterMoEConfig's default `bos_token_id`/`eos_token_id`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -243,8 +240,9 @@ class RouterMetricsCallback(TrainerCallback):
         counts = _expert_token_counts(self._model)
         for layer_idx, layer_counts in counts.items():
             previous = self._counts_at_last_log.get(layer_idx)
-            recent = layer_counts - previous if previous is not None and previous.shape == layer_counts.shape else layer_counts
-            for name, value in load_balance_metrics(recent).items():
+            if previous is not None and previous.shape == layer_counts.shape:  # else its experts were just pruned
+                layer_counts = layer_counts - previous
+            for name, value in load_balance_metrics(layer_counts).items():
                 metrics[f"router/layer_{layer_idx}/{name}"] = value
         for name, total in self._loss_sums.items():
             metrics[f"router/{name}"] = float(total) / self._num_forwards
@@ -379,11 +377,12 @@ def plot_expert_utilization(model: torch.nn.Module, path: str | Path) -> Path:
         image = axis.imshow(100 * matrix.numpy(), cmap="viridis", vmin=0, vmax=100 * vmax)
         axis.set_title(f"layer {layer}")
         axis.set_xlabel("expert in cluster")
-        axis.set_ylabel("cluster")
         axis.set_xticks(range(matrix.shape[1]))
         axis.set_yticks(range(matrix.shape[0]))
-        for (cluster, expert), share in zip(torch.cartesian_prod(*map(torch.arange, matrix.shape)).tolist(), matrix.flatten()):
-            axis.text(expert, cluster, f"{100 * share:.1f}", ha="center", va="center", color="w", fontsize=7)
+        for cluster, row in enumerate(matrix.tolist()):
+            for expert, share in enumerate(row):
+                axis.text(expert, cluster, f"{100 * share:.1f}", ha="center", va="center", color="w", fontsize=7)
+    axes[0, 0].set_ylabel("cluster")
     figure.colorbar(image, ax=axes[0].tolist(), label="% of the layer's token assignments")
     figure.suptitle("Expert utilisation during training")
     path = Path(path)
@@ -404,7 +403,9 @@ def plot_loss_curve(log_history: list[dict], path: str | Path) -> Path:
     if train:
         axis.plot(*zip(*train), label="training loss (incl. router aux loss)")
     if evaluation:
-        axis.plot(*zip(*evaluation), marker="o", label=f"validation {eval_key.removeprefix('eval_').replace('_', '-')}")
+        axis.plot(
+            *zip(*evaluation), marker="o", label=f"validation {eval_key.removeprefix('eval_').replace('_', '-')}"
+        )
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("nats per token")
     axis.grid(alpha=0.3)
@@ -432,7 +433,10 @@ def architecture_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
         ("Shared expert intermediate size", str(config.shared_expert_intermediate_size or "none")),
         ("Vocabulary size", str(config.vocab_size)),
         ("Context length", str(config.max_position_embeddings)),
-        ("Reliability routing / adaptive balancing", f"{config.use_reliability_routing} / {config.use_adaptive_routing}"),
+        (
+            "Reliability routing / adaptive balancing",
+            f"{config.use_reliability_routing} / {config.use_adaptive_routing}",
+        ),
     ]
 
 

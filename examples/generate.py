@@ -11,9 +11,7 @@ generation_config.json; every option given here overrides it. See `--help` for a
 from dataclasses import dataclass, field
 
 import torch
-
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer, set_seed
-
 
 try:
     import clustermoe_hf  # noqa: F401  (registers "clustermoe" with the Auto classes when the package is installed)
@@ -41,7 +39,9 @@ class GenerationArguments:
     )
     top_p: float | None = field(
         default=None,
-        metadata={"help": "Sample only among the most likely tokens whose probabilities sum to p. Default: the model's."},
+        metadata={
+            "help": "Sample only among the most likely tokens whose probabilities sum to p. Default: the model's."
+        },
     )
     repetition_penalty: float | None = field(
         default=None, metadata={"help": "Penalty (> 1) for repeating tokens already in the text. Default: none."}

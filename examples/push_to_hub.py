@@ -20,7 +20,6 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-
 # Files and folders (matched against every path component) that stay local.
 IGNORED_PATTERNS = ("checkpoint-*", ".*", "__pycache__", "*.pyc")
 REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModelForCausalLM")
@@ -30,9 +29,13 @@ CARD_METADATA_KEYS = ("library_name", "pipeline_tag", "tags")
 @dataclass
 class PushArguments:
     folder: str = field(metadata={"help": "The model folder to upload (the --output_dir of run_clm.py)."})
-    repo_id: str = field(metadata={"help": "The Hub repository, e.g. your-name/clustermoe-shakespeare; created if needed."})
+    repo_id: str = field(
+        metadata={"help": "The Hub repository, e.g. your-name/clustermoe-shakespeare; created if needed."}
+    )
     private: bool = field(default=False, metadata={"help": "Create the repository as private (if it does not exist)."})
-    revision: str | None = field(default=None, metadata={"help": "Branch to commit to (created if needed). Default: main."})
+    revision: str | None = field(
+        default=None, metadata={"help": "Branch to commit to (created if needed). Default: main."}
+    )
     commit_message: str = field(default="Upload ClusterMoE model", metadata={"help": "Message of the upload commit."})
     dry_run: bool = field(
         default=False, metadata={"help": "Only check the folder and list the files that would be uploaded."}

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 import transformers
 from transformers import (
     AutoModelForCausalLM,
@@ -61,7 +60,6 @@ from clustermoe_hf.training import (
     train_byte_level_bpe,
     utilization_summary,
 )
-
 
 logger = logging.getLogger(__name__)
 
@@ -311,11 +309,21 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: in
 def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args: DataArguments, runtime: float):
     args = trainer.args
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     rows = [
         ("Optimizer steps", str(trainer.state.global_step)),
-        ("Tokens per step (sequences x block size)", f"{global_batch * data_args.block_size:,} ({global_batch} x {data_args.block_size})"),
-        ("Learning rate / schedule / warmup", f"{args.learning_rate} / {args.lr_scheduler_type.value} / {args.warmup_steps}"),
+        (
+            "Tokens per step (sequences x block size)",
+            f"{global_batch * data_args.block_size:,} ({global_batch} x {data_args.block_size})",
+        ),
+        (
+            "Learning rate / schedule / warmup",
+            f"{args.learning_rate} / {args.lr_scheduler_type.value} / {args.warmup_steps}",
+        ),
         ("Weight decay / max grad norm", f"{args.weight_decay} / {args.max_grad_norm}"),
         ("Processes x device", f"{args.world_size} x {device}"),
         ("Training time", f"{runtime / 60:.1f} min"),
@@ -325,7 +333,9 @@ def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args:
         rows.insert(0, ("Started from", f"`{model_args.model_name_or_path}`"))
     if model_args.lora_rank > 0:
         targets = "attention projections" + (" and fused experts" if model_args.lora_experts else "")
-        rows.insert(1, ("LoRA", f"rank {model_args.lora_rank}, alpha {model_args.lora_alpha}, on the {targets}; merged"))
+        rows.insert(
+            1, ("LoRA", f"rank {model_args.lora_rank}, alpha {model_args.lora_alpha}, on the {targets}; merged")
+        )
     return rows
 
 
@@ -409,7 +419,9 @@ def main(args: list[str] | None = None) -> dict:
     if prompt is None:
         prompt = EMBEDDED_CORPUS_PROMPT if dataset_id == EMBEDDED_CORPUS_ID else validation_texts[0].split("\n")[0]
     print(f"\n----- sample from {output_dir} -----")
-    sample = generate_sample(saved_model, saved_tokenizer, prompt, report_args.sample_max_new_tokens, training_args.seed)
+    sample = generate_sample(
+        saved_model, saved_tokenizer, prompt, report_args.sample_max_new_tokens, training_args.seed
+    )
     print("-----")
 
     images = {"Expert utilisation": "expert_utilization.png", "Loss curve": "loss_curve.png"}

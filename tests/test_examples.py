@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import types
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import huggingface_hub
@@ -24,7 +24,6 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from clustermoe_hf import ClusterMoEForCausalLM
 from clustermoe_hf.training import TokenBlocks, embedded_corpus_dir, hold_out_tails, read_text_documents
-
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples"
@@ -147,7 +146,11 @@ def test_run_clm_logs_router_metrics_and_prints_the_summary(trained):
     training_logs = [entry for entry in history if "loss" in entry]
     assert [entry["step"] for entry in training_logs] == [2, 4]
     for entry in training_logs:
-        assert {"router/layer_0/expert_load_cv", "router/layer_1/cluster_entropy", "router/router_z_loss"} <= entry.keys()
+        assert {
+            "router/layer_0/expert_load_cv",
+            "router/layer_1/cluster_entropy",
+            "router/router_z_loss",
+        } <= entry.keys()
     assert f"Validation perplexity: {metrics['eval_perplexity']:.2f}" in stdout
     assert "layer  0: expert load CV" in stdout and "layer  1: expert load CV" in stdout
     assert "----- sample from" in stdout
@@ -176,9 +179,10 @@ def test_run_clm_fine_tunes_with_lora_and_saves_merged_weights(run_clm, trained,
          "--max_steps", "2", "--output_dir", str(output)]
     )  # fmt: skip
     assert metrics["eval_perplexity"] > 1
-    with safe_open(output / "model.safetensors", framework="pt") as tuned, safe_open(
-        base_folder / "model.safetensors", framework="pt"
-    ) as base:
+    with (
+        safe_open(output / "model.safetensors", framework="pt") as tuned,
+        safe_open(base_folder / "model.safetensors", framework="pt") as base,
+    ):
         assert not any("lora" in name for name in tuned.keys())  # merged: a plain ClusterMoE checkpoint
         for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.gate_up_proj"):
             assert not torch.equal(tuned.get_tensor(name), base.get_tensor(name)), name
@@ -336,8 +340,9 @@ def test_push_refuses_an_incomplete_folder(trained, tmp_path, monkeypatch, capsy
 @pytest.mark.parametrize("name", ["run_clm", "generate", "push_to_hub"])
 def test_every_option_has_help(name):
     module = load_script(name)
-    script_dataclasses = [value for value in vars(module).values() if isinstance(value, type)
-                          and value.__module__ == module.__name__ and hasattr(value, "__dataclass_fields__")]  # fmt: skip
+    script_dataclasses = [
+        value for value in vars(module).values() if is_dataclass(value) and value.__module__ == module.__name__
+    ]
     assert script_dataclasses
     for dataclass in script_dataclasses:
         for field in fields(dataclass):

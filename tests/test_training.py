@@ -35,13 +35,14 @@ from clustermoe_hf.training import (
     utilization_summary,
 )
 
-
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
 
 
 def random_blocks(num_blocks, length, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (num_blocks, length), generator=generator)]
+    return [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (num_blocks, length), generator=generator)
+    ]
 
 
 def training_arguments(output_dir, **overrides):
@@ -279,14 +280,24 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tiny_config, tmp_
     assert sorted(first_part) == [1, 2, 3]
     assert sorted(second_part) == list(range(1, 8))  # the resumed history continues the checkpoint's
     for step, entry in {**second_part, **first_part}.items():
-        for key in ("loss", "grad_norm", "learning_rate", "router/expert_balance_loss", "router/layer_1/expert_load_cv"):
+        for key in (
+            "loss",
+            "grad_norm",
+            "learning_rate",
+            "router/expert_balance_loss",
+            "router/layer_1/expert_load_cv",
+        ):
             assert entry[key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
     resumed_state, expected_state = resumed.state_dict(), uninterrupted.state_dict()
     assert resumed_state.keys() == expected_state.keys()
     for name, tensor in expected_state.items():
         torch.testing.assert_close(resumed_state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     router = resumed.model.layers[0].mlp.router
-    assert resumed.model.training_step == 7 and router.expert_bias.abs().sum() > 0 and router.expert_token_counts.sum() > 0
+    assert (
+        resumed.model.training_step == 7
+        and router.expert_bias.abs().sum() > 0
+        and router.expert_token_counts.sum() > 0
+    )
 
 
 # ----- LoRA -----
@@ -452,7 +463,8 @@ add_router_metrics_callback(trainer)
 trainer.train()
 if trainer.is_world_process_zero():
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    torch.save({"history": history, "world_size": args.world_size, "state": model.state_dict()}, f"{output_dir}/result.pt")
+    result = {"history": history, "world_size": args.world_size, "state": model.state_dict()}
+    torch.save(result, f"{output_dir}/result.pt")
 """
 
 
