@@ -1,0 +1,426 @@
+"""ClusterMoE against transformers' Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V3 and a dense Qwen3, on matched shapes.
+
+Every model is built from a config (nothing is downloaded) with the same hidden size, layers, heads, vocabulary, total
+experts, active experts per token and expert width; the dense model's MLP is as wide as the active experts together.
+Each MoE model runs in every experts implementation transformers offers (eager, grouped_mm, batched_mm; ClusterMoE
+also in its `sorted_mm`), and is compared in its fastest one. Measured, all configurations interleaved in one run,
+after warm-up, as medians:
+
+- training tokens/s (forward + backward + fused AdamW step) in fp32 and in bf16 (bf16 weights and optimizer state);
+- prefill latency (one sequence, fp32, no gradient) and greedy decode tokens/s with the KV cache at batch 1 and 8;
+- peak training memory (fp32): parameters and optimizer state plus the highest tensor memory allocated in a step.
+
+    python benchmarks/bench_models.py            # default (tiny) shape, writes benchmarks/results/models.{json,md,png}
+    python benchmarks/bench_models.py --quick    # smaller shape and fewer repeats, about a minute (CI)
+
+Timing uses the process CPU time when torch runs on one thread (the default): it is what a dedicated core would
+measure, and other processes on a shared machine do not inflate it. With `--threads N > 1`, wall-clock time.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    CLUSTERMOE,
+    DEFAULT_SHAPE,
+    DENSE,
+    MOE_PEERS,
+    QUICK_SHAPE,
+    TRANSFORMERS_EXPERTS_IMPLEMENTATIONS,
+    Shape,
+    build_configs,
+    build_model,
+    parameter_counts,
+    peak_allocated_bytes,
+    ratio,
+    tensor_bytes,
+)
+
+
+KINDS = ("train_fp32", "train_bf16", "prefill", "decode_b1", "decode_b8")
+KIND_LABELS = {
+    "train_fp32": "training tokens/s, fp32",
+    "train_bf16": "training tokens/s, bf16",
+    "prefill": "prefill latency (ms)",
+    "decode_b1": "greedy decode tokens/s, batch 1",
+    "decode_b8": "greedy decode tokens/s, batch 8",
+    "memory": "peak training memory (MiB), fp32",
+}
+HIGHER_IS_BETTER = {"train_fp32": True, "train_bf16": True, "prefill": False, "decode_b1": True, "decode_b8": True}
+
+
+def experts_implementations(name: str) -> tuple:
+    if name == DENSE:
+        return (None,)
+    if name == CLUSTERMOE:
+        return TRANSFORMERS_EXPERTS_IMPLEMENTATIONS + ("sorted_mm",)
+    return TRANSFORMERS_EXPERTS_IMPLEMENTATIONS
+
+
+def config_label(name: str, implementation: str | None) -> str:
+    return name if implementation is None else f"{name} [{implementation}]"
+
+
+def make_training_step(model, batch: torch.Tensor):
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, optimizer
+
+
+def make_prefill(model, prompt: torch.Tensor):
+    model.eval()
+
+    def run():
+        with torch.no_grad():
+            model(input_ids=prompt, use_cache=True)
+
+    return run
+
+
+def make_decode(model, prompt: torch.Tensor, new_tokens: int):
+    model.eval()
+
+    def run():
+        with torch.no_grad():
+            model.generate(
+                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            )
+
+    return run
+
+
+class Clock:
+    """Process CPU time on one thread (robust to other load on the machine), wall-clock time otherwise."""
+
+    def __init__(self, threads: int):
+        self.name = "process CPU time" if threads == 1 else "wall-clock time"
+        self.now = time.process_time if threads == 1 else time.perf_counter
+
+    def time(self, fn) -> float:
+        start = self.now()
+        fn()
+        return self.now() - start
+
+
+def interleaved(runs: dict, clock: Clock, warmup: int, repeats: int, slow_factor: float) -> dict:
+    """Warm every configuration up (the first warm-up call is timed), leave out those more than `slow_factor` times
+    slower than the fastest, then time the rest interleaved (A B C A B C ...) and keep medians."""
+    first = {label: clock.time(fn) for label, fn in runs.items()}
+    fastest = min(first.values())
+    kept = {label: fn for label, fn in runs.items() if first[label] <= slow_factor * fastest}
+    for _ in range(warmup - 1):
+        for fn in kept.values():
+            fn()
+    samples = {label: [] for label in kept}
+    for _ in range(repeats):
+        for label, fn in kept.items():
+            samples[label].append(clock.time(fn))
+    result = {}
+    for label in runs:
+        if label in kept:
+            values = sorted(samples[label])
+            result[label] = {"median_s": values[len(values) // 2], "min_s": values[0], "samples": len(values)}
+        else:
+            result[label] = {"excluded": True, "first_call_s": first[label]}
+    return result
+
+
+def measure_kind(kind: str, shape: Shape, configs: dict, clock: Clock, warmup: int, repeats: int, slow_factor: float):
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if kind == "train_bf16" else torch.float32
+    runs, keep_alive = {}, []
+    for name, config in configs.items():
+        for implementation in experts_implementations(name):
+            model = build_model(name, config, dtype=dtype, experts_implementation=implementation)
+            if kind.startswith("train"):
+                batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq), generator=generator)
+                run, optimizer = make_training_step(model, batch)
+                keep_alive.append(optimizer)
+            elif kind == "prefill":
+                prompt = torch.randint(3, shape.vocab_size, (1, shape.prefill_seq), generator=generator)
+                run = make_prefill(model, prompt)
+            else:
+                batch_size = 1 if kind == "decode_b1" else 8
+                prompt = torch.randint(3, shape.vocab_size, (batch_size, shape.decode_prompt), generator=generator)
+                run = make_decode(model, prompt, shape.decode_tokens)
+            keep_alive.append(model)
+            runs[config_label(name, implementation)] = run
+    times = interleaved(runs, clock, warmup, repeats, slow_factor)
+    if kind.startswith("train"):
+        work = shape.train_batch * shape.train_seq
+    elif kind.startswith("decode"):
+        work = (1 if kind == "decode_b1" else 8) * shape.decode_tokens
+    for label, value in times.items():
+        if "median_s" in value:
+            value["value"] = value["median_s"] * 1e3 if kind == "prefill" else work / value["median_s"]
+    del runs, keep_alive
+    gc.collect()
+    return times
+
+
+def measure_memory(shape: Shape, configs: dict, training_times: dict) -> dict:
+    """Peak training memory of every configuration that was fast enough to be timed, fp32."""
+    batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq), generator=torch.Generator())
+    result = {}
+    for name, config in configs.items():
+        for implementation in experts_implementations(name):
+            label = config_label(name, implementation)
+            if training_times[label].get("excluded"):
+                result[label] = {"excluded": True}
+                continue
+            model = build_model(name, config, experts_implementation=implementation)
+            step, optimizer = make_training_step(model, batch)
+            step()  # creates the optimizer state
+            resident = tensor_bytes(list(model.parameters()) + list(model.buffers())) + tensor_bytes(
+                t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+            )
+            peak = resident + peak_allocated_bytes(step)
+            result[label] = {"value": peak / 2**20, "resident_MiB": resident / 2**20}
+            del model, step, optimizer
+            gc.collect()
+    return result
+
+
+def best_configurations(measurements: dict, configs: dict) -> dict:
+    """For each kind and model, the fastest (or leanest) of its experts implementations."""
+    best = {}
+    for kind, values in measurements.items():
+        higher = HIGHER_IS_BETTER.get(kind, False)
+        best[kind] = {}
+        for name in configs:
+            candidates = [
+                (values[config_label(name, impl)]["value"], impl)
+                for impl in experts_implementations(name)
+                if "value" in values[config_label(name, impl)]
+            ]
+            if kind == "memory":  # compared in the configuration that trains fastest
+                fastest = best["train_fp32"][name]["implementation"]
+                candidates = [c for c in candidates if c[1] == fastest] or candidates
+            value, impl = (max if higher else min)(candidates)
+            best[kind][name] = {"value": value, "implementation": impl}
+    return best
+
+
+def summarise(best: dict) -> dict:
+    """ClusterMoE's ratios to the best MoE peer and to the dense model (> 1 is better for ClusterMoE)."""
+    summary = {}
+    for kind, values in best.items():
+        higher = HIGHER_IS_BETTER.get(kind, False)
+        peers = {name: values[name]["value"] for name in MOE_PEERS if name in values}
+        best_peer = (max if higher else min)(peers, key=peers.get)
+        ours, dense = values[CLUSTERMOE]["value"], values[DENSE]["value"]
+        orient = (lambda a, b: ratio(a, b)) if higher else (lambda a, b: ratio(b, a))
+        summary[kind] = {
+            "best_peer": best_peer,
+            "best_peer_implementation": values[best_peer]["implementation"],
+            "vs_best_peer": orient(ours, peers[best_peer]),
+            "vs_dense": orient(ours, dense),
+        }
+    return summary
+
+
+def check_targets(summary: dict, router: dict | None) -> list:
+    targets = []
+    for kind in ("train_fp32", "train_bf16"):
+        targets.append((f"{kind}: >= 1.15x fastest MoE peer", summary[kind]["vs_best_peer"], 1.15))
+        targets.append((f"{kind}: >= 0.9x dense", summary[kind]["vs_dense"], 0.9))
+    for kind in ("decode_b1", "decode_b8"):
+        targets.append((f"{kind}: >= 1.0x fastest MoE peer", summary[kind]["vs_best_peer"], 1.0))
+    targets.append(("peak training memory <= best peer's (leanness ratio >= 1)", summary["memory"]["vs_best_peer"], 1.0))
+    if router is not None:
+        last = router["rows"][-1]
+        # Expressed as flat / hierarchical so that, like the others, larger is better: <= 0.3x means >= 3.33.
+        targets.append(
+            (f"router N={last['num_experts']}: hierarchical <= 0.3x flat", 1 / last["hierarchical_over_flat"], 1 / 0.3)
+        )
+    return [{"target": name, "value": value, "threshold": threshold, "met": value >= threshold} for name, value, threshold in targets]
+
+
+def markdown(result: dict) -> str:
+    shape, best, summary = result["shape"], result["best"], result["summary"]
+    names = list(result["parameters"])
+    lines = [
+        f"Machine: {result['machine']['description']}; torch {result['machine']['torch']}, transformers "
+        f"{result['machine']['transformers']}; {result['threads']} thread(s), {result['clock']}.",
+        f"Shape: hidden {shape['hidden_size']}, {shape['num_layers']} layers, {shape['num_heads']} heads, vocab "
+        f"{shape['vocab_size']}, {shape['num_clusters'] * shape['experts_per_cluster']} experts "
+        f"({shape['num_clusters']} clusters x {shape['experts_per_cluster']}), "
+        f"{shape['top_k_clusters'] * shape['top_k_experts']} active per token, expert width {shape['expert_width']}; "
+        f"training batch {shape['train_batch']} x {shape['train_seq']}, prefill {shape['prefill_seq']} tokens, decode "
+        f"{shape['decode_tokens']} new tokens after {shape['decode_prompt']}. Medians of {result['repeats']} "
+        "interleaved runs after warm-up.",
+        "",
+        "| model | total params | active params | " + " | ".join(KIND_LABELS[k] for k in best) + " |",
+        "|---|---:|---:|" + "---:|" * len(best),
+    ]
+    for name in names:
+        counts = result["parameters"][name]
+        cells = []
+        for kind in best:
+            entry = best[kind][name]
+            impl = f" ({entry['implementation']})" if entry["implementation"] else ""
+            cells.append(f"{entry['value']:.1f}{impl}" if kind in ("prefill", "memory") else f"{entry['value']:.0f}{impl}")
+        lines.append(f"| {name} | {counts['total']:,} | {counts['active']:,} | " + " | ".join(cells) + " |")
+    lines += ["", "ClusterMoE relative to the fastest MoE peer and to the dense model (> 1 means ClusterMoE is better):", ""]
+    lines += ["| measurement | best peer | ClusterMoE / best peer | ClusterMoE / dense |", "|---|---|---:|---:|"]
+    for kind, row in summary.items():
+        lines.append(
+            f"| {KIND_LABELS[kind]} | {row['best_peer']} ({row['best_peer_implementation']}) | "
+            f"{row['vs_best_peer']:.2f} | {row['vs_dense']:.2f} |"
+        )
+    lines += ["", "Every experts implementation (tokens/s; prefill in ms; memory in MiB; '-' = left out as over "
+              f"{result['slow_factor']:g}x slower than the fastest in its warm-up):", ""]  # fmt: skip
+    kinds = list(result["measurements"])
+    lines += ["| configuration | " + " | ".join(KIND_LABELS[k] for k in kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for label in result["measurements"]["train_fp32"]:
+        cells = []
+        for kind in kinds:
+            entry = result["measurements"][kind][label]
+            cells.append("-" if "value" not in entry else f"{entry['value']:.1f}" if kind in ("prefill", "memory") else f"{entry['value']:.0f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if result.get("targets"):
+        lines += ["", "| target | value | threshold | met |", "|---|---:|---:|---|"]
+        for target in result["targets"]:
+            lines.append(
+                f"| {target['target']} | {target['value']:.2f} | {target['threshold']:.2f} | "
+                f"{'yes' if target['met'] else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = result["best"]
+    names = list(result["parameters"])
+    colors = ["tab:red" if name == CLUSTERMOE else "tab:gray" if name == DENSE else "tab:blue" for name in names]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, kind in zip(axes.flat, best):
+        values = [best[kind][name]["value"] for name in names]
+        ax.bar(range(len(names)), values, color=colors)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(
+            [f"{n}\n{best[kind][n]['implementation'] or ''}" for n in names], rotation=30, ha="right", fontsize=8
+        )
+        better = "higher" if HIGHER_IS_BETTER.get(kind, False) else "lower"
+        ax.set_title(f"{KIND_LABELS[kind]} ({better} is better)", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"Matched models, fastest experts implementation each; {result['machine']['description']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_description() -> str:
+    model_name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({model_name}), {platform.system()}"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller shape and fewer repeats, about a minute (CI)")
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see the docstring)")
+    parser.add_argument("--repeats", type=int, help="timed runs per configuration (default 9, quick 3)")
+    parser.add_argument("--warmup", type=int, help="warm-up runs per configuration (default 2, quick 1)")
+    parser.add_argument("--slow-factor", type=float, default=10.0, help="leave out configurations this much slower")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--no-router", action="store_true", help="skip the router scaling sweep")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    if "train_fp32" not in args.kinds:
+        parser.error("train_fp32 is needed: each model's memory is compared in its fastest training configuration")
+
+    torch.set_num_threads(args.threads)
+    shape = QUICK_SHAPE if args.quick else DEFAULT_SHAPE
+    repeats = args.repeats or (3 if args.quick else 9)
+    warmup = args.warmup or (1 if args.quick else 2)
+    clock = Clock(args.threads)
+    configs = build_configs(shape)
+
+    parameters = {}
+    for name, config in configs.items():
+        parameters[name] = parameter_counts(build_model(name, config), shape)
+        print(f"{name:15s} total {parameters[name]['total']:>12,}  active {parameters[name]['active']:>12,}")
+
+    measurements = {}
+    for kind in args.kinds:
+        started = time.perf_counter()
+        measurements[kind] = measure_kind(kind, shape, configs, clock, warmup, repeats, args.slow_factor)
+        print(f"{kind}: {time.perf_counter() - started:.0f} s")
+    measurements["memory"] = measure_memory(shape, configs, measurements["train_fp32"])
+
+    router = None
+    if not args.no_router:
+        import router_scaling
+
+        router = router_scaling.main(
+            (["--quick"] if args.quick else [])
+            + ["--output-dir", str(args.output_dir), "--threads", str(args.threads)]
+            + (["--no-plot"] if args.no_plot else [])
+        )
+
+    import transformers
+
+    best = best_configurations(measurements, configs)
+    summary = summarise(best)
+    result = {
+        "benchmark": "models",
+        "quick": args.quick,
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (sys.argv[1:] if argv is None else argv)),
+        "machine": {
+            "description": machine_description(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "threads": args.threads,
+        "clock": clock.name,
+        "repeats": repeats,
+        "warmup": warmup,
+        "slow_factor": args.slow_factor,
+        "shape": shape.to_dict(),
+        "parameters": parameters,
+        "measurements": measurements,
+        "best": best,
+        "summary": summary,
+        "targets": check_targets(summary, router) if set(KINDS) <= set(args.kinds) else [],
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "models.json").write_text(json.dumps(result, indent=2))
+    (args.output_dir / "models.md").write_text(markdown(result))
+    if not args.no_plot:
+        plot(result, args.output_dir / "models.png")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

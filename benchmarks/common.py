@@ -1,0 +1,218 @@
+"""Shared pieces of the benchmarks: matched model shapes, model builders, parameter counts, timing and memory.
+
+Every model is built from a config (random weights, nothing is downloaded). The MoE models share the hidden size,
+layers, heads, vocabulary, total experts, active experts per token and expert width; the dense Qwen3 model's MLP is
+as wide as the active experts together, so all of them spend the same MLP FLOPs per token.
+"""
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen3Config, Qwen3MoeConfig
+
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+
+
+# transformers' own experts implementations; every MoE peer is measured with each and compared in its fastest.
+TRANSFORMERS_EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The matched architecture and the workload sizes of one benchmark run."""
+
+    hidden_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    vocab_size: int = 1024
+    num_clusters: int = 4
+    experts_per_cluster: int = 4
+    top_k_clusters: int = 1
+    top_k_experts: int = 2
+    expert_width: int = 256
+    train_batch: int = 4
+    train_seq: int = 128
+    prefill_seq: int = 128
+    decode_prompt: int = 16
+    decode_tokens: int = 32
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_clusters * self.experts_per_cluster
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.top_k_clusters * self.top_k_experts
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_SHAPE = Shape()
+QUICK_SHAPE = Shape(
+    hidden_size=64, num_heads=2, vocab_size=128, expert_width=64, train_batch=2, train_seq=32, prefill_seq=32,
+    decode_prompt=8, decode_tokens=8,
+)  # fmt: skip
+
+
+def _common_kwargs(shape: Shape) -> dict:
+    return {
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.hidden_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_heads,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "pad_token_id": None,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def build_configs(shape: Shape) -> dict:
+    """One config per model, matched as described in the module docstring."""
+    common = _common_kwargs(shape)
+    num_experts, top_k, width = shape.num_experts, shape.experts_per_token, shape.expert_width
+    return {
+        "ClusterMoE": ClusterMoEConfig(
+            **common,
+            head_dim=shape.head_dim,
+            intermediate_size=width,
+            num_clusters=shape.num_clusters,
+            experts_per_cluster=shape.experts_per_cluster,
+            top_k_clusters=shape.top_k_clusters,
+            top_k_experts=shape.top_k_experts,
+        ),
+        "Qwen3-MoE": Qwen3MoeConfig(
+            **common,
+            head_dim=shape.head_dim,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=width,
+            intermediate_size=width * top_k,
+            norm_topk_prob=True,
+        ),
+        "Mixtral": MixtralConfig(
+            **common, head_dim=shape.head_dim, num_local_experts=num_experts, num_experts_per_tok=top_k,
+            intermediate_size=width,
+        ),  # fmt: skip
+        "OLMoE": OlmoeConfig(
+            **common, num_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=width, norm_topk_prob=True
+        ),
+        # Group-limited routing (pick top_k_clusters of num_clusters groups, then experts inside them) is DeepSeek-V3's
+        # closest analogue of the hierarchical router. Its attention is MLA; head sizes are matched to the others.
+        "DeepSeek-V3": DeepseekV3Config(
+            **common,
+            n_routed_experts=num_experts,
+            num_experts_per_tok=top_k,
+            n_group=shape.num_clusters,
+            topk_group=shape.top_k_clusters,
+            moe_intermediate_size=width,
+            intermediate_size=width * top_k,
+            n_shared_experts=0,
+            first_k_dense_replace=0,
+            routed_scaling_factor=1.0,
+            q_lora_rank=None,
+            kv_lora_rank=shape.hidden_size // 2,
+            qk_rope_head_dim=shape.head_dim // 2,
+            qk_nope_head_dim=shape.head_dim // 2,
+            v_head_dim=shape.head_dim,
+            num_mtp_layers=0,
+        ),
+        "Qwen3 (dense)": Qwen3Config(**common, head_dim=shape.head_dim, intermediate_size=width * top_k),
+    }
+
+
+MOE_PEERS = ("Qwen3-MoE", "Mixtral", "OLMoE", "DeepSeek-V3")
+DENSE = "Qwen3 (dense)"
+CLUSTERMOE = "ClusterMoE"
+
+
+def build_model(name: str, config, dtype: torch.dtype = torch.float32, experts_implementation: str | None = None):
+    """A randomly initialised causal LM in `dtype`; `experts_implementation` goes through transformers' own switch."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = copy.deepcopy(config)  # `from_config` records the implementations on the config it is given
+    kwargs = {"attn_implementation": "sdpa"}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    if name == CLUSTERMOE:
+        model = ClusterMoEForCausalLM._from_config(config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.to(dtype)
+
+
+def parameter_counts(model, shape: Shape) -> dict[str, int]:
+    """Total parameters, and those one token uses (the routed experts it does not pick left out)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for module in model.modules():
+        gate_up = getattr(module, "gate_up_proj", None)
+        if isinstance(gate_up, torch.nn.Parameter) and gate_up.dim() == 3:
+            expert_params = gate_up.numel() + module.down_proj.numel()
+            inactive += expert_params * (1 - shape.experts_per_token / gate_up.shape[0])
+    return {"total": total, "active": int(round(total - inactive))}
+
+
+def median_times(
+    benchmarks: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Seconds per call of each benchmark, interleaved (A B C A B C ...) so that machine load hits all alike."""
+    for _ in range(warmup):
+        for fn in benchmarks.values():
+            fn()
+    samples = {name: [] for name in benchmarks}
+    for _ in range(repeats):
+        for name, fn in benchmarks.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {
+        name: {"median_s": statistics.median(values), "min_s": min(values), "samples": len(values)}
+        for name, values in samples.items()
+    }
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by distinct storages among `tensors`."""
+    seen, total = set(), 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """Highest net tensor memory allocated while `fn` runs, from the profiler's allocation events (CPU tensors have
+    no allocator statistics; process RSS would also count the allocator's caching and the interpreter)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def ratio(value: float, reference: float) -> float:
+    return value / reference if reference and not math.isnan(reference) else float("nan")

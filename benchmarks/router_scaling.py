@@ -1,0 +1,170 @@
+"""Routing time alone for N = 16 ... 4096 experts, hierarchical vs flat, next to the expert compute it serves.
+
+Each N has sqrt(N) clusters of sqrt(N) experts; a token picks 1 cluster and 2 experts in it. The router's forward
+(eval mode, no gradient) is timed for both implementations, interleaved, and so is the fused experts call that
+serves the routed (token, expert) pairs. The smallest N from which the hierarchical router is faster is what
+`HIERARCHICAL_ROUTER_MIN_EXPERTS` in `clustermoe_hf/modeling_clustermoe.py` should be.
+
+    python benchmarks/router_scaling.py                # full sweep, writes benchmarks/results/router_scaling.*
+    python benchmarks/router_scaling.py --quick        # small sizes, about 10 s
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_times, ratio  # noqa: E402
+
+from clustermoe_hf import ClusterMoEConfig  # noqa: E402
+from clustermoe_hf.modeling_clustermoe import (  # noqa: E402
+    HIERARCHICAL_ROUTER_MIN_EXPERTS,
+    ClusterMoEExperts,
+    ClusterMoERouter,
+)
+
+
+EXPERT_COUNTS = (16, 64, 256, 1024, 4096)
+
+
+def build_router(config: ClusterMoEConfig, implementation: str) -> ClusterMoERouter:
+    config = copy.deepcopy(config)
+    config.router_implementation = implementation
+    torch.manual_seed(0)
+    router = ClusterMoERouter(config)
+    torch.nn.init.normal_(router.cluster_weight, std=config.initializer_range)
+    torch.nn.init.normal_(router.expert_weight, std=config.initializer_range)
+    return router.eval()
+
+
+def measure(num_experts: int, tokens: int, hidden_size: int, expert_width: int, warmup: int, repeats: int) -> dict:
+    side = math.isqrt(num_experts)
+    config = ClusterMoEConfig(
+        vocab_size=32, hidden_size=hidden_size, intermediate_size=expert_width, num_hidden_layers=1,
+        num_attention_heads=1, num_clusters=side, experts_per_cluster=side, top_k_clusters=1, top_k_experts=2,
+    )  # fmt: skip
+    routers = {name: build_router(config, name) for name in ("hierarchical", "flat")}
+    hidden_states = torch.randn(tokens, hidden_size)
+    with torch.no_grad():
+        _, cluster_index, _, candidates = routers["flat"](hidden_states)
+        flat_choice = routers["flat"](hidden_states)[3]
+        same_routing = bool(torch.equal(routers["hierarchical"](hidden_states)[3], flat_choice))
+    top_k_index = (cluster_index.unsqueeze(-1) * side + candidates).view(tokens, -1)
+    top_k_weights = torch.full(top_k_index.shape, 0.5)
+    experts = ClusterMoEExperts(config)  # the model's default experts implementation, `config` went through no model
+    experts.config._experts_implementation = "sorted_mm"
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(experts.down_proj, std=0.02)
+
+    def route(router):
+        def run():
+            with torch.no_grad():
+                router(hidden_states)
+
+        return run
+
+    def serve():
+        with torch.no_grad():
+            experts(hidden_states, top_k_index, top_k_weights)
+
+    times = median_times(
+        {"hierarchical": route(routers["hierarchical"]), "flat": route(routers["flat"]), "experts": serve},
+        warmup=warmup,
+        repeats=repeats,
+    )
+    medians = {name: value["median_s"] * 1e3 for name, value in times.items()}
+    return {
+        "num_experts": num_experts,
+        "num_clusters": side,
+        "experts_per_cluster": side,
+        "hierarchical_ms": medians["hierarchical"],
+        "flat_ms": medians["flat"],
+        "experts_ms": medians["experts"],
+        "hierarchical_over_flat": ratio(medians["hierarchical"], medians["flat"]),
+        "same_routing": same_routing,
+    }
+
+
+def write_outputs(result: dict, output_dir: Path, plot: bool) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "router_scaling.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"Tokens: {result['tokens']}, hidden size {result['hidden_size']}, expert width {result['expert_width']}, "
+        f"top-1 cluster x top-2 experts; router forward, medians of {result['repeats']} interleaved runs.",
+        "",
+        "| experts N | clusters x experts | hierarchical (ms) | flat (ms) | hierarchical / flat | experts served (ms) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['num_experts']} | {row['num_clusters']} x {row['experts_per_cluster']} | "
+            f"{row['hierarchical_ms']:.3f} | {row['flat_ms']:.3f} | {row['hierarchical_over_flat']:.2f} | "
+            f"{row['experts_ms']:.3f} |"
+        )
+    lines += ["", f"Hierarchical faster from N = {result['crossover_num_experts']} experts on."]
+    (output_dir / "router_scaling.md").write_text("\n".join(lines) + "\n")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = result["rows"]
+        counts = [row["num_experts"] for row in rows]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(counts, [row["hierarchical_ms"] for row in rows], "o-", label="hierarchical router")
+        ax.plot(counts, [row["flat_ms"] for row in rows], "s-", label="flat router")
+        ax.plot(counts, [row["experts_ms"] for row in rows], "^--", label="experts it serves (sorted_mm)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("experts N (sqrt(N) clusters x sqrt(N) experts)")
+        ax.set_ylabel(f"ms per forward, {result['tokens']} tokens")
+        ax.set_title("Routing time vs number of experts")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output_dir / "router_scaling.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes for CI (about 10 s)")
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see README)")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tokens, hidden_size, expert_width, warmup, repeats = (256, 64, 32, 1, 5) if args.quick else (2048, 256, 64, 3, 15)
+    rows = [measure(n, tokens, hidden_size, expert_width, warmup, repeats) for n in EXPERT_COUNTS]
+    faster = [row["num_experts"] for row in rows if row["hierarchical_ms"] < row["flat_ms"]]
+    # The crossover is the smallest N from which the hierarchical router stays faster.
+    crossover = next((n for n in faster if all(m in faster for m in EXPERT_COUNTS if m >= n)), None)
+    result = {
+        "benchmark": "router_scaling",
+        "quick": args.quick,
+        "tokens": tokens,
+        "hidden_size": hidden_size,
+        "expert_width": expert_width,
+        "repeats": repeats,
+        "threads": args.threads,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "rows": rows,
+        "crossover_num_experts": crossover,
+        "hierarchical_router_min_experts": HIERARCHICAL_ROUTER_MIN_EXPERTS,
+    }
+    write_outputs(result, args.output_dir, plot=not args.no_plot)
+    print((args.output_dir / "router_scaling.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()
