@@ -459,8 +459,8 @@ def render_model_card(
     carries library_name, pipeline_tag, tags, datasets, metrics and a model-index with the validation perplexity.
 
     `perplexity` is the validation perplexity (also the model-index metric); `results` are the other rows of the
-    results table. `images` maps a caption to a file name inside the model folder (plots); `base_model` is the model
-    that training started from, if any.
+    results table. `images` maps a caption to a file name inside the model folder (plots); `base_model` is the Hub id
+    of the model that training started from, if any.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 

@@ -449,7 +449,8 @@ def main(args: list[str] | None = None) -> dict:
         sample_prompt=prompt,
         sample=sample,
         images=images,
-        base_model=model_args.model_name_or_path,
+        # The Hub's base_model metadata must name a Hub repository; a local starting point is listed in the card only.
+        base_model=None if Path(str(model_args.model_name_or_path)).exists() else model_args.model_name_or_path,
     )
     (output_dir / "README.md").write_text(card, encoding="utf-8")
 
