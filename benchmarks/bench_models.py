@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     Shape,
     build_configs,
     build_model,
+    cpu_or_wall_clock,
     parameter_counts,
     peak_allocated_bytes,
     ratio,
@@ -107,11 +108,8 @@ def make_decode(model, prompt: torch.Tensor, new_tokens: int):
 
 
 class Clock:
-    """Process CPU time on one thread (robust to other load on the machine), wall-clock time otherwise."""
-
     def __init__(self, threads: int):
-        self.name = "process CPU time" if threads == 1 else "wall-clock time"
-        self.now = time.process_time if threads == 1 else time.perf_counter
+        self.name, self.now = cpu_or_wall_clock(threads)
 
     def time(self, fn) -> float:
         start = self.now()
@@ -167,7 +165,7 @@ def measure_kind(kind: str, shape: Shape, configs: dict, clock: Clock, warmup: i
         work = shape.train_batch * shape.train_seq
     elif kind.startswith("decode"):
         work = (1 if kind == "decode_b1" else 8) * shape.decode_tokens
-    for label, value in times.items():
+    for value in times.values():
         if "median_s" in value:
             value["value"] = value["median_s"] * 1e3 if kind == "prefill" else work / value["median_s"]
     del runs, keep_alive
@@ -243,14 +241,19 @@ def check_targets(summary: dict, router: dict | None) -> list:
         targets.append((f"{kind}: >= 0.9x dense", summary[kind]["vs_dense"], 0.9))
     for kind in ("decode_b1", "decode_b8"):
         targets.append((f"{kind}: >= 1.0x fastest MoE peer", summary[kind]["vs_best_peer"], 1.0))
-    targets.append(("peak training memory <= best peer's (leanness ratio >= 1)", summary["memory"]["vs_best_peer"], 1.0))
+    targets.append(
+        ("peak training memory <= best peer's (leanness ratio >= 1)", summary["memory"]["vs_best_peer"], 1.0)
+    )
     if router is not None:
         last = router["rows"][-1]
         # Expressed as flat / hierarchical so that, like the others, larger is better: <= 0.3x means >= 3.33.
         targets.append(
             (f"router N={last['num_experts']}: hierarchical <= 0.3x flat", 1 / last["hierarchical_over_flat"], 1 / 0.3)
         )
-    return [{"target": name, "value": value, "threshold": threshold, "met": value >= threshold} for name, value, threshold in targets]
+    return [
+        {"target": name, "value": value, "threshold": threshold, "met": value >= threshold}
+        for name, value, threshold in targets
+    ]
 
 
 def markdown(result: dict) -> str:
@@ -276,9 +279,15 @@ def markdown(result: dict) -> str:
         for kind in best:
             entry = best[kind][name]
             impl = f" ({entry['implementation']})" if entry["implementation"] else ""
-            cells.append(f"{entry['value']:.1f}{impl}" if kind in ("prefill", "memory") else f"{entry['value']:.0f}{impl}")
+            cells.append(
+                f"{entry['value']:.1f}{impl}" if kind in ("prefill", "memory") else f"{entry['value']:.0f}{impl}"
+            )
         lines.append(f"| {name} | {counts['total']:,} | {counts['active']:,} | " + " | ".join(cells) + " |")
-    lines += ["", "ClusterMoE relative to the fastest MoE peer and to the dense model (> 1 means ClusterMoE is better):", ""]
+    lines += [
+        "",
+        "ClusterMoE relative to the fastest MoE peer and to the dense model (> 1 means ClusterMoE is better):",
+        "",
+    ]
     lines += ["| measurement | best peer | ClusterMoE / best peer | ClusterMoE / dense |", "|---|---|---:|---:|"]
     for kind, row in summary.items():
         lines.append(
@@ -293,7 +302,13 @@ def markdown(result: dict) -> str:
         cells = []
         for kind in kinds:
             entry = result["measurements"][kind][label]
-            cells.append("-" if "value" not in entry else f"{entry['value']:.1f}" if kind in ("prefill", "memory") else f"{entry['value']:.0f}")
+            cells.append(
+                "-"
+                if "value" not in entry
+                else f"{entry['value']:.1f}"
+                if kind in ("prefill", "memory")
+                else f"{entry['value']:.0f}"
+            )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if result.get("targets"):
         lines += ["", "| target | value | threshold | met |", "|---|---:|---:|---|"]

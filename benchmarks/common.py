@@ -104,9 +104,12 @@ def build_configs(shape: Shape) -> dict:
             norm_topk_prob=True,
         ),
         "Mixtral": MixtralConfig(
-            **common, head_dim=shape.head_dim, num_local_experts=num_experts, num_experts_per_tok=top_k,
+            **common,
+            head_dim=shape.head_dim,
+            num_local_experts=num_experts,
+            num_experts_per_tok=top_k,
             intermediate_size=width,
-        ),  # fmt: skip
+        ),
         "OLMoE": OlmoeConfig(
             **common, num_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=width, norm_topk_prob=True
         ),
@@ -164,11 +167,20 @@ def parameter_counts(model, shape: Shape) -> dict[str, int]:
         if isinstance(gate_up, torch.nn.Parameter) and gate_up.dim() == 3:
             expert_params = gate_up.numel() + module.down_proj.numel()
             inactive += expert_params * (1 - shape.experts_per_token / gate_up.shape[0])
-    return {"total": total, "active": int(round(total - inactive))}
+    return {"total": total, "active": round(total - inactive)}
+
+
+def cpu_or_wall_clock(threads: int) -> tuple[str, Callable[[], float]]:
+    """Process CPU time when torch runs on one thread: what a dedicated core would measure, and not inflated by other
+    processes on a shared machine. Wall-clock time with more threads (CPU time would add the threads up)."""
+    return ("process CPU time", time.process_time) if threads == 1 else ("wall-clock time", time.perf_counter)
 
 
 def median_times(
-    benchmarks: dict[str, Callable[[], object]], warmup: int, repeats: int
+    benchmarks: dict[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    clock: Callable[[], float] = time.process_time,
 ) -> dict[str, dict[str, float]]:
     """Seconds per call of each benchmark, interleaved (A B C A B C ...) so that machine load hits all alike."""
     for _ in range(warmup):
@@ -177,9 +189,9 @@ def median_times(
     samples = {name: [] for name in benchmarks}
     for _ in range(repeats):
         for name, fn in benchmarks.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {
         name: {"median_s": statistics.median(values), "min_s": min(values), "samples": len(values)}
         for name, values in samples.items()

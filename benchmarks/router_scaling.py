@@ -22,7 +22,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_times, ratio  # noqa: E402
+from common import cpu_or_wall_clock, median_times, ratio  # noqa: E402
 
 from clustermoe_hf import ClusterMoEConfig  # noqa: E402
 from clustermoe_hf.modeling_clustermoe import (  # noqa: E402
@@ -45,7 +45,7 @@ def build_router(config: ClusterMoEConfig, implementation: str) -> ClusterMoERou
     return router.eval()
 
 
-def measure(num_experts: int, tokens: int, hidden_size: int, expert_width: int, warmup: int, repeats: int) -> dict:
+def measure(num_experts, tokens, hidden_size, expert_width, warmup, repeats, clock) -> dict:
     side = math.isqrt(num_experts)
     config = ClusterMoEConfig(
         vocab_size=32, hidden_size=hidden_size, intermediate_size=expert_width, num_hidden_layers=1,
@@ -79,6 +79,7 @@ def measure(num_experts: int, tokens: int, hidden_size: int, expert_width: int, 
         {"hierarchical": route(routers["hierarchical"]), "flat": route(routers["flat"]), "experts": serve},
         warmup=warmup,
         repeats=repeats,
+        clock=clock,
     )
     medians = {name: value["median_s"] * 1e3 for name, value in times.items()}
     return {
@@ -98,7 +99,8 @@ def write_outputs(result: dict, output_dir: Path, plot: bool) -> None:
     (output_dir / "router_scaling.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"Tokens: {result['tokens']}, hidden size {result['hidden_size']}, expert width {result['expert_width']}, "
-        f"top-1 cluster x top-2 experts; router forward, medians of {result['repeats']} interleaved runs.",
+        f"top-1 cluster x top-2 experts; router forward, medians of {result['repeats']} interleaved runs "
+        f"({result['threads']} thread(s), {result['clock']}).",
         "",
         "| experts N | clusters x experts | hierarchical (ms) | flat (ms) | hierarchical / flat | experts served (ms) |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -144,7 +146,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokens, hidden_size, expert_width, warmup, repeats = (256, 64, 32, 1, 5) if args.quick else (2048, 256, 64, 3, 15)
-    rows = [measure(n, tokens, hidden_size, expert_width, warmup, repeats) for n in EXPERT_COUNTS]
+    clock_name, clock = cpu_or_wall_clock(args.threads)
+    rows = [measure(n, tokens, hidden_size, expert_width, warmup, repeats, clock) for n in EXPERT_COUNTS]
     faster = [row["num_experts"] for row in rows if row["hierarchical_ms"] < row["flat_ms"]]
     # The crossover is the smallest N from which the hierarchical router stays faster.
     crossover = next((n for n in faster if all(m in faster for m in EXPERT_COUNTS if m >= n)), None)
@@ -156,6 +159,7 @@ def main(argv=None) -> dict:
         "expert_width": expert_width,
         "repeats": repeats,
         "threads": args.threads,
+        "clock": clock_name,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "rows": rows,
         "crossover_num_experts": crossover,

@@ -1,0 +1,95 @@
+"""The benchmark suite keeps working: matched models, every experts implementation, outputs written (--quick)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_models  # noqa: E402
+from common import CLUSTERMOE, DENSE, MOE_PEERS, QUICK_SHAPE, build_configs, build_model, parameter_counts  # noqa: E402
+
+
+def test_models_are_matched_in_shape_and_active_parameters():
+    configs = build_configs(QUICK_SHAPE)
+    assert set(configs) == {CLUSTERMOE, DENSE, *MOE_PEERS}
+    counts = {name: parameter_counts(build_model(name, config), QUICK_SHAPE) for name, config in configs.items()}
+    for name, config in configs.items():
+        assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size) == (
+            QUICK_SHAPE.hidden_size, QUICK_SHAPE.num_layers, QUICK_SHAPE.num_heads, QUICK_SHAPE.vocab_size,
+        ), name  # fmt: skip
+    moe = [CLUSTERMOE, *MOE_PEERS]
+    for name in moe:
+        model = build_model(name, configs[name])
+        experts = [m for m in model.modules() if getattr(m, "gate_up_proj", None) is not None]
+        assert len(experts) == QUICK_SHAPE.num_layers, name
+        # Same total experts and expert width everywhere: (N, 2 * width, hidden).
+        assert all(
+            tuple(e.gate_up_proj.shape) == (QUICK_SHAPE.num_experts, 2 * QUICK_SHAPE.expert_width, QUICK_SHAPE.hidden_size)
+            for e in experts
+        ), name
+    # Active parameters agree within the attention differences (DeepSeek-V3's MLA, Qwen's q/k norms).
+    reference = counts[CLUSTERMOE]["active"]
+    for name in [*MOE_PEERS, DENSE]:
+        assert abs(counts[name]["active"] - reference) / reference < 0.05, (name, counts[name], reference)
+    assert counts[DENSE]["total"] == counts[DENSE]["active"]
+    assert counts[CLUSTERMOE]["total"] > 3 * counts[CLUSTERMOE]["active"] // 2
+
+
+def test_interleaved_leaves_out_configurations_far_slower_than_the_fastest():
+    calls = []
+
+    def workload(name, seconds):
+        def run():
+            calls.append(name)
+            end = bench_models.time.process_time() + seconds
+            while bench_models.time.process_time() < end:
+                pass
+
+        return run
+
+    runs = {"fast": workload("fast", 0.002), "slow": workload("slow", 0.05)}
+    result = bench_models.interleaved(runs, bench_models.Clock(1), warmup=1, repeats=3, slow_factor=5)
+    assert result["slow"]["excluded"] and result["slow"]["first_call_s"] >= 0.05
+    assert result["fast"]["samples"] == 3 and result["fast"]["median_s"] < 0.05
+    assert calls.count("slow") == 1  # timed once in the warm-up, never again
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_json_markdown_and_plots(tmp_path):
+    torch_threads = torch.get_num_threads()
+    try:
+        result = bench_models.main(["--quick", "--repeats", "1", "--output-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(torch_threads)
+    saved = json.loads((tmp_path / "models.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(result["summary"]))
+    for kind in bench_models.KINDS + ("memory",):
+        measured = saved["measurements"][kind]
+        for name in MOE_PEERS:  # every transformers experts implementation was run (or left out as far slower)
+            for implementation in ("eager", "grouped_mm", "batched_mm"):
+                assert f"{name} [{implementation}]" in measured
+        assert f"{CLUSTERMOE} [sorted_mm]" in measured and DENSE in measured
+        # The compared configuration is the best of the model's measured ones.
+        best = saved["best"][kind][CLUSTERMOE]
+        values = [v["value"] for label, v in measured.items() if label.startswith(CLUSTERMOE) and "value" in v]
+        assert best["value"] == (max(values) if bench_models.HIGHER_IS_BETTER.get(kind, False) else min(values))
+    summary = saved["summary"]["train_fp32"]
+    peers = {name: saved["best"]["train_fp32"][name]["value"] for name in MOE_PEERS}
+    assert summary["best_peer"] == max(peers, key=peers.get)
+    assert summary["vs_dense"] == pytest.approx(
+        saved["best"]["train_fp32"][CLUSTERMOE]["value"] / saved["best"]["train_fp32"][DENSE]["value"]
+    )
+    router = json.loads((tmp_path / "router_scaling.json").read_text())
+    assert [row["num_experts"] for row in router["rows"]] == [16, 64, 256, 1024, 4096]
+    assert all(row["same_routing"] for row in router["rows"])  # both routers pick the same experts
+    table = (tmp_path / "models.md").read_text()
+    assert "| ClusterMoE |" in table and "ClusterMoE / best peer" in table
+    assert len(saved["targets"]) == 9
+    for name in ("models.png", "router_scaling.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

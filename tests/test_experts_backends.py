@@ -1,0 +1,165 @@
+"""The `sorted_mm` experts implementation against the eager reference, in outputs and gradients."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import Qwen3MoeConfig
+from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+from clustermoe_hf.modeling_clustermoe import ClusterMoEExperts
+
+
+def experts_pair(experts_class, config, seed=0):
+    """The same experts (same weights) once with the eager forward and once with `sorted_mm`."""
+    pair = {}
+    for implementation in ("eager", "sorted_mm"):
+        config = copy.deepcopy(config)
+        config._experts_implementation = implementation
+        torch.manual_seed(seed)
+        module = experts_class(config)
+        for weight in module.parameters():
+            nn.init.normal_(weight, std=0.1)
+        pair[implementation] = module
+    return pair["eager"], pair["sorted_mm"]
+
+
+def run_with_grads(module, hidden, top_k_index, top_k_weights):
+    hidden = hidden.clone().requires_grad_()
+    top_k_weights = top_k_weights.clone().requires_grad_()
+    out = module(hidden, top_k_index, top_k_weights)
+    grads = torch.autograd.grad(out.square().sum(), [hidden, top_k_weights, *module.parameters()])
+    return out, grads
+
+
+def routing(num_tokens, num_experts, top_k, used_experts=None):
+    """Distinct experts per token, drawn from `used_experts` (so the others receive no tokens)."""
+    generator = torch.Generator().manual_seed(1)
+    pool = torch.arange(num_experts) if used_experts is None else torch.tensor(used_experts)
+    index = torch.stack([pool[torch.randperm(len(pool), generator=generator)[:top_k]] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=generator)
+    return index, weights
+
+
+def clustermoe_config(**overrides):
+    sizes = {
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_clusters": 2, "experts_per_cluster": 4, "top_k_clusters": 1, "top_k_experts": 2,
+    }  # fmt: skip
+    return ClusterMoEConfig(**{**sizes, **overrides})
+
+
+def test_sorted_mm_is_registered_in_transformers_experts_interface():
+    assert "sorted_mm" in ALL_EXPERTS_FUNCTIONS
+
+
+@pytest.mark.parametrize("used_experts", [None, [1, 2, 5, 6]], ids=["all-experts", "some-experts-idle"])
+def test_sorted_mm_matches_eager_clustermoe_experts(used_experts):
+    eager, fast = experts_pair(ClusterMoEExperts, clustermoe_config())
+    hidden = torch.randn(13, 32)
+    top_k_index, top_k_weights = routing(13, 8, top_k=2, used_experts=used_experts)
+    eager_out, eager_grads = run_with_grads(eager, hidden, top_k_index, top_k_weights)
+    fast_out, fast_grads = run_with_grads(fast, hidden, top_k_index, top_k_weights)
+    # Same GEMMs on the same rows, summed per token in the same (ascending expert) order: identical outputs.
+    assert torch.equal(fast_out, eager_out)
+    for name, fast_grad, eager_grad in zip(
+        ["hidden", "weights", "gate_up_proj", "down_proj"], fast_grads, eager_grads
+    ):
+        torch.testing.assert_close(fast_grad, eager_grad, msg=name)
+    if used_experts is not None:  # idle experts get an exact zero gradient, not uninitialised memory
+        idle = [e for e in range(8) if e not in used_experts]
+        assert torch.count_nonzero(fast_grads[2][idle]) == 0 and torch.count_nonzero(fast_grads[3][idle]) == 0
+
+
+def test_sorted_mm_matches_eager_for_transformers_moe_experts():
+    """Registered in transformers' interface, it serves other models' experts too (here Qwen3-MoE's)."""
+    config = Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=6, num_experts_per_tok=3)
+    eager, fast = experts_pair(Qwen3MoeExperts, config)
+    hidden = torch.randn(11, 32)
+    top_k_index, top_k_weights = routing(11, 6, top_k=3)
+    eager_out, eager_grads = run_with_grads(eager, hidden, top_k_index, top_k_weights)
+    fast_out, fast_grads = run_with_grads(fast, hidden, top_k_index, top_k_weights)
+    torch.testing.assert_close(fast_out, eager_out)
+    for fast_grad, eager_grad in zip(fast_grads, eager_grads):
+        torch.testing.assert_close(fast_grad, eager_grad)
+
+
+@use_experts_implementation(is_transposed=True)
+class TransposedExperts(nn.Module):
+    """Experts stored as (N, H, 2I) and (N, I, H), the layout some models use."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(config.num_experts, config.hidden_size, 2 * config.moe_intermediate_size)
+        )
+        self.down_proj = nn.Parameter(
+            torch.empty(config.num_experts, config.moe_intermediate_size, config.hidden_size)
+        )
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            token, slot = torch.where(top_k_index == expert)
+            gate, up = (hidden_states[token] @ self.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_out = (self.act_fn(gate) * up) @ self.down_proj[expert]
+            out.index_add_(0, token, expert_out * top_k_weights[token, slot, None])
+        return out
+
+
+def test_sorted_mm_matches_eager_with_transposed_weights():
+    config = Qwen3MoeConfig(hidden_size=24, moe_intermediate_size=8, num_experts=5, num_experts_per_tok=2)
+    eager, fast = experts_pair(TransposedExperts, config)
+    hidden = torch.randn(9, 24)
+    top_k_index, top_k_weights = routing(9, 5, top_k=2)
+    eager_out, eager_grads = run_with_grads(eager, hidden, top_k_index, top_k_weights)
+    fast_out, fast_grads = run_with_grads(fast, hidden, top_k_index, top_k_weights)
+    torch.testing.assert_close(fast_out, eager_out)
+    for fast_grad, eager_grad in zip(fast_grads, eager_grads):
+        torch.testing.assert_close(fast_grad, eager_grad)
+
+
+@use_experts_implementation(has_bias=True)
+class BiasedExperts(TransposedExperts):
+    pass
+
+
+def test_sorted_mm_rejects_experts_it_does_not_implement():
+    config = Qwen3MoeConfig(hidden_size=24, moe_intermediate_size=8, num_experts=5, num_experts_per_tok=2)
+    config._experts_implementation = "sorted_mm"
+    experts = BiasedExperts(config)
+    top_k_index, top_k_weights = routing(4, 5, top_k=2)
+    with pytest.raises(NotImplementedError, match="grouped_mm"):
+        experts(torch.randn(4, 24), top_k_index, top_k_weights)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="the sorted_mm default applies without an accelerator")
+def test_clustermoe_defaults_to_sorted_mm_through_transformers_and_can_switch():
+    model = ClusterMoEForCausalLM(clustermoe_config())
+    assert model.config._experts_implementation == "sorted_mm"
+    requested = ClusterMoEForCausalLM._from_config(clustermoe_config(), experts_implementation="grouped_mm")
+    assert requested.config._experts_implementation == "grouped_mm"
+
+
+def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients():
+    """The whole model, reliability health checks included, trains identically with either backend."""
+    model = ClusterMoEForCausalLM(clustermoe_config(initializer_range=0.2)).train()
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for implementation in ("eager", "sorted_mm"):
+        model.set_experts_implementation(implementation)
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results[implementation] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    eager_logits, eager_grads = results["eager"]
+    fast_logits, fast_grads = results["sorted_mm"]
+    torch.testing.assert_close(fast_logits, eager_logits)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, msg=name)
