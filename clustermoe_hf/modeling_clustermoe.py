@@ -29,7 +29,7 @@ from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface, _grouped_mm, grouped_mm_experts_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import ModelOutput, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils import can_return_tuple
@@ -608,19 +608,18 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.expert_bias)
             init.ones_(module.expert_reliability)
             init.zeros_(module.expert_token_counts)
-        elif isinstance(module, ClusterMoEModel):
-            init.zeros_(module.training_step)
-            init.zeros_(module.pending_counts)
-            init.zeros_(module.pending_observed)
-            init.zeros_(module.pending_healthy)
-            init.zeros_(module.dropped_pair_counts)
-            init.zeros_(module.rerouted_pair_counts)
+        elif isinstance(module, ClusterMoERoutingState):
+            for buffer in module.buffers():
+                init.zeros_(buffer)
 
     # ----- routing state and statistics (read on demand; nothing here runs in the forward pass) -----
 
     def _moe_layers(self) -> list[tuple[int, "ClusterMoESparseMoeBlock"]]:
         base = getattr(self, self.base_model_prefix, self)
         return [(idx, layer.mlp) for idx, layer in enumerate(base.layers) if layer.is_moe]
+
+    def _routing_state(self) -> "ClusterMoERoutingState":
+        return getattr(self, self.base_model_prefix, self).routing_state
 
     def get_expert_utilization(self) -> dict[str, float]:
         """Fraction of each MoE layer's (non-padding) token assignments that went to each expert during training,
@@ -637,26 +636,25 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     def reset_expert_utilization(self):
         for _, block in self._moe_layers():
             block.router.expert_token_counts.zero_()
-        base = getattr(self, self.base_model_prefix, self)
-        base.dropped_pair_counts.zero_()
-        base.rerouted_pair_counts.zero_()
+        state = self._routing_state()
+        state.dropped_pair_counts.zero_()
+        state.rerouted_pair_counts.zero_()
 
     def get_capacity_stats(self) -> dict[str, int]:
         """(token, expert) pairs that capacity limits re-routed or dropped during training, per MoE layer
         (`layer_{l}_rerouted_pairs`, `layer_{l}_dropped_pairs`) and in total. All zero when dropless."""
-        base = getattr(self, self.base_model_prefix, self)
+        state = self._routing_state()
         stats = {}
         for row, (layer_idx, _) in enumerate(self._moe_layers()):
-            stats[f"layer_{layer_idx}_rerouted_pairs"] = int(base.rerouted_pair_counts[row])
-            stats[f"layer_{layer_idx}_dropped_pairs"] = int(base.dropped_pair_counts[row])
-        stats["rerouted_pairs"] = int(base.rerouted_pair_counts.sum())
-        stats["dropped_pairs"] = int(base.dropped_pair_counts.sum())
+            stats[f"layer_{layer_idx}_rerouted_pairs"] = int(state.rerouted_pair_counts[row])
+            stats[f"layer_{layer_idx}_dropped_pairs"] = int(state.dropped_pair_counts[row])
+        stats["rerouted_pairs"] = int(state.rerouted_pair_counts.sum())
+        stats["dropped_pairs"] = int(state.dropped_pair_counts.sum())
         return stats
 
     def get_reliability_stats(self) -> dict[str, float]:
         """Reliability scores per expert, cluster (utilisation weighted), layer and model."""
-        base = getattr(self, self.base_model_prefix, self)
-        stats = {"training_step": int(base.training_step.item())}
+        stats = {"training_step": int(self._routing_state().training_step)}
         layer_scores = []
         for layer_idx, block in self._moe_layers():
             router = block.router
@@ -800,9 +798,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         for (layer_idx, block), (clusters, experts) in zip(layers, selections):
             kept[layer_idx] = (clusters[:, None] * block.experts_per_cluster + experts).reshape(-1).tolist()
             block.keep_experts(clusters, experts)
-        base = getattr(self, self.base_model_prefix, self)
+        state = self._routing_state()
         for name in ("pending_counts", "pending_observed", "pending_healthy"):
-            setattr(base, name, getattr(base, name).new_zeros(len(layers), config.num_experts))
+            setattr(state, name, getattr(state, name).new_zeros(len(layers), config.num_experts))
         return kept
 
     @torch.no_grad()
@@ -841,6 +839,22 @@ class ClusterMoEModelOutputWithPast(MoeModelOutputWithPast):
     routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
 
 
+class ClusterMoERoutingState(nn.Module):
+    """Model-level routing state, in a leaf module so that device maps place its buffers: the optimizer-step count
+    (saved), the statistics gathered since the last optimizer step over every micro-batch, (moe_layers, N) in
+    float32 whatever the model's dtype, and the pairs capacity limits re-routed/dropped in training."""
+
+    def __init__(self, num_moe_layers: int, num_experts: int):
+        super().__init__()
+        self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
+        for name in ("pending_counts", "pending_observed", "pending_healthy"):
+            self.register_buffer(name, torch.zeros(num_moe_layers, num_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("rerouted_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long), persistent=False)
+        self.register_buffer("dropped_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long), persistent=False)
+        # Set by a training forward: only then does an optimizer step update the routing state and step count.
+        self.has_pending_updates = False
+
+
 class ClusterMoEModel(ClusterMoEPreTrainedModel):
     def __init__(self, config: ClusterMoEConfig):
         super().__init__(config)
@@ -853,19 +867,9 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self.norm = ClusterMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = ClusterMoERotaryEmbedding(config=config)
         self.gradient_checkpointing = False
-        num_experts = config.num_experts
-        num_moe = config.num_hidden_layers - config.first_k_dense_layers
-        self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
-        # Statistics gathered since the last optimizer step (global batch, all micro-batches): (layers, N) each, in
-        # float32 whatever the model's dtype (bf16 cannot count past 256 exactly).
-        for name in ("pending_counts", "pending_observed", "pending_healthy"):
-            self.register_buffer(name, torch.zeros(num_moe, num_experts, dtype=torch.float32), persistent=False)
-        # Pairs re-routed / dropped by capacity limits during training, per MoE layer (see `get_capacity_stats`).
-        self.register_buffer("rerouted_pair_counts", torch.zeros(num_moe, dtype=torch.long), persistent=False)
-        self.register_buffer("dropped_pair_counts", torch.zeros(num_moe, dtype=torch.long), persistent=False)
+        num_moe_layers = config.num_hidden_layers - config.first_k_dense_layers
+        self.routing_state = ClusterMoERoutingState(num_moe_layers, config.num_experts)
         self.register_forward_hook(_record_training_statistics)
-        # Set by a training forward: only then does an optimizer step update this model's state and step count.
-        self.has_pending_routing_updates = False
         _TRAINING_STATE_OWNERS.add(self)
         self.post_init()
 
@@ -939,29 +943,31 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
     def apply_pending_routing_updates(self):
         """Fold the statistics gathered since the last optimizer step into the reliability EMAs and balancing
         biases. Called by a global optimizer-step hook; summed over processes when torch.distributed is running."""
-        pending = torch.stack([self.pending_counts, self.pending_observed, self.pending_healthy])
+        state = self.routing_state
+        pending = torch.stack([state.pending_counts, state.pending_observed, state.pending_healthy])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(pending)
         counts, observed, healthy = pending
         config = self.config
         for row, (_, block) in enumerate(self._moe_layers()):
             router = block.router
+            device = router.expert_bias.device
             if config.use_reliability_routing:
-                seen = observed[row] > 0
-                health = healthy[row] / observed[row].clamp_min(1.0)
+                seen = observed[row].to(device) > 0
+                health = (healthy[row] / observed[row].clamp_min(1.0)).to(device)
                 updated = config.reliability_decay * router.expert_reliability + (1 - config.reliability_decay) * health
                 router.expert_reliability.copy_(torch.where(seen, updated, router.expert_reliability))
             if config.use_adaptive_routing:
-                load = counts[row].view(block.num_clusters, -1)  # (C, E)
+                load = counts[row].to(device).view(block.num_clusters, -1)  # (C, E)
                 cluster_load = load.sum(-1)
                 router.cluster_bias.add_(config.adaptive_routing_rate * torch.sign(cluster_load.mean() - cluster_load))
                 expert_step = torch.sign(load.mean(-1, keepdim=True) - load) * (cluster_load[:, None] > 0)
                 router.expert_bias.add_(config.adaptive_routing_rate * expert_step.reshape(-1))
-        self.training_step.add_(1)
-        self.pending_counts.zero_()
-        self.pending_observed.zero_()
-        self.pending_healthy.zero_()
-        self.has_pending_routing_updates = False
+        state.training_step.add_(1)
+        state.pending_counts.zero_()
+        state.pending_observed.zero_()
+        state.pending_healthy.zero_()
+        state.has_pending_updates = False
 
 
 def _record_training_statistics(model: ClusterMoEModel, args, output):
@@ -970,23 +976,25 @@ def _record_training_statistics(model: ClusterMoEModel, args, output):
     if not (model.training and torch.is_grad_enabled()):
         return
     stats = output["routing_stats"] if isinstance(output, dict) else output[-1]
+    state = model.routing_state
+    device = state.pending_counts.device  # layers may live on other devices under a device map
     with torch.no_grad():
         for row, ((_, block), layer_stats) in enumerate(zip(model._moe_layers(), stats)):
             counts = layer_stats["expert_counts"]
             block.router.expert_token_counts.add_(counts)
-            model.pending_counts[row].add_(counts.float())
-            model.rerouted_pair_counts[row].add_(layer_stats["rerouted_pairs"])
-            model.dropped_pair_counts[row].add_(layer_stats["dropped_pairs"])
+            state.pending_counts[row].add_(counts.to(device, torch.float32))
+            state.rerouted_pair_counts[row].add_(layer_stats["rerouted_pairs"].to(device))
+            state.dropped_pair_counts[row].add_(layer_stats["dropped_pairs"].to(device))
             if "expert_faulty" in layer_stats:
-                observed = layer_stats["expert_observed"].float()
-                model.pending_observed[row].add_(observed)
-                model.pending_healthy[row].add_(observed * (~layer_stats["expert_faulty"]).float())
-    model.has_pending_routing_updates = True
+                observed = layer_stats["expert_observed"].to(device, torch.float32)
+                state.pending_observed[row].add_(observed)
+                state.pending_healthy[row].add_(observed * (~layer_stats["expert_faulty"]).to(device, torch.float32))
+    state.has_pending_updates = True
 
 
 def _after_optimizer_step(optimizer, args, kwargs):
     for model in list(_TRAINING_STATE_OWNERS):
-        if model.training and model.has_pending_routing_updates:
+        if model.training and model.routing_state.has_pending_updates:
             model.apply_pending_routing_updates()
 
 
@@ -994,10 +1002,25 @@ _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 @dataclass
-class ClusterMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """Adds the parts of `aux_loss` (unweighted, averaged over MoE layers), the model's reliability score and, with
-    capacity limits, the (token, expert) pairs each MoE layer re-routed and dropped in this forward, (moe_layers,)."""
+class ClusterMoECausalLMOutputWithPast(ModelOutput):
+    """Causal-LM output of ClusterMoE. The router losses are always computed (the original ClusterMoE API reads
+    `out["aux_loss"]`), so they come after `logits`: without labels `out[0]` is still the logits.
 
+    aux_loss: weighted sum of the router losses below, already included in `loss` when labels are given.
+    cluster_balance_loss, expert_balance_loss, router_z_loss: the unweighted parts, averaged over MoE layers.
+    router_logits: per MoE layer, the cluster router's logits (tokens, num_clusters), with `output_router_logits`.
+    model_reliability: utilisation-weighted mean expert reliability (with `use_reliability_routing`).
+    rerouted_pairs, dropped_pairs: with capacity limits, the (token, expert) pairs each MoE layer re-routed and
+        dropped in this forward, (moe_layers,).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
     cluster_balance_loss: torch.Tensor | None = None
     expert_balance_loss: torch.Tensor | None = None
     router_z_loss: torch.Tensor | None = None

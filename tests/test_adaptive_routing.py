@@ -134,7 +134,7 @@ def test_gradient_checkpointing_counts_each_token_once(monkeypatch):
     assert len(calls) == 4  # each MoE block ran twice: forward and recomputation
     for router in routers(model):
         assert router.expert_token_counts.sum() == 2 * 16 * 2
-    assert torch.all(model.model.pending_counts.sum(-1) == 2 * 16 * 2)
+    assert torch.all(model.model.routing_state.pending_counts.sum(-1) == 2 * 16 * 2)
 
 
 def test_optimizer_steps_without_a_training_forward_change_nothing():

@@ -42,7 +42,7 @@ def test_prune_keeps_the_most_used_experts_of_each_cluster_and_slices_everything
         for name in ("router.cluster_weight", "router.cluster_bias"):
             torch.testing.assert_close(model.state_dict()[prefix + name], before[prefix + name])
     assert model.num_parameters() == num_parameters - 2 * 4 * (3 * 32 * 16 + 32)  # 4 experts + router rows per layer
-    assert model.model.pending_counts.shape == (2, 4)
+    assert model.model.routing_state.pending_counts.shape == (2, 4)
 
 
 def test_pruned_model_computes_what_the_original_computed_with_the_kept_experts(tiny_model):

@@ -268,7 +268,7 @@ def test_reliability_state_survives_save_and_load(tiny_model, tmp_path):
     router = model.model.layers[1].mlp.router
     router.expert_reliability.copy_(torch.linspace(0.2, 1.0, 8))
     router.expert_token_counts.copy_(torch.arange(8))
-    model.model.training_step.fill_(17)
+    model.model.routing_state.training_step.fill_(17)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.get_reliability_stats() == pytest.approx(model.get_reliability_stats())

@@ -294,7 +294,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tiny_config, tmp_
         torch.testing.assert_close(resumed_state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     router = resumed.model.layers[0].mlp.router
     assert (
-        resumed.model.training_step == 7
+        resumed.model.routing_state.training_step == 7
         and router.expert_bias.abs().sum() > 0
         and router.expert_token_counts.sum() > 0
     )
