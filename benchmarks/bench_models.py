@@ -72,17 +72,21 @@ def config_label(name: str, implementation: str | None) -> str:
     return name if implementation is None else f"{name} [{implementation}]"
 
 
-def make_training_step(model, batch: torch.Tensor):
+def make_training_steps(model, *batches: torch.Tensor):
+    """One training step function per batch, all on the same model and optimizer."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def step():
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step_on(batch):
+        def step():
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    return step, optimizer
+        return step
+
+    return [step_on(batch) for batch in batches], optimizer
 
 
 def make_prefill(model, prompt: torch.Tensor):
@@ -117,13 +121,18 @@ class Clock:
         return self.now() - start
 
 
-def interleaved(runs: dict, clock: Clock, warmup: int, repeats: int, slow_factor: float) -> dict:
-    """Warm every configuration up (the first warm-up call is timed), leave out those more than `slow_factor` times
-    slower than the fastest, then time the rest interleaved (A B C A B C ...) and keep medians."""
-    first = {label: clock.time(fn) for label, fn in runs.items()}
-    fastest = min(first.values())
-    kept = {label: fn for label, fn in runs.items() if first[label] <= slow_factor * fastest}
-    for _ in range(warmup - 1):
+def interleaved(
+    runs: dict, clock: Clock, warmup: int, repeats: int, slow_factor: float, probes: dict, groups: dict
+) -> dict:
+    """Time each configuration's probe (a smaller workload, or the run itself) once and leave out those more than
+    `slow_factor` times slower than the fastest of their group (the same model's other experts implementations);
+    warm the rest up, then time them interleaved (A B C A B C ...) and keep medians."""
+    probe_times = {label: clock.time(probes[label]) for label in runs}
+    fastest = {}
+    for label, seconds in probe_times.items():
+        fastest[groups[label]] = min(seconds, fastest.get(groups[label], seconds))
+    kept = {label: fn for label, fn in runs.items() if probe_times[label] <= slow_factor * fastest[groups[label]]}
+    for _ in range(warmup):
         for fn in kept.values():
             fn()
     samples = {label: [] for label in kept}
@@ -136,39 +145,41 @@ def interleaved(runs: dict, clock: Clock, warmup: int, repeats: int, slow_factor
             values = sorted(samples[label])
             result[label] = {"median_s": values[len(values) // 2], "min_s": values[0], "samples": len(values)}
         else:
-            result[label] = {"excluded": True, "first_call_s": first[label]}
+            result[label] = {"excluded": True, "probe_s": probe_times[label]}
     return result
 
 
 def measure_kind(kind: str, shape: Shape, configs: dict, clock: Clock, warmup: int, repeats: int, slow_factor: float):
     generator = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if kind == "train_bf16" else torch.float32
-    runs, keep_alive = {}, []
+    batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq), generator=generator)
+    probe_batch = batch[:1, : shape.train_seq // 2]  # screens out the far slower configurations cheaply
+    prompt = torch.randint(3, shape.vocab_size, (1, shape.prefill_seq), generator=generator)
+    decode_batch = 1 if kind == "decode_b1" else 8
+    decode_prompt = torch.randint(3, shape.vocab_size, (decode_batch, shape.decode_prompt), generator=generator)
+    runs, probes, groups, keep_alive = {}, {}, {}, []
     for name, config in configs.items():
         for implementation in experts_implementations(name):
+            label = config_label(name, implementation)
+            groups[label] = name
             model = build_model(name, config, dtype=dtype, experts_implementation=implementation)
             if kind.startswith("train"):
-                batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq), generator=generator)
-                run, optimizer = make_training_step(model, batch)
+                (runs[label], probes[label]), optimizer = make_training_steps(model, batch, probe_batch)
                 keep_alive.append(optimizer)
             elif kind == "prefill":
-                prompt = torch.randint(3, shape.vocab_size, (1, shape.prefill_seq), generator=generator)
-                run = make_prefill(model, prompt)
+                runs[label] = probes[label] = make_prefill(model, prompt)
             else:
-                batch_size = 1 if kind == "decode_b1" else 8
-                prompt = torch.randint(3, shape.vocab_size, (batch_size, shape.decode_prompt), generator=generator)
-                run = make_decode(model, prompt, shape.decode_tokens)
+                runs[label] = probes[label] = make_decode(model, decode_prompt, shape.decode_tokens)
             keep_alive.append(model)
-            runs[config_label(name, implementation)] = run
-    times = interleaved(runs, clock, warmup, repeats, slow_factor)
+    times = interleaved(runs, clock, warmup, repeats, slow_factor, probes, groups)
     if kind.startswith("train"):
         work = shape.train_batch * shape.train_seq
     elif kind.startswith("decode"):
-        work = (1 if kind == "decode_b1" else 8) * shape.decode_tokens
+        work = decode_batch * shape.decode_tokens
     for value in times.values():
         if "median_s" in value:
             value["value"] = value["median_s"] * 1e3 if kind == "prefill" else work / value["median_s"]
-    del runs, keep_alive
+    del runs, probes, keep_alive
     gc.collect()
     return times
 
@@ -184,7 +195,7 @@ def measure_memory(shape: Shape, configs: dict, training_times: dict) -> dict:
                 result[label] = {"excluded": True}
                 continue
             model = build_model(name, config, experts_implementation=implementation)
-            step, optimizer = make_training_step(model, batch)
+            (step,), optimizer = make_training_steps(model, batch)
             step()  # creates the optimizer state
             resident = tensor_bytes(list(model.parameters()) + list(model.buffers())) + tensor_bytes(
                 t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
@@ -295,7 +306,7 @@ def markdown(result: dict) -> str:
             f"{row['vs_best_peer']:.2f} | {row['vs_dense']:.2f} |"
         )
     lines += ["", "Every experts implementation (tokens/s; prefill in ms; memory in MiB; '-' = left out as over "
-              f"{result['slow_factor']:g}x slower than the fastest in its warm-up):", ""]  # fmt: skip
+              f"{result['slow_factor']:g}x slower than the model's fastest in a probe run):", ""]  # fmt: skip
     kinds = list(result["measurements"])
     lines += ["| configuration | " + " | ".join(KIND_LABELS[k] for k in kinds) + " |", "|---|" + "---:|" * len(kinds)]
     for label in result["measurements"]["train_fp32"]:
@@ -364,8 +375,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see the docstring)")
     parser.add_argument("--repeats", type=int, help="timed runs per configuration (default 9, quick 3)")
-    parser.add_argument("--warmup", type=int, help="warm-up runs per configuration (default 2, quick 1)")
-    parser.add_argument("--slow-factor", type=float, default=10.0, help="leave out configurations this much slower")
+    parser.add_argument("--warmup", type=int, help="untimed runs per configuration after the probe (default 1)")
+    parser.add_argument(
+        "--slow-factor", type=float, default=4.0, help="leave out configurations whose probe is this much slower"
+    )
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--no-router", action="store_true", help="skip the router scaling sweep")
     parser.add_argument("--no-plot", action="store_true")
@@ -376,7 +389,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     shape = QUICK_SHAPE if args.quick else DEFAULT_SHAPE
     repeats = args.repeats or (3 if args.quick else 9)
-    warmup = args.warmup or (1 if args.quick else 2)
+    warmup = args.warmup or 1
     clock = Clock(args.threads)
     configs = build_configs(shape)
 

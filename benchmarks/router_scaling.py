@@ -102,7 +102,8 @@ def write_outputs(result: dict, output_dir: Path, plot: bool) -> None:
         f"top-1 cluster x top-2 experts; router forward, medians of {result['repeats']} interleaved runs "
         f"({result['threads']} thread(s), {result['clock']}).",
         "",
-        "| experts N | clusters x experts | hierarchical (ms) | flat (ms) | hierarchical / flat | experts served (ms) |",
+        "| experts N | clusters x experts | hierarchical (ms) | flat (ms) | hierarchical / flat "
+        "| experts served (ms) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:

@@ -139,14 +139,6 @@ def test_sorted_mm_rejects_experts_it_does_not_implement():
         experts(torch.randn(4, 24), top_k_index, top_k_weights)
 
 
-@pytest.mark.skipif(torch.accelerator.is_available(), reason="the sorted_mm default applies without an accelerator")
-def test_clustermoe_defaults_to_sorted_mm_through_transformers_and_can_switch():
-    model = ClusterMoEForCausalLM(clustermoe_config())
-    assert model.config._experts_implementation == "sorted_mm"
-    requested = ClusterMoEForCausalLM._from_config(clustermoe_config(), experts_implementation="grouped_mm")
-    assert requested.config._experts_implementation == "grouped_mm"
-
-
 def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients():
     """The whole model, reliability health checks included, trains identically with either backend."""
     model = ClusterMoEForCausalLM(clustermoe_config(initializer_range=0.2)).train()

@@ -1,0 +1,83 @@
+"""Where the time goes: torch profiler self-CPU time per op, side by side, for a training step or a decode token.
+
+Compares ClusterMoE (default experts implementation), a transformers MoE peer in its fastest experts implementation
+and the dense model, on the default benchmark shape, one thread. Ops are grouped so that the table reads as a budget:
+the experts' GEMMs sit inside the `aten::mm` row (with the attention and LM-head GEMMs), the optimizer in
+`aten::_fused_adamw_`, and so on.
+
+    python benchmarks/profile_step.py                      # training step (fp32)
+    python benchmarks/profile_step.py --mode decode        # one decode token (KV cache) at batch 1
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import make_training_steps  # noqa: E402
+from common import CLUSTERMOE, DEFAULT_SHAPE, DENSE, build_configs, build_model  # noqa: E402
+
+
+def profiled_ms(fn, steps: int) -> tuple[dict[str, float], int]:
+    """Self-CPU milliseconds per op averaged over `steps` calls, and the number of aten ops one call runs."""
+    totals, calls = {}, 0
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        for event in prof.key_averages():
+            totals[event.key] = totals.get(event.key, 0.0) + event.self_cpu_time_total / 1e3 / steps
+            calls += event.count if event.key.startswith("aten::") else 0
+    return totals, calls // steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("train", "decode"), default="train")
+    parser.add_argument("--peer", default="Qwen3-MoE", help="MoE peer to compare with")
+    parser.add_argument("--peer-implementation", default="grouped_mm")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=18)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    shape = DEFAULT_SHAPE
+    configs = build_configs(shape)
+    batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq))
+    columns, calls = {}, {}
+    for name, implementation in ((CLUSTERMOE, None), (args.peer, args.peer_implementation), (DENSE, None)):
+        model = build_model(name, configs[name], experts_implementation=implementation)
+        label = f"{name} [{model.config._experts_implementation}]" if name != DENSE else name
+        if args.mode == "train":
+            (fn,), _ = make_training_steps(model, batch)
+        else:
+            model.eval()
+            with torch.no_grad():
+                cache = model(input_ids=batch[:1, : shape.decode_prompt], use_cache=True).cache
+            token = batch[:1, :1]
+
+            def fn(model=model, cache=cache, token=token):
+                with torch.no_grad():
+                    model(input_ids=token, cache=cache, use_cache=True)
+
+        for _ in range(2):
+            fn()
+        columns[label], calls[label] = profiled_ms(fn, args.steps)
+    labels = list(columns)
+    ops = sorted({op for totals in columns.values() for op in totals}, key=lambda op: -columns[labels[0]].get(op, 0))
+    unit = "ms per training step" if args.mode == "train" else "ms per decode token (batch 1, KV cache)"
+    print(f"Self-CPU {unit}, torch profiler, mean of {args.steps}, 1 thread.\n")
+    print("| op | " + " | ".join(labels) + " |")
+    print("|---|" + "---:|" * len(labels))
+    for op in ops[: args.rows]:
+        print(f"| `{op[:60]}` | " + " | ".join(f"{columns[label].get(op, 0.0):.2f}" for label in labels) + " |")
+    rest = [sum(v for op, v in columns[label].items() if op not in ops[: args.rows]) for label in labels]
+    print("| (all other ops) | " + " | ".join(f"{value:.2f}" for value in rest) + " |")
+    print("| **total** | " + " | ".join(f"**{sum(columns[label].values()):.2f}**" for label in labels) + " |")
+    print("| ops called | " + " | ".join(str(calls[label]) for label in labels) + " |")
+
+
+if __name__ == "__main__":
+    main()
