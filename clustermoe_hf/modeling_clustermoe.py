@@ -42,8 +42,10 @@ from .configuration_clustermoe import ClusterMoEConfig
 
 
 # `router_implementation="auto"` scores experts only inside the chosen clusters from this many experts on; below it
-# one dense matmul over all experts is cheaper than grouping tokens by cluster (see benchmarks/router_scaling.py).
-HIERARCHICAL_ROUTER_MIN_EXPERTS = 64
+# one dense matmul over all experts is cheaper than grouping tokens by cluster. Measured by
+# benchmarks/router_scaling.py (docs/benchmarks.md): on CPU the hierarchical router takes 1.3x the flat one's time
+# at 64 experts, ~0.65x at 256 and ~0.15x at 4096.
+HIERARCHICAL_ROUTER_MIN_EXPERTS = 256
 
 
 def _uses_hierarchical_router(config: ClusterMoEConfig) -> bool:
@@ -112,76 +114,61 @@ class ClusterMoEExperts(nn.Module):
 def _grouped_matmul(inputs, weights, group_sizes: list[int], transpose: bool, out: torch.Tensor) -> torch.Tensor:
     """`out[rows of group g] = inputs[rows of group g] @ weights[g]` (`weights[g].T` if `transpose`) for consecutive
     groups of rows, one torch.mm each, written in place; empty groups cost nothing."""
-    start = 0
-    for group, size in enumerate(group_sizes):
-        if size:
-            weight = weights[group].t() if transpose else weights[group]
-            torch.mm(inputs[start : start + size], weight, out=out[start : start + size])
-            start += size
+    weights = weights.transpose(1, 2) if transpose else weights
+    for rows, weight, rows_out in zip(inputs.split(group_sizes), weights.unbind(0), out.split(group_sizes)):
+        if rows.shape[0]:
+            torch.mm(rows, weight, out=rows_out)
     return out
 
 
 def _grouped_weight_grad(inputs, grad_outputs, group_sizes: list[int], transpose: bool, grad_weights) -> torch.Tensor:
     """Gradient of `_grouped_matmul`'s weights, written in place: `grad_outputs[g].T @ inputs[g]` for transposed
     weights, else `inputs[g].T @ grad_outputs[g]`; zero for the groups that received no rows."""
-    start = 0
-    for group, size in enumerate(group_sizes):
-        if size:
-            rows_in, rows_grad = inputs[start : start + size], grad_outputs[start : start + size]
-            if transpose:
-                torch.mm(rows_grad.t(), rows_in, out=grad_weights[group])
-            else:
-                torch.mm(rows_in.t(), rows_grad, out=grad_weights[group])
-            start += size
+    groups = zip(inputs.split(group_sizes), grad_outputs.split(group_sizes), grad_weights.unbind(0))
+    for rows_in, rows_grad, grad_weight in groups:
+        if not rows_in.shape[0]:
+            grad_weight.zero_()
+        elif transpose:
+            torch.mm(rows_grad.t(), rows_in, out=grad_weight)
         else:
-            grad_weights[group].zero_()
+            torch.mm(rows_in.t(), rows_grad, out=grad_weight)
     return grad_weights
 
 
-class _SortedExpertsMLP(torch.autograd.Function):
-    """Gated expert MLPs over rows sorted by expert, as one autograd node. It keeps only the inputs and the gate/up
-    activations for the backward (the gated activations are recomputed), about half of what the op-by-op graph
-    keeps, and writes every weight gradient in place."""
+class _SortedGroupedLinear(torch.autograd.Function):
+    """`_grouped_matmul` with its backward: one torch.mm per group for the input gradient and one for each weight
+    gradient, written in place (the group sizes are already on the host, so the backward needs no sync)."""
 
     @staticmethod
-    def forward(ctx, inputs, gate_up_proj, down_proj, group_sizes, apply_gate, is_transposed):
-        # inputs (S, H) sorted by expert; gate_up_proj (N, 2I, H) and down_proj (N, H, I), or (N, H, 2I) and
-        # (N, I, H) when `is_transposed`.
-        transpose = not is_transposed
-        num_rows = inputs.shape[0]
-        gate_up_dim = gate_up_proj.shape[1] if transpose else gate_up_proj.shape[2]
-        out_dim = down_proj.shape[1] if transpose else down_proj.shape[2]
-        gate_up = _grouped_matmul(inputs, gate_up_proj, group_sizes, transpose, inputs.new_empty(num_rows, gate_up_dim))
-        hidden = apply_gate(gate_up)  # (S, I)
-        out = _grouped_matmul(hidden, down_proj, group_sizes, transpose, inputs.new_empty(num_rows, out_dim))
-        ctx.save_for_backward(inputs, gate_up_proj, down_proj, gate_up)
-        ctx.group_sizes, ctx.apply_gate, ctx.transpose = group_sizes, apply_gate, transpose
+    def forward(ctx, inputs, weights, group_sizes, transpose):
+        # inputs (S, K) sorted by group; weights (N, M, K) if `transpose` else (N, K, M) -> (S, M)
+        out_dim = weights.shape[1] if transpose else weights.shape[2]
+        out = _grouped_matmul(inputs, weights, group_sizes, transpose, inputs.new_empty(inputs.shape[0], out_dim))
+        ctx.save_for_backward(inputs, weights)
+        ctx.group_sizes, ctx.transpose = group_sizes, transpose
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        inputs, gate_up_proj, down_proj, gate_up = ctx.saved_tensors
+        inputs, weights = ctx.saved_tensors
         group_sizes, transpose = ctx.group_sizes, ctx.transpose
-        with torch.enable_grad():
-            gate_up = gate_up.detach().requires_grad_()
-            hidden = ctx.apply_gate(gate_up)
-        grad_hidden = _grouped_matmul(grad_out, down_proj, group_sizes, not transpose, torch.empty_like(hidden))
-        grad_down = _grouped_weight_grad(hidden.detach(), grad_out, group_sizes, transpose, torch.empty_like(down_proj))
-        (grad_gate_up,) = torch.autograd.grad(hidden, gate_up, grad_hidden)
-        grad_inputs = _grouped_matmul(grad_gate_up, gate_up_proj, group_sizes, not transpose, torch.empty_like(inputs))
-        grad_gate_up_proj = _grouped_weight_grad(
-            inputs, grad_gate_up, group_sizes, transpose, torch.empty_like(gate_up_proj)
-        )
-        return grad_inputs, grad_gate_up_proj, grad_down, None, None, None
+        grad_inputs = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_inputs = _grouped_matmul(grad_out, weights, group_sizes, not transpose, torch.empty_like(inputs))
+        if ctx.needs_input_grad[1]:
+            grad_weights = _grouped_weight_grad(inputs, grad_out, group_sizes, transpose, torch.empty_like(weights))
+        return grad_inputs, grad_weights, None, None
 
 
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """`experts_implementation="sorted_mm"`: sort the (token, expert) pairs by expert once and run one torch.mm per
-    expert that received pairs. On CPU a loop of plain GEMMs is as fast as `grouped_mm` and the fused node keeps
-    less for the backward (see docs/benchmarks.md). The group sizes cost one host sync per call, which the
-    per-expert GEMMs need. Under torch.compile it defers to `grouped_mm`, which traces without that sync."""
+    expert that received pairs, forward and backward; per token, outputs are summed in the eager reference's order.
+    The group sizes cost one host sync per call, which the per-expert GEMMs need. Under torch.compile it defers to
+    `grouped_mm`, which traces without that sync. On the CPU of docs/benchmarks.md it ties with `grouped_mm` (whose
+    CPU kernel is the same GEMM loop), so transformers' default is kept; select it with
+    `experts_implementation="sorted_mm"` where a plain GEMM loop is faster."""
     if is_torchdynamo_compiling():
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     if not self.has_gate or self.has_bias or self.has_post_expert_norm or self._is_expert_parallel:
@@ -195,9 +182,9 @@ def sorted_mm_experts_forward(
     group_sizes = torch.bincount(sorted_experts, minlength=self.num_experts).tolist()
     pair_tokens = order // top_k_index.shape[-1]  # (S,) token of each sorted pair
     inputs = hidden_states[pair_tokens].to(self.gate_up_proj.dtype)
-    outputs = _SortedExpertsMLP.apply(
-        inputs, self.gate_up_proj, self.down_proj, group_sizes, self._apply_gate, self.is_transposed
-    )  # (S, H)
+    transpose = not self.is_transposed
+    gate_up = _SortedGroupedLinear.apply(inputs, self.gate_up_proj, group_sizes, transpose)  # (S, 2I)
+    outputs = _SortedGroupedLinear.apply(self._apply_gate(gate_up), self.down_proj, group_sizes, transpose)  # (S, H)
     outputs = outputs * top_k_weights.reshape(-1)[order, None].to(outputs.dtype)
     return hidden_states.new_zeros(num_tokens, hidden_dim).index_add_(0, pair_tokens, outputs.to(hidden_states.dtype))
 
@@ -302,6 +289,10 @@ class ClusterMoERouter(nn.Module):
         return cluster_logits, cluster_index, expert_logits, expert_candidates
 
 
+def _zero_non_finite_grad(parameter: nn.Parameter):
+    parameter.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 class ClusterMoESparseMoeBlock(nn.Module):
     """Hierarchical MoE block: route, (optionally) enforce capacity, run the fused experts, combine.
 
@@ -351,10 +342,11 @@ class ClusterMoESparseMoeBlock(nn.Module):
         """A broken (e.g. NaN) expert gets non-finite weight gradients even when its outputs are masked (0 * NaN);
         zero them so it cannot poison the whole update, e.g. through gradient clipping's global norm. Registered
         lazily because loading or pruning replaces the Parameter objects. All parameters of `self.experts`, so that
-        adapters wrapping it (peft's LoRA `target_parameters`) are covered too."""
+        adapters wrapping it (peft's LoRA `target_parameters`) are covered too. In place on the accumulated `.grad`:
+        a copy of every expert gradient in each backward cost ~6% of a CPU training step (docs/benchmarks.md)."""
         for weight in self.experts.parameters():
             if weight.requires_grad and not getattr(weight, "_clustermoe_finite_grad", False):
-                weight.register_hook(lambda grad: torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0))
+                weight.register_post_accumulate_grad_hook(_zero_non_finite_grad)
                 weight._clustermoe_finite_grad = True
 
     def _limit_capacity(self, candidates: torch.Tensor, token_mask: torch.Tensor | None):
@@ -587,13 +579,6 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         "hidden_states": ClusterMoEDecoderLayer,
         "attentions": ClusterMoEAttention,
     }
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Without an accelerator the default is `sorted_mm`, the fastest and leanest backend on CPU
-        (docs/benchmarks.md); elsewhere transformers' default (`grouped_mm`)."""
-        if requested_experts is None and not torch.accelerator.is_available():
-            requested_experts = "sorted_mm"
-        return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module):
         super()._init_weights(module)
