@@ -465,6 +465,10 @@ if trainer.is_world_process_zero():
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     result = {"history": history, "world_size": args.world_size, "state": model.state_dict()}
     torch.save(result, f"{output_dir}/result.pt")
+if torch.distributed.is_initialized():
+    # Tear gloo down before exit: its threads left running at interpreter shutdown abort the process.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
