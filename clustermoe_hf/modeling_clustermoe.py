@@ -379,15 +379,16 @@ class ClusterMoESparseMoeBlock(nn.Module):
         chosen = torch.where(accepted, alternative, primary)
         return chosen, kept | accepted, accepted.sum()
 
-    def _balance_losses(self, cluster_logits, cluster_index, expert_logits, expert_index, token_mask):
-        """Switch-style balancing at both levels plus the router z-loss, with padding tokens excluded."""
+    def _balance_losses(
+        self, cluster_logits, cluster_probs, cluster_index, expert_logits, expert_probs, expert_index, token_mask
+    ):
+        """Switch-style balancing at both levels plus the router z-loss, with padding tokens excluded.
+        cluster_probs (tokens, C) and expert_probs (tokens, kc, E) are the routing softmaxes of the logits."""
         num_tokens, top_k_clusters = cluster_index.shape
         mask = cluster_logits.new_ones(num_tokens) if token_mask is None else token_mask.to(cluster_logits.dtype)
         mask = mask.float()
         num_valid = mask.sum().clamp_min(1.0)
-        temperature = self.config.routing_temperature
         # Cluster level: fraction of (token, cluster) choices per cluster x mean cluster probability.
-        cluster_probs = F.softmax(cluster_logits.float() / temperature, dim=-1)  # (tokens, C)
         cluster_choices = torch.zeros_like(cluster_probs).scatter_add_(
             1, cluster_index, mask[:, None].expand(-1, top_k_clusters).contiguous()
         )
@@ -395,7 +396,6 @@ class ClusterMoESparseMoeBlock(nn.Module):
         cluster_prob = (cluster_probs * mask[:, None]).sum(0) / num_valid
         cluster_balance = self.num_clusters * (cluster_fraction * cluster_prob).sum()
         # Expert level, inside each cluster, weighted by the cluster's share of (token, cluster) pairs.
-        expert_probs = F.softmax(expert_logits.float() / temperature, dim=-1)  # (tokens, kc, E)
         local_index = expert_index - cluster_index.unsqueeze(-1) * self.experts_per_cluster  # (tokens, kc, ke)
         pair_mask = mask[:, None].expand(-1, top_k_clusters)
         expert_choices = torch.zeros_like(expert_probs).scatter_add_(
@@ -455,10 +455,12 @@ class ClusterMoESparseMoeBlock(nn.Module):
 
         # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
         temperature = self.config.routing_temperature
-        cluster_probs = F.softmax(cluster_logits.float() / temperature, dim=-1).gather(1, cluster_index)
+        cluster_probs = F.softmax(cluster_logits.float() / temperature, dim=-1)  # (tokens, C)
+        expert_probs = F.softmax(expert_logits.float() / temperature, dim=-1)  # (tokens, kc, E)
         local_index = expert_index - cluster_index.unsqueeze(-1) * self.experts_per_cluster
-        expert_probs = F.softmax(expert_logits.float() / temperature, dim=-1).gather(-1, local_index)
-        weights = (cluster_probs.unsqueeze(-1) * expert_probs).view(num_tokens, -1)  # (tokens, k)
+        chosen_cluster_probs = cluster_probs.gather(1, cluster_index)
+        chosen_expert_probs = expert_probs.gather(-1, local_index)
+        weights = (chosen_cluster_probs.unsqueeze(-1) * chosen_expert_probs).view(num_tokens, -1)  # (tokens, k)
         top_k_index = expert_index.view(num_tokens, -1)  # (tokens, k)
         top_k = top_k_index.shape[1]
         served_flat = (
@@ -494,7 +496,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
             output = output + self.shared_expert(hidden_flat)
 
         cluster_balance, expert_balance, router_z = self._balance_losses(
-            cluster_logits, cluster_index, expert_logits, expert_index, token_mask
+            cluster_logits, cluster_probs, cluster_index, expert_logits, expert_probs, expert_index, token_mask
         )
         expert_counts = torch.zeros(self.num_experts, dtype=torch.long, device=hidden_states.device)
         expert_counts.index_add_(0, pair_ids, valid_pairs.reshape(-1).long())
