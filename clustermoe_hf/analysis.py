@@ -95,7 +95,7 @@ def specialization_statistics(
 
     def record_choices(row):
         def hook(module, args, output):
-            cluster_index = output[1]  # (tokens, top_k_clusters)
+            cluster_index = output.cluster_index  # (tokens, top_k_clusters)
             cluster_choices[row].append(cluster_index if token_mask is None else cluster_index[token_mask])
 
         return hook

@@ -14,7 +14,7 @@ import math
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -202,17 +202,32 @@ def _position_in_group(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor
     return torch.empty_like(position_sorted).scatter_(0, perm, position_sorted)
 
 
+class ClusterMoERouting(NamedTuple):
+    """What `ClusterMoERouter` decides for a batch of tokens (kc = top_k_clusters, E = experts_per_cluster).
+
+    cluster_logits      (tokens, C)       raw cluster-router logits (recorded as `router_logits`)
+    cluster_log_probs   (tokens, C)       log P(cluster) at the routing temperature
+    cluster_index       (tokens, kc)      chosen clusters
+    expert_logits       (tokens, kc, E)   raw expert logits inside each chosen cluster
+    expert_log_probs    (tokens, kc, E)   log P(expert | cluster) at the routing temperature
+    expert_candidates   (tokens, kc, E')  local expert ids, best first by selection score (E' = top_k_experts, or
+                                          all E when capacity limits may need the next-best experts)
+    """
+
+    cluster_logits: torch.Tensor
+    cluster_log_probs: torch.Tensor
+    cluster_index: torch.Tensor
+    expert_logits: torch.Tensor
+    expert_log_probs: torch.Tensor
+    expert_candidates: torch.Tensor
+
+
 class ClusterMoERouter(nn.Module):
     """Two-level router: `top_k_clusters` clusters per token, then experts scored inside those clusters only.
 
-    Returns `(cluster_logits, cluster_index, expert_logits, expert_candidates)`:
-        cluster_logits    (tokens, C)      raw cluster-router logits (recorded as `router_logits`)
-        cluster_index     (tokens, kc)     chosen clusters
-        expert_logits     (tokens, kc, E)  raw expert logits inside each chosen cluster
-        expert_candidates (tokens, kc, E') local expert ids, best first by selection score (E' = top_k_experts,
-                                           or all E when capacity limits may need the next-best experts)
     Selection scores add, to the log-probabilities, the adaptive balancing biases, the log-reliability of the
-    experts/clusters, and training-time jitter; the combine weights use the plain probabilities.
+    experts/clusters (experts below `reliability_threshold` excluded), and training-time jitter; the combine weights
+    use the plain probabilities. Returns a `ClusterMoERouting`.
     """
 
     def __init__(self, config: ClusterMoEConfig):
@@ -236,6 +251,23 @@ class ClusterMoERouter(nn.Module):
         scores = self.expert_reliability.view(self.num_clusters, -1)
         return (weights * scores).sum(-1) / weights.sum(-1)
 
+    def selection_bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The terms selection adds to the log-probabilities, per cluster (C,) and per expert (N,), or None: the
+        adaptive balancing biases and the log-reliability, with experts below the reliability threshold excluded."""
+        config = self.config
+        cluster_term = expert_term = None
+        if config.use_adaptive_routing:
+            cluster_term, expert_term = self.cluster_bias, self.expert_bias
+        if config.use_reliability_routing:
+            cluster_log_reliability = self.cluster_reliability().clamp_min(1e-6).log()
+            excluded = self.expert_reliability < config.reliability_threshold
+            expert_log_reliability = self.expert_reliability.clamp_min(1e-6).log().masked_fill(excluded, -1e4)
+            if cluster_term is None:
+                cluster_term, expert_term = cluster_log_reliability, expert_log_reliability
+            else:
+                cluster_term, expert_term = cluster_term + cluster_log_reliability, expert_term + expert_log_reliability
+        return cluster_term, expert_term
+
     def _expert_logits(self, hidden_states: torch.Tensor, cluster_index: torch.Tensor) -> torch.Tensor:
         """Expert logits inside the chosen clusters, (tokens, kc, E)."""
         num_tokens, top_k_clusters = cluster_index.shape
@@ -258,35 +290,36 @@ class ClusterMoERouter(nn.Module):
         logits = torch.empty_like(sorted_logits).index_copy_(0, perm, sorted_logits)
         return logits.view(num_tokens, top_k_clusters, self.experts_per_cluster)
 
-    def forward(self, hidden_states: torch.Tensor):
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.config.routing_temperature != 1.0:
+            logits = logits / self.config.routing_temperature
+        return F.log_softmax(logits, dim=-1)
+
+    def forward(self, hidden_states: torch.Tensor) -> ClusterMoERouting:
         config = self.config
         noise = config.router_jitter_noise if self.training else 0.0
+        cluster_term, expert_term = self.selection_bias()
+
         cluster_logits = F.linear(hidden_states, self.cluster_weight)  # (tokens, C)
-        cluster_scores = F.log_softmax(cluster_logits.float() / config.routing_temperature, dim=-1)
-        if config.use_adaptive_routing:
-            cluster_scores = cluster_scores + self.cluster_bias
-        if config.use_reliability_routing:
-            cluster_scores = cluster_scores + self.cluster_reliability().clamp_min(1e-6).log()
+        cluster_log_probs = self._log_probs(cluster_logits)
+        cluster_scores = cluster_log_probs if cluster_term is None else cluster_log_probs + cluster_term
         if noise > 0:
             cluster_scores = cluster_scores + torch.randn_like(cluster_scores) * noise
         cluster_index = torch.topk(cluster_scores, config.top_k_clusters, dim=-1).indices  # (tokens, kc)
 
         expert_logits = self._expert_logits(hidden_states, cluster_index)  # (tokens, kc, E)
-        expert_scores = F.log_softmax(expert_logits.float() / config.routing_temperature, dim=-1)
-        global_ids = cluster_index.unsqueeze(-1) * self.experts_per_cluster + torch.arange(
-            self.experts_per_cluster, device=cluster_index.device
-        )
-        if config.use_adaptive_routing:
-            expert_scores = expert_scores + self.expert_bias[global_ids]
-        if config.use_reliability_routing:
-            reliability = self.expert_reliability[global_ids]
-            expert_scores = expert_scores + reliability.clamp_min(1e-6).log()
-            expert_scores = expert_scores.masked_fill(reliability < config.reliability_threshold, -1e4)
+        expert_log_probs = self._log_probs(expert_logits)
+        expert_scores = expert_log_probs
+        if expert_term is not None:
+            expert_scores = expert_scores + expert_term.view(self.num_clusters, -1)[cluster_index]
         if noise > 0:
             expert_scores = expert_scores + torch.randn_like(expert_scores) * noise
         num_candidates = config.top_k_experts if config.expert_capacity_factor is None else self.experts_per_cluster
         expert_candidates = torch.topk(expert_scores, num_candidates, dim=-1).indices  # (tokens, kc, E')
-        return cluster_logits, cluster_index, expert_logits, expert_candidates
+        return ClusterMoERouting(
+            cluster_logits, cluster_log_probs, cluster_index, expert_logits, expert_log_probs, expert_candidates
+        )
 
 
 def _zero_non_finite_grad(parameter: nn.Parameter):
@@ -379,14 +412,14 @@ class ClusterMoESparseMoeBlock(nn.Module):
         chosen = torch.where(accepted, alternative, primary)
         return chosen, kept | accepted, accepted.sum()
 
-    def _balance_losses(
-        self, cluster_logits, cluster_probs, cluster_index, expert_logits, expert_probs, expert_index, token_mask
-    ):
+    def _balance_losses(self, routing: ClusterMoERouting, expert_index: torch.Tensor, token_mask: torch.Tensor | None):
         """Switch-style balancing at both levels plus the router z-loss, with padding tokens excluded.
-        cluster_probs (tokens, C) and expert_probs (tokens, kc, E) are the routing softmaxes of the logits."""
+        expert_index (tokens, kc, ke) holds the global ids of the experts that were selected."""
+        cluster_logits, expert_logits = routing.cluster_logits, routing.expert_logits
+        cluster_index = routing.cluster_index
+        cluster_probs, expert_probs = routing.cluster_log_probs.exp(), routing.expert_log_probs.exp()
         num_tokens, top_k_clusters = cluster_index.shape
-        mask = cluster_logits.new_ones(num_tokens) if token_mask is None else token_mask.to(cluster_logits.dtype)
-        mask = mask.float()
+        mask = cluster_probs.new_ones(num_tokens) if token_mask is None else token_mask.float()
         num_valid = mask.sum().clamp_min(1.0)
         # Cluster level: fraction of (token, cluster) choices per cluster x mean cluster probability.
         cluster_choices = torch.zeros_like(cluster_probs).scatter_add_(
@@ -418,69 +451,74 @@ class ClusterMoESparseMoeBlock(nn.Module):
         router_z = ((z_cluster + z_expert) * mask).sum() / num_valid
         return cluster_balance, expert_balance, router_z
 
-    def _expert_health(self, expert_out: torch.Tensor, expert_ids: torch.Tensor, served: torch.Tensor):
+    def _expert_health(self, expert_out: torch.Tensor, expert_ids: torch.Tensor, valid: torch.Tensor | None):
         """Which experts misbehaved in this forward: any non-finite output, or a mean output norm more than
         `reliability_max_norm_ratio` times the geometric-mean norm of the *other* healthy experts of its cluster
-        (leaving itself out, an outsized expert cannot raise its own bar). Returns (faulty, observed), (N,)."""
+        (leaving itself out, an outsized expert cannot raise its own bar). Pairs where `valid` (pairs,) is False are
+        not judged. Returns (faulty, observed), (N,)."""
         norms = expert_out.float().norm(dim=-1)  # (pairs,)
-        finite = torch.isfinite(norms)
-        served = served.float()
-        log_norms = torch.where(finite, norms.clamp_min(1e-12).log(), torch.zeros_like(norms)) * served
-        zeros = torch.zeros(self.num_experts, device=expert_out.device)
-        pair_count = zeros.index_add(0, expert_ids, served)
-        nonfinite = zeros.index_add(0, expert_ids, (~finite).float() * served)
-        log_norm_sum = zeros.index_add(0, expert_ids, log_norms)
+        nonfinite = ~torch.isfinite(norms)
+        log_norms = norms.clamp_min(1e-12).log().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        per_pair = torch.stack([torch.ones_like(norms), nonfinite.float(), log_norms], dim=-1)  # (pairs, 3)
+        if valid is not None:
+            per_pair = per_pair * valid.unsqueeze(-1)
+        per_expert = per_pair.new_zeros(self.num_experts, 3).index_add_(0, expert_ids, per_pair)
+        pair_count, nonfinite_count, log_norm_sum = per_expert.unbind(-1)  # (N,) each
         observed = pair_count > 0
-        mean_log_norm = log_norm_sum / pair_count.clamp_min(1.0)
-        healthy = (observed & (nonfinite == 0)).float().view(self.num_clusters, -1)  # (C, E)
-        healthy_log_norm = mean_log_norm.view(self.num_clusters, -1) * healthy
+        mean_log_norm = (log_norm_sum / pair_count.clamp_min(1.0)).view(self.num_clusters, -1)  # (C, E)
+        healthy = (observed & (nonfinite_count == 0)).float().view(self.num_clusters, -1)  # (C, E)
+        healthy_log_norm = mean_log_norm * healthy
         others_count = healthy.sum(-1, keepdim=True) - healthy
         others_reference = (healthy_log_norm.sum(-1, keepdim=True) - healthy_log_norm) / others_count.clamp_min(1.0)
         max_log_ratio = math.log(self.config.reliability_max_norm_ratio)
-        outsized = (others_count > 0) & (mean_log_norm.view(self.num_clusters, -1) - others_reference > max_log_ratio)
-        faulty = observed & ((nonfinite > 0) | outsized.view(-1))
+        outsized = (others_count > 0) & (mean_log_norm - others_reference > max_log_ratio)
+        faulty = observed & ((nonfinite_count > 0) | outsized.view(-1))
         return faulty, observed
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        output_routing_stats: bool = True,
+    ):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         hidden_flat = hidden_states.reshape(-1, hidden_dim)  # (tokens, H)
         num_tokens = hidden_flat.shape[0]
-        cluster_logits, cluster_index, expert_logits, candidates = self.router(hidden_flat)
+        routing = self.router(hidden_flat)
+        cluster_index = routing.cluster_index  # (tokens, kc)
 
-        global_candidates = cluster_index.unsqueeze(-1) * self.experts_per_cluster + candidates
+        global_candidates = cluster_index.unsqueeze(-1) * self.experts_per_cluster + routing.expert_candidates
         if self.config.expert_capacity_factor is None:
-            expert_index, served, rerouted = global_candidates, None, global_candidates.new_zeros(())
+            expert_index, served, rerouted = global_candidates, None, None
         else:
             expert_index, served, rerouted = self._limit_capacity(global_candidates, token_mask)
-
-        # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
-        temperature = self.config.routing_temperature
-        cluster_probs = F.softmax(cluster_logits.float() / temperature, dim=-1)  # (tokens, C)
-        expert_probs = F.softmax(expert_logits.float() / temperature, dim=-1)  # (tokens, kc, E)
-        local_index = expert_index - cluster_index.unsqueeze(-1) * self.experts_per_cluster
-        chosen_cluster_probs = cluster_probs.gather(1, cluster_index)
-        chosen_expert_probs = expert_probs.gather(-1, local_index)
-        weights = (chosen_cluster_probs.unsqueeze(-1) * chosen_expert_probs).view(num_tokens, -1)  # (tokens, k)
         top_k_index = expert_index.view(num_tokens, -1)  # (tokens, k)
         top_k = top_k_index.shape[1]
-        served_flat = (
-            torch.ones_like(top_k_index, dtype=torch.bool) if served is None else served.view(num_tokens, -1)
-        )
+
+        # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
+        local_index = expert_index - cluster_index.unsqueeze(-1) * self.experts_per_cluster  # (tokens, kc, ke)
+        chosen_log_probs = routing.cluster_log_probs.gather(1, cluster_index).unsqueeze(-1)
+        chosen_log_probs = chosen_log_probs + routing.expert_log_probs.gather(-1, local_index)
+        weights = chosen_log_probs.view(num_tokens, top_k).exp()  # (tokens, k)
 
         # One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be
         # checked before it is combined. Works with every experts backend (eager, grouped_mm, batched_mm, ...).
         pair_inputs = hidden_flat.repeat_interleave(top_k, dim=0)  # (tokens*k, H)
-        pair_ids = top_k_index.reshape(-1)
+        pair_ids = top_k_index.reshape(-1)  # (tokens*k,)
         pair_outputs = self.experts(pair_inputs, pair_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
 
         # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the health
         # reference of their cluster and mask experts for the real tokens of the batch.
-        valid_pairs = served_flat if token_mask is None else served_flat & token_mask.view(-1, 1)
+        valid_pairs = served.view(num_tokens, top_k) if served is not None else None  # (tokens, k)
+        if token_mask is not None:
+            padding_pairs = token_mask.view(-1, 1).expand(-1, top_k)
+            valid_pairs = padding_pairs if valid_pairs is None else valid_pairs & padding_pairs
+        valid_pairs = None if valid_pairs is None else valid_pairs.reshape(-1)  # (tokens*k,)
         faulty = observed = None
         if self.config.use_reliability_routing:
             if torch.is_grad_enabled():
                 self._guard_expert_gradients()
-            faulty, observed = self._expert_health(pair_outputs, pair_ids, valid_pairs.reshape(-1))
+            faulty, observed = self._expert_health(pair_outputs, pair_ids, valid_pairs)
             pair_faulty = faulty[pair_ids]
             pair_outputs = pair_outputs.masked_fill(pair_faulty[:, None], 0.0)
             if pair_inputs.requires_grad:
@@ -488,30 +526,36 @@ class ClusterMoESparseMoeBlock(nn.Module):
             weights = weights.masked_fill(pair_faulty.view(num_tokens, top_k), 0.0)
         if self.config.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
-        weights = weights * served_flat  # dropped pairs contribute nothing; the token keeps its residual path
+        if served is not None:  # dropped pairs contribute nothing; the token keeps its residual path
+            weights = weights * served.view(num_tokens, top_k)
 
-        combined = (pair_outputs.view(num_tokens, top_k, hidden_dim) * weights.unsqueeze(-1).to(pair_outputs.dtype))
-        output = combined.sum(1)
+        # (tokens, 1, k) @ (tokens, k, H) -> (tokens, H)
+        output = torch.bmm(weights.to(pair_outputs.dtype).unsqueeze(1), pair_outputs.view(num_tokens, top_k, -1))
+        output = output.view(batch_size, sequence_length, hidden_dim)
         if self.shared_expert is not None:
-            output = output + self.shared_expert(hidden_flat)
+            output = output + self.shared_expert(hidden_states)
+        if not output_routing_stats:
+            return output, None
 
-        cluster_balance, expert_balance, router_z = self._balance_losses(
-            cluster_logits, cluster_probs, cluster_index, expert_logits, expert_probs, expert_index, token_mask
-        )
+        cluster_balance, expert_balance, router_z = self._balance_losses(routing, expert_index, token_mask)
         expert_counts = torch.zeros(self.num_experts, dtype=torch.long, device=hidden_states.device)
-        expert_counts.index_add_(0, pair_ids, valid_pairs.reshape(-1).long())
+        expert_counts.index_add_(0, pair_ids, torch.ones_like(pair_ids) if valid_pairs is None else valid_pairs.long())
+        dropped = pair_ids.new_zeros(())
+        if served is not None:
+            unserved = ~served.view(num_tokens, top_k)
+            dropped = (unserved if token_mask is None else unserved & token_mask.view(-1, 1)).sum()
         routing_stats = {
             "cluster_balance_loss": cluster_balance,
             "expert_balance_loss": expert_balance,
             "router_z_loss": router_z,
             "expert_counts": expert_counts,
-            "dropped_pairs": (~served_flat if token_mask is None else ~served_flat & token_mask.view(-1, 1)).sum(),
-            "rerouted_pairs": rerouted,
+            "dropped_pairs": dropped,
+            "rerouted_pairs": pair_ids.new_zeros(()) if rerouted is None else rerouted,
         }
         if faulty is not None:
             routing_stats["expert_faulty"] = faulty
             routing_stats["expert_observed"] = observed
-        return output.view(batch_size, sequence_length, hidden_dim), routing_stats
+        return output, routing_stats
 
 
 class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
@@ -536,6 +580,7 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         token_mask: torch.Tensor | None = None,
+        output_routing_stats: bool = True,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
@@ -553,7 +598,7 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         if self.is_moe:
-            hidden_states, _ = self.mlp(hidden_states, token_mask)
+            hidden_states, _ = self.mlp(hidden_states, token_mask, output_routing_stats)
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
@@ -963,6 +1008,8 @@ def _record_training_statistics(model: ClusterMoEModel, args, output):
     if not (model.training and torch.is_grad_enabled()):
         return
     stats = output["routing_stats"] if isinstance(output, dict) else output[-1]
+    if stats is None:  # the caller asked for no routing statistics
+        return
     state = model.routing_state
     device = state.pending_counts.device  # layers may live on other devices under a device map
     with torch.no_grad():
@@ -990,8 +1037,10 @@ _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 @dataclass
 class ClusterMoECausalLMOutputWithPast(ModelOutput):
-    """Causal-LM output of ClusterMoE. The router losses are always computed (the original ClusterMoE API reads
-    `out["aux_loss"]`), so they come after `logits`: without labels `out[0]` is still the logits.
+    """Causal-LM output of ClusterMoE. The router losses come after `logits` so that without labels `out[0]` is
+    still the logits. They, `model_reliability` and the capacity counts are returned whenever gradients are enabled,
+    labels are given or `output_router_logits` is set (so the original ClusterMoE API's `out["aux_loss"]` works for
+    training forwards); pure inference (`no_grad` without labels, as in `generate`) skips them and leaves them `None`.
 
     aux_loss: weighted sum of the router losses below, already included in `loss` when labels are given.
     cluster_balance_loss, expert_balance_loss, router_z_loss: the unweighted parts, averaged over MoE layers.
@@ -1047,6 +1096,9 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        # Pure inference (no gradients, no labels, no router logits asked for, e.g. `generate`) skips the router
+        # losses and routing counts: they would only cost time.
+        output_routing_stats = torch.is_grad_enabled() or labels is not None or output_router_logits
         outputs: ClusterMoEModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1055,6 +1107,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            output_routing_stats=output_routing_stats,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -1092,7 +1145,9 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             cluster_balance_loss=None if parts is None else parts[0],
             expert_balance_loss=None if parts is None else parts[1],
             router_z_loss=None if parts is None else parts[2],
-            model_reliability=self.model_reliability() if self.config.use_reliability_routing else None,
+            model_reliability=(
+                self.model_reliability() if self.config.use_reliability_routing and output_routing_stats else None
+            ),
             rerouted_pairs=capacity_counts.get("rerouted_pairs"),
             dropped_pairs=capacity_counts.get("dropped_pairs"),
         )

@@ -63,8 +63,9 @@ def test_biases_choose_experts_but_do_not_change_combine_weights():
     flat = hidden.view(10, 32)
     output, _ = block(hidden)
 
-    cluster_logits, cluster_index, expert_logits, candidates = router(flat)
-    assert torch.all(cluster_index == 1) and torch.all(candidates.sort(-1).values == torch.tensor([1, 2]))
+    routing = router(flat)
+    assert torch.all(routing.cluster_index == 1)
+    assert torch.all(routing.expert_candidates.sort(-1).values == torch.tensor([1, 2]))
     expected = torch.zeros_like(flat)
     with torch.no_grad():
         cluster_prob = F.softmax(flat @ router.cluster_weight.T, -1)[:, 1]  # the raw probabilities

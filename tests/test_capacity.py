@@ -62,7 +62,8 @@ def test_capacity_arithmetic_and_rerouting_match_the_reference(tiny_model, facto
     hidden = torch.randn(30, config.hidden_size)
     valid = torch.ones(30, dtype=torch.bool)
     valid[:4] = False  # leading padding
-    _, cluster_index, _, candidates = block.router(hidden)
+    routing = block.router(hidden)
+    cluster_index, candidates = routing.cluster_index, routing.expert_candidates
     assert candidates.shape[-1] == config.experts_per_cluster  # all experts ranked, for re-routing
     candidates = cluster_index.unsqueeze(-1) * config.experts_per_cluster + candidates
 
@@ -86,7 +87,8 @@ def test_every_token_is_served_rerouted_or_reported_dropped(tiny_model):
     flat = hidden.view(24, -1)
     output, stats = block(hidden)
 
-    cluster_logits, cluster_index, expert_logits, candidates = block.router(flat)
+    routing = block.router(flat)
+    cluster_index, candidates = routing.cluster_index, routing.expert_candidates
     chosen, served, rerouted = block._limit_capacity(cluster_index.unsqueeze(-1) * 4 + candidates, None)
     chosen, served = chosen.view(24, -1), served.view(24, -1)
     assert stats["expert_counts"].sum() + stats["dropped_pairs"] == 24 * 2
@@ -94,8 +96,8 @@ def test_every_token_is_served_rerouted_or_reported_dropped(tiny_model):
 
     # Combine weights of all chosen pairs (re-routed ones at their new expert's probability), normalised over the
     # token's pairs; a dropped pair then contributes nothing and the token keeps its residual path.
-    cluster_prob = F.softmax(cluster_logits, -1).gather(1, cluster_index)
-    expert_prob = F.softmax(expert_logits[:, 0], -1).gather(1, chosen - cluster_index * 4)
+    cluster_prob = F.softmax(routing.cluster_logits, -1).gather(1, cluster_index)
+    expert_prob = F.softmax(routing.expert_logits[:, 0], -1).gather(1, chosen - cluster_index * 4)
     weights = cluster_prob * expert_prob
     weights = weights / weights.sum(-1, keepdim=True) * served
     expected = torch.zeros_like(flat)
@@ -140,7 +142,8 @@ def test_padding_takes_no_capacity_and_is_not_reported(tiny_model):
     token_mask = token_mask.flatten()
     _, stats = block(hidden, token_mask)
 
-    _, cluster_index, _, candidates = block.router(hidden.view(32, -1))
+    routing = block.router(hidden.view(32, -1))
+    cluster_index, candidates = routing.cluster_index, routing.expert_candidates
     candidates = cluster_index.unsqueeze(-1) * 4 + candidates
     capacity = math.ceil(1.0 * 32 * 2 / 8)
     _, served, rerouted = reference_capacity(candidates, capacity, 2, token_mask)

@@ -100,6 +100,22 @@ def test_zero_coefficients_disable_router_losses(tiny_model):
     assert out.cluster_balance_loss > 0  # still reported
 
 
+def test_pure_inference_skips_router_losses_but_not_routing(tiny_model):
+    """`no_grad` without labels (as in `generate`) returns the same logits without the router diagnostics; labels
+    or `output_router_logits` bring them back."""
+    model = tiny_model(use_reliability_routing=True)
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        inference = model(ids)
+        with_labels = model(ids, labels=ids)
+        with_router_logits = model(ids, output_router_logits=True)
+    assert inference.aux_loss is None and inference.router_z_loss is None and inference.model_reliability is None
+    torch.testing.assert_close(inference.logits, with_labels.logits, rtol=0, atol=0)
+    torch.testing.assert_close(with_labels.aux_loss, with_router_logits.aux_loss)
+    assert with_labels.model_reliability is not None
+    assert model(ids).aux_loss.requires_grad  # a forward with gradients always has them
+
+
 @pytest.mark.parametrize("bad_id", [-1, VOCAB_SIZE, VOCAB_SIZE + 10])
 def test_out_of_range_token_ids_are_rejected(tiny_model, bad_id):
     model = tiny_model()

@@ -34,7 +34,9 @@ def test_nan_expert_contributes_nothing_and_its_tokens_use_the_other_selected_ex
     block = model.model.layers[0].mlp
     hidden = torch.randn(1, 12, model.config.hidden_size)
     flat = hidden.view(12, -1)
-    cluster_logits, cluster_index, expert_logits, candidates = block.router(flat)
+    routing = block.router(flat)
+    cluster_logits, cluster_index, expert_logits = routing.cluster_logits, routing.cluster_index, routing.expert_logits
+    candidates = routing.expert_candidates
     chosen = cluster_index[:, 0, None] * block.experts_per_cluster + candidates[:, 0]  # (tokens, 2), kc = 1
     broken = int(chosen[0, 0])
     with torch.no_grad():
@@ -117,18 +119,19 @@ def test_degraded_experts_are_deprioritised_and_excluded_below_the_threshold(tin
     hidden = torch.randn(512, model.config.hidden_size)
 
     def share(expert):
-        _, cluster_index, _, candidates = router(hidden)
+        routing = router(hidden)
+        cluster_index, candidates = routing.cluster_index, routing.expert_candidates
         chosen = cluster_index[:, 0] * router.experts_per_cluster + candidates[:, 0, 0]
         return (chosen == expert).float().mean().item()
 
     def cluster_share(cluster):
-        return (router(hidden)[1] == cluster).float().mean().item()
+        return (router(hidden).cluster_index == cluster).float().mean().item()
 
     target = max(range(8), key=share)
     partner = (target + 4) % 8  # same place in the other cluster: the clusters stay equally reliable
-    healthy, clusters = share(target), router(hidden)[1]
+    healthy, clusters = share(target), router(hidden).cluster_index
     router.expert_reliability[[target, partner]] = 0.6  # above the threshold: a log(0.6) selection penalty
-    assert torch.equal(router(hidden)[1], clusters)  # same cluster choices...
+    assert torch.equal(router(hidden).cluster_index, clusters)  # same cluster choices...
     degraded = share(target)  # ...but inside its cluster the expert is chosen less
     router.expert_reliability[[target, partner]] = 0.4  # below the threshold: never selected
     assert 0 < degraded < healthy and share(target) == 0.0

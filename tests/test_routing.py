@@ -63,7 +63,7 @@ def test_each_token_uses_distinct_experts_of_its_chosen_clusters(tiny_model, rou
     )  # fmt: skip
     block = model.model.layers[1].mlp
     clusters = []
-    block.router.register_forward_hook(lambda module, args, output: clusters.append(output[1]))
+    block.router.register_forward_hook(lambda module, args, output: clusters.append(output.cluster_index))
     expert_ids, _ = capture_expert_ids(block)
     model(random_ids(3, 10))
 
@@ -127,12 +127,11 @@ def test_hierarchical_and_flat_routers_agree(
     assert router.hierarchical and not flat_router.hierarchical
 
     hidden = torch.randn(40, 32)
-    cluster_logits, cluster_index, expert_logits, candidates = router(hidden)
-    flat_cluster_logits, flat_cluster_index, flat_expert_logits, flat_candidates = flat_router(hidden)
-    assert torch.equal(cluster_index, flat_cluster_index)
-    assert torch.equal(candidates, flat_candidates)
-    torch.testing.assert_close(cluster_logits, flat_cluster_logits)
-    torch.testing.assert_close(expert_logits, flat_expert_logits)
+    routing, flat_routing = router(hidden), flat_router(hidden)
+    assert torch.equal(routing.cluster_index, flat_routing.cluster_index)
+    assert torch.equal(routing.expert_candidates, flat_routing.expert_candidates)
+    for name in ("cluster_logits", "cluster_log_probs", "expert_logits", "expert_log_probs"):
+        torch.testing.assert_close(getattr(routing, name), getattr(flat_routing, name))
 
     ids = random_ids(2, 9)
     out, flat_out = hierarchical(ids, labels=ids), flat(ids, labels=ids)
@@ -174,7 +173,7 @@ def test_padding_is_excluded_from_model_aux_losses(tiny_model):
 
     def router_losses(input_ids, attention_mask=None):
         with torch.no_grad():
-            out = model(input_ids, attention_mask=attention_mask)
+            out = model(input_ids, attention_mask=attention_mask, output_router_logits=True)
         return torch.stack([out.cluster_balance_loss, out.expert_balance_loss, out.router_z_loss])
 
     unpadded = router_losses(ids)

@@ -233,7 +233,7 @@ def test_trainer_loss_with_gradient_accumulation_and_padding(tiny_config, tmp_pa
     with torch.no_grad():
         for micro_batch in (data[:2], data[2:]):
             batch = {name: torch.stack([item[name] for item in micro_batch]) for name in micro_batch[0]}
-            output = initial(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            output = initial(batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
             labels = batch["labels"][:, 1:]
             total_nll += F.cross_entropy(
                 output.logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum"
