@@ -111,65 +111,90 @@ class ClusterMoEExperts(nn.Module):
         return final_hidden_states
 
 
-def _grouped_matmul(inputs, weights, group_sizes: list[int], transpose: bool, out: torch.Tensor) -> torch.Tensor:
-    """`out[rows of group g] = inputs[rows of group g] @ weights[g]` (`weights[g].T` if `transpose`) for consecutive
-    groups of rows, one torch.mm each, written in place; empty groups cost nothing."""
+def _cpu_dtypes_without_fast_gemm() -> frozenset:
+    """Half-precision dtypes this CPU multiplies far slower than float32: on x86 without AVX512-BF16/AMX (bf16) or
+    AMX-FP16 (fp16) torch emulates them (~50x slower than float32 on the AVX2 CPU of docs/benchmarks.md)."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        return frozenset()  # other architectures: keep the native kernels
+    slow = set()
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        slow.add(torch.bfloat16)
+    if not torch.cpu._is_amx_fp16_supported():
+        slow.add(torch.float16)
+    return frozenset(slow)
+
+
+_CPU_DTYPES_WITHOUT_FAST_GEMM = _cpu_dtypes_without_fast_gemm()
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out = a @ b`. Where this CPU has no fast GEMM for `out.dtype`, multiplies in float32 and rounds the result
+    once, as a native half-precision GEMM (which accumulates in float32) does."""
+    if out.device.type == "cpu" and out.dtype in _CPU_DTYPES_WITHOUT_FAST_GEMM:
+        return out.copy_(torch.mm(a.float(), b.float()))
+    return torch.mm(a, b, out=out)
+
+
+def _grouped_matmul(inputs, weights, groups: list[tuple[int, int]], transpose: bool) -> torch.Tensor:
+    """`rows of group g @ weights[expert of g]` (`.T` if `transpose`) for consecutive groups of rows, one GEMM
+    each; `groups` lists the (expert, rows) of the experts that received rows, so idle experts cost nothing."""
     weights = weights.transpose(1, 2) if transpose else weights
-    for rows, weight, rows_out in zip(inputs.split(group_sizes), weights.unbind(0), out.split(group_sizes)):
-        if rows.shape[0]:
-            torch.mm(rows, weight, out=rows_out)
+    out = inputs.new_empty(inputs.shape[0], weights.shape[2])
+    row_counts = [rows for _, rows in groups]
+    for (expert, _), rows_in, rows_out in zip(groups, inputs.split(row_counts), out.split(row_counts)):
+        _mm_into(rows_in, weights[expert], rows_out)
     return out
 
 
-def _grouped_weight_grad(inputs, grad_outputs, group_sizes: list[int], transpose: bool, grad_weights) -> torch.Tensor:
-    """Gradient of `_grouped_matmul`'s weights, written in place: `grad_outputs[g].T @ inputs[g]` for transposed
-    weights, else `inputs[g].T @ grad_outputs[g]`; zero for the groups that received no rows."""
-    groups = zip(inputs.split(group_sizes), grad_outputs.split(group_sizes), grad_weights.unbind(0))
-    for rows_in, rows_grad, grad_weight in groups:
-        if not rows_in.shape[0]:
-            grad_weight.zero_()
-        elif transpose:
-            torch.mm(rows_grad.t(), rows_in, out=grad_weight)
+def _grouped_weight_grad(inputs, grad_outputs, groups: list[tuple[int, int]], transpose: bool, weights_shape):
+    """Gradient of `_grouped_matmul`'s weights: `grad_outputs[g].T @ inputs[g]` for transposed weights, else
+    `inputs[g].T @ grad_outputs[g]`, written in place; zero for the experts that received no rows."""
+    grad_weights = inputs.new_empty(weights_shape)
+    active = {expert for expert, _ in groups}
+    for expert in range(weights_shape[0]):
+        if expert not in active:
+            grad_weights[expert].zero_()
+    row_counts = [rows for _, rows in groups]
+    for (expert, _), rows_in, rows_grad in zip(groups, inputs.split(row_counts), grad_outputs.split(row_counts)):
+        if transpose:
+            _mm_into(rows_grad.t(), rows_in, grad_weights[expert])
         else:
-            torch.mm(rows_in.t(), rows_grad, out=grad_weight)
+            _mm_into(rows_in.t(), rows_grad, grad_weights[expert])
     return grad_weights
 
 
 class _SortedGroupedLinear(torch.autograd.Function):
-    """`_grouped_matmul` with its backward: one torch.mm per group for the input gradient and one for each weight
-    gradient, written in place (the group sizes are already on the host, so the backward needs no sync)."""
+    """`_grouped_matmul` with its backward: one torch.mm per active expert for the input gradient and one for each
+    weight gradient (the group sizes are already on the host, so the backward needs no sync)."""
 
     @staticmethod
-    def forward(ctx, inputs, weights, group_sizes, transpose):
-        # inputs (S, K) sorted by group; weights (N, M, K) if `transpose` else (N, K, M) -> (S, M)
-        out_dim = weights.shape[1] if transpose else weights.shape[2]
-        out = _grouped_matmul(inputs, weights, group_sizes, transpose, inputs.new_empty(inputs.shape[0], out_dim))
+    def forward(ctx, inputs, weights, groups, transpose):
+        # inputs (S, K) sorted by expert; weights (N, M, K) if `transpose` else (N, K, M) -> (S, M)
         ctx.save_for_backward(inputs, weights)
-        ctx.group_sizes, ctx.transpose = group_sizes, transpose
-        return out
+        ctx.groups, ctx.transpose = groups, transpose
+        return _grouped_matmul(inputs, weights, groups, transpose)
 
     @staticmethod
     def backward(ctx, grad_out):
         inputs, weights = ctx.saved_tensors
-        group_sizes, transpose = ctx.group_sizes, ctx.transpose
+        groups, transpose = ctx.groups, ctx.transpose
         grad_inputs = grad_weights = None
         if ctx.needs_input_grad[0]:
-            grad_inputs = _grouped_matmul(grad_out, weights, group_sizes, not transpose, torch.empty_like(inputs))
+            grad_inputs = _grouped_matmul(grad_out, weights, groups, not transpose)
         if ctx.needs_input_grad[1]:
-            grad_weights = _grouped_weight_grad(inputs, grad_out, group_sizes, transpose, torch.empty_like(weights))
+            grad_weights = _grouped_weight_grad(inputs, grad_out, groups, transpose, weights.shape)
         return grad_inputs, grad_weights, None, None
 
 
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """`experts_implementation="sorted_mm"`: sort the (token, expert) pairs by expert once and run one torch.mm per
-    expert that received pairs, forward and backward; per token, outputs are summed in the eager reference's order.
-    The group sizes cost one host sync per call, which the per-expert GEMMs need. Under torch.compile it defers to
-    `grouped_mm`, which traces without that sync. On the CPU of docs/benchmarks.md it ties with `grouped_mm` (whose
-    CPU kernel is the same GEMM loop), so transformers' default is kept; select it with
-    `experts_implementation="sorted_mm"` where a plain GEMM loop is faster."""
-    if is_torchdynamo_compiling():
+    """`experts_implementation="sorted_mm"`, ClusterMoE's default: on CPU, sort the (token, expert) pairs by expert
+    once and run one GEMM per expert that received pairs, forward and backward (bf16/fp16 GEMMs in float32 where
+    the CPU has no fast kernel for them); per token, outputs are summed in the eager reference's order. The group
+    sizes cost one host sync per call, which the per-expert GEMMs need. On accelerators and under torch.compile it
+    is transformers' `grouped_mm` (fused kernels, no sync). Measured against `grouped_mm` in docs/benchmarks.md."""
+    if hidden_states.device.type != "cpu" or is_torchdynamo_compiling():
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     if not self.has_gate or self.has_bias or self.has_post_expert_norm or self._is_expert_parallel:
         raise NotImplementedError(
@@ -180,11 +205,12 @@ def sorted_mm_experts_forward(
     pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k
     sorted_experts, order = torch.sort(pair_experts, stable=True)  # stable: per token, the eager summation order
     group_sizes = torch.bincount(sorted_experts, minlength=self.num_experts).tolist()
+    groups = [(expert, rows) for expert, rows in enumerate(group_sizes) if rows]  # the experts that received pairs
     pair_tokens = order // top_k_index.shape[-1]  # (S,) token of each sorted pair
     inputs = hidden_states[pair_tokens].to(self.gate_up_proj.dtype)
     transpose = not self.is_transposed
-    gate_up = _SortedGroupedLinear.apply(inputs, self.gate_up_proj, group_sizes, transpose)  # (S, 2I)
-    outputs = _SortedGroupedLinear.apply(self._apply_gate(gate_up), self.down_proj, group_sizes, transpose)  # (S, H)
+    gate_up = _SortedGroupedLinear.apply(inputs, self.gate_up_proj, groups, transpose)  # (S, 2I)
+    outputs = _SortedGroupedLinear.apply(self._apply_gate(gate_up), self.down_proj, groups, transpose)  # (S, H)
     outputs = outputs * top_k_weights.reshape(-1)[order, None].to(outputs.dtype)
     return hidden_states.new_zeros(num_tokens, hidden_dim).index_add_(0, pair_tokens, outputs.to(hidden_states.dtype))
 
@@ -626,6 +652,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         "hidden_states": ClusterMoEDecoderLayer,
         "attentions": ClusterMoEAttention,
     }
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Default to `sorted_mm`: transformers' `grouped_mm` on accelerators, a GEMM loop over the active experts on
+        CPU (faster there, docs/benchmarks.md)."""
+        return super().get_correct_experts_implementation(requested_experts or "sorted_mm")
 
     def _init_weights(self, module):
         super()._init_weights(module)

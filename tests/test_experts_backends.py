@@ -11,6 +11,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+from clustermoe_hf import modeling_clustermoe
 from clustermoe_hf.modeling_clustermoe import ClusterMoEExperts
 
 
@@ -155,3 +156,39 @@ def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients():
     torch.testing.assert_close(fast_logits, eager_logits)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, msg=name)
+
+
+def test_sorted_mm_is_clustermoes_default_and_an_explicit_choice_is_kept():
+    assert ClusterMoEForCausalLM(clustermoe_config()).config._experts_implementation == "sorted_mm"
+    config = clustermoe_config()
+    config._experts_implementation = "grouped_mm"
+    assert ClusterMoEForCausalLM(config).config._experts_implementation == "grouped_mm"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("float32_gemm", [True, False], ids=["float32-gemm", "native-gemm"])
+def test_sorted_mm_in_half_precision_matches_eager(monkeypatch, dtype, float32_gemm):
+    """Half-precision GEMMs run in float32 on CPUs without fast kernels for them (rounded once, like a native kernel
+    that accumulates in float32), natively otherwise; both agree with eager to half precision, gradients included."""
+    slow = frozenset({dtype}) if float32_gemm else frozenset()
+    monkeypatch.setattr(modeling_clustermoe, "_CPU_DTYPES_WITHOUT_FAST_GEMM", slow)
+    float32_mms, real_mm = [], torch.mm
+
+    def recording_mm(a, b, **kwargs):
+        float32_mms.append(a.dtype == torch.float32)
+        return real_mm(a, b, **kwargs)
+
+    monkeypatch.setattr(modeling_clustermoe.torch, "mm", recording_mm)
+    eager, fast = experts_pair(ClusterMoEExperts, clustermoe_config())
+    eager, fast = eager.to(dtype), fast.to(dtype)
+    hidden = torch.randn(13, 32).to(dtype)
+    top_k_index, top_k_weights = routing(13, 8, top_k=2)
+    eager_out, eager_grads = run_with_grads(eager, hidden, top_k_index, top_k_weights.to(dtype))
+    float32_mms.clear()
+    fast_out, fast_grads = run_with_grads(fast, hidden, top_k_index, top_k_weights.to(dtype))
+    assert float32_mms and all(used == float32_gemm for used in float32_mms)
+    assert fast_out.dtype == dtype and all(grad.dtype == dtype for grad in fast_grads)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(fast_out, eager_out, **tolerance)
+    for fast_grad, eager_grad in zip(fast_grads, eager_grads):
+        torch.testing.assert_close(fast_grad, eager_grad, **tolerance)
