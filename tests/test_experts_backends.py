@@ -11,7 +11,6 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
-from clustermoe_hf import modeling_clustermoe
 from clustermoe_hf.modeling_clustermoe import ClusterMoEExperts
 
 
@@ -171,14 +170,15 @@ def test_sorted_mm_in_half_precision_matches_eager(monkeypatch, dtype, float32_g
     """Half-precision GEMMs run in float32 on CPUs without fast kernels for them (rounded once, like a native kernel
     that accumulates in float32), natively otherwise; both agree with eager to half precision, gradients included."""
     slow = frozenset({dtype}) if float32_gemm else frozenset()
-    monkeypatch.setattr(modeling_clustermoe, "_CPU_DTYPES_WITHOUT_FAST_GEMM", slow)
+    # The module that registered "sorted_mm" last (a checkpoint's copy, after trust_remote_code loads) serves it.
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS["sorted_mm"].__globals__, "_CPU_DTYPES_WITHOUT_FAST_GEMM", slow)
     float32_mms, real_mm = [], torch.mm
 
     def recording_mm(a, b, **kwargs):
         float32_mms.append(a.dtype == torch.float32)
         return real_mm(a, b, **kwargs)
 
-    monkeypatch.setattr(modeling_clustermoe.torch, "mm", recording_mm)
+    monkeypatch.setattr(torch, "mm", recording_mm)
     eager, fast = experts_pair(ClusterMoEExperts, clustermoe_config())
     eager, fast = eager.to(dtype), fast.to(dtype)
     hidden = torch.randn(13, 32).to(dtype)
