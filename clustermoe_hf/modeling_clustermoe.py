@@ -209,8 +209,10 @@ def sorted_mm_experts_forward(
     pair_tokens = order // top_k_index.shape[-1]  # (S,) token of each sorted pair
     inputs = hidden_states[pair_tokens].to(self.gate_up_proj.dtype)
     transpose = not self.is_transposed
-    gate_up = _SortedGroupedLinear.apply(inputs, self.gate_up_proj, groups, transpose)  # (S, 2I)
-    outputs = _SortedGroupedLinear.apply(self._apply_gate(gate_up), self.down_proj, groups, transpose)  # (S, H)
+    # Without gradients, skip the autograd.Function wrapper (its overhead shows in per-token decoding).
+    linear = _SortedGroupedLinear.apply if torch.is_grad_enabled() else _grouped_matmul
+    gate_up = linear(inputs, self.gate_up_proj, groups, transpose)  # (S, 2I)
+    outputs = linear(self._apply_gate(gate_up), self.down_proj, groups, transpose)  # (S, H)
     outputs = outputs * top_k_weights.reshape(-1)[order, None].to(outputs.dtype)
     return hidden_states.new_zeros(num_tokens, hidden_dim).index_add_(0, pair_tokens, outputs.to(hidden_states.dtype))
 
@@ -482,10 +484,10 @@ class ClusterMoESparseMoeBlock(nn.Module):
         `reliability_max_norm_ratio` times the geometric-mean norm of the *other* healthy experts of its cluster
         (leaving itself out, an outsized expert cannot raise its own bar). Pairs where `valid` (pairs,) is False are
         not judged. Returns (faulty, observed), (N,)."""
-        norms = expert_out.float().norm(dim=-1)  # (pairs,)
-        nonfinite = ~torch.isfinite(norms)
-        log_norms = norms.clamp_min(1e-12).log().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-        per_pair = torch.stack([torch.ones_like(norms), nonfinite.float(), log_norms], dim=-1)  # (pairs, 3)
+        norms = torch.linalg.vector_norm(expert_out.detach(), dim=-1, dtype=torch.float32)  # (pairs,)
+        finite = norms <= torch.finfo(torch.float32).max  # False for inf and NaN
+        log_norms = torch.where(finite, norms.clamp_min(1e-12).log(), 0.0)
+        per_pair = torch.stack([torch.ones_like(norms), (~finite).float(), log_norms], dim=-1)  # (pairs, 3)
         if valid is not None:
             per_pair = per_pair * valid.unsqueeze(-1)
         per_expert = per_pair.new_zeros(self.num_experts, 3).index_add_(0, expert_ids, per_pair)
@@ -513,16 +515,18 @@ class ClusterMoESparseMoeBlock(nn.Module):
         routing = self.router(hidden_flat)
         cluster_index = routing.cluster_index  # (tokens, kc)
 
-        global_candidates = cluster_index.unsqueeze(-1) * self.experts_per_cluster + routing.expert_candidates
+        cluster_offset = cluster_index.unsqueeze(-1) * self.experts_per_cluster  # (tokens, kc, 1)
         if self.config.expert_capacity_factor is None:
-            expert_index, served, rerouted = global_candidates, None, None
+            local_index, served, rerouted = routing.expert_candidates, None, None  # (tokens, kc, ke)
+            expert_index = cluster_offset + local_index
         else:
-            expert_index, served, rerouted = self._limit_capacity(global_candidates, token_mask)
+            candidates = cluster_offset + routing.expert_candidates  # (tokens, kc, E) global ids, best first
+            expert_index, served, rerouted = self._limit_capacity(candidates, token_mask)
+            local_index = expert_index - cluster_offset
         top_k_index = expert_index.view(num_tokens, -1)  # (tokens, k)
         top_k = top_k_index.shape[1]
 
         # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
-        local_index = expert_index - cluster_index.unsqueeze(-1) * self.experts_per_cluster  # (tokens, kc, ke)
         chosen_log_probs = routing.cluster_log_probs.gather(1, cluster_index).unsqueeze(-1)
         chosen_log_probs = chosen_log_probs + routing.expert_log_probs.gather(-1, local_index)
         weights = chosen_log_probs.view(num_tokens, top_k).exp()  # (tokens, k)
