@@ -54,9 +54,12 @@ def measure(num_experts, tokens, hidden_size, expert_width, warmup, repeats, clo
     routers = {name: build_router(config, name) for name in ("hierarchical", "flat")}
     hidden_states = torch.randn(tokens, hidden_size)
     with torch.no_grad():
-        _, cluster_index, _, candidates = routers["flat"](hidden_states)
-        flat_choice = routers["flat"](hidden_states)[3]
-        same_routing = bool(torch.equal(routers["hierarchical"](hidden_states)[3], flat_choice))
+        routing = routers["flat"](hidden_states)
+        hierarchical_routing = routers["hierarchical"](hidden_states)
+    cluster_index, candidates = routing.cluster_index, routing.expert_candidates
+    same_routing = torch.equal(hierarchical_routing.cluster_index, cluster_index) and torch.equal(
+        hierarchical_routing.expert_candidates, candidates
+    )
     top_k_index = (cluster_index.unsqueeze(-1) * side + candidates).view(tokens, -1)
     top_k_weights = torch.full(top_k_index.shape, 0.5)
     experts = ClusterMoEExperts(config)  # the model's default experts implementation, `config` went through no model
