@@ -150,10 +150,9 @@ def _grouped_weight_grad(inputs, grad_outputs, groups: list[tuple[int, int]], tr
     """Gradient of `_grouped_matmul`'s weights: `grad_outputs[g].T @ inputs[g]` for transposed weights, else
     `inputs[g].T @ grad_outputs[g]`, written in place; zero for the experts that received no rows."""
     grad_weights = inputs.new_empty(weights_shape)
-    active = {expert for expert, _ in groups}
-    for expert in range(weights_shape[0]):
-        if expert not in active:
-            grad_weights[expert].zero_()
+    idle = sorted(set(range(weights_shape[0])) - {expert for expert, _ in groups})
+    if idle:
+        grad_weights[idle] = 0  # one op, however many experts are idle
     row_counts = [rows for _, rows in groups]
     for (expert, _), rows_in, rows_grad in zip(groups, inputs.split(row_counts), grad_outputs.split(row_counts)):
         if transpose:
@@ -164,7 +163,7 @@ def _grouped_weight_grad(inputs, grad_outputs, groups: list[tuple[int, int]], tr
 
 
 class _SortedGroupedLinear(torch.autograd.Function):
-    """`_grouped_matmul` with its backward: one torch.mm per active expert for the input gradient and one for each
+    """`_grouped_matmul` with its backward: one GEMM per active expert for the input gradient and one for each
     weight gradient (the group sizes are already on the host, so the backward needs no sync)."""
 
     @staticmethod
