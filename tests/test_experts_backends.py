@@ -45,6 +45,18 @@ def routing(num_tokens, num_experts, top_k, used_experts=None):
     return index, weights
 
 
+def assert_sorted_mm_matches_eager(experts_class, config, num_tokens):
+    """Outputs and gradients (inputs, routing weights, expert weights) of `sorted_mm` match the eager forward."""
+    eager, fast = experts_pair(experts_class, config)
+    hidden = torch.randn(num_tokens, config.hidden_size)
+    top_k_index, top_k_weights = routing(num_tokens, config.num_experts, top_k=config.num_experts_per_tok)
+    eager_out, eager_grads = run_with_grads(eager, hidden, top_k_index, top_k_weights)
+    fast_out, fast_grads = run_with_grads(fast, hidden, top_k_index, top_k_weights)
+    torch.testing.assert_close(fast_out, eager_out)
+    for fast_grad, eager_grad in zip(fast_grads, eager_grads):
+        torch.testing.assert_close(fast_grad, eager_grad)
+
+
 def clustermoe_config(**overrides):
     sizes = {
         "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
@@ -78,14 +90,7 @@ def test_sorted_mm_matches_eager_clustermoe_experts(used_experts):
 def test_sorted_mm_matches_eager_for_transformers_moe_experts():
     """Registered in transformers' interface, it serves other models' experts too (here Qwen3-MoE's)."""
     config = Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=6, num_experts_per_tok=3)
-    eager, fast = experts_pair(Qwen3MoeExperts, config)
-    hidden = torch.randn(11, 32)
-    top_k_index, top_k_weights = routing(11, 6, top_k=3)
-    eager_out, eager_grads = run_with_grads(eager, hidden, top_k_index, top_k_weights)
-    fast_out, fast_grads = run_with_grads(fast, hidden, top_k_index, top_k_weights)
-    torch.testing.assert_close(fast_out, eager_out)
-    for fast_grad, eager_grad in zip(fast_grads, eager_grads):
-        torch.testing.assert_close(fast_grad, eager_grad)
+    assert_sorted_mm_matches_eager(Qwen3MoeExperts, config, num_tokens=11)
 
 
 @use_experts_implementation(is_transposed=True)
@@ -115,14 +120,7 @@ class TransposedExperts(nn.Module):
 
 def test_sorted_mm_matches_eager_with_transposed_weights():
     config = Qwen3MoeConfig(hidden_size=24, moe_intermediate_size=8, num_experts=5, num_experts_per_tok=2)
-    eager, fast = experts_pair(TransposedExperts, config)
-    hidden = torch.randn(9, 24)
-    top_k_index, top_k_weights = routing(9, 5, top_k=2)
-    eager_out, eager_grads = run_with_grads(eager, hidden, top_k_index, top_k_weights)
-    fast_out, fast_grads = run_with_grads(fast, hidden, top_k_index, top_k_weights)
-    torch.testing.assert_close(fast_out, eager_out)
-    for fast_grad, eager_grad in zip(fast_grads, eager_grads):
-        torch.testing.assert_close(fast_grad, eager_grad)
+    assert_sorted_mm_matches_eager(TransposedExperts, config, num_tokens=9)
 
 
 @use_experts_implementation(has_bias=True)
