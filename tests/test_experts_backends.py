@@ -1,4 +1,5 @@
-"""The `sorted_mm` experts implementation against the eager reference, in outputs and gradients."""
+"""The `sorted_mm` experts implementation: transformers' `grouped_mm`, except for dtypes this CPU only emulates, where
+it runs float32 GEMMs over the active experts; that loop against the eager reference, in outputs and gradients."""
 
 import copy
 
@@ -7,11 +8,23 @@ import torch
 from torch import nn
 from transformers import Qwen3MoeConfig
 from transformers.integrations import use_experts_implementation
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
 from clustermoe_hf.modeling_clustermoe import ClusterMoEExperts
+
+
+def gemm_loop_for(monkeypatch, *dtypes):
+    """Make `sorted_mm` take its GEMM loop for `dtypes` (on this CPU it does for the emulated ones only). The module
+    that registered "sorted_mm" last (a checkpoint's copy, after trust_remote_code loads) is the one that serves it."""
+    functions = ALL_EXPERTS_FUNCTIONS["sorted_mm"].__globals__
+    monkeypatch.setitem(functions, "_CPU_DTYPES_WITHOUT_FAST_GEMM", frozenset(dtypes))
+
+
+@pytest.fixture
+def float32_gemm_loop(monkeypatch):
+    gemm_loop_for(monkeypatch, torch.float32)
 
 
 def experts_pair(experts_class, config, seed=0):
@@ -70,7 +83,7 @@ def test_sorted_mm_is_registered_in_transformers_experts_interface():
 
 
 @pytest.mark.parametrize("used_experts", [None, [1, 2, 5, 6]], ids=["all-experts", "some-experts-idle"])
-def test_sorted_mm_matches_eager_clustermoe_experts(used_experts):
+def test_sorted_mm_matches_eager_clustermoe_experts(float32_gemm_loop, used_experts):
     eager, fast = experts_pair(ClusterMoEExperts, clustermoe_config())
     hidden = torch.randn(13, 32)
     top_k_index, top_k_weights = routing(13, 8, top_k=2, used_experts=used_experts)
@@ -87,7 +100,7 @@ def test_sorted_mm_matches_eager_clustermoe_experts(used_experts):
         assert torch.count_nonzero(fast_grads[2][idle]) == 0 and torch.count_nonzero(fast_grads[3][idle]) == 0
 
 
-def test_sorted_mm_matches_eager_for_transformers_moe_experts():
+def test_sorted_mm_matches_eager_for_transformers_moe_experts(float32_gemm_loop):
     """Registered in transformers' interface, it serves other models' experts too (here Qwen3-MoE's)."""
     config = Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=6, num_experts_per_tok=3)
     assert_sorted_mm_matches_eager(Qwen3MoeExperts, config, num_tokens=11)
@@ -118,26 +131,41 @@ class TransposedExperts(nn.Module):
         return out
 
 
-def test_sorted_mm_matches_eager_with_transposed_weights():
+def test_sorted_mm_matches_eager_with_transposed_weights(float32_gemm_loop):
     config = Qwen3MoeConfig(hidden_size=24, moe_intermediate_size=8, num_experts=5, num_experts_per_tok=2)
     assert_sorted_mm_matches_eager(TransposedExperts, config, num_tokens=9)
 
 
-@use_experts_implementation(has_bias=True)
+@use_experts_implementation(is_transposed=True, has_bias=True)
 class BiasedExperts(TransposedExperts):
-    pass
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(config.num_experts, 2 * config.moe_intermediate_size))
+        self.down_proj_bias = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
 
-def test_sorted_mm_rejects_experts_it_does_not_implement():
+def test_sorted_mm_serves_experts_its_loop_does_not_implement_through_grouped_mm(float32_gemm_loop):
     config = Qwen3MoeConfig(hidden_size=24, moe_intermediate_size=8, num_experts=5, num_experts_per_tok=2)
     config._experts_implementation = "sorted_mm"
     experts = BiasedExperts(config)
+    for weight in experts.parameters():
+        nn.init.normal_(weight, std=0.1)
     top_k_index, top_k_weights = routing(4, 5, top_k=2)
-    with pytest.raises(NotImplementedError, match="grouped_mm"):
-        experts(torch.randn(4, 24), top_k_index, top_k_weights)
+    hidden = torch.randn(4, 24)
+    expected = grouped_mm_experts_forward(experts, hidden, top_k_index, top_k_weights)
+    assert torch.equal(experts(hidden, top_k_index, top_k_weights), expected)
 
 
-def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients():
+def test_sorted_mm_is_grouped_mm_for_dtypes_with_fast_gemms(monkeypatch):
+    gemm_loop_for(monkeypatch)  # no emulated dtype
+    experts = experts_pair(ClusterMoEExperts, clustermoe_config())[1]
+    hidden = torch.randn(13, 32)
+    top_k_index, top_k_weights = routing(13, 8, top_k=2)
+    expected = grouped_mm_experts_forward(experts, hidden, top_k_index, top_k_weights)
+    assert torch.equal(experts(hidden, top_k_index, top_k_weights), expected)
+
+
+def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients(float32_gemm_loop):
     """The whole model, reliability health checks included, trains identically with either backend."""
     model = ClusterMoEForCausalLM(clustermoe_config(initializer_range=0.2)).train()
     ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(2))
@@ -163,13 +191,11 @@ def test_sorted_mm_is_clustermoes_default_and_an_explicit_choice_is_kept():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("float32_gemm", [True, False], ids=["float32-gemm", "native-gemm"])
-def test_sorted_mm_in_half_precision_matches_eager(monkeypatch, dtype, float32_gemm):
-    """Half-precision GEMMs run in float32 on CPUs without fast kernels for them (rounded once, like a native kernel
-    that accumulates in float32), natively otherwise; both agree with eager to half precision, gradients included."""
-    slow = frozenset({dtype}) if float32_gemm else frozenset()
-    # The module that registered "sorted_mm" last (a checkpoint's copy, after trust_remote_code loads) serves it.
-    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS["sorted_mm"].__globals__, "_CPU_DTYPES_WITHOUT_FAST_GEMM", slow)
+@pytest.mark.parametrize("emulated", [True, False], ids=["emulated-gemm", "fast-gemm"])
+def test_sorted_mm_in_half_precision_matches_eager(monkeypatch, dtype, emulated):
+    """Half-precision GEMMs run in float32 on CPUs that emulate them (rounded once, like a native kernel that
+    accumulates in float32), as grouped_mm otherwise; both agree with eager to half precision, gradients included."""
+    gemm_loop_for(monkeypatch, *([dtype] if emulated else []))
     float32_mms, real_mm = [], torch.mm
 
     def recording_mm(a, b, **kwargs):
@@ -184,7 +210,10 @@ def test_sorted_mm_in_half_precision_matches_eager(monkeypatch, dtype, float32_g
     eager_out, eager_grads = run_with_grads(eager, hidden, top_k_index, top_k_weights.to(dtype))
     float32_mms.clear()
     fast_out, fast_grads = run_with_grads(fast, hidden, top_k_index, top_k_weights.to(dtype))
-    assert float32_mms and all(used == float32_gemm for used in float32_mms)
+    if emulated:
+        assert float32_mms and all(float32_mms)  # every per-expert GEMM in float32
+    else:
+        assert not float32_mms  # grouped_mm: no per-expert GEMMs
     assert fast_out.dtype == dtype and all(grad.dtype == dtype for grad in fast_grads)
     tolerance = {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(fast_out, eager_out, **tolerance)
