@@ -274,6 +274,7 @@ class ClusterMoERouter(nn.Module):
         self.register_buffer("expert_reliability", torch.ones(config.num_experts, dtype=torch.float32))
         self.register_buffer("expert_token_counts", torch.zeros(config.num_experts, dtype=torch.long))
         self.hierarchical = _uses_hierarchical_router(config)
+        self._cached_selection_bias = None  # see `selection_bias`
 
     def cluster_reliability(self) -> torch.Tensor:
         """Utilisation-weighted mean expert reliability of each cluster, shape (C,)."""
@@ -282,8 +283,23 @@ class ClusterMoERouter(nn.Module):
         return (weights * scores).sum(-1) / weights.sum(-1)
 
     def selection_bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The terms selection adds to the log-probabilities, per cluster (C,) and per expert (N,), or None: the
-        adaptive balancing biases and the log-reliability, with experts below the reliability threshold excluded."""
+        """The terms selection adds to the log-probabilities, per cluster (C,) and per expert (C, E), or None: the
+        adaptive balancing biases and the log-reliability, with experts below the reliability threshold excluded.
+
+        Reused until a buffer they are computed from changes (in-place updates bump a tensor's version counter), so
+        that decoding does not rebuild them for every token."""
+        config = self.config
+        if is_torchdynamo_compiling():
+            return self._compute_selection_bias()
+        settings = (config.use_adaptive_routing, config.use_reliability_routing, config.reliability_threshold)
+        sources = (self.cluster_bias, self.expert_bias, self.expert_reliability, self.expert_token_counts)
+        versions = tuple(source._version for source in sources)
+        cached = self._cached_selection_bias
+        if cached is None or cached[:2] != (settings, versions) or any(a is not b for a, b in zip(cached[2], sources)):
+            cached = self._cached_selection_bias = (settings, versions, sources, self._compute_selection_bias())
+        return cached[3]
+
+    def _compute_selection_bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         config = self.config
         cluster_term = expert_term = None
         if config.use_adaptive_routing:
@@ -296,7 +312,7 @@ class ClusterMoERouter(nn.Module):
                 cluster_term, expert_term = cluster_log_reliability, expert_log_reliability
             else:
                 cluster_term, expert_term = cluster_term + cluster_log_reliability, expert_term + expert_log_reliability
-        return cluster_term, expert_term
+        return cluster_term, None if expert_term is None else expert_term.view(self.num_clusters, -1)
 
     def _expert_logits(self, hidden_states: torch.Tensor, cluster_index: torch.Tensor) -> torch.Tensor:
         """Expert logits inside the chosen clusters, (tokens, kc, E)."""
@@ -320,29 +336,22 @@ class ClusterMoERouter(nn.Module):
         logits = torch.empty_like(sorted_logits).index_copy_(0, perm, sorted_logits)
         return logits.view(num_tokens, top_k_clusters, self.experts_per_cluster)
 
-    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.config.routing_temperature != 1.0:
-            logits = logits / self.config.routing_temperature
-        return F.log_softmax(logits, dim=-1)
-
     def forward(self, hidden_states: torch.Tensor) -> ClusterMoERouting:
         config = self.config
+        temperature = config.routing_temperature
         noise = config.router_jitter_noise if self.training else 0.0
         cluster_term, expert_term = self.selection_bias()
 
         cluster_logits = F.linear(hidden_states, self.cluster_weight)  # (tokens, C)
-        cluster_log_probs = self._log_probs(cluster_logits)
+        cluster_log_probs = F.log_softmax(cluster_logits.float() / temperature, dim=-1)
         cluster_scores = cluster_log_probs if cluster_term is None else cluster_log_probs + cluster_term
         if noise > 0:
             cluster_scores = cluster_scores + torch.randn_like(cluster_scores) * noise
         cluster_index = torch.topk(cluster_scores, config.top_k_clusters, dim=-1).indices  # (tokens, kc)
 
         expert_logits = self._expert_logits(hidden_states, cluster_index)  # (tokens, kc, E)
-        expert_log_probs = self._log_probs(expert_logits)
-        expert_scores = expert_log_probs
-        if expert_term is not None:
-            expert_scores = expert_scores + expert_term.view(self.num_clusters, -1)[cluster_index]
+        expert_log_probs = F.log_softmax(expert_logits.float() / temperature, dim=-1)
+        expert_scores = expert_log_probs if expert_term is None else expert_log_probs + expert_term[cluster_index]
         if noise > 0:
             expert_scores = expert_scores + torch.randn_like(expert_scores) * noise
         num_candidates = config.top_k_experts if config.expert_capacity_factor is None else self.experts_per_cluster
@@ -487,23 +496,24 @@ class ClusterMoESparseMoeBlock(nn.Module):
         (leaving itself out, an outsized expert cannot raise its own bar). Pairs where `valid` (pairs,) is False are
         not judged. Returns (faulty, observed), (N,)."""
         norms = torch.linalg.vector_norm(expert_out.detach(), dim=-1, dtype=torch.float32)  # (pairs,)
-        finite = norms <= torch.finfo(torch.float32).max  # False for inf and NaN
-        log_norms = torch.where(finite, norms.clamp_min(1e-12).log(), 0.0)
-        per_pair = torch.stack([torch.ones_like(norms), (~finite).float(), log_norms], dim=-1)  # (pairs, 3)
+        log_norms = norms.clamp_min(1e-12).log()  # inf or NaN where an output is not finite
+        per_pair = torch.stack([torch.ones_like(log_norms), log_norms], dim=-1)  # (pairs, 2)
         if valid is not None:
-            per_pair = per_pair * valid.unsqueeze(-1)
-        per_expert = per_pair.new_zeros(self.num_experts, 3).index_add_(0, expert_ids, per_pair)
-        pair_count, nonfinite_count, log_norm_sum = per_expert.unbind(-1)  # (N,) each
+            per_pair = torch.where(valid.unsqueeze(-1), per_pair, 0.0)
+        per_expert = per_pair.new_zeros(self.num_experts, 2).index_add_(0, expert_ids, per_pair)
+        pair_count, log_norm_sum = per_expert.view(self.num_clusters, -1, 2).unbind(-1)  # (C, E) each
         observed = pair_count > 0
-        mean_log_norm = (log_norm_sum / pair_count.clamp_min(1.0)).view(self.num_clusters, -1)  # (C, E)
-        healthy = (observed & (nonfinite_count == 0)).float().view(self.num_clusters, -1)  # (C, E)
-        healthy_log_norm = mean_log_norm * healthy
-        others_count = healthy.sum(-1, keepdim=True) - healthy
-        others_reference = (healthy_log_norm.sum(-1, keepdim=True) - healthy_log_norm) / others_count.clamp_min(1.0)
+        finite = log_norm_sum < math.inf  # a sum over pairs is non-finite if any of its terms is
+        healthy = observed & finite
+        # Leave-one-out comparison without dividing: for a healthy expert with n healthy others of summed mean
+        # log-norm S, outsized <=> n * mean - S > n * log(max ratio); it is never true when n = 0.
+        mean_log_norm = torch.where(healthy, log_norm_sum / pair_count.clamp_min(1.0), 0.0)
+        others_count = healthy.sum(-1, keepdim=True) - healthy.float()
+        others_sum = mean_log_norm.sum(-1, keepdim=True) - mean_log_norm
         max_log_ratio = math.log(self.config.reliability_max_norm_ratio)
-        outsized = (others_count > 0) & (mean_log_norm - others_reference > max_log_ratio)
-        faulty = observed & ((nonfinite_count > 0) | outsized.view(-1))
-        return faulty, observed
+        outsized = others_count * mean_log_norm - others_sum > others_count * max_log_ratio
+        faulty = observed & (~finite | outsized)
+        return faulty.view(-1), observed.view(-1)
 
     def forward(
         self,

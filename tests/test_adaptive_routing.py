@@ -77,6 +77,27 @@ def test_biases_choose_experts_but_do_not_change_combine_weights():
     torch.testing.assert_close(output.view(10, 32), expected)
 
 
+def test_selection_follows_every_change_of_the_routing_state_between_forwards():
+    """The selection terms are reused between forwards (decoding), but never once a buffer or setting changed."""
+    model = adaptive_model().eval()
+    router = routers(model)[0]
+    flat = torch.randn(6, 32)
+
+    def clusters():
+        with torch.no_grad():
+            return router(flat).cluster_index.view(-1)
+
+    clusters()
+    router.cluster_bias.copy_(torch.tensor([3.0, 0.0]))  # in place, as the optimizer-step hook does
+    assert torch.all(clusters() == 0)
+    router.expert_reliability[:4] = 1e-3  # cluster 0 degrades: log-reliability -6.9 outweighs the bias
+    assert torch.all(clusters() == 1)
+    router.cluster_bias = torch.tensor([10.0, 0.0])  # a new tensor, not an in-place update
+    assert torch.all(clusters() == 0)
+    model.config.use_adaptive_routing = False  # a setting: the reliability term alone now decides
+    assert torch.all(clusters() == 1)
+
+
 def load_imbalance(adaptive: bool, steps: int = 40) -> float:
     """Coefficient of variation of layer-0 expert loads over the last steps of a run with a skewed router."""
     model = adaptive_model(rate=0.05) if adaptive else adaptive_model(rate=0.05, use_adaptive_routing=False)
