@@ -44,7 +44,8 @@ class ClusterMoEConfig(PreTrainedConfig):
         router_aux_loss_coef (`float`): weight of the expert-level load-balancing loss (within clusters).
         router_cluster_aux_loss_coef (`float`, *optional*): weight of the cluster-level load-balancing loss;
             defaults to `router_aux_loss_coef`.
-        router_z_loss_coef (`float`): weight of the router z-loss on both router levels.
+        router_z_loss_coef (`float`): weight of the router z-loss (squared logsumexp of the softmax inputs, logits /
+            `routing_temperature`) on both router levels.
         output_router_logits (`bool`): return each MoE layer's cluster-router logits.
         use_reliability_routing (`bool`): track an EMA health score per expert, mask the output of experts that
             produce non-finite or outsized outputs, and deprioritise degraded experts when routing.

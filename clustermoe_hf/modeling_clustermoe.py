@@ -319,7 +319,9 @@ class ClusterMoERouter(nn.Module):
         num_tokens, top_k_clusters = cluster_index.shape
         if not self.hierarchical:
             all_logits = F.linear(hidden_states, self.expert_weight).view(num_tokens, self.num_clusters, -1)
-            return all_logits.gather(1, cluster_index.unsqueeze(-1).expand(-1, -1, self.experts_per_cluster))
+            # Indexing rather than `gather`: its backward keeps the indices, not all C * E logits per token.
+            token_index = torch.arange(num_tokens, device=hidden_states.device).unsqueeze(-1)  # (tokens, 1)
+            return all_logits[token_index, cluster_index]
         # Group (token, cluster) pairs by cluster and multiply each group by its own cluster's expert rows only:
         # cost grows with top_k_clusters * E instead of C * E.
         flat_clusters = cluster_index.reshape(-1)  # (tokens * kc,)
@@ -473,10 +475,11 @@ class ClusterMoESparseMoeBlock(nn.Module):
         expert_choices = torch.zeros_like(expert_probs).scatter_add_(
             2, local_index, pair_mask[..., None].expand_as(local_index).contiguous()
         )
-        flat_clusters = cluster_index.reshape(-1)
-        per_cluster = lambda values: torch.zeros(  # noqa: E731  (tokens*kc, E) -> (C, E) sums
+        # (tokens*kc, E) -> (C, E) sums; scatter_add's backward keeps only the (expanded) cluster ids
+        cluster_rows = cluster_index.reshape(-1, 1).expand(-1, self.experts_per_cluster)
+        per_cluster = lambda values: torch.zeros(  # noqa: E731
             self.num_clusters, self.experts_per_cluster, device=values.device
-        ).index_add_(0, flat_clusters, values.reshape(-1, self.experts_per_cluster))
+        ).scatter_add_(0, cluster_rows, values.reshape(-1, self.experts_per_cluster))
         choices = per_cluster(expert_choices)
         probs = per_cluster(expert_probs * pair_mask[..., None])
         pairs = choices.sum(-1, keepdim=True) / self.config.top_k_experts  # (C, 1) pairs routed to each cluster
@@ -484,9 +487,11 @@ class ClusterMoESparseMoeBlock(nn.Module):
         expert_prob = probs / pairs.clamp_min(1.0)
         cluster_share = pairs.squeeze(-1) / pairs.sum().clamp_min(1.0)
         expert_balance = self.experts_per_cluster * (cluster_share * (expert_fraction * expert_prob).sum(-1)).sum()
-        # z-loss on both router levels keeps the logits small (ST-MoE).
-        z_cluster = torch.logsumexp(cluster_logits.float(), dim=-1).square()
-        z_expert = torch.logsumexp(expert_logits.float(), dim=-1).square().mean(-1)
+        # z-loss (ST-MoE) on both levels' softmax inputs (logits / temperature) keeps the logits small. Their
+        # logsumexp is any input minus its log-probability; taking entry 0 keeps nothing new alive for the backward.
+        temperature = self.config.routing_temperature
+        z_cluster = (cluster_logits[:, 0].float() / temperature - routing.cluster_log_probs[:, 0]).square()
+        z_expert = (expert_logits[..., 0].float() / temperature - routing.expert_log_probs[..., 0]).square().mean(-1)
         router_z = ((z_cluster + z_expert) * mask).sum() / num_valid
         return cluster_balance, expert_balance, router_z
 

@@ -182,19 +182,24 @@ def test_padding_is_excluded_from_model_aux_losses(tiny_model):
     assert not torch.allclose(router_losses(other_padding), unpadded)  # without the mask, pad tokens would count
 
 
-def test_router_loss_formulas(tiny_model):
-    model = tiny_model(num_clusters=3, experts_per_cluster=4, top_k_clusters=2, top_k_experts=2, initializer_range=0.2)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_router_loss_formulas(tiny_model, temperature):
+    model = tiny_model(
+        num_clusters=3, experts_per_cluster=4, top_k_clusters=2, top_k_experts=2, initializer_range=0.2,
+        routing_temperature=temperature,
+    )  # fmt: skip
     block = model.model.layers[0].mlp
     router = block.router
     hidden = torch.randn(20, 32)
     with torch.no_grad():
         _, stats = block(hidden[None])
-        cluster_logits = hidden @ router.cluster_weight.T  # (tokens, C)
-        expert_logits = (hidden @ router.expert_weight.T).view(20, 3, 4)  # (tokens, C, E)
+        # the softmax inputs of both levels: logits / temperature
+        cluster_logits = hidden @ router.cluster_weight.T / temperature  # (tokens, C)
+        expert_logits = (hidden @ router.expert_weight.T).view(20, 3, 4) / temperature  # (tokens, C, E)
         chosen = cluster_logits.topk(2).indices  # (tokens, kc)
         chosen_expert_logits = expert_logits.gather(1, chosen[..., None].expand(-1, -1, 4))  # (tokens, kc, E)
 
-    # ST-MoE z-loss on both levels: logsumexp(cluster logits)^2 + mean over chosen clusters of logsumexp(...)^2
+    # ST-MoE z-loss on both levels' softmax inputs: logsumexp(cluster)^2 + mean over chosen clusters of logsumexp^2
     z_loss = cluster_logits.logsumexp(-1).square() + chosen_expert_logits.logsumexp(-1).square().mean(-1)
     torch.testing.assert_close(stats["router_z_loss"], z_loss.mean())
 
