@@ -7,6 +7,7 @@ the experts' GEMMs sit inside the `aten::mm` row (with the attention and LM-head
 
     python benchmarks/profile_step.py                      # training step (fp32)
     python benchmarks/profile_step.py --mode decode        # one decode token (KV cache) at batch 1
+    python benchmarks/profile_step.py --mode memory        # a training step's peak memory, by category
 """
 
 import argparse
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import make_training_steps  # noqa: E402
-from common import CLUSTERMOE, DEFAULT_SHAPE, DENSE, build_configs, build_model  # noqa: E402
+from common import CLUSTERMOE, DEFAULT_SHAPE, DENSE, build_configs, build_model, tensor_bytes  # noqa: E402
 
 
 def profiled_ms(fn, steps: int) -> tuple[dict[str, float], int]:
@@ -34,9 +36,45 @@ def profiled_ms(fn, steps: int) -> tuple[dict[str, float], int]:
     return totals, calls // steps
 
 
+def peak_memory_by_category(fn) -> dict[str, int]:
+    """Bytes allocated while `fn` runs and alive at its peak, by the torch profiler's memory categories (activation,
+    gradient, autograd_detail, ...). Uses the profiler's memory profile, a private torch API."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    memory = prof._memory_profile()
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for _, action, (key, _), size in memory.timeline:
+        if action == Action.CREATE:
+            live[key] = size
+            total += size
+        elif action == Action.DESTROY:
+            total -= live.pop(key, 0)
+        if total > peak:
+            peak, at_peak = total, dict(live)
+    by_category = {}
+    for key, size in at_peak.items():
+        category = memory._categories.get(key, 0)
+        name = "unknown" if category is None else category.name.lower()
+        by_category[name] = by_category.get(name, 0) + size
+    return by_category
+
+
+def print_memory_table(columns: dict[str, dict[str, int]]):
+    labels = list(columns)
+    names = {name for column in columns.values() for name in column}
+    categories = sorted(names, key=lambda name: -columns[labels[0]].get(name, 0))
+    print("Peak training-step memory (fp32) in KiB: parameters, buffers and optimizer state, then what the step")
+    print("allocates and still holds at its peak, by the torch profiler's memory categories.\n")
+    print("| | " + " | ".join(labels) + " |")
+    print("|---|" + "---:|" * len(labels))
+    for name in categories:
+        print(f"| {name} | " + " | ".join(f"{columns[label].get(name, 0) / 1024:,.1f}" for label in labels) + " |")
+    print("| **total** | " + " | ".join(f"**{sum(columns[label].values()) / 1024:,.1f}**" for label in labels) + " |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("train", "decode"), default="train")
+    parser.add_argument("--mode", choices=("train", "decode", "memory"), default="train")
     parser.add_argument("--peer", default="Qwen3-MoE", help="MoE peer to compare with")
     parser.add_argument("--peer-implementation", default="grouped_mm")
     parser.add_argument("--steps", type=int, default=5)
@@ -50,6 +88,13 @@ def main(argv=None):
     for name, implementation in ((CLUSTERMOE, None), (args.peer, args.peer_implementation), (DENSE, None)):
         model = build_model(name, configs[name], experts_implementation=implementation)
         label = f"{name} [{model.config._experts_implementation}]" if name != DENSE else name
+        if args.mode == "memory":
+            (fn,), optimizer = make_training_steps(model, batch)
+            fn()  # creates the optimizer state
+            state = [t for group in optimizer.state.values() for t in group.values() if isinstance(t, torch.Tensor)]
+            resident = tensor_bytes([*model.parameters(), *model.buffers(), *state])
+            columns[label] = {"resident (parameters, buffers, optimizer)": resident, **peak_memory_by_category(fn)}
+            continue
         if args.mode == "train":
             (fn,), _ = make_training_steps(model, batch)
         else:
@@ -65,6 +110,9 @@ def main(argv=None):
         for _ in range(2):
             fn()
         columns[label], calls[label] = profiled_ms(fn, args.steps)
+    if args.mode == "memory":
+        print_memory_table(columns)
+        return
     labels = list(columns)
     ops = sorted({op for totals in columns.values() for op in totals}, key=lambda op: -columns[labels[0]].get(op, 0))
     unit = "ms per training step" if args.mode == "train" else "ms per decode token (batch 1, KV cache)"

@@ -100,3 +100,18 @@ def test_quick_benchmark_writes_json_markdown_and_plots(tmp_path):
     assert all(target["met"] == (target["value"] >= target["threshold"]) for target in targets.values())
     for name in ("models.png", "router_scaling.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peak_memory_by_category_sees_what_a_training_step_holds_at_its_peak():
+    """`profile_step.py --mode memory` reads the profiler's private memory profile: keep it working."""
+    import profile_step
+
+    weight = torch.randn(64, 64, requires_grad=True)
+
+    def step():
+        activation = torch.tanh(torch.randn(256, 64) @ weight)  # 64 KiB saved for the backward
+        activation.square().sum().backward()
+
+    by_category = profile_step.peak_memory_by_category(step)
+    assert sum(by_category.values()) >= 256 * 64 * 4 + 64 * 64 * 4  # the saved activation and the weight's gradient
+    assert by_category and "unknown" not in by_category  # every allocation alive at the peak got a category
