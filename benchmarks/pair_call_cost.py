@@ -3,8 +3,8 @@
 `ClusterMoESparseMoeBlock` runs the fused experts once over all (token, expert) pairs, unweighted (inputs repeated
 per pair, one expert per row, unit weights), so that each pair's output can be health-checked before the weighted
 combine. A model without health checks would make one weighted call over the tokens instead. This times both, on the
-default benchmark shape, forward + backward and forward only, for each experts implementation; and the health check
-itself (`_expert_health` plus masking).
+default benchmark shape (fp32, where ClusterMoE's default `sorted_mm` is transformers' `grouped_mm`), forward +
+backward and forward only; and the health check itself (`_expert_health` plus masking).
 
     python benchmarks/pair_call_cost.py
 """
@@ -41,60 +41,54 @@ def main(argv=None) -> dict:
     pair_outputs = torch.randn(pair_ids.shape[0], shape.hidden_size)
     served = torch.ones_like(pair_ids, dtype=torch.bool)
 
-    runs = {}
-    for implementation in ("grouped_mm", "sorted_mm"):
-        block_config = copy.deepcopy(config)
-        block_config._experts_implementation = implementation
-        block = ClusterMoESparseMoeBlock(block_config)
-        for weight in block.parameters():
-            torch.nn.init.normal_(weight, std=0.02)
-        experts = block.experts
+    block_config = copy.deepcopy(config)
+    block_config._experts_implementation = "grouped_mm"
+    block = ClusterMoESparseMoeBlock(block_config)
+    for weight in block.parameters():
+        torch.nn.init.normal_(weight, std=0.02)
+    experts = block.experts
 
-        def direct(grad, experts=experts):
-            with torch.set_grad_enabled(grad):
-                inputs = hidden.clone().requires_grad_(grad)
-                out = experts(inputs, top_k_index, weights)
-                if grad:
-                    out.sum().backward()
+    def direct(grad):
+        with torch.set_grad_enabled(grad):
+            inputs = hidden.clone().requires_grad_(grad)
+            out = experts(inputs, top_k_index, weights)
+            if grad:
+                out.sum().backward()
 
-        def per_pair(grad, experts=experts):
-            with torch.set_grad_enabled(grad):
-                inputs = hidden.clone().requires_grad_(grad)
-                pair_inputs = inputs.repeat_interleave(shape.experts_per_token, dim=0)
-                pair_out = experts(pair_inputs, pair_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
-                out = (pair_out.view(num_tokens, -1, shape.hidden_size) * weights.unsqueeze(-1)).sum(1)
-                if grad:
-                    out.sum().backward()
+    def per_pair(grad):
+        with torch.set_grad_enabled(grad):
+            inputs = hidden.clone().requires_grad_(grad)
+            pair_inputs = inputs.repeat_interleave(shape.experts_per_token, dim=0)
+            pair_out = experts(pair_inputs, pair_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
+            out = (pair_out.view(num_tokens, -1, shape.hidden_size) * weights.unsqueeze(-1)).sum(1)
+            if grad:
+                out.sum().backward()
 
-        def health_check(block=block):
-            with torch.no_grad():
-                faulty, _ = block._expert_health(pair_outputs, pair_ids, served)
-                pair_outputs.masked_fill(faulty[pair_ids][:, None], 0.0)
+    def health_check():
+        with torch.no_grad():
+            faulty, _ = block._expert_health(pair_outputs, pair_ids, served)
+            pair_outputs.masked_fill(faulty[pair_ids][:, None], 0.0)
 
-        for grad in (True, False):
-            mode = "forward+backward" if grad else "forward"
-            runs[(implementation, mode, "direct weighted call")] = lambda d=direct, g=grad: d(g)
-            runs[(implementation, mode, "per-pair call + combine")] = lambda p=per_pair, g=grad: p(g)
-        runs[(implementation, "forward", "health check + masking")] = health_check
+    runs = {("forward", "health check + masking"): health_check}
+    for grad in (True, False):
+        mode = "forward+backward" if grad else "forward"
+        runs[(mode, "direct weighted call")] = lambda g=grad: direct(g)
+        runs[(mode, "per-pair call + combine")] = lambda g=grad: per_pair(g)
 
     times = median_times(runs, warmup=3, repeats=args.repeats)
-    rows = []
-    for (implementation, mode, variant), value in times.items():
-        rows.append(
-            {"implementation": implementation, "mode": mode, "variant": variant, "ms": value["median_s"] * 1e3}
-        )
+    rows = [
+        {"mode": mode, "variant": variant, "ms": value["median_s"] * 1e3} for (mode, variant), value in times.items()
+    ]
     print(f"{num_tokens} tokens x {shape.experts_per_token} experts, hidden {shape.hidden_size}, expert width "
-          f"{shape.expert_width}; medians of {args.repeats} interleaved runs, 1 thread.\n")  # fmt: skip
-    print("| experts implementation | mode | direct weighted call (ms) | per-pair call + combine (ms) | overhead |")
-    print("|---|---|---:|---:|---:|")
-    for implementation in ("grouped_mm", "sorted_mm"):
-        for mode in ("forward+backward", "forward"):
-            direct_ms = times[(implementation, mode, "direct weighted call")]["median_s"] * 1e3
-            pair_ms = times[(implementation, mode, "per-pair call + combine")]["median_s"] * 1e3
-            print(f"| {implementation} | {mode} | {direct_ms:.2f} | {pair_ms:.2f} | {pair_ms / direct_ms - 1:+.0%} |")
-    for implementation in ("grouped_mm", "sorted_mm"):
-        health_ms = times[(implementation, "forward", "health check + masking")]["median_s"] * 1e3
-        print(f"\nHealth check + masking ({implementation} block): {health_ms:.2f} ms")
+          f"{shape.expert_width}, grouped_mm; medians of {args.repeats} interleaved runs, 1 thread.\n")  # fmt: skip
+    print("| mode | direct weighted call (ms) | per-pair call + combine (ms) | overhead |")
+    print("|---|---:|---:|---:|")
+    for mode in ("forward+backward", "forward"):
+        direct_ms = times[(mode, "direct weighted call")]["median_s"] * 1e3
+        pair_ms = times[(mode, "per-pair call + combine")]["median_s"] * 1e3
+        print(f"| {mode} | {direct_ms:.2f} | {pair_ms:.2f} | {pair_ms / direct_ms - 1:+.0%} |")
+    health_ms = times[("forward", "health check + masking")]["median_s"] * 1e3
+    print(f"\nHealth check + masking: {health_ms:.2f} ms")
     return {"rows": rows}
 
 
