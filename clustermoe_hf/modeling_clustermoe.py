@@ -273,12 +273,18 @@ class ClusterMoERouter(nn.Module):
         # EMA health score in [0, 1] per expert, and its token counts (for utilisation-weighted aggregation).
         self.register_buffer("expert_reliability", torch.ones(config.num_experts, dtype=torch.float32))
         self.register_buffer("expert_token_counts", torch.zeros(config.num_experts, dtype=torch.long))
+        # The counts summed over processes as of the last optimizer step: what selection weighs reliability by. Like
+        # every input of selection it changes only at optimizer steps, so a forward that gradient checkpointing
+        # re-runs routes as the original did, and data-parallel replicas route alike.
+        self.register_buffer("selection_token_counts", torch.zeros(config.num_experts, dtype=torch.long))
         self.hierarchical = _uses_hierarchical_router(config)
         self._cached_selection_bias = None  # see `selection_bias`
 
-    def cluster_reliability(self) -> torch.Tensor:
-        """Utilisation-weighted mean expert reliability of each cluster, shape (C,)."""
-        weights = (self.expert_token_counts.float() + 1.0).view(self.num_clusters, -1)
+    def cluster_reliability(self, token_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Utilisation-weighted mean expert reliability of each cluster, shape (C,), weighted by `token_counts`
+        (N,) + 1, by default the training counts so far."""
+        token_counts = self.expert_token_counts if token_counts is None else token_counts
+        weights = (token_counts.float() + 1.0).view(self.num_clusters, -1)
         scores = self.expert_reliability.view(self.num_clusters, -1)
         return (weights * scores).sum(-1) / weights.sum(-1)
 
@@ -292,7 +298,7 @@ class ClusterMoERouter(nn.Module):
         if is_torchdynamo_compiling():
             return self._compute_selection_bias()
         settings = (config.use_adaptive_routing, config.use_reliability_routing, config.reliability_threshold)
-        sources = (self.cluster_bias, self.expert_bias, self.expert_reliability, self.expert_token_counts)
+        sources = (self.cluster_bias, self.expert_bias, self.expert_reliability, self.selection_token_counts)
         versions = tuple(source._version for source in sources)
         cached = self._cached_selection_bias
         if cached is None or cached[:2] != (settings, versions) or any(a is not b for a, b in zip(cached[2], sources)):
@@ -305,7 +311,7 @@ class ClusterMoERouter(nn.Module):
         if config.use_adaptive_routing:
             cluster_term, expert_term = self.cluster_bias, self.expert_bias
         if config.use_reliability_routing:
-            cluster_log_reliability = self.cluster_reliability().clamp_min(1e-6).log()
+            cluster_log_reliability = self.cluster_reliability(self.selection_token_counts).clamp_min(1e-6).log()
             excluded = self.expert_reliability < config.reliability_threshold
             expert_log_reliability = self.expert_reliability.clamp_min(1e-6).log().masked_fill(excluded, -1e4)
             if cluster_term is None:
@@ -403,6 +409,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
             (router, "expert_bias", keep),
             (router, "expert_reliability", keep),
             (router, "expert_token_counts", keep),
+            (router, "selection_token_counts", keep),
         ):
             old = getattr(module, name)
             new = old[index]
@@ -692,6 +699,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.expert_bias)
             init.ones_(module.expert_reliability)
             init.zeros_(module.expert_token_counts)
+            init.zeros_(module.selection_token_counts)
         elif isinstance(module, ClusterMoERoutingState):
             for buffer in module.buffers():
                 init.zeros_(buffer)
@@ -1036,6 +1044,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         for row, (_, block) in enumerate(self._moe_layers()):
             router = block.router
             device = router.expert_bias.device
+            router.selection_token_counts.add_(counts[row].to(device).round().long())
             if config.use_reliability_routing:
                 seen = observed[row].to(device) > 0
                 health = (healthy[row] / observed[row].clamp_min(1.0)).to(device)

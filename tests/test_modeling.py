@@ -277,6 +277,35 @@ def test_gradient_checkpointing_same_gradients_and_counts(tiny_model):
     assert torch.equal(ckpt_counts, counts)
 
 
+def test_gradient_checkpointing_recomputes_the_routing_of_the_forward(tiny_model):
+    """The training forward adds its token counts to the routing state before the backward re-runs the layers. With
+    uneven reliabilities, counts weighting the cluster reliability at once would flip the cluster choice in the
+    recomputation: selection weighs them as of the last optimizer step instead."""
+    model = tiny_model(num_hidden_layers=1, use_adaptive_routing=True, attention_dropout=0.0).train()
+    router = model.model.layers[0].mlp.router
+    with torch.no_grad():
+        router.cluster_weight.zero_()  # tied cluster scores: the selection terms decide
+        router.expert_bias.copy_(torch.tensor([0.0, 0.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0]))  # traffic to experts 2, 3
+        router.expert_reliability.copy_(torch.tensor([1.0, 1.0, 0.6, 0.6, 0.998, 0.998, 0.998, 0.998]))
+        router.selection_token_counts.copy_(torch.tensor([1000, 1000, 0, 0, 0, 0, 0, 0]))
+    checkpointed = clone_model(model)
+    checkpointed.activation_checkpointing_enable()
+
+    ids = random_ids(4, 16)
+    grads, clusters = [], []
+    for candidate in (model, checkpointed):
+        chosen = []
+        candidate.model.layers[0].mlp.router.register_forward_hook(lambda m, a, out: chosen.append(out.cluster_index))
+        candidate(ids, labels=ids).loss.backward()
+        grads.append({name: param.grad for name, param in candidate.named_parameters()})
+        clusters.append(chosen)
+    assert len(clusters[1]) == 2  # the forward and its recomputation
+    assert all(torch.equal(index, clusters[0][0]) for index in clusters[1])
+    assert torch.all(clusters[0][0] == 0)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
 # ----- expert utilisation -----
 
 

@@ -12,7 +12,7 @@ import torch
 from clustermoe_hf.analysis import perplexity
 
 
-ROUTING_BUFFERS = ("expert_bias", "expert_reliability", "expert_token_counts")
+ROUTING_BUFFERS = ("expert_bias", "expert_reliability", "expert_token_counts", "selection_token_counts")
 
 
 def with_utilization(model, counts_per_layer):
@@ -26,6 +26,7 @@ def test_prune_keeps_the_most_used_experts_of_each_cluster_and_slices_everything
     for layer in model.model.layers:
         layer.mlp.router.expert_bias.copy_(torch.arange(8.0))
         layer.mlp.router.expert_reliability.copy_(torch.linspace(0.6, 1.0, 8))
+        layer.mlp.router.selection_token_counts.copy_(torch.arange(10, 18))
         layer.mlp.router.cluster_bias.copy_(torch.tensor([0.5, -0.5]))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     num_parameters = model.num_parameters()

@@ -99,8 +99,10 @@ def test_reliability_ema_after_one_optimizer_step(tiny_model):
     model.train()
     model(input_ids, labels=input_ids).loss.backward()
     counts = routers[0].expert_token_counts.clone()
+    assert torch.all(routers[0].selection_token_counts == 0)  # selection's inputs change only at optimizer steps
     optimizer.step()
 
+    assert torch.equal(routers[0].selection_token_counts, counts)
     assert counts[excluded] == 0 and counts[broken] > 0
     reliability = routers[0].expert_reliability
     assert reliability[broken].item() == pytest.approx(0.8)  # 0.8 * 1 + 0.2 * (healthy = 0)
