@@ -295,10 +295,10 @@ class ClusterMoERouter(nn.Module):
         Reused until a buffer they are computed from changes (in-place updates bump a tensor's version counter), so
         that decoding does not rebuild them for every token."""
         config = self.config
-        if is_torchdynamo_compiling():
-            return self._compute_selection_bias()
-        settings = (config.use_adaptive_routing, config.use_reliability_routing, config.reliability_threshold)
         sources = (self.cluster_bias, self.expert_bias, self.expert_reliability, self.selection_token_counts)
+        if is_torchdynamo_compiling() or any(source.is_inference() for source in sources):
+            return self._compute_selection_bias()  # no version counters to key a cache on
+        settings = (config.use_adaptive_routing, config.use_reliability_routing, config.reliability_threshold)
         versions = tuple(source._version for source in sources)
         cached = self._cached_selection_bias
         if cached is None or cached[:2] != (settings, versions) or any(a is not b for a, b in zip(cached[2], sources)):

@@ -98,6 +98,18 @@ def test_selection_follows_every_change_of_the_routing_state_between_forwards():
     assert torch.all(clusters() == 1)
 
 
+def test_a_model_built_in_inference_mode_routes_by_its_current_state():
+    """Inference tensors have no version counters: selection is then recomputed on every forward."""
+    with torch.inference_mode():
+        model = adaptive_model().eval()
+        router = routers(model)[0]
+        flat = torch.randn(6, 32)
+        router.cluster_bias.copy_(torch.tensor([3.0, 0.0]))
+        assert torch.all(router(flat).cluster_index == 0)
+        router.cluster_bias.copy_(torch.tensor([0.0, 3.0]))
+        assert torch.all(router(flat).cluster_index == 1)
+
+
 def load_imbalance(adaptive: bool, steps: int = 40) -> float:
     """Coefficient of variation of layer-0 expert loads over the last steps of a run with a skewed router."""
     model = adaptive_model(rate=0.05) if adaptive else adaptive_model(rate=0.05, use_adaptive_routing=False)
