@@ -185,23 +185,48 @@ class _SortedGroupedLinear(torch.autograd.Function):
         return grad_inputs, grad_weights, None, None
 
 
+# Up to this many (token, expert) pairs, inference on CPU multiplies each pair on its own (two matrix-vector
+# products): at batch-1 decoding that skips grouped_mm's sort and scatter bookkeeping and its pass over every expert,
+# ~0.3 of a layer's experts call here; from ~6 pairs grouped_mm is faster (docs/benchmarks.md).
+PER_PAIR_MAX_PAIRS = 4
+
+
+def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Inference for a handful of pairs: each pair's expert applied to its token's vector, no sorting or grouping."""
+    top_k = top_k_index.shape[-1]
+    pair_weights = top_k_weights.reshape(-1).tolist()
+    output = torch.zeros_like(hidden_states)
+    for pair, expert in enumerate(top_k_index.reshape(-1).tolist()):
+        gate_up_proj, down_proj = self.gate_up_proj[expert], self.down_proj[expert]
+        if not self.is_transposed:
+            gate_up_proj, down_proj = gate_up_proj.T, down_proj.T
+        expert_out = (self._apply_gate(hidden_states[pair // top_k] @ gate_up_proj)) @ down_proj  # (H,)
+        output[pair // top_k].add_(expert_out, alpha=pair_weights[pair])
+    return output
+
+
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """`experts_implementation="sorted_mm"`, ClusterMoE's default: transformers' `grouped_mm`, except on CPUs that
-    emulate the weights' half-precision GEMMs (`_CPU_DTYPES_WITHOUT_FAST_GEMM`). There it sorts the (token, expert)
-    pairs by expert once and runs one float32 GEMM per expert that received pairs, forward and backward; per token,
-    outputs are summed in the eager reference's order. The group sizes cost one host sync per call, which the
-    per-expert GEMMs need. Measured against `grouped_mm` in docs/benchmarks.md."""
+    """`experts_implementation="sorted_mm"`, ClusterMoE's default: transformers' `grouped_mm`, with two CPU paths
+    where it is slow. Without gradients and for at most `PER_PAIR_MAX_PAIRS` pairs (decoding), each pair runs on its
+    own. For weights in a half-precision dtype the CPU emulates (`_CPU_DTYPES_WITHOUT_FAST_GEMM`), it sorts the
+    (token, expert) pairs by expert once and runs one float32 GEMM per expert that received pairs, forward and
+    backward; per token, outputs are summed in the eager reference's order. Both read the routing on the host (free on
+    CPU), which their per-expert GEMMs need. Measured against `grouped_mm` in docs/benchmarks.md."""
     if (
         hidden_states.device.type != "cpu"
         or is_torchdynamo_compiling()
-        or self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM
         or not self.has_gate
         or self.has_bias
         or self.has_post_expert_norm
         or self._is_expert_parallel
     ):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    emulated = self.gate_up_proj.dtype in _CPU_DTYPES_WITHOUT_FAST_GEMM
+    if not emulated and not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
+        return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if not emulated:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, hidden_dim = hidden_states.shape
     pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k

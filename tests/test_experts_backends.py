@@ -1,5 +1,6 @@
 """The `sorted_mm` experts implementation: transformers' `grouped_mm`, except for dtypes this CPU only emulates, where
-it runs float32 GEMMs over the active experts; that loop against the eager reference, in outputs and gradients."""
+it runs float32 GEMMs over the active experts, and for inference on a handful of pairs, which it runs one by one; both
+against the eager reference, in outputs and (for the loop) gradients."""
 
 import copy
 
@@ -163,6 +164,39 @@ def test_sorted_mm_is_grouped_mm_for_dtypes_with_fast_gemms(monkeypatch):
     top_k_index, top_k_weights = routing(13, 8, top_k=2)
     expected = grouped_mm_experts_forward(experts, hidden, top_k_index, top_k_weights)
     assert torch.equal(experts(hidden, top_k_index, top_k_weights), expected)
+
+
+@pytest.mark.parametrize(
+    "experts_class, config",
+    [
+        (ClusterMoEExperts, clustermoe_config()),
+        (TransposedExperts, Qwen3MoeConfig(hidden_size=24, moe_intermediate_size=8, num_experts=5)),
+    ],
+    ids=["clustermoe", "transposed-weights"],
+)
+def test_sorted_mm_runs_a_few_pairs_without_gradients_one_by_one(monkeypatch, experts_class, config):
+    """Batch-1 decoding: up to PER_PAIR_MAX_PAIRS (token, expert) pairs are multiplied one by one, with the eager
+    reference's results; more pairs, or gradients, go to grouped_mm."""
+    functions = ALL_EXPERTS_FUNCTIONS["sorted_mm"].__globals__
+    gemm_loop_for(monkeypatch)  # no emulated dtype
+    grouped_mm_calls = []
+
+    def recording_grouped_mm(*args):
+        grouped_mm_calls.append(args[2].numel())
+        return grouped_mm_experts_forward(*args)
+
+    monkeypatch.setitem(functions, "grouped_mm_experts_forward", recording_grouped_mm)
+    eager, fast = experts_pair(experts_class, config)
+    max_pairs = functions["PER_PAIR_MAX_PAIRS"]
+    for num_tokens in (1, max_pairs // 2, max_pairs // 2 + 1):
+        hidden = torch.randn(num_tokens, config.hidden_size)
+        top_k_index, top_k_weights = routing(num_tokens, config.num_experts, top_k=2)
+        with torch.no_grad():
+            expected = eager(hidden, top_k_index, top_k_weights)
+            torch.testing.assert_close(fast(hidden, top_k_index, top_k_weights), expected)
+    assert grouped_mm_calls == [2 * (max_pairs // 2 + 1)]  # only the call over the threshold
+    run_with_grads(fast, hidden[:1], top_k_index[:1], top_k_weights[:1])
+    assert grouped_mm_calls[1:] == [2]
 
 
 def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients(float32_gemm_loop):
