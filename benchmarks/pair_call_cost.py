@@ -6,6 +6,9 @@ combine. A model without health checks would make one weighted call over the tok
 default benchmark shape (fp32, where ClusterMoE's default `sorted_mm` is transformers' `grouped_mm`), forward +
 backward and forward only; and the health check itself (`_expert_health` plus masking).
 
+It also times an inference experts call over a handful of pairs (decoding), `grouped_mm` against the per-pair path of
+`sorted_mm`, which sets `PER_PAIR_MAX_PAIRS`.
+
     python benchmarks/pair_call_cost.py
 """
 
@@ -20,7 +23,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CLUSTERMOE, DEFAULT_SHAPE, build_configs, median_times  # noqa: E402
 
-from clustermoe_hf.modeling_clustermoe import ClusterMoESparseMoeBlock  # noqa: E402
+from transformers.integrations.moe import grouped_mm_experts_forward  # noqa: E402
+
+from clustermoe_hf.modeling_clustermoe import (  # noqa: E402
+    PER_PAIR_MAX_PAIRS,
+    ClusterMoESparseMoeBlock,
+    _per_pair_experts_forward,
+)
+
+
+def few_pairs_table(experts, hidden_size: int, repeats: int, calls: int = 100) -> list[dict]:
+    """Microseconds per inference experts call over S pairs (one expert per row, as ClusterMoE calls it)."""
+    generator = torch.Generator().manual_seed(0)
+    runs = {}
+    for num_pairs in (1, 2, 3, 4, 5, 6, 8, 16):
+        hidden = torch.randn(num_pairs, hidden_size, generator=generator)
+        index = torch.randint(0, experts.num_experts, (num_pairs, 1), generator=generator)
+        ones = hidden.new_ones(num_pairs, 1)
+        for name, forward in (("grouped_mm", grouped_mm_experts_forward), ("per pair", _per_pair_experts_forward)):
+            runs[(num_pairs, name)] = lambda f=forward, h=hidden, i=index, w=ones: [
+                f(experts, h, i, w) for _ in range(calls)
+            ]
+    with torch.no_grad():
+        times = median_times(runs, warmup=2, repeats=repeats)
+    return [
+        {
+            "pairs": num_pairs,
+            "grouped_mm_us": times[(num_pairs, "grouped_mm")]["median_s"] / calls * 1e6,
+            "per_pair_us": times[(num_pairs, "per pair")]["median_s"] / calls * 1e6,
+        }
+        for num_pairs in sorted({pairs for pairs, _ in runs})
+    ]
 
 
 def main(argv=None) -> dict:
@@ -89,7 +122,16 @@ def main(argv=None) -> dict:
         print(f"| {mode} | {direct_ms:.2f} | {pair_ms:.2f} | {pair_ms / direct_ms - 1:+.0%} |")
     health_ms = times[("forward", "health check + masking")]["median_s"] * 1e3
     print(f"\nHealth check + masking: {health_ms:.2f} ms")
-    return {"rows": rows}
+
+    few_pairs = few_pairs_table(experts, shape.hidden_size, args.repeats)
+    print("\nInference experts call over a few pairs, us per call ", end="")
+    print(f"(sorted_mm runs up to PER_PAIR_MAX_PAIRS = {PER_PAIR_MAX_PAIRS} pairs one by one):\n")
+    print("| pairs | grouped_mm | per pair | per pair / grouped_mm |")
+    print("|---:|---:|---:|---:|")
+    for row in few_pairs:
+        ratio = row["per_pair_us"] / row["grouped_mm_us"]
+        print(f"| {row['pairs']} | {row['grouped_mm_us']:.0f} | {row['per_pair_us']:.0f} | {ratio:.2f} |")
+    return {"rows": rows, "few_pairs": few_pairs}
 
 
 if __name__ == "__main__":

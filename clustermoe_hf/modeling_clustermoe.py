@@ -186,8 +186,8 @@ class _SortedGroupedLinear(torch.autograd.Function):
 
 
 # Up to this many (token, expert) pairs, inference on CPU multiplies each pair on its own (two matrix-vector
-# products): at batch-1 decoding that skips grouped_mm's sort and scatter bookkeeping and its pass over every expert,
-# ~0.3 of a layer's experts call here; from ~6 pairs grouped_mm is faster (docs/benchmarks.md).
+# products), which skips grouped_mm's sort and scatter bookkeeping and its pass over every expert: at 2 pairs (batch-1
+# decoding here) it takes half grouped_mm's time, from ~6 pairs it is slower (benchmarks/pair_call_cost.py).
 PER_PAIR_MAX_PAIRS = 4
 
 
