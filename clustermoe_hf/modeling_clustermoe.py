@@ -195,14 +195,15 @@ def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Inference for a handful of pairs: each pair's expert applied to its token's vector, no sorting or grouping."""
     top_k = top_k_index.shape[-1]
     pair_weights = top_k_weights.reshape(-1).tolist()
-    output = torch.zeros_like(hidden_states)
+    inputs = hidden_states.to(self.gate_up_proj.dtype)  # computed in the weights' dtype, like grouped_mm
+    output = torch.zeros_like(inputs)
     for pair, expert in enumerate(top_k_index.reshape(-1).tolist()):
         gate_up_proj, down_proj = self.gate_up_proj[expert], self.down_proj[expert]
         if not self.is_transposed:
             gate_up_proj, down_proj = gate_up_proj.T, down_proj.T
-        expert_out = (self._apply_gate(hidden_states[pair // top_k] @ gate_up_proj)) @ down_proj  # (H,)
+        expert_out = self._apply_gate(inputs[pair // top_k] @ gate_up_proj) @ down_proj  # (H,)
         output[pair // top_k].add_(expert_out, alpha=pair_weights[pair])
-    return output
+    return output.to(hidden_states.dtype)
 
 
 def sorted_mm_experts_forward(

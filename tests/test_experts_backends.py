@@ -197,6 +197,10 @@ def test_sorted_mm_runs_a_few_pairs_without_gradients_one_by_one(monkeypatch, ex
     assert grouped_mm_calls == [2 * (max_pairs // 2 + 1)]  # only the call over the threshold
     run_with_grads(fast, hidden[:1], top_k_index[:1], top_k_weights[:1])
     assert grouped_mm_calls[1:] == [2]
+    with torch.no_grad():  # inputs in another dtype are computed in the weights' dtype, as grouped_mm does
+        half_inputs = hidden[:1].bfloat16()
+        expected = grouped_mm_experts_forward(fast, half_inputs, top_k_index[:1], top_k_weights[:1])
+        torch.testing.assert_close(fast(half_inputs, top_k_index[:1], top_k_weights[:1]), expected)
 
 
 def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients(float32_gemm_loop):
