@@ -102,6 +102,30 @@ def test_quick_benchmark_writes_json_markdown_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+def test_compiled_decode_benchmark_really_compiles_and_writes_its_ratios(tmp_path):
+    import compiled_decode
+
+    torch._dynamo.reset()
+    torch_threads, recompile_limit = torch.get_num_threads(), torch._dynamo.config.recompile_limit
+    try:
+        result = compiled_decode.main(["--quick", "--repeats", "1", "--output-dir", str(tmp_path)])
+        captured_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch.set_num_threads(torch_threads)
+        torch._dynamo.config.recompile_limit = recompile_limit
+        torch._dynamo.reset()
+    assert captured_graphs >= 3  # the compiled runs went through torch.compile, one graph per model at least
+    saved = json.loads((tmp_path / "compiled_decode.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert set(saved["clustermoe_over_best_peer"]) == {"batch_1_eager", "batch_1_compiled"}
+    for mode in ("eager", "compiled"):
+        ratio = saved["clustermoe_over_best_peer"][f"batch_1_{mode}"]
+        tokens_per_s = saved["tokens_per_s"]
+        expected = tokens_per_s[f"{CLUSTERMOE} | batch 1 | {mode}"] / tokens_per_s[f"Mixtral | batch 1 | {mode}"]
+        assert ratio == {"best_peer": "Mixtral", "ratio": pytest.approx(expected)}
+
+
 def test_peak_memory_by_category_sees_what_a_training_step_holds_at_its_peak():
     """`profile_step.py --mode memory` reads the profiler's private memory profile: keep it working."""
     import profile_step
