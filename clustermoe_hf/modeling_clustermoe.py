@@ -224,10 +224,9 @@ def sorted_mm_experts_forward(
         or self._is_expert_parallel
     ):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    emulated = self.gate_up_proj.dtype in _CPU_DTYPES_WITHOUT_FAST_GEMM
-    if not emulated and not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
-        return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if not emulated:
+    if self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM:
+        if not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
+            return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, hidden_dim = hidden_states.shape
     pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k
