@@ -203,6 +203,29 @@ def test_sorted_mm_runs_a_few_pairs_without_gradients_one_by_one(monkeypatch, ex
         torch.testing.assert_close(fast(half_inputs, top_k_index[:1], top_k_weights[:1]), expected)
 
 
+def test_clustermoe_decodes_through_the_per_pair_path_as_eager_does(monkeypatch):
+    """Batch-1 greedy decoding (2 pairs per token) takes the per-pair path and generates eager's tokens."""
+    gemm_loop_for(monkeypatch)  # no emulated dtype
+    per_pair_calls = []
+    functions = ALL_EXPERTS_FUNCTIONS["sorted_mm"].__globals__
+    per_pair = functions["_per_pair_experts_forward"]
+    monkeypatch.setitem(
+        functions, "_per_pair_experts_forward", lambda *args: per_pair_calls.append(1) or per_pair(*args)
+    )
+    model = ClusterMoEForCausalLM(clustermoe_config(initializer_range=0.2)).eval()
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))
+    generated = {}
+    for implementation in ("eager", "sorted_mm"):
+        model.set_experts_implementation(implementation)
+        output = model.generate(
+            prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True
+        )
+        generated[implementation] = output
+    assert len(per_pair_calls) == 5 * 2  # every decoded token after the prompt, in both MoE layers
+    assert torch.equal(generated["sorted_mm"].sequences, generated["eager"].sequences)
+    torch.testing.assert_close(torch.stack(generated["sorted_mm"].logits), torch.stack(generated["eager"].logits))
+
+
 def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients(float32_gemm_loop):
     """The whole model, reliability health checks included, trains identically with either backend."""
     model = ClusterMoEForCausalLM(clustermoe_config(initializer_range=0.2)).train()
