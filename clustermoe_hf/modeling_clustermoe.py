@@ -578,8 +578,11 @@ class ClusterMoESparseMoeBlock(nn.Module):
         # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
         chosen_log_probs = routing.cluster_log_probs.gather(1, cluster_index).unsqueeze(-1)
         chosen_log_probs = chosen_log_probs + routing.expert_log_probs.gather(-1, local_index)
-        weights = chosen_log_probs.view(num_tokens, top_k).exp()  # (tokens, k)
+        chosen_log_probs = chosen_log_probs.view(num_tokens, top_k)  # (tokens, k)
 
+        # Built before the experts run, so that their backward runs after the experts' (autograd runs later nodes
+        # first): their gradients then do not wait through the experts' backward, where training memory peaks.
+        balance = self._balance_losses(routing, expert_index, token_mask) if output_routing_stats else None
         # One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be
         # checked before it is combined. Works with every experts backend (eager, grouped_mm, batched_mm, ...).
         pair_inputs = hidden_flat.repeat_interleave(top_k, dim=0)  # (tokens*k, H)
@@ -602,9 +605,11 @@ class ClusterMoESparseMoeBlock(nn.Module):
             pair_outputs = pair_outputs.masked_fill(pair_faulty[:, None], 0.0)
             if pair_inputs.requires_grad:
                 pair_inputs.register_hook(lambda grad: grad.masked_fill(pair_faulty[:, None], 0.0))
-            weights = weights.masked_fill(pair_faulty.view(num_tokens, top_k), 0.0)
-        if self.config.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+            # exp(finfo.min) is 0; a token whose pairs are all faulty gets finite (uniform) weights for zeroed outputs
+            impossible = torch.finfo(chosen_log_probs.dtype).min
+            chosen_log_probs = chosen_log_probs.masked_fill(pair_faulty.view(num_tokens, top_k), impossible)
+        # Renormalised over the token's pairs, P(pair) / sum P = softmax of their log-probabilities.
+        weights = chosen_log_probs.softmax(-1) if self.config.norm_topk_prob else chosen_log_probs.exp()
         if served is not None:  # dropped pairs contribute nothing; the token keeps its residual path
             weights = weights * served.view(num_tokens, top_k)
 
@@ -617,7 +622,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         if not output_routing_stats:
             return output, None
 
-        cluster_balance, expert_balance, router_z = self._balance_losses(routing, expert_index, token_mask)
+        cluster_balance, expert_balance, router_z = balance
         expert_counts = torch.zeros(self.num_experts, dtype=torch.long, device=hidden_states.device)
         expert_counts.index_add_(0, pair_ids, torch.ones_like(pair_ids) if valid_pairs is None else valid_pairs.long())
         dropped = pair_ids.new_zeros(())
@@ -824,7 +829,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     def get_model_summary(self) -> dict:
         config = self.config
         total = sum(p.numel() for p in self.parameters())
-        expert_params = sum(block.experts.gate_up_proj.numel() + block.experts.down_proj.numel() for _, block in self._moe_layers())
+        expert_params = sum(sum(p.numel() for p in block.experts.parameters()) for _, block in self._moe_layers())
         inactive = expert_params * (1 - config.num_experts_per_tok / config.num_experts)
         return {
             "model_type": config.model_type,

@@ -64,6 +64,26 @@ def test_nan_expert_contributes_nothing_and_its_tokens_use_the_other_selected_ex
         assert torch.isfinite(parameter.grad).all()
 
 
+def test_a_token_whose_selected_experts_are_all_faulty_gets_a_zero_output_and_finite_gradients(tiny_model):
+    model = tiny_model()
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(1, 12, model.config.hidden_size, requires_grad=True)
+    routing = block.router(hidden.detach().view(12, -1))
+    chosen = routing.cluster_index[:, 0, None] * block.experts_per_cluster + routing.expert_candidates[:, 0]
+    with torch.no_grad():
+        block.experts.down_proj[chosen[0]] = float("nan")  # both experts of token 0
+
+    output, stats = block(hidden)
+    assert stats["expert_faulty"][chosen[0]].all()
+    assert torch.equal(output[0, 0], torch.zeros_like(output[0, 0]))
+    untouched = ~torch.isin(chosen, chosen[0]).any(-1)  # tokens that use neither broken expert
+    assert untouched.any() and (output[0, untouched] != 0).all(-1).all()
+    output.sum().backward()
+    assert torch.isfinite(hidden.grad).all()
+    assert torch.isfinite(block.router.cluster_weight.grad).all()
+    assert torch.isfinite(block.router.expert_weight.grad).all()
+
+
 def test_without_reliability_routing_a_nan_expert_poisons_the_output(tiny_model):
     """Counterpart of the test above: the masking is what keeps the output finite."""
     model = tiny_model(use_reliability_routing=False)

@@ -88,7 +88,10 @@ def test_combine_weights_are_cluster_times_expert_probability(tiny_model, norm_t
         output, _ = block(hidden[None])
         ids, weights = reference_routing(block, hidden)
         expected = torch.stack(
-            [sum(w * expert_forward(block.experts, e, h) for e, w in zip(*row)) for *row, h in zip(ids, weights, hidden)]
+            [
+            sum(w * expert_forward(block.experts, e, h) for e, w in zip(*row))
+            for *row, h in zip(ids, weights, hidden)
+        ]
         )
     torch.testing.assert_close(output[0], expected, rtol=1e-4, atol=1e-6)
     if not norm_topk_prob:
