@@ -41,6 +41,7 @@ from common import (  # noqa: E402
     build_configs,
     build_model,
     cpu_or_wall_clock,
+    keep_freed_memory,
     parameter_counts,
     peak_allocated_bytes,
     ratio,
@@ -272,7 +273,8 @@ def markdown(result: dict) -> str:
     names = list(result["parameters"])
     lines = [
         f"Machine: {result['machine']['description']}; torch {result['machine']['torch']}, transformers "
-        f"{result['machine']['transformers']}; {result['threads']} thread(s), {result['clock']}.",
+        f"{result['machine']['transformers']}; {result['threads']} thread(s), {result['clock']}; "
+        f"{result['allocator']}.",
         f"Shape: hidden {shape['hidden_size']}, {shape['num_layers']} layers, {shape['num_heads']} heads, vocab "
         f"{shape['vocab_size']}, {shape['num_clusters'] * shape['experts_per_cluster']} experts "
         f"({shape['num_clusters']} clusters x {shape['experts_per_cluster']}), "
@@ -387,6 +389,7 @@ def main(argv=None) -> dict:
         parser.error("train_fp32 is needed: each model's memory is compared in its fastest training configuration")
 
     torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory()
     shape = QUICK_SHAPE if args.quick else DEFAULT_SHAPE
     repeats = args.repeats or (3 if args.quick else 9)
     warmup = args.warmup or 1
@@ -431,6 +434,7 @@ def main(argv=None) -> dict:
         },
         "threads": args.threads,
         "clock": clock.name,
+        "allocator": allocator,
         "repeats": repeats,
         "warmup": warmup,
         "slow_factor": args.slow_factor,

@@ -21,7 +21,7 @@ from transformers import CompileConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CLUSTERMOE, DEFAULT_SHAPE, DENSE, MOE_PEERS, QUICK_SHAPE, build_configs, build_model  # noqa: E402
-from common import median_times  # noqa: E402
+from common import keep_freed_memory, median_times  # noqa: E402
 
 
 def decode_runs(name: str, config, prompt: torch.Tensor, new_tokens: int) -> dict:
@@ -55,6 +55,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--output-dir", type=Path, help="also write compiled_decode.json there")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # process CPU time, as in bench_models.py
+    keep_freed_memory()
     # Every model and batch size is one more compiled variant of transformers' shared forward wrappers: lift dynamo's
     # per-code-object limit (8), which fullgraph turns into an error.
     torch._dynamo.config.recompile_limit = 64

@@ -21,7 +21,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CLUSTERMOE, DEFAULT_SHAPE, build_configs, median_times  # noqa: E402
+from common import CLUSTERMOE, DEFAULT_SHAPE, build_configs, keep_freed_memory, median_times  # noqa: E402
 
 from transformers.integrations.moe import grouped_mm_experts_forward  # noqa: E402
 
@@ -61,6 +61,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    keep_freed_memory()
     shape = DEFAULT_SHAPE
     config = build_configs(shape)[CLUSTERMOE]
     num_tokens = shape.train_batch * shape.train_seq

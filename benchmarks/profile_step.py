@@ -21,7 +21,8 @@ from torch.profiler._memory_profiler import Action
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import make_training_steps  # noqa: E402
-from common import CLUSTERMOE, DEFAULT_SHAPE, DENSE, build_configs, build_model, tensor_bytes  # noqa: E402
+from common import CLUSTERMOE, DEFAULT_SHAPE, DENSE, build_configs, build_model, keep_freed_memory  # noqa: E402
+from common import tensor_bytes  # noqa: E402
 
 
 def profiled_ms(fn, steps: int) -> tuple[dict[str, float], int]:
@@ -81,6 +82,7 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=18)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    keep_freed_memory()
     shape = DEFAULT_SHAPE
     configs = build_configs(shape)
     batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq))

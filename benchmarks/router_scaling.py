@@ -22,7 +22,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_or_wall_clock, median_times, ratio  # noqa: E402
+from common import cpu_or_wall_clock, keep_freed_memory, median_times, ratio  # noqa: E402
 
 from clustermoe_hf import ClusterMoEConfig  # noqa: E402
 from clustermoe_hf.modeling_clustermoe import (  # noqa: E402
@@ -149,6 +149,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
     tokens, hidden_size, expert_width, warmup, repeats = (256, 64, 32, 1, 5) if args.quick else (2048, 256, 64, 3, 15)
     clock_name, clock = cpu_or_wall_clock(args.threads)
     rows = [measure(n, tokens, hidden_size, expert_width, warmup, repeats, clock) for n in EXPERT_COUNTS]

@@ -1,6 +1,7 @@
 """The benchmark suite keeps working: matched models, every experts implementation, outputs written (--quick)."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -62,6 +63,37 @@ def test_interleaved_leaves_out_configurations_far_slower_than_the_fastest():
     assert result["other model"]["samples"] == 3
 
 
+FAULTS_PER_TRAINING_STEP = """
+import resource, sys, torch
+from bench_models import make_training_steps
+from common import CLUSTERMOE, DEFAULT_SHAPE, build_configs, build_model, keep_freed_memory
+print(keep_freed_memory())
+torch.set_num_threads(1)
+model = build_model(CLUSTERMOE, build_configs(DEFAULT_SHAPE)[CLUSTERMOE])
+batch = torch.randint(3, DEFAULT_SHAPE.vocab_size, (DEFAULT_SHAPE.train_batch, DEFAULT_SHAPE.train_seq))
+(step,), _ = make_training_steps(model, batch)
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_benchmarks_keep_freed_memory_so_training_steps_do_not_fault_pages_in_again():
+    """With glibc's default thresholds an MoE training step of the default shape faults 2,500-5,000 pages (10-20
+    MiB) back in, step after step; the benchmarks ask malloc to keep freed memory instead (a fresh process: the
+    setting is global)."""
+    run = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_TRAINING_STEP], cwd=BENCHMARKS, capture_output=True, text=True, check=True
+    )
+    setting, faults_per_step = run.stdout.split("\n")[-3:-1]
+    assert setting == "glibc malloc, freed memory kept (mallopt)"
+    assert float(faults_per_step) < 1000
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_json_markdown_and_plots(tmp_path):
     torch_threads = torch.get_num_threads()
@@ -95,6 +127,7 @@ def test_quick_benchmark_writes_json_markdown_and_plots(tmp_path):
     assert all(row["same_routing"] for row in router["rows"])  # both routers pick the same experts
     table = (tmp_path / "models.md").read_text()
     assert "| ClusterMoE |" in table and "ClusterMoE / best peer" in table
+    assert saved["allocator"] in table.splitlines()[0]  # the machine line says how memory was allocated
     targets = {target["target"]: target for target in saved["targets"]}
     assert len(targets) == 8 and "router N=4096: hierarchical <= 0.3x flat" in targets
     assert all(target["met"] == (target["value"] >= target["threshold"]) for target in targets.values())
