@@ -90,6 +90,8 @@ def test_benchmarks_keep_freed_memory_so_training_steps_do_not_fault_pages_in_ag
         [sys.executable, "-c", FAULTS_PER_TRAINING_STEP], cwd=BENCHMARKS, capture_output=True, text=True, check=True
     )
     setting, faults_per_step = run.stdout.split("\n")[-3:-1]
+    if setting == "system malloc":
+        pytest.skip("not glibc (e.g. musl): nothing to set")
     assert setting == "glibc malloc, freed memory kept (mallopt)"
     assert float(faults_per_step) < 1000
 
