@@ -176,7 +176,7 @@ def keep_freed_memory() -> str:
 
     By default glibc returns a freed buffer of a few MiB to the kernel (unmapping it, or trimming the top of the
     heap), and the next one of that size faults its pages in again one by one. An MoE training step here frees and
-    reallocates expert-gradient-sized buffers (4-8 MiB): 3,000-6,000 page faults per step for the MoE models, none
+    reallocates expert-gradient-sized buffers (4-8 MiB): 2,500-6,000 page faults per step for the MoE models, none
     for the dense one, and 5-15 ms of a ~110 ms step whose share changed from run to run with the allocation order.
     Caching allocators (jemalloc, tcmalloc, PyTorch's own on GPUs) behave like this setting."""
     try:

@@ -83,7 +83,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_benchmarks_keep_freed_memory_so_training_steps_do_not_fault_pages_in_again():
-    """With glibc's default thresholds an MoE training step of the default shape faults 2,500-5,000 pages (10-20
+    """With glibc's default thresholds an MoE training step of the default shape faults 2,500-6,000 pages (10-25
     MiB) back in, step after step; the benchmarks ask malloc to keep freed memory instead (a fresh process: the
     setting is global)."""
     run = subprocess.run(
