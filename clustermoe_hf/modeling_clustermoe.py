@@ -187,22 +187,24 @@ class _SortedGroupedLinear(torch.autograd.Function):
 
 # Up to this many (token, expert) pairs, inference on CPU multiplies each pair on its own (two matrix-vector
 # products), which skips grouped_mm's sort and scatter bookkeeping and its pass over every expert: at 2 pairs (batch-1
-# decoding here) it takes half grouped_mm's time, from ~6 pairs it is slower (benchmarks/pair_call_cost.py).
-PER_PAIR_MAX_PAIRS = 4
+# decoding here) it takes half grouped_mm's time, from ~8 pairs it is slower (benchmarks/pair_call_cost.py).
+PER_PAIR_MAX_PAIRS = 6
 
 
 def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Inference for a handful of pairs: each pair's expert applied to its token's vector, no sorting or grouping."""
     top_k = top_k_index.shape[-1]
-    pair_weights = top_k_weights.reshape(-1).tolist()
     inputs = hidden_states.to(self.gate_up_proj.dtype)  # computed in the weights' dtype, like grouped_mm
     output = torch.zeros_like(inputs)
-    for pair, expert in enumerate(top_k_index.reshape(-1).tolist()):
-        gate_up_proj, down_proj = self.gate_up_proj[expert], self.down_proj[expert]
-        if not self.is_transposed:
-            gate_up_proj, down_proj = gate_up_proj.T, down_proj.T
-        expert_out = self._apply_gate(inputs[pair // top_k] @ gate_up_proj) @ down_proj  # (H,)
-        output[pair // top_k].add_(expert_out, alpha=pair_weights[pair])
+    pairs = zip(top_k_index.reshape(-1).tolist(), top_k_weights.reshape(-1).tolist())
+    for pair, (expert, weight) in enumerate(pairs):
+        token_input = inputs[pair // top_k]  # (H,)
+        if self.is_transposed:  # (N, H, 2I) and (N, I, H)
+            expert_out = self._apply_gate(token_input @ self.gate_up_proj[expert]) @ self.down_proj[expert]
+        else:  # (N, 2I, H) and (N, H, I): matrix-vector products, without transposing the weights
+            gated = self._apply_gate(torch.mv(self.gate_up_proj[expert], token_input))  # (I,)
+            expert_out = torch.mv(self.down_proj[expert], gated)
+        output[pair // top_k].add_(expert_out, alpha=weight)
     return output.to(hidden_states.dtype)
 
 
