@@ -5,8 +5,10 @@ Self-contained (imports only torch/transformers) so that `save_pretrained` can c
 `from_pretrained(..., trust_remote_code=True)` works where `clustermoe_hf` is not installed.
 """
 
+import math
 from typing import ClassVar, Literal
 
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
@@ -215,39 +217,45 @@ class ClusterMoEConfig(PreTrainedConfig):
             f"first_k_dense_layers ({self.first_k_dense_layers}) must be <= num_hidden_layers "
             f"({self.num_hidden_layers}).",
         )
-        require(self.routing_temperature > 0, f"routing_temperature must be > 0, got {self.routing_temperature}.")
-        require(self.router_jitter_noise >= 0, f"router_jitter_noise must be >= 0, got {self.router_jitter_noise}.")
+        require(
+            self.hidden_act in ACT2FN, f"hidden_act must be one of transformers' activations, got {self.hidden_act!r}."
+        )
         require(
             self.router_implementation in ("auto", "hierarchical", "flat"),
             f"router_implementation must be 'auto', 'hierarchical' or 'flat', got {self.router_implementation!r}.",
         )
-        for name in ("router_aux_loss_coef", "router_cluster_aux_loss_coef", "router_z_loss_coef"):
+        for name in (
+            "norm_topk_prob", "output_router_logits", "use_reliability_routing", "use_adaptive_routing", "use_cache",
+            "tie_word_embeddings", "attention_bias",
+        ):  # fmt: skip
             value = getattr(self, name)
-            require(value >= 0, f"{name} must be >= 0 (0 disables it), got {value}.")
-        require(0 <= self.attention_dropout < 1, f"attention_dropout must be in [0, 1), got {self.attention_dropout}.")
-        require(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}.")
-        require(
-            0 < self.reliability_decay < 1, f"reliability_decay must be in (0, 1), got {self.reliability_decay}."
-        )
-        require(
-            0 <= self.reliability_threshold < 1,
-            f"reliability_threshold must be in [0, 1), got {self.reliability_threshold}.",
-        )
-        require(
-            self.reliability_max_norm_ratio > 1,
-            f"reliability_max_norm_ratio must be > 1, got {self.reliability_max_norm_ratio}.",
-        )
-        require(self.adaptive_routing_rate > 0, f"adaptive_routing_rate must be > 0, got {self.adaptive_routing_rate}.")
-        require(
-            self.expert_capacity_factor is None or self.expert_capacity_factor > 0,
-            f"expert_capacity_factor must be None (dropless) or > 0, got {self.expert_capacity_factor}.",
-        )
-        for name in ("pad_token_id", "bos_token_id"):
-            value = getattr(self, name)
-            require(
-                value is None or (is_int(value) and 0 <= value < self.vocab_size),
-                f"{name} ({value}) must be None or in [0, vocab_size={self.vocab_size}).",
-            )
+            require(isinstance(value, bool), f"{name} must be True or False, got {value!r}.")
 
+        def require_number(name: str, constraint: str, holds):
+            value = getattr(self, name)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            require(is_number and holds(value), f"{name} must be a finite number {constraint}, got {value!r}.")
+
+        require_number("routing_temperature", "> 0", lambda value: value > 0)
+        require_number("router_jitter_noise", ">= 0", lambda value: value >= 0)
+        for name in ("router_aux_loss_coef", "router_cluster_aux_loss_coef", "router_z_loss_coef"):
+            require_number(name, ">= 0 (0 disables it)", lambda value: value >= 0)
+        require_number("attention_dropout", "in [0, 1)", lambda value: 0 <= value < 1)
+        require_number("rms_norm_eps", "> 0", lambda value: value > 0)
+        require_number("initializer_range", ">= 0", lambda value: value >= 0)
+        require_number("reliability_decay", "in (0, 1)", lambda value: 0 < value < 1)
+        require_number("reliability_threshold", "in [0, 1)", lambda value: 0 <= value < 1)
+        require_number("reliability_max_norm_ratio", "> 1", lambda value: value > 1)
+        require_number("adaptive_routing_rate", "> 0", lambda value: value > 0)
+        if self.expert_capacity_factor is not None:
+            require_number("expert_capacity_factor", "> 0, or None (dropless)", lambda value: value > 0)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            require(
+                value is None or all(is_int(token_id) and 0 <= token_id < self.vocab_size for token_id in ids),
+                f"{name} ({value}) must be None or in [0, vocab_size={self.vocab_size})"
+                + (", or a list of such ids." if name == "eos_token_id" else "."),
+            )
 
 __all__ = ["ClusterMoEConfig"]

@@ -41,6 +41,17 @@ ALIASES = {
         ({"reliability_decay": 0.0}, "reliability_decay"),
         ({"reliability_decay": 1.0}, "reliability_decay"),
         ({"reliability_decay": 1.5}, "reliability_decay"),
+        # wrong types and non-finite numbers, e.g. from a hand-edited config.json or a command-line override
+        ({"routing_temperature": "1.0"}, "routing_temperature"),
+        ({"router_jitter_noise": None}, "router_jitter_noise"),
+        ({"adaptive_routing_rate": float("inf")}, "adaptive_routing_rate"),
+        ({"reliability_threshold": float("nan")}, "reliability_threshold"),
+        ({"expert_capacity_factor": "1.25"}, "expert_capacity_factor"),
+        ({"use_adaptive_routing": "False"}, "use_adaptive_routing"),
+        ({"norm_topk_prob": 1}, "norm_topk_prob"),
+        ({"hidden_act": "swish_typo"}, "hidden_act"),
+        ({"eos_token_id": 64}, "eos_token_id"),
+        ({"eos_token_id": [2, -1]}, "eos_token_id"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(tiny_config, overrides, field):

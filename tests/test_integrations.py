@@ -204,7 +204,7 @@ def test_gradient_checkpointing_with_peft_lora(tiny_model):
         torch.manual_seed(0)
         lora = get_peft_model(tiny_model(), config).train()
         if checkpointing:
-            lora.gradient_checkpointing_enable()
+            lora.activation_checkpointing_enable()
             assert lora.base_model.model.model.layers[0].gradient_checkpointing
         lora(input_ids=ids, labels=ids).loss.backward()
         grads.append({name: param.grad for name, param in lora.named_parameters() if param.requires_grad})

@@ -257,7 +257,7 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
 def test_gradient_checkpointing_same_gradients_and_counts(tiny_model):
     model = tiny_model(top_k_clusters=2, attention_dropout=0.0, router_jitter_noise=0.0).train()
     checkpointed = clone_model(model)
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable()
     assert checkpointed.model.layers[0].gradient_checkpointing
 
     ids = random_ids(2, 8)
