@@ -52,7 +52,8 @@ class ClusterMoEConfig(PreTrainedConfig):
         use_reliability_routing (`bool`): track an EMA health score per expert, mask the output of experts that
             produce non-finite or outsized outputs, and deprioritise degraded experts when routing.
         reliability_decay (`float`): EMA decay of the reliability scores, in (0, 1).
-        reliability_threshold (`float`): experts whose reliability falls below this are not selected.
+        reliability_threshold (`float`): experts whose reliability falls below this are not selected, nor are clusters
+            left with fewer than `top_k_experts` selectable experts.
         reliability_max_norm_ratio (`float`): an expert whose mean output norm exceeds its cluster's (geometric) mean
             by this factor in a step is treated as faulty for that step.
         use_adaptive_routing (`bool`): auxiliary-loss-free balancing: per-cluster and per-expert selection biases

@@ -338,9 +338,13 @@ class ClusterMoERouter(nn.Module):
         if config.use_adaptive_routing:
             cluster_term, expert_term = self.cluster_bias, self.expert_bias
         if config.use_reliability_routing:
-            cluster_log_reliability = self.cluster_reliability(self.selection_token_counts).clamp_min(1e-6).log()
             excluded = self.expert_reliability < config.reliability_threshold
             expert_log_reliability = self.expert_reliability.clamp_min(1e-6).log().masked_fill(excluded, -1e4)
+            # A cluster with fewer than top_k_experts selectable experts would have to fill its choice with excluded
+            # ones: exclude the cluster instead.
+            too_few = (~excluded).view(self.num_clusters, -1).sum(-1) < config.top_k_experts
+            cluster_log_reliability = self.cluster_reliability(self.selection_token_counts).clamp_min(1e-6).log()
+            cluster_log_reliability = cluster_log_reliability.masked_fill(too_few, -1e4)
             if cluster_term is None:
                 cluster_term, expert_term = cluster_log_reliability, expert_log_reliability
             else:
@@ -475,12 +479,15 @@ class ClusterMoESparseMoeBlock(nn.Module):
         groups = primary.masked_fill(~real, self.num_experts)  # padding goes to a sentinel group
         kept = real & (_position_in_group(groups.reshape(-1), self.num_experts + 1).view_as(primary) < capacity)
         load = torch.zeros(self.num_experts + 1, dtype=torch.long, device=candidates.device)
-        load.index_add_(0, primary[kept], torch.ones_like(primary[kept]))
+        load.index_add_(0, primary.reshape(-1), kept.reshape(-1).long())  # no boolean indexing: it syncs on GPUs
         # The j-th overflowing slot of a (token, cluster) tries the j-th expert after the selected ones.
         overflow = real & ~kept
         alternative_rank = top_k_experts + overflow.long().cumsum(-1) - 1
         has_alternative = overflow & (alternative_rank < num_in_cluster)
         alternative = candidates.gather(-1, alternative_rank.clamp(max=num_in_cluster - 1))
+        if self.config.use_reliability_routing:  # excluded experts are ranked last; they are no alternative either
+            selectable = self.router.expert_reliability >= self.config.reliability_threshold  # (N,)
+            has_alternative = has_alternative & selectable[alternative]
         alternative = alternative.masked_fill(~has_alternative, self.num_experts)  # sentinel group
         position = _position_in_group(alternative.reshape(-1), self.num_experts + 1).view_as(alternative)
         accepted = has_alternative & (position + load[alternative] < capacity)

@@ -166,6 +166,27 @@ def test_degraded_experts_are_deprioritised_and_excluded_below_the_threshold(tin
     assert share(target) == pytest.approx(healthy) and cluster_share(0) == pytest.approx(healthy_cluster)
 
 
+def test_a_cluster_without_enough_selectable_experts_is_not_chosen(tiny_model):
+    model = tiny_model()  # 2 clusters x 4 experts, top-1 cluster, top-2 experts
+    router = model.model.layers[0].mlp.router
+    with torch.no_grad():
+        router.cluster_weight.mul_(50)  # confident cluster preferences: both clusters are wanted by many tokens
+    hidden = torch.randn(256, model.config.hidden_size)
+    assert (router(hidden).cluster_index == 0).any()
+    router.expert_reliability[:3] = 0.4  # one selectable expert left in cluster 0, but a token needs two
+    routing = router(hidden)
+    assert (routing.cluster_index == 1).all()
+
+
+def test_capacity_overflow_is_not_rerouted_to_an_excluded_expert(tiny_model):
+    model = tiny_model(expert_capacity_factor=1.0, num_clusters=1, experts_per_cluster=2, top_k_experts=1)
+    block = model.model.layers[0].mlp
+    block.router.expert_reliability[1] = 0.1  # below the threshold: never selected
+    _, stats = block(torch.randn(1, 32, model.config.hidden_size))
+    assert stats["expert_counts"].tolist() == [16, 0]  # capacity 16 for 32 tokens: expert 0 takes its share...
+    assert stats["rerouted_pairs"] == 0 and stats["dropped_pairs"] == 16  # ...the rest is dropped, not re-routed
+
+
 def test_reliability_stats_aggregate_by_utilisation(tiny_model):
     model = tiny_model()
     for layer_idx, layer in enumerate(model.model.layers):
