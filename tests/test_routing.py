@@ -4,6 +4,7 @@ router and expert weights."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clustermoe_hf import ClusterMoEForCausalLM
 
@@ -210,3 +211,44 @@ def test_router_loss_formulas(tiny_model, temperature):
     choice_share = F.one_hot(chosen, 3).float().sum((0, 1)) / chosen.numel()
     mean_prob = F.softmax(cluster_logits, -1).mean(0)
     torch.testing.assert_close(stats["cluster_balance_loss"], 3 * (choice_share * mean_prob).sum())
+
+
+# ----- no host syncs -----
+
+
+class HostSyncSpy(TorchDispatchMode):
+    """Records the ops that make the host wait for the device: reading a value (`.item()`, `.tolist()`, `if t:`),
+    and those whose output size depends on values (`nonzero`, boolean-mask indexing)."""
+
+    SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func is torch.ops.aten.index.Tensor and any(
+            index is not None and index.dtype == torch.bool for index in args[1]
+        )
+        if str(func) in self.SYNCING or boolean_index:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"expert_capacity_factor": 1.0}, {"router_implementation": "hierarchical"}, {"use_adaptive_routing": True}],
+)
+def test_moe_block_forward_and_backward_issue_no_host_syncs(tiny_config, overrides, training):
+    """With a sync-free experts kernel (grouped_mm), routing, capacity limits, the health check and the losses never
+    make the host wait for the device."""
+    model = ClusterMoEForCausalLM._from_config(tiny_config(**overrides), experts_implementation="grouped_mm")
+    block = model.train(training).model.layers[0].mlp
+    hidden = torch.randn(2, 8, model.config.hidden_size, requires_grad=training)
+    spy = HostSyncSpy()
+    with spy, torch.set_grad_enabled(training):
+        output, stats = block(hidden, token_mask=torch.ones(16, dtype=torch.bool), output_routing_stats=training)
+        if training:
+            (output.sum() + stats["expert_balance_loss"] + stats["router_z_loss"]).backward()
+    assert spy.ops == []
