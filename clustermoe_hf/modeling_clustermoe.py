@@ -965,8 +965,7 @@ _TRAINING_STATE_OWNERS: "weakref.WeakSet[ClusterMoEModel]" = weakref.WeakSet()
 
 @dataclass
 class ClusterMoEModelOutputWithPast(MoeModelOutputWithPast):
-    """`routing_stats`: one dict per MoE layer with its balancing/z losses and routing counts. Kept last so that it
-    is also the last element of `to_tuple()`."""
+    """`routing_stats`: one dict per MoE layer with its balancing/z losses and routing counts."""
 
     routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
 
@@ -1108,7 +1107,7 @@ def _record_training_statistics(model: ClusterMoEModel, args, output):
     training forwards count: a model left in train mode must not count `no_grad` inference or `generate`."""
     if not (model.training and torch.is_grad_enabled()):
         return
-    stats = output["routing_stats"] if isinstance(output, dict) else output[-1]
+    stats = _routing_stats_of(output)
     if stats is None:  # the caller asked for no routing statistics
         return
     state = model.routing_state
@@ -1125,6 +1124,14 @@ def _record_training_statistics(model: ClusterMoEModel, args, output):
                 state.pending_observed[row].add_(observed)
                 state.pending_healthy[row].add_(observed * (~layer_stats["expert_faulty"]).to(device, torch.float32))
     state.has_pending_updates = True
+
+
+def _routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:
+    """The per-layer routing statistics of a base-model output: a `ModelOutput`, or with `return_dict=False` a tuple
+    whose layout depends on what else was recorded (the one tuple of dicts)."""
+    if isinstance(output, dict):
+        return output.get("routing_stats")
+    return next((item for item in output if isinstance(item, tuple) and item and isinstance(item[0], dict)), None)
 
 
 def _after_optimizer_step(optimizer, args, kwargs):

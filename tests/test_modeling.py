@@ -332,6 +332,19 @@ def test_utilization_counts_training_forwards_only(tiny_model):
     assert torch.equal(expert_counts(model), 2 * counts)
 
 
+@pytest.mark.parametrize(
+    "call_options",
+    [{"return_dict": False}, {"return_dict": False, "output_hidden_states": True, "use_cache": False}],
+)
+def test_base_model_counts_training_forwards_in_every_output_format(tiny_model, call_options):
+    model = tiny_model().train()
+    ids = random_ids(2, 6)
+    model.model(ids, **call_options)
+    assert torch.equal(expert_counts(model).sum(-1), torch.full((2,), ids.numel() * model.config.num_experts_per_tok))
+    model.model(ids, output_routing_stats=False, **call_options)  # no statistics asked for: nothing to count
+    assert expert_counts(model).sum() == 2 * ids.numel() * model.config.num_experts_per_tok
+
+
 def test_get_expert_utilization_and_reset(tiny_model):
     model = tiny_model(num_hidden_layers=3, first_k_dense_layers=1, num_clusters=3, experts_per_cluster=2).train()
     model(random_ids(2, 6))
