@@ -307,6 +307,19 @@ class ClusterMoERouter(nn.Module):
         self.hierarchical = _uses_hierarchical_router(config)
         self._cached_selection_bias = None  # see `selection_bias`
 
+    _FLOAT32_STATE = ("cluster_bias", "expert_bias", "expert_reliability")
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the routing state, dtype casts (`model.to(torch.bfloat16)`, `.half()`) do not: bias
+        steps of `adaptive_routing_rate` and the reliability EMA would round away in 16-bit floats."""
+        float32_state = {name: getattr(self, name) for name in self._FLOAT32_STATE}
+        super()._apply(fn, recurse)
+        for name, before in float32_state.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:
+                setattr(self, name, before.to(after.device))
+        return self
+
     def cluster_reliability(self, token_counts: torch.Tensor | None = None) -> torch.Tensor:
         """Utilisation-weighted mean expert reliability of each cluster, shape (C,), weighted by `token_counts`
         (N,) + 1, by default the training counts so far."""
@@ -703,11 +716,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ClusterMoEDecoderLayer"]
-    # Routing state accumulates small updates (bias steps, reliability EMAs, token counts) that bf16/fp16 would
-    # round away.
-    _keep_in_fp32_modules_strict = [
-        "cluster_bias", "expert_bias", "expert_reliability", "pending_counts", "pending_observed", "pending_healthy"
-    ]  # fmt: skip
+    # Routing state accumulates small updates (bias steps, reliability EMAs) that bf16/fp16 would round away; the
+    # router also keeps it in float32 through `model.to(dtype)` (`ClusterMoERouter._apply`).
+    _keep_in_fp32_modules_strict = ["cluster_bias", "expert_bias", "expert_reliability"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -972,14 +983,15 @@ class ClusterMoEModelOutputWithPast(MoeModelOutputWithPast):
 
 class ClusterMoERoutingState(nn.Module):
     """Model-level routing state, in a leaf module so that device maps place its buffers: the optimizer-step count
-    (saved), the statistics gathered since the last optimizer step over every micro-batch, (moe_layers, N) in
-    float32 whatever the model's dtype, and the pairs capacity limits re-routed/dropped in training."""
+    (saved), the statistics gathered since the last optimizer step over every micro-batch (token counts, observed and
+    healthy forwards per expert, (moe_layers, N)), and the pairs capacity limits re-routed/dropped in training. All
+    integer counts, which dtype casts of the model leave alone."""
 
     def __init__(self, num_moe_layers: int, num_experts: int):
         super().__init__()
         self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
         for name in ("pending_counts", "pending_observed", "pending_healthy"):
-            self.register_buffer(name, torch.zeros(num_moe_layers, num_experts, dtype=torch.float32), persistent=False)
+            self.register_buffer(name, torch.zeros(num_moe_layers, num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("rerouted_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long), persistent=False)
         self.register_buffer("dropped_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long), persistent=False)
         # Set by a training forward: only then does an optimizer step update the routing state and step count.
@@ -1083,14 +1095,14 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         for row, (_, block) in enumerate(self._moe_layers()):
             router = block.router
             device = router.expert_bias.device
-            router.selection_token_counts.add_(counts[row].to(device).round().long())
+            router.selection_token_counts.add_(counts[row].to(device))
             if config.use_reliability_routing:
                 seen = observed[row].to(device) > 0
-                health = (healthy[row] / observed[row].clamp_min(1.0)).to(device)
+                health = (healthy[row] / observed[row].clamp_min(1)).to(device)
                 updated = config.reliability_decay * router.expert_reliability + (1 - config.reliability_decay) * health
                 router.expert_reliability.copy_(torch.where(seen, updated, router.expert_reliability))
             if config.use_adaptive_routing:
-                load = counts[row].to(device).view(block.num_clusters, -1)  # (C, E)
+                load = counts[row].to(device, torch.float32).view(block.num_clusters, -1)  # (C, E)
                 cluster_load = load.sum(-1)
                 router.cluster_bias.add_(config.adaptive_routing_rate * torch.sign(cluster_load.mean() - cluster_load))
                 expert_step = torch.sign(load.mean(-1, keepdim=True) - load) * (cluster_load[:, None] > 0)
@@ -1116,13 +1128,13 @@ def _record_training_statistics(model: ClusterMoEModel, args, output):
         for row, ((_, block), layer_stats) in enumerate(zip(model._moe_layers(), stats)):
             counts = layer_stats["expert_counts"]
             block.router.expert_token_counts.add_(counts)
-            state.pending_counts[row].add_(counts.to(device, torch.float32))
+            state.pending_counts[row].add_(counts.to(device))
             state.rerouted_pair_counts[row].add_(layer_stats["rerouted_pairs"].to(device))
             state.dropped_pair_counts[row].add_(layer_stats["dropped_pairs"].to(device))
             if "expert_faulty" in layer_stats:
-                observed = layer_stats["expert_observed"].to(device, torch.float32)
-                state.pending_observed[row].add_(observed)
-                state.pending_healthy[row].add_(observed * (~layer_stats["expert_faulty"]).to(device, torch.float32))
+                observed, faulty = layer_stats["expert_observed"].to(device), layer_stats["expert_faulty"].to(device)
+                state.pending_observed[row].add_(observed.long())
+                state.pending_healthy[row].add_((observed & ~faulty).long())
     state.has_pending_updates = True
 
 
