@@ -36,7 +36,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .configuration_clustermoe import ClusterMoEConfig
 
@@ -1015,6 +1015,9 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self.register_forward_hook(_record_training_statistics)
         _TRAINING_STATE_OWNERS.add(self)
         self.post_init()
+        # Routing statistics are recorded in every forward: install the recording hooks now, not lazily in the first
+        # forward, where `torch.compile` cannot trace their installation (a lock).
+        maybe_install_capturing_hooks(self)
 
     def _check_input_ids(self, input_ids: torch.Tensor):
         if is_torchdynamo_compiling():

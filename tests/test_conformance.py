@@ -2,6 +2,10 @@
 model, checked on ClusterMoE with tiny configs. Written from the behaviour those tests check, not copied from them."""
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 from unittest.mock import Mock, patch
 
 import pytest
@@ -131,6 +135,40 @@ def test_compiled_generation_matches_eager(tiny_model, backend):
         captured_graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     # the decoding steps ran through a captured graph, which the second prompt reused (static shapes, no recompile)
     assert captured_graphs[0] > 0 and captured_graphs[1] == captured_graphs[0]
+
+
+def test_compiled_training_step_matches_eager(tiny_config):
+    """A fullgraph-compiled training forward from the first call: routing statistics are recorded in every forward,
+    so their recording hooks must already be installed (installing them takes a lock, which dynamo cannot trace).
+    In a fresh process: a compiled call leaves transformers' output-recording context variable set (dynamo does not
+    undo `ContextVar.set`), which the next eager forward in the process would record into."""
+    script = textwrap.dedent(
+        f"""
+        import copy
+        import torch
+        from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+
+        torch.manual_seed(0)
+        model = ClusterMoEForCausalLM(ClusterMoEConfig(**{tiny_config(num_hidden_layers=1).to_diff_dict()!r})).train()
+        twin = copy.deepcopy(model)
+        ids = torch.randint(3, 64, (2, 6))
+        expected = twin(ids, labels=ids, use_cache=False)
+        expected.loss.backward()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(ids, labels=ids, use_cache=False)
+        compiled.loss.backward()
+        torch.testing.assert_close(compiled.loss, expected.loss)
+        torch.testing.assert_close(compiled.aux_loss, expected.aux_loss)
+        router, twin_router = model.model.layers[0].mlp.router, twin.model.layers[0].mlp.router
+        assert torch.equal(router.expert_token_counts, twin_router.expert_token_counts)
+        assert router.expert_token_counts.sum() == ids.numel() * model.config.num_experts_per_tok
+        torch.testing.assert_close(router.cluster_weight.grad, twin_router.cluster_weight.grad)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_assisted_and_prompt_lookup_decoding_match_greedy(tiny_model):
