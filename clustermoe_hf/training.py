@@ -49,7 +49,8 @@ def read_text_documents(path: str | Path | None = None) -> dict[str, str]:
 
     `path` is a text/Markdown file or a folder searched recursively for `TEXT_FILE_SUFFIXES` files (in sorted order);
     `None` reads the embedded Shakespeare plays. Trailing whitespace is stripped from every line (Markdown marks hard
-    line breaks with two trailing spaces, which would otherwise cost a token per line).
+    line breaks with two trailing spaces, which would otherwise cost a token per line). A file that is not UTF-8 text
+    raises a `ValueError` naming it.
     """
     root = Path(path) if path is not None else embedded_corpus_dir()
     if root.is_file():
@@ -62,7 +63,13 @@ def read_text_documents(path: str | Path | None = None) -> dict[str, str]:
         raise ValueError(f"No {'/'.join(TEXT_FILE_SUFFIXES)} files under {root}.")
     documents = {}
     for file in files:
-        text = file.read_text(encoding="utf-8")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{file} is not UTF-8 text (byte {error.object[error.start : error.end]!r} at offset {error.start}): "
+                "convert it to UTF-8, or move it out of the corpus."
+            ) from error
         name = file.name if file == root else file.relative_to(root).as_posix()
         documents[name] = "\n".join(line.rstrip() for line in text.splitlines()).strip("\n")
     return documents

