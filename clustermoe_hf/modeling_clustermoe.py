@@ -1067,7 +1067,13 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         # Padding tokens are excluded from the balancing losses and the routing statistics.
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -inputs_embeds.shape[1] :].reshape(-1).bool()
+            batch_size, sequence_length = inputs_embeds.shape[:2]
+            if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < sequence_length:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch_size={batch_size}, "
+                    f"past + new tokens >= {sequence_length}) for inputs of {sequence_length} tokens."
+                )
+            token_mask = attention_mask[:, -sequence_length:].reshape(-1).bool()
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
