@@ -10,6 +10,7 @@ checkpointing is never counted twice); they are folded into the buffers by a for
 (counts) and by a global optimizer-step hook (EMAs and biases), in training mode only.
 """
 
+import functools
 import math
 import weakref
 from collections.abc import Iterable
@@ -413,8 +414,18 @@ class ClusterMoERouter(nn.Module):
         )
 
 
-def _zero_non_finite_grad(parameter: nn.Parameter):
-    parameter.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+def _zero_non_finite_grad(block_ref: "weakref.ref[ClusterMoESparseMoeBlock]", parameter: nn.Parameter):
+    """Only after the block masked a faulty expert: other non-finite gradients (an fp16 loss-scale overflow) must reach
+    the gradient scaler, which then skips the step and lowers the scale."""
+    block = block_ref()
+    if block is None:
+        return
+    masked, grad = block.masked_faulty_expert, parameter.grad
+    if grad.device.type == "cpu":  # reading the flag costs no device sync here; `isfinite` is ~20x slower on CPUs
+        if masked:
+            grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    else:
+        grad.masked_fill_(masked & ~grad.isfinite(), 0.0)
 
 
 class ClusterMoESparseMoeBlock(nn.Module):
@@ -437,6 +448,9 @@ class ClusterMoESparseMoeBlock(nn.Module):
             if config.shared_expert_intermediate_size > 0
             else None
         )
+        # Whether a forward with gradients masked a faulty expert since the last optimizer step (see
+        # `_guard_expert_gradients`).
+        self.register_buffer("masked_faulty_expert", torch.zeros((), dtype=torch.bool), persistent=False)
 
     @torch.no_grad()
     def keep_experts(self, clusters: torch.Tensor, experts: torch.Tensor):
@@ -465,13 +479,14 @@ class ClusterMoESparseMoeBlock(nn.Module):
 
     def _guard_expert_gradients(self):
         """A broken (e.g. NaN) expert gets non-finite weight gradients even when its outputs are masked (0 * NaN);
-        zero them so it cannot poison the whole update, e.g. through gradient clipping's global norm. Registered
+        once a forward masked one, zero them so it cannot poison the whole update, e.g. through gradient clipping's
+        global norm. Registered
         lazily because loading or pruning replaces the Parameter objects. All parameters of `self.experts`, so that
         adapters wrapping it (peft's LoRA `target_parameters`) are covered too. In place on the accumulated `.grad`:
         a copy of every expert gradient in each backward cost ~6% of a CPU training step (docs/benchmarks.md)."""
         for weight in self.experts.parameters():
             if weight.requires_grad and not getattr(weight, "_clustermoe_finite_grad", False):
-                weight.register_post_accumulate_grad_hook(_zero_non_finite_grad)
+                weight.register_post_accumulate_grad_hook(functools.partial(_zero_non_finite_grad, weakref.ref(self)))
                 weight._clustermoe_finite_grad = True
 
     def _limit_capacity(self, candidates: torch.Tensor, token_mask: torch.Tensor | None):
@@ -620,9 +635,10 @@ class ClusterMoESparseMoeBlock(nn.Module):
         valid_pairs = None if valid_pairs is None else valid_pairs.reshape(-1)  # (tokens*k,)
         faulty = observed = None
         if self.config.use_reliability_routing:
+            faulty, observed = self._expert_health(pair_outputs, pair_ids, valid_pairs)
             if torch.is_grad_enabled():
                 self._guard_expert_gradients()
-            faulty, observed = self._expert_health(pair_outputs, pair_ids, valid_pairs)
+                self.masked_faulty_expert |= faulty.any()  # idempotent when checkpointing re-runs the forward
             pair_faulty = faulty[pair_ids]
             pair_outputs = pair_outputs.masked_fill(pair_faulty[:, None], 0.0)
             if pair_inputs.requires_grad:
@@ -751,6 +767,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             init.ones_(module.expert_reliability)
             init.zeros_(module.expert_token_counts)
             init.zeros_(module.selection_token_counts)
+        elif isinstance(module, ClusterMoESparseMoeBlock):
+            init.zeros_(module.masked_faulty_expert)
         elif isinstance(module, ClusterMoERoutingState):
             for buffer in module.buffers():
                 init.zeros_(buffer)
@@ -1159,6 +1177,8 @@ def _after_optimizer_step(optimizer, args, kwargs):
     for model in list(_TRAINING_STATE_OWNERS):
         if model.training and model.routing_state.has_pending_updates:
             model.apply_pending_routing_updates()
+        for _, block in model._moe_layers():
+            block.masked_faulty_expert.zero_()
 
 
 _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)

@@ -84,6 +84,22 @@ def test_a_token_whose_selected_experts_are_all_faulty_gets_a_zero_output_and_fi
     assert torch.isfinite(block.router.expert_weight.grad).all()
 
 
+def test_non_finite_expert_gradients_of_healthy_experts_reach_the_gradient_scaler(tiny_model):
+    """Expert gradients are cleaned only after a faulty expert was masked: a loss-scale overflow must reach the
+    scaler, which then skips the step and lowers the scale."""
+    model = tiny_model().train()
+    ids = sequences(torch.Generator().manual_seed(0), batch_size=2, length=8)
+    down_proj = model.model.layers[0].mlp.experts.down_proj
+    before = down_proj.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled loss overflows: infinite gradients
+    scaler.scale(model(ids, labels=ids).loss).backward()
+    assert not down_proj.grad.isfinite().all()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**126 and torch.equal(down_proj, before)  # the step was skipped
+
+
 def test_without_reliability_routing_a_nan_expert_poisons_the_output(tiny_model):
     """Counterpart of the test above: the masking is what keeps the output finite."""
     model = tiny_model(use_reliability_routing=False)

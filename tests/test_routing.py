@@ -242,7 +242,8 @@ class HostSyncSpy(TorchDispatchMode):
 )
 def test_moe_block_forward_and_backward_issue_no_host_syncs(tiny_config, overrides, training):
     """With a sync-free experts kernel (grouped_mm), routing, capacity limits, the health check and the losses never
-    make the host wait for the device."""
+    make the host wait for the device. (Gradients are returned, not accumulated: the expert-gradient guard that runs
+    on accumulation reads its flag on the host where the device is the host, a CPU.)"""
     model = ClusterMoEForCausalLM._from_config(tiny_config(**overrides), experts_implementation="grouped_mm")
     block = model.train(training).model.layers[0].mlp
     hidden = torch.randn(2, 8, model.config.hidden_size, requires_grad=training)
@@ -250,5 +251,6 @@ def test_moe_block_forward_and_backward_issue_no_host_syncs(tiny_config, overrid
     with spy, torch.set_grad_enabled(training):
         output, stats = block(hidden, token_mask=torch.ones(16, dtype=torch.bool), output_routing_stats=training)
         if training:
-            (output.sum() + stats["expert_balance_loss"] + stats["router_z_loss"]).backward()
+            loss = output.sum() + stats["expert_balance_loss"] + stats["router_z_loss"]
+            torch.autograd.grad(loss, [hidden, *(p for p in block.parameters() if p.requires_grad)])
     assert spy.ops == []
