@@ -480,10 +480,10 @@ class ClusterMoESparseMoeBlock(nn.Module):
     def _guard_expert_gradients(self):
         """A broken (e.g. NaN) expert gets non-finite weight gradients even when its outputs are masked (0 * NaN);
         once a forward masked one, zero them so it cannot poison the whole update, e.g. through gradient clipping's
-        global norm. Registered
-        lazily because loading or pruning replaces the Parameter objects. All parameters of `self.experts`, so that
-        adapters wrapping it (peft's LoRA `target_parameters`) are covered too. In place on the accumulated `.grad`:
-        a copy of every expert gradient in each backward cost ~6% of a CPU training step (docs/benchmarks.md)."""
+        global norm. Registered lazily because loading or pruning replaces the Parameter objects. All parameters of
+        `self.experts`, so that adapters wrapping it (peft's LoRA `target_parameters`) are covered too. In place on
+        the accumulated `.grad`: a copy of every expert gradient in each backward cost ~6% of a CPU training step
+        (docs/benchmarks.md)."""
         for weight in self.experts.parameters():
             if weight.requires_grad and not getattr(weight, "_clustermoe_finite_grad", False):
                 weight.register_post_accumulate_grad_hook(functools.partial(_zero_non_finite_grad, weakref.ref(self)))
