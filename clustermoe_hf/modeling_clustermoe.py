@@ -414,6 +414,41 @@ class ClusterMoERouter(nn.Module):
         )
 
 
+class _FaultyPairInputGate(torch.autograd.Function):
+    """Identity on the experts' inputs (pairs, H) that zeroes the input gradient of faulty pairs in the backward.
+
+    A broken expert's backward gives its inputs non-finite gradients even for zeroed outputs (0 * NaN), and which pairs
+    are faulty is known only after the experts ran. `_MaskFaultyPairOutputs` sends that mask back as the gradient of
+    this function's second output, a dummy (pairs,): autograd runs this backward once both gradients have arrived.
+    Unlike `Tensor.register_hook`, this also holds under `torch.compile` (in torch 2.13, a hook registered on an
+    intermediate tensor drops the attribute writes that follow it in the compiled frame, e.g. transformers' reset of
+    its output-recording state)."""
+
+    @staticmethod
+    def forward(ctx, pair_inputs):
+        return pair_inputs.view_as(pair_inputs), pair_inputs.new_zeros(pair_inputs.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_inputs, faulty_mask):
+        return grad_inputs.masked_fill(faulty_mask.bool().unsqueeze(-1), 0.0)
+
+
+class _MaskFaultyPairOutputs(torch.autograd.Function):
+    """Zeroes the outputs (pairs, H) of faulty pairs and their gradients, and returns the faulty mask as the gradient
+    of the dummy that `_FaultyPairInputGate` created."""
+
+    @staticmethod
+    def forward(ctx, pair_outputs, gate_dummy, pair_faulty):
+        ctx.save_for_backward(pair_faulty)
+        ctx.mask_dtype = gate_dummy.dtype
+        return pair_outputs.masked_fill(pair_faulty.unsqueeze(-1), 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        (pair_faulty,) = ctx.saved_tensors
+        return grad_outputs.masked_fill(pair_faulty.unsqueeze(-1), 0.0), pair_faulty.to(ctx.mask_dtype), None
+
+
 def _zero_non_finite_grad(block_ref: "weakref.ref[ClusterMoESparseMoeBlock]", parameter: nn.Parameter):
     """Only after the block masked a faulty expert: other non-finite gradients (an fp16 loss-scale overflow) must reach
     the gradient scaler, which then skips the step and lowers the scale."""
@@ -624,6 +659,9 @@ class ClusterMoESparseMoeBlock(nn.Module):
         # checked before it is combined. Works with every experts backend (eager, grouped_mm, batched_mm, ...).
         pair_inputs = hidden_flat.repeat_interleave(top_k, dim=0)  # (tokens*k, H)
         pair_ids = top_k_index.reshape(-1)  # (tokens*k,)
+        gate_dummy = None
+        if self.config.use_reliability_routing and pair_inputs.requires_grad:
+            pair_inputs, gate_dummy = _FaultyPairInputGate.apply(pair_inputs)
         pair_outputs = self.experts(pair_inputs, pair_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
 
         # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the health
@@ -640,9 +678,10 @@ class ClusterMoESparseMoeBlock(nn.Module):
                 self._guard_expert_gradients()
                 self.masked_faulty_expert |= faulty.any()  # idempotent when checkpointing re-runs the forward
             pair_faulty = faulty[pair_ids]
-            pair_outputs = pair_outputs.masked_fill(pair_faulty[:, None], 0.0)
-            if pair_inputs.requires_grad:
-                pair_inputs.register_hook(lambda grad: grad.masked_fill(pair_faulty[:, None], 0.0))
+            if gate_dummy is None:
+                pair_outputs = pair_outputs.masked_fill(pair_faulty[:, None], 0.0)
+            else:
+                pair_outputs = _MaskFaultyPairOutputs.apply(pair_outputs, gate_dummy, pair_faulty)
             # exp(finfo.min) is 0; a token whose pairs are all faulty gets finite (uniform) weights for zeroed outputs
             impossible = torch.finfo(chosen_log_probs.dtype).min
             chosen_log_probs = chosen_log_probs.masked_fill(pair_faulty.view(num_tokens, top_k), impossible)

@@ -140,8 +140,9 @@ def test_compiled_generation_matches_eager(tiny_model, backend):
 def test_compiled_training_step_matches_eager(tiny_config):
     """A fullgraph-compiled training forward from the first call: routing statistics are recorded in every forward,
     so their recording hooks must already be installed (installing them takes a lock, which dynamo cannot trace).
-    In a fresh process: a compiled call leaves transformers' output-recording context variable set (dynamo does not
-    undo `ContextVar.set`), which the next eager forward in the process would record into."""
+    The compiled call leaves no state behind (eager forwards after it record their statistics too), and a broken
+    expert's non-finite gradients stay out of the hidden states there as in eager. In a fresh process, so that no
+    earlier test has installed hooks or compiled anything."""
     script = textwrap.dedent(
         f"""
         import copy
@@ -162,6 +163,17 @@ def test_compiled_training_step_matches_eager(tiny_config):
         assert torch.equal(router.expert_token_counts, twin_router.expert_token_counts)
         assert router.expert_token_counts.sum() == ids.numel() * model.config.num_experts_per_tok
         torch.testing.assert_close(router.cluster_weight.grad, twin_router.cluster_weight.grad)
+
+        after = twin(ids, labels=ids, use_cache=False)  # eager, after the compiled call
+        assert after.aux_loss is not None
+        assert twin_router.expert_token_counts.sum() == 2 * ids.numel() * model.config.num_experts_per_tok
+
+        model.zero_grad()
+        with torch.no_grad():
+            model.model.layers[0].mlp.experts.down_proj.fill_(float("nan"))  # every expert broken
+        broken = torch.compile(model, fullgraph=True, backend="eager")(ids, labels=ids, use_cache=False)
+        broken.loss.backward()
+        assert torch.isfinite(broken.loss) and torch.isfinite(model.model.embed_tokens.weight.grad).all()
         """
     )
     result = subprocess.run(
