@@ -199,6 +199,8 @@ def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     output = torch.zeros_like(inputs)
     pairs = zip(top_k_index.reshape(-1).tolist(), top_k_weights.reshape(-1).tolist())
     for pair, (expert, weight) in enumerate(pairs):
+        if expert == self.num_experts:  # a pair the model does not serve (see `SENTINEL_SKIPPING_EXPERTS`)
+            continue
         token_input = inputs[pair // top_k]  # (H,)
         if self.is_transposed:  # (N, H, 2I) and (N, I, H)
             expert_out = self._apply_gate(token_input @ self.gate_up_proj[expert]) @ self.down_proj[expert]
@@ -235,19 +237,27 @@ def sorted_mm_experts_forward(
     pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k
     sorted_experts, order = torch.sort(pair_experts, stable=True)  # stable: per token, the eager summation order
     group_sizes = torch.bincount(sorted_experts, minlength=self.num_experts).tolist()
-    groups = [(expert, rows) for expert, rows in enumerate(group_sizes) if rows]  # the experts that received pairs
-    pair_tokens = order // top_k_index.shape[-1]  # (S,) token of each sorted pair
+    # The experts that received pairs; pairs sent to the id `num_experts` sort last and are skipped.
+    groups = [(expert, rows) for expert, rows in enumerate(group_sizes[: self.num_experts]) if rows]
+    order = order[: sum(rows for _, rows in groups)]  # (S',)
+    pair_tokens = order // top_k_index.shape[-1]  # (S',) token of each sorted pair
     inputs = hidden_states[pair_tokens].to(self.gate_up_proj.dtype)
     transpose = not self.is_transposed
     # Without gradients, skip the autograd.Function wrapper (its overhead shows in per-token decoding).
     linear = _SortedGroupedLinear.apply if torch.is_grad_enabled() else _grouped_matmul
-    gate_up = linear(inputs, self.gate_up_proj, groups, transpose)  # (S, 2I)
-    outputs = linear(self._apply_gate(gate_up), self.down_proj, groups, transpose)  # (S, H)
+    gate_up = linear(inputs, self.gate_up_proj, groups, transpose)  # (S', 2I)
+    outputs = linear(self._apply_gate(gate_up), self.down_proj, groups, transpose)  # (S', H)
     outputs = outputs * top_k_weights.reshape(-1)[order, None].to(outputs.dtype)
     return hidden_states.new_zeros(num_tokens, hidden_dim).index_add_(0, pair_tokens, outputs.to(hidden_states.dtype))
 
 
 ExpertsInterface.register("sorted_mm", sorted_mm_experts_forward)
+
+# Experts implementations that skip (token, expert) pairs sent to the id `num_experts` (transformers' expert-parallel
+# sentinel). The MoE block sends the pairs it does not serve there (dropped by capacity limits, of padding tokens), so
+# that they cost no expert compute. Other implementations (`batched_mm` indexes the weights with every id) get the
+# pairs' real ids, and the block zeroes those outputs.
+SENTINEL_SKIPPING_EXPERTS = frozenset({"eager", "grouped_mm", "sorted_mm"})
 
 
 def _position_in_group(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -414,39 +424,41 @@ class ClusterMoERouter(nn.Module):
         )
 
 
-class _FaultyPairInputGate(torch.autograd.Function):
-    """Identity on the experts' inputs (pairs, H) that zeroes the input gradient of faulty pairs in the backward.
+class _PairInputGradientGate(torch.autograd.Function):
+    """Identity on the experts' inputs (pairs, H) that zeroes, in the backward, the input gradient of the pairs whose
+    outputs `_MaskExcludedPairOutputs` zeroed: faulty pairs, whose broken expert gives its inputs non-finite gradients
+    even for zeroed outputs (0 * NaN), and pairs not computed, whose input gradient rows `grouped_mm` leaves
+    uninitialised.
 
-    A broken expert's backward gives its inputs non-finite gradients even for zeroed outputs (0 * NaN), and which pairs
-    are faulty is known only after the experts ran. `_MaskFaultyPairOutputs` sends that mask back as the gradient of
-    this function's second output, a dummy (pairs,): autograd runs this backward once both gradients have arrived.
-    Unlike `Tensor.register_hook`, this also holds under `torch.compile` (in torch 2.13, a hook registered on an
-    intermediate tensor drops the attribute writes that follow it in the compiled frame, e.g. transformers' reset of
-    its output-recording state)."""
+    Which pairs are faulty is known only after the experts ran, so the mask travels back as the gradient of this
+    function's second output, a dummy (pairs,): autograd runs this backward once both gradients have arrived. Unlike
+    `Tensor.register_hook`, this also holds under `torch.compile` (in torch 2.13, a hook registered on an intermediate
+    tensor drops the attribute writes that follow it in the compiled frame, e.g. transformers' reset of its
+    output-recording state)."""
 
     @staticmethod
     def forward(ctx, pair_inputs):
         return pair_inputs.view_as(pair_inputs), pair_inputs.new_zeros(pair_inputs.shape[0])
 
     @staticmethod
-    def backward(ctx, grad_inputs, faulty_mask):
-        return grad_inputs.masked_fill(faulty_mask.bool().unsqueeze(-1), 0.0)
+    def backward(ctx, grad_inputs, excluded_mask):
+        return grad_inputs.masked_fill(excluded_mask.bool().unsqueeze(-1), 0.0)
 
 
-class _MaskFaultyPairOutputs(torch.autograd.Function):
-    """Zeroes the outputs (pairs, H) of faulty pairs and their gradients, and returns the faulty mask as the gradient
-    of the dummy that `_FaultyPairInputGate` created."""
+class _MaskExcludedPairOutputs(torch.autograd.Function):
+    """Zeroes the outputs (pairs, H) of the `excluded` pairs and their gradients, and returns the mask as the gradient
+    of the dummy that `_PairInputGradientGate` created."""
 
     @staticmethod
-    def forward(ctx, pair_outputs, gate_dummy, pair_faulty):
-        ctx.save_for_backward(pair_faulty)
+    def forward(ctx, pair_outputs, gate_dummy, excluded):
+        ctx.save_for_backward(excluded)
         ctx.mask_dtype = gate_dummy.dtype
-        return pair_outputs.masked_fill(pair_faulty.unsqueeze(-1), 0.0)
+        return pair_outputs.masked_fill(excluded.unsqueeze(-1), 0.0)
 
     @staticmethod
     def backward(ctx, grad_outputs):
-        (pair_faulty,) = ctx.saved_tensors
-        return grad_outputs.masked_fill(pair_faulty.unsqueeze(-1), 0.0), pair_faulty.to(ctx.mask_dtype), None
+        (excluded,) = ctx.saved_tensors
+        return grad_outputs.masked_fill(excluded.unsqueeze(-1), 0.0), excluded.to(ctx.mask_dtype), None
 
 
 def _zero_non_finite_grad(block_ref: "weakref.ref[ClusterMoESparseMoeBlock]", parameter: nn.Parameter):
@@ -655,40 +667,48 @@ class ClusterMoESparseMoeBlock(nn.Module):
         # Built before the experts run, so that their backward runs after the experts' (autograd runs later nodes
         # first): their gradients then do not wait through the experts' backward, where training memory peaks.
         balance = self._balance_losses(routing, expert_index, token_mask) if output_routing_stats else None
-        # One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be
-        # checked before it is combined. Works with every experts backend (eager, grouped_mm, batched_mm, ...).
-        pair_inputs = hidden_flat.repeat_interleave(top_k, dim=0)  # (tokens*k, H)
-        pair_ids = top_k_index.reshape(-1)  # (tokens*k,)
-        gate_dummy = None
-        if self.config.use_reliability_routing and pair_inputs.requires_grad:
-            pair_inputs, gate_dummy = _FaultyPairInputGate.apply(pair_inputs)
-        pair_outputs = self.experts(pair_inputs, pair_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
-
-        # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the health
-        # reference of their cluster and mask experts for the real tokens of the batch.
+        # Pairs that count: served within capacity, of real (not padding) tokens. (tokens*k,) or None for all.
         valid_pairs = served.view(num_tokens, top_k) if served is not None else None  # (tokens, k)
         if token_mask is not None:
             padding_pairs = token_mask.view(-1, 1).expand(-1, top_k)
             valid_pairs = padding_pairs if valid_pairs is None else valid_pairs & padding_pairs
-        valid_pairs = None if valid_pairs is None else valid_pairs.reshape(-1)  # (tokens*k,)
+        valid_pairs = None if valid_pairs is None else valid_pairs.reshape(-1)
+
+        # One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be
+        # checked before it is combined. Works with every experts backend (eager, grouped_mm, batched_mm, ...).
+        pair_inputs = hidden_flat.repeat_interleave(top_k, dim=0)  # (tokens*k, H)
+        pair_ids = top_k_index.reshape(-1)  # (tokens*k,)
+        expert_ids, excluded = pair_ids, None  # excluded: (tokens*k,) pairs whose outputs are zeroed, or None
+        if valid_pairs is not None:
+            excluded = ~valid_pairs
+            if self.experts.config._experts_implementation in SENTINEL_SKIPPING_EXPERTS:
+                expert_ids = pair_ids.masked_fill(excluded, self.num_experts)
+        gate_dummy = None
+        if (self.config.use_reliability_routing or excluded is not None) and pair_inputs.requires_grad:
+            pair_inputs, gate_dummy = _PairInputGradientGate.apply(pair_inputs)
+        pair_outputs = self.experts(pair_inputs, expert_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
+
         faulty = observed = None
         if self.config.use_reliability_routing:
+            # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the health
+            # reference of their cluster and mask experts for the real tokens of the batch.
             faulty, observed = self._expert_health(pair_outputs, pair_ids, valid_pairs)
             if torch.is_grad_enabled():
                 self._guard_expert_gradients()
                 self.masked_faulty_expert |= faulty.any()  # idempotent when checkpointing re-runs the forward
             pair_faulty = faulty[pair_ids]
-            if gate_dummy is None:
-                pair_outputs = pair_outputs.masked_fill(pair_faulty[:, None], 0.0)
-            else:
-                pair_outputs = _MaskFaultyPairOutputs.apply(pair_outputs, gate_dummy, pair_faulty)
+            excluded = pair_faulty if excluded is None else excluded | pair_faulty
             # exp(finfo.min) is 0; a token whose pairs are all faulty gets finite (uniform) weights for zeroed outputs
             impossible = torch.finfo(chosen_log_probs.dtype).min
             chosen_log_probs = chosen_log_probs.masked_fill(pair_faulty.view(num_tokens, top_k), impossible)
+        if excluded is not None:
+            if gate_dummy is None:
+                pair_outputs = pair_outputs.masked_fill(excluded.unsqueeze(-1), 0.0)
+            else:
+                pair_outputs = _MaskExcludedPairOutputs.apply(pair_outputs, gate_dummy, excluded)
         # Renormalised over the token's pairs, P(pair) / sum P = softmax of their log-probabilities.
+        # Dropped pairs' outputs are zero: they contribute nothing, and the token keeps its residual path.
         weights = chosen_log_probs.softmax(-1) if self.config.norm_topk_prob else chosen_log_probs.exp()
-        if served is not None:  # dropped pairs contribute nothing; the token keeps its residual path
-            weights = weights * served.view(num_tokens, top_k)
 
         # (tokens, k, 1) * (tokens, k, H) summed over k -> (tokens, H). Not `bmm`: on CPU its backward for these
         # (1 x k) @ (k x H) batches copies every token's slices one by one, ~2 ms per layer per training step here.

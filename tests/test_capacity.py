@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from clustermoe_hf import ClusterMoEConfig
 
 
 def skewed_block(tiny_model, **overrides):
     """A MoE block whose router sends most tokens to the same experts, so that capacity limits bite."""
-    model = tiny_model(use_reliability_routing=False, **overrides)
+    model = tiny_model(**{"use_reliability_routing": False, **overrides})
     block = model.model.layers[0].mlp
     with torch.no_grad():
         block.router.cluster_weight[0] += 2.0
@@ -152,6 +153,66 @@ def test_padding_takes_no_capacity_and_is_not_reported(tiny_model):
     assert real_pairs_dropped < (~served_if_padding_counted[token_mask]).sum()  # padding would cost real tokens
     assert stats["dropped_pairs"] == real_pairs_dropped and stats["rerouted_pairs"] == rerouted
     assert stats["expert_counts"].sum() + stats["dropped_pairs"] == 16 * 2
+
+
+def run_block(block, hidden, token_mask):
+    """Output, input gradient, parameter gradients and the expert ids the experts module was called with."""
+    sent = []
+    handle = block.experts.register_forward_hook(lambda module, args, output: sent.append(args[1].flatten()))
+    hidden = hidden.clone().requires_grad_(torch.is_grad_enabled())
+    output, _ = block(hidden, token_mask)
+    handle.remove()
+    if not torch.is_grad_enabled():
+        return output, sent[0]
+    output.square().sum().backward()
+    grads = {name: parameter.grad for name, parameter in block.named_parameters()}
+    block.zero_grad(set_to_none=True)
+    return output, sent[0], hidden.grad, grads
+
+
+@pytest.mark.parametrize("use_reliability_routing", [False, True], ids=["plain", "reliability"])
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "sorted_mm", "sorted_mm-loop"])
+def test_dropped_and_padding_pairs_skip_the_experts(tiny_model, monkeypatch, implementation, use_reliability_routing):
+    """Pairs dropped by capacity limits, and those of padding tokens, go to the id `num_experts`, which these experts
+    implementations skip: they cost no expert compute. Outputs and gradients are those of `batched_mm`, which is given
+    every pair's real id and computes it (the block then zeroes what it does not serve)."""
+    if implementation == "sorted_mm-loop":  # its per-expert GEMM loop, taken on this CPU for emulated dtypes only
+        functions = ALL_EXPERTS_FUNCTIONS["sorted_mm"].__globals__
+        monkeypatch.setitem(functions, "_CPU_DTYPES_WITHOUT_FAST_GEMM", frozenset({torch.float32}))
+    model, block = skewed_block(tiny_model, expert_capacity_factor=0.5, use_reliability_routing=use_reliability_routing)
+    hidden = torch.randn(2, 16, model.config.hidden_size)
+    token_mask = torch.ones(2, 16, dtype=torch.bool)
+    token_mask[1, :4] = False
+    token_mask = token_mask.flatten()
+
+    model.set_experts_implementation("batched_mm")
+    expected_output, all_ids, expected_hidden_grad, expected_grads = run_block(block, hidden, token_mask)
+    model.set_experts_implementation(implementation.removesuffix("-loop"))
+    output, sent_ids, hidden_grad, grads = run_block(block, hidden, token_mask)
+
+    assert (all_ids < block.num_experts).all()
+    _, stats = block(hidden, token_mask)
+    skipped = sent_ids == block.num_experts
+    assert skipped.sum() == stats["dropped_pairs"] + 4 * 2 > 8  # dropped pairs, and the 4 padding tokens' pairs
+    assert torch.equal(sent_ids[~skipped], all_ids[~skipped])
+    torch.testing.assert_close(output, expected_output)
+    torch.testing.assert_close(hidden_grad, expected_hidden_grad)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
+
+
+def test_inference_on_a_few_pairs_skips_padding_pairs(tiny_model):
+    """`sorted_mm` runs a handful of pairs one by one without gradients (decoding); it skips the padding's pairs."""
+    model = tiny_model()
+    block = model.model.layers[0].mlp
+    hidden, token_mask = torch.randn(1, 3, model.config.hidden_size), torch.tensor([False, True, True])
+    with torch.no_grad():
+        model.set_experts_implementation("batched_mm")
+        expected, _ = run_block(block, hidden, token_mask)
+        model.set_experts_implementation("sorted_mm")
+        output, sent_ids = run_block(block, hidden, token_mask)
+    assert (sent_ids[:2] == block.num_experts).all() and (sent_ids[2:] < block.num_experts).all()
+    torch.testing.assert_close(output, expected)
 
 
 def test_large_capacity_matches_dropless_routing(tiny_model):

@@ -100,6 +100,27 @@ def test_non_finite_expert_gradients_of_healthy_experts_reach_the_gradient_scale
     assert scaler.get_scale() == 2.0**126 and torch.equal(down_proj, before)  # the step was skipped
 
 
+def test_broken_experts_do_not_reach_real_tokens_through_padding(tiny_model):
+    """Padding tokens' pairs are neither computed nor judged. Here the padding token goes to a cluster whose experts
+    are all broken and which no real token uses: a NaN output at the padding positions would reach the real tokens in
+    the next layer's attention, whose masked keys still weigh their values by zero (0 * NaN is NaN)."""
+    model = tiny_model(use_adaptive_routing=True)
+    router = model.model.layers[0].mlp.router
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 0.0
+        model.model.embed_tokens.weight[model.config.pad_token_id, 0] = 10.0  # the padding token points along dim 0
+        router.cluster_weight[1] = 0.0
+        router.cluster_weight[1, 0] = 50.0  # dim 0 -> cluster 1 ...
+        router.cluster_bias[1] = -100.0  # ... strongly enough for the padding token only
+        model.model.layers[0].mlp.experts.down_proj[4:] = float("nan")  # every expert of cluster 1
+    ids = torch.randint(3, 64, (2, 8))
+    ids[0, :3] = model.config.pad_token_id
+    attention_mask = (ids != model.config.pad_token_id).long()
+    assert model.model(ids, attention_mask=attention_mask).routing_stats[0]["expert_counts"][4:].sum() == 0
+    logits = model(ids, attention_mask=attention_mask).logits
+    assert torch.isfinite(logits[attention_mask.bool()]).all()
+
+
 def test_without_reliability_routing_a_nan_expert_poisons_the_output(tiny_model):
     """Counterpart of the test above: the masking is what keeps the output finite."""
     model = tiny_model(use_reliability_routing=False)
