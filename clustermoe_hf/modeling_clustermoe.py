@@ -1151,6 +1151,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                     f"past + new tokens >= {sequence_length}) for inputs of {sequence_length} tokens."
                 )
             token_mask = attention_mask[:, -sequence_length:].reshape(-1).bool()
+            if token_mask.device.type == "cpu" and not is_torchdynamo_compiling() and bool(token_mask.all()):
+                token_mask = None  # no padding: skip the per-pair masking in every layer (no device sync on CPU)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)

@@ -383,3 +383,18 @@ def test_padding_tokens_are_not_counted(tiny_model):
     model(full)
     model(short)
     assert torch.equal(expert_counts(model), padded_counts)
+
+
+def test_a_batch_without_padding_skips_the_padding_bookkeeping(tiny_model):
+    """On CPU an all-ones attention mask is read on the host (no device sync there) and the MoE blocks get no token
+    mask, as without an attention mask: the per-pair padding masks cost ~6% of a decoding step's MoE block."""
+    model = tiny_model()
+    received = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: received.append(args[1]))
+    ids = random_ids(2, 6)
+    attention_mask = torch.ones_like(ids)
+    expected = model(ids).logits
+    torch.testing.assert_close(model(ids, attention_mask=attention_mask).logits, expected, rtol=0, atol=0)
+    attention_mask[0, 0] = 0
+    model(ids, attention_mask=attention_mask)
+    assert received[0] is None and received[1] is None and received[2].tolist() == [False] + [True] * 11
