@@ -14,7 +14,9 @@ after warm-up, as medians:
     python benchmarks/bench_models.py --quick    # smaller shape and fewer repeats, about a minute (CI)
 
 Timing uses the process CPU time when torch runs on one thread (the default): it is what a dedicated core would
-measure, and other processes on a shared machine do not inflate it. With `--threads N > 1`, wall-clock time.
+measure, and other processes on a shared machine do not inflate it. With `--threads N > 1`, wall-clock time. With
+`--device cuda`, every model runs on the GPU (CUDA kernels; `sorted_mm` is transformers' `grouped_mm` there), timed by
+wall clock with the device synchronised, and peak memory comes from the CUDA allocator's statistics.
 """
 
 import argparse
@@ -38,9 +40,10 @@ from common import (  # noqa: E402
     QUICK_SHAPE,
     TRANSFORMERS_EXPERTS_IMPLEMENTATIONS,
     Shape,
+    benchmark_device,
     build_configs,
     build_model,
-    cpu_or_wall_clock,
+    device_clock,
     keep_freed_memory,
     parameter_counts,
     peak_allocated_bytes,
@@ -113,8 +116,8 @@ def make_decode(model, prompt: torch.Tensor, new_tokens: int):
 
 
 class Clock:
-    def __init__(self, threads: int):
-        self.name, self.now = cpu_or_wall_clock(threads)
+    def __init__(self, threads: int, device: torch.device):
+        self.name, self.now = device_clock(device, threads)
 
     def time(self, fn) -> float:
         start = self.now()
@@ -150,20 +153,30 @@ def interleaved(
     return result
 
 
-def measure_kind(kind: str, shape: Shape, configs: dict, clock: Clock, warmup: int, repeats: int, slow_factor: float):
+def measure_kind(
+    kind: str,
+    shape: Shape,
+    configs: dict,
+    clock: Clock,
+    warmup: int,
+    repeats: int,
+    slow_factor: float,
+    device: torch.device,
+):
     generator = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if kind == "train_bf16" else torch.float32
-    batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq), generator=generator)
+    batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq), generator=generator).to(device)
     probe_batch = batch[:1, : shape.train_seq // 2]  # screens out the far slower configurations cheaply
-    prompt = torch.randint(3, shape.vocab_size, (1, shape.prefill_seq), generator=generator)
+    prompt = torch.randint(3, shape.vocab_size, (1, shape.prefill_seq), generator=generator).to(device)
     decode_batch = 1 if kind == "decode_b1" else 8
     decode_prompt = torch.randint(3, shape.vocab_size, (decode_batch, shape.decode_prompt), generator=generator)
+    decode_prompt = decode_prompt.to(device)
     runs, probes, groups, keep_alive = {}, {}, {}, []
     for name, config in configs.items():
         for implementation in experts_implementations(name):
             label = config_label(name, implementation)
             groups[label] = name
-            model = build_model(name, config, dtype=dtype, experts_implementation=implementation)
+            model = build_model(name, config, dtype=dtype, experts_implementation=implementation).to(device)
             if kind.startswith("train"):
                 (runs[label], probes[label]), optimizer = make_training_steps(model, batch, probe_batch)
                 keep_alive.append(optimizer)
@@ -185,9 +198,10 @@ def measure_kind(kind: str, shape: Shape, configs: dict, clock: Clock, warmup: i
     return times
 
 
-def measure_memory(shape: Shape, configs: dict, training_times: dict) -> dict:
+def measure_memory(shape: Shape, configs: dict, training_times: dict, device: torch.device) -> dict:
     """Peak training memory of every configuration that was fast enough to be timed, fp32."""
     batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq), generator=torch.Generator())
+    batch = batch.to(device)
     result = {}
     for name, config in configs.items():
         for implementation in experts_implementations(name):
@@ -195,13 +209,13 @@ def measure_memory(shape: Shape, configs: dict, training_times: dict) -> dict:
             if training_times[label].get("excluded"):
                 result[label] = {"excluded": True}
                 continue
-            model = build_model(name, config, experts_implementation=implementation)
+            model = build_model(name, config, experts_implementation=implementation).to(device)
             (step,), optimizer = make_training_steps(model, batch)
             step()  # creates the optimizer state
             resident = tensor_bytes(list(model.parameters()) + list(model.buffers())) + tensor_bytes(
                 t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
             )
-            peak = resident + peak_allocated_bytes(step)
+            peak = resident + peak_allocated_bytes(step, device)
             result[label] = {"value": peak / 2**20, "resident_MiB": resident / 2**20}
             del model, step, optimizer
             gc.collect()
@@ -359,7 +373,9 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def machine_description() -> str:
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} GPU on a {os.cpu_count()}-core host, {platform.system()}"
     model_name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -376,6 +392,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smaller shape and fewer repeats, about a minute (CI)")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see the docstring)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--repeats", type=int, help="timed runs per configuration (default 9, quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed runs per configuration after the probe (default 1)")
     parser.add_argument(
@@ -388,12 +405,17 @@ def main(argv=None) -> dict:
     if "train_fp32" not in args.kinds:
         parser.error("train_fp32 is needed: each model's memory is compared in its fastest training configuration")
 
+    try:
+        device = benchmark_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+
     torch.set_num_threads(args.threads)
-    allocator = keep_freed_memory()
+    allocator = keep_freed_memory() if device.type == "cpu" else "PyTorch's CUDA caching allocator"
     shape = QUICK_SHAPE if args.quick else DEFAULT_SHAPE
     repeats = args.repeats or (3 if args.quick else 9)
     warmup = args.warmup or 1
-    clock = Clock(args.threads)
+    clock = Clock(args.threads, device)
     configs = build_configs(shape)
 
     parameters = {}
@@ -404,9 +426,9 @@ def main(argv=None) -> dict:
     measurements = {}
     for kind in args.kinds:
         started = time.perf_counter()
-        measurements[kind] = measure_kind(kind, shape, configs, clock, warmup, repeats, args.slow_factor)
+        measurements[kind] = measure_kind(kind, shape, configs, clock, warmup, repeats, args.slow_factor, device)
         print(f"{kind}: {time.perf_counter() - started:.0f} s")
-    measurements["memory"] = measure_memory(shape, configs, measurements["train_fp32"])
+    measurements["memory"] = measure_memory(shape, configs, measurements["train_fp32"], device)
 
     router = None
     if not args.no_router:
@@ -414,7 +436,7 @@ def main(argv=None) -> dict:
 
         router = router_scaling.main(
             (["--quick"] if args.quick else [])
-            + ["--output-dir", str(args.output_dir), "--threads", str(args.threads)]
+            + ["--output-dir", str(args.output_dir), "--threads", str(args.threads), "--device", str(device)]
             + (["--no-plot"] if args.no_plot else [])
         )
 
@@ -427,7 +449,8 @@ def main(argv=None) -> dict:
         "quick": args.quick,
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (sys.argv[1:] if argv is None else argv)),
         "machine": {
-            "description": machine_description(),
+            "description": machine_description(device),
+            "device": str(device),
             "platform": platform.platform(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -194,6 +194,29 @@ def cpu_or_wall_clock(threads: int) -> tuple[str, Callable[[], float]]:
     return ("process CPU time", time.process_time) if threads == 1 else ("wall-clock time", time.perf_counter)
 
 
+def device_clock(device: torch.device, threads: int) -> tuple[str, Callable[[], float]]:
+    """On a CUDA device, wall-clock time read after synchronising it (its kernels run asynchronously); on the CPU,
+    `cpu_or_wall_clock`."""
+    if device.type != "cuda":
+        return cpu_or_wall_clock(threads)
+
+    def now() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return "wall-clock time, CUDA synchronised", now
+
+
+def benchmark_device(name: str) -> torch.device:
+    """`torch.device(name)`, or a ValueError saying why it cannot run here."""
+    device = torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: the benchmarks run on 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA device")
+    return device
+
+
 def median_times(
     benchmarks: dict[str, Callable[[], object]],
     warmup: int,
@@ -227,9 +250,17 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
-def peak_allocated_bytes(fn: Callable[[], object]) -> int:
-    """Highest net tensor memory allocated while `fn` runs, from the profiler's allocation events (CPU tensors have
-    no allocator statistics; process RSS would also count the allocator's caching and the interpreter)."""
+def peak_allocated_bytes(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> int:
+    """Highest net tensor memory allocated while `fn` runs: on a CUDA device from its allocator's statistics, on the
+    CPU from the profiler's allocation events (CPU tensors have no allocator statistics; process RSS would also count
+    the allocator's caching and the interpreter)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(

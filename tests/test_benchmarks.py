@@ -40,6 +40,17 @@ def test_models_are_matched_in_shape_and_active_parameters():
     assert counts[CLUSTERMOE]["total"] > 3 * counts[CLUSTERMOE]["active"] // 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("script", ["bench_models", "router_scaling"])
+def test_a_device_the_benchmarks_cannot_use_is_refused_by_name(script, capsys):
+    main = __import__(script).main
+    for device, reason in (("cuda", "sees no CUDA device"), ("mps", "run on 'cpu' or 'cuda'")):
+        with pytest.raises(SystemExit):
+            main(["--quick", "--device", device, "--no-plot"])
+        error = capsys.readouterr().err
+        assert f"--device {device}: " in error and reason in error
+
+
 def test_interleaved_leaves_out_configurations_far_slower_than_the_fastest():
     calls = []
 
@@ -54,7 +65,7 @@ def test_interleaved_leaves_out_configurations_far_slower_than_the_fastest():
 
     runs = {"fast": workload("fast", 0.002), "slow": workload("slow", 0.05), "other model": workload("other", 0.05)}
     groups = {"fast": "model A", "slow": "model A", "other model": "model B"}
-    clock = bench_models.Clock(1)
+    clock = bench_models.Clock(1, torch.device("cpu"))
     result = bench_models.interleaved(runs, clock, warmup=1, repeats=3, slow_factor=5, probes=runs, groups=groups)
     assert result["slow"]["excluded"] and result["slow"]["probe_s"] >= 0.05
     assert calls.count("slow") == 1  # probed once, never run again
