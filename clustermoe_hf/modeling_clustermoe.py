@@ -290,6 +290,19 @@ class ClusterMoERouting(NamedTuple):
     expert_candidates: torch.Tensor
 
 
+def _host_reads_are_free(tensor: torch.Tensor) -> bool:
+    """Whether reading `tensor`'s values on the host costs no device sync: on CPU, outside `torch.compile`. There the
+    model reads values to skip work they show to be unnecessary; elsewhere it never waits for the device."""
+    return tensor.device.type == "cpu" and not is_torchdynamo_compiling()
+
+
+def _at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax input in float32: `logits / temperature`, without the no-op cast and division (each a dispatched op,
+    which shows in per-token decoding) at float32 and temperature 1."""
+    logits = logits if logits.dtype == torch.float32 else logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 class ClusterMoERouter(nn.Module):
     """Two-level router: `top_k_clusters` clusters per token, then experts scored inside those clusters only.
 
@@ -406,14 +419,14 @@ class ClusterMoERouter(nn.Module):
         cluster_term, expert_term = self.selection_bias()
 
         cluster_logits = F.linear(hidden_states, self.cluster_weight)  # (tokens, C)
-        cluster_log_probs = F.log_softmax(cluster_logits.float() / temperature, dim=-1)
+        cluster_log_probs = F.log_softmax(_at_temperature(cluster_logits, temperature), dim=-1)
         cluster_scores = cluster_log_probs if cluster_term is None else cluster_log_probs + cluster_term
         if noise > 0:
             cluster_scores = cluster_scores + torch.randn_like(cluster_scores) * noise
         cluster_index = torch.topk(cluster_scores, config.top_k_clusters, dim=-1).indices  # (tokens, kc)
 
         expert_logits = self._expert_logits(hidden_states, cluster_index)  # (tokens, kc, E)
-        expert_log_probs = F.log_softmax(expert_logits.float() / temperature, dim=-1)
+        expert_log_probs = F.log_softmax(_at_temperature(expert_logits, temperature), dim=-1)
         expert_scores = expert_log_probs if expert_term is None else expert_log_probs + expert_term[cluster_index]
         if noise > 0:
             expert_scores = expert_scores + torch.randn_like(expert_scores) * noise
@@ -438,10 +451,13 @@ class _PairInputGradientGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pair_inputs):
+        ctx.set_materialize_grads(False)  # no mask arrives when no pair was excluded
         return pair_inputs.view_as(pair_inputs), pair_inputs.new_zeros(pair_inputs.shape[0])
 
     @staticmethod
     def backward(ctx, grad_inputs, excluded_mask):
+        if grad_inputs is None or excluded_mask is None:
+            return grad_inputs
         return grad_inputs.masked_fill(excluded_mask.bool().unsqueeze(-1), 0.0)
 
 
@@ -611,12 +627,14 @@ class ClusterMoESparseMoeBlock(nn.Module):
         router_z = ((z_cluster + z_expert) * mask).sum() / num_valid
         return cluster_balance, expert_balance, router_z
 
-    def _expert_health(self, expert_out: torch.Tensor, expert_ids: torch.Tensor, valid: torch.Tensor | None):
-        """Which experts misbehaved in this forward: any non-finite output, or a mean output norm more than
+    def _faulty_experts(self, expert_out: torch.Tensor, expert_ids: torch.Tensor, valid: torch.Tensor | None):
+        """Which experts misbehaved in this forward, (N,) bool: any non-finite output, or a mean output norm more than
         `reliability_max_norm_ratio` times the geometric-mean norm of the *other* healthy experts of its cluster
         (leaving itself out, an outsized expert cannot raise its own bar). Pairs where `valid` (pairs,) is False are
-        not judged. Returns (faulty, observed), (N,)."""
+        not judged. None when no expert can be faulty (`_all_pairs_healthy`)."""
         norms = torch.linalg.vector_norm(expert_out.detach(), dim=-1, dtype=torch.float32)  # (pairs,)
+        if self._all_pairs_healthy(norms):
+            return None
         log_norms = norms.clamp_min(1e-12).log()  # inf or NaN where an output is not finite
         per_pair = torch.stack([torch.ones_like(log_norms), log_norms], dim=-1)  # (pairs, 2)
         if valid is not None:
@@ -633,8 +651,18 @@ class ClusterMoESparseMoeBlock(nn.Module):
         others_sum = mean_log_norm.sum(-1, keepdim=True) - mean_log_norm
         max_log_ratio = math.log(self.config.reliability_max_norm_ratio)
         outsized = others_count * mean_log_norm - others_sum > others_count * max_log_ratio
-        faulty = observed & (~finite | outsized)
-        return faulty.view(-1), observed.view(-1)
+        return (observed & (~finite | outsized)).view(-1)
+
+    def _all_pairs_healthy(self, norms: torch.Tensor) -> bool:
+        """A sufficient condition for no faulty expert, read on the host, on CPU only (no device sync there): every
+        pair's output norm is finite and the largest is at most half `reliability_max_norm_ratio` times the smallest.
+        Then no expert's mean log-norm can exceed its peers' by log(max ratio), whichever pairs are judged; the factor
+        2 is far above the float32 rounding of the full check. Spares a decoding step the full check's ~40 small ops
+        (and a training step the masking after it)."""
+        if not _host_reads_are_free(norms) or norms.numel() == 0:
+            return False
+        smallest, largest = (value.item() for value in torch.aminmax(norms))
+        return math.isfinite(largest) and largest <= max(smallest, 1e-12) * self.config.reliability_max_norm_ratio / 2
 
     def forward(
         self,
@@ -688,13 +716,15 @@ class ClusterMoESparseMoeBlock(nn.Module):
             pair_inputs, gate_dummy = _PairInputGradientGate.apply(pair_inputs)
         pair_outputs = self.experts(pair_inputs, expert_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
 
-        faulty = observed = None
+        faulty = None
         if self.config.use_reliability_routing:
-            # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the health
-            # reference of their cluster and mask experts for the real tokens of the batch.
-            faulty, observed = self._expert_health(pair_outputs, pair_ids, valid_pairs)
             if torch.is_grad_enabled():
                 self._guard_expert_gradients()
+            # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the health
+            # reference of their cluster and mask experts for the real tokens of the batch.
+            faulty = self._faulty_experts(pair_outputs, pair_ids, valid_pairs)
+        if faulty is not None:
+            if torch.is_grad_enabled():
                 self.masked_faulty_expert |= faulty.any()  # idempotent when checkpointing re-runs the forward
             pair_faulty = faulty[pair_ids]
             excluded = pair_faulty if excluded is None else excluded | pair_faulty
@@ -734,9 +764,10 @@ class ClusterMoESparseMoeBlock(nn.Module):
             "dropped_pairs": dropped,
             "rerouted_pairs": pair_ids.new_zeros(()) if rerouted is None else rerouted,
         }
-        if faulty is not None:
-            routing_stats["expert_faulty"] = faulty
+        if self.config.use_reliability_routing:
+            observed = expert_counts > 0
             routing_stats["expert_observed"] = observed
+            routing_stats["expert_faulty"] = torch.zeros_like(observed) if faulty is None else faulty
         return output, routing_stats
 
 
@@ -1151,8 +1182,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                     f"past + new tokens >= {sequence_length}) for inputs of {sequence_length} tokens."
                 )
             token_mask = attention_mask[:, -sequence_length:].reshape(-1).bool()
-            if token_mask.device.type == "cpu" and not is_torchdynamo_compiling() and bool(token_mask.all()):
-                token_mask = None  # no padding: skip the per-pair masking in every layer (no device sync on CPU)
+            if _host_reads_are_free(token_mask) and bool(token_mask.all()):
+                token_mask = None  # no padding: skip the per-pair masking in every layer
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)

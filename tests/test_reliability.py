@@ -138,9 +138,58 @@ def test_health_check_flags_outputs_far_larger_than_the_other_experts_of_the_clu
     norms = {0: 1.0, 1: 150.0, 4: 50.0, 5: 1.0, 6: float("inf")}
     ids = torch.tensor([e for e in norms for _ in range(3)])
     outputs = torch.stack([direction * norms[int(e)] for e in ids])
-    faulty, observed = block._expert_health(outputs, ids, torch.ones(len(ids), dtype=torch.bool))
-    assert observed.tolist() == [True, True, False, False, True, True, True, False]
+    faulty = block._faulty_experts(outputs, ids, torch.ones(len(ids), dtype=torch.bool))
     assert faulty.tolist() == [False, True, False, False, False, False, True, False]
+
+
+@pytest.mark.parametrize(
+    "largest, verdict",
+    [
+        (49.0, None),  # spread <= max ratio / 2: no expert can be outsized, the full check is skipped
+        (51.0, [False] * 8),  # beyond the shortcut's bound: the full check runs, and finds nothing
+        (99.0, [False] * 8),
+        (101.0, [False, True] + [False] * 6),
+        (float("nan"), [False, True] + [False] * 6),
+    ],
+)
+def test_health_check_is_skipped_only_when_no_expert_can_be_faulty(tiny_model, largest, verdict):
+    """On CPU, when every output norm is finite and within half the max ratio of every other, the full check cannot
+    flag anything and is skipped (None). Otherwise it runs, with the verdicts of the test above."""
+    block = tiny_model().model.layers[0].mlp  # reliability_max_norm_ratio = 100
+    direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    ids = torch.tensor([0, 0, 1, 1, 2, 3])
+    outputs = torch.stack([direction * (largest if int(e) == 1 else 1.0) for e in ids])
+    faulty = block._faulty_experts(outputs, ids, None)
+    assert (faulty if faulty is None else faulty.tolist()) == verdict
+
+
+def test_skipping_the_health_check_changes_no_output_gradient_or_statistic(tiny_model, monkeypatch):
+    model = tiny_model()
+    input_ids = torch.randint(3, 64, (2, 12))
+
+    def run():
+        torch.manual_seed(0)  # router jitter
+        model.zero_grad()
+        out = model(input_ids, labels=input_ids)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters()], model.model(input_ids).routing_stats
+
+    model.train()
+    blocks = [layer.mlp for layer in model.model.layers]
+    shortcuts = []
+    for block in blocks:
+        original = block._all_pairs_healthy
+        monkeypatch.setattr(block, "_all_pairs_healthy", lambda norms, f=original: shortcuts.append(f(norms)) or True)
+    skipped = run()
+    assert shortcuts and all(shortcuts)  # these healthy experts are within the shortcut's bound
+    for block in blocks:
+        monkeypatch.setattr(block, "_all_pairs_healthy", lambda norms: False)
+    checked = run()
+    assert torch.equal(skipped[0].logits, checked[0].logits) and torch.equal(skipped[0].loss, checked[0].loss)
+    assert all(torch.equal(a, b) for a, b in zip(skipped[1], checked[1]))
+    for stats_skipped, stats_checked in zip(skipped[2], checked[2]):
+        assert stats_skipped.keys() == stats_checked.keys()
+        assert all(torch.equal(stats_skipped[key], stats_checked[key]) for key in stats_skipped)
 
 
 def test_reliability_ema_after_one_optimizer_step(tiny_model):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from clustermoe_hf import ClusterMoEForCausalLM
+from clustermoe_hf import ClusterMoEForCausalLM, modeling_clustermoe
 
 
 VOCAB_SIZE = 64
@@ -240,10 +240,12 @@ class HostSyncSpy(TorchDispatchMode):
     "overrides",
     [{}, {"expert_capacity_factor": 1.0}, {"router_implementation": "hierarchical"}, {"use_adaptive_routing": True}],
 )
-def test_moe_block_forward_and_backward_issue_no_host_syncs(tiny_config, overrides, training):
+def test_moe_block_forward_and_backward_issue_no_host_syncs(tiny_config, overrides, training, monkeypatch):
     """With a sync-free experts kernel (grouped_mm), routing, capacity limits, the health check and the losses never
-    make the host wait for the device. (Gradients are returned, not accumulated: the expert-gradient guard that runs
-    on accumulation reads its flag on the host where the device is the host, a CPU.)"""
+    make the host wait for the device. The shortcuts that read values where that is free (CPU) are turned off, as on
+    an accelerator. (Gradients are returned, not accumulated: the expert-gradient guard that runs on accumulation
+    reads its flag on the host where the device is the host, a CPU.)"""
+    monkeypatch.setattr(modeling_clustermoe, "_host_reads_are_free", lambda tensor: False)
     model = ClusterMoEForCausalLM._from_config(tiny_config(**overrides), experts_implementation="grouped_mm")
     block = model.train(training).model.layers[0].mlp
     hidden = torch.randn(2, 8, model.config.hidden_size, requires_grad=training)
