@@ -4,7 +4,7 @@
 per pair, one expert per row, unit weights), so that each pair's output can be health-checked before the weighted
 combine. A model without health checks would make one weighted call over the tokens instead. This times both, on the
 default benchmark shape (fp32, where ClusterMoE's default `sorted_mm` is transformers' `grouped_mm`), forward +
-backward and forward only; and the health check itself (`_expert_health` plus masking).
+backward and forward only; and the health check itself (`_faulty_experts` plus masking, and its CPU shortcut).
 
 It also times an inference experts call over a handful of pairs (decoding), `grouped_mm` against the per-pair path of
 `sorted_mm`, which sets `PER_PAIR_MAX_PAIRS`.
@@ -98,12 +98,21 @@ def main(argv=None) -> dict:
             if grad:
                 out.sum().backward()
 
-    def health_check():
-        with torch.no_grad():
-            faulty, _ = block._expert_health(pair_outputs, pair_ids, served)
-            pair_outputs.masked_fill(faulty[pair_ids][:, None], 0.0)
+    def health_check(full: bool):
+        if full:  # turn off the CPU shortcut that skips the check for outputs whose norms are all close
+            block._all_pairs_healthy = lambda norms: False
+        try:
+            with torch.no_grad():
+                faulty = block._faulty_experts(pair_outputs, pair_ids, served)
+                if faulty is not None:
+                    pair_outputs.masked_fill(faulty[pair_ids][:, None], 0.0)
+        finally:
+            block.__dict__.pop("_all_pairs_healthy", None)
 
-    runs = {("forward", "health check + masking"): health_check}
+    runs = {
+        ("forward", "health check + masking"): lambda: health_check(full=True),
+        ("forward", "health check, CPU shortcut"): lambda: health_check(full=False),
+    }
     for grad in (True, False):
         mode = "forward+backward" if grad else "forward"
         runs[(mode, "direct weighted call")] = lambda g=grad: direct(g)
@@ -122,7 +131,9 @@ def main(argv=None) -> dict:
         pair_ms = times[(mode, "per-pair call + combine")]["median_s"] * 1e3
         print(f"| {mode} | {direct_ms:.2f} | {pair_ms:.2f} | {pair_ms / direct_ms - 1:+.0%} |")
     health_ms = times[("forward", "health check + masking")]["median_s"] * 1e3
-    print(f"\nHealth check + masking: {health_ms:.2f} ms")
+    shortcut_ms = times[("forward", "health check, CPU shortcut")]["median_s"] * 1e3
+    print(f"\nHealth check + masking: {health_ms:.2f} ms; CPU shortcut (all norms within half the max ratio, nothing")
+    print(f"to check or mask): {shortcut_ms:.2f} ms")
 
     few_pairs = few_pairs_table(experts, shape.hidden_size, args.repeats)
     print("\nInference experts call over a few pairs, us per call ", end="")

@@ -188,27 +188,33 @@ class _SortedGroupedLinear(torch.autograd.Function):
 
 # Up to this many (token, expert) pairs, inference on CPU multiplies each pair on its own (two matrix-vector
 # products), which skips grouped_mm's sort and scatter bookkeeping and its pass over every expert: at 2 pairs (batch-1
-# decoding here) it takes half grouped_mm's time, from ~8 pairs it is slower (benchmarks/pair_call_cost.py).
-PER_PAIR_MAX_PAIRS = 6
+# decoding here) it takes 0.4x grouped_mm's time, at 8 pairs 0.9x, from ~10 pairs it is slower
+# (benchmarks/pair_call_cost.py).
+PER_PAIR_MAX_PAIRS = 8
 
 
 def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """Inference for a handful of pairs: each pair's expert applied to its token's vector, no sorting or grouping."""
-    top_k = top_k_index.shape[-1]
-    inputs = hidden_states.to(self.gate_up_proj.dtype)  # computed in the weights' dtype, like grouped_mm
-    output = torch.zeros_like(inputs)
-    pairs = zip(top_k_index.reshape(-1).tolist(), top_k_weights.reshape(-1).tolist())
-    for pair, (expert, weight) in enumerate(pairs):
-        if expert == self.num_experts:  # a pair the model does not serve (see `SENTINEL_SKIPPING_EXPERTS`)
-            continue
-        token_input = inputs[pair // top_k]  # (H,)
-        if self.is_transposed:  # (N, H, 2I) and (N, I, H)
-            expert_out = self._apply_gate(token_input @ self.gate_up_proj[expert]) @ self.down_proj[expert]
-        else:  # (N, 2I, H) and (N, H, I): matrix-vector products, without transposing the weights
-            gated = self._apply_gate(torch.mv(self.gate_up_proj[expert], token_input))  # (I,)
-            expert_out = torch.mv(self.down_proj[expert], gated)
-        output[pair // top_k].add_(expert_out, alpha=weight)
-    return output.to(hidden_states.dtype)
+    """Inference for a handful of pairs: each pair's expert applied to its token's vector, no sorting or grouping.
+    Per token, outputs are weighted and summed in pair order; a weight of 1 (the MoE block's per-pair call) is not
+    multiplied."""
+    dtype = self.gate_up_proj.dtype
+    inputs = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)  # as grouped_mm computes
+    token_outputs = []
+    for token_input, experts, weights in zip(inputs, top_k_index.tolist(), top_k_weights.tolist()):
+        token_output = None
+        for expert, weight in zip(experts, weights):
+            if expert == self.num_experts:  # a pair the model does not serve (see `SENTINEL_SKIPPING_EXPERTS`)
+                continue
+            if self.is_transposed:  # (N, H, 2I) and (N, I, H)
+                expert_out = self._apply_gate(token_input @ self.gate_up_proj[expert]) @ self.down_proj[expert]
+            else:  # (N, 2I, H) and (N, H, I): matrix-vector products, without transposing the weights
+                gated = self._apply_gate(torch.mv(self.gate_up_proj[expert], token_input))  # (I,)
+                expert_out = torch.mv(self.down_proj[expert], gated)  # (H,)
+            expert_out = expert_out if weight == 1.0 else expert_out * weight
+            token_output = expert_out if token_output is None else token_output + expert_out
+        token_outputs.append(torch.zeros_like(token_input) if token_output is None else token_output)
+    output = torch.stack(token_outputs)  # (tokens, H)
+    return output if output.dtype == hidden_states.dtype else output.to(hidden_states.dtype)
 
 
 def sorted_mm_experts_forward(

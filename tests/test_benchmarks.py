@@ -185,3 +185,14 @@ def test_peak_memory_by_category_sees_what_a_training_step_holds_at_its_peak():
     by_category = profile_step.peak_memory_by_category(step)
     assert sum(by_category.values()) >= 256 * 64 * 4 + 64 * 64 * 4  # the saved activation and the weight's gradient
     assert by_category and "unknown" not in by_category  # every allocation alive at the peak got a category
+
+
+def test_pair_call_cost_times_every_variant_it_reports(capsys):
+    """`pair_call_cost.py` calls the MoE block's internals (health check, per-pair path): keep it working."""
+    import pair_call_cost
+
+    result = pair_call_cost.main(["--repeats", "1"])
+    variants = {(row["mode"], row["variant"]) for row in result["rows"]}
+    assert ("forward", "health check + masking") in variants and ("forward", "health check, CPU shortcut") in variants
+    assert [row["pairs"] for row in result["few_pairs"]][:2] == [1, 2]
+    assert "Health check + masking" in capsys.readouterr().out
