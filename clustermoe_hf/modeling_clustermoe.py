@@ -45,7 +45,7 @@ from .configuration_clustermoe import ClusterMoEConfig
 # `router_implementation="auto"` scores experts only inside the chosen clusters from this many experts on; below it
 # one dense matmul over all experts is cheaper than grouping tokens by cluster. Measured by
 # benchmarks/router_scaling.py (docs/benchmarks.md): on CPU the hierarchical router takes 1.2-1.4x the flat one's time
-# at 64 experts, ~0.7x at 256 and 0.14-0.15x at 4096.
+# at 64 experts, 0.6-0.7x at 256 and 0.13-0.15x at 4096.
 HIERARCHICAL_ROUTER_MIN_EXPERTS = 256
 
 
