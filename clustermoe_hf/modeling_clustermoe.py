@@ -1161,11 +1161,16 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None and input_ids.numel() > 0:
-            self._check_input_ids(input_ids)
+            self._check_input_ids(input_ids)  # empty inputs are rejected below
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                f"The input has no tokens (batch size {inputs_embeds.shape[0]}, sequence length "
+                f"{inputs_embeds.shape[1]}); pass at least one token per sequence."
+            )
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens

@@ -125,6 +125,12 @@ def test_out_of_range_token_ids_are_rejected(tiny_model, bad_id):
         model(ids)
 
 
+@pytest.mark.parametrize("shape", [(1, 0), (0, 6)])
+def test_inputs_without_tokens_are_rejected(tiny_model, shape):
+    with pytest.raises(ValueError, match=rf"no tokens \(batch size {shape[0]}, sequence length {shape[1]}\)"):
+        tiny_model()(torch.zeros(shape, dtype=torch.long))
+
+
 @pytest.mark.parametrize("mask_shape", [(1, 8), (2, 5), (3, 8)])
 def test_attention_mask_of_the_wrong_shape_is_rejected(tiny_model, mask_shape):
     with pytest.raises(ValueError, match=rf"attention_mask has shape \({mask_shape[0]}, {mask_shape[1]}\)"):
