@@ -596,16 +596,21 @@ class ClusterMoESparseMoeBlock(nn.Module):
         expert_index (tokens, kc, ke) holds the global ids of the experts that were selected."""
         cluster_logits, expert_logits = routing.cluster_logits, routing.expert_logits
         cluster_index = routing.cluster_index
-        cluster_probs, expert_probs = routing.cluster_log_probs.exp(), routing.expert_log_probs.exp()
+        cluster_log_probs = routing.cluster_log_probs
+        expert_probs = routing.expert_log_probs.exp()
         num_tokens, top_k_clusters = cluster_index.shape
-        mask = cluster_probs.new_ones(num_tokens) if token_mask is None else token_mask.float()
+        mask = cluster_log_probs.new_ones(num_tokens) if token_mask is None else token_mask.float()
         num_valid = mask.sum().clamp_min(1.0)
         # Cluster level: fraction of (token, cluster) choices per cluster x mean cluster probability.
-        cluster_choices = torch.zeros_like(cluster_probs).scatter_add_(
+        cluster_choices = torch.zeros_like(cluster_log_probs).scatter_add_(
             1, cluster_index, mask[:, None].expand(-1, top_k_clusters).contiguous()
         )
         cluster_fraction = cluster_choices.sum(0) / (num_valid * top_k_clusters)
-        cluster_prob = (cluster_probs * mask[:, None]).sum(0) / num_valid
+        # Summed probabilities as exp(logsumexp(log-probabilities)): its backward keeps the log-probabilities (kept
+        # anyway), not a (tokens, C) tensor of probabilities.
+        if token_mask is not None:
+            cluster_log_probs = cluster_log_probs.masked_fill(~token_mask[:, None], -1e4)
+        cluster_prob = torch.logsumexp(cluster_log_probs, dim=0).exp() / num_valid
         cluster_balance = self.num_clusters * (cluster_fraction * cluster_prob).sum()
         # Expert level, inside each cluster, weighted by the cluster's share of (token, cluster) pairs.
         local_index = expert_index - cluster_index.unsqueeze(-1) * self.experts_per_cluster  # (tokens, kc, ke)

@@ -167,6 +167,18 @@ def test_padding_is_excluded_from_block_losses(tiny_model):
     assert torch.equal(masked["expert_counts"], real_only["expert_counts"])
 
 
+def test_a_batch_of_only_padding_has_zero_balance_losses_and_finite_gradients(tiny_model):
+    model = tiny_model(num_clusters=3, experts_per_cluster=3, top_k_clusters=2, top_k_experts=2)
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(1, 5, 32, requires_grad=True)
+    _, stats = block(hidden, torch.zeros(5, dtype=torch.bool))
+    losses = torch.stack([stats[name] for name in ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")])
+    assert torch.equal(losses, torch.zeros(3))
+    losses.sum().backward()
+    for name, gradient in (("input", hidden.grad), *((n, p.grad) for n, p in block.router.named_parameters())):
+        assert torch.isfinite(gradient).all(), name
+
+
 def test_padding_is_excluded_from_model_aux_losses(tiny_model):
     model = tiny_model(top_k_clusters=2)
     ids = random_ids(2, 6)
