@@ -1117,6 +1117,23 @@ class ClusterMoERoutingState(nn.Module):
         self.has_pending_updates = False
 
 
+def _check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, ignore_index: int | None = None):
+    """Token ids (or labels, which may also be `ignore_index`) must lie in [0, vocab_size). On CPU the range is read
+    directly; elsewhere an asynchronous device assertion checks it without waiting for the device."""
+    if is_torchdynamo_compiling() or ids.numel() == 0:
+        return
+    message = f"{name} must be in [0, vocab_size={vocab_size})" + (
+        "" if ignore_index is None else f" or be the ignore index {ignore_index}"
+    )
+    checked = ids if ignore_index is None else ids.masked_fill(ids == ignore_index, 0)
+    if _host_reads_are_free(ids):
+        low, high = (int(value) for value in torch.aminmax(checked))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{message}; got values from {low} to {high}.")
+    else:
+        torch._assert_async(((checked >= 0) & (checked < vocab_size)).all(), message)
+
+
 class ClusterMoEModel(ClusterMoEPreTrainedModel):
     def __init__(self, config: ClusterMoEConfig):
         super().__init__(config)
@@ -1138,17 +1155,41 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         # forward, where `torch.compile` cannot trace their installation (a lock).
         maybe_install_capturing_hooks(self)
 
-    def _check_input_ids(self, input_ids: torch.Tensor):
-        if is_torchdynamo_compiling():
-            return
-        vocab_size = self.config.vocab_size  # not `self.vocab_size`: `resize_token_embeddings` updates the config
-        message = f"input_ids must be in [0, vocab_size={vocab_size})"
-        if _host_reads_are_free(input_ids):
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= vocab_size:
-                raise ValueError(f"{message}; got ids from {low} to {high}.")
+    def _check_inputs(self, input_ids, inputs_embeds, position_ids):
+        """Clear errors for inputs that would otherwise fail deep inside the embedding or attention, or, for token ids
+        past the vocabulary, read out of bounds on accelerators: shapes, dtypes and the token-id range."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+                raise ValueError(
+                    "input_ids must be integer token ids of shape (batch_size, sequence_length); got a "
+                    f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}."
+                )
+            batch_size, sequence_length = input_ids.shape
+            _check_token_ids(input_ids, "input_ids", self.config.vocab_size)
         else:
-            torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(), message)
+            hidden_size = self.config.hidden_size
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch_size, sequence_length, hidden_size={hidden_size}); got "
+                    f"{tuple(inputs_embeds.shape)}."
+                )
+            batch_size, sequence_length = inputs_embeds.shape[:2]
+        if batch_size == 0 or sequence_length == 0:
+            raise ValueError(
+                f"The input has no tokens (batch size {batch_size}, sequence length {sequence_length}); pass at least "
+                "one token per sequence."
+            )
+        if position_ids is not None and (
+            position_ids.dim() != 2
+            or position_ids.shape[0] not in (1, batch_size)
+            or position_ids.shape[1] != sequence_length
+        ):
+            raise ValueError(
+                f"position_ids must have shape (batch_size={batch_size} or 1, sequence_length={sequence_length}); got "
+                f"{tuple(position_ids.shape)}."
+            )
 
     @merge_with_config_defaults
     @capture_outputs
@@ -1163,19 +1204,11 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> ClusterMoEModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if input_ids is not None and input_ids.numel() > 0:
-            self._check_input_ids(input_ids)  # empty inputs are rejected below
+        self._check_inputs(input_ids, inputs_embeds, position_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
-            raise ValueError(
-                f"The input has no tokens (batch size {inputs_embeds.shape[0]}, sequence length "
-                f"{inputs_embeds.shape[1]}); pass at least one token per sequence."
-            )
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
@@ -1387,6 +1420,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             )
         loss = None
         if labels is not None:
+            _check_labels(labels, logits.shape[0], outputs.last_hidden_state.shape[1], self.config.vocab_size)
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
             if aux_loss is not None:
                 loss = loss + aux_loss.to(loss.device) * _aux_loss_share(labels, kwargs.get("num_items_in_batch"))
@@ -1408,6 +1442,16 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             rerouted_pairs=capacity_counts.get("rerouted_pairs"),
             dropped_pairs=capacity_counts.get("dropped_pairs"),
         )
+
+
+def _check_labels(labels: torch.Tensor, batch_size: int, sequence_length: int, vocab_size: int):
+    """Labels name the next token of every input position: integer ids of the inputs' shape, or -100 (ignored)."""
+    if labels.shape != (batch_size, sequence_length) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be integer token ids of the inputs' shape (batch_size={batch_size}, sequence_length="
+            f"{sequence_length}); got a {labels.dtype} tensor of shape {tuple(labels.shape)}."
+        )
+    _check_token_ids(labels, "labels", vocab_size, ignore_index=-100)
 
 
 def combine_router_losses(routing_stats):

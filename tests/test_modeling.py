@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM, ClusterMoEModel, create_coe_model
+from clustermoe_hf import (
+    ClusterMoEConfig,
+    ClusterMoEForCausalLM,
+    ClusterMoEModel,
+    create_coe_model,
+    modeling_clustermoe,
+)
 
 
 VOCAB_SIZE = 64
@@ -129,6 +135,64 @@ def test_out_of_range_token_ids_are_rejected(tiny_model, bad_id):
 def test_inputs_without_tokens_are_rejected(tiny_model, shape):
     with pytest.raises(ValueError, match=rf"no tokens \(batch size {shape[0]}, sequence length {shape[1]}\)"):
         tiny_model()(torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "input_ids",
+    [torch.ones(6, dtype=torch.long), torch.ones(1, 2, 6, dtype=torch.long), torch.ones(2, 6), torch.ones(2, 6) > 0],
+    ids=["1-d", "3-d", "float", "bool"],
+)
+def test_input_ids_that_are_not_a_batch_of_token_ids_are_rejected(tiny_model, input_ids):
+    expected = rf"input_ids must be integer token ids of shape \(batch_size, sequence_length\); got a {input_ids.dtype}"
+    with pytest.raises(ValueError, match=expected):
+        tiny_model()(input_ids)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 7), (2, 32)])
+def test_inputs_embeds_of_the_wrong_shape_are_rejected(tiny_model, shape):
+    with pytest.raises(ValueError, match=rf"inputs_embeds must have shape .*hidden_size=32\); got \({shape[0]}, "):
+        tiny_model()(inputs_embeds=torch.randn(shape))
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (3, 6), (6,)])
+def test_position_ids_of_the_wrong_shape_are_rejected(tiny_model, shape):
+    with pytest.raises(ValueError, match=r"position_ids must have shape \(batch_size=2 or 1, sequence_length=6\)"):
+        tiny_model()(random_ids(2, 6), position_ids=torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "labels, problem",
+    [
+        (torch.ones(2, 4, dtype=torch.long), r"of the inputs' shape \(batch_size=2, sequence_length=6\)"),
+        (torch.ones(2, 6), r"of the inputs' shape .*got a torch.float32 tensor"),
+        (torch.full((2, 6), VOCAB_SIZE), rf"in \[0, vocab_size={VOCAB_SIZE}\) or be the ignore index -100"),
+        (torch.full((2, 6), -2), rf"in \[0, vocab_size={VOCAB_SIZE}\) or be the ignore index -100"),
+    ],
+    ids=["shape", "dtype", "past the vocabulary", "negative"],
+)
+def test_bad_labels_are_rejected(tiny_model, labels, problem):
+    with pytest.raises(ValueError, match=rf"labels must .*{problem}"):
+        tiny_model()(random_ids(2, 6), labels=labels)
+
+
+def test_token_ids_and_labels_are_checked_without_host_reads_on_accelerators(tiny_model, monkeypatch):
+    """Where reading values would make the host wait for the device, an asynchronous device assertion checks them
+    (on CPU it fails at once)."""
+    monkeypatch.setattr(modeling_clustermoe, "_host_reads_are_free", lambda tensor: False)
+    model, ids = tiny_model(), random_ids(2, 6)
+    with pytest.raises(RuntimeError, match=rf"input_ids must be in \[0, vocab_size={VOCAB_SIZE}\)"):
+        model(torch.full_like(ids, VOCAB_SIZE))
+    with pytest.raises(RuntimeError, match=rf"labels must be in \[0, vocab_size={VOCAB_SIZE}\) or be the ignore"):
+        model(ids, labels=torch.full_like(ids, -2))
+    labels = ids.clone()
+    labels[:, -1] = -100
+    model(ids, labels=labels)  # the ignore index passes
+
+
+def test_ignored_label_positions_are_accepted(tiny_model):
+    labels = random_ids(2, 6)
+    labels[:, :2] = -100
+    assert torch.isfinite(tiny_model()(random_ids(2, 6), labels=labels).loss)
 
 
 @pytest.mark.parametrize("mask_shape", [(1, 8), (2, 5), (3, 8)])
