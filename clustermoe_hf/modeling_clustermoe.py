@@ -1117,16 +1117,21 @@ class ClusterMoERoutingState(nn.Module):
         self.has_pending_updates = False
 
 
+# Devices with a kernel for `torch._assert_async` (native_functions.yaml: CPU and CUDA, which ROCm builds share).
+_DEVICES_WITH_ASYNC_ASSERT = frozenset({"cpu", "cuda"})
+
+
 def _check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, ignore_index: int | None = None):
     """Token ids (or labels, which may also be `ignore_index`) must lie in [0, vocab_size). On CPU the range is read
-    directly; elsewhere an asynchronous device assertion checks it without waiting for the device."""
+    directly. On CUDA an asynchronous device assertion checks it without waiting for the device; other accelerators
+    (e.g. MPS) have no such assertion, and there the check costs one host read."""
     if is_torchdynamo_compiling() or ids.numel() == 0:
         return
     message = f"{name} must be in [0, vocab_size={vocab_size})" + (
         "" if ignore_index is None else f" or be the ignore index {ignore_index}"
     )
     checked = ids if ignore_index is None else ids.masked_fill(ids == ignore_index, 0)
-    if _host_reads_are_free(ids):
+    if _host_reads_are_free(ids) or ids.device.type not in _DEVICES_WITH_ASYNC_ASSERT:
         low, high = (int(value) for value in torch.aminmax(checked))
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{message}; got values from {low} to {high}.")

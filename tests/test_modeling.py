@@ -175,14 +175,18 @@ def test_bad_labels_are_rejected(tiny_model, labels, problem):
         tiny_model()(random_ids(2, 6), labels=labels)
 
 
-def test_token_ids_and_labels_are_checked_without_host_reads_on_accelerators(tiny_model, monkeypatch):
-    """Where reading values would make the host wait for the device, an asynchronous device assertion checks them
-    (on CPU it fails at once)."""
+@pytest.mark.parametrize("has_async_assert", [True, False], ids=["CUDA-like", "MPS-like"])
+def test_token_ids_and_labels_are_checked_on_accelerators(tiny_model, monkeypatch, has_async_assert):
+    """Where reading values would make the host wait for the device, an asynchronous device assertion checks them (on
+    CPU it fails at once). Devices without one (MPS) read the range on the host instead of failing to dispatch."""
     monkeypatch.setattr(modeling_clustermoe, "_host_reads_are_free", lambda tensor: False)
+    if not has_async_assert:
+        monkeypatch.setattr(modeling_clustermoe, "_DEVICES_WITH_ASYNC_ASSERT", frozenset())
+    error = RuntimeError if has_async_assert else ValueError
     model, ids = tiny_model(), random_ids(2, 6)
-    with pytest.raises(RuntimeError, match=rf"input_ids must be in \[0, vocab_size={VOCAB_SIZE}\)"):
+    with pytest.raises(error, match=rf"input_ids must be in \[0, vocab_size={VOCAB_SIZE}\)"):
         model(torch.full_like(ids, VOCAB_SIZE))
-    with pytest.raises(RuntimeError, match=rf"labels must be in \[0, vocab_size={VOCAB_SIZE}\) or be the ignore"):
+    with pytest.raises(error, match=rf"labels must be in \[0, vocab_size={VOCAB_SIZE}\) or be the ignore"):
         model(ids, labels=torch.full_like(ids, -2))
     labels = ids.clone()
     labels[:, -1] = -100
