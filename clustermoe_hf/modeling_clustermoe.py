@@ -1196,6 +1196,23 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 f"{tuple(position_ids.shape)}."
             )
 
+    def _check_checkpointing_keeps_router_losses(self):
+        """Reentrant checkpointing runs each layer's forward without gradients and only its output gets them back; the
+        router losses, recorded from inside the layers, would silently get none. transformers' checkpointing function
+        is a `functools.partial` of torch's `checkpoint`, whose default (no `use_reentrant`) is reentrant."""
+        config = self.config
+        keywords = getattr(self._gradient_checkpointing_func, "keywords", None)
+        reentrant = keywords is not None and keywords.get("use_reentrant") in (None, True)
+        router_losses = (config.router_aux_loss_coef, config.router_cluster_aux_loss_coef, config.router_z_loss_coef)
+        if reentrant and self._moe_layers() and any(coef != 0 for coef in router_losses):
+            raise ValueError(
+                "Gradient checkpointing with use_reentrant=True would train the routers without their balancing and "
+                "z-losses: it runs each layer's forward without gradients, and the router losses are recorded from "
+                "inside the layers. Enable it with use_reentrant=False (transformers' default, e.g. "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}), or set router_aux_loss_coef, "
+                "router_cluster_aux_loss_coef and router_z_loss_coef to 0."
+            )
+
     @merge_with_config_defaults
     @capture_outputs
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -1210,6 +1227,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         **kwargs,
     ) -> ClusterMoEModelOutputWithPast:
         self._check_inputs(input_ids, inputs_embeds, position_ids)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            self._check_checkpointing_keeps_router_losses()
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:

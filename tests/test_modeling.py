@@ -357,6 +357,23 @@ def test_gradient_checkpointing_same_gradients_and_counts(tiny_model):
     assert torch.equal(ckpt_counts, counts)
 
 
+@pytest.mark.parametrize("checkpointing_kwargs", [{"use_reentrant": True}, {}], ids=["reentrant", "torch default"])
+def test_reentrant_gradient_checkpointing_is_refused_while_router_losses_count(tiny_model, checkpointing_kwargs):
+    """Reentrant checkpointing runs the layers without gradients, so the router losses recorded inside them would
+    train nothing. A training forward says so; inference and a model without router losses are not affected."""
+    ids = random_ids(2, 6)
+    model = tiny_model().train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+    with pytest.raises(ValueError, match="use_reentrant=True would train the routers without their balancing"):
+        model(ids, labels=ids)
+    with torch.no_grad():
+        model(ids, labels=ids)
+
+    without_losses = tiny_model(router_aux_loss_coef=0.0, router_cluster_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    without_losses.train().activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+    without_losses(ids, labels=ids).loss.backward()
+
+
 def test_gradient_checkpointing_recomputes_the_routing_of_the_forward(tiny_model):
     """The training forward adds its token counts to the routing state before the backward re-runs the layers. With
     uneven reliabilities, counts weighting the cluster reliability at once would flip the cluster choice in the
