@@ -1,7 +1,7 @@
 # Copyright 2026 The ClusterMoE authors. Licensed under the Apache License, Version 2.0.
 """ClusterMoE configuration.
 
-Self-contained (imports only torch/transformers) so that `save_pretrained` can copy it next to the weights and
+Self-contained (imports only transformers) so that `save_pretrained` can copy it next to the weights and
 `from_pretrained(..., trust_remote_code=True)` works where `clustermoe_hf` is not installed.
 """
 
@@ -10,7 +10,11 @@ from typing import ClassVar, Literal
 
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 class ClusterMoEConfig(PreTrainedConfig):
@@ -54,8 +58,8 @@ class ClusterMoEConfig(PreTrainedConfig):
         reliability_decay (`float`): EMA decay of the reliability scores, in (0, 1).
         reliability_threshold (`float`): experts whose reliability falls below this are not selected, nor are clusters
             left with fewer than `top_k_experts` selectable experts.
-        reliability_max_norm_ratio (`float`): an expert whose mean output norm exceeds its cluster's (geometric) mean
-            by this factor in a step is treated as faulty for that step.
+        reliability_max_norm_ratio (`float`): an expert whose mean output norm exceeds the geometric-mean norm of the
+            other healthy experts of its cluster by this factor in a step is treated as faulty for that step.
         use_adaptive_routing (`bool`): auxiliary-loss-free balancing: per-cluster and per-expert selection biases
             nudged toward uniform load after every optimizer step (DeepSeek-V3 style).
         adaptive_routing_rate (`float`): bias update step size.
@@ -64,7 +68,12 @@ class ClusterMoEConfig(PreTrainedConfig):
             cluster, then dropped (the token keeps its residual path).
 
     The names of the original ClusterMoE package are accepted as aliases: `d_model`, `d_ff`, `num_layers`,
-    `load_balancing_weight`, `router_z_loss_weight`, `dropout`.
+    `load_balancing_weight` (`router_aux_loss_coef`; at construction also the cluster-level weight unless that is
+    given), `router_z_loss_weight`, `dropout` (`attention_dropout`: the experts have no dropout). Giving an alias and
+    its field different values is an error.
+
+    Values are checked at construction, when a model is built from the config and when it is saved, so overrides set
+    after construction (`from_pretrained(path, top_k_experts=...)`) are checked too.
     """
 
     model_type = "clustermoe"
@@ -77,7 +86,8 @@ class ClusterMoEConfig(PreTrainedConfig):
         "router_z_loss_weight": "router_z_loss_coef",
         "dropout": "attention_dropout",
     }
-    # Routing statistics are always recorded: the losses and the training-state updates need them.
+    # The base model records routing statistics unless the causal LM asks it not to (pure inference): the losses and
+    # the training-state updates need them.
     output_routing_stats: ClassVar[bool] = True
 
     base_model_tp_plan = {
@@ -153,11 +163,24 @@ class ClusterMoEConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
+        for name, reason in _ORIGINAL_OPTIONS_WITHOUT_EFFECT.items():
+            if name in kwargs:
+                kwargs.pop(name)
+                logger.warning(f"ClusterMoEConfig ignores the original package's `{name}`: {reason}")
+        for alias, name in self.attribute_map.items():
+            given, default = getattr(self, name), self.__dataclass_fields__[name].default
+            if alias in kwargs and given != default and given != kwargs[alias]:
+                raise ValueError(
+                    f"Invalid ClusterMoEConfig: {alias}={kwargs[alias]!r} is an alias of {name}, which is given as "
+                    f"{given!r}; pass one of them."
+                )
         super().__post_init__(**kwargs)  # also applies the alias kwargs (d_model=...) through `attribute_map`
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and self.num_attention_heads > 0:
-            if self.hidden_size % self.num_attention_heads != 0:
+        # Derived defaults are computed from integers only; `validate` names a field of another type.
+        heads = self.num_attention_heads
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(heads) and heads > 0:
+            if self.hidden_size % heads != 0:
                 raise ValueError(
                     f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                     f"({self.num_attention_heads}) unless head_dim is given explicitly."
@@ -165,9 +188,10 @@ class ClusterMoEConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.router_cluster_aux_loss_coef is None:
             self.router_cluster_aux_loss_coef = self.router_aux_loss_coef
-        if self.dense_intermediate_size is None:
+        widths = (self.intermediate_size, self.top_k_clusters, self.top_k_experts)
+        if self.dense_intermediate_size is None and all(_is_int(value) for value in widths):
             self.dense_intermediate_size = self.intermediate_size * self.num_experts_per_tok
-        self._check_values()
+        self.validate()
 
     @property
     def num_experts(self) -> int:
@@ -179,16 +203,15 @@ class ClusterMoEConfig(PreTrainedConfig):
         """Distinct experts each token uses, `top_k_clusters * top_k_experts`."""
         return self.top_k_clusters * self.top_k_experts
 
-    def _check_values(self):
-        """Reject impossible values at construction, naming the field and the constraint."""
+    def validate(self):
+        """Reject impossible values, naming the field and the constraint. Runs at construction, when a model is built
+        and in `save_pretrained`."""
 
         def require(condition: bool, message: str):
             if not condition:
                 raise ValueError(f"Invalid ClusterMoEConfig: {message}")
 
-        def is_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
+        is_int = _is_int
         for name in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "num_clusters", "experts_per_cluster",
@@ -250,6 +273,22 @@ class ClusterMoEConfig(PreTrainedConfig):
         require_number("adaptive_routing_rate", "> 0", lambda value: value > 0)
         if self.expert_capacity_factor is not None:
             require_number("expert_capacity_factor", "> 0, or None (dropless)", lambda value: value > 0)
+        rope_parameters = self.rope_parameters
+        require(isinstance(rope_parameters, dict), f"rope_parameters must be a dict, got {rope_parameters!r}.")
+        rope_type, rope_theta = rope_parameters.get("rope_type", "default"), rope_parameters.get("rope_theta")
+        require(
+            rope_type == "default" or rope_type in ROPE_INIT_FUNCTIONS,
+            f"rope_parameters['rope_type'] must be 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}, got "
+            f"{rope_type!r}.",
+        )
+        require(
+            isinstance(rope_theta, (int, float)) and not isinstance(rope_theta, bool) and 0 < rope_theta < math.inf,
+            f"rope_parameters['rope_theta'] must be a finite number > 0, got {rope_theta!r}.",
+        )
+        try:
+            self.validate_rope()
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"Invalid ClusterMoEConfig: rope_parameters {rope_parameters!r}: {error}") from error
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
@@ -258,5 +297,18 @@ class ClusterMoEConfig(PreTrainedConfig):
                 f"{name} ({value}) must be None or in [0, vocab_size={self.vocab_size})"
                 + (", or a list of such ids." if name == "eos_token_id" else "."),
             )
+
+# Options of the original ClusterMoE package with no counterpart here: dropped (not saved) with a warning.
+_ORIGINAL_OPTIONS_WITHOUT_EFFECT = {
+    "max_tree_depth": "routing is exactly two levels (clusters, then experts).",
+    "search_beam_width": "routing picks the top-k clusters and experts; there is no beam search.",
+    "use_expert_selection_cache": "there is no selection cache to turn on or off.",
+    "enable_expert_pruning": "pruning is an explicit call, `model.prune_experts(...)`.",
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 __all__ = ["ClusterMoEConfig"]

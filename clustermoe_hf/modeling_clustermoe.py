@@ -1141,6 +1141,7 @@ def _check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, ignore_index
 
 class ClusterMoEModel(ClusterMoEPreTrainedModel):
     def __init__(self, config: ClusterMoEConfig):
+        config.validate()  # values set after the config was built, e.g. `from_pretrained(path, top_k_experts=...)`
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size

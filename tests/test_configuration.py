@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from clustermoe_hf import ClusterMoEConfig
+from transformers import AutoModelForCausalLM
+
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
 
 
 ALIASES = {
@@ -52,6 +54,16 @@ ALIASES = {
         ({"hidden_act": "swish_typo"}, "hidden_act"),
         ({"eos_token_id": 64}, "eos_token_id"),
         ({"eos_token_id": [2, -1]}, "eos_token_id"),
+        # a wrong type in a field that other defaults are computed from is named, not a TypeError of the computation
+        ({"num_attention_heads": "4"}, "num_attention_heads"),
+        ({"hidden_size": None}, "hidden_size"),
+        ({"top_k_experts": None}, "top_k_experts"),
+        ({"head_dim": 7}, "head_dim"),
+        ({"first_k_dense_layers": 3}, "first_k_dense_layers"),
+        ({"shared_expert_intermediate_size": -1}, "shared_expert_intermediate_size"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, r"rope_parameters .*'factor'"),
+        ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1e4}}, r"rope_parameters\['rope_type'\]"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, r"rope_parameters\['rope_theta'\]"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(tiny_config, overrides, field):
@@ -93,6 +105,21 @@ def test_aliases_map_to_hf_fields():
     assert config.hidden_size == 64
 
 
+def test_an_alias_and_its_field_with_different_values_are_rejected():
+    with pytest.raises(ValueError, match=r"d_model=64 is an alias of hidden_size, which is given as 128"):
+        ClusterMoEConfig(d_model=64, hidden_size=128, num_attention_heads=4)
+    assert ClusterMoEConfig(d_model=64, hidden_size=64, num_attention_heads=4).hidden_size == 64
+
+
+def test_original_options_without_counterpart_are_dropped_with_a_warning(tmp_path, caplog):
+    config = ClusterMoEConfig(max_tree_depth=3, enable_expert_pruning=True)
+    assert "ignores the original package's `max_tree_depth`" in caplog.text
+    assert "`enable_expert_pruning`: pruning is an explicit call" in caplog.text
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not {"max_tree_depth", "enable_expert_pruning"} & set(saved)
+
+
 def test_aliases_survive_save_and_load_with_only_hf_names(tmp_path):
     config = ClusterMoEConfig(
         d_model=48, d_ff=24, num_layers=3, load_balancing_weight=0.05, router_z_loss_weight=0.002, dropout=0.1,
@@ -111,6 +138,19 @@ def test_aliases_survive_save_and_load_with_only_hf_names(tmp_path):
         assert getattr(reloaded, name) == getattr(config, name)
         assert getattr(reloaded, alias) == getattr(config, name)
     assert reloaded.to_dict() == config.to_dict()
+
+
+def test_values_set_after_construction_are_checked_when_a_model_is_built_or_saved(tmp_path, tiny_config):
+    ClusterMoEForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"top_k_experts \(9\) must be <= experts_per_cluster"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, top_k_experts=9)  # set on the loaded config
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, reliability_threshold=0.3).config.reliability_threshold == 0.3
+
+    config = tiny_config()
+    config.reliability_decay = 1.5
+    with pytest.raises(ValueError, match="reliability_decay"):
+        config.save_pretrained(tmp_path / "edited")
+    assert not (tmp_path / "edited" / "config.json").exists()
 
 
 def test_loading_a_config_still_validates(tmp_path, tiny_config):
