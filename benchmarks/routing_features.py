@@ -200,8 +200,8 @@ if part == "post":
             sample = reloaded.generate(torch.tensor([list(b"ROMEO")]) + 3, max_new_tokens=20, do_sample=False)
             print(
                 f"{name}: params {model.num_parameters()} -> {reloaded.num_parameters()}, active/token "
-                f"{model.get_model_summary()['active_parameters_per_token']} -> "
-                f"{reloaded.get_model_summary()['active_parameters_per_token']}, checkpoint {full_size} -> "
+                f"{model.get_model_summary()['active_params_per_token']} -> "
+                f"{reloaded.get_model_summary()['active_params_per_token']}, checkpoint {full_size} -> "
                 f"{os.path.getsize(f'{directory}/pruned/model.safetensors')} bytes, calibration ppl "
                 f"{calibration_ppl:.3f} -> {perplexity(reloaded, CALIBRATION):.3f}, held-out ppl {base_ppl:.3f} -> "
                 f"{perplexity(reloaded, EVALUATION):.3f}, sample {bytes((sample[0] - 3).clamp(0, 255).tolist())!r}"

@@ -10,23 +10,25 @@ CoEConfig = ClusterMoEConfig
 
 
 def create_coe_model(
-    d_model: int = 512,
-    num_layers: int = 4,
+    d_model: int | None = None,
+    num_layers: int | None = None,
     num_clusters: int = 4,
     experts_per_cluster: int = 4,
     vocab_size: int = 32000,
     **config_kwargs,
 ) -> ClusterMoEForCausalLM:
-    """Build a randomly initialised ClusterMoE causal LM; extra keyword arguments go to `ClusterMoEConfig`.
+    """Build a randomly initialised ClusterMoE causal LM; extra keyword arguments go to `ClusterMoEConfig`, which
+    also takes the transformers names (`hidden_size`, `num_hidden_layers`, ...) instead of the original ones.
 
-    The returned model's outputs support `out["logits"]` and `out["aux_loss"]` as in the original package.
+    As in the original package, every forward returns `out["aux_loss"]` and `out["model_reliability"]`, also under
+    `torch.no_grad()`: the config sets `output_router_logits=True` unless told otherwise. (Models built from a plain
+    `ClusterMoEConfig` skip the router losses in pure inference such as `generate`, which is faster.)
     """
+    for alias, value in (("d_model", d_model), ("num_layers", num_layers)):
+        if value is not None:  # otherwise the config's default, or the transformers name if given
+            config_kwargs[alias] = value
+    config_kwargs.setdefault("output_router_logits", True)
     config = ClusterMoEConfig(
-        d_model=d_model,
-        num_layers=num_layers,
-        num_clusters=num_clusters,
-        experts_per_cluster=experts_per_cluster,
-        vocab_size=vocab_size,
-        **config_kwargs,
+        num_clusters=num_clusters, experts_per_cluster=experts_per_cluster, vocab_size=vocab_size, **config_kwargs
     )
     return ClusterMoEForCausalLM(config)

@@ -966,25 +966,34 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         return torch.stack(scores).mean() if scores else torch.ones(())
 
     def get_model_summary(self) -> dict:
+        """Sizes, layout and statistics. The original ClusterMoE package's keys come first (`total_params`,
+        `expert_params`, `num_layers`, `num_clusters`, `experts_per_cluster`, `total_experts` over all MoE layers,
+        `model_reliability`, `training_step`)."""
         config = self.config
+        moe_layers = self._moe_layers()
         total = sum(p.numel() for p in self.parameters())
-        expert_params = sum(sum(p.numel() for p in block.experts.parameters()) for _, block in self._moe_layers())
+        expert_params = sum(sum(p.numel() for p in block.experts.parameters()) for _, block in moe_layers)
         inactive = expert_params * (1 - config.num_experts_per_tok / config.num_experts)
+        reliability = self.get_reliability_stats()
         return {
-            "model_type": config.model_type,
-            "total_parameters": total,
-            "active_parameters_per_token": int(total - inactive),
-            "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_hidden_layers,
-            "num_moe_layers": len(self._moe_layers()),
+            "total_params": total,
+            "expert_params": expert_params,
+            "num_layers": config.num_hidden_layers,
             "num_clusters": config.num_clusters,
             "experts_per_cluster": config.experts_per_cluster,
+            "total_experts": len(moe_layers) * config.num_experts,
+            "model_reliability": reliability["model_reliability"],
+            "training_step": reliability["training_step"],
+            "model_type": config.model_type,
+            "active_params_per_token": int(total - inactive),
+            "hidden_size": config.hidden_size,
+            "num_moe_layers": len(moe_layers),
             "num_experts": config.num_experts,
             "top_k_clusters": config.top_k_clusters,
             "top_k_experts": config.top_k_experts,
             "experts_per_token": config.num_experts_per_tok,
             "expert_intermediate_size": config.intermediate_size,
-            "reliability": self.get_reliability_stats(),
+            "reliability": reliability,
             "expert_utilization": self.get_expert_utilization(),
         }
 

@@ -429,8 +429,8 @@ def architecture_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
     summary = model.get_model_summary()
     config = model.config
     return [
-        ("Parameters (total)", f"{summary['total_parameters']:,}"),
-        ("Parameters active per token", f"{summary['active_parameters_per_token']:,}"),
+        ("Parameters (total)", f"{summary['total_params']:,}"),
+        ("Parameters active per token", f"{summary['active_params_per_token']:,}"),
         ("Layers (MoE layers)", f"{config.num_hidden_layers} ({summary['num_moe_layers']})"),
         ("Hidden size", str(config.hidden_size)),
         ("Attention heads (key/value heads)", f"{config.num_attention_heads} ({config.num_key_value_heads})"),

@@ -67,10 +67,26 @@ def test_create_coe_model_accepts_original_names():
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (32, 1, 16)
     assert config.num_experts == 4
 
-    out = model(random_ids(2, 5))
+    with torch.no_grad():  # as the original package's example runs it
+        out = model(random_ids(2, 5))
     assert out["logits"].shape == (2, 5, VOCAB_SIZE)
     assert out["aux_loss"].shape == ()
     assert out["aux_loss"] is out.aux_loss
+    assert out["model_reliability"].item() == 1.0
+
+    summary = model.get_model_summary()  # the original package's keys
+    assert summary["total_params"] == sum(p.numel() for p in model.parameters())
+    assert summary["expert_params"] == 4 * 3 * 32 * 16  # gate, up and down of the 4 experts of the one layer
+    assert (summary["num_layers"], summary["num_clusters"], summary["experts_per_cluster"]) == (1, 2, 2)
+    assert summary["total_experts"] == 4
+    assert (summary["model_reliability"], summary["training_step"]) == (1.0, 0)
+
+
+def test_create_coe_model_accepts_transformers_names():
+    model = create_coe_model(
+        hidden_size=32, num_hidden_layers=2, intermediate_size=16, num_attention_heads=4, vocab_size=VOCAB_SIZE
+    )
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 2)
 
 
 # ----- losses -----

@@ -305,9 +305,9 @@ def test_model_summary_parameter_counts(tiny_model):
     model = tiny_model()
     summary = model.get_model_summary()
     expert_size = 3 * 32 * 16  # gate, up, down of one expert
-    assert summary["total_parameters"] == sum(p.numel() for p in model.parameters())
+    assert summary["total_params"] == sum(p.numel() for p in model.parameters())
     # A token runs 2 of the 8 experts in each of the 2 MoE layers.
-    assert summary["active_parameters_per_token"] == summary["total_parameters"] - 2 * 6 * expert_size
+    assert summary["active_params_per_token"] == summary["total_params"] - 2 * 6 * expert_size
 
 
 def test_fault_injection_during_training(tiny_config):
