@@ -27,9 +27,9 @@ def mutual_information(labels: torch.Tensor, clusters: torch.Tensor) -> float:
     labels: (n,). clusters: (n,), or (n, k) when each sample chose k clusters; each choice then counts 1/k, so every
     sample weighs the same.
     """
-    clusters = clusters.reshape(labels.shape[0], -1)
     if labels.numel() == 0:
         return 0.0
+    clusters = clusters.reshape(labels.shape[0], -1)
     num_clusters = int(clusters.max()) + 1
     joint_ids = (labels.long()[:, None] * num_clusters + clusters.long()).flatten()
     joint = torch.bincount(joint_ids, minlength=(int(labels.max()) + 1) * num_clusters).double()
@@ -126,9 +126,9 @@ def specialization_statistics(
         stats.update(_utilization_entropies(f"layer_{layer_idx}", counts, block.num_clusters))
     if label_key is None:
         return stats
-    if not labels:
-        raise ValueError("`batches` is empty: there is nothing to measure the specialisation on.")
-    labels = torch.cat(labels)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    if labels.numel() == 0:
+        raise ValueError("`batches` has no (non-padding) tokens: there is nothing to measure the specialisation on.")
     label_entropy = entropy(torch.bincount(labels))
     stats["label_entropy"] = label_entropy
     scores = []
@@ -144,7 +144,7 @@ def specialization_statistics(
 @torch.no_grad()
 def perplexity(model, batches: Iterable[torch.Tensor | dict[str, torch.Tensor]]) -> float:
     """Token-level perplexity of a causal LM over `batches` (`input_ids` tensors, or dicts with `input_ids` and
-    optionally `attention_mask`; padding is not scored), in eval mode."""
+    optionally `attention_mask`; padding is not scored), in eval mode. Raises if no token was scored."""
     total_loss, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
@@ -167,7 +167,9 @@ def perplexity(model, batches: Iterable[torch.Tensor | dict[str, torch.Tensor]])
             total_tokens += int((shift_labels != -100).sum())
     finally:
         model.train(was_training)
-    return math.exp(total_loss / max(total_tokens, 1))
+    if total_tokens == 0:
+        raise ValueError("No token to score: `batches` is empty, all padding, or of sequences of one token.")
+    return math.exp(total_loss / total_tokens)
 
 
 __all__ = ["entropy", "mutual_information", "perplexity", "specialization_statistics", "utilization_entropy"]

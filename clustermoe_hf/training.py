@@ -143,7 +143,8 @@ class TokenBlocks(Dataset):
         if tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer needs an EOS token to separate documents.")
         ids = []
-        for document_ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        texts = list(texts)
+        for document_ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
             ids.extend(document_ids)
             ids.append(tokenizer.eos_token_id)
         num_blocks = len(ids) // block_size
@@ -276,6 +277,8 @@ def token_nll_for_perplexity(logits, labels: torch.Tensor) -> torch.Tensor:
     """`preprocess_logits_for_metrics` for the Trainer: reduce each sequence to (summed next-token negative
     log-likelihood, number of predicted tokens), so that evaluation keeps two numbers per sequence instead of the
     logits, and the perplexity excludes the auxiliary router losses that the model adds to its `loss`."""
+    if labels is None:
+        raise ValueError("token_nll_for_perplexity needs labels: evaluate on a dataset that has them.")
     if isinstance(logits, tuple):  # the model's other outputs (aux-loss parts, ...) are 0-d
         logits = next(output for output in logits if output.dim() == 3)
     shift_labels = labels[:, 1:]
@@ -285,9 +288,10 @@ def token_nll_for_perplexity(logits, labels: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity_from_token_nll(eval_prediction) -> dict[str, float]:
-    """`compute_metrics` for the Trainer, paired with `token_nll_for_perplexity`."""
+    """`compute_metrics` for the Trainer, paired with `token_nll_for_perplexity`. NaN when no token was predicted
+    (an empty evaluation set is not a perfect one)."""
     total_nll, num_tokens = eval_prediction.predictions.sum(0)
-    cross_entropy = float(total_nll / max(num_tokens, 1))
+    cross_entropy = float(total_nll / num_tokens) if num_tokens > 0 else math.nan
     return {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy)}
 
 

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from clustermoe_hf.analysis import entropy, mutual_information, specialization_statistics, utilization_entropy
+from clustermoe_hf.analysis import (
+    entropy,
+    mutual_information,
+    perplexity,
+    specialization_statistics,
+    utilization_entropy,
+)
 
 
 def test_entropy():
@@ -25,6 +31,19 @@ def test_mutual_information():
     )
     # Choosing every cluster says nothing about the label.
     assert mutual_information(labels, torch.tensor([[0, 1]] * 6)) == pytest.approx(0.0, abs=1e-12)
+    assert mutual_information(torch.zeros(0, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long)) == 0.0
+
+
+def test_statistics_over_no_tokens_are_refused(tiny_model):
+    """Nothing measured is not a perfect perplexity of 1 or a specialisation of 0."""
+    model = tiny_model()
+    padding_only = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.zeros(1, 2)}
+    for batches in ([], [torch.tensor([[5]])], [padding_only]):  # nothing, one-token sequences, only padding
+        with pytest.raises(ValueError, match="No token to score"):
+            perplexity(model, batches)
+    all_padding = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.zeros(1, 2), "label": [0]}
+    with pytest.raises(ValueError, match="no \\(non-padding\\) tokens"):
+        specialization_statistics(model, [all_padding])
 
 
 def test_utilization_entropy_of_the_training_counts(tiny_model):

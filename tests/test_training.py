@@ -157,6 +157,11 @@ def test_token_blocks_pack_documents_separated_by_eos(bpe_tokenizer):
     assert len(blocks.truncate(2)) == 2
 
 
+def test_token_blocks_of_no_text_are_empty(bpe_tokenizer):
+    """So that a corpus too small to hold anything out reaches run_clm.py's own message, not a tokenizer error."""
+    assert len(TokenBlocks([], bpe_tokenizer, block_size=4)) == 0
+
+
 # ----- router metrics -----
 
 
@@ -366,6 +371,14 @@ def test_perplexity_metrics_ignore_aux_outputs_and_padding():
     metrics = perplexity_from_token_nll(types.SimpleNamespace(predictions=reduced.numpy()))
     assert metrics["cross_entropy"] == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(math.exp(expected.item()), rel=1e-5)
+
+
+def test_perplexity_metrics_of_no_tokens_are_nan_and_need_labels():
+    all_ignored = token_nll_for_perplexity(torch.randn(2, 4, 10), torch.full((2, 4), -100))
+    metrics = perplexity_from_token_nll(types.SimpleNamespace(predictions=all_ignored.numpy()))
+    assert math.isnan(metrics["cross_entropy"]) and math.isnan(metrics["perplexity"])  # not a perfect 1.0
+    with pytest.raises(ValueError, match="needs labels"):
+        token_nll_for_perplexity(torch.randn(2, 4, 10), None)
 
 
 # ----- reporting -----
