@@ -9,9 +9,11 @@ generation_config.json; every option given here overrides it. See `--help` for a
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer, set_seed
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer, set_seed
 
 try:
     import clustermoe_hf  # noqa: F401  (registers "clustermoe" with the Auto classes when the package is installed)
@@ -56,21 +58,39 @@ class GenerationArguments:
     trust_remote_code: bool = field(
         default=False,
         metadata={
-            "help": "Run the modeling code stored with the model; needed when clustermoe_hf is not installed. "
-            "With it, that stored code is used even when the package is installed."
+            "help": "Allow running the modeling code stored with the model; needed when clustermoe_hf is not "
+            "installed. When it is installed, its classes are used and the stored code is not run."
         },
     )
+
+    def __post_init__(self):
+        # A mistyped folder would otherwise fail as a malformed Hub id ('Repo id must be in the form ...').
+        name = self.model_name_or_path
+        if not Path(name).exists():
+            try:
+                validate_repo_id(name)
+            except HFValidationError:
+                raise FileNotFoundError(f"--model_name_or_path {name}: no such folder (and not a Hub id).") from None
 
 
 def main(args: list[str] | None = None) -> list[str]:
     """Print and return the generated texts (prompt included), in prompt order."""
     (generation_args,) = HfArgumentParser(GenerationArguments).parse_args_into_dataclasses(args=args)
     device = generation_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # The config first: a folder that holds no ClusterMoE model is reported as such, not as a tokenizer problem.
+    config = AutoConfig.from_pretrained(
+        generation_args.model_name_or_path, trust_remote_code=generation_args.trust_remote_code
+    )
+    if config.model_type != "clustermoe":
+        raise ValueError(
+            f"--model_name_or_path {generation_args.model_name_or_path} holds a {config.model_type!r} model, "
+            "not a ClusterMoE model."
+        )
     tokenizer = AutoTokenizer.from_pretrained(
         generation_args.model_name_or_path, trust_remote_code=generation_args.trust_remote_code
     )
     model = AutoModelForCausalLM.from_pretrained(
-        generation_args.model_name_or_path, trust_remote_code=generation_args.trust_remote_code
+        generation_args.model_name_or_path, config=config, trust_remote_code=generation_args.trust_remote_code
     ).to(device)
     model.eval()
     overrides = {

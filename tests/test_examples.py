@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, TrainingArguments
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from clustermoe_hf import ClusterMoEForCausalLM
@@ -63,6 +63,13 @@ def without(options: list[str], *names: str) -> list[str]:
     return kept
 
 
+# TINY_RUN cut to 2 steps, 2 validation blocks and a 2-token sample: about a second.
+SHORT_RUN = [
+    *without(TINY_RUN, "--max_steps", "--max_eval_samples", "--sample_max_new_tokens"),
+    "--max_steps", "2", "--max_eval_samples", "2", "--sample_max_new_tokens", "2",
+]  # fmt: skip
+
+
 def load_script(name):
     spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -72,6 +79,11 @@ def load_script(name):
 
 def subprocess_env(tmp_path):
     return {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def snapshot(folder: Path) -> dict:
+    """Every path under `folder` with its modification time and size: equal snapshots mean nothing was touched."""
+    return {path: (path.stat().st_mtime_ns, path.stat().st_size) for path in folder.rglob("*")}
 
 
 def front_matter(markdown: str) -> dict:
@@ -168,24 +180,109 @@ def test_run_clm_refuses_to_train_into_a_previous_run(run_clm, trained, monkeypa
     assert {path: path.stat().st_mtime_ns for path in folder.rglob("*")} == before
 
 
-def test_output_dir_is_used_when_new_empty_resumed_or_overwritten(run_clm, tmp_path):
-    def prepare(folder, resume_from_checkpoint=None, overwrite_output_dir=False):
-        training_args = TrainingArguments(output_dir=str(folder), resume_from_checkpoint=resume_from_checkpoint)
-        run_clm.prepare_output_dir(training_args, run_clm.ReportArguments(overwrite_output_dir=overwrite_output_dir))
+def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_clm, tmp_path):
+    """`check_output_dir` says whether an earlier run is to be replaced, and deletes nothing itself."""
 
-    prepare(tmp_path / "new")
+    def check(folder, resume_from_checkpoint=None, overwrite_output_dir=False):
+        training_args = TrainingArguments(output_dir=str(folder), resume_from_checkpoint=resume_from_checkpoint)
+        report_args = run_clm.ReportArguments(overwrite_output_dir=overwrite_output_dir)
+        return run_clm.check_output_dir(training_args, report_args)
+
+    assert check(tmp_path / "new") is False
     (tmp_path / "empty").mkdir()
-    prepare(tmp_path / "empty")
+    assert check(tmp_path / "empty") is False
     folder = tmp_path / "run"
     for name in ("checkpoint-2", "checkpoint-4", "runs"):
         (folder / name).mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"weights")
+    before = snapshot(folder)
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
-        prepare(folder)
-    prepare(folder, resume_from_checkpoint=str(folder / "checkpoint-4"))
-    assert len(list(folder.iterdir())) == 4  # resuming keeps everything
-    prepare(folder, overwrite_output_dir=True)
-    assert sorted(path.name for path in folder.iterdir()) == ["model.safetensors", "runs"]  # the checkpoints go
+        check(folder)
+    assert check(folder, overwrite_output_dir=True) is True  # replaced, but only once training starts
+    for overwrite_output_dir in (False, True):  # continuing the run saved there keeps all of it
+        assert check(folder, str(folder / "checkpoint-4"), overwrite_output_dir) is False
+    with pytest.raises(ValueError, match="--resume_from_checkpoint and --output_dir are the same folder"):
+        check(folder / "checkpoint-4", str(folder / "checkpoint-4"), overwrite_output_dir=True)
+    assert snapshot(folder) == before
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        check(tmp_path / "file")
+
+
+def test_replacing_a_run_deletes_its_checkpoints_logs_and_reports_only(run_clm, trained, tmp_path):
+    """The model files stay until the new run saves its own (they may be its --model_name_or_path); the user's own
+    files stay too."""
+    folder = tmp_path / "run"
+    shutil.copytree(trained[0], folder)
+    (folder / "runs" / "events").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    run_clm.remove_previous_run(folder)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "config.json", "configuration_clustermoe.py", "generation_config.json", "model.safetensors",
+        "modeling_clustermoe.py", "notes.txt", "tokenizer.json", "tokenizer_config.json", "training_args.bin",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad_input",
+    [
+        ["--train_file", "no-such-corpus.md"],  # found reading the corpus
+        ["--lora_rank", "4"],  # LoRA without --model_name_or_path: found parsing the options
+        ["--config_overrides", "hidden_size=30"],  # not divisible by the heads: found building the model
+    ],
+    ids=["missing-corpus", "lora-without-model", "invalid-config"],
+)
+def test_overwrite_keeps_the_earlier_run_when_an_input_is_bad(run_clm, trained, tmp_path, bad_input):
+    """--overwrite_output_dir deletes the earlier run only once the corpus, tokenizer and model are built."""
+    folder = tmp_path / "earlier"
+    shutil.copytree(trained[0], folder)
+    before = snapshot(folder)
+    option, value = bad_input
+    options = without(SHORT_RUN, option) if option in SHORT_RUN else SHORT_RUN
+    with pytest.raises((FileNotFoundError, ValueError)):
+        run_clm.main([*options, option, value, "--output_dir", str(folder), "--overwrite_output_dir"])
+    assert snapshot(folder) == before
+
+
+def test_a_replaced_run_leaves_no_report_of_the_earlier_one(run_clm, trained, tmp_path, monkeypatch):
+    """If the replacing run stops after saving its weights, no card or plot of the earlier run describes them."""
+    folder = tmp_path / "again"
+    shutil.copytree(trained[0], folder)
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped after save_model")
+
+    monkeypatch.setattr(run_clm, "generate_sample", stop)
+    with pytest.raises(RuntimeError, match="stopped after save_model"):
+        run_clm.main([*SHORT_RUN, "--output_dir", str(folder), "--overwrite_output_dir"])
+    names = {path.name for path in folder.iterdir()}
+    assert not names & {"README.md", "expert_utilization.png", "loss_curve.png"}
+    assert sorted(name for name in names if name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 2  # the new run's
+
+
+def test_resume_from_a_missing_checkpoint_is_refused_up_front(run_clm, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    missing = tmp_path / "run" / "checkpoint-9"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--resume_from_checkpoint {missing}: no such folder")):
+        run_clm.main([*TINY_RUN, "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", str(missing)])
+
+
+def test_resume_refuses_to_write_into_another_run(run_clm, trained, tmp_path, monkeypatch):
+    """Resuming a run into the non-empty folder of another run would overwrite that run's weights."""
+    folder, _, _ = trained
+    other = tmp_path / "other"
+    shutil.copytree(folder, other, ignore=shutil.ignore_patterns("checkpoint-*"))
+    before = snapshot(other)
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    checkpoint = folder / "checkpoint-4"
+    with pytest.raises(FileExistsError) as error:
+        run_clm.main([*TINY_RUN, "--output_dir", str(other), "--resume_from_checkpoint", str(checkpoint)])
+    message = str(error.value)
+    assert f"--output_dir {other} is not empty and --resume_from_checkpoint {checkpoint} is not one of its" in message
+    assert f"--output_dir {folder} to continue the run in its own folder" in message
+    assert "--overwrite_output_dir" in message
+    assert snapshot(other) == before
 
 
 def test_run_clm_overwrites_a_previous_run_when_asked(run_clm, trained, tmp_path):
@@ -282,6 +379,83 @@ def test_run_clm_reads_a_datasets_dataset(run_clm, monkeypatch):
     assert (len(train), validation) == (10, ["held out"])
 
 
+def test_default_sample_prompt_is_the_first_non_blank_held_out_line(run_clm, tmp_path):
+    """A validation text that starts with blank lines still gives a prompt to generate the card's sample from."""
+    lines = read_text_documents(PLAY)[PLAY.name].split("\n")[:2000]
+    lines[1900:1902] = ["", ""]  # the validation text, the last 5% (100 lines), starts with two blank lines
+    (tmp_path / "play.md").write_text("\n".join(lines))
+    folder = tmp_path / "run"
+    run_clm.main([*without(SHORT_RUN, "--train_file"), "--train_file", str(tmp_path / "play.md"),
+                  "--output_dir", str(folder)])  # fmt: skip
+    first_line = next(line for line in lines[1900:] if line)
+    assert f"from the prompt {json.dumps(first_line)}:" in (folder / "README.md").read_text()
+
+
+def test_sample_prompt_is_never_empty(run_clm, trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match="--sample_prompt is empty"):
+        run_clm.main([*TINY_RUN, "--sample_prompt", "", "--output_dir", str(tmp_path / "run")])
+    tokenizer = AutoTokenizer.from_pretrained(trained[0])
+    blank = ["", "\n   \n"]
+    assert run_clm.sample_prompt(run_clm.ReportArguments(), "notes", blank, tokenizer) == tokenizer.bos_token
+
+
+@pytest.mark.parametrize("pad_token", [None, "</s>"], ids=["no-pad-token", "eos-as-pad-token"])
+def test_the_eos_embedding_trains_whatever_the_tokenizer_pads_with(run_clm, trained, tmp_path, pad_token):
+    """The model config never names EOS as its pad_token_id: nn.Embedding keeps that row at zero (padding_idx), and
+    EOS separates the documents of every block. Generation pads with EOS."""
+    tokenizer = AutoTokenizer.from_pretrained(trained[0])
+    tokenizer.pad_token = pad_token
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    folder = tmp_path / "run"
+    run_clm.main([*without(SHORT_RUN, "--tokenizer_vocab_size"), "--tokenizer_name", str(tmp_path / "tokenizer"),
+                  "--output_dir", str(folder)])  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    eos = tokenizer.eos_token_id
+    assert model.config.pad_token_id is None and model.model.embed_tokens.padding_idx is None
+    assert model.model.embed_tokens.weight[eos].norm() > 0
+    assert model.generation_config.pad_token_id == eos
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+
+
+def test_a_model_without_moe_layers_gets_a_card_without_the_utilisation_plot(run_clm, tmp_path, caplog):
+    dense = TINY_RUN[TINY_RUN.index("--config_overrides") + 1] + ",first_k_dense_layers=2"
+    folder = tmp_path / "dense"
+    run_clm.main([*without(SHORT_RUN, "--config_overrides"), "--config_overrides", dense,
+                  "--output_dir", str(folder)])  # fmt: skip
+    assert not (folder / "expert_utilization.png").exists() and (folder / "loss_curve.png").exists()
+    card = (folder / "README.md").read_text()
+    assert "![Expert utilisation]" not in card and "![Loss curve](loss_curve.png)" in card
+    assert "No expert utilisation plot: the model has no MoE layers" in caplog.text
+
+
+def test_a_corpus_is_named_by_its_resolved_path(run_clm, tmp_path, monkeypatch):
+    (tmp_path / "my-corpus").mkdir()
+    (tmp_path / "my-corpus" / "notes.md").write_text("one\ntwo\n")
+    monkeypatch.chdir(tmp_path / "my-corpus")
+    _, _, dataset_id, description = run_clm.load_corpus(run_clm.DataArguments(train_file="."))
+    assert dataset_id == "my-corpus" and description == "`my-corpus` (1 document)"
+
+
+MISSING_PATHS = ["{tmp_path}/missing", "./missing", "../missing", "~/missing", "models/v1/missing"]  # no Hub ids
+
+
+def test_run_clm_reports_a_missing_local_model_tokenizer_or_config(run_clm, tmp_path, monkeypatch):
+    """A path that does not exist and cannot be a Hub id is a mistyped folder: said before any download is tried
+    (transformers would report it as a malformed repo id)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait, whatever happens
+    monkeypatch.chdir(tmp_path)
+    options = without(TINY_RUN, "--config_overrides")
+    for option in ("--model_name_or_path", "--tokenizer_name", "--config_name"):
+        for name in MISSING_PATHS:
+            name = name.format(tmp_path=tmp_path)
+            with pytest.raises(FileNotFoundError, match=re.escape(f"{option} {name}: no such file or folder")):
+                run_clm.main([*options, option, name, "--output_dir", str(tmp_path / "run")])
+    (tmp_path / "local").mkdir()
+    for name in ("local", "./local", str(tmp_path / "local"), "someone/model", "gpt2"):  # a folder, or a Hub id
+        run_clm.check_local_or_hub_id(name, "--model_name_or_path")
+
+
 def test_config_overrides_are_parsed_as_json_values(run_clm):
     assert run_clm.parse_config_overrides("hidden_size=64, norm_topk_prob=false,expert_capacity_factor=null,"
                                           "router_implementation=flat,routing_temperature=0.5") == {
@@ -346,6 +520,19 @@ def test_generate_without_the_package_uses_the_saved_code(trained, tmp_path):
         ["--model_name_or_path", str(folder), "--prompt", "DROMIO:", "--max_new_tokens", "6", "--do_sample", "false"]
     )
     assert expected[0] in result.stdout
+
+
+def test_generate_reports_what_is_not_a_clustermoe_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    generate = load_script("generate")
+    for name in MISSING_PATHS:
+        name = name.format(tmp_path=tmp_path)
+        with pytest.raises(FileNotFoundError, match=re.escape(f"--model_name_or_path {name}: no such folder")):
+            generate.main(["--model_name_or_path", name, "--prompt", "DROMIO:"])
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")  # a model, but not a ClusterMoE
+    with pytest.raises(ValueError, match="holds a 'gpt2' model, not a ClusterMoE model"):
+        generate.main(["--model_name_or_path", str(tmp_path / "gpt2"), "--prompt", "DROMIO:"])
 
 
 # ----- push_to_hub.py -----
