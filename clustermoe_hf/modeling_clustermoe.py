@@ -13,7 +13,7 @@ checkpointing is never counted twice); they are folded into the buffers by a for
 import functools
 import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -963,7 +963,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         for _, block in self._moe_layers():
             weights = block.router.expert_token_counts.float() + 1.0
             scores.append((weights * block.router.expert_reliability).sum() / weights.sum())
-        return torch.stack(scores).mean() if scores else torch.ones(())
+        if not scores:
+            return torch.ones((), device=self.device)
+        return torch.stack([score.to(scores[0].device) for score in scores]).mean()  # layers may sit on other devices
 
     def get_model_summary(self) -> dict:
         """Sizes, layout and statistics. The original ClusterMoE package's keys come first (`total_params`,
@@ -1015,8 +1017,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         (an iterable of `input_ids` tensors or of dicts with `input_ids` and optionally `attention_mask`) when given,
         else taken from the counts accumulated in training. Everything is checked before anything is changed.
 
-        Returns the original global ids (`cluster * experts_per_cluster + expert`) of the kept experts of each MoE
-        layer, in their new order.
+        Returns the global ids before this call (`cluster * experts_per_cluster + expert`) of the kept experts of each
+        MoE layer, in their new order. The kept weights are new `Parameter`s: create the optimizer (and its scheduler,
+        or the `Trainer`) after pruning, as one created before keeps stepping the old tensors.
         """
         config = self.config
         for name, value, limit in (
@@ -1034,8 +1037,10 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         layers = self._moe_layers()
         if not layers:
             raise ValueError("This model has no MoE layers to prune.")
-        if calibration_data is not None:
+        if calibration_data is not None and rank_by != "reliability":
             counts = self._calibration_counts(calibration_data)
+            if any(int(layer_counts.sum()) == 0 for layer_counts in counts):
+                raise ValueError("`calibration_data` has no (non-padding) tokens to measure the utilisation on.")
         else:
             counts = [block.router.expert_token_counts for _, block in layers]
         if rank_by != "reliability" and any(int(layer_counts.sum()) == 0 for layer_counts in counts):
@@ -1072,12 +1077,17 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         state = self._routing_state()
         for name in ("pending_counts", "pending_observed", "pending_healthy"):
             setattr(state, name, getattr(state, name).new_zeros(len(layers), config.num_experts))
+        state.has_pending_updates = False  # the statistics gathered before pruning are of experts that may be gone
         return kept
 
     @torch.no_grad()
     def _calibration_counts(self, calibration_data) -> list[torch.Tensor]:
         """Per MoE layer, how many (non-padding) token assignments each expert received over `calibration_data`,
         in eval mode (nothing is folded into the training state)."""
+        if isinstance(calibration_data, Mapping) or (
+            isinstance(calibration_data, torch.Tensor) and calibration_data.dim() == 2
+        ):
+            calibration_data = [calibration_data]  # one batch (e.g. a tokenizer's output), not an iterable of them
         base = getattr(self, self.base_model_prefix, self)
         counts = [torch.zeros_like(block.router.expert_token_counts) for _, block in self._moe_layers()]
         was_training = self.training
@@ -1085,6 +1095,12 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         try:
             for batch in calibration_data:
                 batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
+                if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+                    raise TypeError(
+                        "calibration_data must be an iterable of input_ids tensors (batch, seq) or of dicts with "
+                        f"`input_ids` (and optionally `attention_mask`), or one such batch; got a batch of "
+                        f"{type(batch).__name__}."
+                    )
                 attention_mask = batch.get("attention_mask")
                 outputs = base(
                     input_ids=batch["input_ids"].to(self.device),
@@ -1111,17 +1127,18 @@ class ClusterMoEModelOutputWithPast(MoeModelOutputWithPast):
 
 class ClusterMoERoutingState(nn.Module):
     """Model-level routing state, in a leaf module so that device maps place its buffers: the optimizer-step count
-    (saved), the statistics gathered since the last optimizer step over every micro-batch (token counts, observed and
-    healthy forwards per expert, (moe_layers, N)), and the pairs capacity limits re-routed/dropped in training. All
-    integer counts, which dtype casts of the model leave alone."""
+    and the pairs capacity limits re-routed/dropped in training (saved), and the statistics gathered since the last
+    optimizer step over every micro-batch (token counts, observed and healthy forwards per expert, (moe_layers, N)).
+    All integer counts, which dtype casts of the model leave alone."""
 
     def __init__(self, num_moe_layers: int, num_experts: int):
         super().__init__()
         self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
         for name in ("pending_counts", "pending_observed", "pending_healthy"):
             self.register_buffer(name, torch.zeros(num_moe_layers, num_experts, dtype=torch.long), persistent=False)
-        self.register_buffer("rerouted_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long), persistent=False)
-        self.register_buffer("dropped_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long), persistent=False)
+        # Saved, like the experts' token counts they are reset with (`reset_expert_utilization`).
+        self.register_buffer("rerouted_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long))
+        self.register_buffer("dropped_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long))
         # Set by a training forward: only then does an optimizer step update the routing state and step count.
         self.has_pending_updates = False
 
@@ -1338,6 +1355,7 @@ def _record_training_statistics(model: ClusterMoEModel, args, output):
                 state.pending_observed[row].add_(observed.long())
                 state.pending_healthy[row].add_((observed & ~faulty).long())
     state.has_pending_updates = True
+    _TRAINING_STATE_OWNERS.add(model)  # also a copy (`copy.deepcopy`), which `__init__` never registered
 
 
 def _routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:
@@ -1441,8 +1459,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         capacity_counts = {}
         if self.config.expert_capacity_factor is not None and outputs.routing_stats:
             capacity_counts = {
-                name: torch.stack([layer[name] for layer in outputs.routing_stats])
-                for name in ("rerouted_pairs", "dropped_pairs")
+                name: _stack_layers(outputs.routing_stats, name) for name in ("rerouted_pairs", "dropped_pairs")
             }
         aux_loss = None
         if parts is not None:
@@ -1488,12 +1505,18 @@ def _check_labels(labels: torch.Tensor, batch_size: int, sequence_length: int, v
     _check_token_ids(labels, "labels", vocab_size, ignore_index=-100)
 
 
+def _stack_layers(routing_stats, name: str) -> torch.Tensor:
+    """One statistic of every MoE layer, (moe_layers,), on the first layer's device (a device map spreads them)."""
+    device = routing_stats[0][name].device
+    return torch.stack([layer[name].to(device) for layer in routing_stats])
+
+
 def combine_router_losses(routing_stats):
     """Average each router loss over the MoE layers; `None` for a model without MoE layers."""
     if not routing_stats:
         return None
     return tuple(
-        torch.stack([layer[name] for layer in routing_stats]).mean()
+        _stack_layers(routing_stats, name).mean()
         for name in ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
     )
 

@@ -112,7 +112,7 @@ def test_every_token_is_served_rerouted_or_reported_dropped(tiny_model):
     assert torch.all(output.view(24, -1)[fully_dropped] == 0)
 
 
-def test_counts_are_reported_per_forward_and_accumulated_in_training(tiny_model):
+def test_counts_are_reported_per_forward_and_accumulated_in_training(tiny_model, tmp_path):
     model, _ = skewed_block(tiny_model, expert_capacity_factor=0.5)
     input_ids = torch.randint(3, 64, (2, 16))
     outputs = model(input_ids)  # eval: reported, not accumulated
@@ -131,6 +131,8 @@ def test_counts_are_reported_per_forward_and_accumulated_in_training(tiny_model)
     stats = model.get_capacity_stats()
     assert [stats["layer_0_dropped_pairs"], stats["layer_1_dropped_pairs"]] == totals.tolist()
     assert stats["dropped_pairs"] == totals.sum()
+    model.save_pretrained(tmp_path)  # saved like the experts' token counts, so that a resumed run keeps counting
+    assert type(model).from_pretrained(tmp_path).get_capacity_stats() == stats
     model.reset_expert_utilization()
     assert model.get_capacity_stats()["dropped_pairs"] == 0
 

@@ -419,6 +419,30 @@ def test_gradient_checkpointing_recomputes_the_routing_of_the_forward(tiny_model
         torch.testing.assert_close(grads[1][name], grad, msg=name)
 
 
+def test_a_copied_model_updates_its_own_routing_state(tiny_model):
+    """`copy.deepcopy` (EMA or teacher models) does not run `__init__`, which registers a model with the
+    optimizer-step hook: its first training forward registers it."""
+    model = tiny_model(use_adaptive_routing=True).train()
+    copied = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(copied.parameters(), lr=1e-3)
+    for _ in range(2):
+        ids = random_ids(2, 8)
+        copied(ids, labels=ids).loss.backward()
+        optimizer.step()
+    assert int(copied.model.routing_state.training_step) == 2
+    assert copied.model.layers[0].mlp.router.expert_bias.abs().sum() > 0
+    assert int(model.model.routing_state.training_step) == 0  # the original is left alone
+
+
+def test_per_layer_statistics_are_combined_on_one_device():
+    """Under a device map the MoE layers' losses live on different devices; they are gathered on the first's."""
+    from clustermoe_hf.modeling_clustermoe import combine_router_losses
+
+    names = ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
+    on_meta, on_cpu = dict.fromkeys(names, torch.ones((), device="meta")), dict.fromkeys(names, torch.ones(()))
+    assert all(loss.device.type == "meta" for loss in combine_router_losses([on_meta, on_cpu]))
+
+
 # ----- expert utilisation -----
 
 

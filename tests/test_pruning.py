@@ -1,5 +1,6 @@
 """Expert pruning (`model.prune_experts`)."""
 
+import copy
 import json
 import os
 import subprocess
@@ -160,7 +161,7 @@ def test_pruned_model_keeps_training(tiny_model):
         ({}, "Nothing to prune"),
         ({"experts_per_cluster_keep": 2, "rank_by": "size"}, "rank_by"),
         ({"experts_per_cluster_keep": 2}, "No utilisation data"),
-        ({"experts_per_cluster_keep": 2, "calibration_data": []}, "No utilisation data"),
+        ({"experts_per_cluster_keep": 2, "calibration_data": []}, "`calibration_data` has no"),
     ],
 )
 def test_bad_prune_requests_raise_and_change_nothing(tiny_model, tmp_path, kwargs, message):
@@ -175,6 +176,27 @@ def test_bad_prune_requests_raise_and_change_nothing(tiny_model, tmp_path, kwarg
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
     model.save_pretrained(tmp_path)
     AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_calibration_data_may_be_one_batch_and_other_formats_are_named(tiny_model):
+    model, ids = tiny_model(), torch.randint(3, 64, (2, 8))
+    as_dict = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # e.g. a tokenizer's output
+    kept = [copy.deepcopy(model).prune_experts(experts_per_cluster_keep=2, calibration_data=data) for data in (
+        [ids], ids, as_dict
+    )]  # fmt: skip
+    assert kept[1] == kept[0] and kept[2] == kept[0]
+    with pytest.raises(TypeError, match="calibration_data must be an iterable of input_ids tensors"):
+        model.prune_experts(experts_per_cluster_keep=2, calibration_data=[[3, 4, 5]])
+
+
+def test_pruning_drops_the_statistics_gathered_before_it(tiny_model):
+    """Pruning between a backward and its optimizer step: the step has nothing to fold in and does not count."""
+    model = tiny_model().train()
+    ids = torch.randint(3, 64, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    model.prune_experts(experts_per_cluster_keep=2)
+    torch.optim.SGD(model.parameters(), lr=1e-3).step()
+    assert int(model.model.routing_state.training_step) == 0
 
 
 def test_pruning_a_model_without_moe_layers_raises(tiny_model):
