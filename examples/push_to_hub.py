@@ -7,7 +7,8 @@
 
 The folder is checked first (config with auto_map and its modeling code, safetensors weights, tokenizer, generation
 config, model card with YAML metadata); nothing is uploaded if a check fails. `--dry-run` stops after the checks and
-lists exactly the files that would be uploaded. Training checkpoints (checkpoint-*/) and hidden files stay local.
+lists exactly the files that would be uploaded. Training checkpoints (checkpoint-*/), the Trainer's pickled arguments
+(training_args.bin, which can hold a Hub token), hidden files and links to files outside the folder stay local.
 The model card names the model as run_clm.py saw it (the folder's name, unless --hub_model_id was given); the uploaded
 copy names it --repo-id instead (usage snippet, heading, model-index), while the local README.md stays as it is.
 The token comes from the HF_TOKEN environment variable or from `hf auth login`.
@@ -22,8 +23,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-# Files and folders (matched against every path component) that stay local.
-IGNORED_PATTERNS = ("checkpoint-*", ".*", "__pycache__", "*.pyc")
+# Files and folders (matched against every path component) that stay local. `training_args.bin` is the Trainer's
+# pickle of its arguments, which can hold a Hub token (`--hub_token`).
+IGNORED_PATTERNS = ("checkpoint-*", ".*", "__pycache__", "*.pyc", "training_args.bin")
 REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModelForCausalLM")
 CARD_METADATA_KEYS = ("library_name", "pipeline_tag", "tags")
 # The model id in the usage snippet of a card rendered from model_card.md: `AutoTokenizer.from_pretrained("<id>")`.
@@ -47,14 +49,28 @@ class PushArguments:
 
 
 def files_to_upload(folder: Path) -> list[Path]:
-    """Every file under `folder`, relative to it and sorted, except the `IGNORED_PATTERNS`."""
-    files = []
+    """Every file under `folder`, relative to it and sorted, except the `IGNORED_PATTERNS` and links to files outside
+    the folder (whose contents would be uploaded)."""
+    files, inside = [], folder.resolve()
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
         ignored = any(fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in IGNORED_PATTERNS)
-        if path.is_file() and not ignored:
+        if path.is_file() and not ignored and path.resolve().is_relative_to(inside):
             files.append(relative)
     return files
+
+
+def _read_json(path: Path, problems: list[str], expected: str) -> dict | None:
+    """The JSON object in `path`, or None with the reason added to `problems`."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        problems.append(f"{path.name} is not valid JSON: {error}")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{path.name} holds a {type(value).__name__}, expected {expected}.")
+        return None
+    return value
 
 
 def _check_safetensors(path: Path) -> str | None:
@@ -82,15 +98,19 @@ def folder_problems(folder: Path) -> list[str]:
             return False
         return True
 
-    if require("config.json"):
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = _read_json(folder / "config.json", problems, "a model config") if require("config.json") else None
+    if config is not None:
         if config.get("model_type") != "clustermoe":
             problems.append(f"config.json has model_type {config.get('model_type')!r}, expected 'clustermoe'.")
-        auto_map = config.get("auto_map", {})
+        auto_map = config.get("auto_map") or {}
+        if not isinstance(auto_map, dict) or not all(isinstance(value, str) for value in auto_map.values()):
+            problems.append(f"config.json's auto_map is not a mapping of class names to modules: {auto_map!r}.")
+            auto_map = {}
         for auto_class in REQUIRED_AUTO_CLASSES:
             if auto_class not in auto_map:
                 problems.append(f"config.json's auto_map has no {auto_class} (needed for trust_remote_code loading).")
-        pending = {reference.split(".")[0] for reference in auto_map.values()}
+        # "modeling_clustermoe.ClusterMoEForCausalLM", or after a Hub round trip "user/repo--modeling_clustermoe.X"
+        pending = {reference.split("--")[-1].split(".")[0] for reference in auto_map.values()}
         checked = set()
         while pending:  # the auto_map modules and the modules they import relatively
             module = pending.pop()
@@ -99,8 +119,12 @@ def folder_problems(folder: Path) -> list[str]:
                 code = (folder / f"{module}.py").read_text(encoding="utf-8")
                 pending |= set(re.findall(r"^from \.(\w+) import", code, flags=re.MULTILINE)) - checked
     if "model.safetensors.index.json" in present:
-        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
-        for shard in sorted(set(index["weight_map"].values())):
+        index = _read_json(folder / "model.safetensors.index.json", problems, "a shard index") or {}
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            problems.append("model.safetensors.index.json has no weight_map of tensor names to shard files.")
+            weight_map = {}
+        for shard in sorted(set(map(str, weight_map.values()))):
             if require(shard):
                 problems.extend(filter(None, [_check_safetensors(folder / shard)]))
     elif require("model.safetensors"):
@@ -108,12 +132,16 @@ def folder_problems(folder: Path) -> list[str]:
     for name in ("generation_config.json", "tokenizer_config.json", "tokenizer.json"):
         require(name)
     if require("README.md"):
-        from huggingface_hub import metadata_load
+        from huggingface_hub import ModelCard
 
-        metadata = metadata_load(folder / "README.md") or {}
-        for key in CARD_METADATA_KEYS:
-            if key not in metadata:
-                problems.append(f"README.md has no {key!r} in its YAML metadata.")
+        try:  # the YAML metadata, and the model-index the Hub builds the card's results from
+            metadata = ModelCard(Path(folder / "README.md").read_text(encoding="utf-8")).data.to_dict()
+        except Exception as error:  # YAML, encoding and model-index errors of several types
+            problems.append(f"README.md's YAML metadata cannot be read: {type(error).__name__}: {error}")
+        else:
+            for key in CARD_METADATA_KEYS:
+                if key not in metadata:
+                    problems.append(f"README.md has no {key!r} in its YAML metadata.")
     return problems
 
 

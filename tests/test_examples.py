@@ -647,6 +647,40 @@ def test_push_refuses_an_incomplete_folder(trained, tmp_path, monkeypatch, capsy
     assert problems == ["modeling_clustermoe.py is missing."]  # found through the auto_map
 
 
+def test_push_keeps_the_training_arguments_and_outside_files_local(trained, tmp_path):
+    """The Trainer's pickled arguments can hold a Hub token; a link to a file outside the folder would upload that
+    file's contents."""
+    folder = tmp_path / "folder"
+    shutil.copytree(trained[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    assert (folder / "training_args.bin").is_file()
+    (tmp_path / "secret.txt").write_text("not for the Hub")
+    (folder / "link.txt").symlink_to(tmp_path / "secret.txt")
+    (folder / "notes.txt").write_text("mine")
+    (folder / "inside.txt").symlink_to(folder / "notes.txt")
+    files = {path.as_posix() for path in load_script("push_to_hub").files_to_upload(folder)}
+    assert "training_args.bin" not in files and "link.txt" not in files
+    assert {"notes.txt", "inside.txt"} <= files
+
+
+@pytest.mark.parametrize(
+    "file, contents, problem",
+    [
+        ("config.json", "{not json", "config.json is not valid JSON"),
+        ("config.json", "[1, 2]", "config.json holds a list, expected a model config"),
+        ("config.json", '{"model_type": "clustermoe", "auto_map": ["x"]}', "auto_map is not a mapping"),
+        ("model.safetensors.index.json", "{not json", "model.safetensors.index.json is not valid JSON"),
+        ("model.safetensors.index.json", '{"weight_map": []}', "has no weight_map"),
+        ("README.md", "---\nlibrary_name: [unclosed\n---\n# card\n", "README.md's YAML metadata cannot be read"),
+    ],
+)
+def test_push_names_unreadable_metadata_files(trained, tmp_path, file, contents, problem):
+    folder = tmp_path / "folder"
+    shutil.copytree(trained[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (folder / file).write_text(contents)
+    problems = load_script("push_to_hub").folder_problems(folder)
+    assert any(problem in line for line in problems), problems
+
+
 # ----- command lines -----
 
 
