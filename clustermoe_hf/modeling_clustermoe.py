@@ -30,7 +30,7 @@ from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface, _grouped_mm, grouped_mm_experts_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput, MoeModelOutputWithPast
+from transformers.modeling_outputs import ModelOutput, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils import can_return_tuple
@@ -1461,14 +1461,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             capacity_counts = {
                 name: _stack_layers(outputs.routing_stats, name) for name in ("rerouted_pairs", "dropped_pairs")
             }
-        aux_loss = None
-        if parts is not None:
-            cluster_balance, expert_balance, router_z = parts
-            aux_loss = (
-                self.config.router_cluster_aux_loss_coef * cluster_balance
-                + self.config.router_aux_loss_coef * expert_balance
-                + self.config.router_z_loss_coef * router_z
-            )
+        aux_loss = None if parts is None else weighted_router_loss(self.config, parts)
         loss = None
         if labels is not None:
             _check_labels(labels, logits.shape[0], outputs.last_hidden_state.shape[1], self.config.vocab_size)
@@ -1521,6 +1514,16 @@ def combine_router_losses(routing_stats):
     )
 
 
+def weighted_router_loss(config: ClusterMoEConfig, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The auxiliary loss added to a task loss: the router losses of `combine_router_losses`, weighted by the config."""
+    cluster_balance, expert_balance, router_z = parts
+    return (
+        config.router_cluster_aux_loss_coef * cluster_balance
+        + config.router_aux_loss_coef * expert_balance
+        + config.router_z_loss_coef * router_z
+    )
+
+
 def _aux_loss_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
     """With gradient accumulation the Trainer sums per-micro-batch losses normalised by the global token count;
     weight this micro-batch's aux loss by its share of those tokens so the accumulated aux loss is an average."""
@@ -1530,8 +1533,69 @@ def _aux_loss_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | 
     return micro_batch_items.to(torch.float32) / torch.as_tensor(num_items_in_batch, dtype=torch.float32)
 
 
+@dataclass
+class ClusterMoESequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
+    """`aux_loss`: the weighted router losses, already included in `loss` when labels are given; `None` in pure
+    inference (no gradients, no labels)."""
+
+    aux_loss: torch.FloatTensor | None = None
+
+
 class ClusterMoEForSequenceClassification(GenericForSequenceClassification, ClusterMoEPreTrainedModel):
-    pass
+    """transformers' sequence classification head (the last non-padding token's hidden state, scored), whose loss also
+    carries the router losses, as the causal LM's does, so that fine-tuning keeps the routers balanced."""
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> ClusterMoESequenceClassifierOutputWithPast:
+        outputs: ClusterMoEModelOutputWithPast = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_routing_stats=torch.is_grad_enabled() or labels is not None,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)  # (batch, seq, num_labels)
+        batch_size = logits.shape[0]
+        pad_token_id = self.config.pad_token_id
+        if pad_token_id is None and batch_size != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        if pad_token_id is None or input_ids is None:
+            last_real_token = -1
+        else:  # the rightmost non-padding token, for left and right padding alike
+            non_pad = (input_ids != pad_token_id).to(logits.device, torch.int32)
+            last_real_token = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * non_pad)
+            last_real_token = last_real_token.argmax(-1)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_real_token]
+
+        parts = combine_router_losses(outputs.routing_stats)
+        aux_loss = None if parts is None else weighted_router_loss(self.config, parts)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+            if aux_loss is not None:
+                loss = loss + aux_loss.to(loss.device)
+        return ClusterMoESequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_loss=aux_loss,
+        )
 
 
 __all__ = [

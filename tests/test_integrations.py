@@ -335,8 +335,12 @@ def test_sequence_classification_pools_the_last_real_token(tiny_config):
     torch.testing.assert_close(logits, torch.stack(alone), rtol=1e-5, atol=1e-5)
 
     labels = torch.tensor([0, 2])
-    loss = model(ids, attention_mask=attention_mask, labels=labels).loss
-    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
+    with torch.no_grad():
+        assert model(ids, attention_mask=attention_mask).aux_loss is None  # pure inference skips the router losses
+        out = model(ids, attention_mask=attention_mask, labels=labels)
+    # The router losses are part of the training loss, as in the causal LM, so that fine-tuning keeps them balanced.
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits, labels) + out.aux_loss)
 
 
 # ----- parallelism plans -----
