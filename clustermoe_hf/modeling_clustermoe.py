@@ -896,6 +896,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         return stats
 
     def reset_expert_utilization(self):
+        """Restart the utilisation statistics: the experts' token counts and the capacity counts. Routing is not
+        affected: selection weighs cluster reliability by the counts as of the last optimizer step
+        (`selection_token_counts`), which keep accumulating."""
         for _, block in self._moe_layers():
             block.router.expert_token_counts.zero_()
         state = self._routing_state()
@@ -1304,7 +1307,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
     @torch.no_grad()
     def apply_pending_routing_updates(self):
         """Fold the statistics gathered since the last optimizer step into the reliability EMAs and balancing
-        biases. Called by a global optimizer-step hook; summed over processes when torch.distributed is running."""
+        biases, and count one training step. Called by a global optimizer-step hook after each step that had a
+        training forward; summed over processes when torch.distributed is running."""
         state = self.routing_state
         pending = torch.stack([state.pending_counts, state.pending_observed, state.pending_healthy])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
