@@ -211,14 +211,13 @@ class ClusterMoEConfig(PreTrainedConfig):
             if not condition:
                 raise ValueError(f"Invalid ClusterMoEConfig: {message}")
 
-        is_int = _is_int
         for name in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "num_clusters", "experts_per_cluster",
             "top_k_clusters", "top_k_experts", "dense_intermediate_size",
         ):  # fmt: skip
             value = getattr(self, name)
-            require(is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}.")
+            require(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}.")
         require(
             self.top_k_clusters <= self.num_clusters,
             f"top_k_clusters ({self.top_k_clusters}) must be <= num_clusters ({self.num_clusters}).",
@@ -235,7 +234,7 @@ class ClusterMoEConfig(PreTrainedConfig):
         require(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
         for name in ("shared_expert_intermediate_size", "first_k_dense_layers"):
             value = getattr(self, name)
-            require(is_int(value) and value >= 0, f"{name} must be a non-negative integer, got {value!r}.")
+            require(_is_int(value) and value >= 0, f"{name} must be a non-negative integer, got {value!r}.")
         require(
             self.first_k_dense_layers <= self.num_hidden_layers,
             f"first_k_dense_layers ({self.first_k_dense_layers}) must be <= num_hidden_layers "
@@ -293,7 +292,7 @@ class ClusterMoEConfig(PreTrainedConfig):
             value = getattr(self, name)
             ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
             require(
-                value is None or all(is_int(token_id) and 0 <= token_id < self.vocab_size for token_id in ids),
+                value is None or all(_is_int(token_id) and 0 <= token_id < self.vocab_size for token_id in ids),
                 f"{name} ({value}) must be None or in [0, vocab_size={self.vocab_size})"
                 + (", or a list of such ids." if name == "eos_token_id" else "."),
             )
