@@ -54,12 +54,13 @@ class ClusterMoEConfig(PreTrainedConfig):
             `routing_temperature`) on both router levels.
         output_router_logits (`bool`): return each MoE layer's cluster-router logits.
         use_reliability_routing (`bool`): track an EMA health score per expert, mask the output of experts that
-            produce non-finite or outsized outputs, and deprioritise degraded experts when routing.
+            produce non-finite or outsized outputs in a training forward (in inference, of each pair whose output is
+            non-finite), and deprioritise degraded experts when routing.
         reliability_decay (`float`): EMA decay of the reliability scores, in (0, 1).
         reliability_threshold (`float`): experts whose reliability falls below this are not selected, nor are clusters
             left with fewer than `top_k_experts` selectable experts.
         reliability_max_norm_ratio (`float`): an expert whose mean output norm exceeds the geometric-mean norm of the
-            other healthy experts of its cluster by this factor in a step is treated as faulty for that step.
+            other healthy experts of its cluster by this factor in a training forward is treated as faulty there.
         use_adaptive_routing (`bool`): auxiliary-loss-free balancing: per-cluster and per-expert selection biases
             nudged toward uniform load after every optimizer step (DeepSeek-V3 style).
         adaptive_routing_rate (`float`): bias update step size.

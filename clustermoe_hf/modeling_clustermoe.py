@@ -644,7 +644,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         (leaving itself out, an outsized expert cannot raise its own bar). Pairs where `valid` (pairs,) is False are
         not judged. None when no expert can be faulty (`_all_pairs_healthy`)."""
         norms = torch.linalg.vector_norm(expert_out.detach(), dim=-1, dtype=torch.float32)  # (pairs,)
-        if self._all_pairs_healthy(norms):
+        if self._all_pairs_healthy(norms, valid):
             return None
         log_norms = norms.clamp_min(1e-12).log()  # inf or NaN where an output is not finite
         per_pair = torch.stack([torch.ones_like(log_norms), log_norms], dim=-1)  # (pairs, 2)
@@ -664,13 +664,30 @@ class ClusterMoESparseMoeBlock(nn.Module):
         outsized = others_count * mean_log_norm - others_sum > others_count * max_log_ratio
         return (observed & (~finite | outsized)).view(-1)
 
-    def _all_pairs_healthy(self, norms: torch.Tensor) -> bool:
+    @staticmethod
+    def _non_finite_pairs(pair_outputs: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Outside training forwards, which pairs (tokens*k,) have a non-finite output, or None when none has (read on
+        the host on CPU, where that costs no sync). Each pair is judged on its own, so that a token's output depends
+        only on its own sequence: no later token, and no other sequence of the batch, can mask one of its experts.
+        Pairs where `valid` is False are not judged (`grouped_mm` leaves their rows uninitialised)."""
+        outputs = pair_outputs.detach()
+        if _host_reads_are_free(outputs):
+            judged = outputs if valid is None else outputs[valid]
+            if math.isfinite(judged.sum().item()):
+                return None  # a sum of finite values can still overflow; then the exact check below runs
+        non_finite = ~torch.isfinite(outputs).all(-1)
+        return non_finite if valid is None else non_finite & valid
+
+    def _all_pairs_healthy(self, norms: torch.Tensor, valid: torch.Tensor | None) -> bool:
         """A sufficient condition for no faulty expert, read on the host, on CPU only (no device sync there): every
-        pair's output norm is finite and the largest is at most half `reliability_max_norm_ratio` times the smallest.
-        Then no expert's mean log-norm can exceed its peers' by log(max ratio), whichever pairs are judged; the factor
-        2 is far above the float32 rounding of the full check. Spares a decoding step the full check's ~40 small ops
-        (and a training step the masking after it)."""
-        if not _host_reads_are_free(norms) or norms.numel() == 0:
+        judged pair's output norm (where `valid`; the others may be uninitialised) is finite and the largest is at most
+        half `reliability_max_norm_ratio` times the smallest. Then no expert's mean log-norm can exceed its peers' by
+        log(max ratio); the factor 2 is far above the float32 rounding of the full check. Spares a decoding step the
+        full check's ~40 small ops (and a training step the masking after it)."""
+        if not _host_reads_are_free(norms):
+            return False
+        norms = norms if valid is None else norms[valid]
+        if norms.numel() == 0:
             return False
         smallest, largest = (value.item() for value in torch.aminmax(norms))
         return math.isfinite(largest) and largest <= max(smallest, 1e-12) * self.config.reliability_max_norm_ratio / 2
@@ -727,17 +744,22 @@ class ClusterMoESparseMoeBlock(nn.Module):
             pair_inputs, gate_dummy = _PairInputGradientGate.apply(pair_inputs)
         pair_outputs = self.experts(pair_inputs, expert_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
 
-        faulty = None
+        faulty = pair_faulty = None  # (N,) experts and (tokens*k,) pairs masked in this forward, or None for none
         if self.config.use_reliability_routing:
             if torch.is_grad_enabled():
                 self._guard_expert_gradients()
-            # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the health
-            # reference of their cluster and mask experts for the real tokens of the batch.
-            faulty = self._faulty_experts(pair_outputs, pair_ids, valid_pairs)
-        if faulty is not None:
+            if self.training and torch.is_grad_enabled():
+                # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the
+                # health reference of their cluster and mask experts for the real tokens of the batch.
+                faulty = self._faulty_experts(pair_outputs, pair_ids, valid_pairs)
+                pair_faulty = None if faulty is None else faulty[pair_ids]
+            else:
+                pair_faulty = self._non_finite_pairs(pair_outputs, valid_pairs)
+                if pair_faulty is not None and output_routing_stats:
+                    faulty = pair_ids.new_zeros(self.num_experts).index_add_(0, pair_ids, pair_faulty.long()) > 0
+        if pair_faulty is not None:
             if torch.is_grad_enabled():
-                self.masked_faulty_expert |= faulty.any()  # idempotent when checkpointing re-runs the forward
-            pair_faulty = faulty[pair_ids]
+                self.masked_faulty_expert |= pair_faulty.any()  # idempotent when checkpointing re-runs the forward
             excluded = pair_faulty if excluded is None else excluded | pair_faulty
             # exp(finfo.min) is 0; a token whose pairs are all faulty gets finite (uniform) weights for zeroed outputs
             impossible = torch.finfo(chosen_log_probs.dtype).min

@@ -233,16 +233,18 @@ def test_greedy_generation_with_and_without_cache(tiny_model):
     assert torch.equal(with_cache, without_cache)
 
 
-def test_left_padded_batch_generation_matches_per_sample(tiny_model):
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])  # static: the model gets a 4D mask
+def test_left_padded_batch_generation_matches_per_sample(tiny_model, cache_implementation):
     model = tiny_model(initializer_range=0.2)
     prompts = [random_ids(1, 7), random_ids(1, 4), random_ids(1, 2)]
     longest = max(prompt.shape[1] for prompt in prompts)
     batch = torch.cat([F.pad(prompt, (longest - prompt.shape[1], 0), value=PAD) for prompt in prompts])
     attention_mask = (batch != PAD).long()
 
-    generated = model.generate(batch, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
+    options = {"max_new_tokens": 6, "do_sample": False, "cache_implementation": cache_implementation}
+    generated = model.generate(batch, attention_mask=attention_mask, **options)
     for row, prompt in enumerate(prompts):
-        alone = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        alone = model.generate(prompt, **options)
         assert torch.equal(generated[row, longest:], alone[0, prompt.shape[1] :]), f"prompt {row}"
 
 

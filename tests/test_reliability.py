@@ -13,6 +13,10 @@ def expert_output(experts, expert, x):
     return F.linear(F.silu(gate) * up, experts.down_proj[expert])
 
 
+def random_ids(batch_size, length):
+    return torch.randint(3, 64, (batch_size, length))
+
+
 def sequences(generator, batch_size=8, length=16):
     """Learnable data: runs of consecutive token ids."""
     start = torch.randint(3, 60, (batch_size, 1), generator=generator)
@@ -129,6 +133,53 @@ def test_without_reliability_routing_a_nan_expert_poisons_the_output(tiny_model)
     assert torch.isnan(model(torch.randint(3, 64, (1, 8))).logits).all()
 
 
+def _outsized_expert_model(tiny_model):
+    """A model whose layer-0 expert 1 gives outputs 300x too large (> reliability_max_norm_ratio = 100), but finite."""
+    model = tiny_model(top_k_experts=1, router_jitter_noise=0.0, initializer_range=0.2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[1] *= 300.0
+    return model
+
+
+def test_a_training_forward_masks_an_outsized_expert(tiny_model):
+    """Training forwards judge each expert against the other experts of its cluster over the batch."""
+    block = _outsized_expert_model(tiny_model).model.layers[0].mlp
+    hidden = torch.randn(1, 32, block.config.hidden_size)
+    with torch.no_grad():
+        routing = block.router(hidden.view(32, -1))
+        chosen = routing.cluster_index[:, 0] * block.experts_per_cluster + routing.expert_candidates[:, 0, 0]
+        served_by_outsized = (chosen == 1).nonzero().view(-1)
+        inference = block(hidden)[0].view(32, -1)
+    assert len(served_by_outsized) > 0
+    training, stats = block.train()(hidden)
+    training = training.detach().view(32, -1)
+    assert stats["expert_faulty"].nonzero().view(-1).tolist() == [1]
+    assert (training[served_by_outsized] == 0).all()  # its tokens' only expert contributed nothing
+    assert (inference[served_by_outsized].norm(dim=-1) > 10 * training.norm(dim=-1).max()).all()  # served in inference
+
+
+def test_inference_outputs_do_not_depend_on_other_tokens(tiny_model):
+    """Outside training, an expert is never judged against other tokens' outputs: with an outsized expert, a token's
+    logits still depend only on its own sequence up to it, so cached decoding matches the full forward and a batch
+    matches its rows run alone. (Only non-finite outputs are masked there, pair by pair.)"""
+    model = _outsized_expert_model(tiny_model)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        full = model(ids).logits
+        prefix = model(ids[:, :3]).logits
+        alone = model(ids[:1]).logits
+        step = model(ids[:, :1], use_cache=True)
+        incremental = [step.logits]
+        for position in range(1, ids.shape[1]):
+            step = model(ids[:, position : position + 1], cache=step.cache, use_cache=True)
+            incremental.append(step.logits)
+    tokens_of_the_outsized_expert = model.model.layers[0].mlp.router.expert_token_counts  # not counted in eval
+    assert tokens_of_the_outsized_expert.sum() == 0
+    torch.testing.assert_close(prefix, full[:, :3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone, full[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(incremental, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_health_check_flags_outputs_far_larger_than_the_other_experts_of_the_cluster(tiny_model):
     block = tiny_model().model.layers[0].mlp  # 2 clusters x 4 experts
     direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
@@ -163,6 +214,19 @@ def test_health_check_is_skipped_only_when_no_expert_can_be_faulty(tiny_model, l
     assert (faulty if faulty is None else faulty.tolist()) == verdict
 
 
+def test_pairs_that_are_not_served_are_not_judged(tiny_model):
+    """Pairs of padding tokens or dropped by capacity skip the experts, and `grouped_mm` leaves their output rows
+    uninitialised. Whatever those rows hold must decide nothing: otherwise a layer that gradient checkpointing re-runs
+    could take another branch than in its forward, and the recomputation fails."""
+    block = tiny_model().model.layers[0].mlp
+    direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    ids = torch.tensor([0, 0, 1, 1, 2, 3])
+    outputs = torch.stack([direction] * 4 + [direction * float("nan"), direction * 1e30])
+    served = torch.tensor([True, True, True, True, False, False])
+    assert block._faulty_experts(outputs, ids, served) is None  # the healthy shortcut, as if the rows were absent
+    assert block._non_finite_pairs(outputs, served) is None
+
+
 def test_skipping_the_health_check_changes_no_output_gradient_or_statistic(tiny_model, monkeypatch):
     model = tiny_model()
     input_ids = torch.randint(3, 64, (2, 12))
@@ -179,11 +243,12 @@ def test_skipping_the_health_check_changes_no_output_gradient_or_statistic(tiny_
     shortcuts = []
     for block in blocks:
         original = block._all_pairs_healthy
-        monkeypatch.setattr(block, "_all_pairs_healthy", lambda norms, f=original: shortcuts.append(f(norms)) or True)
+        shortcut = lambda norms, valid, f=original: shortcuts.append(f(norms, valid)) or True  # noqa: E731
+        monkeypatch.setattr(block, "_all_pairs_healthy", shortcut)
     skipped = run()
     assert shortcuts and all(shortcuts)  # these healthy experts are within the shortcut's bound
     for block in blocks:
-        monkeypatch.setattr(block, "_all_pairs_healthy", lambda norms: False)
+        monkeypatch.setattr(block, "_all_pairs_healthy", lambda norms, valid: False)
     checked = run()
     assert torch.equal(skipped[0].logits, checked[0].logits) and torch.equal(skipped[0].loss, checked[0].loss)
     assert all(torch.equal(a, b) for a, b in zip(skipped[1], checked[1]))
