@@ -12,6 +12,7 @@ checkpointing is never counted twice); they are folded into the buffers by a for
 
 import functools
 import math
+import tempfile
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface, _grouped_mm, grouped_mm_experts_forward
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -871,6 +872,29 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         "attentions": ClusterMoEAttention,
     }
 
+    # The Auto classes a checkpoint's `auto_map` names, so that each of them loads it from its copied code (without
+    # this package installed), whichever class saved it.
+    _AUTO_MAP_CLASSES = {
+        "AutoModel": "ClusterMoEModel",
+        "AutoModelForCausalLM": "ClusterMoEForCausalLM",
+        "AutoModelForSequenceClassification": "ClusterMoEForSequenceClassification",
+    }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, which writes the code, the config, the generation config and the weights
+        in turn, with everything that can be invalid checked before the first file is written: a config rejected
+        halfway would leave a checkpoint already in the folder half overwritten (a new config over old weights).
+        With custom code, `auto_map` names every ClusterMoE Auto class, not only the saved class's."""
+        self.config.validate()
+        if self.can_generate():
+            with tempfile.TemporaryDirectory() as scratch:
+                self.generation_config.save_pretrained(scratch)  # runs the checks its own save refuses to save with
+        if self.is_remote_code():
+            module = type(self).__module__.rsplit(".", 1)[-1]  # also for code loaded from a checkpoint
+            auto_map = {auto: f"{module}.{name}" for auto, name in self._AUTO_MAP_CLASSES.items()}
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Default to `sorted_mm`: transformers' `grouped_mm`, or float32 GEMMs over the active experts where this CPU
         would emulate half-precision ones (~1.7x faster bf16 training here, docs/benchmarks.md)."""
@@ -1567,9 +1591,18 @@ class ClusterMoESequenceClassifierOutputWithPast(SequenceClassifierOutputWithPas
     aux_loss: torch.FloatTensor | None = None
 
 
-class ClusterMoEForSequenceClassification(GenericForSequenceClassification, ClusterMoEPreTrainedModel):
+class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
     """transformers' sequence classification head (the last non-padding token's hidden state, scored), whose loss also
     carries the router losses, as the causal LM's does, so that fine-tuning keeps the routers balanced."""
+
+    def __init__(self, config: ClusterMoEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        # Built directly, not through `AutoModel` as transformers' generic head does: from a checkpoint's copied code,
+        # without this package, nothing has registered the config with `AutoModel`.
+        self.model = ClusterMoEModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

@@ -119,7 +119,9 @@ def test_run_clm_saves_a_complete_hub_folder(trained):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_clustermoe.ClusterMoEConfig",
+        "AutoModel": "modeling_clustermoe.ClusterMoEModel",
         "AutoModelForCausalLM": "modeling_clustermoe.ClusterMoEForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_clustermoe.ClusterMoEForSequenceClassification",
     }
     assert (config["vocab_size"], config["hidden_size"], config["num_clusters"]) == (320, 32, 2)
     with safe_open(folder / "model.safetensors", framework="pt") as weights:

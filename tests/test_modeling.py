@@ -295,8 +295,12 @@ def test_save_and_load_round_trip(tiny_model, tmp_path):
     files = set(os.listdir(tmp_path))
     assert {"model.safetensors", "config.json", "configuration_clustermoe.py", "modeling_clustermoe.py"} <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoConfig"] == "configuration_clustermoe.ClusterMoEConfig"
-    assert auto_map["AutoModelForCausalLM"] == "modeling_clustermoe.ClusterMoEForCausalLM"
+    assert auto_map == {  # every Auto class, whichever model class saved the checkpoint
+        "AutoConfig": "configuration_clustermoe.ClusterMoEConfig",
+        "AutoModel": "modeling_clustermoe.ClusterMoEModel",
+        "AutoModelForCausalLM": "modeling_clustermoe.ClusterMoEForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_clustermoe.ClusterMoEForSequenceClassification",
+    }
 
     ids = random_ids(2, 6)
     with torch.no_grad():
@@ -330,12 +334,20 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
             raise SystemExit("clustermoe_hf is still importable")
 
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+        ids = torch.load("ids.pt")
         model = AutoModelForCausalLM.from_pretrained("checkpoint", trust_remote_code=True)
-        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        base = AutoModel.from_pretrained("checkpoint", trust_remote_code=True)
+        classifier = AutoModelForSequenceClassification.from_pretrained(
+            "checkpoint", trust_remote_code=True, num_labels=3
+        )
+        for loaded in (model, base, classifier):
+            assert type(loaded).__module__.startswith("transformers_modules."), type(loaded).__module__
         with torch.no_grad():
-            torch.save(model(torch.load("ids.pt")).logits, "logits.pt")
+            torch.save(model(ids).logits, "logits.pt")
+            torch.save(base(ids).last_hidden_state, "hidden.pt")
+            assert classifier(ids).logits.shape == (2, 3)
         """
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -345,8 +357,29 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     with torch.no_grad():
-        expected = model(ids).logits
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-6)
+        expected = model(ids, output_hidden_states=True)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.load(tmp_path / "hidden.pt"), expected.hidden_states[-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("invalid", ["generation_config", "config"])
+def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_model, tmp_path, invalid):
+    """transformers writes the code, the config, the generation config and the weights in turn: every check runs
+    before the first of them, so that a rejected save cannot leave a new config over old weights."""
+    tiny_model().save_pretrained(tmp_path)
+    with open(tmp_path / "modeling_clustermoe.py", "a") as code:
+        code.write("# the code of the checkpoint already here\n")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    model = tiny_model(experts_per_cluster=2)
+    if invalid == "generation_config":
+        model.generation_config.temperature = 0.7  # a sampling setting without do_sample=True
+    else:
+        model.config.top_k_experts = 3  # more than experts_per_cluster
+    with pytest.raises(ValueError):
+        model.save_pretrained(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert ClusterMoEForCausalLM.from_pretrained(tmp_path).config.experts_per_cluster == 4
 
 
 # ----- gradient checkpointing -----
