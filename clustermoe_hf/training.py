@@ -5,6 +5,7 @@
   `load_dataset_documents` (a `datasets` dataset), `hold_out_tails`;
 - tokenizer and data: `train_byte_level_bpe`, `TokenBlocks` (documents packed into fixed-length blocks);
 - Trainer integration: `RouterMetricsCallback` / `add_router_metrics_callback` (routing health in the training logs),
+  `label_smoothed_causal_lm_loss` (label smoothing that keeps the router losses),
   `token_nll_for_perplexity` + `perplexity_from_token_nll` (perplexity without the auxiliary losses);
 - fine-tuning: `lora_config` (LoRA on the attention projections and the fused experts);
 - reporting: `utilization_summary`, `plot_expert_utilization`, `plot_loss_curve`, `render_model_card`.
@@ -268,6 +269,37 @@ def add_router_metrics_callback(trainer) -> RouterMetricsCallback:
     callback = RouterMetricsCallback()
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
+
+
+# ----- loss -----
+
+
+def label_smoothed_causal_lm_loss(epsilon: float):
+    """A `compute_loss_func` for the `Trainer`: the model's causal-LM loss with label smoothing `epsilon`, router losses
+    included. Use it instead of `TrainingArguments(label_smoothing_factor=...)`. That option takes the labels from
+    the model and smooths its logits in the Trainer: it shifts the labels only for the causal LMs built into
+    transformers (for custom code like this model, each position would learn to predict its own token) and leaves
+    out the router losses (as for transformers' own MoE models)."""
+    if not 0 <= epsilon < 1:
+        raise ValueError(f"Label smoothing epsilon must be in [0, 1); got {epsilon}.")
+
+    def compute_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        logits = outputs["logits"]
+        next_tokens = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)  # (batch, seq): what comes next
+        predicted = (next_tokens != -100).sum()
+        loss = F.cross_entropy(
+            logits.float().flatten(0, -2), next_tokens.flatten(), ignore_index=-100, label_smoothing=epsilon,
+            reduction="sum",
+        )  # fmt: skip
+        # As the model's loss: over the tokens of the whole accumulated batch when the Trainer counts them.
+        loss = loss / (predicted if num_items_in_batch is None else num_items_in_batch)
+        aux_loss = outputs.get("aux_loss")
+        if aux_loss is not None:  # training forwards; weighted by this micro-batch's share of the tokens
+            share = 1.0 if num_items_in_batch is None else predicted / num_items_in_batch
+            loss = loss + aux_loss.to(loss.device) * share
+        return loss
+
+    return compute_loss
 
 
 # ----- perplexity -----

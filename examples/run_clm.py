@@ -55,6 +55,7 @@ from clustermoe_hf.training import (
     expert_utilization_by_layer,
     format_utilization_summary,
     hold_out_tails,
+    label_smoothed_causal_lm_loss,
     load_dataset_documents,
     lora_config,
     perplexity_from_token_nll,
@@ -554,6 +555,12 @@ def main(args: list[str] | None = None) -> dict:
         data_collator=default_data_collator,
         compute_metrics=perplexity_from_token_nll,
         preprocess_logits_for_metrics=token_nll_for_perplexity,
+        # The Trainer's own label smoothing would not shift this custom-code model's labels (see the helper)
+        compute_loss_func=(
+            label_smoothed_causal_lm_loss(training_args.label_smoothing_factor)
+            if training_args.label_smoothing_factor > 0
+            else None
+        ),
     )
     add_router_metrics_callback(trainer)
 

@@ -24,7 +24,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, Traini
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from clustermoe_hf import ClusterMoEForCausalLM
-from clustermoe_hf.training import TokenBlocks, embedded_corpus_dir, hold_out_tails, read_text_documents
+from clustermoe_hf.training import (
+    TokenBlocks,
+    embedded_corpus_dir,
+    hold_out_tails,
+    label_smoothed_causal_lm_loss,
+    read_text_documents,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples"
@@ -295,6 +301,24 @@ def test_run_clm_overwrites_a_previous_run_when_asked(run_clm, trained, tmp_path
     assert sorted(path.name for path in folder.glob("checkpoint-*")) == ["checkpoint-2"]  # none of the earlier run
     assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 2
     assert "| Optimizer steps | 2 |" in (folder / "README.md").read_text()
+
+
+def test_run_clm_label_smoothing_keeps_the_shift_and_the_router_losses(run_clm, tmp_path, monkeypatch):
+    """--label_smoothing_factor trains through `label_smoothed_causal_lm_loss`, not the Trainer's own smoothing (which
+    would not shift a custom-code model's labels and drops the router losses)."""
+    calls = []
+
+    def spy(epsilon):
+        loss = label_smoothed_causal_lm_loss(epsilon)
+        def compute_loss(outputs, labels, **kwargs):
+            calls.append(outputs.get("aux_loss"))
+            return loss(outputs, labels, **kwargs)
+
+        return compute_loss
+
+    monkeypatch.setattr(run_clm, "label_smoothed_causal_lm_loss", spy)
+    run_clm.main([*SHORT_RUN, "--label_smoothing_factor", "0.1", "--output_dir", str(tmp_path / "smoothed")])
+    assert len(calls) >= 2 and calls[0] is not None  # every step's loss, with the router losses of a training forward
 
 
 def test_validation_perplexity_is_the_held_out_cross_entropy(trained):

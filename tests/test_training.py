@@ -23,6 +23,7 @@ from clustermoe_hf.training import (
     expert_utilization_by_layer,
     format_utilization_summary,
     hold_out_tails,
+    label_smoothed_causal_lm_loss,
     load_balance_metrics,
     load_dataset_documents,
     lora_config,
@@ -221,9 +222,11 @@ def test_router_metrics_reach_integrations_and_match_the_routing(tiny_config, tm
 # ----- aux loss with gradient accumulation and padding -----
 
 
-def test_trainer_loss_with_gradient_accumulation_and_padding(tiny_config, tmp_path):
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_trainer_loss_with_gradient_accumulation_and_padding(tiny_config, tmp_path, label_smoothing):
     """The logged loss of one optimizer step over two padded micro-batches is the token-mean cross-entropy of the
-    whole batch plus the token-weighted mean of the micro-batches' aux losses (not their sum)."""
+    whole batch plus the token-weighted mean of the micro-batches' aux losses (not their sum). With label smoothing
+    through `label_smoothed_causal_lm_loss`, the same with the smoothed cross-entropy of the next tokens."""
     generator = torch.Generator().manual_seed(0)
     lengths = [12, 5, 9, 3]
     data = []
@@ -238,7 +241,11 @@ def test_trainer_loss_with_gradient_accumulation_and_padding(tiny_config, tmp_pa
         tmp_path, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         train_sampling_strategy="sequential",
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=data)
+    loss_func = None
+    if label_smoothing:
+        args.label_smoothing_factor = label_smoothing
+        loss_func = label_smoothed_causal_lm_loss(label_smoothing)
+    trainer = Trainer(model=model, args=args, train_dataset=data, compute_loss_func=loss_func)
     trainer.train()
     logged = trainer.state.log_history[0]["loss"]
 
@@ -250,11 +257,25 @@ def test_trainer_loss_with_gradient_accumulation_and_padding(tiny_config, tmp_pa
             output = initial(batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
             labels = batch["labels"][:, 1:]
             total_nll += F.cross_entropy(
-                output.logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum"
-            ).item()
+                output.logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum",
+                label_smoothing=label_smoothing,
+            ).item()  # fmt: skip
             aux += output.aux_loss.item() * (labels != -100).sum().item() / num_items
     assert logged == pytest.approx(total_nll / num_items + aux, rel=1e-5)
     assert aux > 1e-3 * logged  # the check above would catch an aux term counted twice
+
+
+def test_label_smoothed_loss_without_smoothing_is_the_models_loss(tiny_config):
+    model = ClusterMoEForCausalLM(tiny_config()).train()
+    ids = torch.randint(3, 64, (2, 10))
+    labels = ids.masked_fill(torch.arange(10) < 3, -100)
+    torch.manual_seed(0)
+    expected = model(ids, labels=labels).loss
+    torch.manual_seed(0)
+    loss = label_smoothed_causal_lm_loss(0.0)(model(ids), labels)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="epsilon must be in"):
+        label_smoothed_causal_lm_loss(1.0)
 
 
 # ----- exact resume -----
