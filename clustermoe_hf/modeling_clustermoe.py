@@ -1418,7 +1418,7 @@ def _routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:
 
 def _after_optimizer_step(optimizer, args, kwargs):
     for model in list(_TRAINING_STATE_OWNERS):
-        if model.training and model.routing_state.has_pending_updates:
+        if model.routing_state.has_pending_updates:  # set by training forwards only; the mode may have changed since
             model.apply_pending_routing_updates()
         for _, block in model._moe_layers():
             block.masked_faulty_expert.zero_()

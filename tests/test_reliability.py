@@ -458,6 +458,21 @@ def test_eval_inference_and_no_grad_do_not_update_reliability(tiny_model):
     assert model.model.layers[0].mlp.router.expert_token_counts.sum() == 0
 
 
+def test_a_training_forward_is_applied_at_the_next_step_even_after_switching_to_eval(tiny_model):
+    """E.g. a validation forward between the backward and the optimizer step."""
+    model = tiny_model(use_adaptive_routing=True).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    input_ids = torch.randint(3, 64, (2, 8))
+    model(input_ids, labels=input_ids).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids)
+    optimizer.step()
+    assert model.get_reliability_stats()["training_step"] == 1
+    assert not model.model.routing_state.has_pending_updates
+    assert model.model.layers[0].mlp.router.expert_bias.abs().sum() > 0  # the balancing biases took their step
+
+
 def test_reliability_state_survives_save_and_load(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
