@@ -17,6 +17,7 @@ that need them.
 import importlib.util
 import math
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -141,6 +142,8 @@ class TokenBlocks(Dataset):
     remainder is dropped). Items are `{"input_ids", "labels"}` with identical values: the model shifts the labels."""
 
     def __init__(self, texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive number of tokens; got {block_size!r}.")
         if tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer needs an EOS token to separate documents.")
         ids = []
@@ -249,7 +252,8 @@ class RouterMetricsCallback(TrainerCallback):
         counts = _expert_token_counts(self._model)
         for layer_idx, layer_counts in counts.items():
             previous = self._counts_at_last_log.get(layer_idx)
-            if previous is not None and previous.shape == layer_counts.shape:  # else its experts were just pruned
+            # Otherwise the counts started again since the last log: experts pruned, or `reset_expert_utilization`
+            if previous is not None and previous.shape == layer_counts.shape and bool((layer_counts >= previous).all()):
                 layer_counts = layer_counts - previous
             for name, value in load_balance_metrics(layer_counts).items():
                 metrics[f"router/layer_{layer_idx}/{name}"] = value
@@ -324,7 +328,8 @@ def perplexity_from_token_nll(eval_prediction) -> dict[str, float]:
     (an empty evaluation set is not a perfect one)."""
     total_nll, num_tokens = eval_prediction.predictions.sum(0)
     cross_entropy = float(total_nll / num_tokens) if num_tokens > 0 else math.nan
-    return {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy)}
+    perplexity = math.inf if cross_entropy > math.log(sys.float_info.max) else math.exp(cross_entropy)  # diverged
+    return {"cross_entropy": cross_entropy, "perplexity": perplexity}
 
 
 # ----- fine-tuning -----

@@ -163,6 +163,12 @@ def test_token_blocks_of_no_text_are_empty(bpe_tokenizer):
     assert len(TokenBlocks([], bpe_tokenizer, block_size=4)) == 0
 
 
+@pytest.mark.parametrize("block_size", [0, -4, 2.5])
+def test_token_blocks_need_a_positive_block_size(bpe_tokenizer, block_size):
+    with pytest.raises(ValueError, match="block_size must be a positive number of tokens"):
+        TokenBlocks(["some text"], bpe_tokenizer, block_size=block_size)
+
+
 # ----- router metrics -----
 
 
@@ -217,6 +223,31 @@ def test_router_metrics_reach_integrations_and_match_the_routing(tiny_config, tm
         expected = load_balance_metrics(counts)
         assert training_logs[0][f"router/layer_{layer}/expert_load_cv"] == pytest.approx(expected["expert_load_cv"])
         assert training_logs[0][f"router/layer_{layer}/cluster_entropy"] == pytest.approx(expected["cluster_entropy"])
+
+
+class ResetUtilizationBefore(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            model.reset_expert_utilization()
+
+
+def test_router_metrics_after_a_utilization_reset_cover_the_tokens_since_the_reset(tiny_config, tmp_path):
+    model = ClusterMoEForCausalLM(tiny_config())
+    recorder = LogRecorder()
+    args = training_arguments(tmp_path, max_steps=3, per_device_train_batch_size=8)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=random_blocks(8, 12), callbacks=[recorder, ResetUtilizationBefore(3)]
+    )
+    add_router_metrics_callback(trainer)
+    trainer.train()
+    last_step = [log for log in recorder.logs if "loss" in log][-1]
+    for layer, block in model._moe_layers():  # the counts now are exactly the last step's
+        expected = load_balance_metrics(block.router.expert_token_counts.view(block.num_clusters, -1))
+        assert last_step[f"router/layer_{layer}/expert_load_cv"] == pytest.approx(expected["expert_load_cv"])
+        assert last_step[f"router/layer_{layer}/cluster_entropy"] == pytest.approx(expected["cluster_entropy"])
 
 
 # ----- aux loss with gradient accumulation and padding -----
@@ -398,6 +429,8 @@ def test_perplexity_metrics_of_no_tokens_are_nan_and_need_labels():
     all_ignored = token_nll_for_perplexity(torch.randn(2, 4, 10), torch.full((2, 4), -100))
     metrics = perplexity_from_token_nll(types.SimpleNamespace(predictions=all_ignored.numpy()))
     assert math.isnan(metrics["cross_entropy"]) and math.isnan(metrics["perplexity"])  # not a perfect 1.0
+    diverged = perplexity_from_token_nll(types.SimpleNamespace(predictions=torch.tensor([[8e3, 10.0]]).numpy()))
+    assert diverged == {"cross_entropy": pytest.approx(800.0), "perplexity": math.inf}  # not an OverflowError
     with pytest.raises(ValueError, match="needs labels"):
         token_nll_for_perplexity(torch.randn(2, 4, 10), None)
 
