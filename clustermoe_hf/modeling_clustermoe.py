@@ -1325,10 +1325,16 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             batch_size, sequence_length = inputs_embeds.shape[:2]
-            if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < sequence_length:
+            # Cached + new tokens; under torch.compile the cache length is not read (a static cache's changes every
+            # step, and a guard on it would recompile every step).
+            cached = 0 if cache is None or is_torchdynamo_compiling() else cache.get_seq_length()
+            if attention_mask.shape[0] != batch_size or not (
+                attention_mask.shape[1] == cached + sequence_length
+                or (is_torchdynamo_compiling() and attention_mask.shape[1] >= sequence_length)
+            ):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch_size={batch_size}, "
-                    f"past + new tokens >= {sequence_length}) for inputs of {sequence_length} tokens."
+                    f"cached + new tokens = {cached} + {sequence_length}): one column per token the inputs attend to."
                 )
             token_mask = attention_mask[:, -sequence_length:].reshape(-1).bool()
             if _host_reads_are_free(token_mask) and bool(token_mask.all()):

@@ -215,10 +215,20 @@ def test_ignored_label_positions_are_accepted(tiny_model):
     assert torch.isfinite(tiny_model()(random_ids(2, 6), labels=labels).loss)
 
 
-@pytest.mark.parametrize("mask_shape", [(1, 8), (2, 5), (3, 8)])
+@pytest.mark.parametrize("mask_shape", [(1, 8), (2, 5), (3, 8), (2, 9)])
 def test_attention_mask_of_the_wrong_shape_is_rejected(tiny_model, mask_shape):
     with pytest.raises(ValueError, match=rf"attention_mask has shape \({mask_shape[0]}, {mask_shape[1]}\)"):
         tiny_model()(random_ids(2, 8), attention_mask=torch.ones(mask_shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mask_length", [1, 6])  # only the new token, or more columns than tokens
+def test_attention_mask_must_cover_the_cached_and_the_new_tokens(tiny_model, mask_length):
+    model = tiny_model()
+    with torch.no_grad():
+        cache = model(random_ids(2, 3), use_cache=True).cache
+        model(random_ids(2, 1), cache=cache, attention_mask=torch.ones(2, 4, dtype=torch.long))  # 3 cached + 1 new
+        with pytest.raises(ValueError, match=r"cached \+ new tokens = 4 \+ 1"):
+            model(random_ids(2, 1), cache=cache, attention_mask=torch.ones(2, mask_length, dtype=torch.long))
 
 
 # ----- generation and attention backends -----
