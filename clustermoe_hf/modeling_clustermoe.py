@@ -1601,6 +1601,10 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
     """transformers' sequence classification head (the last non-padding token's hidden state, scored), whose loss also
     carries the router losses, as the causal LM's does, so that fine-tuning keeps the routers balanced."""
 
+    # Its loss is a mean over the batch, not normalised by a token count the Trainer passes: the Trainer must not
+    # pass `num_items_in_batch` and must average over gradient accumulation itself (else the loss grows with it).
+    accepts_loss_kwargs = False
+
     def __init__(self, config: ClusterMoEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels

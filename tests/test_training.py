@@ -15,7 +15,7 @@ import yaml
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import clustermoe_hf.training as training
-from clustermoe_hf import ClusterMoEForCausalLM
+from clustermoe_hf import ClusterMoEForCausalLM, ClusterMoEForSequenceClassification
 from clustermoe_hf.training import (
     TokenBlocks,
     add_router_metrics_callback,
@@ -294,6 +294,29 @@ def test_trainer_loss_with_gradient_accumulation_and_padding(tiny_config, tmp_pa
             aux += output.aux_loss.item() * (labels != -100).sum().item() / num_items
     assert logged == pytest.approx(total_nll / num_items + aux, rel=1e-5)
     assert aux > 1e-3 * logged  # the check above would catch an aux term counted twice
+
+
+def test_sequence_classifier_loss_with_gradient_accumulation_is_that_of_one_batch(tiny_config, tmp_path):
+    """Its loss is a batch mean: the Trainer averages the micro-batches itself instead of passing a token count."""
+    generator = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(3, 64, (10,), generator=generator), "labels": torch.tensor(label % 3)}
+        for label in range(8)
+    ]
+
+    def logged(batch_size, accumulation):
+        torch.manual_seed(0)
+        model = ClusterMoEForSequenceClassification(tiny_config(num_labels=3))
+        args = training_arguments(
+            tmp_path, max_steps=1, learning_rate=0.0, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, train_sampling_strategy="sequential",
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        return trainer.state.log_history[0]["loss"], trainer.state.log_history[0]["grad_norm"]
+
+    one_batch, accumulated = logged(8, 1), logged(2, 4)
+    assert accumulated == pytest.approx(one_batch, rel=1e-4)
 
 
 def test_label_smoothed_loss_without_smoothing_is_the_models_loss(tiny_config):
