@@ -11,7 +11,9 @@ checkpointing is never counted twice); they are folded into the buffers by a for
 """
 
 import functools
+import inspect
 import math
+import os
 import tempfile
 import weakref
 from collections.abc import Iterable, Mapping
@@ -32,9 +34,9 @@ from transformers.integrations.moe import ExpertsInterface, _grouped_mm, grouped
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel, _add_variant, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
-from transformers.utils import can_return_tuple
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
@@ -851,6 +853,11 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
+def _file_version(path: str) -> tuple[int, int] | None:
+    """(modification time, size) of a file, None if there is none: tells whether a save wrote it."""
+    return (os.stat(path).st_mtime_ns, os.stat(path).st_size) if os.path.isfile(path) else None
+
+
 class ClusterMoEPreTrainedModel(PreTrainedModel):
     config: ClusterMoEConfig
     base_model_prefix = "model"
@@ -884,7 +891,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         """transformers' `save_pretrained`, which writes the code, the config, the generation config and the weights
         in turn, with everything that can be invalid checked before the first file is written: a config rejected
         halfway would leave a checkpoint already in the folder half overwritten (a new config over old weights).
-        With custom code, `auto_map` names every ClusterMoE Auto class, not only the saved class's."""
+        With custom code, `auto_map` names every ClusterMoE Auto class, not only the saved class's. And a sharded save
+        over an unsharded checkpoint (or the reverse) removes the earlier weights file that transformers leaves
+        behind: `from_pretrained` would load the stale single file rather than the new shards."""
         self.config.validate()
         if self.can_generate():
             with tempfile.TemporaryDirectory() as scratch:
@@ -893,7 +902,20 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             module = type(self).__module__.rsplit(".", 1)[-1]  # also for code loaded from a checkpoint
             auto_map = {auto: f"{module}.{name}" for auto, name in self._AUTO_MAP_CLASSES.items()}
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        options = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        options.apply_defaults()
+        single, index = (
+            os.path.join(save_directory, _add_variant(name, options.arguments["variant"]))
+            for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+        )
+        before = {path: _file_version(path) for path in (single, index)}
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        written = {path for path in before if _file_version(path) not in (None, before[path])}
+        if options.arguments["is_main_process"] and len(written) == 1:
+            stale = index if single in written else single
+            if os.path.isfile(stale):
+                os.remove(stale)
+        return result
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Default to `sorted_mm`: transformers' `grouped_mm`, or float32 GEMMs over the active experts where this CPU

@@ -372,6 +372,22 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "hidden.pt"), expected.hidden_states[-1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("first, second", [("50GB", "20KB"), ("20KB", "50GB")])  # shard sizes: one file / several
+def test_a_save_over_a_checkpoint_sharded_otherwise_loads_the_new_weights(tiny_model, tmp_path, first, second):
+    """transformers removes earlier shards but not an earlier single weights file, which `from_pretrained` would
+    prefer to the new shards."""
+    tiny_model().save_pretrained(tmp_path, max_shard_size=first)
+    torch.manual_seed(1)
+    model = tiny_model()
+    model.save_pretrained(tmp_path, max_shard_size=second)
+    sharded = second == "20KB"
+    assert (tmp_path / "model.safetensors").exists() != sharded
+    assert (tmp_path / "model.safetensors.index.json").exists() == sharded
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ClusterMoEForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize("invalid", ["generation_config", "config"])
 def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_model, tmp_path, invalid):
     """transformers writes the code, the config, the generation config and the weights in turn: every check runs
