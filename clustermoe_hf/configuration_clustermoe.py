@@ -48,8 +48,9 @@ class ClusterMoEConfig(PreTrainedConfig):
         dense_intermediate_size (`int`, *optional*): width of those dense MLPs; defaults to the active expert
             width `intermediate_size * top_k_clusters * top_k_experts`.
         router_aux_loss_coef (`float`): weight of the expert-level load-balancing loss (within clusters).
-        router_cluster_aux_loss_coef (`float`, *optional*): weight of the cluster-level load-balancing loss;
-            defaults to `router_aux_loss_coef`.
+        router_cluster_aux_loss_coef (`float`, *optional*): weight of the cluster-level load-balancing loss; None
+            (the default) follows `router_aux_loss_coef`, also when that is changed later (e.g. the original
+            package's `load_balancing_weight=0` passed to `from_pretrained` turns all balancing off).
         router_z_loss_coef (`float`): weight of the router z-loss (squared logsumexp of the softmax inputs, logits /
             `routing_temperature`) on both router levels.
         output_router_logits (`bool`): return each MoE layer's cluster-router logits.
@@ -69,9 +70,10 @@ class ClusterMoEConfig(PreTrainedConfig):
             cluster, then dropped (the token keeps its residual path).
 
     The names of the original ClusterMoE package are accepted as aliases: `d_model`, `d_ff`, `num_layers`,
-    `load_balancing_weight` (`router_aux_loss_coef`; at construction also the cluster-level weight unless that is
-    given), `router_z_loss_weight`, `dropout` (`attention_dropout`: the experts have no dropout). Giving an alias and
-    its field different values is an error.
+    `load_balancing_weight` (`router_aux_loss_coef`, which the cluster-level weight follows unless that is given),
+    `router_z_loss_weight`, `dropout` (`attention_dropout`: the experts have no dropout). Giving an alias and its
+    field different values is an error, unless the field's value is its default: a dataclass cannot tell a default
+    passed explicitly from one not passed, and then the alias sets the field.
 
     Values are checked at construction, when a model is built from the config and when it is saved, so overrides set
     after construction (`from_pretrained(path, top_k_experts=...)`) are checked too.
@@ -187,12 +189,18 @@ class ClusterMoEConfig(PreTrainedConfig):
                     f"({self.num_attention_heads}) unless head_dim is given explicitly."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.router_cluster_aux_loss_coef is None:
-            self.router_cluster_aux_loss_coef = self.router_aux_loss_coef
         widths = (self.intermediate_size, self.top_k_clusters, self.top_k_experts)
         if self.dense_intermediate_size is None and all(_is_int(value) for value in widths):
             self.dense_intermediate_size = self.intermediate_size * self.num_experts_per_tok
         self.validate()
+
+    @property
+    def cluster_aux_loss_coef(self) -> float:
+        """The weight the cluster-level balancing loss gets: `router_cluster_aux_loss_coef`, or when that is None,
+        `router_aux_loss_coef`."""
+        if self.router_cluster_aux_loss_coef is None:
+            return self.router_aux_loss_coef
+        return self.router_cluster_aux_loss_coef
 
     @property
     def num_experts(self) -> int:
@@ -262,8 +270,13 @@ class ClusterMoEConfig(PreTrainedConfig):
 
         require_number("routing_temperature", "> 0", lambda value: value > 0)
         require_number("router_jitter_noise", ">= 0", lambda value: value >= 0)
-        for name in ("router_aux_loss_coef", "router_cluster_aux_loss_coef", "router_z_loss_coef"):
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             require_number(name, ">= 0 (0 disables it)", lambda value: value >= 0)
+        if self.router_cluster_aux_loss_coef is not None:
+            require_number(
+                "router_cluster_aux_loss_coef", ">= 0 (0 disables it), or None (router_aux_loss_coef's)",
+                lambda value: value >= 0,
+            )  # fmt: skip
         require_number("attention_dropout", "in [0, 1)", lambda value: 0 <= value < 1)
         require_number("rms_norm_eps", "> 0", lambda value: value > 0)
         require_number("initializer_range", ">= 0", lambda value: value >= 0)

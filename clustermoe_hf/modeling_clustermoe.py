@@ -1301,7 +1301,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         config = self.config
         keywords = getattr(self._gradient_checkpointing_func, "keywords", None)
         reentrant = keywords is not None and keywords.get("use_reentrant") in (None, True)
-        router_losses = (config.router_aux_loss_coef, config.router_cluster_aux_loss_coef, config.router_z_loss_coef)
+        router_losses = (config.router_aux_loss_coef, config.cluster_aux_loss_coef, config.router_z_loss_coef)
         if reentrant and self._moe_layers() and any(coef != 0 for coef in router_losses):
             raise ValueError(
                 "Gradient checkpointing with use_reentrant=True would train the routers without their balancing and "
@@ -1596,7 +1596,7 @@ def weighted_router_loss(config: ClusterMoEConfig, parts: tuple[torch.Tensor, ..
     """The auxiliary loss added to a task loss: the router losses of `combine_router_losses`, weighted by the config."""
     cluster_balance, expert_balance, router_z = parts
     return (
-        config.router_cluster_aux_loss_coef * cluster_balance
+        config.cluster_aux_loss_coef * cluster_balance
         + config.router_aux_loss_coef * expert_balance
         + config.router_z_loss_coef * router_z
     )

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from transformers import AutoModelForCausalLM
 
@@ -94,7 +95,7 @@ def test_aliases_map_to_hf_fields():
     assert config.intermediate_size == 24
     assert config.num_hidden_layers == 3
     assert config.router_aux_loss_coef == 0.05
-    assert config.router_cluster_aux_loss_coef == 0.05  # defaults to the expert-level weight
+    assert config.cluster_aux_loss_coef == 0.05  # follows the expert-level weight
     assert config.router_z_loss_coef == 0.002
     assert config.attention_dropout == 0.1
     assert config.head_dim == 12  # derived from the aliased hidden size
@@ -103,6 +104,17 @@ def test_aliases_map_to_hf_fields():
 
     config.d_model = 64
     assert config.hidden_size == 64
+
+
+def test_the_cluster_balancing_weight_follows_the_expert_level_one_unless_given(tmp_path, tiny_config):
+    ClusterMoEForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    # The original package's single balancing weight, turned off on a saved checkpoint, turns off both levels.
+    model = ClusterMoEForCausalLM.from_pretrained(tmp_path, load_balancing_weight=0.0, router_z_loss_coef=0.0)
+    assert model.config.cluster_aux_loss_coef == 0.0
+    ids = torch.randint(3, 64, (2, 6))
+    assert model(ids, labels=ids).aux_loss == 0.0
+    given = tiny_config(router_cluster_aux_loss_coef=0.3, router_aux_loss_coef=0.2)
+    assert (given.cluster_aux_loss_coef, given.router_aux_loss_coef) == (0.3, 0.2)
 
 
 def test_an_alias_and_its_field_with_different_values_are_rejected():
