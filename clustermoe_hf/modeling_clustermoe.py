@@ -1273,10 +1273,11 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
             _check_token_ids(input_ids, "input_ids", self.config.vocab_size)
         else:
             hidden_size = self.config.hidden_size
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+            embeds_shape = tuple(inputs_embeds.shape)
+            if len(embeds_shape) != 3 or embeds_shape[-1] != hidden_size or not inputs_embeds.is_floating_point():
                 raise ValueError(
-                    f"inputs_embeds must have shape (batch_size, sequence_length, hidden_size={hidden_size}); got "
-                    f"{tuple(inputs_embeds.shape)}."
+                    f"inputs_embeds must be floating-point vectors of shape (batch_size, sequence_length, hidden_size="
+                    f"{hidden_size}); got a {inputs_embeds.dtype} tensor of shape {embeds_shape}."
                 )
             batch_size, sequence_length = inputs_embeds.shape[:2]
         if batch_size == 0 or sequence_length == 0:
@@ -1288,11 +1289,38 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
             position_ids.dim() != 2
             or position_ids.shape[0] not in (1, batch_size)
             or position_ids.shape[1] != sequence_length
+            or position_ids.is_floating_point()
+            or position_ids.dtype == torch.bool
         ):
             raise ValueError(
-                f"position_ids must have shape (batch_size={batch_size} or 1, sequence_length={sequence_length}); got "
-                f"{tuple(position_ids.shape)}."
+                f"position_ids must be integer positions of shape (batch_size={batch_size} or 1, sequence_length="
+                f"{sequence_length}); got a {position_ids.dtype} tensor of shape {tuple(position_ids.shape)}."
             )
+
+    @staticmethod
+    def _check_attention_mask(attention_mask, batch_size: int, sequence_length: int, cache: Cache | None):
+        """A 2-D padding mask has one column per cached and new token; a 4-D mask one row per new token. Under
+        torch.compile the cache length is not read: a static cache's changes every step, and a guard on it would
+        recompile every step."""
+        if not isinstance(attention_mask, torch.Tensor):
+            return  # None, or flex attention's BlockMask
+        shape = tuple(attention_mask.shape)
+        if attention_mask.dim() == 2:
+            cached = 0 if cache is None or is_torchdynamo_compiling() else cache.get_seq_length()
+            valid = shape[0] == batch_size and (
+                shape[1] == cached + sequence_length or (is_torchdynamo_compiling() and shape[1] >= sequence_length)
+            )
+            expected = (
+                f"(batch_size={batch_size}, cached + new tokens = {cached} + {sequence_length}): one column per token "
+                "the inputs attend to"
+            )
+        elif attention_mask.dim() == 4:
+            valid = shape[0] in (1, batch_size) and shape[2] == sequence_length
+            expected = f"(batch_size={batch_size} or 1, heads, new tokens={sequence_length}, key positions)"
+        else:
+            valid, expected = False, "a 2-D padding mask or a 4-D (batch, heads, queries, keys) mask"
+        if not valid:
+            raise ValueError(f"attention_mask has shape {shape}; expected {expected}.")
 
     def _check_checkpointing_keeps_router_losses(self):
         """Reentrant checkpointing runs each layer's forward without gradients and only its output gets them back; the
@@ -1325,6 +1353,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         **kwargs,
     ) -> ClusterMoEModelOutputWithPast:
         self._check_inputs(input_ids, inputs_embeds, position_ids)
+        batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        self._check_attention_mask(attention_mask, batch_size, sequence_length, cache)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             self._check_checkpointing_keeps_router_losses()
         if use_cache and cache is None:
@@ -1346,18 +1376,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         # Padding tokens are excluded from the balancing losses and the routing statistics.
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            batch_size, sequence_length = inputs_embeds.shape[:2]
-            # Cached + new tokens; under torch.compile the cache length is not read (a static cache's changes every
-            # step, and a guard on it would recompile every step).
-            cached = 0 if cache is None or is_torchdynamo_compiling() else cache.get_seq_length()
-            if attention_mask.shape[0] != batch_size or not (
-                attention_mask.shape[1] == cached + sequence_length
-                or (is_torchdynamo_compiling() and attention_mask.shape[1] >= sequence_length)
-            ):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch_size={batch_size}, "
-                    f"cached + new tokens = {cached} + {sequence_length}): one column per token the inputs attend to."
-                )
+            sequence_length = inputs_embeds.shape[1]
             token_mask = attention_mask[:, -sequence_length:].reshape(-1).bool()
             if _host_reads_are_free(token_mask) and bool(token_mask.all()):
                 token_mask = None  # no padding: skip the per-pair masking in every layer

@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -164,16 +165,23 @@ def test_input_ids_that_are_not_a_batch_of_token_ids_are_rejected(tiny_model, in
         tiny_model()(input_ids)
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 7), (2, 32)])
-def test_inputs_embeds_of_the_wrong_shape_are_rejected(tiny_model, shape):
-    with pytest.raises(ValueError, match=rf"inputs_embeds must have shape .*hidden_size=32\); got \({shape[0]}, "):
-        tiny_model()(inputs_embeds=torch.randn(shape))
+@pytest.mark.parametrize(
+    "inputs_embeds", [torch.randn(2, 6, 7), torch.randn(2, 32), torch.ones(2, 6, 32, dtype=torch.long)]
+)
+def test_inputs_embeds_of_the_wrong_shape_or_dtype_are_rejected(tiny_model, inputs_embeds):
+    expected = rf"inputs_embeds must be floating-point vectors of shape .*hidden_size=32\); got a {inputs_embeds.dtype}"
+    with pytest.raises(ValueError, match=expected):
+        tiny_model()(inputs_embeds=inputs_embeds)
 
 
-@pytest.mark.parametrize("shape", [(1, 3), (3, 6), (6,)])
-def test_position_ids_of_the_wrong_shape_are_rejected(tiny_model, shape):
-    with pytest.raises(ValueError, match=r"position_ids must have shape \(batch_size=2 or 1, sequence_length=6\)"):
-        tiny_model()(random_ids(2, 6), position_ids=torch.zeros(shape, dtype=torch.long))
+@pytest.mark.parametrize(
+    "position_ids", [torch.zeros(1, 3, dtype=torch.long), torch.zeros(3, 6, dtype=torch.long), torch.zeros(6),
+                     torch.zeros(2, 6)],
+)  # fmt: skip
+def test_position_ids_of_the_wrong_shape_or_dtype_are_rejected(tiny_model, position_ids):
+    expected = r"position_ids must be integer positions of shape \(batch_size=2 or 1, sequence_length=6\)"
+    with pytest.raises(ValueError, match=expected):
+        tiny_model()(random_ids(2, 6), position_ids=position_ids)
 
 
 @pytest.mark.parametrize(
@@ -215,9 +223,9 @@ def test_ignored_label_positions_are_accepted(tiny_model):
     assert torch.isfinite(tiny_model()(random_ids(2, 6), labels=labels).loss)
 
 
-@pytest.mark.parametrize("mask_shape", [(1, 8), (2, 5), (3, 8), (2, 9)])
+@pytest.mark.parametrize("mask_shape", [(1, 8), (2, 5), (3, 8), (2, 9), (8,), (2, 8, 8), (3, 1, 8, 8), (2, 1, 7, 8)])
 def test_attention_mask_of_the_wrong_shape_is_rejected(tiny_model, mask_shape):
-    with pytest.raises(ValueError, match=rf"attention_mask has shape \({mask_shape[0]}, {mask_shape[1]}\)"):
+    with pytest.raises(ValueError, match=rf"attention_mask has shape {re.escape(str(mask_shape))}"):
         tiny_model()(random_ids(2, 8), attention_mask=torch.ones(mask_shape, dtype=torch.long))
 
 
