@@ -685,8 +685,8 @@ class ClusterMoESparseMoeBlock(nn.Module):
         """A sufficient condition for no faulty expert, read on the host, on CPU only (no device sync there): every
         judged pair's output norm (where `valid`; the others may be uninitialised) is finite and the largest is at most
         half `reliability_max_norm_ratio` times the smallest. Then no expert's mean log-norm can exceed its peers' by
-        log(max ratio); the factor 2 is far above the float32 rounding of the full check. Spares a decoding step the
-        full check's ~40 small ops (and a training step the masking after it)."""
+        log(max ratio); the factor 2 is far above the float32 rounding of the full check. Spares a training step the
+        full check's ~40 small ops and the masking after it."""
         if not _host_reads_are_free(norms):
             return False
         norms = norms if valid is None else norms[valid]

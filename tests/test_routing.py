@@ -224,6 +224,18 @@ def test_router_loss_formulas(tiny_model, temperature):
     mean_prob = F.softmax(cluster_logits, -1).mean(0)
     torch.testing.assert_close(stats["cluster_balance_loss"], 3 * (choice_share * mean_prob).sum())
 
+    # Switch balancing inside each cluster, weighted by the cluster's share of the (token, cluster) pairs:
+    # E * sum_c share_c * sum_e (share of c's expert choices going to e) * (mean P(e | c) over c's pairs)
+    chosen_experts = chosen_expert_logits.topk(2).indices  # (tokens, kc, ke) local ids
+    expert_probs = F.softmax(chosen_expert_logits, -1)  # (tokens, kc, E)
+    expected = 0.0
+    for cluster in range(3):
+        pairs = chosen == cluster  # (tokens, kc)
+        if pairs.any():
+            experts_share = F.one_hot(chosen_experts[pairs], 4).float().sum((0, 1)) / (pairs.sum() * 2)
+            expected += pairs.float().mean() * 4 * (experts_share * expert_probs[pairs].mean(0)).sum()
+    torch.testing.assert_close(stats["expert_balance_loss"], expected)
+
 
 # ----- no host syncs -----
 
