@@ -136,7 +136,8 @@ def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tenso
     accumulates in float32) does."""
     if out.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    return out.copy_(torch.mm(a.float(), b.float()))
+    with torch.autocast(a.device.type, enabled=False):  # autocast would cast the float32 operands back
+        return out.copy_(torch.mm(a.float(), b.float()))
 
 
 def _grouped_matmul(inputs, weights, groups: list[tuple[int, int]], transpose: bool) -> torch.Tensor:
@@ -305,6 +306,15 @@ def _host_reads_are_free(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and not is_torchdynamo_compiling()
 
 
+def _router_linear(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits in the router weights' dtype, also under autocast: transformers' `_grouped_mm`, which the
+    hierarchical router uses, is not autocast, so both routers then decide alike (and in full precision)."""
+    if torch.is_autocast_enabled(hidden_states.device.type):
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return F.linear(hidden_states.to(weight.dtype), weight)
+    return F.linear(hidden_states, weight)
+
+
 def _at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Softmax input in float32: `logits / temperature`, without the no-op cast and division (each a dispatched op,
     which shows in per-token decoding) at float32 and temperature 1."""
@@ -401,7 +411,7 @@ class ClusterMoERouter(nn.Module):
         """Expert logits inside the chosen clusters, (tokens, kc, E)."""
         num_tokens, top_k_clusters = cluster_index.shape
         if not self.hierarchical:
-            all_logits = F.linear(hidden_states, self.expert_weight).view(num_tokens, self.num_clusters, -1)
+            all_logits = _router_linear(hidden_states, self.expert_weight).view(num_tokens, self.num_clusters, -1)
             # Indexing rather than `gather`: its backward keeps the indices, not all C * E logits per token.
             token_index = torch.arange(num_tokens, device=hidden_states.device).unsqueeze(-1)  # (tokens, 1)
             return all_logits[token_index, cluster_index]
@@ -427,7 +437,7 @@ class ClusterMoERouter(nn.Module):
         noise = config.router_jitter_noise if self.training else 0.0
         cluster_term, expert_term = self.selection_bias()
 
-        cluster_logits = F.linear(hidden_states, self.cluster_weight)  # (tokens, C)
+        cluster_logits = _router_linear(hidden_states, self.cluster_weight)  # (tokens, C)
         cluster_log_probs = F.log_softmax(_at_temperature(cluster_logits, temperature), dim=-1)
         cluster_scores = cluster_log_probs if cluster_term is None else cluster_log_probs + cluster_term
         if noise > 0:
@@ -623,8 +633,8 @@ class ClusterMoESparseMoeBlock(nn.Module):
         )
         # (tokens*kc, E) -> (C, E) sums; scatter_add's backward keeps only the (expanded) cluster ids
         cluster_rows = cluster_index.reshape(-1, 1).expand(-1, self.experts_per_cluster)
-        per_cluster = lambda values: torch.zeros(  # noqa: E731
-            self.num_clusters, self.experts_per_cluster, device=values.device
+        per_cluster = lambda values: values.new_zeros(  # noqa: E731
+            self.num_clusters, self.experts_per_cluster
         ).scatter_add_(0, cluster_rows, values.reshape(-1, self.experts_per_cluster))
         choices = per_cluster(expert_choices)
         probs = per_cluster(expert_probs * pair_mask[..., None])

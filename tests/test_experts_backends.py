@@ -280,3 +280,19 @@ def test_sorted_mm_in_half_precision_matches_eager(monkeypatch, dtype, emulated)
     torch.testing.assert_close(fast_out, eager_out, **tolerance)
     for fast_grad, eager_grad in zip(fast_grads, eager_grads):
         torch.testing.assert_close(fast_grad, eager_grad, **tolerance)
+
+
+def test_sorted_mm_half_precision_gemms_stay_float32_under_autocast(monkeypatch):
+    """`Trainer(bf16=True)` on a bf16 model runs under autocast, which would cast the loop's float32 GEMM operands back
+    to the emulated bf16: same results as without autocast, to the bit."""
+    gemm_loop_for(monkeypatch, torch.bfloat16)
+    _, experts = experts_pair(ClusterMoEExperts, clustermoe_config())
+    experts = experts.to(torch.bfloat16)
+    hidden = torch.randn(13, 32, dtype=torch.bfloat16)
+    top_k_index, top_k_weights = routing(13, 8, top_k=2)
+    plain = run_with_grads(experts, hidden, top_k_index, top_k_weights.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = run_with_grads(experts, hidden, top_k_index, top_k_weights.bfloat16())
+    assert torch.equal(autocast[0], plain[0])
+    assert all(torch.equal(a, b) for a, b in zip(autocast[1], plain[1]))
+

@@ -304,6 +304,20 @@ def test_experts_backends_match_eager(tiny_model, experts_implementation):
 # ----- saving and loading -----
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_built_under_a_half_precision_default_dtype_trains(tiny_config, dtype):
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = ClusterMoEForCausalLM(tiny_config())
+        ids = random_ids(2, 6)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+    finally:
+        torch.set_default_dtype(default)
+    assert model.lm_head.weight.dtype == dtype and torch.isfinite(out.loss) and out.aux_loss.dtype == torch.float32
+
+
 def test_save_and_load_round_trip(tiny_model, tmp_path):
     model = tiny_model().train()
     model(random_ids(2, 6))  # fills the utilisation counts, which are saved with the weights

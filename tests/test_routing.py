@@ -137,6 +137,11 @@ def test_hierarchical_and_flat_routers_agree(
     for name in ("cluster_logits", "cluster_log_probs", "expert_logits", "expert_log_probs"):
         torch.testing.assert_close(getattr(routing, name), getattr(flat_routing, name))
 
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # `_grouped_mm` is not autocast: the routers stay in float32
+        routing, flat_routing = router(hidden), flat_router(hidden)
+    assert routing.expert_logits.dtype == flat_routing.expert_logits.dtype == torch.float32
+    assert torch.equal(routing.expert_candidates, flat_routing.expert_candidates)
+
     ids = random_ids(2, 9)
     out, flat_out = hierarchical(ids, labels=ids), flat(ids, labels=ids)
     torch.testing.assert_close(out.logits, flat_out.logits)
