@@ -88,7 +88,9 @@ def specialization_statistics(
     plus `label_entropy` and `specialization`, the mean over MoE layers. Without `label_key`, only the entropies.
     """
     layers = model._moe_layers()
-    base = getattr(model, model.base_model_prefix, model)
+    # The base model, whose outputs carry the routing statistics, also inside a wrapper (peft's PeftModel forwards
+    # `model.model` to the causal LM). Found by what it has: a model loaded from a checkpoint's code has other classes.
+    base = next(module for module in model.modules() if hasattr(module, "routing_state") and hasattr(module, "layers"))
     expert_counts = [torch.zeros_like(block.router.expert_token_counts) for _, block in layers]
     cluster_choices = [[] for _ in layers]  # per layer, (valid tokens, top_k_clusters) chunks
     labels, vocabulary, token_mask = [], {}, None
@@ -153,13 +155,13 @@ def perplexity(model, batches: Iterable[torch.Tensor | dict[str, torch.Tensor]])
             batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
             input_ids = batch["input_ids"].to(model.device)
             attention_mask = batch.get("attention_mask")
-            labels = input_ids.clone()
+            shift_labels = input_ids[:, 1:].clone()  # the token each position predicts
             if attention_mask is not None:
                 attention_mask = attention_mask.to(model.device)
-                labels[attention_mask == 0] = -100
+                # Padding is neither predicted nor predicts (the first real token of a left-padded row would be)
+                shift_labels[(attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0)] = -100
             # Scored here rather than with `labels=`: the model's loss also includes the router losses.
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            shift_labels = labels[:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100, reduction="sum"
             )

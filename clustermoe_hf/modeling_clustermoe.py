@@ -863,6 +863,15 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
+def _check_plain_experts(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], action: str):
+    """The fused expert weights must be this model's own parameters, not wrapped by an adapter."""
+    if not all(isinstance(block.experts, ClusterMoEExperts) for _, block in layers):
+        raise ValueError(
+            f"{action} needs the plain fused expert weights, which an adapter wraps here (e.g. peft's LoRA with "
+            "`target_parameters`): merge it into the model first (`merge_and_unload()`)."
+        )
+
+
 def _file_version(path: str) -> tuple[int, int] | None:
     """(modification time, size) of a file, None if there is none: tells whether a save wrote it."""
     return (os.stat(path).st_mtime_ns, os.stat(path).st_size) if os.path.isfile(path) else None
@@ -1015,15 +1024,20 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         return stats
 
     def reset_reliability(self):
-        """Forget past faults: every expert's reliability back to 1."""
+        """Forget past faults: every expert's reliability back to 1, and the health observations gathered since the
+        last optimizer step dropped (the next step would fold them in again)."""
         for _, block in self._moe_layers():
             block.router.expert_reliability.fill_(1.0)
+        state = self._routing_state()
+        state.pending_observed.zero_()
+        state.pending_healthy.zero_()
 
     @torch.no_grad()
     def reinitialize_expert(self, layer_idx: int, cluster_idx: int, expert_idx: int):
         """Re-draw the weights of expert `expert_idx` of cluster `cluster_idx` in MoE layer `layer_idx` (e.g. after
         they were corrupted) and reset its reliability to 1, so that the router selects it again."""
-        blocks = dict(self._moe_layers())
+        layers = self._moe_layers()
+        blocks = dict(layers)
         if layer_idx not in blocks:
             raise ValueError(f"Layer {layer_idx} is not a MoE layer; MoE layers are {sorted(blocks)}.")
         block = blocks[layer_idx]
@@ -1032,11 +1046,15 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 f"No expert {expert_idx} in cluster {cluster_idx}: layer {layer_idx} has {block.num_clusters} "
                 f"clusters of {block.experts_per_cluster} experts."
             )
+        _check_plain_experts(layers, "reinitialize_expert")
         expert = cluster_idx * block.experts_per_cluster + expert_idx
         std = self.config.initializer_range
         block.experts.gate_up_proj[expert].normal_(mean=0.0, std=std)
         block.experts.down_proj[expert].normal_(mean=0.0, std=std)
         block.router.expert_reliability[expert] = 1.0
+        state, row = self._routing_state(), list(blocks).index(layer_idx)
+        state.pending_observed[row, expert] = 0  # its faults since the last optimizer step are of the old weights
+        state.pending_healthy[row, expert] = 0
 
     def model_reliability(self) -> torch.Tensor:
         """Mean over MoE layers of the utilisation-weighted expert reliability, as a 0-d tensor (no host sync)."""
@@ -1107,7 +1125,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             ("experts_per_cluster_keep", experts_per_cluster_keep, config.experts_per_cluster),
             ("clusters_keep", clusters_keep, config.num_clusters),
         ):
-            if value is not None and not (isinstance(value, int) and 1 <= value <= limit):
+            is_count = isinstance(value, int) and not isinstance(value, bool)
+            if value is not None and not (is_count and 1 <= value <= limit):
                 raise ValueError(f"{name} must be an integer in [1, {limit}] (or None to keep all), got {value!r}.")
         if experts_per_cluster_keep is None and clusters_keep is None:
             raise ValueError("Nothing to prune: pass experts_per_cluster_keep and/or clusters_keep.")
@@ -1118,6 +1137,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         layers = self._moe_layers()
         if not layers:
             raise ValueError("This model has no MoE layers to prune.")
+        _check_plain_experts(layers, "prune_experts")
         if calibration_data is not None and rank_by != "reliability":
             counts = self._calibration_counts(calibration_data)
             if any(int(layer_counts.sum()) == 0 for layer_counts in counts):

@@ -158,6 +158,7 @@ def test_pruned_model_keeps_training(tiny_model):
         ({"experts_per_cluster_keep": 5}, "experts_per_cluster_keep"),
         ({"clusters_keep": 0}, "clusters_keep"),
         ({"experts_per_cluster_keep": 1.5}, "experts_per_cluster_keep"),
+        ({"experts_per_cluster_keep": True}, "experts_per_cluster_keep"),
         ({}, "Nothing to prune"),
         ({"experts_per_cluster_keep": 2, "rank_by": "size"}, "rank_by"),
         ({"experts_per_cluster_keep": 2}, "No utilisation data"),
@@ -176,6 +177,20 @@ def test_bad_prune_requests_raise_and_change_nothing(tiny_model, tmp_path, kwarg
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
     model.save_pretrained(tmp_path)
     AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_pruning_or_reinitialising_experts_under_an_adapter_asks_to_merge_it_first(tiny_model):
+    from peft import get_peft_model
+
+    from clustermoe_hf.training import lora_config
+
+    model = get_peft_model(tiny_model(), lora_config(rank=2))  # LoRA on the fused experts too
+    config = model.config.to_dict()
+    with pytest.raises(ValueError, match=r"prune_experts needs the plain fused expert weights.*merge_and_unload"):
+        model.prune_experts(experts_per_cluster_keep=2, rank_by="reliability")
+    with pytest.raises(ValueError, match=r"reinitialize_expert needs the plain fused expert weights"):
+        model.reinitialize_expert(0, 0, 0)
+    assert model.config.to_dict() == config
 
 
 def test_calibration_data_may_be_one_batch_and_other_formats_are_named(tiny_model):
@@ -204,12 +219,15 @@ def test_pruning_a_model_without_moe_layers_raises(tiny_model):
         tiny_model(first_k_dense_layers=2).prune_experts(experts_per_cluster_keep=1)
 
 
-def test_perplexity_is_the_exponential_of_the_language_model_loss(tiny_model):
+def test_perplexity_is_the_exponential_of_the_language_model_loss_on_real_tokens(tiny_model):
     model = tiny_model(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
     input_ids = torch.randint(3, 64, (3, 10))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :4] = 0
     labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[0, 4] = -100  # the first real token of the left-padded row would be predicted from padding
     loss = model(input_ids, attention_mask=attention_mask, labels=labels).loss
     value = perplexity(model, [{"input_ids": input_ids, "attention_mask": attention_mask}])
     assert value == pytest.approx(torch.exp(loss).item(), rel=1e-5)
+    padded_row = {"input_ids": input_ids[:1], "attention_mask": attention_mask[:1]}
+    assert perplexity(model, [padded_row]) == pytest.approx(perplexity(model, [input_ids[:1, 4:]]), rel=1e-5)

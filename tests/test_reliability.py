@@ -440,6 +440,23 @@ def test_reset_reliability_readmits_an_excluded_expert(tiny_model):
     assert router.expert_token_counts[:4].sum() > 0
 
 
+@pytest.mark.parametrize("forget", ["reset_reliability", "reinitialize_expert"])
+def test_forgetting_faults_between_backward_and_step_is_not_undone_by_the_step(tiny_model, forget):
+    model = tiny_model().train()
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[:4] = float("nan")  # every expert of cluster 0
+    ids = torch.randint(3, 64, (4, 16))
+    model(ids, labels=ids).loss.backward()
+    assert model.model.routing_state.pending_observed[0, :4].sum() > 0  # faults observed, pending for the step
+    if forget == "reset_reliability":
+        model.reset_reliability()
+    else:
+        for expert in range(4):
+            model.reinitialize_expert(0, 0, expert)
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    assert torch.all(model.model.layers[0].mlp.router.expert_reliability[:4] == 1.0)
+
+
 def test_eval_inference_and_no_grad_do_not_update_reliability(tiny_model):
     model = tiny_model()
     with torch.no_grad():

@@ -130,3 +130,16 @@ def test_labels_must_match_the_batch(tiny_model):
     batch = {"input_ids": torch.randint(3, 64, (2, 5)), "label": torch.tensor([0, 1, 1])}
     with pytest.raises(ValueError, match="Labels"):
         specialization_statistics(model, [batch])
+
+
+def test_specialisation_statistics_of_a_model_wrapped_by_peft(tiny_model):
+    from peft import get_peft_model
+
+    from clustermoe_hf.training import lora_config
+
+    model = tiny_model()
+    batches = [{"input_ids": torch.randint(3, 64, (2, 8)), "label": torch.tensor([0, 1])}]
+    expected = specialization_statistics(model, batches, label_key="label")
+    wrapped = get_peft_model(model, lora_config(rank=2))  # adapters start as a no-op
+    assert specialization_statistics(wrapped, batches, label_key="label") == pytest.approx(expected)
+
