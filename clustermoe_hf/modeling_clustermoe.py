@@ -1288,6 +1288,12 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         # forward, where `torch.compile` cannot trace their installation (a lock).
         maybe_install_capturing_hooks(self)
 
+    def __setstate__(self, state):
+        """A copy (`copy.deepcopy`, e.g. an EMA or teacher model) or an unpickled model never ran `__init__`: register
+        it with the optimizer-step hook here. (Not in the forward, where `torch.compile` drops the registration.)"""
+        super().__setstate__(state)
+        _TRAINING_STATE_OWNERS.add(self)
+
     def _check_inputs(self, input_ids, inputs_embeds, position_ids):
         """Clear errors for inputs that would otherwise fail deep inside the embedding or attention, or, for token ids
         past the vocabulary, read out of bounds on accelerators: shapes, dtypes and the token-id range."""
@@ -1482,7 +1488,6 @@ def _record_training_statistics(model: ClusterMoEModel, args, output):
                 state.pending_observed[row].add_(observed.long())
                 state.pending_healthy[row].add_((observed & ~faulty).long())
     state.has_pending_updates = True
-    _TRAINING_STATE_OWNERS.add(model)  # also a copy (`copy.deepcopy`), which `__init__` never registered
 
 
 def _routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:

@@ -502,15 +502,17 @@ def test_gradient_checkpointing_recomputes_the_routing_of_the_forward(tiny_model
         torch.testing.assert_close(grads[1][name], grad, msg=name)
 
 
-def test_a_copied_model_updates_its_own_routing_state(tiny_model):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_copied_model_updates_its_own_routing_state(tiny_model, compiled):
     """`copy.deepcopy` (EMA or teacher models) does not run `__init__`, which registers a model with the
-    optimizer-step hook: its first training forward registers it."""
-    model = tiny_model(use_adaptive_routing=True).train()
+    optimizer-step hook; copying registers it, also for a copy that then trains through `torch.compile`."""
+    model = tiny_model(use_adaptive_routing=True, num_hidden_layers=1).train()
     copied = copy.deepcopy(model)
     optimizer = torch.optim.SGD(copied.parameters(), lr=1e-3)
+    forward = torch.compile(copied, backend="eager", fullgraph=True) if compiled else copied
     for _ in range(2):
         ids = random_ids(2, 8)
-        copied(ids, labels=ids).loss.backward()
+        forward(ids, labels=ids).loss.backward()
         optimizer.step()
     assert int(copied.model.routing_state.training_step) == 2
     assert copied.model.layers[0].mlp.router.expert_bias.abs().sum() > 0
