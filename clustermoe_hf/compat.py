@@ -22,7 +22,9 @@ def create_coe_model(
 
     As in the original package, every forward returns `out["aux_loss"]` and `out["model_reliability"]`, also under
     `torch.no_grad()`: the config sets `output_router_logits=True` unless told otherwise. (Models built from a plain
-    `ClusterMoEConfig` skip the router losses in pure inference such as `generate`, which is faster.)
+    `ClusterMoEConfig` skip the router losses in pure inference such as `generate`, which is faster.) A model with no
+    MoE layer at all (`first_k_dense_layers` = all layers, which the original package could not build) has no router
+    losses to return.
     """
     for alias, value in (("d_model", d_model), ("num_layers", num_layers)):
         if value is not None:  # otherwise the config's default, or the transformers name if given
