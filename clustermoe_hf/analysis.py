@@ -98,7 +98,8 @@ def specialization_statistics(
     def record_choices(row):
         def hook(module, args, output):
             cluster_index = output.cluster_index  # (tokens, top_k_clusters)
-            cluster_choices[row].append(cluster_index if token_mask is None else cluster_index[token_mask])
+            selected = cluster_index if token_mask is None else cluster_index[token_mask.to(cluster_index.device)]
+            cluster_choices[row].append(selected.to(model.device))  # layers may sit on other devices
 
         return hook
 
@@ -163,8 +164,9 @@ def perplexity(model, batches: Iterable[torch.Tensor | dict[str, torch.Tensor]])
             # Scored here rather than with `labels=`: the model's loss also includes the router losses.
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100, reduction="sum"
-            )
+                logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten().to(logits.device), ignore_index=-100,
+                reduction="sum",
+            )  # fmt: skip
             total_loss += float(nll)
             total_tokens += int((shift_labels != -100).sum())
     finally:

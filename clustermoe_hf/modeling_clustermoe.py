@@ -1259,7 +1259,7 @@ def _check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, ignore_index
     )
     checked = ids if ignore_index is None else ids.masked_fill(ids == ignore_index, 0)
     if _host_reads_are_free(ids) or ids.device.type not in _DEVICES_WITH_ASYNC_ASSERT:
-        low, high = (int(value) for value in torch.aminmax(checked))
+        low, high = torch.stack(torch.aminmax(checked)).tolist()  # one read on the host
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{message}; got values from {low} to {high}.")
     else:
@@ -1599,7 +1599,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             _check_labels(labels, logits.shape[0], outputs.last_hidden_state.shape[1], self.config.vocab_size)
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
             if aux_loss is not None:
-                loss = loss + aux_loss.to(loss.device) * _aux_loss_share(labels, kwargs.get("num_items_in_batch"))
+                loss = loss + aux_loss.to(loss.device) * _aux_loss_share(labels, kwargs.get("num_items_in_batch"), loss)
 
         return ClusterMoECausalLMOutputWithPast(
             loss=loss,
@@ -1656,13 +1656,14 @@ def weighted_router_loss(config: ClusterMoEConfig, parts: tuple[torch.Tensor, ..
     )
 
 
-def _aux_loss_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
+def _aux_loss_share(labels: torch.Tensor, num_items_in_batch, loss: torch.Tensor) -> torch.Tensor | float:
     """With gradient accumulation the Trainer sums per-micro-batch losses normalised by the global token count;
-    weight this micro-batch's aux loss by its share of those tokens so the accumulated aux loss is an average."""
+    weight this micro-batch's aux loss by its share of those tokens so the accumulated aux loss is an average. On the
+    loss's device: under a device map, the labels (and the count) sit on the first device, the logits on the last."""
     if num_items_in_batch is None:
         return 1.0
-    micro_batch_items = (labels[..., 1:] != -100).sum()
-    return micro_batch_items.to(torch.float32) / torch.as_tensor(num_items_in_batch, dtype=torch.float32)
+    micro_batch_items = (labels[..., 1:] != -100).sum().to(loss.device, torch.float32)
+    return micro_batch_items / torch.as_tensor(num_items_in_batch, dtype=torch.float32).to(loss.device)
 
 
 @dataclass

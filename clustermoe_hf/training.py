@@ -291,6 +291,8 @@ def label_smoothed_causal_lm_loss(epsilon: float):
         logits = outputs["logits"]
         next_tokens = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)  # (batch, seq): what comes next
         predicted = (next_tokens != -100).sum()
+        if torch.is_tensor(num_items_in_batch):  # counted on the first device; the logits may be on another
+            num_items_in_batch = num_items_in_batch.to(logits.device)
         loss = F.cross_entropy(
             logits.float().flatten(0, -2), next_tokens.flatten(), ignore_index=-100, label_smoothing=epsilon,
             reduction="sum",

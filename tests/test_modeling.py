@@ -528,6 +528,14 @@ def test_per_layer_statistics_are_combined_on_one_device():
     assert all(loss.device.type == "meta" for loss in combine_router_losses([on_meta, on_cpu]))
 
 
+def test_the_aux_loss_share_is_on_the_loss_device():
+    """Under a device map the labels and the Trainer's token count sit on the first device, the loss on the last."""
+    from clustermoe_hf.modeling_clustermoe import _aux_loss_share
+
+    labels, num_items, loss = torch.randint(0, 10, (2, 8)), torch.tensor(16), torch.ones((), device="meta")
+    assert _aux_loss_share(labels, num_items, loss).device.type == "meta"  # "meta" stands in for the last GPU
+
+
 # ----- expert utilisation -----
 
 
