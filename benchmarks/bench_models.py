@@ -22,7 +22,6 @@ wall clock with the device synchronised, and peak memory comes from the CUDA all
 import argparse
 import gc
 import json
-import os
 import platform
 import sys
 import time
@@ -43,8 +42,10 @@ from common import (  # noqa: E402
     benchmark_device,
     build_configs,
     build_model,
+    default_output_dir,
     device_clock,
     keep_freed_memory,
+    machine_description,
     parameter_counts,
     peak_allocated_bytes,
     ratio,
@@ -384,24 +385,10 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} GPU on a {os.cpu_count()}-core host, {platform.system()}"
-    model_name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU ({model_name}), {platform.system()}"
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller shape and fewer repeats, about a minute (CI)")
-    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--output-dir", type=Path, help="default: benchmarks/results, with --device cuda .../cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see the docstring)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--repeats", type=int, help="timed runs per configuration (default 9, quick 3)")
@@ -420,6 +407,7 @@ def main(argv=None) -> dict:
         device = benchmark_device(args.device)
     except ValueError as error:
         parser.error(str(error))
+    args.output_dir = args.output_dir or default_output_dir(device)
 
     torch.set_num_threads(args.threads)
     allocator = keep_freed_memory() if device.type == "cpu" else "PyTorch's CUDA caching allocator"

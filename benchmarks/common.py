@@ -8,10 +8,13 @@ as wide as the active experts together, so all of them spend the same MLP FLOPs 
 import copy
 import ctypes
 import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -215,6 +218,27 @@ def benchmark_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA device")
     return device
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} GPU on a {os.cpu_count()}-core host, {platform.system()}"
+    model_name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({model_name}), {platform.system()}"
+
+
+def default_output_dir(device: torch.device) -> Path:
+    """benchmarks/results for CPU runs (what the docs cite), benchmarks/results/cuda for GPU runs, so that one never
+    overwrites the other."""
+    results = Path(__file__).resolve().parent / "results"
+    return results / "cuda" if device.type == "cuda" else results
 
 
 def median_times(

@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import platform
 import sys
 from pathlib import Path
@@ -22,7 +21,15 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import benchmark_device, device_clock, keep_freed_memory, median_times, ratio  # noqa: E402
+from common import (  # noqa: E402
+    benchmark_device,
+    default_output_dir,
+    device_clock,
+    keep_freed_memory,
+    machine_description,
+    median_times,
+    ratio,
+)
 
 from clustermoe_hf import ClusterMoEConfig  # noqa: E402
 from clustermoe_hf.modeling_clustermoe import (  # noqa: E402
@@ -45,14 +52,14 @@ def build_router(config: ClusterMoEConfig, implementation: str) -> ClusterMoERou
     return router.eval()
 
 
-def measure(num_experts, tokens, hidden_size, expert_width, warmup, repeats, clock, device) -> dict:
+def measure(num_experts, tokens, hidden_size, expert_width, warmup, repeats, clock, device, dtype) -> dict:
     side = math.isqrt(num_experts)
     config = ClusterMoEConfig(
         vocab_size=32, hidden_size=hidden_size, intermediate_size=expert_width, num_hidden_layers=1,
         num_attention_heads=1, num_clusters=side, experts_per_cluster=side, top_k_clusters=1, top_k_experts=2,
     )  # fmt: skip
-    routers = {name: build_router(config, name).to(device) for name in ("hierarchical", "flat")}
-    hidden_states = torch.randn(tokens, hidden_size, device=device)
+    routers = {name: build_router(config, name).to(device, dtype) for name in ("hierarchical", "flat")}
+    hidden_states = torch.randn(tokens, hidden_size, device=device, dtype=dtype)
     with torch.no_grad():
         routing = routers["flat"](hidden_states)
         hierarchical_routing = routers["hierarchical"](hidden_states)
@@ -61,12 +68,12 @@ def measure(num_experts, tokens, hidden_size, expert_width, warmup, repeats, clo
         hierarchical_routing.expert_candidates, candidates
     )
     top_k_index = (cluster_index.unsqueeze(-1) * side + candidates).view(tokens, -1)
-    top_k_weights = torch.full(top_k_index.shape, 0.5, device=device)
+    top_k_weights = torch.full(top_k_index.shape, 0.5, device=device, dtype=dtype)
     experts = ClusterMoEExperts(config)  # the model's default experts implementation, `config` went through no model
     experts.config._experts_implementation = "sorted_mm"
     torch.nn.init.normal_(experts.gate_up_proj, std=0.02)
     torch.nn.init.normal_(experts.down_proj, std=0.02)
-    experts.to(device)
+    experts.to(device, dtype)
 
     def route(router):
         def run():
@@ -103,8 +110,8 @@ def write_outputs(result: dict, output_dir: Path, plot: bool) -> None:
     (output_dir / "router_scaling.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"Tokens: {result['tokens']}, hidden size {result['hidden_size']}, expert width {result['expert_width']}, "
-        f"top-1 cluster x top-2 experts; router forward, medians of {result['repeats']} interleaved runs "
-        f"({result['threads']} thread(s), {result['clock']}).",
+        f"top-1 cluster x top-2 experts, {result['dtype']}; router forward, medians of {result['repeats']} interleaved "
+        f"runs ({result['machine']['description']}, {result['threads']} thread(s), {result['clock']}).",
         "",
         "| experts N | clusters x experts | hierarchical (ms) | flat (ms) | hierarchical / flat "
         "| experts served (ms) |",
@@ -145,20 +152,27 @@ def write_outputs(result: dict, output_dir: Path, plot: bool) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for CI (about 10 s)")
-    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--output-dir", type=Path, help="default: benchmarks/results, with --device cuda .../cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see README)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), help="default: float32 on the CPU, bfloat16 (fast kernels) on CUDA"
+    )
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     try:
         device = benchmark_device(args.device)
     except ValueError as error:
         parser.error(str(error))
+    args.output_dir = args.output_dir or default_output_dir(device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     tokens, hidden_size, expert_width, warmup, repeats = (256, 64, 32, 1, 5) if args.quick else (2048, 256, 64, 3, 15)
     clock_name, clock = device_clock(device, args.threads)
-    rows = [measure(n, tokens, hidden_size, expert_width, warmup, repeats, clock, device) for n in EXPERT_COUNTS]
+    rows = [
+        measure(n, tokens, hidden_size, expert_width, warmup, repeats, clock, device, dtype) for n in EXPERT_COUNTS
+    ]
     faster = [row["num_experts"] for row in rows if row["hierarchical_ms"] < row["flat_ms"]]
     # The crossover is the smallest N from which the hierarchical router stays faster.
     crossover = next((n for n in faster if all(m in faster for m in EXPERT_COUNTS if m >= n)), None)
@@ -171,8 +185,11 @@ def main(argv=None) -> dict:
         "repeats": repeats,
         "threads": args.threads,
         "clock": clock_name,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "description": machine_description(device), "platform": platform.platform(), "torch": torch.__version__
+        },
         "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
         "rows": rows,
         "crossover_num_experts": crossover,
         "hierarchical_router_min_experts": HIERARCHICAL_ROUTER_MIN_EXPERTS,
