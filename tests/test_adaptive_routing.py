@@ -92,9 +92,17 @@ def test_selection_follows_every_change_of_the_routing_state_between_forwards():
     assert torch.all(clusters() == 0)
     router.expert_reliability[:4] = 1e-3  # cluster 0 degrades: log-reliability -6.9 outweighs the bias
     assert torch.all(clusters() == 1)
-    router.cluster_bias = torch.tensor([10.0, 0.0])  # a new tensor, not an in-place update
+    replacement = torch.zeros(2)  # a new tensor, not an in-place update, with the same version counter as the old
+    while replacement._version < router.cluster_bias._version:
+        replacement.copy_(torch.tensor([10.0, 0.0]))
+    router.cluster_bias = replacement
     assert torch.all(clusters() == 0)
     model.config.use_adaptive_routing = False  # a setting: the reliability term alone now decides
+    assert torch.all(clusters() == 1)
+    model.config.use_adaptive_routing = True
+    router.expert_reliability[:4] = 0.3  # cluster 0 mildly degraded: its bias still outweighs log(0.3)
+    assert torch.all(clusters() == 0)
+    model.config.reliability_threshold = 0.5  # a setting: cluster 0's experts fall below it, it cannot be chosen
     assert torch.all(clusters() == 1)
 
 

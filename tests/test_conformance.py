@@ -281,18 +281,22 @@ def test_padding_free_position_ids_match_padded_batch(tiny_model, attn_implement
     torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training forward"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_left_padding_does_not_change_logits(tiny_model, attn_implementation):
+def test_left_padding_does_not_change_logits(tiny_model, attn_implementation, training):
     """Many pad tokens (zero embeddings, hence all-zero expert outputs) must not change the real tokens' outputs:
-    padding is excluded from the expert health checks, which compare experts within a cluster."""
-    model = tiny_model(attn_implementation=attn_implementation)
+    padding is excluded from the expert health check of training forwards, which compares experts within a cluster
+    (next to all-zero padding outputs, healthy experts would look outsized)."""
+    model = tiny_model(attn_implementation=attn_implementation).train(training)
     ids = random_ids(2, 6)
     padded_ids = F.pad(ids, (32, 0), value=PAD)
     attention_mask = (padded_ids != PAD).long()
-    with torch.no_grad():
+    with torch.set_grad_enabled(training):
         expected = model(ids).logits
-        padded = model(padded_ids, attention_mask=attention_mask).logits[:, 32:]
-    torch.testing.assert_close(padded, expected, rtol=1e-4, atol=1e-5)
+        padded = model.model(padded_ids, attention_mask=attention_mask)
+        padded_logits = model.lm_head(padded.last_hidden_state)[:, 32:]
+    torch.testing.assert_close(padded_logits, expected, rtol=1e-4, atol=1e-5)
+    assert not any(layer["expert_faulty"].any() for layer in padded.routing_stats)
 
 
 def test_batched_rows_match_single_rows(tiny_model):

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen3MoeConfig
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
@@ -282,17 +283,32 @@ def test_sorted_mm_in_half_precision_matches_eager(monkeypatch, dtype, emulated)
         torch.testing.assert_close(fast_grad, eager_grad, **tolerance)
 
 
+class MatmulDtypes(TorchDispatchMode):
+    """Records the dtypes of every `aten.mm`'s operands."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.default:
+            self.dtypes.update(arg.dtype for arg in args[:2])
+        return func(*args, **(kwargs or {}))
+
+
 def test_sorted_mm_half_precision_gemms_stay_float32_under_autocast(monkeypatch):
     """`Trainer(bf16=True)` on a bf16 model runs under autocast, which would cast the loop's float32 GEMM operands back
-    to the emulated bf16: same results as without autocast, to the bit."""
+    to the emulated bf16 (several times slower here): every GEMM, forward and backward, still gets float32 operands,
+    and the results are those without autocast, to the bit."""
     gemm_loop_for(monkeypatch, torch.bfloat16)
     _, experts = experts_pair(ClusterMoEExperts, clustermoe_config())
     experts = experts.to(torch.bfloat16)
     hidden = torch.randn(13, 32, dtype=torch.bfloat16)
     top_k_index, top_k_weights = routing(13, 8, top_k=2)
     plain = run_with_grads(experts, hidden, top_k_index, top_k_weights.bfloat16())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), MatmulDtypes() as matmuls:
         autocast = run_with_grads(experts, hidden, top_k_index, top_k_weights.bfloat16())
+    assert matmuls.dtypes == {torch.float32}
     assert torch.equal(autocast[0], plain[0])
     assert all(torch.equal(a, b) for a, b in zip(autocast[1], plain[1]))
 

@@ -106,6 +106,15 @@ def test_loss_is_lm_loss_plus_weighted_router_losses(tiny_model):
     assert out["logits"] is out.logits and out["aux_loss"] is out.aux_loss
 
 
+@pytest.mark.parametrize(
+    "loss, trained", [("cluster_balance_loss", "cluster_weight"), ("expert_balance_loss", "expert_weight")]
+)
+def test_each_balancing_loss_trains_its_router_level(tiny_model, loss, trained):
+    model = tiny_model().train()
+    getattr(model(random_ids(2, 7)), loss).backward()
+    assert getattr(model.model.layers[0].mlp.router, trained).grad.abs().sum() > 0
+
+
 def test_router_losses_train_both_router_levels(tiny_model):
     model = tiny_model().train()
     model(random_ids(2, 7)).aux_loss.backward()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM, modeling_clustermoe
 
 
 def expert_output(experts, expert, x):
@@ -33,7 +33,13 @@ def train_step(model, optimizer, input_ids):
     return loss.detach(), grad_norm
 
 
-def test_nan_expert_contributes_nothing_and_its_tokens_use_the_other_selected_expert(tiny_model):
+@pytest.mark.parametrize("host_reads", [True, False], ids=["CPU", "accelerator-like"])
+def test_nan_expert_contributes_nothing_and_its_tokens_use_the_other_selected_expert(
+    tiny_model, monkeypatch, host_reads
+):
+    """On an accelerator (no host reads) the gradient guard masks non-finite entries on the device instead."""
+    if not host_reads:
+        monkeypatch.setattr(modeling_clustermoe, "_host_reads_are_free", lambda tensor: False)
     model = tiny_model()
     block = model.model.layers[0].mlp
     hidden = torch.randn(1, 12, model.config.hidden_size)
@@ -255,6 +261,48 @@ def test_skipping_the_health_check_changes_no_output_gradient_or_statistic(tiny_
     for stats_skipped, stats_checked in zip(skipped[2], checked[2]):
         assert stats_skipped.keys() == stats_checked.keys()
         assert all(torch.equal(stats_skipped[key], stats_checked[key]) for key in stats_skipped)
+
+
+def test_the_gradient_guard_stands_down_after_the_step_of_a_masked_fault(tiny_model):
+    """Once the step after a masked fault is taken, non-finite expert gradients reach the gradient scaler again."""
+    model = tiny_model().train()
+    experts = model.model.layers[0].mlp.experts
+    weights = experts.down_proj.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    ids = torch.randint(3, 64, (2, 8))
+    with torch.no_grad():
+        experts.down_proj.fill_(float("nan"))  # every expert faulty: masked, its gradients cleaned
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    with torch.no_grad():
+        experts.down_proj.copy_(weights)  # repaired
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled loss overflows
+    scaler.scale(model(ids, labels=ids).loss).backward()
+    assert not experts.down_proj.grad.isfinite().all()  # left for the scaler, not cleaned
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**126  # the overflow was seen: step skipped, scale lowered
+
+
+def test_reliability_moves_by_the_healthy_fraction_of_a_steps_observations(tiny_model):
+    """Faulty in one of two accumulated micro-batches and healthy in the other: r <- d * r + (1 - d) * 1/2."""
+    model = tiny_model(reliability_decay=0.8).train()
+    experts = model.model.layers[0].mlp.experts
+    weights = experts.down_proj.detach().clone()
+    ids = torch.randint(3, 64, (1, 3))  # 6 (token, expert) pairs: some of the 8 experts are not observed
+    with torch.no_grad():
+        experts.down_proj.fill_(float("nan"))
+    model(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        experts.down_proj.copy_(weights)
+    model(ids, labels=ids).loss.backward()  # the same tokens: the same experts observed, now healthy
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    router = model.model.layers[0].mlp.router
+    observed = router.expert_token_counts > 0
+    assert observed.any() and not observed.all()
+    torch.testing.assert_close(router.expert_reliability[observed], torch.full((int(observed.sum()),), 0.9))
+    assert torch.all(router.expert_reliability[~observed] == 1.0)
 
 
 def test_reliability_ema_after_one_optimizer_step(tiny_model):

@@ -152,6 +152,33 @@ def test_hierarchical_and_flat_routers_agree(
         torch.testing.assert_close(param.grad, flat.get_parameter(name).grad, msg=name)
 
 
+def test_jitter_changes_training_selection_only(tiny_model):
+    """`router_jitter_noise` perturbs the selection scores of training forwards; eval routing and the combine weights
+    (the plain log-probabilities) ignore it."""
+    jittered, plain = tiny_model(router_jitter_noise=5.0), tiny_model()
+    jittered.load_state_dict(plain.state_dict())
+    router, plain_router = jittered.model.layers[0].mlp.router, plain.model.layers[0].mlp.router
+    hidden = torch.randn(64, 32)
+    with torch.no_grad():
+        reference = plain_router(hidden)
+        assert torch.equal(router(hidden).expert_candidates, reference.expert_candidates)  # eval: no jitter
+        router.train()
+        training = router(hidden)
+    assert not torch.equal(training.cluster_index, reference.cluster_index)
+    torch.testing.assert_close(training.cluster_log_probs, reference.cluster_log_probs)
+
+
+def test_the_shared_expert_adds_its_output_to_the_routed_experts(tiny_model):
+    block = tiny_model(shared_expert_intermediate_size=8).model.layers[0].mlp
+    hidden = torch.randn(1, 10, 32)
+    with torch.no_grad():
+        output, _ = block(hidden)
+        shared, block.shared_expert = block.shared_expert, None
+        routed, _ = block(hidden)
+        torch.testing.assert_close(output, routed + shared(hidden))
+    assert shared(hidden).abs().sum() > 0
+
+
 # ----- balancing and z losses -----
 
 

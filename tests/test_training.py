@@ -234,6 +234,29 @@ class ResetUtilizationBefore(TrainerCallback):
             model.reset_expert_utilization()
 
 
+class CountsAtStepEnd(TrainerCallback):
+    def __init__(self):
+        self.counts = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # before the step's log
+        self.counts.append({idx: block.router.expert_token_counts.clone() for idx, block in model._moe_layers()})
+
+
+def test_router_metrics_cover_the_tokens_routed_since_the_previous_log(tiny_config, tmp_path):
+    model = ClusterMoEForCausalLM(tiny_config())
+    recorder, counts = LogRecorder(), CountsAtStepEnd()
+    args = training_arguments(tmp_path, max_steps=2, per_device_train_batch_size=4)
+    trainer = Trainer(model=model, args=args, train_dataset=random_blocks(8, 12), callbacks=[recorder, counts])
+    add_router_metrics_callback(trainer)
+    trainer.train()
+    second_step = [log for log in recorder.logs if "loss" in log][1]
+    for layer, block in model._moe_layers():
+        routed = (counts.counts[1][layer] - counts.counts[0][layer]).view(block.num_clusters, -1)
+        expected = load_balance_metrics(routed)
+        assert second_step[f"router/layer_{layer}/expert_load_cv"] == pytest.approx(expected["expert_load_cv"])
+        assert second_step[f"router/layer_{layer}/cluster_entropy"] == pytest.approx(expected["cluster_entropy"])
+
+
 def test_router_metrics_after_a_utilization_reset_cover_the_tokens_since_the_reset(tiny_config, tmp_path):
     model = ClusterMoEForCausalLM(tiny_config())
     recorder = LogRecorder()
