@@ -1,9 +1,10 @@
 """Greedy decoding compiled with torch.compile, next to the same decoding in eager mode.
 
-`bench_models.py` compares eager generation, where ClusterMoE's two-level router and per-forward health check cost
-Python and dispatcher time for every small op. This measures how much of that gap compilation closes: each model
-decodes with a static KV cache, once eager and once through generate's `CompileConfig(fullgraph=True, dynamic=False)`
-(inductor), interleaved, medians after warm-up (the warm-up includes compilation). The MoE peers run `grouped_mm`,
+`bench_models.py` compares eager generation, where ClusterMoE's two-level router and the pair bookkeeping around its
+experts call cost Python and dispatcher time for every small op. This measures how much of that gap compilation
+closes: each model decodes with a static KV cache, once eager and once through generate's
+`CompileConfig(fullgraph=True, dynamic=False)` (inductor), interleaved, medians after warm-up (the warm-up includes
+compilation). The MoE peers run `grouped_mm`,
 their fastest eager backend; ClusterMoE runs its default `sorted_mm`, which is `grouped_mm` under compilation.
 
     python benchmarks/compiled_decode.py             # batch 1 and 8, all models; ~3 min here, mostly compilation

@@ -4,7 +4,8 @@
 per pair, one expert per row, unit weights), so that each pair's output can be health-checked before the weighted
 combine. A model without health checks would make one weighted call over the tokens instead. This times both, on the
 default benchmark shape (fp32, where ClusterMoE's default `sorted_mm` is transformers' `grouped_mm`), forward +
-backward and forward only; and the health check itself (`_faulty_experts` plus masking, and its CPU shortcut).
+backward and forward only; and the training forwards' health check itself (`_faulty_experts` plus masking, and its
+CPU shortcut), timed without gradients so that only the check counts.
 
 It also times an inference experts call over a handful of pairs (decoding), `grouped_mm` against the per-pair path of
 `sorted_mm`, which sets `PER_PAIR_MAX_PAIRS`.

@@ -6,8 +6,9 @@ it next to the weights and `from_pretrained(..., trust_remote_code=True)` works 
 
 Routing state (utilisation counts, reliability scores, balancing biases) lives in buffers. The forward pass only
 *records* routing statistics (through transformers' output recording, so a layer recomputed by gradient
-checkpointing is never counted twice); they are folded into the buffers by a forward hook on the base model
-(counts) and by a global optimizer-step hook (EMAs and biases), in training mode only.
+checkpointing is never counted twice), and sets each block's `masked_faulty_expert` flag for the gradient guard;
+the statistics are folded into the buffers by a forward hook on the base model (counts, training forwards only) and
+by a global optimizer-step hook (EMAs and biases).
 """
 
 import functools
@@ -42,7 +43,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
-from .configuration_clustermoe import ClusterMoEConfig
+from .configuration_clustermoe import ClusterMoEConfig, _is_int
 
 
 # `router_implementation="auto"` scores experts only inside the chosen clusters from this many experts on; below it
@@ -308,7 +309,7 @@ def _host_reads_are_free(tensor: torch.Tensor) -> bool:
 
 def _router_linear(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router logits in the router weights' dtype, also under autocast: transformers' `_grouped_mm`, which the
-    hierarchical router uses, is not autocast, so both routers then decide alike (and in full precision)."""
+    hierarchical router uses, is not autocast, so both routers then decide alike."""
     if torch.is_autocast_enabled(hidden_states.device.type):
         with torch.autocast(hidden_states.device.type, enabled=False):
             return F.linear(hidden_states.to(weight.dtype), weight)
@@ -513,8 +514,9 @@ def _zero_non_finite_grad(block_ref: "weakref.ref[ClusterMoESparseMoeBlock]", pa
 class ClusterMoESparseMoeBlock(nn.Module):
     """Hierarchical MoE block: route, (optionally) enforce capacity, run the fused experts, combine.
 
-    Returns `(hidden_states, routing_stats)`; `routing_stats` (a dict of tensors) carries this layer's balancing and
-    z losses and the counts/health observations the model folds into its buffers outside the recomputed path.
+    Returns `(hidden_states, routing_stats)`; `routing_stats` (a dict of tensors, or None without
+    `output_routing_stats`) carries this layer's balancing and z losses and the counts/health observations the model
+    folds into its buffers outside the recomputed path.
     """
 
     def __init__(self, config: ClusterMoEConfig):
@@ -884,7 +886,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ClusterMoEDecoderLayer"]
     # Routing state accumulates small updates (bias steps, reliability EMAs) that bf16/fp16 would round away; the
     # router also keeps it in float32 through `model.to(dtype)` (`ClusterMoERouter._apply`).
-    _keep_in_fp32_modules_strict = ["cluster_bias", "expert_bias", "expert_reliability"]
+    _keep_in_fp32_modules_strict = list(ClusterMoERouter._FLOAT32_STATE)
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -937,8 +939,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         return result
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Default to `sorted_mm`: transformers' `grouped_mm`, or float32 GEMMs over the active experts where this CPU
-        would emulate half-precision ones (~1.7x faster bf16 training here, docs/benchmarks.md)."""
+        """Default to `sorted_mm` (see `sorted_mm_experts_forward`): transformers' `grouped_mm`, with two CPU paths,
+        float32 GEMMs over the active experts where this CPU would emulate half-precision ones (~1.7x faster bf16
+        training here, docs/benchmarks.md) and one pair at a time for inference over a few pairs (decoding)."""
         return super().get_correct_experts_implementation(requested_experts or "sorted_mm")
 
     def _init_weights(self, module):
@@ -961,7 +964,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             for buffer in module.buffers():
                 init.zeros_(buffer)
 
-    # ----- routing state and statistics (read on demand; nothing here runs in the forward pass) -----
+    # ----- routing state and statistics API (read on demand), resets, pruning -----
 
     def _moe_layers(self) -> list[tuple[int, "ClusterMoESparseMoeBlock"]]:
         base = getattr(self, self.base_model_prefix, self)
@@ -1125,8 +1128,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             ("experts_per_cluster_keep", experts_per_cluster_keep, config.experts_per_cluster),
             ("clusters_keep", clusters_keep, config.num_clusters),
         ):
-            is_count = isinstance(value, int) and not isinstance(value, bool)
-            if value is not None and not (is_count and 1 <= value <= limit):
+            if value is not None and not (_is_int(value) and 1 <= value <= limit):
                 raise ValueError(f"{name} must be an integer in [1, {limit}] (or None to keep all), got {value!r}.")
         if experts_per_cluster_keep is None and clusters_keep is None:
             raise ValueError("Nothing to prune: pass experts_per_cluster_keep and/or clusters_keep.")
@@ -1399,7 +1401,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = torch.arange(sequence_length, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
         causal_mask = create_causal_mask(
@@ -1412,7 +1414,6 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         # Padding tokens are excluded from the balancing losses and the routing statistics.
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            sequence_length = inputs_embeds.shape[1]
             token_mask = attention_mask[:, -sequence_length:].reshape(-1).bool()
             if _host_reads_are_free(token_mask) and bool(token_mask.all()):
                 token_mask = None  # no padding: skip the per-pair masking in every layer
@@ -1608,7 +1609,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=outputs.router_logits if output_router_logits else None,
+            router_logits=outputs.router_logits,
             cluster_balance_loss=None if parts is None else parts[0],
             expert_balance_loss=None if parts is None else parts[1],
             router_z_loss=None if parts is None else parts[2],

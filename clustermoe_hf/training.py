@@ -317,7 +317,7 @@ def token_nll_for_perplexity(logits, labels: torch.Tensor) -> torch.Tensor:
     logits, and the perplexity excludes the auxiliary router losses that the model adds to its `loss`."""
     if labels is None:
         raise ValueError("token_nll_for_perplexity needs labels: evaluate on a dataset that has them.")
-    if isinstance(logits, tuple):  # the model's other outputs (aux-loss parts, ...) are 0-d
+    if isinstance(logits, tuple):  # the model's outputs as a tuple: the logits come first, smaller outputs after
         logits = next(output for output in logits if output.dim() == 3)
     shift_labels = labels[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
