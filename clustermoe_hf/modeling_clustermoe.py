@@ -11,6 +11,7 @@ the statistics are folded into the buffers by a forward hook on the base model (
 by a global optimizer-step hook (EMAs and biases).
 """
 
+import copy
 import functools
 import inspect
 import math
@@ -654,10 +655,11 @@ class ClusterMoESparseMoeBlock(nn.Module):
         return cluster_balance, expert_balance, router_z
 
     def _faulty_experts(self, expert_out: torch.Tensor, expert_ids: torch.Tensor, valid: torch.Tensor | None):
-        """Which experts misbehaved in this forward, (N,) bool: any non-finite output, or a mean output norm more than
-        `reliability_max_norm_ratio` times the geometric-mean norm of the *other* healthy experts of its cluster
-        (leaving itself out, an outsized expert cannot raise its own bar). Pairs where `valid` (pairs,) is False are
-        not judged. None when no expert can be faulty (`_all_pairs_healthy`)."""
+        """Which experts misbehaved in this forward, (N,) bool: any non-finite output, or a mean log output norm more
+        than log(`reliability_max_norm_ratio`) above the median of the *other* healthy experts of its cluster (leaving
+        itself out, an outsized expert cannot raise its own bar; the median, the upper one of an even count, so that a
+        dead expert with near-zero outputs cannot make its healthy peers look outsized). Pairs where `valid` (pairs,)
+        is False are not judged. None when no expert can be faulty (`_all_pairs_healthy`)."""
         norms = torch.linalg.vector_norm(expert_out.detach(), dim=-1, dtype=torch.float32)  # (pairs,)
         if self._all_pairs_healthy(norms, valid):
             return None
@@ -670,13 +672,12 @@ class ClusterMoESparseMoeBlock(nn.Module):
         observed = pair_count > 0
         finite = log_norm_sum < math.inf  # a sum over pairs is non-finite if any of its terms is
         healthy = observed & finite
-        # Leave-one-out comparison without dividing: for a healthy expert with n healthy others of summed mean
-        # log-norm S, outsized <=> n * mean - S > n * log(max ratio); it is never true when n = 0.
-        mean_log_norm = torch.where(healthy, log_norm_sum / pair_count.clamp_min(1.0), 0.0)
-        others_count = healthy.sum(-1, keepdim=True) - healthy.float()
-        others_sum = mean_log_norm.sum(-1, keepdim=True) - mean_log_norm
-        max_log_ratio = math.log(self.config.reliability_max_norm_ratio)
-        outsized = others_count * mean_log_norm - others_sum > others_count * max_log_ratio
+        mean_log_norm = log_norm_sum / pair_count.clamp_min(1.0)
+        # Row j of cluster c: the mean log-norms of c's healthy experts other than j, NaN elsewhere. (C, E, E)
+        not_self = ~torch.eye(self.experts_per_cluster, dtype=torch.bool, device=healthy.device)
+        others = torch.where(healthy[:, None, :] & not_self, mean_log_norm[:, None, :], math.nan)
+        reference = others.nanquantile(0.5, dim=-1, interpolation="higher")  # (C, E); NaN without healthy others
+        outsized = mean_log_norm - reference > math.log(self.config.reliability_max_norm_ratio)
         return (observed & (~finite | outsized)).view(-1)
 
     @staticmethod
@@ -763,7 +764,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         if self.config.use_reliability_routing:
             if torch.is_grad_enabled():
                 self._guard_expert_gradients()
-            if self.training and torch.is_grad_enabled():
+            if self.training:  # also without gradients: reentrant checkpointing runs the first pass that way
                 # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the
                 # health reference of their cluster and mask experts for the real tokens of the batch.
                 faulty = self._faulty_experts(pair_outputs, pair_ids, valid_pairs)
@@ -908,6 +909,18 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         "AutoModelForSequenceClassification": "ClusterMoEForSequenceClassification",
     }
 
+    # Buffers each process accumulates on its own between optimizer steps (summed over processes at the step) or
+    # keeps for itself. DistributedDataParallel broadcasts rank 0's buffers before forwards: not these.
+    _PER_PROCESS_BUFFERS = frozenset(
+        {"pending_counts", "pending_observed", "pending_healthy", "rerouted_pair_counts", "dropped_pair_counts",
+         "expert_token_counts", "masked_faulty_expert"}
+    )  # fmt: skip
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Read by `DistributedDataParallel` when it wraps this model."""
+        return [name for name, _ in self.named_buffers() if name.rpartition(".")[2] in self._PER_PROCESS_BUFFERS]
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, which writes the code, the config, the generation config and the weights
         in turn, with everything that can be invalid checked before the first file is written: a config rejected
@@ -1038,7 +1051,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def reinitialize_expert(self, layer_idx: int, cluster_idx: int, expert_idx: int):
         """Re-draw the weights of expert `expert_idx` of cluster `cluster_idx` in MoE layer `layer_idx` (e.g. after
-        they were corrupted) and reset its reliability to 1, so that the router selects it again."""
+        they were corrupted) and reset its reliability to 1, so that the router selects it again, and its balancing
+        bias to the mean of its cluster peers' (the one it has was learnt for the old weights)."""
         layers = self._moe_layers()
         blocks = dict(layers)
         if layer_idx not in blocks:
@@ -1055,6 +1069,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         block.experts.gate_up_proj[expert].normal_(mean=0.0, std=std)
         block.experts.down_proj[expert].normal_(mean=0.0, std=std)
         block.router.expert_reliability[expert] = 1.0
+        peers = block.router.expert_bias.view(block.num_clusters, -1)[cluster_idx]  # (E,)
+        if peers.numel() > 1:
+            block.router.expert_bias[expert] = (peers.sum() - peers[expert_idx]) / (peers.numel() - 1)
         state, row = self._routing_state(), list(blocks).index(layer_idx)
         state.pending_observed[row, expert] = 0  # its faults since the last optimizer step are of the old weights
         state.pending_healthy[row, expert] = 0
@@ -1111,7 +1128,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     ) -> dict[int, list[int]]:
         """Physically remove experts: in every MoE layer keep the `clusters_keep` best clusters and, inside each, the
         `experts_per_cluster_keep` best experts (`None` keeps all), slicing the fused expert weights, router rows and
-        routing buffers, and update the config so that the pruned model saves, reloads and generates.
+        routing buffers, and update the config so that the pruned model saves, reloads and generates. The model gets
+        its own copy of the config for that: other models built from the same config object keep theirs.
         `top_k_clusters`/`top_k_experts` are lowered if fewer clusters/experts remain.
 
         Experts are ranked by their utilisation (share of the layer's token assignments), their reliability, or the
@@ -1154,6 +1172,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
 
         new_clusters = clusters_keep or config.num_clusters
         new_experts = experts_per_cluster_keep or config.experts_per_cluster
+        config = self._own_config()
         selections = []
         for (_, block), layer_counts in zip(layers, counts):
             utilization = layer_counts.double() / layer_counts.sum().clamp_min(1)
@@ -1182,6 +1201,15 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             setattr(state, name, getattr(state, name).new_zeros(len(layers), config.num_experts))
         state.has_pending_updates = False  # the statistics gathered before pruning are of experts that may be gone
         return kept
+
+    def _own_config(self) -> ClusterMoEConfig:
+        """Replace the config of this model and of all its modules by one copy, which no other model shares (two
+        models built from one config object share it), and return it: for changes that must not reach the others."""
+        shared, own = self.config, copy.deepcopy(self.config)
+        for module in self.modules():
+            if getattr(module, "config", None) is shared:
+                module.config = own
+        return own
 
     @torch.no_grad()
     def _calibration_counts(self, calibration_data) -> list[torch.Tensor]:
@@ -1448,23 +1476,39 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         for row, (_, block) in enumerate(self._moe_layers()):
             router = block.router
             device = router.expert_bias.device
+            if config.use_adaptive_routing:
+                self._step_balancing_biases(block, counts[row].to(device, torch.float32))
             router.selection_token_counts.add_(counts[row].to(device))
             if config.use_reliability_routing:
                 seen = observed[row].to(device) > 0
                 health = (healthy[row] / observed[row].clamp_min(1)).to(device)
                 updated = config.reliability_decay * router.expert_reliability + (1 - config.reliability_decay) * health
                 router.expert_reliability.copy_(torch.where(seen, updated, router.expert_reliability))
-            if config.use_adaptive_routing:
-                load = counts[row].to(device, torch.float32).view(block.num_clusters, -1)  # (C, E)
-                cluster_load = load.sum(-1)
-                router.cluster_bias.add_(config.adaptive_routing_rate * torch.sign(cluster_load.mean() - cluster_load))
-                expert_step = torch.sign(load.mean(-1, keepdim=True) - load) * (cluster_load[:, None] > 0)
-                router.expert_bias.add_(config.adaptive_routing_rate * expert_step.reshape(-1))
         state.training_step.add_(1)
         state.pending_counts.zero_()
         state.pending_observed.zero_()
         state.pending_healthy.zero_()
         state.has_pending_updates = False
+
+
+    def _step_balancing_biases(self, block: ClusterMoESparseMoeBlock, counts: torch.Tensor):
+        """Nudge the selection biases toward uniform load, given the token counts (N,) of the last step: a bias goes
+        up where its load is below the mean, down where above. Only among the experts (clusters) that selection could
+        choose in that step: an excluded one has no load because it was excluded, and raising its bias at every step
+        would make it take over once it is selectable again."""
+        config, router = self.config, block.router
+        load = counts.view(block.num_clusters, -1)  # (C, E)
+        selectable = torch.ones_like(load, dtype=torch.bool)
+        if config.use_reliability_routing:  # the exclusion rule of `ClusterMoERouter.selection_bias`
+            selectable = (router.expert_reliability >= config.reliability_threshold).view_as(load)
+        cluster_selectable = selectable.sum(-1) >= config.top_k_experts  # (C,)
+        cluster_load = load.sum(-1)  # (C,)
+        mean_cluster_load = (cluster_load * cluster_selectable).sum() / cluster_selectable.sum().clamp_min(1)
+        cluster_step = torch.sign(mean_cluster_load - cluster_load) * cluster_selectable
+        mean_load = (load * selectable).sum(-1, keepdim=True) / selectable.sum(-1, keepdim=True).clamp_min(1)
+        expert_step = torch.sign(mean_load - load) * (selectable & (cluster_load[:, None] > 0))
+        router.cluster_bias.add_(config.adaptive_routing_rate * cluster_step)
+        router.expert_bias.add_(config.adaptive_routing_rate * expert_step.reshape(-1))
 
 
 def _record_training_statistics(model: ClusterMoEModel, args, output):

@@ -136,6 +136,32 @@ def load_imbalance(adaptive: bool, steps: int = 40) -> float:
     return (counts.std(unbiased=False) / counts.mean()).item()
 
 
+def test_excluded_experts_and_clusters_keep_their_biases():
+    """An expert below the reliability threshold gets no tokens because it is excluded, not because it is
+    underloaded: its bias must not rise at every step (and make it take over once selectable again). Likewise a
+    cluster left with too few selectable experts. The others balance among themselves."""
+    model = adaptive_model(rate=0.01)
+    router = routers(model)[0]
+    router.expert_reliability[0] = 0.1  # cluster 0: expert 0 excluded, 3 selectable (top_k_experts = 2)
+    router.expert_reliability[4:7] = 0.1  # cluster 1: 1 selectable expert left, the cluster is excluded
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for _ in range(3):
+        input_ids = torch.randint(3, 64, (4, 16))
+        model(input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+    assert router.expert_token_counts[0] == 0 and router.expert_token_counts[4:].sum() == 0
+    assert router.expert_bias[0] == 0 and router.expert_bias[4:].abs().sum() == 0 and router.cluster_bias[1] == 0
+    assert router.expert_bias[1:4].abs().sum() > 0 and router.cluster_bias[0] == 0  # one selectable cluster: no step
+
+
+def test_a_reinitialized_expert_starts_from_its_peers_mean_bias():
+    model = adaptive_model()
+    router = routers(model)[1]
+    router.expert_bias.copy_(torch.tensor([3.0, -1.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]))
+    model.reinitialize_expert(layer_idx=1, cluster_idx=0, expert_idx=0)
+    assert router.expert_bias.tolist() == [0.0, -1.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+
+
 def test_adaptive_routing_evens_out_a_skewed_load():
     without, with_balancing = load_imbalance(adaptive=False), load_imbalance(adaptive=True)
     assert without > 0.8
@@ -226,8 +252,11 @@ def _distributed_worker(rank, world_size, init_file, input_ids, output_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         model = adaptive_model()
-        local = input_ids.chunk(world_size)[rank]
-        model(local, labels=local).loss.backward()
+        # DDP broadcasts rank 0's buffers before every forward that syncs gradients: it must leave the statistics
+        # each process gathers since the last step alone, also when accumulating without `no_sync`.
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+        for micro_batch in input_ids.chunk(world_size)[rank].chunk(2):
+            ddp_model(micro_batch, labels=micro_batch).loss.backward()
         torch.optim.SGD(model.parameters(), lr=0.0).step()
         torch.save(biases(model), f"{output_dir}/rank{rank}.pt")
     finally:
@@ -235,7 +264,8 @@ def _distributed_worker(rank, world_size, init_file, input_ids, output_dir):
 
 
 def test_multi_process_training_counts_the_global_batch(tmp_path):
-    """Two gloo processes, each with half the batch, end up with the biases of one process seeing all of it."""
+    """Two gloo processes under DDP, each with half the batch in two micro-batches, end up with the biases of one
+    process seeing all of it."""
     import torch.multiprocessing as mp
 
     input_ids = torch.randint(3, 64, (8, 16))

@@ -482,6 +482,29 @@ def test_reentrant_gradient_checkpointing_is_refused_while_router_losses_count(t
     without_losses(ids, labels=ids).loss.backward()
 
 
+def test_reentrant_checkpointing_judges_expert_health_as_without_checkpointing(tiny_model):
+    """Its first pass runs without gradients: it must still be a training forward, which judges each expert against
+    its cluster (here an outsized one), or the reported loss and the recomputed gradients would differ."""
+    ids = random_ids(4, 16)
+    losses, reliabilities = [], []
+    for checkpointing_kwargs in (None, {"use_reentrant": True}):
+        torch.manual_seed(0)
+        model = tiny_model(num_hidden_layers=1, router_aux_loss_coef=0.0, router_z_loss_coef=0.0).train()
+        block = model.model.layers[0].mlp
+        with torch.no_grad():
+            block.experts.gate_up_proj[1].mul_(1000.0)
+        if checkpointing_kwargs is not None:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        torch.optim.SGD(model.parameters(), lr=0.0).step()
+        losses.append(loss.detach())
+        reliabilities.append(block.router.expert_reliability.clone())
+    assert reliabilities[0][1] < 1  # the outsized expert was caught
+    torch.testing.assert_close(losses[1], losses[0])
+    assert torch.equal(reliabilities[1], reliabilities[0])
+
+
 def test_gradient_checkpointing_recomputes_the_routing_of_the_forward(tiny_model):
     """The training forward adds its token counts to the routing state before the backward re-runs the layers. With
     uneven reliabilities, counts weighting the cluster reliability at once would flip the cluster choice in the

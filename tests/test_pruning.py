@@ -114,6 +114,23 @@ def test_pruned_model_saves_reloads_and_generates(tiny_model, tmp_path):
     assert torch.all(reloaded.model.layers[1].mlp.router.expert_token_counts == torch.tensor([9, 8]))
 
 
+def test_pruning_leaves_other_models_built_from_the_same_config_alone(tiny_config, tmp_path):
+    from clustermoe_hf import ClusterMoEForCausalLM
+
+    config = tiny_config()
+    pruned, other = ClusterMoEForCausalLM(config).eval(), ClusterMoEForCausalLM(config).eval()
+    input_ids = torch.randint(3, 64, (2, 6))
+    before = other(input_ids).logits
+    with_utilization(pruned, [[5, 9, 1, 7, 0, 3, 8, 2]] * 2).prune_experts(experts_per_cluster_keep=1)
+
+    assert (config.experts_per_cluster, config.top_k_experts) == (4, 2) and other.config is config
+    assert pruned.config.experts_per_cluster == 1
+    assert all(module.config is pruned.config for module in pruned.modules() if hasattr(module, "config"))
+    torch.testing.assert_close(other(input_ids).logits, before, rtol=0, atol=0)
+    other.save_pretrained(tmp_path)
+    assert type(other).from_pretrained(tmp_path).config.num_experts == 8
+
+
 @pytest.mark.slow
 def test_prune_a_model_loaded_with_remote_code_only(tiny_model, tmp_path):
     """Load, prune, save and reload through `trust_remote_code`, without the `clustermoe_hf` package."""

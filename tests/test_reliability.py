@@ -199,6 +199,31 @@ def test_health_check_flags_outputs_far_larger_than_the_other_experts_of_the_clu
     assert faulty.tolist() == [False, True, False, False, False, False, True, False]
 
 
+def test_a_dead_expert_does_not_make_its_healthy_peers_look_outsized(tiny_model):
+    """An expert with all-zero outputs (zeroed or corrupted weights) is no reference: the median of the others keeps
+    its log-norm of ~-28 out of its peers' bar. Two outsized experts among three still vouch for each other."""
+    block = tiny_model().model.layers[0].mlp  # 2 clusters x 4 experts, reliability_max_norm_ratio = 100
+    direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    norms = {0: 0.0, 1: 1.0, 2: 1.5, 3: 2.0, 4: 1.0, 5: 500.0, 6: 700.0}  # cluster 1: expert 7 not observed
+    ids = torch.tensor([e for e in norms for _ in range(2)])
+    outputs = torch.stack([direction * norms[int(e)] for e in ids])
+    faulty = block._faulty_experts(outputs, ids, None)
+    assert faulty.tolist() == [False] * 8
+
+
+def test_a_dead_expert_keeps_its_cluster_in_training(tiny_model):
+    model = tiny_model(num_hidden_layers=1, reliability_decay=0.5).train()
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.experts.down_proj[0].zero_()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        train_step(model, optimizer, sequences(generator))
+    assert block.router.selection_token_counts[0] > 0  # the dead expert was selected
+    assert block.router.expert_reliability.tolist() == [1.0] * 8
+
+
 @pytest.mark.parametrize(
     "largest, verdict",
     [
