@@ -929,6 +929,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         over an unsharded checkpoint (or the reverse) removes the earlier weights file that transformers leaves
         behind: `from_pretrained` would load the stale single file rather than the new shards."""
         self.config.validate()
+        self._check_config_describes_modules()
         if self.can_generate():
             with tempfile.TemporaryDirectory() as scratch:
                 self.generation_config.save_pretrained(scratch)  # runs the checks its own save refuses to save with
@@ -950,6 +951,26 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             if os.path.isfile(stale):
                 os.remove(stale)
         return result
+
+    def _check_config_describes_modules(self):
+        """The sizes the modules were built with must still be the config's: one changed afterwards (e.g.
+        `model.config.num_clusters = 8`) would save weights that its config does not describe, and the checkpoint
+        would not load."""
+        config, base = self.config, getattr(self, self.base_model_prefix, self)
+        built = {"hidden_size": base.embed_tokens.embedding_dim, "vocab_size": base.embed_tokens.num_embeddings}
+        for _, block in self._moe_layers():
+            built.update(
+                num_clusters=block.num_clusters,
+                experts_per_cluster=block.experts_per_cluster,
+                intermediate_size=block.experts.intermediate_dim,
+            )
+        changed = [f"{name}={getattr(config, name)!r}" for name, size in built.items() if getattr(config, name) != size]
+        if changed:
+            raise ValueError(
+                f"The config no longer describes this model: it says {', '.join(changed)}, the model was built with "
+                f"{', '.join(f'{name}={built[name]!r}' for name in built)}. Sizes cannot change after a model is "
+                "built: build a new model from the changed config (to remove experts, use `prune_experts`)."
+            )
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Default to `sorted_mm` (see `sorted_mm_experts_forward`): transformers' `grouped_mm`, with two CPU paths,

@@ -419,7 +419,7 @@ def test_a_save_over_a_checkpoint_sharded_otherwise_loads_the_new_weights(tiny_m
         torch.testing.assert_close(ClusterMoEForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("invalid", ["generation_config", "config"])
+@pytest.mark.parametrize("invalid", ["generation_config", "config", "size changed after building"])
 def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_model, tmp_path, invalid):
     """transformers writes the code, the config, the generation config and the weights in turn: every check runs
     before the first of them, so that a rejected save cannot leave a new config over old weights."""
@@ -431,9 +431,11 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
     model = tiny_model(experts_per_cluster=2)
     if invalid == "generation_config":
         model.generation_config.temperature = 0.7  # a sampling setting without do_sample=True
-    else:
+    elif invalid == "config":
         model.config.top_k_experts = 3  # more than experts_per_cluster
-    with pytest.raises(ValueError):
+    else:
+        model.config.num_clusters = 4  # the weights are of 2 clusters: the checkpoint would not load
+    with pytest.raises(ValueError, match=None if invalid != "size changed after building" else "num_clusters=4"):
         model.save_pretrained(tmp_path)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
     assert ClusterMoEForCausalLM.from_pretrained(tmp_path).config.experts_per_cluster == 4
