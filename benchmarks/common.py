@@ -5,6 +5,7 @@ layers, heads, vocabulary, total experts, active experts per token and expert wi
 as wide as the active experts together, so all of them spend the same MLP FLOPs per token.
 """
 
+import argparse
 import copy
 import ctypes
 import math
@@ -23,8 +24,10 @@ from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen3Conf
 from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
 
 
-# transformers' own experts implementations; every MoE peer is measured with each and compared in its fastest.
-TRANSFORMERS_EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+# Every MoE model, ClusterMoE and peers alike, is measured in each of these and compared in its fastest: transformers'
+# own three, and `sorted_mm`, which `clustermoe_hf` registers in transformers' `ExpertsInterface` for any gated,
+# bias-free fused experts module (the peers' included: tests/test_benchmarks.py checks it matches `grouped_mm` there).
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "sorted_mm")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,22 @@ QUICK_SHAPE = Shape(
     hidden_size=64, num_heads=2, vocab_size=128, expert_width=64, train_batch=2, train_seq=32, prefill_seq=32,
     decode_prompt=8, decode_tokens=8,
 )  # fmt: skip
+
+
+def count_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type` for a count that must be `minimum` or more, so that a bad value is an error that names it
+    rather than a silent default or a crash later."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
 
 
 def _common_kwargs(shape: Shape) -> dict:

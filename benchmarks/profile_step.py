@@ -1,9 +1,9 @@
 """Where the time goes: torch profiler self-CPU time per op, side by side, for a training step or a decode token.
 
-Compares ClusterMoE (default experts implementation), a transformers MoE peer in its fastest experts implementation
-and the dense model, on the default benchmark shape, one thread. Ops are grouped so that the table reads as a budget:
-the experts' GEMMs sit inside the `aten::mm` row (with the attention and LM-head GEMMs), the optimizer in
-`aten::_fused_adamw_`, and so on.
+Compares ClusterMoE in its default experts implementation (`sorted_mm`), a transformers MoE peer in the same one (so
+that both run the same experts kernels) and the dense model, on the default benchmark shape, one thread. Ops are
+grouped so that the table reads as a budget: the experts' GEMMs sit inside the `aten::mm` row (with the attention and
+LM-head GEMMs), the optimizer in `aten::_fused_adamw_`, and so on.
 
     python benchmarks/profile_step.py                      # training step (fp32)
     python benchmarks/profile_step.py --mode decode        # one decode token (KV cache) at batch 1
@@ -77,7 +77,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("train", "decode", "memory"), default="train")
     parser.add_argument("--peer", default="Qwen3-MoE", help="MoE peer to compare with")
-    parser.add_argument("--peer-implementation", default="grouped_mm")
+    parser.add_argument("--peer-implementation", default="sorted_mm", help="the peer's experts implementation")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=18)
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """The benchmark suite keeps working: matched models, every experts implementation, outputs written (--quick)."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_models  # noqa: E402
 from common import CLUSTERMOE, DENSE, MOE_PEERS, QUICK_SHAPE, build_configs, build_model, parameter_counts  # noqa: E402
+
+import clustermoe_hf.modeling_clustermoe as modeling  # noqa: E402
 
 
 def test_models_are_matched_in_shape_and_active_parameters():
@@ -51,6 +54,113 @@ def test_every_model_trains_with_its_own_router_losses():
             assert output.get("aux_loss") is None
         else:
             assert output.aux_loss is not None and output.aux_loss > 0, name
+
+
+def test_every_moe_model_is_measured_in_the_same_experts_implementations():
+    """The peers are offered ClusterMoE's `sorted_mm` too: compared in their fastest setting, and given as many noisy
+    medians to pick the best of."""
+    candidates = {name: bench_models.experts_implementations(name) for name in (CLUSTERMOE, *MOE_PEERS)}
+    assert set(candidates.values()) == {("eager", "grouped_mm", "batched_mm", "sorted_mm")}
+    assert bench_models.experts_implementations(DENSE) == (None,)
+
+
+@pytest.mark.parametrize("name", MOE_PEERS)
+def test_sorted_mm_runs_its_own_paths_for_every_peer_and_matches_grouped_mm(name, monkeypatch):
+    """`sorted_mm` is offered to the peers: it must serve their experts modules, through its own paths (bf16
+    training: per-expert GEMMs; fp32 inference on a few pairs: one pair at a time), as `grouped_mm` does."""
+    calls = {"per-expert GEMMs": 0, "per pair": 0}
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(modeling, "_grouped_matmul", counted("per-expert GEMMs", modeling._grouped_matmul))
+    monkeypatch.setattr(modeling, "_per_pair_experts_forward", counted("per pair", modeling._per_pair_experts_forward))
+    # bf16 training takes the per-expert path where the CPU emulates bf16 GEMMs: take it on any CPU.
+    monkeypatch.setattr(modeling, "_CPU_DTYPES_WITHOUT_FAST_GEMM", frozenset({torch.bfloat16}))
+    config = build_configs(QUICK_SHAPE)[name]
+    batch = torch.randint(3, QUICK_SHAPE.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses, gradients, logits = {}, {}, {}
+    for implementation in ("grouped_mm", "sorted_mm"):
+        model = build_model(name, config, dtype=torch.bfloat16, experts_implementation=implementation).train()
+        losses[implementation] = bench_models.training_forward(model, batch).loss
+        losses[implementation].backward()
+        experts = [p for n, p in model.named_parameters() if ".experts." in n and p.grad is not None]
+        gradients[implementation] = torch.cat([p.grad.float().flatten() for p in experts])
+        model = build_model(name, config, experts_implementation=implementation).eval()
+        with torch.no_grad():  # 3 tokens x 2 experts: few enough pairs for the per-pair path
+            logits[implementation] = model(input_ids=batch[:1, :3]).logits
+    assert calls["per-expert GEMMs"] > 0 and calls["per pair"] > 0
+    assert losses["sorted_mm"].item() == pytest.approx(losses["grouped_mm"].item(), abs=1e-3)
+    difference = (gradients["sorted_mm"] - gradients["grouped_mm"]).norm() / gradients["grouped_mm"].norm()
+    assert difference < 2e-2  # bf16 rounding: sorted_mm rounds once from float32, grouped_mm per op
+    torch.testing.assert_close(logits["sorted_mm"], logits["grouped_mm"], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_runs_every_moe_model_in_the_same_experts_implementation(monkeypatch):
+    import compiled_decode
+
+    requested = {}
+
+    def record(name, config, experts_implementation=None):
+        requested[name] = experts_implementation
+        return torch.nn.Module()
+
+    monkeypatch.setattr(compiled_decode, "build_model", record)
+    for name in (CLUSTERMOE, *MOE_PEERS, DENSE):
+        compiled_decode.decode_runs(name, None, torch.zeros(1, 1, dtype=torch.long), new_tokens=1)
+    assert {requested[name] for name in (CLUSTERMOE, *MOE_PEERS)} == {"sorted_mm"}
+    assert requested[DENSE] is None
+
+
+def test_targets_table_shows_values_that_agree_with_the_verdict():
+    """A strict `>=` next to rounded values: 0.996 against 1 must not read "1.00 | 1.00 | no"."""
+    kinds = ("train_fp32", "train_bf16", "decode_b1", "decode_b8", "memory")
+    summary = {kind: {"best_peer": "Mixtral", "vs_best_peer": 1.0, "vs_dense": 1.0} for kind in kinds}
+    summary["train_fp32"].update(vs_best_peer=1.1496, vs_dense=0.9)  # short of 1.15 by 0.0004; 0.9 exactly is met
+    summary["train_bf16"].update(vs_best_peer=1.15 + 1e-9, vs_dense=0.9 - 1e-12)
+    summary["decode_b1"]["vs_best_peer"] = 0.996
+    summary["decode_b8"]["vs_best_peer"] = 1.0004
+    summary["memory"]["vs_best_peer"] = 100 / (100 + 2**-10)  # ClusterMoE heavier by 1 KiB in 100 MiB
+    best = {"memory": {"Mixtral": {"value": 100.0}, CLUSTERMOE: {"value": 100 + 2**-10}}}
+    router = {"rows": [{"num_experts": 4096, "hierarchical_over_flat": 0.3 * (1 + 1e-6)}]}
+    targets = bench_models.check_targets(summary, best, router)
+    assert [target["met"] for target in targets] == [False, True, True, False, False, True, False, False]
+    rows = bench_models.targets_markdown(targets)[2:]
+    assert len(rows) == len(targets)
+    for row, target in zip(rows, targets):
+        _, value, threshold, met = (cell.strip() for cell in row.strip("|").split("|"))
+        assert (float(value.split()[0]) >= float(threshold)) == target["met"] == (met == "yes"), row
+    assert "(-1.0 KiB vs best peer)" in rows[6]
+
+
+def test_warmup_zero_is_kept_and_counts_below_their_minimum_are_refused(capsys):
+    arguments = bench_models.parse_arguments(["--quick", "--warmup", "0"])
+    assert (arguments.warmup, arguments.repeats) == (0, 3)
+    assert bench_models.parse_arguments(["--repeats", "1"]).repeats == 1
+    for option, value, message in (("--repeats", "0", "0 is less than 1"), ("--warmup", "-1", "-1 is less than 0")):
+        with pytest.raises(SystemExit):
+            bench_models.parse_arguments([option, value])
+        assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_interleaved_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    durations = iter([1.0, 4.0, 1.0, 2.0, 3.0])  # the probe, then four timed runs
+
+    class ScriptedClock:
+        def time(self, fn):
+            fn()
+            return next(durations)
+
+    result = bench_models.interleaved(
+        {"a": lambda: None}, ScriptedClock(), warmup=0, repeats=4, slow_factor=2, probes={"a": lambda: None},
+        groups={"a": "model"},
+    )  # fmt: skip
+    assert result["a"]["median_s"] == statistics.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert result["a"]["min_s"] == 1.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -139,10 +249,10 @@ def test_quick_benchmark_writes_json_markdown_and_plots(tmp_path):
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     for kind in bench_models.KINDS + ("memory",):
         measured = saved["measurements"][kind]
-        for name in MOE_PEERS:  # every transformers experts implementation was run (or left out as far slower)
-            for implementation in ("eager", "grouped_mm", "batched_mm"):
+        for name in (CLUSTERMOE, *MOE_PEERS):  # every experts implementation was run (or left out as far slower)
+            for implementation in ("eager", "grouped_mm", "batched_mm", "sorted_mm"):
                 assert f"{name} [{implementation}]" in measured
-        assert f"{CLUSTERMOE} [sorted_mm]" in measured and DENSE in measured
+        assert DENSE in measured
         best = saved["best"][kind][CLUSTERMOE]
         if kind == "memory":  # memory is compared in the configuration that trains fastest
             fastest = saved["best"]["train_fp32"][CLUSTERMOE]["implementation"]
