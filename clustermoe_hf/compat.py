@@ -20,11 +20,13 @@ def create_coe_model(
     """Build a randomly initialised ClusterMoE causal LM; extra keyword arguments go to `ClusterMoEConfig`, which
     also takes the transformers names (`hidden_size`, `num_hidden_layers`, ...) instead of the original ones.
 
-    As in the original package, every forward returns `out["aux_loss"]` and `out["model_reliability"]`, also under
-    `torch.no_grad()`: the config sets `output_router_logits=True` unless told otherwise. (Models built from a plain
-    `ClusterMoEConfig` skip the router losses in pure inference such as `generate`, which is faster.) A model with no
-    MoE layer at all (`first_k_dense_layers` = all layers, which the original package could not build) has no router
-    losses to return.
+    As in the original package, every forward returns `out["aux_loss"]` and, with `use_reliability_routing=True`
+    (the default), `out["model_reliability"]`, also under `torch.no_grad()`: the config sets
+    `output_router_logits=True` unless told otherwise. (Models built from a plain `ClusterMoEConfig` skip the router
+    losses in pure inference such as `generate`, which is faster.) With `use_reliability_routing=False` no reliability
+    is tracked: `out.model_reliability` is None, so `out` has no `"model_reliability"` key. A model with no MoE layer at
+    all (`first_k_dense_layers` = all layers, which the original package could not build) has no router losses to
+    return.
     """
     for alias, value in (("d_model", d_model), ("num_layers", num_layers)):
         if value is not None:  # otherwise the config's default, or the transformers name if given

@@ -6,7 +6,7 @@ Self-contained (imports only transformers) so that `save_pretrained` can copy it
 """
 
 import math
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
@@ -45,8 +45,9 @@ class ClusterMoEConfig(PreTrainedConfig):
             gathers the chosen clusters. Both route identically; `auto` picks the faster one for the model's size.
         shared_expert_intermediate_size (`int`): width of an always-on shared expert MLP; 0 means none.
         first_k_dense_layers (`int`): the first k decoder layers use a dense MLP instead of a MoE block.
-        dense_intermediate_size (`int`, *optional*): width of those dense MLPs; defaults to the active expert
-            width `intermediate_size * top_k_clusters * top_k_experts`.
+        dense_intermediate_size (`int`, *optional*): width of those dense MLPs; None (the default) means the active
+            expert width `intermediate_size * top_k_clusters * top_k_experts`, also when those are changed later. The
+            width in use is the read-only `dense_mlp_width`.
         router_aux_loss_coef (`float`): weight of the expert-level load-balancing loss (within clusters).
         router_cluster_aux_loss_coef (`float`, *optional*): weight of the cluster-level load-balancing loss; None
             (the default) follows `router_aux_loss_coef`, also when that is changed later (e.g. the original
@@ -60,14 +61,18 @@ class ClusterMoEConfig(PreTrainedConfig):
         reliability_decay (`float`): EMA decay of the reliability scores, in (0, 1).
         reliability_threshold (`float`): experts whose reliability falls below this are not selected, nor are clusters
             left with fewer than `top_k_experts` selectable experts.
-        reliability_max_norm_ratio (`float`): an expert whose mean output norm exceeds the geometric-mean norm of the
-            other healthy experts of its cluster by this factor in a training forward is treated as faulty there.
+        reliability_max_norm_ratio (`float`): an expert whose (geometric) mean output norm exceeds the median of those
+            of the other healthy experts of its cluster by this factor in a training forward is treated as faulty
+            there.
         use_adaptive_routing (`bool`): auxiliary-loss-free balancing: per-cluster and per-expert selection biases
             nudged toward uniform load after every optimizer step (DeepSeek-V3 style).
         adaptive_routing_rate (`float`): bias update step size.
         expert_capacity_factor (`float`, *optional*): `None` is dropless; otherwise each expert takes at most
             `ceil(factor * tokens * k / num_experts)` tokens per forward, overflow is re-routed inside the chosen
             cluster, then dropped (the token keeps its residual path).
+
+    `num_experts` (`num_clusters * experts_per_cluster`), `num_experts_per_tok` (`top_k_clusters * top_k_experts`)
+    and `dense_mlp_width` are derived, read-only: set the fields they are computed from.
 
     The names of the original ClusterMoE package are accepted as aliases: `d_model`, `d_ff`, `num_layers`,
     `load_balancing_weight` (`router_aux_loss_coef`, which the cluster-level weight follows unless that is given),
@@ -76,11 +81,18 @@ class ClusterMoEConfig(PreTrainedConfig):
     passed explicitly from one not passed, and then the alias sets the field.
 
     Values are checked at construction, when a model is built from the config and when it is saved, so overrides set
-    after construction (`from_pretrained(path, top_k_experts=...)`) are checked too.
+    after construction (`from_pretrained(path, top_k_experts=...)`) are checked too. Those checks include transformers'
+    own config checks (e.g. `output_attentions=True` needs the eager attention, `layer_types` entries must be known).
+    RoPE rotates the whole `head_dim`: `rope_parameters['partial_rotary_factor']` other than 1 is rejected.
     """
 
     model_type = "clustermoe"
-    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # What the Trainer leaves out of evaluation predictions (`ignore_keys`' default): everything but the logits, so that
+    # `compute_metrics` gets the logits array as for other models, not a tuple with the router losses and statistics.
+    keys_to_ignore_at_inference = [
+        "past_key_values", "cache", "aux_loss", "cluster_balance_loss", "expert_balance_loss", "router_z_loss",
+        "model_reliability", "rerouted_pairs", "dropped_pairs", "router_logits",
+    ]  # fmt: skip
     attribute_map = {
         "d_model": "hidden_size",
         "d_ff": "intermediate_size",
@@ -166,6 +178,11 @@ class ClusterMoEConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
+        # transformers' RoPE standardisation below fails with an AttributeError on a non-dict.
+        for name in ("rope_parameters", "rope_scaling"):
+            value = kwargs.get(name) if name == "rope_scaling" else self.rope_parameters
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"Invalid ClusterMoEConfig: {name} must be a dict or None, got {value!r}.")
         for name, reason in _ORIGINAL_OPTIONS_WITHOUT_EFFECT.items():
             if name in kwargs:
                 kwargs.pop(name)
@@ -178,20 +195,23 @@ class ClusterMoEConfig(PreTrainedConfig):
                     f"{given!r}; pass one of them."
                 )
         super().__post_init__(**kwargs)  # also applies the alias kwargs (d_model=...) through `attribute_map`
+        # As transformers' `output_attentions` setter does (its `__post_init__` bypasses it): attention weights need the
+        # eager attention. Otherwise the model would pick sdpa, which `validate` rejects when the model is built.
+        if self.output_attentions and self._attn_implementation is None:
+            self._attn_implementation = "eager"
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         # Derived defaults are computed from integers only; `validate` names a field of another type.
+        # A non-positive size is reported by `validate` as such, not as a divisibility error.
         heads = self.num_attention_heads
-        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(heads) and heads > 0:
+        sizes_are_positive = all(_is_int(value) and value > 0 for value in (self.hidden_size, heads))
+        if self.head_dim is None and sizes_are_positive:
             if self.hidden_size % heads != 0:
                 raise ValueError(
-                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                    f"({self.num_attention_heads}) unless head_dim is given explicitly."
+                    f"Invalid ClusterMoEConfig: hidden_size ({self.hidden_size}) must be divisible by "
+                    f"num_attention_heads ({self.num_attention_heads}) unless head_dim is given explicitly."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        widths = (self.intermediate_size, self.top_k_clusters, self.top_k_experts)
-        if self.dense_intermediate_size is None and all(_is_int(value) for value in widths):
-            self.dense_intermediate_size = self.intermediate_size * self.num_experts_per_tok
         self.validate()
 
     @property
@@ -207,10 +227,59 @@ class ClusterMoEConfig(PreTrainedConfig):
         """Total number of routed experts, `num_clusters * experts_per_cluster`."""
         return self.num_clusters * self.experts_per_cluster
 
+    @num_experts.setter
+    def num_experts(self, value):
+        # Qwen3-MoE/OLMoE name a field `num_experts`; here it is derived. A setter turns the AttributeError of the
+        # constructor, `from_pretrained(..., num_experts=...)` and `update` into an error that says what to set.
+        _reject_derived("num_experts", value, "num_clusters * experts_per_cluster")
+
     @property
     def num_experts_per_tok(self) -> int:
         """Distinct experts each token uses, `top_k_clusters * top_k_experts`."""
         return self.top_k_clusters * self.top_k_experts
+
+    @num_experts_per_tok.setter
+    def num_experts_per_tok(self, value):
+        _reject_derived("num_experts_per_tok", value, "top_k_clusters * top_k_experts")
+
+    @property
+    def dense_mlp_width(self) -> int:
+        """Width of the dense MLPs of the first `first_k_dense_layers` layers: `dense_intermediate_size`, or when that
+        is None, the active expert width `intermediate_size * num_experts_per_tok`. Computed on each read, so it
+        follows later changes of those fields (a value filled in at construction would go stale)."""
+        if self.dense_intermediate_size is None:
+            return self.intermediate_size * self.num_experts_per_tok
+        return self.dense_intermediate_size
+
+    @dense_mlp_width.setter
+    def dense_mlp_width(self, value):
+        _reject_derived("dense_mlp_width", value, "dense_intermediate_size")
+
+    def update_from_string(self, update_str: str):
+        """transformers' `update_from_string` (run_clm's `--config_overrides`), which cannot set a field whose value
+        is None: it parses by the current value's type. Here such a field (`dense_intermediate_size`,
+        `expert_capacity_factor`, `router_cluster_aux_loss_coef`, `pad_token_id`, ...) takes a number of the type its
+        annotation allows; "None" keeps or resets it."""
+        rest = []
+        for item in update_str.split(","):
+            key, _, text = item.partition("=")
+            field = self.__dataclass_fields__.get(key)
+            types = get_args(field.type) if field is not None else ()
+            resets = text in ("None", "none", "null") and type(None) in types
+            if not (resets or (field is not None and getattr(self, key) is None)):
+                rest.append(item)
+                continue
+            if resets:
+                value = None
+            elif int in types and text.lstrip("+-").isdigit():
+                value = int(text)
+            elif float in types:
+                value = float(text)
+            else:
+                raise ValueError(f"Invalid ClusterMoEConfig: {key} ({field.type}) cannot be set from {text!r}.")
+            setattr(self, key, value)
+        if rest:
+            super().update_from_string(",".join(rest))
 
     def validate(self):
         """Reject impossible values, naming the field and the constraint. Runs at construction, when a model is built
@@ -223,10 +292,15 @@ class ClusterMoEConfig(PreTrainedConfig):
         for name in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "num_clusters", "experts_per_cluster",
-            "top_k_clusters", "top_k_experts", "dense_intermediate_size",
+            "top_k_clusters", "top_k_experts",
         ):  # fmt: skip
             value = getattr(self, name)
             require(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}.")
+        value = self.dense_intermediate_size
+        require(
+            value is None or (_is_int(value) and value > 0),
+            f"dense_intermediate_size must be a positive integer, or None (the active expert width), got {value!r}.",
+        )
         require(
             self.top_k_clusters <= self.num_clusters,
             f"top_k_clusters ({self.top_k_clusters}) must be <= num_clusters ({self.num_clusters}).",
@@ -279,7 +353,8 @@ class ClusterMoEConfig(PreTrainedConfig):
             )  # fmt: skip
         require_number("attention_dropout", "in [0, 1)", lambda value: 0 <= value < 1)
         require_number("rms_norm_eps", "> 0", lambda value: value > 0)
-        require_number("initializer_range", ">= 0", lambda value: value >= 0)
+        # 0 would leave the experts and routers (initialised here) all-zero: they would never learn.
+        require_number("initializer_range", "> 0", lambda value: value > 0)
         require_number("reliability_decay", "in (0, 1)", lambda value: 0 < value < 1)
         require_number("reliability_threshold", "in [0, 1)", lambda value: 0 <= value < 1)
         require_number("reliability_max_norm_ratio", "> 1", lambda value: value > 1)
@@ -298,6 +373,13 @@ class ClusterMoEConfig(PreTrainedConfig):
             isinstance(rope_theta, (int, float)) and not isinstance(rope_theta, bool) and 0 < rope_theta < math.inf,
             f"rope_parameters['rope_theta'] must be a finite number > 0, got {rope_theta!r}.",
         )
+        # The attention (Llama's) rotates the whole head_dim: a partial factor is ignored or breaks the shapes.
+        partial_rotary_factor = rope_parameters.get("partial_rotary_factor", 1)
+        require(
+            partial_rotary_factor == 1 and not isinstance(partial_rotary_factor, bool),
+            f"rope_parameters['partial_rotary_factor'] must be 1 or absent (RoPE rotates the whole head_dim), got "
+            f"{partial_rotary_factor!r}.",
+        )
         try:
             self.validate_rope()
         except (KeyError, TypeError, ValueError) as error:
@@ -310,6 +392,15 @@ class ClusterMoEConfig(PreTrainedConfig):
                 f"{name} ({value}) must be None or in [0, vocab_size={self.vocab_size})"
                 + (", or a list of such ids." if name == "eos_token_id" else "."),
             )
+        # transformers' own checks (`@strict` class validators), which overriding `validate` would otherwise skip;
+        # resolved by name so that overrides apply. The token ids and RoPE are checked above, with field names.
+        for validator in type(self).__class_validators__:
+            if validator.__name__ in _VALIDATORS_REPLACED_HERE:
+                continue
+            try:
+                getattr(self, validator.__name__)()
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"Invalid ClusterMoEConfig: {error}") from error
 
 # Options of the original ClusterMoE package with no counterpart here: dropped (not saved) with a warning.
 _ORIGINAL_OPTIONS_WITHOUT_EFFECT = {
@@ -318,6 +409,16 @@ _ORIGINAL_OPTIONS_WITHOUT_EFFECT = {
     "use_expert_selection_cache": "there is no selection cache to turn on or off.",
     "enable_expert_pruning": "pruning is an explicit call, `model.prune_experts(...)`.",
 }
+
+
+# transformers' class validators that `validate` replaces with its own checks.
+_VALIDATORS_REPLACED_HERE = {"validate_token_ids", "validate_rope"}
+
+
+def _reject_derived(name: str, value, fields: str):
+    raise ValueError(
+        f"Invalid ClusterMoEConfig: {name} is derived, {name} = {fields}; set those fields instead of {name}={value!r}."
+    )
 
 
 def _is_int(value) -> bool:

@@ -828,7 +828,7 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         if self.is_moe:
             self.mlp = ClusterMoESparseMoeBlock(config)
         else:
-            self.mlp = ClusterMoEMLP(config, config.dense_intermediate_size)
+            self.mlp = ClusterMoEMLP(config, config.dense_mlp_width)
         self.input_layernorm = ClusterMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ClusterMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -956,14 +956,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         """The sizes the modules were built with must still be the config's: one changed afterwards (e.g.
         `model.config.num_clusters = 8`) would save weights that its config does not describe, and the checkpoint
         would not load."""
-        config, base = self.config, getattr(self, self.base_model_prefix, self)
-        built = {"hidden_size": base.embed_tokens.embedding_dim, "vocab_size": base.embed_tokens.num_embeddings}
+        config, built = self.config, {}
+        # Read from weights and the blocks' own counts, which adapters (peft) wrapping the modules leave as they are.
+        built["vocab_size"], built["hidden_size"] = self.get_input_embeddings().weight.shape
         for _, block in self._moe_layers():
-            built.update(
-                num_clusters=block.num_clusters,
-                experts_per_cluster=block.experts_per_cluster,
-                intermediate_size=block.experts.intermediate_dim,
-            )
+            built.update(num_clusters=block.num_clusters, experts_per_cluster=block.experts_per_cluster)
+            if isinstance(block.experts, ClusterMoEExperts):
+                built["intermediate_size"] = block.experts.intermediate_dim
         changed = [f"{name}={getattr(config, name)!r}" for name, size in built.items() if getattr(config, name) != size]
         if changed:
             raise ValueError(

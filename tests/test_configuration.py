@@ -65,11 +65,39 @@ ALIASES = {
         ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, r"rope_parameters .*'factor'"),
         ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1e4}}, r"rope_parameters\['rope_type'\]"),
         ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, r"rope_parameters\['rope_theta'\]"),
+        # the attention rotates the whole head_dim: a partial factor was ignored ("default") or broke the forward
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}},
+            r"rope_parameters\['partial_rotary_factor'\] must be 1",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2, "partial_rotary_factor": 0.5}},
+            r"rope_parameters\['partial_rotary_factor'\] must be 1",
+        ),
+        ({"partial_rotary_factor": 0.5}, r"rope_parameters\['partial_rotary_factor'\]"),  # moved there by transformers
+        # 0 would leave the experts and routers all-zero (transformers falls back to 0.02 only for its own layers)
+        ({"initializer_range": 0.0}, r"initializer_range must be a finite number > 0"),
+        # a negative size is reported as such, not as a divisibility error of the head_dim derived from it
+        ({"hidden_size": -6}, r"hidden_size must be a positive integer, got -6"),
+        ({"dense_intermediate_size": 0}, "dense_intermediate_size"),
+        # a non-dict failed with an AttributeError inside transformers' RoPE standardisation
+        ({"rope_parameters": "yarn"}, r"rope_parameters must be a dict or None, got 'yarn'"),
+        ({"rope_parameters": [10000.0]}, r"rope_parameters must be a dict or None"),
+        ({"rope_scaling": "linear"}, r"rope_scaling must be a dict or None"),
+        # derived, read-only: Qwen3-MoE/OLMoE's field names failed with "property has no setter"
+        ({"num_experts": 16}, r"num_experts is derived, num_experts = num_clusters \* experts_per_cluster"),
+        ({"num_experts_per_tok": 2}, r"num_experts_per_tok = top_k_clusters \* top_k_experts"),
+        ({"dense_mlp_width": 64}, r"dense_mlp_width is derived.*dense_intermediate_size"),
+        # transformers' own config checks (`@strict` class validators), which overriding `validate` skipped
+        ({"output_attentions": True, "attn_implementation": "sdpa"}, "`output_attentions` attribute is not supported"),
+        ({"layer_types": ["bogus", "bogus"]}, r"`layer_types` entries must be in"),
+        ({"layer_types": ["full_attention"]}, r"must be equal to the number of `layer_types`"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(tiny_config, overrides, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as error:
         tiny_config(**overrides)
+    assert str(error.value).startswith("Invalid ClusterMoEConfig: ")
 
 
 def test_tiny_config_is_valid(tiny_config):
@@ -173,3 +201,80 @@ def test_loading_a_config_still_validates(tmp_path, tiny_config):
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="top_k_experts"):
         ClusterMoEConfig.from_pretrained(tmp_path)
+
+
+def test_a_negative_size_given_by_its_alias_is_reported_as_such():
+    with pytest.raises(ValueError, match=r"^Invalid ClusterMoEConfig: hidden_size must be a positive integer, got -4"):
+        ClusterMoEConfig(d_model=-4)  # not "must be divisible by num_attention_heads (8)"
+
+
+def test_valid_rope_and_layer_options_are_still_accepted(tiny_config):
+    rope = {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0, "partial_rotary_factor": 1.0}
+    assert tiny_config(rope_parameters=rope).rope_parameters["partial_rotary_factor"] == 1.0
+    assert tiny_config(layer_types=["full_attention"] * 2).layer_types == ["full_attention"] * 2
+    assert tiny_config(initializer_range=1e-3).initializer_range == 1e-3
+
+
+def test_derived_sizes_cannot_be_set_through_any_path(tmp_path, tiny_config):
+    tiny_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^Invalid ClusterMoEConfig: num_experts is derived"):
+        ClusterMoEConfig.from_pretrained(tmp_path, num_experts=8)
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"^Invalid ClusterMoEConfig: num_experts_per_tok is derived"):
+        config.update({"num_experts_per_tok": 4})
+    with pytest.raises(ValueError, match=r"^Invalid ClusterMoEConfig: num_experts is derived"):
+        config.update_from_string("num_experts=4")
+    assert (config.num_experts, config.num_experts_per_tok) == (8, 2)
+
+
+def test_output_attentions_from_the_config_selects_the_eager_attention(tmp_path, tiny_config):
+    """As transformers' `output_attentions` setter does; otherwise the model would pick sdpa, which the checks it runs
+    when built (transformers' own `validate_output_attentions`) reject."""
+    model = ClusterMoEForCausalLM(tiny_config(output_attentions=True)).eval()
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        assert len(model(torch.randint(3, 64, (1, 5))).attentions) == 2
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^Invalid ClusterMoEConfig: The `output_attentions` attribute"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+
+
+def test_values_set_after_construction_are_checked_by_transformers_validators_too(tiny_config):
+    config = tiny_config()
+    config.layer_types = ["bogus", "bogus"]
+    with pytest.raises(ValueError, match=r"^Invalid ClusterMoEConfig: The `layer_types` entries"):
+        ClusterMoEForCausalLM(config)
+
+
+def test_the_dense_mlp_width_follows_the_fields_it_defaults_to(tiny_config):
+    config = tiny_config(first_k_dense_layers=1)
+    assert config.dense_intermediate_size is None  # not filled in: a stored value would go stale
+    assert config.dense_mlp_width == 16 * 2  # intermediate_size * top_k_clusters * top_k_experts
+    assert config.to_dict()["dense_intermediate_size"] is None
+
+    # a dict that went through `to_dict` (e.g. run_clm's --config_overrides) then got a new expert width
+    edited = ClusterMoEConfig.from_dict({**config.to_dict(), "intermediate_size": 32})
+    assert edited.dense_mlp_width == 32 * 2
+    config.top_k_clusters, config.intermediate_size = 2, 8  # set after construction
+    assert config.dense_mlp_width == 8 * 2 * 2
+
+    given = tiny_config(first_k_dense_layers=1, dense_intermediate_size=24)
+    given.intermediate_size = 8
+    assert given.dense_mlp_width == 24
+
+
+def test_config_overrides_can_set_fields_whose_value_is_none(tiny_config):
+    """run_clm's `--config_overrides` uses `update_from_string`, which in transformers parses by the current value's
+    type and so cannot set a None-valued field (e.g. `dense_intermediate_size`, None unless given)."""
+    config = tiny_config(pad_token_id=None)
+    config.update_from_string(
+        "dense_intermediate_size=24,expert_capacity_factor=1.25,router_cluster_aux_loss_coef=0,pad_token_id=0,"
+        "top_k_experts=1,d_model=64"
+    )
+    assert (config.dense_intermediate_size, config.dense_mlp_width) == (24, 24)
+    assert (config.expert_capacity_factor, config.router_cluster_aux_loss_coef, config.pad_token_id) == (1.25, 0, 0)
+    assert (config.top_k_experts, config.hidden_size) == (1, 64)
+    config.update_from_string("dense_intermediate_size=None")
+    assert config.dense_intermediate_size is None and config.dense_mlp_width == 16
+    with pytest.raises(ValueError, match=r"^Invalid ClusterMoEConfig: pad_token_id .* cannot be set from '1.5'"):
+        tiny_config(pad_token_id=None).update_from_string("pad_token_id=1.5")

@@ -321,6 +321,37 @@ def test_peft_lora_on_attention_projections(tiny_model):
         torch.testing.assert_close(merged(ids).logits, lora_logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "lora",
+    [
+        LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+        LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]),
+    ],
+    ids=["experts", "embeddings"],
+)
+def test_a_model_with_adapters_in_place_still_saves(tiny_model, tmp_path, lora):
+    """`get_peft_model` wraps the model's own modules: `save_pretrained`'s checks must read through the wrappers."""
+    model = tiny_model()
+    get_peft_model(model, lora)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("head", ["causal LM", "sequence classification"])
+def test_trainer_predictions_are_the_logits_alone(tiny_model, tiny_config, tmp_path, head):
+    """As for any transformers model, `compute_metrics` gets the logits array: the router losses and statistics the
+    outputs also carry are left out (`keys_to_ignore_at_inference`)."""
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model() if head == "causal LM" else ClusterMoEForSequenceClassification(tiny_config(num_labels=3))
+    ids = random_ids(4, 6)
+    data = [{"input_ids": row, "labels": row if head == "causal LM" else torch.tensor(1)} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True)
+    predictions = Trainer(model=model, args=args).predict(data).predictions
+    expected_shape = (4, 6, VOCAB_SIZE) if head == "causal LM" else (4, 3)
+    assert not isinstance(predictions, tuple) and predictions.shape == expected_shape
+
+
 def test_sequence_classification_pools_the_last_real_token(tiny_config):
     model = AutoModelForSequenceClassification.from_config(tiny_config(num_labels=3)).eval()
     assert type(model) is ClusterMoEForSequenceClassification
