@@ -3,8 +3,10 @@
 Every model is built from a config (nothing is downloaded) with the same hidden size, layers, heads, vocabulary, total
 experts, active experts per token and expert width; the dense model's MLP is as wide as the active experts together.
 Each MoE model, ClusterMoE and peers alike, runs in the same experts implementations: transformers' eager, grouped_mm
-and batched_mm, and the `sorted_mm` that `clustermoe_hf` registers for every fused experts module; each is compared in
-its fastest one. Measured, all configurations interleaved in one run, after warm-up, as medians:
+and batched_mm, and the `sorted_mm` that `clustermoe_hf` registers for every fused experts module. ClusterMoE (in its
+fastest) is compared with each peer in its fastest of all four, which measures the models on equal kernels, and in its
+fastest of transformers' three, the peers as transformers runs them. Measured, all configurations interleaved in one
+run, after warm-up, as medians:
 
 - training tokens/s (forward + backward + fused AdamW step) in fp32 and in bf16 (bf16 weights and optimizer state);
 - prefill latency (one sequence, fp32, no gradient) and greedy decode tokens/s with the KV cache at batch 1 and 8;
@@ -39,6 +41,7 @@ from common import (  # noqa: E402
     EXPERTS_IMPLEMENTATIONS,
     MOE_PEERS,
     QUICK_SHAPE,
+    TRANSFORMERS_EXPERTS_IMPLEMENTATIONS,
     Shape,
     benchmark_device,
     build_configs,
@@ -234,16 +237,18 @@ def measure_memory(shape: Shape, configs: dict, training_times: dict, device: to
     return result
 
 
-def best_configurations(measurements: dict, configs: dict) -> dict:
-    """For each kind and model, the fastest (or leanest) of its experts implementations."""
+def best_configurations(measurements: dict, configs: dict, peer_implementations=EXPERTS_IMPLEMENTATIONS) -> dict:
+    """For each kind and model, the fastest (or leanest) of its experts implementations; for the MoE peers, of
+    `peer_implementations` only."""
     best = {}
     for kind, values in measurements.items():
         higher = HIGHER_IS_BETTER.get(kind, False)
         best[kind] = {}
         for name in configs:
+            allowed = peer_implementations if name in MOE_PEERS else experts_implementations(name)
             candidates = [
                 (values[config_label(name, impl)]["value"], impl)
-                for impl in experts_implementations(name)
+                for impl in allowed
                 if "value" in values[config_label(name, impl)]
             ]
             if kind == "memory":  # compared in the configuration that trains fastest
@@ -320,13 +325,20 @@ def decisive_digits(value: float, threshold: float, met: bool) -> tuple[str, str
     return shown_value, shown_threshold
 
 
-def targets_markdown(targets: list) -> list[str]:
-    lines = ["| target | value | threshold | met |", "|---|---:|---:|---|"]
-    for target in targets:
-        value, threshold = decisive_digits(target["value"], target["threshold"], target["met"])
-        if "margin_KiB" in target:
-            value += f" ({target['margin_KiB']:+,.1f} KiB vs best peer)"
-        lines.append(f"| {target['target']} | {value} | {threshold} | {'yes' if target['met'] else 'no'} |")
+def targets_markdown(targets: list, targets_in_transformers_backends: list) -> list[str]:
+    """One row per target: its value and verdict with the peers in every backend, then in transformers' own."""
+    lines = [
+        "| target | threshold | peers in every backend | met | peers in transformers' backends | met |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    for target, other in zip(targets, targets_in_transformers_backends):
+        cells = []
+        for entry in (target, other):
+            value, threshold = decisive_digits(entry["value"], entry["threshold"], entry["met"])
+            if "margin_KiB" in entry:
+                value += f" ({entry['margin_KiB']:+,.1f} KiB vs best peer)"
+            cells += [value, "yes" if entry["met"] else "no"]
+        lines.append(f"| {target['target']} | {threshold} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -360,14 +372,22 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {counts['total']:,} | {counts['active']:,} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "ClusterMoE relative to the fastest MoE peer and to the dense model (> 1 means ClusterMoE is better):",
+        "ClusterMoE relative to the fastest MoE peer, in every backend and in transformers' own, and to the dense "
+        "model (> 1 means ClusterMoE is better):",
         "",
     ]
-    lines += ["| measurement | best peer | ClusterMoE / best peer | ClusterMoE / dense |", "|---|---|---:|---:|"]
+    lines += [
+        "| measurement | best peer | ClusterMoE / best peer | best peer, transformers' backends | ClusterMoE / it | "
+        "ClusterMoE / dense |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    transformers_summary = result["peers_in_transformers_backends"]["summary"]
     for kind, row in summary.items():
+        other = transformers_summary[kind]
         lines.append(
             f"| {KIND_LABELS[kind]} | {row['best_peer']} ({row['best_peer_implementation']}) | "
-            f"{row['vs_best_peer']:.2f} | {row['vs_dense']:.2f} |"
+            f"{row['vs_best_peer']:.2f} | {other['best_peer']} ({other['best_peer_implementation']}) | "
+            f"{other['vs_best_peer']:.2f} | {row['vs_dense']:.2f} |"
         )
     lines += ["", "Every experts implementation (tokens/s; prefill in ms; memory in MiB; '-' = left out as over "
               f"{result['slow_factor']:g}x slower than the model's fastest in a probe run):", ""]  # fmt: skip
@@ -386,7 +406,7 @@ def markdown(result: dict) -> str:
             )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if result.get("targets"):
-        lines += [""] + targets_markdown(result["targets"])
+        lines += [""] + targets_markdown(result["targets"], result["peers_in_transformers_backends"]["targets"])
     return "\n".join(lines) + "\n"
 
 
@@ -483,6 +503,9 @@ def main(argv=None) -> dict:
 
     best = best_configurations(measurements, configs)
     summary = summarise(best)
+    best_in_transformers_backends = best_configurations(measurements, configs, TRANSFORMERS_EXPERTS_IMPLEMENTATIONS)
+    summary_in_transformers_backends = summarise(best_in_transformers_backends)
+    all_kinds = set(KINDS) <= set(args.kinds)
     result = {
         "benchmark": "models",
         "quick": args.quick,
@@ -505,7 +528,16 @@ def main(argv=None) -> dict:
         "measurements": measurements,
         "best": best,
         "summary": summary,
-        "targets": check_targets(summary, best, router) if set(KINDS) <= set(args.kinds) else [],
+        "targets": check_targets(summary, best, router) if all_kinds else [],
+        "peers_in_transformers_backends": {
+            "best": best_in_transformers_backends,
+            "summary": summary_in_transformers_backends,
+            "targets": (
+                check_targets(summary_in_transformers_backends, best_in_transformers_backends, router)
+                if all_kinds
+                else []
+            ),
+        },
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "models.json").write_text(json.dumps(result, indent=2))

@@ -129,12 +129,31 @@ def test_targets_table_shows_values_that_agree_with_the_verdict():
     router = {"rows": [{"num_experts": 4096, "hierarchical_over_flat": 0.3 * (1 + 1e-6)}]}
     targets = bench_models.check_targets(summary, best, router)
     assert [target["met"] for target in targets] == [False, True, True, False, False, True, False, False]
-    rows = bench_models.targets_markdown(targets)[2:]
+    rows = bench_models.targets_markdown(targets, targets)[2:]
     assert len(rows) == len(targets)
     for row, target in zip(rows, targets):
-        _, value, threshold, met = (cell.strip() for cell in row.strip("|").split("|"))
+        _, threshold, value, met, *_ = (cell.strip() for cell in row.strip("|").split("|"))
         assert (float(value.split()[0]) >= float(threshold)) == target["met"] == (met == "yes"), row
     assert "(-1.0 KiB vs best peer)" in rows[6]
+
+
+def test_peers_are_compared_in_every_backend_and_in_transformers_own():
+    """sorted_mm is registered for every fused experts module: one comparison gives it to the peers too (equal
+    kernels), the other keeps them to transformers' backends (the peers as transformers runs them)."""
+    names = (CLUSTERMOE, "Mixtral", DENSE)
+    tokens_per_second = {"eager": 1.0, "grouped_mm": 2.0, "batched_mm": 1.5, "sorted_mm": 3.0}
+    measurements = {"train_fp32": {}}
+    for name in names:
+        for implementation in bench_models.experts_implementations(name):
+            value = 2.5 if name == DENSE else tokens_per_second[implementation]
+            measurements["train_fp32"][bench_models.config_label(name, implementation)] = {"value": value}
+    every = bench_models.best_configurations(measurements, dict.fromkeys(names))
+    transformers_own = bench_models.best_configurations(
+        measurements, dict.fromkeys(names), bench_models.TRANSFORMERS_EXPERTS_IMPLEMENTATIONS
+    )
+    assert every["train_fp32"]["Mixtral"] == {"value": 3.0, "implementation": "sorted_mm"}
+    assert transformers_own["train_fp32"]["Mixtral"] == {"value": 2.0, "implementation": "grouped_mm"}
+    assert every["train_fp32"][CLUSTERMOE] == transformers_own["train_fp32"][CLUSTERMOE]  # ClusterMoE: all four
 
 
 def test_warmup_zero_is_kept_and_counts_below_their_minimum_are_refused(capsys):
