@@ -17,7 +17,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "transformers>=5.0,<6",
-        "accelerate>=1.0",
+        "accelerate>=1.1.0",  # transformers 5's Trainer refuses older (ACCELERATE_MIN_VERSION)
         "safetensors>=0.4",
         "tokenizers>=0.20",
     ],

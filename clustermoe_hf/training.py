@@ -155,6 +155,10 @@ class TokenBlocks(Dataset):
         self.blocks = torch.tensor(ids[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
 
     def truncate(self, max_blocks: int | None) -> "TokenBlocks":
+        """Keep the first `max_blocks` blocks (all of them for None). A negative count is refused: as a slice bound it
+        would drop the last blocks instead."""
+        if max_blocks is not None and max_blocks < 0:
+            raise ValueError(f"Cannot keep a negative number of blocks ({max_blocks}).")
         if max_blocks is not None:
             self.blocks = self.blocks[:max_blocks]
         return self

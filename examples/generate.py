@@ -64,6 +64,19 @@ class GenerationArguments:
     )
 
     def __post_init__(self):
+        # Out-of-range values would otherwise be ignored or fail deep inside `generate` (e.g. 0 sequences gives one).
+        ranges = {
+            "max_new_tokens": (lambda value: value >= 1, "at least 1"),
+            "num_return_sequences": (lambda value: value >= 1, "at least 1"),
+            "temperature": (lambda value: value > 0, "> 0 (use --do_sample false for greedy decoding)"),
+            "top_k": (lambda value: value >= 0, ">= 0 (0 disables it)"),
+            "top_p": (lambda value: 0 < value <= 1, "in (0, 1]"),
+            "repetition_penalty": (lambda value: value > 0, "> 0 (1 is no penalty)"),
+        }
+        for name, (valid, expected) in ranges.items():
+            value = getattr(self, name)
+            if value is not None and not valid(value):
+                raise ValueError(f"--{name} must be {expected}, got {value}.")
         # A mistyped folder would otherwise fail as a malformed Hub id ('Repo id must be in the form ...').
         name = self.model_name_or_path
         if not Path(name).exists():

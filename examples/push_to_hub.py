@@ -47,6 +47,18 @@ class PushArguments:
         default=False, metadata={"help": "Only check the folder and list the files that would be uploaded."}
     )
 
+    def __post_init__(self):
+        # Checked first, so that a dry run also catches an id that the upload would be refused (and that would be
+        # written into the uploaded card).
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(self.repo_id)
+        except HFValidationError as error:
+            raise ValueError(
+                f"--repo-id {self.repo_id!r} is not a valid Hub repository id (expected your-name/model-name): {error}"
+            ) from None
+
 
 def files_to_upload(folder: Path) -> list[Path]:
     """Every file under `folder`, relative to it and sorted, except the `IGNORED_PATTERNS` and links to files outside

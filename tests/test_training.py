@@ -156,6 +156,8 @@ def test_token_blocks_pack_documents_separated_by_eos(bpe_tokenizer):
     item = blocks[1]
     assert torch.equal(item["input_ids"], item["labels"])
     assert len(blocks.truncate(2)) == 2
+    with pytest.raises(ValueError, match="negative number of blocks"):  # a slice [:-1] would drop the last block
+        blocks.truncate(-1)
 
 
 def test_token_blocks_of_no_text_are_empty(bpe_tokenizer):
@@ -548,10 +550,11 @@ def test_model_card_metadata_and_content(used_model):
     (result,) = metadata["model-index"][0]["results"]
     assert result["metrics"][0] == {"type": "perplexity", "value": 123.457, "name": "Validation perplexity"}
     assert "# clustermoe-tiny" in card
-    assert 'from_pretrained("someone/clustermoe-tiny", trust_remote_code=True)' in card
+    assert 'AutoTokenizer.from_pretrained("someone/clustermoe-tiny", trust_remote_code=True)' in card
+    assert 'AutoModelForCausalLM.from_pretrained("someone/clustermoe-tiny", trust_remote_code=True)' in card
     assert 'tokenizer("**ROMEO**\\n", return_tensors="pt")' in card
     assert "| Clusters x experts per cluster | 2 x 4 |" in card
-    assert "| Validation perplexity | 123.5 |" in card and "| Validation tokens | 4096 |" in card
+    assert "| Validation perplexity | 123.5 |" in card and "| Validation tokens | 4,096 |" in card
     assert "| 1 | 2.646 | 0.000 | 100.0%, 0.0% | 0.0% / 100.0% |" in card
     assert "![Expert utilisation](expert_utilization.png)" in card
     assert "**ROMEO**\nBut soft\n```" in card
