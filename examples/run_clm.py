@@ -338,7 +338,7 @@ def check_training_arguments(training_args: TrainingArguments) -> None:
     given = [
         f"--{name}"
         for name, inactive in HUB_UPLOAD_OPTIONS.items()
-        if getattr(training_args, name) != inactive
+        if getattr(training_args, name) not in (inactive, None, False)  # e.g. --hub_private_repo false is fine
     ]
     if given:
         repo_id = training_args.hub_model_id or f"your-name/{Path(training_args.output_dir).resolve().name}"
@@ -361,7 +361,7 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
     given; return whether an earlier run there is to be replaced.
 
     Called before anything is read or built, and deletes nothing: the Trainer would overwrite the folder's model and,
-    rotating checkpoints (--save_total_limit), delete the earlier run's checkpoint-* folders. `set_aside_previous_run`
+    rotating checkpoints (--save_total_limit), delete the earlier run's checkpoint-* folders. `ReplacedRun`
     moves a replaced run out of the way only right before training, once every input has been read."""
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -407,56 +407,63 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
     )
 
 
-def _delete(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+class ReplacedRun:
+    """The run that --overwrite_output_dir replaces, set aside until the new run saves something of its own.
+
+    Its `PREVIOUS_RUN_FILES` are moved into `REPLACED_RUN_DIR` right before training: its checkpoints would otherwise
+    join this run's in the --save_total_limit rotation and `get_last_checkpoint`, and its reports would sit next to
+    the new weights if this run stopped before writing its own. Moved rather than deleted, so that a run failing
+    before it saves can put them back (`restore`). Once the new run starts saving (its first checkpoint, or its
+    model), they are discarded: from then on the folder holds the new run's files, which the earlier run's must not
+    be mixed with, also if deleting them fails halfway."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir, self.folder = output_dir, output_dir / REPLACED_RUN_DIR
+        self.folder.mkdir()
+        for pattern in PREVIOUS_RUN_FILES:
+            for path in sorted(output_dir.glob(pattern)):
+                logger.warning(f"--overwrite_output_dir: moving the earlier run's {path} into {self.folder}")
+                path.rename(self.folder / path.name)
+        self.restorable = True
+
+    def restore(self) -> None:
+        """After a run that failed before saving anything: delete what it wrote (TensorBoard logs, a half-written
+        checkpoint, metrics) and move the earlier run's files back."""
+        for pattern in PREVIOUS_RUN_FILES:
+            for path in sorted(self.output_dir.glob(pattern)):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        for path in sorted(self.folder.iterdir()):
+            path.rename(self.output_dir / path.name)
+        self.folder.rmdir()
+        self.restorable = False
+        logger.warning(f"Training failed: the earlier run in {self.output_dir} is left as it was.")
+
+    def discard(self) -> None:
+        """Delete the earlier run's files. Not restorable from here on, even if deleting fails: a failure is logged,
+        not raised, so that it cannot end the new run, whose saved files a restore would then remove."""
+        if not self.restorable:
+            return
+        self.restorable = False
+        logger.warning(f"--overwrite_output_dir: deleting the earlier run's files in {self.folder}")
+        try:
+            shutil.rmtree(self.folder)
+        except OSError as error:
+            logger.warning(f"Could not delete {self.folder} ({error}); it only holds the replaced run: delete it.")
 
 
-def set_aside_previous_run(output_dir: Path) -> Path:
-    """Move the `PREVIOUS_RUN_FILES` of the run that --overwrite_output_dir replaces into `REPLACED_RUN_DIR` and return
-    that folder. Its checkpoints would otherwise join this run's in the --save_total_limit rotation and
-    `get_last_checkpoint`, and its reports would sit next to the new weights if this run stopped before writing its
-    own; moved rather than deleted, so that a run failing in `trainer.train()` can put them back."""
-    replaced = output_dir / REPLACED_RUN_DIR
-    replaced.mkdir()
-    for pattern in PREVIOUS_RUN_FILES:
-        for path in sorted(output_dir.glob(pattern)):
-            logger.warning(f"--overwrite_output_dir: moving the earlier run's {path} into {replaced}")
-            path.rename(replaced / path.name)
-    return replaced
+class DiscardReplacedRunOnSave(TrainerCallback):
+    """Discards the replaced run at the new run's first checkpoint: from then on a failed run leaves a checkpoint to
+    resume from, which restoring the earlier run's checkpoints next to it would mix up."""
 
-
-def restore_previous_run(output_dir: Path, replaced: Path) -> None:
-    """Undo `set_aside_previous_run` after a run that failed before saving anything: delete what it wrote (TensorBoard
-    logs, a half-written checkpoint, metrics) and move the earlier run's files back."""
-    for pattern in PREVIOUS_RUN_FILES:
-        for path in sorted(output_dir.glob(pattern)):
-            _delete(path)
-    for path in sorted(replaced.iterdir()):
-        path.rename(output_dir / path.name)
-    replaced.rmdir()
-    logger.warning(f"Training failed: the earlier run in {output_dir} is left as it was.")
-
-
-def discard_previous_run(replaced: Path) -> None:
-    """Delete the earlier run set aside by `set_aside_previous_run`, once the new run has saved something of its own."""
-    if replaced.exists():
-        logger.warning(f"--overwrite_output_dir: deleting the earlier run's files in {replaced}")
-        shutil.rmtree(replaced)
-
-
-class DiscardPreviousRunOnSave(TrainerCallback):
-    """Deletes the set-aside earlier run at the new run's first checkpoint: from then on a failed run leaves a
-    checkpoint to resume from, which restoring the earlier run's checkpoints next to it would mix up."""
-
-    def __init__(self, replaced: Path):
+    def __init__(self, replaced: ReplacedRun):
         self.replaced = replaced
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            discard_previous_run(self.replaced)
+            self.replaced.discard()
 
 
 def final_training_loss(log_history: list[dict], mean_training_loss: float) -> tuple[str, float]:
@@ -724,8 +731,8 @@ def main(args: list[str] | None = None) -> dict:
 
     replaced = None
     if replace_previous_run and training_args.should_save:
-        replaced = set_aside_previous_run(output_dir)
-        trainer.add_callback(DiscardPreviousRunOnSave(replaced))
+        replaced = ReplacedRun(output_dir)
+        trainer.add_callback(DiscardReplacedRunOnSave(replaced))
     try:
         start = time.perf_counter()
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -740,13 +747,13 @@ def main(args: list[str] | None = None) -> dict:
             trainer.model = trainer.model.merge_and_unload()
         # The Trainer set use_cache to --use_cache (False) for training; the saved model generates with a cache.
         trainer.model.config.use_cache = True
+        if replaced is not None:
+            replaced.discard()  # the new model's files replace the earlier run's from here on
         trainer.save_model()  # weights, config (auto_map), modeling code, generation config, tokenizer
     except BaseException:  # Ctrl-C included
-        if replaced is not None and replaced.exists():  # nothing of the new run saved yet
-            restore_previous_run(output_dir, replaced)
+        if replaced is not None and replaced.restorable:  # nothing of the new run saved yet
+            replaced.restore()
         raise
-    if replaced is not None:
-        discard_previous_run(replaced)
     trainer.save_state()
     if not trainer.is_world_process_zero():
         return eval_metrics

@@ -232,21 +232,40 @@ def test_replacing_a_run_sets_aside_its_checkpoints_logs_and_reports_only(run_cl
     (folder / "runs" / "events").mkdir(parents=True)
     (folder / "notes.txt").write_text("mine")
     before = {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
-    replaced = run_clm.set_aside_previous_run(folder)
-    assert replaced == folder / ".replaced-run"
+    replaced = run_clm.ReplacedRun(folder)
+    assert replaced.folder == folder / ".replaced-run"
     assert sorted(path.name for path in folder.iterdir()) == [
         ".replaced-run", "config.json", "configuration_clustermoe.py", "generation_config.json", "model.safetensors",
         "modeling_clustermoe.py", "notes.txt", "tokenizer.json", "tokenizer_config.json", "training_args.bin",
     ]  # fmt: skip
     assert run_clm.get_last_checkpoint(str(folder)) is None  # the Trainer no longer sees the earlier checkpoints
-    assert "checkpoint-4" in {path.name for path in replaced.iterdir()}
+    assert "checkpoint-4" in {path.name for path in replaced.folder.iterdir()}
     (folder / "runs" / "new-events").mkdir(parents=True)  # written by the failed run: dropped
-    run_clm.restore_previous_run(folder, replaced)
+    replaced.restore()
     assert {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
-    assert not (folder / "runs" / "new-events").exists() and not replaced.exists()
-    replaced = run_clm.set_aside_previous_run(folder)
-    run_clm.discard_previous_run(replaced)
-    assert not replaced.exists() and not list(folder.glob("checkpoint-*"))
+    assert not (folder / "runs" / "new-events").exists() and not replaced.folder.exists()
+    replaced = run_clm.ReplacedRun(folder)
+    replaced.discard()
+    assert not replaced.folder.exists() and not list(folder.glob("checkpoint-*")) and not replaced.restorable
+
+
+def test_a_replaced_run_that_cannot_be_deleted_is_never_restored_over_the_new_one(
+    run_clm, trained, tmp_path, monkeypatch
+):
+    """Once discarding began, the new run's files are what the folder holds: a delete failing halfway (a file held
+    open) is logged, not raised into the new run, and nothing is moved back next to its files."""
+    folder = tmp_path / "run"
+    shutil.copytree(trained[0], folder)
+    replaced = run_clm.ReplacedRun(folder)
+    rmtree = shutil.rmtree
+
+    def fails_halfway(path):
+        rmtree(path / "checkpoint-4")
+        raise PermissionError(13, "Permission denied", str(path / "trainer_state.json"))
+
+    monkeypatch.setattr(run_clm.shutil, "rmtree", fails_halfway)
+    replaced.discard()
+    assert not replaced.restorable and replaced.folder.exists()
 
 
 def test_overwrite_keeps_the_earlier_run_when_training_fails(run_clm, trained, tmp_path, monkeypatch):
@@ -269,19 +288,38 @@ def test_overwrite_drops_the_earlier_run_once_the_new_one_saved_a_checkpoint(run
     """From its first checkpoint on, a failed run leaves that checkpoint to resume from, not the earlier run's."""
     folder = tmp_path / "earlier"
     shutil.copytree(trained[0], folder)
-    on_save = run_clm.DiscardPreviousRunOnSave.on_save
+    on_save = run_clm.DiscardReplacedRunOnSave.on_save
 
     def interrupt_after_saving(self, args, state, control, **kwargs):
         on_save(self, args, state, control, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_clm.DiscardPreviousRunOnSave, "on_save", interrupt_after_saving)
+    monkeypatch.setattr(run_clm.DiscardReplacedRunOnSave, "on_save", interrupt_after_saving)
     with pytest.raises(KeyboardInterrupt):
         run_clm.main([*SHORT_RUN, "--output_dir", str(folder), "--overwrite_output_dir"])
     names = {path.name for path in folder.iterdir()}
     assert sorted(name for name in names if name.startswith("checkpoint-")) == ["checkpoint-2"]
     assert not names & {".replaced-run", "README.md", "trainer_state.json", "eval_results.json"}
     assert json.loads((folder / "checkpoint-2" / "trainer_state.json").read_text())["max_steps"] == 2  # the new run's
+
+
+def test_a_run_failing_while_it_saves_its_model_does_not_bring_the_earlier_run_back(
+    run_clm, trained, tmp_path, monkeypatch
+):
+    """Without checkpoints (--save_strategy no), the final save is the new run's first: from there on the earlier
+    run's card, metrics and checkpoints must not come back next to new (possibly half-written) model files."""
+    folder = tmp_path / "earlier"
+    shutil.copytree(trained[0], folder)
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "save_model", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run_clm.main([*SHORT_RUN, "--output_dir", str(folder), "--overwrite_output_dir", "--save_strategy", "no"])
+    names = {path.name for path in folder.iterdir()}
+    assert not names & {".replaced-run", "README.md", "trainer_state.json"}
+    assert not any(name.startswith("checkpoint-") for name in names)
 
 
 def test_a_run_killed_while_replacing_another_is_reported(run_clm, tmp_path):
@@ -351,7 +389,8 @@ def test_run_clm_refuses_to_upload_and_points_to_push_to_hub(run_clm, tmp_path, 
         run_clm.main([*TINY_RUN, *options, "--output_dir", str(tmp_path / "run")])
     assert named in str(error.value) and "python examples/push_to_hub.py --folder" in str(error.value)
     assert not (tmp_path / "run").exists()
-    run_clm.check_training_arguments(TrainingArguments(output_dir=str(tmp_path), hub_model_id="someone/tiny"))
+    for not_uploading in ({"hub_model_id": "someone/tiny"}, {"hub_private_repo": False}):
+        run_clm.check_training_arguments(TrainingArguments(output_dir=str(tmp_path), **not_uploading))
 
 
 @pytest.mark.parametrize(
