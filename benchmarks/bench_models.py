@@ -251,9 +251,11 @@ def best_configurations(measurements: dict, configs: dict, peer_implementations=
                 for impl in allowed
                 if "value" in values[config_label(name, impl)]
             ]
-            if kind == "memory":  # compared in the configuration that trains fastest
+            if kind == "memory" and name in best["train_fp32"]:  # compared in the configuration that trains fastest
                 fastest = best["train_fp32"][name]["implementation"]
                 candidates = [c for c in candidates if c[1] == fastest] or candidates
+            if not candidates:  # all left out as too slow next to a backend this comparison does not allow
+                continue
             # The best of several noisy medians favours a model with more candidates (on most paths `sorted_mm` runs
             # `grouped_mm`, a second draw of the same kernel): every MoE model has the same candidates, so the same
             # number of draws.
@@ -315,14 +317,14 @@ def check_targets(summary: dict, best: dict, router: dict | None) -> list:
     return targets
 
 
-def decisive_digits(value: float, threshold: float, met: bool) -> tuple[str, str]:
-    """`value` and `threshold` printed with 3 decimals, or more where 3 would round them to a comparison that
-    contradicts `met` (0.9996 against 1 is not met, yet both read 1.000)."""
+def decisive_digits(targets: list) -> int:
+    """How many decimals the targets' values and threshold need, 3 or more, so that every printed value compares with
+    the printed threshold as the verdict says (0.9996 against 1 is not met, yet both read 1.000)."""
     for digits in range(3, 18):
-        shown_value, shown_threshold = f"{value:.{digits}f}", f"{threshold:.{digits}f}"
-        if (float(shown_value) >= float(shown_threshold)) == met:
-            break
-    return shown_value, shown_threshold
+        rounded = lambda number: float(f"{number:.{digits}f}")  # noqa: E731
+        if all((rounded(t["value"]) >= rounded(t["threshold"])) == t["met"] for t in targets):
+            return digits
+    return 17
 
 
 def targets_markdown(targets: list, targets_in_transformers_backends: list) -> list[str]:
@@ -332,13 +334,14 @@ def targets_markdown(targets: list, targets_in_transformers_backends: list) -> l
         "|---|---:|---:|---|---:|---|",
     ]
     for target, other in zip(targets, targets_in_transformers_backends):
+        digits = decisive_digits([target, other])
         cells = []
         for entry in (target, other):
-            value, threshold = decisive_digits(entry["value"], entry["threshold"], entry["met"])
+            value = f"{entry['value']:.{digits}f}"
             if "margin_KiB" in entry:
                 value += f" ({entry['margin_KiB']:+,.1f} KiB vs best peer)"
             cells += [value, "yes" if entry["met"] else "no"]
-        lines.append(f"| {target['target']} | {threshold} | " + " | ".join(cells) + " |")
+        lines.append(f"| {target['target']} | {target['threshold']:.{digits}f} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -37,6 +37,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _package_sorted_mm(monkeypatch):
+    """Loading a checkpoint with `trust_remote_code` runs its copy of the modeling code, which registers that copy's
+    `sorted_mm` in transformers' global experts interface. Same code, other module: tests that patch this package's
+    module must see its own function dispatched, whichever test loaded a checkpoint before."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    from clustermoe_hf import modeling_clustermoe
+
+    monkeypatch.setitem(ExpertsInterface._global_mapping, "sorted_mm", modeling_clustermoe.sorted_mm_experts_forward)
+
+
 @pytest.fixture
 def tiny_config():
     """Factory: `tiny_config(**overrides)` -> a small ClusterMoEConfig."""

@@ -129,11 +129,14 @@ def test_targets_table_shows_values_that_agree_with_the_verdict():
     router = {"rows": [{"num_experts": 4096, "hierarchical_over_flat": 0.3 * (1 + 1e-6)}]}
     targets = bench_models.check_targets(summary, best, router)
     assert [target["met"] for target in targets] == [False, True, True, False, False, True, False, False]
-    rows = bench_models.targets_markdown(targets, targets)[2:]
+    # The second comparison's values differ, and need fewer digits: the row's one threshold must suit both.
+    others = [{**target, "value": target["threshold"] + 1, "met": True} for target in targets]
+    rows = bench_models.targets_markdown(targets, others)[2:]
     assert len(rows) == len(targets)
-    for row, target in zip(rows, targets):
-        _, threshold, value, met, *_ = (cell.strip() for cell in row.strip("|").split("|"))
+    for row, target, other in zip(rows, targets, others):
+        _, threshold, value, met, other_value, other_met = (cell.strip() for cell in row.strip("|").split("|"))
         assert (float(value.split()[0]) >= float(threshold)) == target["met"] == (met == "yes"), row
+        assert (float(other_value.split()[0]) >= float(threshold)) == other["met"] == (other_met == "yes"), row
     assert "(-1.0 KiB vs best peer)" in rows[6]
 
 
@@ -154,6 +157,13 @@ def test_peers_are_compared_in_every_backend_and_in_transformers_own():
     assert every["train_fp32"]["Mixtral"] == {"value": 3.0, "implementation": "sorted_mm"}
     assert transformers_own["train_fp32"]["Mixtral"] == {"value": 2.0, "implementation": "grouped_mm"}
     assert every["train_fp32"][CLUSTERMOE] == transformers_own["train_fp32"][CLUSTERMOE]  # ClusterMoE: all four
+
+    for implementation in bench_models.TRANSFORMERS_EXPERTS_IMPLEMENTATIONS:  # all left out next to sorted_mm
+        measurements["train_fp32"][bench_models.config_label("Mixtral", implementation)] = {"excluded": True}
+    transformers_own = bench_models.best_configurations(
+        measurements, dict.fromkeys(names), bench_models.TRANSFORMERS_EXPERTS_IMPLEMENTATIONS
+    )
+    assert "Mixtral" not in transformers_own["train_fp32"]  # no configuration to compare with, rather than a crash
 
 
 def test_warmup_zero_is_kept_and_counts_below_their_minimum_are_refused(capsys):
