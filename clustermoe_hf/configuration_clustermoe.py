@@ -47,7 +47,8 @@ class ClusterMoEConfig(PreTrainedConfig):
         first_k_dense_layers (`int`): the first k decoder layers use a dense MLP instead of a MoE block.
         dense_intermediate_size (`int`, *optional*): width of those dense MLPs; None (the default) means the active
             expert width `intermediate_size * top_k_clusters * top_k_experts`, also when those are changed later. The
-            width in use is the read-only `dense_mlp_width`.
+            width in use is the read-only `dense_mlp_width`. Building a model with dense layers fills it in, so that
+            the saved model keeps its width when the top-k values change (pruning, overrides at loading).
         router_aux_loss_coef (`float`): weight of the expert-level load-balancing loss (within clusters).
         router_cluster_aux_loss_coef (`float`, *optional*): weight of the cluster-level load-balancing loss; None
             (the default) follows `router_aux_loss_coef`, also when that is changed later (e.g. the original

@@ -918,8 +918,14 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
-        """Read by `DistributedDataParallel` when it wraps this model."""
-        return [name for name, _ in self.named_buffers() if name.rpartition(".")[2] in self._PER_PROCESS_BUFFERS]
+        """Read by `DistributedDataParallel` when it wraps this model (directly: names are relative to it), with any
+        names `DistributedDataParallel._set_params_and_buffers_to_ignore_for_model` added."""
+        own = [name for name, _ in self.named_buffers() if name.rpartition(".")[2] in self._PER_PROCESS_BUFFERS]
+        return own + [name for name in self.__dict__.get("_ddp_ignored_by_user", ()) if name not in own]
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names):
+        self.__dict__["_ddp_ignored_by_user"] = list(names)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, which writes the code, the config, the generation config and the weights
@@ -956,13 +962,22 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         """The sizes the modules were built with must still be the config's: one changed afterwards (e.g.
         `model.config.num_clusters = 8`) would save weights that its config does not describe, and the checkpoint
         would not load."""
-        config, built = self.config, {}
-        # Read from weights and the blocks' own counts, which adapters (peft) wrapping the modules leave as they are.
-        built["vocab_size"], built["hidden_size"] = self.get_input_embeddings().weight.shape
-        for _, block in self._moe_layers():
+        # Read from the modules' size attributes, not their weights' shapes: adapters (peft) wrap modules, and
+        # DeepSpeed ZeRO-3 partitions the weights (the Trainer saves it that way, with a gathered state dict).
+        unwrap = lambda module: getattr(module, "base_layer", module)  # noqa: E731  (peft's adapter layers)
+        embeddings, base = unwrap(self.get_input_embeddings()), getattr(self, self.base_model_prefix, self)
+        built = {"vocab_size": embeddings.num_embeddings, "hidden_size": embeddings.embedding_dim}
+        for layer in base.layers:
+            if not layer.is_moe:
+                built["dense_mlp_width"] = unwrap(layer.mlp.gate_proj).out_features
+                continue
+            block = layer.mlp
             built.update(num_clusters=block.num_clusters, experts_per_cluster=block.experts_per_cluster)
             if isinstance(block.experts, ClusterMoEExperts):
                 built["intermediate_size"] = block.experts.intermediate_dim
+            shared = block.shared_expert
+            built["shared_expert_intermediate_size"] = 0 if shared is None else unwrap(shared.gate_proj).out_features
+        config = self.config
         changed = [f"{name}={getattr(config, name)!r}" for name, size in built.items() if getattr(config, name) != size]
         if changed:
             raise ValueError(
@@ -1223,9 +1238,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         return kept
 
     def _own_config(self) -> ClusterMoEConfig:
-        """Replace the config of this model and of all its modules by one copy, which no other model shares (two
-        models built from one config object share it), and return it: for changes that must not reach the others."""
-        shared, own = self.config, copy.deepcopy(self.config)
+        """This model's config, for changes that must not reach other models: when another ClusterMoE model shares
+        the config object (two models built from one config), this model and its modules get a copy of it first. (Not
+        otherwise: the causal LM around a base model pruned directly shares its config, and must see the change.)"""
+        shared, base = self.config, getattr(self, self.base_model_prefix, self)
+        if not any(other is not base and other.config is shared for other in list(_TRAINING_STATE_OWNERS)):
+            return shared
+        own = copy.deepcopy(shared)
         for module in self.modules():
             if getattr(module, "config", None) is shared:
                 module.config = own
@@ -1319,6 +1338,10 @@ def _check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, ignore_index
 class ClusterMoEModel(ClusterMoEPreTrainedModel):
     def __init__(self, config: ClusterMoEConfig):
         config.validate()  # values set after the config was built, e.g. `from_pretrained(path, top_k_experts=...)`
+        if config.first_k_dense_layers > 0 and config.dense_intermediate_size is None:
+            # Saved with the model, so that its dense layers keep their width when the top-k values change later
+            # (pruning, `from_pretrained(path, top_k_experts=...)`).
+            config.dense_intermediate_size = config.dense_mlp_width
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size

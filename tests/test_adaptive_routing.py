@@ -154,6 +154,19 @@ def test_excluded_experts_and_clusters_keep_their_biases():
     assert router.expert_bias[1:4].abs().sum() > 0 and router.cluster_bias[0] == 0  # one selectable cluster: no step
 
 
+def test_the_mean_load_is_taken_over_selectable_experts_and_clusters():
+    model = adaptive_model(rate=0.01, num_clusters=3)  # 3 clusters x 4 experts
+    block = model.model.layers[0].mlp
+    block.router.expert_reliability[0] = 0.1  # cluster 0: expert 0 excluded
+    block.router.expert_reliability[8:11] = 0.1  # cluster 2: excluded
+    counts = torch.tensor([0, 10, 25, 55, 20, 20, 20, 20, 0, 0, 0, 30], dtype=torch.float32)
+    model.model._step_balancing_biases(block, counts)
+    # cluster 0: mean over experts 1-3 is 30 (over all four, 22.5 would put expert 2 above it)
+    assert (block.router.expert_bias / 0.01).tolist() == pytest.approx([0, 1, 1, -1, 0, 0, 0, 0, 0, 0, 0, 0])
+    # clusters 0 and 1 (loads 90 and 80; with cluster 2's 30, the mean 66.7 would be below both)
+    assert (block.router.cluster_bias / 0.01).tolist() == pytest.approx([-1, 1, 0])
+
+
 def test_a_reinitialized_expert_starts_from_its_peers_mean_bias():
     model = adaptive_model()
     router = routers(model)[1]

@@ -352,6 +352,30 @@ def test_trainer_predictions_are_the_logits_alone(tiny_model, tiny_config, tmp_p
     assert not isinstance(predictions, tuple) and predictions.shape == expected_shape
 
 
+def test_distributed_data_parallel_leaves_the_per_process_statistics_alone(tiny_model):
+    """DDP broadcasts rank 0's buffers before forwards; the statistics each process gathers until the optimizer step
+    are not broadcast. torch's API for adding more names to ignore keeps working."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = tiny_model()
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    assert {"model.routing_state.pending_counts", "model.layers.1.mlp.router.expert_token_counts"} <= ignored
+    assert "model.layers.1.mlp.router.expert_bias" not in ignored  # the same on every process: broadcast
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["lm_head.weight"])
+    assert set(model._ddp_params_and_buffers_to_ignore) == ignored | {"lm_head.weight"}
+
+
+def test_a_model_with_partitioned_parameters_saves_a_gathered_state_dict(tiny_model, tmp_path):
+    """DeepSpeed ZeRO-3 leaves empty local parameters and the Trainer passes the gathered weights as `state_dict`."""
+    model = tiny_model()
+    state_dict = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    embeddings = state_dict["model.embed_tokens.weight"]
+    for parameter in model.parameters():
+        parameter.data = torch.empty(0, dtype=parameter.dtype)
+    model.save_pretrained(tmp_path, state_dict=state_dict)
+    assert torch.equal(ClusterMoEForCausalLM.from_pretrained(tmp_path).model.embed_tokens.weight, embeddings)
+
+
 def test_sequence_classification_pools_the_last_real_token(tiny_config):
     model = AutoModelForSequenceClassification.from_config(tiny_config(num_labels=3)).eval()
     assert type(model) is ClusterMoEForSequenceClassification

@@ -131,6 +131,32 @@ def test_pruning_leaves_other_models_built_from_the_same_config_alone(tiny_confi
     assert type(other).from_pretrained(tmp_path).config.num_experts == 8
 
 
+def test_a_pruned_model_with_dense_layers_saves_and_reloads(tiny_model, tmp_path):
+    """Pruning lowers top_k_experts; the dense layers keep the width they were built with (the active expert width
+    then), which the saved config records."""
+    from clustermoe_hf import ClusterMoEForCausalLM
+
+    model = tiny_model(num_hidden_layers=3, first_k_dense_layers=1)
+    for layer in model.model.layers[1:]:
+        layer.mlp.router.expert_token_counts.copy_(torch.tensor([5, 9, 1, 7, 0, 3, 8, 2]))
+    model.prune_experts(experts_per_cluster_keep=1)
+    model.save_pretrained(tmp_path)
+    reloaded = ClusterMoEForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.model.layers[0].mlp.gate_proj.out_features == 16 * 2  # intermediate_size x the original top-k
+    input_ids = torch.randint(3, 64, (2, 6))
+    torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits)
+
+
+def test_pruning_the_base_model_updates_the_causal_lm_around_it(tiny_model, tmp_path):
+    from clustermoe_hf import ClusterMoEForCausalLM
+
+    model = tiny_model()
+    with_utilization(model, [[5, 9, 1, 7, 0, 3, 8, 2]] * 2).model.prune_experts(experts_per_cluster_keep=2)
+    assert model.config is model.model.config and model.config.experts_per_cluster == 2
+    model.save_pretrained(tmp_path)
+    assert ClusterMoEForCausalLM.from_pretrained(tmp_path).config.num_experts == 4
+
+
 @pytest.mark.slow
 def test_prune_a_model_loaded_with_remote_code_only(tiny_model, tmp_path):
     """Load, prune, save and reload through `trust_remote_code`, without the `clustermoe_hf` package."""

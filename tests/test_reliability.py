@@ -210,6 +210,12 @@ def test_a_dead_expert_does_not_make_its_healthy_peers_look_outsized(tiny_model)
     faulty = block._faulty_experts(outputs, ids, None)
     assert faulty.tolist() == [False] * 8
 
+    # An even number of others: the upper of the two middle ones (here the healthy peer, not the dead one).
+    block = tiny_model(experts_per_cluster=3).model.layers[0].mlp
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    outputs = torch.stack([direction * (0.0 if int(e) == 0 else 1.0) for e in ids])
+    assert block._faulty_experts(outputs, ids, None).tolist() == [False] * 6
+
 
 def test_a_dead_expert_keeps_its_cluster_in_training(tiny_model):
     model = tiny_model(num_hidden_layers=1, reliability_decay=0.5).train()
