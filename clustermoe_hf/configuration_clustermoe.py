@@ -45,10 +45,10 @@ class ClusterMoEConfig(PreTrainedConfig):
             gathers the chosen clusters. Both route identically; `auto` picks the faster one for the model's size.
         shared_expert_intermediate_size (`int`): width of an always-on shared expert MLP; 0 means none.
         first_k_dense_layers (`int`): the first k decoder layers use a dense MLP instead of a MoE block.
-        dense_intermediate_size (`int`, *optional*): width of those dense MLPs; None (the default) means the active
-            expert width `intermediate_size * top_k_clusters * top_k_experts`, also when those are changed later. The
-            width in use is the read-only `dense_mlp_width`. Building a model with dense layers fills it in, so that
-            the saved model keeps its width when the top-k values change (pruning, overrides at loading).
+        dense_intermediate_size (`int`, *optional*): width of those dense MLPs; defaults to the active expert width
+            `intermediate_size * top_k_clusters * top_k_experts`, filled in at construction (as `head_dim` is), so
+            that a saved model keeps its dense width when the top-k values change later (pruning, overrides when
+            loading).
         router_aux_loss_coef (`float`): weight of the expert-level load-balancing loss (within clusters).
         router_cluster_aux_loss_coef (`float`, *optional*): weight of the cluster-level load-balancing loss; None
             (the default) follows `router_aux_loss_coef`, also when that is changed later (e.g. the original
@@ -72,8 +72,8 @@ class ClusterMoEConfig(PreTrainedConfig):
             `ceil(factor * tokens * k / num_experts)` tokens per forward, overflow is re-routed inside the chosen
             cluster, then dropped (the token keeps its residual path).
 
-    `num_experts` (`num_clusters * experts_per_cluster`), `num_experts_per_tok` (`top_k_clusters * top_k_experts`)
-    and `dense_mlp_width` are derived, read-only: set the fields they are computed from.
+    `num_experts` (`num_clusters * experts_per_cluster`) and `num_experts_per_tok` (`top_k_clusters * top_k_experts`)
+    are derived, read-only: set the fields they are computed from.
 
     The names of the original ClusterMoE package are accepted as aliases: `d_model`, `d_ff`, `num_layers`,
     `load_balancing_weight` (`router_aux_loss_coef`, which the cluster-level weight follows unless that is given),
@@ -213,6 +213,9 @@ class ClusterMoEConfig(PreTrainedConfig):
                     f"num_attention_heads ({self.num_attention_heads}) unless head_dim is given explicitly."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        widths = (self.intermediate_size, self.top_k_clusters, self.top_k_experts)
+        if self.dense_intermediate_size is None and all(_is_int(value) for value in widths):
+            self.dense_intermediate_size = self.intermediate_size * self.num_experts_per_tok
         self.validate()
 
     @property
@@ -243,24 +246,11 @@ class ClusterMoEConfig(PreTrainedConfig):
     def num_experts_per_tok(self, value):
         _reject_derived("num_experts_per_tok", value, "top_k_clusters * top_k_experts")
 
-    @property
-    def dense_mlp_width(self) -> int:
-        """Width of the dense MLPs of the first `first_k_dense_layers` layers: `dense_intermediate_size`, or when that
-        is None, the active expert width `intermediate_size * num_experts_per_tok`. Computed on each read, so it
-        follows later changes of those fields (a value filled in at construction would go stale)."""
-        if self.dense_intermediate_size is None:
-            return self.intermediate_size * self.num_experts_per_tok
-        return self.dense_intermediate_size
-
-    @dense_mlp_width.setter
-    def dense_mlp_width(self, value):
-        _reject_derived("dense_mlp_width", value, "dense_intermediate_size")
-
     def update_from_string(self, update_str: str):
         """transformers' `update_from_string` (run_clm's `--config_overrides`), which cannot set a field whose value
-        is None: it parses by the current value's type. Here such a field (`dense_intermediate_size`,
-        `expert_capacity_factor`, `router_cluster_aux_loss_coef`, `pad_token_id`, ...) takes a number of the type its
-        annotation allows; "None" keeps or resets it."""
+        is None: it parses by the current value's type. Here such a field (`expert_capacity_factor`,
+        `router_cluster_aux_loss_coef`, `pad_token_id`, ...) takes a number of the type its annotation allows; "None"
+        keeps or resets it."""
         rest = []
         for item in update_str.split(","):
             key, _, text = item.partition("=")
@@ -293,15 +283,10 @@ class ClusterMoEConfig(PreTrainedConfig):
         for name in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "num_clusters", "experts_per_cluster",
-            "top_k_clusters", "top_k_experts",
+            "top_k_clusters", "top_k_experts", "dense_intermediate_size",
         ):  # fmt: skip
             value = getattr(self, name)
             require(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}.")
-        value = self.dense_intermediate_size
-        require(
-            value is None or (_is_int(value) and value > 0),
-            f"dense_intermediate_size must be a positive integer, or None (the active expert width), got {value!r}.",
-        )
         require(
             self.top_k_clusters <= self.num_clusters,
             f"top_k_clusters ({self.top_k_clusters}) must be <= num_clusters ({self.num_clusters}).",

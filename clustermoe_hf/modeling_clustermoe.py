@@ -11,7 +11,6 @@ the statistics are folded into the buffers by a forward hook on the base model (
 by a global optimizer-step hook (EMAs and biases).
 """
 
-import copy
 import functools
 import inspect
 import math
@@ -828,7 +827,7 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         if self.is_moe:
             self.mlp = ClusterMoESparseMoeBlock(config)
         else:
-            self.mlp = ClusterMoEMLP(config, config.dense_mlp_width)
+            self.mlp = ClusterMoEMLP(config, config.dense_intermediate_size)
         self.input_layernorm = ClusterMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ClusterMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -969,7 +968,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         built = {"vocab_size": embeddings.num_embeddings, "hidden_size": embeddings.embedding_dim}
         for layer in base.layers:
             if not layer.is_moe:
-                built["dense_mlp_width"] = unwrap(layer.mlp.gate_proj).out_features
+                built["dense_intermediate_size"] = unwrap(layer.mlp.gate_proj).out_features
                 continue
             block = layer.mlp
             built.update(num_clusters=block.num_clusters, experts_per_cluster=block.experts_per_cluster)
@@ -1163,8 +1162,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     ) -> dict[int, list[int]]:
         """Physically remove experts: in every MoE layer keep the `clusters_keep` best clusters and, inside each, the
         `experts_per_cluster_keep` best experts (`None` keeps all), slicing the fused expert weights, router rows and
-        routing buffers, and update the config so that the pruned model saves, reloads and generates. The model gets
-        its own copy of the config for that: other models built from the same config object keep theirs.
+        routing buffers, and update the config so that the pruned model saves, reloads and generates. Refused while
+        another model shares the config object (built from the same one), which the change would reach too.
         `top_k_clusters`/`top_k_experts` are lowered if fewer clusters/experts remain.
 
         Experts are ranked by their utilisation (share of the layer's token assignments), their reliability, or the
@@ -1205,9 +1204,15 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 "accumulate in training mode) or use rank_by='reliability'."
             )
 
+        base = getattr(self, self.base_model_prefix, self)
+        if any(other is not base and other.config is config for other in list(_TRAINING_STATE_OWNERS)):
+            raise ValueError(
+                "Another ClusterMoE model was built from this model's config object, and pruning changes the config: "
+                "that model would then no longer match its own. Build each model from its own config "
+                "(copy.deepcopy(config)), or prune that model too after copying this one's config into it."
+            )
         new_clusters = clusters_keep or config.num_clusters
         new_experts = experts_per_cluster_keep or config.experts_per_cluster
-        config = self._own_config()
         selections = []
         for (_, block), layer_counts in zip(layers, counts):
             utilization = layer_counts.double() / layer_counts.sum().clamp_min(1)
@@ -1236,19 +1241,6 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             setattr(state, name, getattr(state, name).new_zeros(len(layers), config.num_experts))
         state.has_pending_updates = False  # the statistics gathered before pruning are of experts that may be gone
         return kept
-
-    def _own_config(self) -> ClusterMoEConfig:
-        """This model's config, for changes that must not reach other models: when another ClusterMoE model shares
-        the config object (two models built from one config), this model and its modules get a copy of it first. (Not
-        otherwise: the causal LM around a base model pruned directly shares its config, and must see the change.)"""
-        shared, base = self.config, getattr(self, self.base_model_prefix, self)
-        if not any(other is not base and other.config is shared for other in list(_TRAINING_STATE_OWNERS)):
-            return shared
-        own = copy.deepcopy(shared)
-        for module in self.modules():
-            if getattr(module, "config", None) is shared:
-                module.config = own
-        return own
 
     @torch.no_grad()
     def _calibration_counts(self, calibration_data) -> list[torch.Tensor]:
@@ -1338,10 +1330,6 @@ def _check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, ignore_index
 class ClusterMoEModel(ClusterMoEPreTrainedModel):
     def __init__(self, config: ClusterMoEConfig):
         config.validate()  # values set after the config was built, e.g. `from_pretrained(path, top_k_experts=...)`
-        if config.first_k_dense_layers > 0 and config.dense_intermediate_size is None:
-            # Saved with the model, so that its dense layers keep their width when the top-k values change later
-            # (pruning, `from_pretrained(path, top_k_experts=...)`).
-            config.dense_intermediate_size = config.dense_mlp_width
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size

@@ -1,6 +1,7 @@
 """The benchmark suite keeps working: matched models, every experts implementation, outputs written (--quick)."""
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -164,6 +165,8 @@ def test_peers_are_compared_in_every_backend_and_in_transformers_own():
         measurements, dict.fromkeys(names), bench_models.TRANSFORMERS_EXPERTS_IMPLEMENTATIONS
     )
     assert "Mixtral" not in transformers_own["train_fp32"]  # no configuration to compare with, rather than a crash
+    summary = bench_models.summarise(transformers_own)["train_fp32"]  # and no peer at all left in that comparison
+    assert summary["best_peer"] is None and math.isnan(summary["vs_best_peer"]) and summary["vs_dense"] == 1.2
 
 
 def test_warmup_zero_is_kept_and_counts_below_their_minimum_are_refused(capsys):

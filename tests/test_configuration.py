@@ -87,7 +87,6 @@ ALIASES = {
         # derived, read-only: Qwen3-MoE/OLMoE's field names failed with "property has no setter"
         ({"num_experts": 16}, r"num_experts is derived, num_experts = num_clusters \* experts_per_cluster"),
         ({"num_experts_per_tok": 2}, r"num_experts_per_tok = top_k_clusters \* top_k_experts"),
-        ({"dense_mlp_width": 64}, r"dense_mlp_width is derived.*dense_intermediate_size"),
         # transformers' own config checks (`@strict` class validators), which overriding `validate` skipped
         ({"output_attentions": True, "attn_implementation": "sdpa"}, "`output_attentions` attribute is not supported"),
         ({"layer_types": ["bogus", "bogus"]}, r"`layer_types` entries must be in"),
@@ -246,35 +245,28 @@ def test_values_set_after_construction_are_checked_by_transformers_validators_to
         ClusterMoEForCausalLM(config)
 
 
-def test_the_dense_mlp_width_follows_the_fields_it_defaults_to(tiny_config):
+def test_the_dense_width_defaults_to_the_active_expert_width_and_is_then_kept(tiny_config):
+    """Filled in at construction, like `head_dim`: a saved model's dense layers keep their width when the top-k
+    values change later (pruning lowers them; `from_pretrained(path, top_k_experts=...)`)."""
     config = tiny_config(first_k_dense_layers=1)
-    assert config.dense_intermediate_size is None  # not filled in: a stored value would go stale
-    assert config.dense_mlp_width == 16 * 2  # intermediate_size * top_k_clusters * top_k_experts
-    assert config.to_dict()["dense_intermediate_size"] is None
-
-    # a dict that went through `to_dict` (e.g. run_clm's --config_overrides) then got a new expert width
-    edited = ClusterMoEConfig.from_dict({**config.to_dict(), "intermediate_size": 32})
-    assert edited.dense_mlp_width == 32 * 2
-    config.top_k_clusters, config.intermediate_size = 2, 8  # set after construction
-    assert config.dense_mlp_width == 8 * 2 * 2
-
-    given = tiny_config(first_k_dense_layers=1, dense_intermediate_size=24)
-    given.intermediate_size = 8
-    assert given.dense_mlp_width == 24
+    assert config.dense_intermediate_size == 16 * 2  # intermediate_size * top_k_clusters * top_k_experts
+    config.top_k_experts = 1
+    assert config.dense_intermediate_size == 32
+    assert tiny_config(first_k_dense_layers=1, dense_intermediate_size=24).dense_intermediate_size == 24
 
 
 def test_config_overrides_can_set_fields_whose_value_is_none(tiny_config):
     """run_clm's `--config_overrides` uses `update_from_string`, which in transformers parses by the current value's
-    type and so cannot set a None-valued field (e.g. `dense_intermediate_size`, None unless given)."""
+    type and so cannot set a None-valued field (e.g. `expert_capacity_factor`, None by default)."""
     config = tiny_config(pad_token_id=None)
     config.update_from_string(
         "dense_intermediate_size=24,expert_capacity_factor=1.25,router_cluster_aux_loss_coef=0,pad_token_id=0,"
         "top_k_experts=1,d_model=64"
     )
-    assert (config.dense_intermediate_size, config.dense_mlp_width) == (24, 24)
+    assert config.dense_intermediate_size == 24
     assert (config.expert_capacity_factor, config.router_cluster_aux_loss_coef, config.pad_token_id) == (1.25, 0, 0)
     assert (config.top_k_experts, config.hidden_size) == (1, 64)
-    config.update_from_string("dense_intermediate_size=None")
-    assert config.dense_intermediate_size is None and config.dense_mlp_width == 16
+    config.update_from_string("expert_capacity_factor=None")
+    assert config.expert_capacity_factor is None
     with pytest.raises(ValueError, match=r"^Invalid ClusterMoEConfig: pad_token_id .* cannot be set from '1.5'"):
         tiny_config(pad_token_id=None).update_from_string("pad_token_id=1.5")
