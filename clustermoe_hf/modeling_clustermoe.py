@@ -1192,6 +1192,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         if not layers:
             raise ValueError("This model has no MoE layers to prune.")
         _check_plain_experts(layers, "prune_experts")
+        base = getattr(self, self.base_model_prefix, self)
+        if any(other is not base and other.config is config for other in list(_TRAINING_STATE_OWNERS)):
+            raise ValueError(
+                "Another live ClusterMoE model shares this model's config object, and pruning changes the config, so "
+                "that model would no longer match it. Build each model from its own config "
+                "(`Model(copy.deepcopy(config))`), or delete the other model first."
+            )
         if calibration_data is not None and rank_by != "reliability":
             counts = self._calibration_counts(calibration_data)
             if any(int(layer_counts.sum()) == 0 for layer_counts in counts):
@@ -1204,13 +1211,6 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 "accumulate in training mode) or use rank_by='reliability'."
             )
 
-        base = getattr(self, self.base_model_prefix, self)
-        if any(other is not base and other.config is config for other in list(_TRAINING_STATE_OWNERS)):
-            raise ValueError(
-                "Another ClusterMoE model was built from this model's config object, and pruning changes the config: "
-                "that model would then no longer match its own. Build each model from its own config "
-                "(copy.deepcopy(config)), or prune that model too after copying this one's config into it."
-            )
         new_clusters = clusters_keep or config.num_clusters
         new_experts = experts_per_cluster_keep or config.experts_per_cluster
         selections = []

@@ -28,6 +28,7 @@ import math
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,7 @@ PREVIOUS_RUN_FILES = (
     "loss_curve.png",
 )
 REPLACED_RUN_DIR = ".replaced-run"  # hidden: push_to_hub.py, get_last_checkpoint and checkpoint rotation skip it
-DISCARDED_RUN_DIR = ".replaced-run-discarded"  # what `ReplacedRun.discard` deletes; never restored
+DISCARDED_RUN_PREFIX = ".replaced-run-discarded-"  # folders that `ReplacedRun.discard` deletes; never restored
 # TrainingArguments that make the Trainer upload (or only serve uploads), with their values that do not.
 HUB_UPLOAD_OPTIONS = {
     "push_to_hub": False,
@@ -443,21 +444,21 @@ class ReplacedRun:
         logger.warning(f"Training failed: the earlier run in {self.output_dir} is left as it was.")
 
     def discard(self) -> None:
-        """Delete the earlier run's files. Not restorable from here on, even if deleting fails: they are first renamed
-        to `DISCARDED_RUN_DIR`, which nothing reads (an interrupted delete leaves no `REPLACED_RUN_DIR` that would
-        look restorable), and a failure is logged, not raised, so that it cannot end the new run."""
+        """Delete the earlier run's files. Not restorable from here on, even if deleting fails: they are first moved
+        into a new `DISCARDED_RUN_PREFIX` folder, which nothing reads (an interrupted delete leaves no
+        `REPLACED_RUN_DIR` that would look restorable), and a failure is logged, not raised, so that it cannot end
+        the new run."""
         if not self.restorable:
             return
         self.restorable = False
-        discarded = self.output_dir / DISCARDED_RUN_DIR
         logger.warning(f"--overwrite_output_dir: deleting the earlier run's files in {self.folder}")
-        try:
-            if discarded.exists():  # left by an earlier interrupted delete
-                shutil.rmtree(discarded)
-            self.folder.rename(discarded)
-            shutil.rmtree(discarded)
-        except OSError as error:
-            logger.warning(f"Could not delete the replaced run's files ({error}): delete {discarded} by hand.")
+        discarded = Path(tempfile.mkdtemp(prefix=DISCARDED_RUN_PREFIX, dir=self.output_dir))  # a name never used
+        self.folder.rename(discarded / self.folder.name)
+        for leftover in sorted(self.output_dir.glob(f"{DISCARDED_RUN_PREFIX}*")):  # also of interrupted deletes
+            try:
+                shutil.rmtree(leftover)
+            except OSError as error:
+                logger.warning(f"Could not delete the replaced run's files ({error}): delete {leftover} by hand.")
 
 
 class DiscardReplacedRunOnSave(TrainerCallback):

@@ -266,7 +266,8 @@ def test_a_replaced_run_that_cannot_be_deleted_is_never_restored_over_the_new_on
     monkeypatch.setattr(run_clm.shutil, "rmtree", fails_halfway)
     replaced.discard()
     assert not replaced.restorable and not replaced.folder.exists()  # nothing that looks restorable is left
-    assert (folder / ".replaced-run-discarded" / "trainer_state.json").exists()
+    (leftover,) = folder.glob(".replaced-run-discarded-*")
+    assert (leftover / ".replaced-run" / "trainer_state.json").exists()
     arguments = TrainingArguments(output_dir=str(folder), resume_from_checkpoint=str(folder / "checkpoint-4"))
     (folder / "checkpoint-4").mkdir()  # the new run's
     assert run_clm.check_output_dir(arguments, run_clm.ReportArguments()) is False  # it can be resumed

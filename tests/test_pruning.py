@@ -123,7 +123,7 @@ def test_pruning_a_model_whose_config_another_model_shares_is_refused(tiny_confi
     pruned, other = ClusterMoEForCausalLM(config).eval(), ClusterMoEForCausalLM(config).eval()
     with_utilization(pruned, [[5, 9, 1, 7, 0, 3, 8, 2]] * 2)
     for model in (pruned, pruned.model):
-        with pytest.raises(ValueError, match="Another ClusterMoE model was built from this model's config"):
+        with pytest.raises(ValueError, match="Another live ClusterMoE model shares this model's config object"):
             model.prune_experts(experts_per_cluster_keep=1)
     assert config.experts_per_cluster == 4 and pruned.model.layers[0].mlp.experts.num_experts == 8
     del other
