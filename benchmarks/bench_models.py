@@ -24,7 +24,6 @@ wall clock with the device synchronised, and peak memory comes from the CUDA all
 import argparse
 import gc
 import json
-import math
 import platform
 import statistics
 import sys
@@ -273,7 +272,7 @@ def summarise(best: dict) -> dict:
         peers = {name: values[name]["value"] for name in MOE_PEERS if name in values}
         ours, dense = values[CLUSTERMOE]["value"], values[DENSE]["value"]
         orient = (lambda a, b: ratio(a, b)) if higher else (lambda a, b: ratio(b, a))
-        summary[kind] = {"best_peer": None, "best_peer_implementation": None, "vs_best_peer": math.nan}
+        summary[kind] = {"best_peer": None, "best_peer_implementation": None, "vs_best_peer": None}
         if peers:  # none when every peer's allowed configurations were left out as too slow
             best_peer = (max if higher else min)(peers, key=peers.get)
             summary[kind].update(
@@ -286,8 +285,10 @@ def summarise(best: dict) -> dict:
 
 
 def check_targets(summary: dict, best: dict, router: dict | None) -> list:
-    def target(name: str, value: float, threshold: float, **details) -> dict:
-        return {"target": name, "value": value, "threshold": threshold, "met": value >= threshold, **details}
+    def target(name: str, value: float | None, threshold: float, **details) -> dict:
+        """`met` is None where there is nothing to compare with (no peer left in the comparison)."""
+        met = None if value is None else value >= threshold
+        return {"target": name, "value": value, "threshold": threshold, "met": met, **details}
 
     targets = []
     for kind in ("train_fp32", "train_bf16"):
@@ -299,7 +300,7 @@ def check_targets(summary: dict, best: dict, router: dict | None) -> list:
     # ClusterMoE is leaner).
     memory = best["memory"]
     best_peer = summary["memory"]["best_peer"]
-    margin_kib = math.nan if best_peer is None else (memory[best_peer]["value"] - memory[CLUSTERMOE]["value"]) * 1024
+    margin_kib = None if best_peer is None else (memory[best_peer]["value"] - memory[CLUSTERMOE]["value"]) * 1024
     targets.append(
         target(
             "peak training memory <= best peer's (leanness ratio >= 1)",
@@ -313,7 +314,7 @@ def check_targets(summary: dict, best: dict, router: dict | None) -> list:
         # Expressed as flat / hierarchical so that, like the others, larger is better: <= 0.3x means >= 3.33.
         targets.append(
             target(
-                f"router N={last['num_experts']}: hierarchical <= 0.3x flat",
+                f"router N={last['num_experts']}: flat / hierarchical >= 3.33 (hierarchical <= 0.3x flat)",
                 1 / last["hierarchical_over_flat"],
                 1 / 0.3,
             )
@@ -326,7 +327,7 @@ def decisive_digits(targets: list) -> int:
     the printed threshold as the verdict says (0.9996 against 1 is not met, yet both read 1.000)."""
     for digits in range(3, 18):
         rounded = lambda number: float(f"{number:.{digits}f}")  # noqa: E731
-        if all((rounded(t["value"]) >= rounded(t["threshold"])) == t["met"] for t in targets):
+        if all((rounded(t["value"]) >= rounded(t["threshold"])) == t["met"] for t in targets if t["met"] is not None):
             return digits
     return 17
 
@@ -341,12 +342,20 @@ def targets_markdown(targets: list, targets_in_transformers_backends: list) -> l
         digits = decisive_digits([target, other])
         cells = []
         for entry in (target, other):
+            if entry["met"] is None:
+                cells += ["n/a (no peer)", "n/a"]
+                continue
             value = f"{entry['value']:.{digits}f}"
             if "margin_KiB" in entry:
-                value += f" ({entry['margin_KiB']:+,.1f} KiB vs best peer)"
+                margin = entry["margin_KiB"]
+                value += f" (ClusterMoE {abs(margin):,.1f} KiB {'leaner' if margin >= 0 else 'heavier'})"
             cells += [value, "yes" if entry["met"] else "no"]
         lines.append(f"| {target['target']} | {target['threshold']:.{digits}f} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _ratio_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def markdown(result: dict) -> str:
@@ -393,8 +402,8 @@ def markdown(result: dict) -> str:
         other = transformers_summary[kind]
         lines.append(
             f"| {KIND_LABELS[kind]} | {row['best_peer']} ({row['best_peer_implementation']}) | "
-            f"{row['vs_best_peer']:.2f} | {other['best_peer']} ({other['best_peer_implementation']}) | "
-            f"{other['vs_best_peer']:.2f} | {row['vs_dense']:.2f} |"
+            f"{_ratio_cell(row['vs_best_peer'])} | {other['best_peer']} ({other['best_peer_implementation']}) | "
+            f"{_ratio_cell(other['vs_best_peer'])} | {row['vs_dense']:.2f} |"
         )
     lines += ["", "Every experts implementation (tokens/s; prefill in ms; memory in MiB; '-' = left out as over "
               f"{result['slow_factor']:g}x slower than the model's fastest in a probe run):", ""]  # fmt: skip

@@ -1,7 +1,6 @@
 """The benchmark suite keeps working: matched models, every experts implementation, outputs written (--quick)."""
 
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -138,7 +137,7 @@ def test_targets_table_shows_values_that_agree_with_the_verdict():
         _, threshold, value, met, other_value, other_met = (cell.strip() for cell in row.strip("|").split("|"))
         assert (float(value.split()[0]) >= float(threshold)) == target["met"] == (met == "yes"), row
         assert (float(other_value.split()[0]) >= float(threshold)) == other["met"] == (other_met == "yes"), row
-    assert "(-1.0 KiB vs best peer)" in rows[6]
+    assert "(ClusterMoE 1.0 KiB heavier)" in rows[6]
 
 
 def test_peers_are_compared_in_every_backend_and_in_transformers_own():
@@ -166,7 +165,14 @@ def test_peers_are_compared_in_every_backend_and_in_transformers_own():
     )
     assert "Mixtral" not in transformers_own["train_fp32"]  # no configuration to compare with, rather than a crash
     summary = bench_models.summarise(transformers_own)["train_fp32"]  # and no peer at all left in that comparison
-    assert summary["best_peer"] is None and math.isnan(summary["vs_best_peer"]) and summary["vs_dense"] == 1.2
+    assert summary["best_peer"] is None and summary["vs_best_peer"] is None and summary["vs_dense"] == 1.2
+    targets = bench_models.check_targets(
+        {kind: summary for kind in ("train_fp32", "train_bf16", "decode_b1", "decode_b8", "memory")},
+        {"memory": {CLUSTERMOE: {"value": 1.0}}},
+        None,
+    )
+    assert {target["met"] for target in targets if "dense" not in target["target"]} == {None}  # nothing to compare
+    assert "| n/a (no peer) | n/a |" in bench_models.targets_markdown(targets, targets)[2]
 
 
 def test_warmup_zero_is_kept_and_counts_below_their_minimum_are_refused(capsys):
@@ -305,7 +311,7 @@ def test_quick_benchmark_writes_json_markdown_and_plots(tmp_path):
     assert "| ClusterMoE |" in table and "ClusterMoE / best peer" in table
     assert saved["allocator"] in table.splitlines()[0]  # the machine line says how memory was allocated
     targets = {target["target"]: target for target in saved["targets"]}
-    assert len(targets) == 8 and "router N=4096: hierarchical <= 0.3x flat" in targets
+    assert len(targets) == 8 and "router N=4096: flat / hierarchical >= 3.33 (hierarchical <= 0.3x flat)" in targets
     assert all(target["met"] == (target["value"] >= target["threshold"]) for target in targets.values())
     for name in ("models.png", "router_scaling.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
