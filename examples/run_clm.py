@@ -370,6 +370,11 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         raise NotADirectoryError(f"--output_dir {output_dir} is a file, not a folder.")
     replaced = output_dir / REPLACED_RUN_DIR
     if replaced.exists():  # left by a run that was killed before it could move them back or delete them
+        if any(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):  # the replacing run saved: no going back
+            raise FileExistsError(
+                f"{replaced} holds the checkpoints and reports of a run that the run saved in {output_dir} replaced; "
+                f"delete {replaced} (moving them back would mix the two runs' checkpoints)."
+            )
         raise FileExistsError(
             f"{replaced} holds an earlier run's checkpoints and reports, set aside by an --overwrite_output_dir run "
             f"that was killed before it saved: move them back into {output_dir} to keep that run, or delete "
@@ -452,13 +457,20 @@ class ReplacedRun:
             return
         self.restorable = False
         logger.warning(f"--overwrite_output_dir: deleting the earlier run's files in {self.folder}")
-        discarded = Path(tempfile.mkdtemp(prefix=DISCARDED_RUN_PREFIX, dir=self.output_dir))  # a name never used
-        self.folder.rename(discarded / self.folder.name)
-        for leftover in sorted(self.output_dir.glob(f"{DISCARDED_RUN_PREFIX}*")):  # also of interrupted deletes
+        try:
+            discarded = Path(tempfile.mkdtemp(prefix=DISCARDED_RUN_PREFIX, dir=self.output_dir))  # a name never used
+            self.folder.rename(discarded / self.folder.name)
+        except OSError as error:  # e.g. a file of it held open: delete it where it is
+            logger.warning(f"Could not move {self.folder} aside ({error}); deleting it in place.")
+        for leftover in sorted(self.output_dir.glob(f"{DISCARDED_RUN_PREFIX}*")) + [self.folder]:
             try:
-                shutil.rmtree(leftover)
+                if leftover.exists():  # also what interrupted deletes left
+                    shutil.rmtree(leftover)
             except OSError as error:
-                logger.warning(f"Could not delete the replaced run's files ({error}): delete {leftover} by hand.")
+                logger.warning(
+                    f"Could not delete the replaced run's files ({error}): delete {leftover} by hand (they belong to "
+                    "the replaced run; do not move them back next to this run's)."
+                )
 
 
 class DiscardReplacedRunOnSave(TrainerCallback):

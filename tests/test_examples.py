@@ -245,8 +245,10 @@ def test_replacing_a_run_sets_aside_its_checkpoints_logs_and_reports_only(run_cl
     assert {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
     assert not (folder / "runs" / "new-events").exists() and not replaced.folder.exists()
     replaced = run_clm.ReplacedRun(folder)
+    (folder / ".replaced-run-discarded-x" / "checkpoint-1").mkdir(parents=True)  # left by an interrupted delete
     replaced.discard()
     assert not replaced.folder.exists() and not list(folder.glob("checkpoint-*")) and not replaced.restorable
+    assert not list(folder.glob(".replaced-run-discarded-*"))  # deleted, leftovers included
 
 
 def test_a_replaced_run_that_cannot_be_deleted_is_never_restored_over_the_new_one(
@@ -271,6 +273,29 @@ def test_a_replaced_run_that_cannot_be_deleted_is_never_restored_over_the_new_on
     arguments = TrainingArguments(output_dir=str(folder), resume_from_checkpoint=str(folder / "checkpoint-4"))
     (folder / "checkpoint-4").mkdir()  # the new run's
     assert run_clm.check_output_dir(arguments, run_clm.ReportArguments()) is False  # it can be resumed
+
+
+def test_a_replaced_run_that_cannot_be_moved_aside_is_deleted_in_place(run_clm, trained, tmp_path, monkeypatch):
+    """A failed rename (a file held open on Windows) must neither end the new run nor leave a restorable-looking
+    folder next to its checkpoints."""
+    folder = tmp_path / "run"
+    shutil.copytree(trained[0], folder)
+    replaced = run_clm.ReplacedRun(folder)
+
+    def refused(self, target):
+        raise PermissionError(13, "Access is denied")
+
+    monkeypatch.setattr(run_clm.Path, "rename", refused)
+    replaced.discard()
+    assert not replaced.folder.exists() and not list(folder.glob(".replaced-run-discarded-*"))
+
+
+def test_a_replaced_run_left_next_to_the_new_runs_checkpoints_is_not_offered_back(run_clm, tmp_path):
+    folder = tmp_path / "run"
+    (folder / ".replaced-run" / "checkpoint-4").mkdir(parents=True)
+    (folder / "checkpoint-2").mkdir()  # saved by the run that replaced it
+    with pytest.raises(FileExistsError, match="moving them back would mix the two runs' checkpoints"):
+        run_clm.check_output_dir(TrainingArguments(output_dir=str(folder)), run_clm.ReportArguments())
 
 
 def test_overwrite_keeps_the_earlier_run_when_training_fails(run_clm, trained, tmp_path, monkeypatch):

@@ -123,8 +123,10 @@ def test_pruning_a_model_whose_config_another_model_shares_is_refused(tiny_confi
     pruned, other = ClusterMoEForCausalLM(config).eval(), ClusterMoEForCausalLM(config).eval()
     with_utilization(pruned, [[5, 9, 1, 7, 0, 3, 8, 2]] * 2)
     for model in (pruned, pruned.model):
+        calibration = iter([torch.randint(3, 64, (2, 6))])
         with pytest.raises(ValueError, match="Another live ClusterMoE model shares this model's config object"):
-            model.prune_experts(experts_per_cluster_keep=1)
+            model.prune_experts(experts_per_cluster_keep=1, calibration_data=calibration)
+        assert next(calibration, None) is not None  # refused before the calibration pass
     assert config.experts_per_cluster == 4 and pruned.model.layers[0].mlp.experts.num_experts == 8
     del other
     gc.collect()
