@@ -355,7 +355,11 @@ def targets_markdown(targets: list, targets_in_transformers_backends: list) -> l
 
 
 def _ratio_cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _peer_cell(row: dict) -> str:
+    return "n/a (no peer)" if row["best_peer"] is None else f"{row['best_peer']} ({row['best_peer_implementation']})"
 
 
 def markdown(result: dict) -> str:
@@ -401,9 +405,9 @@ def markdown(result: dict) -> str:
     for kind, row in summary.items():
         other = transformers_summary[kind]
         lines.append(
-            f"| {KIND_LABELS[kind]} | {row['best_peer']} ({row['best_peer_implementation']}) | "
-            f"{_ratio_cell(row['vs_best_peer'])} | {other['best_peer']} ({other['best_peer_implementation']}) | "
-            f"{_ratio_cell(other['vs_best_peer'])} | {row['vs_dense']:.2f} |"
+            f"| {KIND_LABELS[kind]} | {_peer_cell(row)} | "
+            f"{_ratio_cell(row['vs_best_peer'])} | {_peer_cell(other)} | {_ratio_cell(other['vs_best_peer'])} | "
+            f"{row['vs_dense']:.2f} |"
         )
     lines += ["", "Every experts implementation (tokens/s; prefill in ms; memory in MiB; '-' = left out as over "
               f"{result['slow_factor']:g}x slower than the model's fastest in a probe run):", ""]  # fmt: skip
