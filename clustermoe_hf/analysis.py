@@ -38,13 +38,15 @@ def mutual_information(labels: torch.Tensor, clusters: torch.Tensor) -> float:
 
 
 def _utilization_entropies(prefix: str, expert_counts: torch.Tensor, num_clusters: int) -> dict[str, float]:
-    """Entropy (nats) of the expert and of the cluster utilisation, and each divided by its maximum (1 = even)."""
+    """Entropy (nats) of the expert and of the cluster utilisation, and each divided by its maximum (1 = even); the
+    latter NaN while nothing was counted (0 would read as a collapsed router)."""
     cluster_counts = expert_counts.view(num_clusters, -1).sum(-1)
     stats = {}
     for level, counts in (("expert", expert_counts), ("cluster", cluster_counts)):
         value = entropy(counts)
         stats[f"{prefix}_{level}_entropy"] = value
-        stats[f"{prefix}_{level}_entropy_normalized"] = value / math.log(counts.numel()) if counts.numel() > 1 else 1.0
+        normalized = value / math.log(counts.numel()) if counts.numel() > 1 else 1.0
+        stats[f"{prefix}_{level}_entropy_normalized"] = normalized if counts.sum() > 0 else math.nan
     return stats
 
 

@@ -57,6 +57,10 @@ def test_utilization_entropy_of_the_training_counts(tiny_model):
     assert stats["layer_1_expert_entropy_normalized"] == pytest.approx(1.0)
     assert stats["layer_1_cluster_entropy_normalized"] == pytest.approx(1.0)
 
+    untrained = utilization_entropy(tiny_model())  # nothing counted: not a collapsed router (0)
+    assert math.isnan(untrained["layer_0_expert_entropy_normalized"])
+    assert math.isnan(untrained["layer_1_cluster_entropy_normalized"])
+
 
 DOMAIN_A, DOMAIN_B = range(3, 33), range(33, 64)
 
