@@ -15,6 +15,8 @@ import functools
 import inspect
 import math
 import os
+import re
+import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable, Mapping
@@ -37,7 +39,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, _add_variant, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, can_return_tuple
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
@@ -874,9 +876,22 @@ def _check_plain_experts(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], a
         )
 
 
-def _file_version(path: str) -> tuple[int, int] | None:
-    """(modification time, size) of a file, None if there is none: tells whether a save wrote it."""
-    return (os.stat(path).st_mtime_ns, os.stat(path).st_size) if os.path.isfile(path) else None
+def _is_weights_file(name: str, variant: str | None) -> bool:
+    """Whether `name` is one of the safetensors weights files `save_pretrained(variant=variant)` writes: the single
+    file (`model.safetensors`), or the shard index and the shards (`model-00001-of-00003.safetensors`)."""
+    single, index = (_add_variant(file, variant) for file in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+    shard = rf"{re.escape(single.removesuffix('.safetensors'))}-\d{{5}}-of-\d{{5}}\.safetensors"
+    return name in (single, index) or re.fullmatch(shard, name) is not None
+
+
+def _move_into(source: str, destination: str):
+    """Move a file or a folder's files over `destination`, replacing what is there file by file."""
+    if os.path.isdir(source) and not os.path.islink(source):
+        os.makedirs(destination, exist_ok=True)
+        for name in os.listdir(source):
+            _move_into(os.path.join(source, name), os.path.join(destination, name))
+    else:
+        os.replace(source, destination)
 
 
 class ClusterMoEPreTrainedModel(PreTrainedModel):
@@ -927,12 +942,14 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         self.__dict__["_ddp_ignored_by_user"] = list(names)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' `save_pretrained`, which writes the code, the config, the generation config and the weights
-        in turn, with everything that can be invalid checked before the first file is written: a config rejected
-        halfway would leave a checkpoint already in the folder half overwritten (a new config over old weights).
-        With custom code, `auto_map` names every ClusterMoE Auto class, not only the saved class's. And a sharded save
-        over an unsharded checkpoint (or the reverse) removes the earlier weights file that transformers leaves
-        behind: `from_pretrained` would load the stale single file rather than the new shards."""
+        """transformers' `save_pretrained`, made safe for a checkpoint already in the folder: the files are written to
+        a new folder next to it and moved into place once all of them were written, so that a save that fails halfway
+        (an invalid setting or argument, a full disk) leaves the earlier checkpoint as it was. Weights files of the
+        earlier save that the new one does not replace are then removed: a sharded save over a single file (or the
+        reverse) would otherwise leave both, and `from_pretrained` load the stale one. Pushing to the Hub
+        (`push_to_hub=True`) and distributed checkpoints (`distributed_checkpoint=True`, written by every rank) write
+        in place, as in transformers, after the same checks. With custom code, `auto_map` names every ClusterMoE Auto
+        class, not only the saved class's."""
         self.config.validate()
         self._check_config_describes_modules()
         if self.can_generate():
@@ -944,17 +961,30 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         options = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
         options.apply_defaults()
-        single, index = (
-            os.path.join(save_directory, _add_variant(name, options.arguments["variant"]))
-            for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
-        )
-        before = {path: _file_version(path) for path in (single, index)}
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        written = {path for path in before if _file_version(path) not in (None, before[path])}
-        if options.arguments["is_main_process"] and len(written) == 1:
-            stale = index if single in written else single
-            if os.path.isfile(stale):
-                os.remove(stale)
+        options = options.arguments
+        target = os.path.abspath(os.fspath(save_directory))
+        if (
+            options["push_to_hub"]
+            or options["distributed_checkpoint"]
+            or not self.should_save_on_this_rank(options["is_main_process"])
+            or os.path.isfile(target)  # transformers reports it
+        ):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=os.path.dirname(target))
+        try:
+            result = super().save_pretrained(staging, *args, **kwargs)
+            written = set(os.listdir(staging))
+            os.makedirs(target, exist_ok=True)
+            for name in sorted(written, key=lambda name: name == CONFIG_NAME):  # the config last
+                _move_into(os.path.join(staging, name), os.path.join(target, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        weights_files = {name for name in os.listdir(target) if _is_weights_file(name, options["variant"])}
+        if weights_files & written:  # this save wrote the model's weights (not, e.g., only an adapter's)
+            for name in weights_files - written:  # the earlier save's, not replaced by this one
+                os.remove(os.path.join(target, name))
         return result
 
     def _check_config_describes_modules(self):
@@ -965,7 +995,17 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         # DeepSpeed ZeRO-3 partitions the weights (the Trainer saves it that way, with a gathered state dict).
         unwrap = lambda module: getattr(module, "base_layer", module)  # noqa: E731  (peft's adapter layers)
         embeddings, base = unwrap(self.get_input_embeddings()), getattr(self, self.base_model_prefix, self)
-        built = {"vocab_size": embeddings.num_embeddings, "hidden_size": embeddings.embedding_dim}
+        attention = base.layers[0].self_attn
+        head_dim = attention.head_dim
+        built = {
+            "vocab_size": embeddings.num_embeddings,
+            "hidden_size": embeddings.embedding_dim,
+            "num_hidden_layers": len(base.layers),
+            "first_k_dense_layers": sum(not layer.is_moe for layer in base.layers),
+            "head_dim": head_dim,
+            "num_attention_heads": unwrap(attention.q_proj).out_features // head_dim,
+            "num_key_value_heads": unwrap(attention.k_proj).out_features // head_dim,
+        }
         for layer in base.layers:
             if not layer.is_moe:
                 built["dense_intermediate_size"] = unwrap(layer.mlp.gate_proj).out_features
@@ -1087,6 +1127,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         """Re-draw the weights of expert `expert_idx` of cluster `cluster_idx` in MoE layer `layer_idx` (e.g. after
         they were corrupted) and reset its reliability to 1, so that the router selects it again, and its balancing
         bias to the mean of its cluster peers' (the one it has was learnt for the old weights)."""
+        indices = {"layer_idx": layer_idx, "cluster_idx": cluster_idx, "expert_idx": expert_idx}
+        if not all(_is_int(value) for value in indices.values()):
+            raise TypeError(f"reinitialize_expert takes integer indices, got {indices}.")
         layers = self._moe_layers()
         blocks = dict(layers)
         if layer_idx not in blocks:

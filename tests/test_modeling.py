@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, modeling_utils
 
 from clustermoe_hf import (
     ClusterMoEConfig,
@@ -419,26 +419,52 @@ def test_a_save_over_a_checkpoint_sharded_otherwise_loads_the_new_weights(tiny_m
         torch.testing.assert_close(ClusterMoEForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("invalid", ["generation_config", "config", "size changed after building"])
-def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_model, tmp_path, invalid):
-    """transformers writes the code, the config, the generation config and the weights in turn: every check runs
-    before the first of them, so that a rejected save cannot leave a new config over old weights."""
-    tiny_model().save_pretrained(tmp_path)
-    with open(tmp_path / "modeling_clustermoe.py", "a") as code:
+@pytest.mark.parametrize(
+    "failure", ["generation_config", "config", "size changed after building", "argument", "disk full"]
+)
+def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_model, tmp_path, monkeypatch, failure):
+    """transformers writes the code, the config, the generation config and the weights in turn, into the folder: a
+    save that failed halfway would leave a new config over old weights. Every file is written elsewhere first."""
+    checkpoint = tmp_path / "checkpoint"
+    tiny_model().save_pretrained(checkpoint)
+    with open(checkpoint / "modeling_clustermoe.py", "a") as code:
         code.write("# the code of the checkpoint already here\n")
-    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    before = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
 
-    model = tiny_model(experts_per_cluster=2)
-    if invalid == "generation_config":
+    model, options = tiny_model(experts_per_cluster=2), {}
+    if failure == "generation_config":
         model.generation_config.temperature = 0.7  # a sampling setting without do_sample=True
-    elif invalid == "config":
+    elif failure == "config":
         model.config.top_k_experts = 3  # more than experts_per_cluster
-    else:
+    elif failure == "size changed after building":
         model.config.num_clusters = 4  # the weights are of 2 clusters: the checkpoint would not load
-    with pytest.raises(ValueError, match=None if invalid != "size changed after building" else "num_clusters=4"):
+    elif failure == "argument":
+        options["max_shard_size"] = "10XB"  # read by transformers after it wrote the config
+    else:
+
+        def full_disk(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)  # the weights, written last
+    with pytest.raises((ValueError, OSError), match="num_clusters=4" if "size" in failure else None):
+        model.save_pretrained(checkpoint, **options)
+    assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint"]  # no staging folder left behind
+    assert ClusterMoEForCausalLM.from_pretrained(checkpoint).config.experts_per_cluster == 4
+
+
+@pytest.mark.parametrize(
+    "size, value",
+    [("num_hidden_layers", 1), ("first_k_dense_layers", 1), ("num_attention_heads", 2), ("num_key_value_heads", 1),
+     ("head_dim", 4), ("intermediate_size", 8), ("vocab_size", 50)],
+)  # fmt: skip
+def test_a_config_whose_sizes_changed_after_building_is_not_saved(tiny_model, tmp_path, size, value):
+    """The checkpoint's weights would not match its config.json: it would not load, or load other layers."""
+    model = tiny_model()
+    setattr(model.config, size, value)
+    with pytest.raises(ValueError, match=f"{size}={value}"):
         model.save_pretrained(tmp_path)
-    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
-    assert ClusterMoEForCausalLM.from_pretrained(tmp_path).config.experts_per_cluster == 4
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----- gradient checkpointing -----

@@ -506,6 +506,20 @@ def test_fault_injection_during_training(tiny_config):
     assert losses[-1] < losses[0] - 0.5  # training went on
 
 
+@pytest.mark.parametrize(
+    "indices, error",
+    [((0, 0, 0), "Layer 0 is not a MoE layer; MoE layers are \\[1\\]"), ((1, 2, 0), "No expert 0 in cluster 2"),
+     ((1, 0, -1), "No expert -1"), ((1, True, 0), "integer indices"), ((1, 0, 1.0), "integer indices"),
+     ((torch.tensor(1), 0, 0), "integer indices")],
+)  # fmt: skip
+def test_reinitialize_expert_rejects_an_expert_that_does_not_exist_and_changes_nothing(tiny_model, indices, error):
+    model = tiny_model(first_k_dense_layers=1)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=error):
+        model.reinitialize_expert(*indices)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
 def test_reset_reliability_readmits_an_excluded_expert(tiny_model):
     model = tiny_model().train()
     router = model.model.layers[0].mlp.router
