@@ -1,8 +1,8 @@
 """ClusterMoE for Hugging Face Transformers.
 
 Importing this package registers `model_type="clustermoe"` with the Auto classes, so `AutoConfig.for_model`,
-`AutoModelForCausalLM.from_config` and `from_pretrained` work, and marks the classes for `register_for_auto_class`
-so that `save_pretrained` writes `auto_map` and copies the self-contained modeling/config files next to the weights.
+`AutoModelForCausalLM.from_config` and `from_pretrained` work. The classes are registered for `auto_map` by their own
+(self-contained) files, so that `save_pretrained` copies those files next to the weights.
 """
 
 from transformers import (
@@ -26,11 +26,6 @@ AutoConfig.register(ClusterMoEConfig.model_type, ClusterMoEConfig, exist_ok=True
 AutoModel.register(ClusterMoEConfig, ClusterMoEModel, exist_ok=True)
 AutoModelForCausalLM.register(ClusterMoEConfig, ClusterMoEForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(ClusterMoEConfig, ClusterMoEForSequenceClassification, exist_ok=True)
-
-ClusterMoEConfig.register_for_auto_class()
-ClusterMoEModel.register_for_auto_class("AutoModel")
-ClusterMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-ClusterMoEForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __version__ = "0.1.0"
 

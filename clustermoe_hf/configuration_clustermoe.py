@@ -411,4 +411,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+ClusterMoEConfig.register_for_auto_class()  # custom code, also as a checkpoint's copy (see modeling_clustermoe)
+
 __all__ = ["ClusterMoEConfig"]

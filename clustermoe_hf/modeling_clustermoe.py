@@ -915,14 +915,6 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         "attentions": ClusterMoEAttention,
     }
 
-    # The Auto classes a checkpoint's `auto_map` names, so that each of them loads it from its copied code (without
-    # this package installed), whichever class saved it.
-    _AUTO_MAP_CLASSES = {
-        "AutoModel": "ClusterMoEModel",
-        "AutoModelForCausalLM": "ClusterMoEForCausalLM",
-        "AutoModelForSequenceClassification": "ClusterMoEForSequenceClassification",
-    }
-
     # Buffers each process accumulates on its own between optimizer steps (summed over processes at the step) or
     # keeps for itself. DistributedDataParallel broadcasts rank 0's buffers before forwards: not these.
     _PER_PROCESS_BUFFERS = frozenset(
@@ -957,7 +949,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 self.generation_config.save_pretrained(scratch)  # runs the checks its own save refuses to save with
         if self.is_remote_code():
             module = type(self).__module__.rsplit(".", 1)[-1]  # also for code loaded from a checkpoint
-            auto_map = {auto: f"{module}.{name}" for auto, name in self._AUTO_MAP_CLASSES.items()}
+            auto_map = {cls._auto_class: f"{module}.{cls.__name__}" for cls in _AUTO_CLASSES}
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         options = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
         options.apply_defaults()
@@ -1862,6 +1854,14 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
             aux_loss=aux_loss,
         )
 
+
+# Custom code wherever these classes are loaded from, this package or a checkpoint's copy of this file: whichever of
+# them saves (also the base model of a loaded causal LM), `save_pretrained` copies this file next to the weights and
+# its `auto_map` names all of them, so that each Auto class loads the checkpoint without this package.
+_AUTO_CLASSES = (ClusterMoEModel, ClusterMoEForCausalLM, ClusterMoEForSequenceClassification)
+ClusterMoEModel.register_for_auto_class("AutoModel")
+ClusterMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+ClusterMoEForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
     "ClusterMoEPreTrainedModel",

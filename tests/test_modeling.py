@@ -379,6 +379,9 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
 
         ids = torch.load("ids.pt")
         model = AutoModelForCausalLM.from_pretrained("checkpoint", trust_remote_code=True)
+        # A class not loaded through an Auto class (here before AutoModel loads it) saves the code too.
+        model.model.save_pretrained("base_model")
+        base_model = AutoModel.from_pretrained("base_model", trust_remote_code=True)
         base = AutoModel.from_pretrained("checkpoint", trust_remote_code=True)
         classifier = AutoModelForSequenceClassification.from_pretrained(
             "checkpoint", trust_remote_code=True, num_labels=3
@@ -389,6 +392,7 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
             torch.save(model(ids).logits, "logits.pt")
             torch.save(base(ids).last_hidden_state, "hidden.pt")
             assert classifier(ids).logits.shape == (2, 3)
+            torch.testing.assert_close(base_model(ids).last_hidden_state, base(ids).last_hidden_state)
         """
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
