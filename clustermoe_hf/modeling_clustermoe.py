@@ -502,10 +502,10 @@ class _MaskExcludedPairOutputs(torch.autograd.Function):
 def _zero_non_finite_grad(block_ref: "weakref.ref[ClusterMoESparseMoeBlock]", parameter: nn.Parameter):
     """Only after the block masked a faulty expert: other non-finite gradients (an fp16 loss-scale overflow) must reach
     the gradient scaler, which then skips the step and lowers the scale."""
-    block = block_ref()
-    if block is None:
+    block, grad = block_ref(), parameter.grad
+    if block is None or grad is None:  # None: an optimizer stepping in the backward took the gradient already
         return
-    masked, grad = block.masked_faulty_expert, parameter.grad
+    masked = block.masked_faulty_expert
     if _host_reads_are_free(grad):  # read the flag: `isfinite` is ~20x slower on CPUs
         if masked:
             grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -1609,12 +1609,29 @@ def _routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:
     return next((item for item in output if isinstance(item, tuple) and item and isinstance(item[0], dict)), None)
 
 
+# Base models an optimizer stepping their own parameters was seen to train.
+_MODELS_WITH_A_KNOWN_OPTIMIZER: "weakref.WeakSet[ClusterMoEModel]" = weakref.WeakSet()
+
+
+def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEModel"]:
+    """The live models an optimizer's step ends the accumulation of: those whose parameters it steps. If it steps
+    none, it steps copies of a model's parameters (DeepSpeed's and FSDP's flat ones) or trains another model: then
+    the models no optimizer was seen to train. (So another model's optimizer, e.g. a GAN's discriminator's, stepping
+    between a forward and its backward neither cuts the accumulation short nor lifts the gradient guard.)"""
+    stepped = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+    models = list(_TRAINING_STATE_OWNERS)
+    trained = [model for model in models if any(id(parameter) in stepped for parameter in model.parameters())]
+    _MODELS_WITH_A_KNOWN_OPTIMIZER.update(trained)
+    return trained or [model for model in models if model not in _MODELS_WITH_A_KNOWN_OPTIMIZER]
+
+
 def _after_optimizer_step(optimizer, args, kwargs):
-    for model in list(_TRAINING_STATE_OWNERS):
+    for model in _models_trained_by(optimizer):
         if model.routing_state.has_pending_updates:  # set by training forwards only; the mode may have changed since
             model.apply_pending_routing_updates()
         for _, block in model._moe_layers():
-            block.masked_faulty_expert.zero_()
+            if not block.masked_faulty_expert.is_inference():  # built under `torch.inference_mode`: it never trains
+                block.masked_faulty_expert.zero_()
 
 
 _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)

@@ -236,6 +236,44 @@ def test_optimizer_steps_without_a_training_forward_change_nothing():
     assert all(router.expert_token_counts.sum() == 0 for router in routers(model))
 
 
+def test_each_model_is_updated_by_the_steps_of_its_own_optimizer_only():
+    """A GAN-style loop: the discriminator's optimizer steps between the generator's forward and its backward. Once
+    a model's own optimizer stepped, others' steps leave its accumulation alone (and its gradient guard up)."""
+    generator = adaptive_model()
+    generator_optimizer = torch.optim.SGD(generator.parameters(), lr=0.0)
+    discriminator = torch.nn.Linear(4, 1)
+    discriminator_optimizer = torch.optim.SGD(discriminator.parameters(), lr=0.1)
+    input_ids = torch.randint(3, 64, (2, 16))
+    experts = generator.model.layers[0].mlp.experts
+    for step in range(1, 4):
+        if step == 3:
+            with torch.no_grad():
+                experts.down_proj.fill_(float("nan"))  # broken: masked in the forward, its gradients cleaned
+        loss = generator(input_ids, labels=input_ids).loss
+        discriminator(torch.randn(2, 4)).sum().backward()
+        discriminator_optimizer.step()
+        if step > 1:  # the first time, the generator's optimizer is not known yet
+            assert generator.get_reliability_stats()["training_step"] == step - 1
+            assert generator.model.routing_state.has_pending_updates
+        loss.backward()
+        assert experts.down_proj.grad.isfinite().all()
+        generator_optimizer.step()
+        generator_optimizer.zero_grad()
+        assert generator.get_reliability_stats()["training_step"] == step
+
+
+def test_a_model_built_in_inference_mode_does_not_break_other_models_optimizer_steps():
+    with torch.inference_mode():
+        reference = adaptive_model().eval()  # e.g. a frozen reference model, loaded under inference_mode
+        reference(torch.randint(3, 64, (1, 8)))
+    model = adaptive_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    input_ids = torch.randint(3, 64, (2, 16))
+    model(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    assert model.get_reliability_stats()["training_step"] == 1
+
+
 def test_plain_trainer_updates_routing_state_per_optimizer_step(tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -316,6 +316,26 @@ def test_the_gradient_guard_stands_down_after_the_step_of_a_masked_fault(tiny_mo
     assert scaler.get_scale() == 2.0**126  # the overflow was seen: step skipped, scale lowered
 
 
+def test_an_optimizer_stepping_in_the_backward_does_not_trip_the_gradient_guard(tiny_model):
+    """PyTorch's optimizer-in-backward pattern: a per-parameter optimizer steps and clears `.grad` from a
+    post-accumulate-grad hook that runs before the guard's (registered in the first training forward)."""
+    model = tiny_model().train()
+    optimizers = {parameter: torch.optim.SGD([parameter], lr=1e-3) for parameter in model.parameters()}
+
+    def step_in_backward(parameter):
+        optimizers[parameter].step()
+        optimizers[parameter].zero_grad(set_to_none=True)
+
+    for parameter in model.parameters():
+        parameter.register_post_accumulate_grad_hook(step_in_backward)
+    weights = model.model.layers[0].mlp.experts.down_proj.detach().clone()
+    ids = torch.randint(3, 64, (2, 8))
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+    assert not torch.equal(model.model.layers[0].mlp.experts.down_proj, weights)
+    assert model.get_reliability_stats()["training_step"] > 0
+
+
 def test_reliability_moves_by_the_healthy_fraction_of_a_steps_observations(tiny_model):
     """Faulty in one of two accumulated micro-batches and healthy in the other: r <- d * r + (1 - d) * 1/2."""
     model = tiny_model(reliability_decay=0.8).train()
