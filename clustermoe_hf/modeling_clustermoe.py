@@ -378,14 +378,15 @@ class ClusterMoERouter(nn.Module):
         """The terms selection adds to the log-probabilities, per cluster (C,) and per expert (C, E), or None: the
         adaptive balancing biases and the log-reliability, with experts below the reliability threshold excluded.
 
-        Reused until a buffer they are computed from changes (in-place updates bump a tensor's version counter), so
-        that decoding does not rebuild them for every token."""
+        Reused until a buffer they are computed from changes, so that decoding does not rebuild them for every token:
+        in-place updates bump a tensor's version counter, and `buffer.data = ...` (or swapping tensors) replaces its
+        storage. An in-place write to `buffer.data` changes neither: write to the buffer itself."""
         config = self.config
         sources = (self.cluster_bias, self.expert_bias, self.expert_reliability, self.selection_token_counts)
         if is_torchdynamo_compiling() or any(source.is_inference() for source in sources):
             return self._compute_selection_bias()  # no version counters to key a cache on
         settings = (config.use_adaptive_routing, config.use_reliability_routing, config.reliability_threshold)
-        versions = tuple(source._version for source in sources)
+        versions = tuple((source._version, source.data_ptr()) for source in sources)
         cached = self._cached_selection_bias
         if cached is None or cached[:2] != (settings, versions) or any(a is not b for a, b in zip(cached[2], sources)):
             cached = self._cached_selection_bias = (settings, versions, sources, self._compute_selection_bias())
@@ -1385,8 +1386,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         maybe_install_capturing_hooks(self)
 
     def __setstate__(self, state):
-        """A copy (`copy.deepcopy`, e.g. an EMA or teacher model) or an unpickled model never ran `__init__`: register
-        it with the optimizer-step hook here. (Not in the forward, where `torch.compile` drops the registration.)"""
+        """A copy (`copy.deepcopy`, e.g. an EMA or teacher model) never ran `__init__`: register it with the
+        optimizer-step hook here. (Not in the forward, where `torch.compile` drops the registration.)"""
         super().__setstate__(state)
         _TRAINING_STATE_OWNERS.add(self)
 

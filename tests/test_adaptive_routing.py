@@ -104,6 +104,8 @@ def test_selection_follows_every_change_of_the_routing_state_between_forwards():
     assert torch.all(clusters() == 0)
     model.config.reliability_threshold = 0.5  # a setting: cluster 0's experts fall below it, it cannot be chosen
     assert torch.all(clusters() == 1)
+    router.expert_reliability.data = torch.ones(8)  # cluster 0 repaired, in new storage with the same version counter
+    assert torch.all(clusters() == 0)
 
 
 def test_a_model_built_in_inference_mode_routes_by_its_current_state():
