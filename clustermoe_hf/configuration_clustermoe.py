@@ -374,9 +374,10 @@ class ClusterMoEConfig(PreTrainedConfig):
             value = getattr(self, name)
             ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
             require(
-                value is None or all(_is_int(token_id) and 0 <= token_id < self.vocab_size for token_id in ids),
+                value is None
+                or (ids and all(_is_int(token_id) and 0 <= token_id < self.vocab_size for token_id in ids)),
                 f"{name} ({value}) must be None or in [0, vocab_size={self.vocab_size})"
-                + (", or a list of such ids." if name == "eos_token_id" else "."),
+                + (", or a non-empty list of such ids." if name == "eos_token_id" else "."),
             )
         # transformers' own checks (`@strict` class validators), which overriding `validate` would otherwise skip;
         # resolved by name so that overrides apply. The token ids and RoPE are checked above, with field names.

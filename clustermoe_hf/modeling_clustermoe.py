@@ -1391,9 +1391,10 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         super().__setstate__(state)
         _TRAINING_STATE_OWNERS.add(self)
 
-    def _check_inputs(self, input_ids, inputs_embeds, position_ids):
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache):
         """Clear errors for inputs that would otherwise fail deep inside the embedding or attention, or, for token ids
-        past the vocabulary, read out of bounds on accelerators: shapes, dtypes and the token-id range."""
+        past the vocabulary, read out of bounds on accelerators: shapes, dtypes and the token-id range. The mask is
+        checked before the positions, which `generate` derives from it."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -1418,6 +1419,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 f"The input has no tokens (batch size {batch_size}, sequence length {sequence_length}); pass at least "
                 "one token per sequence."
             )
+        self._check_attention_mask(attention_mask, batch_size, sequence_length, cache)
         if position_ids is not None and (
             position_ids.dim() != 2
             or position_ids.shape[0] not in (1, batch_size)
@@ -1430,16 +1432,16 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 f"{sequence_length}); got a {position_ids.dtype} tensor of shape {tuple(position_ids.shape)}."
             )
 
-    @staticmethod
-    def _check_attention_mask(attention_mask, batch_size: int, sequence_length: int, cache: Cache | None):
-        """A 2-D padding mask has one column per cached and new token; a 4-D mask one row per new token. Under
+    def _check_attention_mask(self, attention_mask, batch_size: int, sequence_length: int, cache: Cache | None):
+        """A 2-D padding mask has one column per cached and new token; a 4-D mask one row per new token and a column
+        per key (a static cache has a key slot for every position it can hold), as booleans or additive floats. Under
         torch.compile the cache length is not read: a static cache's changes every step, and a guard on it would
         recompile every step."""
         if not isinstance(attention_mask, torch.Tensor):
             return  # None, or flex attention's BlockMask
         shape = tuple(attention_mask.shape)
+        cached = 0 if cache is None or is_torchdynamo_compiling() else cache.get_seq_length()
         if attention_mask.dim() == 2:
-            cached = 0 if cache is None or is_torchdynamo_compiling() else cache.get_seq_length()
             valid = shape[0] == batch_size and (
                 shape[1] == cached + sequence_length or (is_torchdynamo_compiling() and shape[1] >= sequence_length)
             )
@@ -1448,8 +1450,19 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 "the inputs attend to"
             )
         elif attention_mask.dim() == 4:
-            valid = shape[0] in (1, batch_size) and shape[2] == sequence_length
-            expected = f"(batch_size={batch_size} or 1, heads, new tokens={sequence_length}, key positions)"
+            heads, keys = self.config.num_attention_heads, cached + sequence_length
+            valid = (
+                shape[0] in (1, batch_size)
+                and shape[1] in (1, heads)
+                and shape[2] == sequence_length
+                and (shape[3] == keys or (cache is not None and shape[3] > keys))
+                and (attention_mask.dtype == torch.bool or attention_mask.is_floating_point())
+            )
+            expected = (
+                f"a boolean or (additive) floating-point mask of shape (batch_size={batch_size} or 1, heads={heads} or "
+                f"1, new tokens={sequence_length}, keys={keys}{' or more' if cache is not None else ''})"
+            )
+            shape = f"{shape} ({attention_mask.dtype})"
         else:
             valid, expected = False, "a 2-D padding mask or a 4-D (batch, heads, queries, keys) mask"
         if not valid:
@@ -1485,9 +1498,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> ClusterMoEModelOutputWithPast:
-        self._check_inputs(input_ids, inputs_embeds, position_ids)
-        batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        self._check_attention_mask(attention_mask, batch_size, sequence_length, cache)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache)
+        sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             self._check_checkpointing_keeps_router_losses()
         if use_cache and cache is None:

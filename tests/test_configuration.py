@@ -55,6 +55,7 @@ ALIASES = {
         ({"hidden_act": "swish_typo"}, "hidden_act"),
         ({"eos_token_id": 64}, "eos_token_id"),
         ({"eos_token_id": [2, -1]}, "eos_token_id"),
+        ({"eos_token_id": []}, "eos_token_id"),  # generate would fail on it with an IndexError
         # a wrong type in a field that other defaults are computed from is named, not a TypeError of the computation
         ({"num_attention_heads": "4"}, "num_attention_heads"),
         ({"hidden_size": None}, "hidden_size"),

@@ -238,6 +238,30 @@ def test_attention_mask_of_the_wrong_shape_is_rejected(tiny_model, mask_shape):
         tiny_model()(random_ids(2, 8), attention_mask=torch.ones(mask_shape, dtype=torch.long))
 
 
+@pytest.mark.parametrize(
+    "mask", [torch.ones(2, 3, 8, 8, dtype=torch.bool), torch.ones(2, 1, 8, 5, dtype=torch.bool), torch.ones(2, 1, 8, 8)]
+)  # 3 of 4 heads, 5 of 8 keys, and integers (eager attention would add them to the scores)
+def test_a_4d_attention_mask_must_give_each_head_query_and_key_a_boolean_or_additive_float(tiny_model, mask):
+    model, ids = tiny_model(), random_ids(2, 8)
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(model(ids, attention_mask=causal.expand(2, 4, 8, 8)).logits, expected)
+        additive = torch.zeros(1, 1, 8, 8).masked_fill(~causal, torch.finfo(torch.float32).min)
+        torch.testing.assert_close(model(ids, attention_mask=additive).logits, expected)
+    mask = mask if mask.dtype == torch.bool else mask.long()
+    with pytest.raises(ValueError, match=r"attention_mask has shape .*boolean or \(additive\) floating-point"):
+        model(ids, attention_mask=mask)
+
+
+def test_generate_names_the_attention_mask_it_was_given_of_the_wrong_shape(tiny_model):
+    """`generate` derives the positions from a padding mask: the error must name the mask, not the positions."""
+    mask = torch.ones(2, 3, dtype=torch.long)
+    mask[0, 0] = 0  # (an all-ones mask, transformers drops before the model sees it)
+    with pytest.raises(ValueError, match=r"^attention_mask has shape \(2, 3\)"):
+        tiny_model().generate(random_ids(2, 5), attention_mask=mask, max_new_tokens=2)
+
+
 @pytest.mark.parametrize("mask_length", [1, 6])  # only the new token, or more columns than tokens
 def test_attention_mask_must_cover_the_cached_and_the_new_tokens(tiny_model, mask_length):
     model = tiny_model()
