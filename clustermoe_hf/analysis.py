@@ -6,7 +6,7 @@ helpers work on any ClusterMoE model, including one loaded with `trust_remote_co
 """
 
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -14,6 +14,8 @@ import torch
 def entropy(counts: torch.Tensor) -> float:
     """Shannon entropy (nats) of the distribution proportional to the non-negative `counts`; 0 for all zeros."""
     probs = counts.double().flatten()
+    if (probs < 0).any():
+        raise ValueError(f"counts must be non-negative; got a count of {probs.min().item()}.")
     total = probs.sum()
     if total <= 0:
         return 0.0
@@ -21,20 +23,40 @@ def entropy(counts: torch.Tensor) -> float:
     return float(-(probs * probs.log()).sum())
 
 
+def _check_ids(name: str, ids) -> None:
+    """Raise unless `ids` is a tensor of non-negative integers: floats would be truncated, bools are not ids."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of integer ids; got {type(ids).__name__}.")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer ids; got dtype {ids.dtype}.")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"{name} must be non-negative ids; got {int(ids.min())}.")
+
+
 def mutual_information(labels: torch.Tensor, clusters: torch.Tensor) -> float:
     """Mutual information I(label; cluster) in nats between paired integer samples.
 
     labels: (n,). clusters: (n,), or (n, k) when each sample chose k clusters; each choice then counts 1/k, so every
-    sample weighs the same.
+    sample weighs the same. Only which samples share an id matters, so ids may be sparse (e.g. document ids): they
+    are renumbered densely, and the memory used grows with n, not with the largest id.
     """
+    _check_ids("labels", labels)
+    _check_ids("clusters", clusters)
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D, one per sample; got shape {tuple(labels.shape)}.")
+    if clusters.dim() not in (1, 2) or clusters.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"clusters must be (n,) or (n, k) for the n = {labels.shape[0]} labels; got shape {tuple(clusters.shape)}."
+        )
     if labels.numel() == 0:
         return 0.0
-    clusters = clusters.reshape(labels.shape[0], -1)
-    num_clusters = int(clusters.max()) + 1
-    joint_ids = (labels.long()[:, None] * num_clusters + clusters.long()).flatten()
-    joint = torch.bincount(joint_ids, minlength=(int(labels.max()) + 1) * num_clusters).double()
-    joint = joint.view(-1, num_clusters) / clusters.shape[1]
-    return entropy(joint.sum(1)) + entropy(joint.sum(0)) - entropy(joint)
+    label_ids = torch.unique(labels, return_inverse=True)[1]
+    cluster_ids = torch.unique(clusters.reshape(labels.shape[0], -1), return_inverse=True)[1]
+    num_clusters = int(cluster_ids.max()) + 1
+    joint_ids = (label_ids[:, None] * num_clusters + cluster_ids).flatten()
+    # Every sample contributes k choices: the 1/k weight scales all three histograms alike, so entropy ignores it.
+    joint = torch.unique(joint_ids, return_counts=True)[1]
+    return entropy(torch.bincount(label_ids)) + entropy(torch.bincount(cluster_ids.flatten())) - entropy(joint)
 
 
 def _utilization_entropies(prefix: str, expert_counts: torch.Tensor, num_clusters: int) -> dict[str, float]:
@@ -62,6 +84,13 @@ def utilization_entropy(model) -> dict[str, float]:
 def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int]) -> torch.Tensor:
     """Integer label per token, (batch, seq): from a per-token tensor, a per-sequence tensor, or a per-sequence list
     of hashable labels (e.g. domain names), numbered in order of first appearance."""
+    if isinstance(labels, (str, bytes, Mapping)):  # would be read as one label per character / key
+        raise TypeError(
+            f"Labels are one per sequence (a list/tuple or tensor) or per token (a tensor); got a "
+            f"{type(labels).__name__}. For one label for the whole batch, repeat it: [label] * batch_size."
+        )
+    if isinstance(labels, torch.Tensor) and (labels.dtype.is_floating_point or labels.dtype.is_complex):
+        raise ValueError(f"Labels must be integers; got a tensor of dtype {labels.dtype}.")
     if not isinstance(labels, torch.Tensor):
         labels = torch.tensor([vocabulary.setdefault(label, len(vocabulary)) for label in labels])
     labels = labels.long()
@@ -73,14 +102,44 @@ def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int]) -> to
     return labels[:, None].expand(shape) if labels.dim() == 1 else labels
 
 
+def _batches(batches) -> Iterator[Mapping]:
+    """Each batch of `batches` as a mapping with a (batch, seq) `input_ids` tensor and, if any, an `attention_mask` of
+    the same shape. As for `prune_experts(calibration_data=...)`, one batch (a mapping such as a tokenizer's
+    BatchEncoding, or a tensor) is taken for a list of one; tensor batches become `{"input_ids": tensor}`."""
+    if isinstance(batches, Mapping) or (isinstance(batches, torch.Tensor) and batches.dim() <= 2):
+        batches = [batches]  # a 1-D tensor too, to be refused below by its shape rather than by its elements'
+    for batch in batches:
+        batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
+        if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+            raise TypeError(
+                "batches must be an iterable of input_ids tensors (batch, seq) or of dicts with an `input_ids` tensor "
+                f"(and optionally `attention_mask`), or one such batch; got a batch of {type(batch).__name__}"
+                + (f" with keys {list(batch)}." if isinstance(batch, Mapping) else ".")
+            )
+        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}.")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor; got {type(attention_mask).__name__}.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; got "
+                f"{tuple(attention_mask.shape)}."
+            )
+        yield batch
+
+
 @torch.no_grad()
 def specialization_statistics(
-    model, batches: Iterable[dict[str, torch.Tensor | Sequence[Hashable]]], label_key: str | None = "label"
+    model,
+    batches: Iterable[dict[str, torch.Tensor | Sequence[Hashable]]] | dict[str, torch.Tensor | Sequence[Hashable]],
+    label_key: str | None = "label",
 ) -> dict[str, float]:
-    """Routing statistics of `model` (in eval mode, without touching its training state) over `batches`.
+    """Routing statistics of `model` (in eval mode, without touching its training state) over `batches` (or one batch).
 
     Each batch is a dict with `input_ids` (batch, seq), optionally `attention_mask` (padding is ignored) and, under
-    `label_key`, a label per sequence (tensor or list of hashables) or per token (tensor). Returns, per MoE layer `l`:
+    `label_key`, a label per sequence (tensor or list of hashables) or per token (tensor); without `label_key`, a
+    batch may also be an `input_ids` tensor. Returns, per MoE layer `l`:
 
     - `layer_{l}_{expert,cluster}_entropy` and `..._entropy_normalized`: utilisation entropy on this data;
     - `layer_{l}_mutual_information`: I(label; chosen cluster) in nats;
@@ -109,7 +168,9 @@ def specialization_statistics(
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
+        for batch in _batches(batches):
+            if label_key is not None and label_key not in batch:
+                raise ValueError(f"A batch has no {label_key!r} labels; pass label_key=None for the entropies only.")
             input_ids = batch["input_ids"].to(model.device)
             attention_mask = batch.get("attention_mask")
             if attention_mask is not None:
@@ -134,7 +195,7 @@ def specialization_statistics(
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     if labels.numel() == 0:
         raise ValueError("`batches` has no (non-padding) tokens: there is nothing to measure the specialisation on.")
-    label_entropy = entropy(torch.bincount(labels))
+    label_entropy = entropy(torch.unique(labels, return_counts=True)[1])  # not bincount: ids may be sparse
     stats["label_entropy"] = label_entropy
     scores = []
     for (layer_idx, _), choices in zip(layers, cluster_choices):
@@ -147,15 +208,17 @@ def specialization_statistics(
 
 
 @torch.no_grad()
-def perplexity(model, batches: Iterable[torch.Tensor | dict[str, torch.Tensor]]) -> float:
+def perplexity(
+    model, batches: Iterable[torch.Tensor | dict[str, torch.Tensor]] | torch.Tensor | dict[str, torch.Tensor]
+) -> float:
     """Token-level perplexity of a causal LM over `batches` (`input_ids` tensors, or dicts with `input_ids` and
-    optionally `attention_mask`; padding is not scored), in eval mode. Raises if no token was scored."""
+    optionally `attention_mask`; padding is not scored) or over one such batch, in eval mode. Raises if no token was
+    scored."""
     total_loss, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
+        for batch in _batches(batches):
             input_ids = batch["input_ids"].to(model.device)
             attention_mask = batch.get("attention_mask")
             shift_labels = input_ids[:, 1:].clone()  # the token each position predicts

@@ -18,7 +18,7 @@ import importlib.util
 import math
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -97,7 +97,13 @@ def load_dataset_documents(
 
 def hold_out_tails(documents: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
     """Split every document at a line boundary into a head (training) and its last `fraction` of lines (validation),
-    so that the validation text covers all documents without overlapping the training text."""
+    so that the validation text covers all documents without overlapping the training text. A single str or a dict
+    (as `read_text_documents` returns) is refused: it would be iterated as characters or names, not documents."""
+    if isinstance(documents, (str, Mapping)):
+        raise TypeError(
+            f"documents must be a sequence of texts (e.g. a list of str; for read_text_documents' dict, its "
+            f"`.values()`); got a {type(documents).__name__}."
+        )
     if not 0 <= fraction < 1:
         raise ValueError(f"The held-out fraction must be in [0, 1), got {fraction}.")
     train, validation = [], []
@@ -188,6 +194,11 @@ def load_balance_metrics(expert_loads: torch.Tensor) -> dict[str, float]:
     """Balance of one MoE layer's routing from its (clusters, experts_per_cluster) token loads (counts or shares):
     the coefficient of variation (std / mean) of the experts' loads (0 = perfectly even), and the entropy of the
     clusters' load shares divided by log(clusters) (1 = even; only with more than one cluster)."""
+    if expert_loads.dim() != 2:  # any other shape would be read silently as other clusters
+        raise ValueError(
+            f"expert_loads must be one layer's (clusters, experts_per_cluster) loads; got shape "
+            f"{tuple(expert_loads.shape)}."
+        )
     loads = expert_loads.double()
     total = loads.sum()
     if total <= 0:
@@ -419,8 +430,19 @@ def _pyplot():
     return plt
 
 
+def _png_path(path: str | Path) -> Path:
+    """`path` as the PNG file to write. Refused unless it ends in .png: matplotlib would add a .png suffix that the
+    returned path lacks, or write another format under another suffix."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"The plot is a PNG: its path must end in .png; got {str(path)!r}.")
+    return path
+
+
 def plot_expert_utilization(model: torch.nn.Module, path: str | Path) -> Path:
-    """Save a PNG with one clusters x experts heatmap of token shares per MoE layer."""
+    """Save a PNG with one clusters x experts heatmap of token shares per MoE layer at `path` (ending in .png), and
+    return it."""
+    path = _png_path(path)
     plt = _pyplot()
     matrices = expert_utilization_by_layer(model)
     if not matrices:
@@ -439,14 +461,15 @@ def plot_expert_utilization(model: torch.nn.Module, path: str | Path) -> Path:
     axes[0, 0].set_ylabel("cluster")
     figure.colorbar(image, ax=axes[0].tolist(), label="% of the layer's token assignments")
     figure.suptitle("Expert utilisation during training")
-    path = Path(path)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    figure.savefig(path, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
 
 
 def plot_loss_curve(log_history: list[dict], path: str | Path) -> Path:
-    """Save a PNG of the training loss and the validation cross-entropy (or loss) against the optimizer step."""
+    """Save a PNG of the training loss and the validation cross-entropy (or loss) against the optimizer step at `path`
+    (ending in .png), and return it."""
+    path = _png_path(path)
     plt = _pyplot()
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
     eval_key = "eval_cross_entropy" if any("eval_cross_entropy" in entry for entry in log_history) else "eval_loss"
@@ -464,8 +487,7 @@ def plot_loss_curve(log_history: list[dict], path: str | Path) -> Path:
     axis.set_ylabel("nats per token")
     axis.grid(alpha=0.3)
     axis.legend()
-    path = Path(path)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    figure.savefig(path, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
 

@@ -21,6 +21,11 @@ def test_entropy():
     assert entropy(torch.tensor([1.0, 3.0])) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
 
 
+def test_entropy_refuses_negative_counts():
+    with pytest.raises(ValueError, match="counts must be non-negative; got a count of -1"):
+        entropy(torch.tensor([-1.0, 2.0, 3.0]))
+
+
 def test_mutual_information():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     assert mutual_information(labels, torch.tensor([1, 1, 0, 0, 2, 2])) == pytest.approx(math.log(3))
@@ -32,6 +37,34 @@ def test_mutual_information():
     # Choosing every cluster says nothing about the label.
     assert mutual_information(labels, torch.tensor([[0, 1]] * 6)) == pytest.approx(0.0, abs=1e-12)
     assert mutual_information(torch.zeros(0, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long)) == 0.0
+
+
+def test_mutual_information_of_sparse_ids_is_that_of_dense_ones():
+    """Ids only name groups (e.g. document ids): a huge id must not size a histogram."""
+    dense_labels, dense_clusters = torch.tensor([0, 0, 1, 1, 2]), torch.tensor([[0, 1], [0, 1], [1, 2], [1, 1], [0, 0]])
+    sparse_labels = torch.tensor([0, 0, 10**12, 10**12, 7])
+    sparse_clusters = torch.tensor([[5, 10**15], [5, 10**15], [10**15, 9], [10**15, 10**15], [5, 5]])
+    assert mutual_information(sparse_labels, sparse_clusters) == pytest.approx(
+        mutual_information(dense_labels, dense_clusters)
+    )
+
+
+@pytest.mark.parametrize(
+    "labels, clusters, message",
+    [
+        (torch.tensor([[0, 1], [1, 0]]), torch.tensor([0, 1]), "labels must be 1-D"),
+        (torch.tensor([0, 1]), torch.tensor([0, 1, 1, 0]), r"clusters must be \(n,\) or \(n, k\).*got shape \(4,\)"),
+        (torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1]), r"n = 4 labels; got shape \(2,\)"),
+        (torch.tensor([0, 1]), torch.tensor([[0, 1], [1, 0], [0, 0]]), r"n = 2 labels; got shape \(3, 2\)"),
+        (torch.tensor([-1, 0]), torch.tensor([0, 1]), "labels must be non-negative ids; got -1"),
+        (torch.tensor([0, 1]), torch.tensor([0, -2]), "clusters must be non-negative ids; got -2"),
+        (torch.tensor([0.5, 1.7]), torch.tensor([0, 1]), "labels must be integer ids; got dtype torch.float32"),
+        (torch.tensor([True, False]), torch.tensor([0, 1]), "labels must be integer ids; got dtype torch.bool"),
+    ],
+)
+def test_mutual_information_refuses_samples_that_are_not_paired_integer_ids(labels, clusters, message):
+    with pytest.raises(ValueError, match=message):
+        mutual_information(labels, clusters)
 
 
 def test_statistics_over_no_tokens_are_refused(tiny_model):
@@ -134,6 +167,78 @@ def test_labels_must_match_the_batch(tiny_model):
     batch = {"input_ids": torch.randint(3, 64, (2, 5)), "label": torch.tensor([0, 1, 1])}
     with pytest.raises(ValueError, match="Labels"):
         specialization_statistics(model, [batch])
+
+
+@pytest.mark.parametrize(
+    "labels, error, message",
+    [
+        ("wiki", TypeError, "Labels are one per sequence .* got a str"),  # not the labels "w", "i", "k", "i"
+        ({0: "law", 1: "code"}, TypeError, "Labels are one per sequence .* got a dict"),
+        (torch.tensor([0.5, 1.7]), ValueError, "Labels must be integers; got a tensor of dtype torch.float32"),
+    ],
+)
+def test_labels_are_a_sequence_or_tensor_of_integer_ids(tiny_model, labels, error, message):
+    batch = {"input_ids": torch.randint(3, 64, (2, 5)), "label": labels}
+    with pytest.raises(error, match=message):
+        specialization_statistics(tiny_model(), [batch])
+
+
+def test_sparse_label_ids_specialise_as_dense_ones(tiny_model):
+    """Per-sequence document ids are names, not histogram sizes."""
+    model = tiny_model()
+    input_ids = torch.randint(3, 64, (3, 6))
+    dense = specialization_statistics(model, [{"input_ids": input_ids, "label": torch.tensor([0, 1, 1])}])
+    sparse = specialization_statistics(model, [{"input_ids": input_ids, "label": torch.tensor([0, 10**12, 10**12])}])
+    assert sparse == pytest.approx(dense)
+
+
+def test_statistics_take_one_batch_as_a_list_of_one(tiny_model):
+    """As `prune_experts(calibration_data=...)`: a tokenizer's output or an input_ids tensor is one batch."""
+    from transformers import BatchEncoding
+
+    model = tiny_model()
+    input_ids = torch.randint(3, 64, (4, 6))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0
+    encoding = BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})
+    assert perplexity(model, encoding) == pytest.approx(perplexity(model, [encoding]))
+    assert perplexity(model, input_ids) == pytest.approx(perplexity(model, [input_ids]))
+    assert specialization_statistics(model, input_ids, label_key=None) == pytest.approx(
+        specialization_statistics(model, [input_ids], label_key=None)
+    )
+    labelled = {"input_ids": input_ids, "attention_mask": attention_mask, "label": ["law", "law", "code", "code"]}
+    assert specialization_statistics(model, labelled) == pytest.approx(specialization_statistics(model, [labelled]))
+
+
+def test_statistics_of_input_ids_without_labels_need_label_key_none(tiny_model):
+    with pytest.raises(ValueError, match="A batch has no 'label' labels; pass label_key=None"):
+        specialization_statistics(tiny_model(), torch.randint(3, 64, (2, 5)))
+
+
+def entropies_only(model, batches):
+    return specialization_statistics(model, batches, label_key=None)
+
+
+@pytest.mark.parametrize("statistic", [perplexity, entropies_only])
+@pytest.mark.parametrize(
+    "batches, error, message",
+    [
+        ([torch.arange(3, 9)], ValueError, r"input_ids must be \(batch, seq\); got shape \(6,\)"),
+        (torch.arange(3, 9), ValueError, r"input_ids must be \(batch, seq\); got shape \(6,\)"),
+        ([[[3, 4, 5]]], TypeError, "batches must be an iterable of input_ids tensors .* got a batch of list"),
+        ([{"ids": torch.ones(2, 3, dtype=torch.long)}], TypeError, r"got a batch of dict with keys \['ids'\]"),
+        (
+            [{"input_ids": torch.ones(4, 6, dtype=torch.long), "attention_mask": torch.ones(4, 3)}],
+            ValueError,
+            r"attention_mask must have the shape of input_ids \(4, 6\); got \(4, 3\)",
+        ),
+    ],
+)
+def test_statistics_refuse_batches_that_are_not_2d_input_ids_with_a_matching_mask(
+    tiny_model, statistic, batches, error, message
+):
+    with pytest.raises(error, match=message):
+        statistic(tiny_model(), batches)
 
 
 def test_specialisation_statistics_of_a_model_wrapped_by_peft(tiny_model):

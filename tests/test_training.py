@@ -4,6 +4,7 @@ accumulation, exact resume), LoRA, reporting and the model card."""
 import copy
 import importlib
 import math
+import re
 import sys
 import types
 from pathlib import Path
@@ -29,6 +30,7 @@ from clustermoe_hf.training import (
     lora_config,
     perplexity_from_token_nll,
     plot_expert_utilization,
+    plot_loss_curve,
     read_text_documents,
     render_model_card,
     token_nll_for_perplexity,
@@ -108,6 +110,13 @@ def test_hold_out_tails_splits_every_document_at_a_line_boundary():
         hold_out_tails(documents, 1.0)
 
 
+@pytest.mark.parametrize("documents", ["line one\nline two", {"play.md": "line one\nline two"}])
+def test_hold_out_tails_refuses_one_text_or_a_dict_of_them(documents):
+    """Iterated, a str gives one-character documents and a dict its names."""
+    with pytest.raises(TypeError, match=f"documents must be a sequence of texts .* got a {type(documents).__name__}"):
+        hold_out_tails(documents, 0.5)
+
+
 def test_load_dataset_documents_imports_datasets_lazily(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="pip install datasets"):
@@ -182,6 +191,13 @@ def test_load_balance_metrics():
     )
     assert "cluster_entropy" not in load_balance_metrics(torch.ones(1, 4))
     assert load_balance_metrics(torch.zeros(2, 2)) == {}
+
+
+@pytest.mark.parametrize("shape", [(8,), (2, 2, 2)])
+def test_load_balance_metrics_need_one_layers_clusters_by_experts_loads(shape):
+    expected = rf"one layer's \(clusters, experts_per_cluster\) loads; got shape {re.escape(str(shape))}"
+    with pytest.raises(ValueError, match=expected):
+        load_balance_metrics(torch.ones(shape))
 
 
 class LogRecorder(TrainerCallback):
@@ -514,6 +530,24 @@ def test_utilization_plot_is_a_png(used_model, tmp_path):
 
     image = imread(plot_expert_utilization(used_model, tmp_path / "plot.png"))
     assert image.ndim == 3 and image.shape[1] > image.shape[0]  # two heatmaps side by side
+
+
+@pytest.mark.parametrize("plot", ["utilization", "loss"])
+def test_plots_are_pngs_at_exactly_the_returned_path(used_model, tmp_path, plot):
+    """matplotlib would append .png to a path without a suffix: the returned path would name no file."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    def save(path):
+        if plot == "utilization":
+            return plot_expert_utilization(used_model, path)
+        return plot_loss_curve([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], path)
+
+    assert imread(save(tmp_path / "plot.png")).ndim == 3
+    for path in (tmp_path / "plot", tmp_path / "plot.jpg"):
+        with pytest.raises(ValueError, match=f"must end in .png; got '{re.escape(str(path))}'"):
+            save(path)
+    assert [file.name for file in tmp_path.iterdir()] == ["plot.png"]
 
 
 def test_training_helpers_import_without_matplotlib(monkeypatch, used_model, tmp_path):
