@@ -11,9 +11,11 @@ the statistics are folded into the buffers by a forward hook on the base model (
 by a global optimizer-step hook (EMAs and biases).
 """
 
+import contextlib
 import functools
 import inspect
 import math
+import numbers
 import os
 import re
 import shutil
@@ -885,6 +887,23 @@ def _is_weights_file(name: str, variant: str | None) -> bool:
     return name in (single, index) or re.fullmatch(shard, name) is not None
 
 
+_STAGING_PREFIX = ".clustermoe-saving-"
+
+
+@contextlib.contextmanager
+def _staging_folder(target: str):
+    """A new folder inside `target` (the same file system, so files move into place by renaming), removed afterwards,
+    with what saves that were killed halfway left there."""
+    for name in os.listdir(target):
+        if name.startswith(_STAGING_PREFIX) and os.path.isdir(os.path.join(target, name)):
+            shutil.rmtree(os.path.join(target, name), ignore_errors=True)
+    staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=target)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _move_into(source: str, destination: str):
     """Move a file or a folder's files over `destination`, replacing what is there file by file."""
     if os.path.isdir(source) and not os.path.islink(source):
@@ -934,28 +953,38 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     def _ddp_params_and_buffers_to_ignore(self, names):
         self.__dict__["_ddp_ignored_by_user"] = list(names)
 
+    def post_init(self):
+        super().post_init()
+        _LIVE_MODELS.add(self)
+
+    def __setstate__(self, state):
+        """A copy (`copy.deepcopy`, e.g. an EMA or teacher model) never ran `__init__`: register it with the
+        optimizer-step hook here. (Not in the forward, where `torch.compile` drops the registration.)"""
+        super().__setstate__(state)
+        _LIVE_MODELS.add(self)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, made safe for a checkpoint already in the folder: the files are written to
-        a new folder next to it and moved into place once all of them were written, so that a save that fails halfway
-        (an invalid setting or argument, a full disk) leaves the earlier checkpoint as it was. Weights files of the
-        earlier save that the new one does not replace are then removed: a sharded save over a single file (or the
-        reverse) would otherwise leave both, and `from_pretrained` load the stale one. Pushing to the Hub
+        a staging folder inside it and moved into place once all of them were written, so that a save that fails
+        halfway (an invalid setting or argument, a full disk) leaves the earlier checkpoint as it was. Weights files
+        of the earlier save that the new one does not replace are then removed: a sharded save over a single file (or
+        the reverse) would otherwise leave both, and `from_pretrained` load the stale one. Pushing to the Hub
         (`push_to_hub=True`) and distributed checkpoints (`distributed_checkpoint=True`, written by every rank) write
-        in place, as in transformers, after the same checks. With custom code, `auto_map` names every ClusterMoE Auto
-        class, not only the saved class's."""
+        in place, as in transformers, after the same checks. The `auto_map` of a ClusterMoE class's checkpoint names
+        every ClusterMoE Auto class, not only the saved class's."""
         self.config.validate()
         self._check_config_describes_modules()
         if self.can_generate():
             with tempfile.TemporaryDirectory() as scratch:
                 self.generation_config.save_pretrained(scratch)  # runs the checks its own save refuses to save with
-        if self.is_remote_code():
+        if type(self) in _AUTO_CLASSES:  # not a subclass in another module, whose code the checkpoint then holds
             module = type(self).__module__.rsplit(".", 1)[-1]  # also for code loaded from a checkpoint
             auto_map = {cls._auto_class: f"{module}.{cls.__name__}" for cls in _AUTO_CLASSES}
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         options = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
         options.apply_defaults()
         options = options.arguments
-        target = os.path.abspath(os.fspath(save_directory))
+        target = os.fspath(save_directory)
         if (
             options["push_to_hub"]
             or options["distributed_checkpoint"]
@@ -963,17 +992,12 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             or os.path.isfile(target)  # transformers reports it
         ):
             return super().save_pretrained(save_directory, *args, **kwargs)
-
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=os.path.dirname(target))
-        try:
+        os.makedirs(target, exist_ok=True)
+        with _staging_folder(target) as staging:
             result = super().save_pretrained(staging, *args, **kwargs)
             written = set(os.listdir(staging))
-            os.makedirs(target, exist_ok=True)
             for name in sorted(written, key=lambda name: name == CONFIG_NAME):  # the config last
                 _move_into(os.path.join(staging, name), os.path.join(target, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         weights_files = {name for name in os.listdir(target) if _is_weights_file(name, options["variant"])}
         if weights_files & written:  # this save wrote the model's weights (not, e.g., only an adapter's)
             for name in weights_files - written:  # the earlier save's, not replaced by this one
@@ -1121,7 +1145,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         they were corrupted) and reset its reliability to 1, so that the router selects it again, and its balancing
         bias to the mean of its cluster peers' (the one it has was learnt for the old weights)."""
         indices = {"layer_idx": layer_idx, "cluster_idx": cluster_idx, "expert_idx": expert_idx}
-        if not all(_is_int(value) for value in indices.values()):
+        if not all(isinstance(value, numbers.Integral) and not isinstance(value, bool) for value in indices.values()):
             raise TypeError(f"reinitialize_expert takes integer indices, got {indices}.")
         layers = self._moe_layers()
         blocks = dict(layers)
@@ -1229,7 +1253,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             raise ValueError("This model has no MoE layers to prune.")
         _check_plain_experts(layers, "prune_experts")
         base = getattr(self, self.base_model_prefix, self)
-        if any(other is not base and other.config is config for other in list(_TRAINING_STATE_OWNERS)):
+        if any(other.base_model is not base and other.config is config for other in list(_LIVE_MODELS)):
             raise ValueError(
                 "Another live ClusterMoE model shares this model's config object, and pruning changes the config, so "
                 "that model would no longer match it. Build each model from its own config "
@@ -1312,8 +1336,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         return counts
 
 
-# Base models whose pending routing statistics the optimizer-step hook folds into their buffers.
-_TRAINING_STATE_OWNERS: "weakref.WeakSet[ClusterMoEModel]" = weakref.WeakSet()
+# Every live ClusterMoE model, base models and the models with a head around them: the optimizer-step hook folds the
+# pending routing statistics of the base models into their buffers.
+_LIVE_MODELS: "weakref.WeakSet[ClusterMoEPreTrainedModel]" = weakref.WeakSet()
 
 
 @dataclass
@@ -1339,6 +1364,9 @@ class ClusterMoERoutingState(nn.Module):
         self.register_buffer("dropped_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long))
         # Set by a training forward: only then does an optimizer step update the routing state and step count.
         self.has_pending_updates = False
+        # Set by a forward with gradients, which may set its blocks' `masked_faulty_expert`: only then does an optimizer
+        # step clear them (optimizers in the backward step once per parameter).
+        self.may_have_masked_faults = False
 
 
 # Devices with a kernel for `torch._assert_async` (native_functions.yaml: CPU and CUDA, which ROCm builds share).
@@ -1379,17 +1407,10 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         num_moe_layers = config.num_hidden_layers - config.first_k_dense_layers
         self.routing_state = ClusterMoERoutingState(num_moe_layers, config.num_experts)
         self.register_forward_hook(_record_training_statistics)
-        _TRAINING_STATE_OWNERS.add(self)
         self.post_init()
         # Routing statistics are recorded in every forward: install the recording hooks now, not lazily in the first
         # forward, where `torch.compile` cannot trace their installation (a lock).
         maybe_install_capturing_hooks(self)
-
-    def __setstate__(self, state):
-        """A copy (`copy.deepcopy`, e.g. an EMA or teacher model) never ran `__init__`: register it with the
-        optimizer-step hook here. (Not in the forward, where `torch.compile` drops the registration.)"""
-        super().__setstate__(state)
-        _TRAINING_STATE_OWNERS.add(self)
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache):
         """Clear errors for inputs that would otherwise fail deep inside the embedding or attention, or, for token ids
@@ -1440,17 +1461,19 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         if not isinstance(attention_mask, torch.Tensor):
             return  # None, or flex attention's BlockMask
         shape = tuple(attention_mask.shape)
-        cached = 0 if cache is None or is_torchdynamo_compiling() else cache.get_seq_length()
+        # Cached tokens, or None where not read: under torch.compile, and for caches other than transformers' `Cache`
+        # (continuous batching's paged cache).
+        cached = 0 if cache is None else None
+        if isinstance(cache, Cache) and not is_torchdynamo_compiling():
+            cached = cache.get_seq_length()
         if attention_mask.dim() == 2:
             valid = shape[0] == batch_size and (
-                shape[1] == cached + sequence_length or (is_torchdynamo_compiling() and shape[1] >= sequence_length)
+                shape[1] == cached + sequence_length if cached is not None else shape[1] >= sequence_length
             )
-            expected = (
-                f"(batch_size={batch_size}, cached + new tokens = {cached} + {sequence_length}): one column per token "
-                "the inputs attend to"
-            )
+            columns = f"cached + new tokens = {cached} + {sequence_length}" if cached is not None else "all tokens"
+            expected = f"(batch_size={batch_size}, {columns}): one column per token the inputs attend to"
         elif attention_mask.dim() == 4:
-            heads, keys = self.config.num_attention_heads, cached + sequence_length
+            heads, keys = self.config.num_attention_heads, (cached or 0) + sequence_length
             valid = (
                 shape[0] in (1, batch_size)
                 and shape[1] in (1, heads)
@@ -1520,7 +1543,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         )
         # Padding tokens are excluded from the balancing losses and the routing statistics.
         token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:  # not flex attention's BlockMask
             token_mask = attention_mask[:, -sequence_length:].reshape(-1).bool()
             if _host_reads_are_free(token_mask) and bool(token_mask.all()):
                 token_mask = None  # no padding: skip the per-pair masking in every layer
@@ -1593,7 +1616,10 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
 def _record_training_statistics(model: ClusterMoEModel, args, output):
     """Forward hook on the base model: runs once per forward, outside every (possibly recomputed) layer. Only
     training forwards count: a model left in train mode must not count `no_grad` inference or `generate`."""
-    if not (model.training and torch.is_grad_enabled()):
+    if not torch.is_grad_enabled():
+        return
+    model.routing_state.may_have_masked_faults = True
+    if not model.training:
         return
     stats = _routing_stats_of(output)
     if stats is None:  # the caller asked for no routing statistics
@@ -1622,28 +1648,52 @@ def _routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:
     return next((item for item in output if isinstance(item, tuple) and item and isinstance(item[0], dict)), None)
 
 
-# Base models an optimizer stepping their own parameters was seen to train.
+# Base models an optimizer stepping their parameters (or their head's) was seen to train.
 _MODELS_WITH_A_KNOWN_OPTIMIZER: "weakref.WeakSet[ClusterMoEModel]" = weakref.WeakSet()
+# Per live model, weak references to its parameters by id: what an optimizer's parameters are looked up in.
+_PARAMETERS: "weakref.WeakKeyDictionary[ClusterMoEPreTrainedModel, dict]" = weakref.WeakKeyDictionary()
+
+
+def _steps_parameters_of(model: "ClusterMoEPreTrainedModel", stepped: dict[int, torch.Tensor]) -> bool:
+    """Whether an optimizer stepping `stepped` (id -> parameter) steps one of `model`'s parameters. The lookup is
+    kept per model, so that optimizers stepping one parameter each (an optimizer in the backward) do not scan the
+    model each; it is read again on a miss, as loading, pruning and adapters replace parameters."""
+
+    def steps(parameters: dict) -> bool:
+        fewer, more = (stepped, parameters) if len(stepped) <= len(parameters) else (parameters, stepped)
+        return any(key in more and parameters[key]() is stepped[key] for key in fewer)
+
+    parameters = _PARAMETERS.get(model)
+    if parameters is not None and steps(parameters):
+        return True
+    parameters = _PARAMETERS[model] = {id(parameter): weakref.ref(parameter) for parameter in model.parameters()}
+    return steps(parameters)
 
 
 def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEModel"]:
-    """The live models an optimizer's step ends the accumulation of: those whose parameters it steps. If it steps
-    none, it steps copies of a model's parameters (DeepSpeed's and FSDP's flat ones) or trains another model: then
-    the models no optimizer was seen to train. (So another model's optimizer, e.g. a GAN's discriminator's, stepping
-    between a forward and its backward neither cuts the accumulation short nor lifts the gradient guard.)"""
-    stepped = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
-    models = list(_TRAINING_STATE_OWNERS)
-    trained = [model for model in models if any(id(parameter) in stepped for parameter in model.parameters())]
-    _MODELS_WITH_A_KNOWN_OPTIMIZER.update(trained)
-    return trained or [model for model in models if model not in _MODELS_WITH_A_KNOWN_OPTIMIZER]
+    """The live base models an optimizer's step ends the accumulation of: those whose parameters, or whose head's,
+    it steps. If it steps none, it steps copies of a model's parameters (DeepSpeed's and FSDP's flat ones) or trains
+    another model: then the base models no optimizer was seen to train. (So another model's optimizer, e.g. a GAN's
+    discriminator's, stepping between a forward and its backward neither cuts the accumulation short nor lifts the
+    gradient guard.)"""
+    stepped = {id(parameter): parameter for group in optimizer.param_groups for parameter in group["params"]}
+    models = list(_LIVE_MODELS)
+    trained = {model.base_model for model in models if _steps_parameters_of(model, stepped)}
+    bases = [model for model in models if isinstance(model, ClusterMoEModel)]
+    _MODELS_WITH_A_KNOWN_OPTIMIZER.update(model for model in bases if model in trained)
+    return [model for model in bases if model in trained] or [
+        model for model in bases if model not in _MODELS_WITH_A_KNOWN_OPTIMIZER
+    ]
 
 
 def _after_optimizer_step(optimizer, args, kwargs):
     for model in _models_trained_by(optimizer):
-        if model.routing_state.has_pending_updates:  # set by training forwards only; the mode may have changed since
+        state = model.routing_state
+        if state.has_pending_updates:  # set by training forwards only; the mode may have changed since
             model.apply_pending_routing_updates()
-        for _, block in model._moe_layers():
-            if not block.masked_faulty_expert.is_inference():  # built under `torch.inference_mode`: it never trains
+        if state.may_have_masked_faults:
+            state.may_have_masked_faults = False
+            for _, block in model._moe_layers():
                 block.masked_faulty_expert.zero_()
 
 

@@ -264,6 +264,21 @@ def test_each_model_is_updated_by_the_steps_of_its_own_optimizer_only():
         assert generator.get_reliability_stats()["training_step"] == step
 
 
+def test_an_optimizer_of_the_head_alone_updates_the_model_it_heads():
+    """Linear probing after full training, in one process: the head's optimizer steps none of the base model's own
+    parameters, but trains the model."""
+    model = adaptive_model(tie_word_embeddings=False)
+    input_ids = torch.randint(3, 64, (2, 16))
+    full = torch.optim.SGD(model.parameters(), lr=0.0)
+    model(input_ids, labels=input_ids).loss.backward()
+    full.step()
+    head = torch.optim.SGD(model.lm_head.parameters(), lr=0.0)
+    for step in (2, 3):
+        model(input_ids, labels=input_ids).loss.backward()
+        head.step()
+        assert model.get_reliability_stats()["training_step"] == step
+
+
 def test_a_model_built_in_inference_mode_does_not_break_other_models_optimizer_steps():
     with torch.inference_mode():
         reference = adaptive_model().eval()  # e.g. a frozen reference model, loaded under inference_mode

@@ -193,6 +193,31 @@ def test_assisted_and_prompt_lookup_decoding_match_greedy(tiny_model):
     assert torch.equal(greedy(model, prompt, max_new_tokens=8, prompt_lookup_num_tokens=3), expected)
 
 
+def test_continuous_batching_generates_what_generate_does(tiny_model):
+    """`generate_batch` runs the model on a paged cache, which is not a transformers `Cache`."""
+    from transformers import GenerationConfig
+
+    model = tiny_model(initializer_range=0.2)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    outputs = model.generate_batch(prompts, generation_config=config, warmup=False)
+    for request, prompt in zip(sorted(outputs), prompts):
+        expected = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
+        assert outputs[request].generated_tokens == expected.tolist()
+
+
+@pytest.mark.slow
+def test_flex_attention_generation_with_a_static_cache_runs(tiny_model):
+    """It passes the model a `BlockMask`, not a tensor. (Flex attention's CPU results are checked upstream.)"""
+    model = tiny_model()
+    model.set_attn_implementation("flex_attention")
+    ids = torch.randint(3, 64, (2, 6))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :2] = 0
+    generated = model.generate(ids, attention_mask=attention_mask, max_new_tokens=3, cache_implementation="static")
+    assert generated.shape == (2, 9)
+
+
 def test_generation_from_inputs_embeds_matches_input_ids(tiny_model):
     model = tiny_model(initializer_range=0.2)
     ids = random_ids(2, 5)

@@ -2,8 +2,10 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -14,6 +16,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, modeling_u
 from clustermoe_hf import (
     ClusterMoEConfig,
     ClusterMoEForCausalLM,
+    ClusterMoEForSequenceClassification,
     ClusterMoEModel,
     create_coe_model,
     modeling_clustermoe,
@@ -476,9 +479,47 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
         monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)  # the weights, written last
     with pytest.raises((ValueError, OSError), match="num_clusters=4" if "size" in failure else None):
         model.save_pretrained(checkpoint, **options)
-    assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before
-    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint"]  # no staging folder left behind
+    assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before  # and no staging folder left
     assert ClusterMoEForCausalLM.from_pretrained(checkpoint).config.experts_per_cluster == 4
+
+
+class _ClassifierSubclass(ClusterMoEForSequenceClassification):
+    """A user's subclass, in a module of its own."""
+
+
+def test_a_subclass_checkpoint_maps_only_its_own_class(tiny_config, tmp_path):
+    """Its module, which the checkpoint holds, does not define the ClusterMoE classes under their names."""
+    _ClassifierSubclass(tiny_config(num_labels=2)).save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_clustermoe.ClusterMoEConfig",
+        "AutoModelForSequenceClassification": "test_modeling._ClassifierSubclass",
+    }
+
+
+def test_a_save_stages_its_files_on_the_file_system_of_its_folder(tiny_model, tmp_path):
+    """Into a folder on another file system (a mount, or a link to one): files are moved into place by renaming, which
+    works only within one file system. And what a killed save left in the folder is removed by the next one."""
+    other = tempfile.mkdtemp(dir="/dev/shm") if os.path.isdir("/dev/shm") else None
+    if other is None or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        shutil.rmtree(other, ignore_errors=True)
+        pytest.skip("needs a second file system (/dev/shm)")
+    try:
+        (tmp_path / "checkpoint").symlink_to(other)
+        os.makedirs(os.path.join(other, ".clustermoe-saving-killed"))
+        model = tiny_model()
+        model.save_pretrained(tmp_path / "checkpoint")
+        assert sorted(os.listdir(other)) == sorted(
+            ["config.json", "configuration_clustermoe.py", "generation_config.json", "model.safetensors",
+             "modeling_clustermoe.py"]
+        )  # fmt: skip
+        ids = random_ids(1, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                ClusterMoEForCausalLM.from_pretrained(tmp_path / "checkpoint")(ids).logits, model(ids).logits
+            )
+    finally:
+        shutil.rmtree(other)
 
 
 @pytest.mark.parametrize(

@@ -540,6 +540,16 @@ def test_reinitialize_expert_rejects_an_expert_that_does_not_exist_and_changes_n
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
+def test_reinitialize_expert_takes_numpy_integers(tiny_model):
+    """As `np.argmax` or `divmod` over numpy counts return them."""
+    np = pytest.importorskip("numpy")
+    model = tiny_model()
+    router = model.model.layers[1].mlp.router
+    router.expert_reliability[5] = 0.2
+    model.reinitialize_expert(np.int64(1), np.int64(1), np.int64(1))
+    assert router.expert_reliability[5] == 1.0
+
+
 def test_reset_reliability_readmits_an_excluded_expert(tiny_model):
     model = tiny_model().train()
     router = model.model.layers[0].mlp.router
