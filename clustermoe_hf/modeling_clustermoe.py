@@ -19,6 +19,7 @@ import numbers
 import os
 import re
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Iterable, Mapping
@@ -540,6 +541,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         # Whether a forward with gradients masked a faulty expert since the last optimizer step (see
         # `_guard_expert_gradients`).
         self.register_buffer("masked_faulty_expert", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.may_have_masked_fault = False  # whether the flag may be set: the optimizer-step hook then clears it
 
     @torch.no_grad()
     def keep_experts(self, clusters: torch.Tensor, experts: torch.Tensor):
@@ -780,6 +782,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         if pair_faulty is not None:
             if torch.is_grad_enabled():
                 self.masked_faulty_expert |= pair_faulty.any()  # idempotent when checkpointing re-runs the forward
+                self.may_have_masked_fault = True
             excluded = pair_faulty if excluded is None else excluded | pair_faulty
             # exp(finfo.min) is 0; a token whose pairs are all faulty gets finite (uniform) weights for zeroed outputs
             impossible = torch.finfo(chosen_log_probs.dtype).min
@@ -890,14 +893,28 @@ def _is_weights_file(name: str, variant: str | None) -> bool:
 _STAGING_PREFIX = ".clustermoe-saving-"
 
 
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. another user's process
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def _staging_folder(target: str):
-    """A new folder inside `target` (the same file system, so files move into place by renaming), removed afterwards,
-    with what saves that were killed halfway left there."""
-    for name in os.listdir(target):
-        if name.startswith(_STAGING_PREFIX) and os.path.isdir(os.path.join(target, name)):
-            shutil.rmtree(os.path.join(target, name), ignore_errors=True)
-    staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=target)
+    """A new folder inside `target` (the same file system, so files move into place by renaming), removed afterwards.
+    Its name holds the host and process id, so that the folders of saves that were killed halfway are removed by the
+    next save on that host, and no other save's."""
+    owner = f"{_STAGING_PREFIX}{socket.gethostname()}-"
+    if os.name == "posix":  # (elsewhere `os.kill` does not only ask)
+        for name in os.listdir(target):
+            pid = name.removeprefix(owner).split("-", 1)[0]
+            if name.startswith(owner) and pid.isdigit() and _process_is_gone(int(pid)):
+                shutil.rmtree(os.path.join(target, name), ignore_errors=True)
+    staging = tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=target)
     try:
         yield staging
     finally:
@@ -1364,9 +1381,6 @@ class ClusterMoERoutingState(nn.Module):
         self.register_buffer("dropped_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long))
         # Set by a training forward: only then does an optimizer step update the routing state and step count.
         self.has_pending_updates = False
-        # Set by a forward with gradients, which may set its blocks' `masked_faulty_expert`: only then does an optimizer
-        # step clear them (optimizers in the backward step once per parameter).
-        self.may_have_masked_faults = False
 
 
 # Devices with a kernel for `torch._assert_async` (native_functions.yaml: CPU and CUDA, which ROCm builds share).
@@ -1616,10 +1630,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
 def _record_training_statistics(model: ClusterMoEModel, args, output):
     """Forward hook on the base model: runs once per forward, outside every (possibly recomputed) layer. Only
     training forwards count: a model left in train mode must not count `no_grad` inference or `generate`."""
-    if not torch.is_grad_enabled():
-        return
-    model.routing_state.may_have_masked_faults = True
-    if not model.training:
+    if not (model.training and torch.is_grad_enabled()):
         return
     stats = _routing_stats_of(output)
     if stats is None:  # the caller asked for no routing statistics
@@ -1655,19 +1666,15 @@ _PARAMETERS: "weakref.WeakKeyDictionary[ClusterMoEPreTrainedModel, dict]" = weak
 
 
 def _steps_parameters_of(model: "ClusterMoEPreTrainedModel", stepped: dict[int, torch.Tensor]) -> bool:
-    """Whether an optimizer stepping `stepped` (id -> parameter) steps one of `model`'s parameters. The lookup is
-    kept per model, so that optimizers stepping one parameter each (an optimizer in the backward) do not scan the
-    model each; it is read again on a miss, as loading, pruning and adapters replace parameters."""
+    """Whether an optimizer stepping `stepped` (id -> parameter) steps one of `model`'s parameters, as of the lookup
+    last read from `model` (`_read_parameters`)."""
+    parameters = _PARAMETERS.get(model, {})
+    fewer, more = (stepped, parameters) if len(stepped) <= len(parameters) else (parameters, stepped)
+    return any(key in more and parameters[key]() is stepped[key] for key in fewer)
 
-    def steps(parameters: dict) -> bool:
-        fewer, more = (stepped, parameters) if len(stepped) <= len(parameters) else (parameters, stepped)
-        return any(key in more and parameters[key]() is stepped[key] for key in fewer)
 
-    parameters = _PARAMETERS.get(model)
-    if parameters is not None and steps(parameters):
-        return True
-    parameters = _PARAMETERS[model] = {id(parameter): weakref.ref(parameter) for parameter in model.parameters()}
-    return steps(parameters)
+def _read_parameters(model: "ClusterMoEPreTrainedModel"):
+    _PARAMETERS[model] = {id(parameter): weakref.ref(parameter) for parameter in model.parameters()}
 
 
 def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEModel"]:
@@ -1675,10 +1682,16 @@ def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEMode
     it steps. If it steps none, it steps copies of a model's parameters (DeepSpeed's and FSDP's flat ones) or trains
     another model: then the base models no optimizer was seen to train. (So another model's optimizer, e.g. a GAN's
     discriminator's, stepping between a forward and its backward neither cuts the accumulation short nor lifts the
-    gradient guard.)"""
+    gradient guard.) The parameter lookups are kept, and read again from every model only when none of them has the
+    optimizer's parameters (loading, pruning and adapters replace parameters): optimizers that step one parameter
+    each (in the backward) then cost a lookup each, not a scan of every model."""
     stepped = {id(parameter): parameter for group in optimizer.param_groups for parameter in group["params"]}
     models = list(_LIVE_MODELS)
     trained = {model.base_model for model in models if _steps_parameters_of(model, stepped)}
+    if not trained:
+        for model in models:
+            _read_parameters(model)
+        trained = {model.base_model for model in models if _steps_parameters_of(model, stepped)}
     bases = [model for model in models if isinstance(model, ClusterMoEModel)]
     _MODELS_WITH_A_KNOWN_OPTIMIZER.update(model for model in bases if model in trained)
     return [model for model in bases if model in trained] or [
@@ -1688,13 +1701,13 @@ def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEMode
 
 def _after_optimizer_step(optimizer, args, kwargs):
     for model in _models_trained_by(optimizer):
-        state = model.routing_state
-        if state.has_pending_updates:  # set by training forwards only; the mode may have changed since
+        if model.routing_state.has_pending_updates:  # set by training forwards only; the mode may have changed since
             model.apply_pending_routing_updates()
-        if state.may_have_masked_faults:
-            state.may_have_masked_faults = False
-            for _, block in model._moe_layers():
+        for _, block in model._moe_layers():
+            # (A Python flag first: optimizers in the backward step once per parameter, and most blocks masked none.)
+            if block.may_have_masked_fault:
                 block.masked_faulty_expert.zero_()
+                block.may_have_masked_fault = False
 
 
 _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)

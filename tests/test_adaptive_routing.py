@@ -281,14 +281,32 @@ def test_an_optimizer_of_the_head_alone_updates_the_model_it_heads():
 
 def test_a_model_built_in_inference_mode_does_not_break_other_models_optimizer_steps():
     with torch.inference_mode():
-        reference = adaptive_model().eval()  # e.g. a frozen reference model, loaded under inference_mode
-        reference(torch.randint(3, 64, (1, 8)))
+        reference = adaptive_model().eval().requires_grad_(False)  # a frozen reference model, built in inference_mode
+    input_ids = torch.randint(3, 64, (2, 16))
+    reference(input_ids)  # with gradients enabled: a forward that may mask faults
     model = adaptive_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    input_ids = torch.randint(3, 64, (2, 16))
+    other = torch.nn.Linear(4, 1)
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.0)  # steps no ClusterMoE model's parameters
     model(input_ids, labels=input_ids).loss.backward()
+    other(torch.randn(2, 4)).sum().backward()
+    other_optimizer.step()
     optimizer.step()
     assert model.get_reliability_stats()["training_step"] == 1
+
+
+def test_an_optimizer_step_lowers_the_fault_flag_of_a_block_called_on_its_own():
+    """E.g. a pipeline stage running a block: the flag would otherwise keep the gradient guard raised for good, and
+    hide an fp16 overflow from the gradient scaler."""
+    model = adaptive_model()
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.experts.down_proj.fill_(float("nan"))
+    output, _ = block(torch.randn(1, 4, 32))
+    output.sum().backward()
+    assert block.masked_faulty_expert
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    assert not block.masked_faulty_expert
 
 
 def test_plain_trainer_updates_routing_state_per_optimizer_step(tmp_path):

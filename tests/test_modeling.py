@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -499,19 +500,24 @@ def test_a_subclass_checkpoint_maps_only_its_own_class(tiny_config, tmp_path):
 
 def test_a_save_stages_its_files_on_the_file_system_of_its_folder(tiny_model, tmp_path):
     """Into a folder on another file system (a mount, or a link to one): files are moved into place by renaming, which
-    works only within one file system. And what a killed save left in the folder is removed by the next one."""
+    works only within one file system. What a killed save left in the folder is removed by the next save, but not
+    what a save still running in another process has there."""
     other = tempfile.mkdtemp(dir="/dev/shm") if os.path.isdir("/dev/shm") else None
     if other is None or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
         shutil.rmtree(other, ignore_errors=True)
         pytest.skip("needs a second file system (/dev/shm)")
     try:
         (tmp_path / "checkpoint").symlink_to(other)
-        os.makedirs(os.path.join(other, ".clustermoe-saving-killed"))
+        exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        killed = f".clustermoe-saving-{socket.gethostname()}-{exited.stdout.strip()}-a1b2"
+        running = f".clustermoe-saving-{socket.gethostname()}-{os.getppid()}-c3d4"
+        for staging in (killed, running):
+            os.makedirs(os.path.join(other, staging))
         model = tiny_model()
         model.save_pretrained(tmp_path / "checkpoint")
         assert sorted(os.listdir(other)) == sorted(
             ["config.json", "configuration_clustermoe.py", "generation_config.json", "model.safetensors",
-             "modeling_clustermoe.py"]
+             "modeling_clustermoe.py", running]
         )  # fmt: skip
         ids = random_ids(1, 6)
         with torch.no_grad():
