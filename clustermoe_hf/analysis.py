@@ -6,9 +6,11 @@ helpers work on any ClusterMoE model, including one loaded with `trust_remote_co
 """
 
 import math
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import torch
+
+from .modeling_clustermoe import _batches
 
 
 def entropy(counts: torch.Tensor) -> float:
@@ -102,33 +104,6 @@ def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int]) -> to
     return labels[:, None].expand(shape) if labels.dim() == 1 else labels
 
 
-def _batches(batches) -> Iterator[Mapping]:
-    """Each batch of `batches` as a mapping with a (batch, seq) `input_ids` tensor and, if any, an `attention_mask` of
-    the same shape. As for `prune_experts(calibration_data=...)`, one batch (a mapping such as a tokenizer's
-    BatchEncoding, or a tensor) is taken for a list of one; tensor batches become `{"input_ids": tensor}`."""
-    if isinstance(batches, Mapping) or (isinstance(batches, torch.Tensor) and batches.dim() <= 2):
-        batches = [batches]  # a 1-D tensor too, to be refused below by its shape rather than by its elements'
-    for batch in batches:
-        batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
-        if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
-            raise TypeError(
-                "batches must be an iterable of input_ids tensors (batch, seq) or of dicts with an `input_ids` tensor "
-                f"(and optionally `attention_mask`), or one such batch; got a batch of {type(batch).__name__}"
-                + (f" with keys {list(batch)}." if isinstance(batch, Mapping) else ".")
-            )
-        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}.")
-        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a tensor; got {type(attention_mask).__name__}.")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; got "
-                f"{tuple(attention_mask.shape)}."
-            )
-        yield batch
-
-
 @torch.no_grad()
 def specialization_statistics(
     model,
@@ -168,7 +143,7 @@ def specialization_statistics(
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(batches):
+        for batch in _batches(batches, "batches"):
             if label_key is not None and label_key not in batch:
                 raise ValueError(f"A batch has no {label_key!r} labels; pass label_key=None for the entropies only.")
             input_ids = batch["input_ids"].to(model.device)
@@ -218,7 +193,7 @@ def perplexity(
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(batches):
+        for batch in _batches(batches, "batches"):
             input_ids = batch["input_ids"].to(model.device)
             attention_mask = batch.get("attention_mask")
             shift_labels = input_ids[:, 1:].clone()  # the token each position predicts

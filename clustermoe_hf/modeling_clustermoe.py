@@ -11,7 +11,6 @@ the statistics are folded into the buffers by a forward hook on the base model (
 by a global optimizer-step hook (EMAs and biases).
 """
 
-import contextlib
 import functools
 import inspect
 import math
@@ -22,7 +21,7 @@ import shutil
 import socket
 import tempfile
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -903,32 +902,17 @@ def _process_is_gone(pid: int) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _staging_folder(target: str):
-    """A new folder inside `target` (the same file system, so files move into place by renaming), removed afterwards.
-    Its name holds the host and process id, so that the folders of saves that were killed halfway are removed by the
-    next save on that host, and no other save's."""
+def _staging_folder(target: str) -> tempfile.TemporaryDirectory:
+    """A new folder inside `target` (the same file system, so files move into place by renaming). Its name holds the
+    host and process id, so that the folders of saves that were killed halfway are removed by the next save on that
+    host, and no other save's."""
     owner = f"{_STAGING_PREFIX}{socket.gethostname()}-"
     if os.name == "posix":  # (elsewhere `os.kill` does not only ask)
         for name in os.listdir(target):
             pid = name.removeprefix(owner).split("-", 1)[0]
             if name.startswith(owner) and pid.isdigit() and _process_is_gone(int(pid)):
                 shutil.rmtree(os.path.join(target, name), ignore_errors=True)
-    staging = tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=target)
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _move_into(source: str, destination: str):
-    """Move a file or a folder's files over `destination`, replacing what is there file by file."""
-    if os.path.isdir(source) and not os.path.islink(source):
-        os.makedirs(destination, exist_ok=True)
-        for name in os.listdir(source):
-            _move_into(os.path.join(source, name), os.path.join(destination, name))
-    else:
-        os.replace(source, destination)
+    return tempfile.TemporaryDirectory(prefix=f"{owner}{os.getpid()}-", dir=target, ignore_cleanup_errors=True)
 
 
 class ClusterMoEPreTrainedModel(PreTrainedModel):
@@ -972,13 +956,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
 
     def post_init(self):
         super().post_init()
-        _LIVE_MODELS.add(self)
+        _LIVE_MODELS[self] = {}
 
     def __setstate__(self, state):
         """A copy (`copy.deepcopy`, e.g. an EMA or teacher model) never ran `__init__`: register it with the
         optimizer-step hook here. (Not in the forward, where `torch.compile` drops the registration.)"""
         super().__setstate__(state)
-        _LIVE_MODELS.add(self)
+        _LIVE_MODELS[self] = {}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, made safe for a checkpoint already in the folder: the files are written to
@@ -1013,8 +997,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         with _staging_folder(target) as staging:
             result = super().save_pretrained(staging, *args, **kwargs)
             written = set(os.listdir(staging))
-            for name in sorted(written, key=lambda name: name == CONFIG_NAME):  # the config last
-                _move_into(os.path.join(staging, name), os.path.join(target, name))
+            for name in sorted(written, key=lambda name: name == CONFIG_NAME):  # in a new folder, a config marks a
+                os.replace(os.path.join(staging, name), os.path.join(target, name))  # complete checkpoint: last
         weights_files = {name for name in os.listdir(target) if _is_weights_file(name, options["variant"])}
         if weights_files & written:  # this save wrote the model's weights (not, e.g., only an adapter's)
             for name in weights_files - written:  # the earlier save's, not replaced by this one
@@ -1028,7 +1012,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         # Read from the modules' size attributes, not their weights' shapes: adapters (peft) wrap modules, and
         # DeepSpeed ZeRO-3 partitions the weights (the Trainer saves it that way, with a gathered state dict).
         unwrap = lambda module: getattr(module, "base_layer", module)  # noqa: E731  (peft's adapter layers)
-        embeddings, base = unwrap(self.get_input_embeddings()), getattr(self, self.base_model_prefix, self)
+        embeddings, base = unwrap(self.get_input_embeddings()), self.base_model
         attention = base.layers[0].self_attn
         head_dim = attention.head_dim
         built = {
@@ -1088,11 +1072,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     # ----- routing state and statistics API (read on demand), resets, pruning -----
 
     def _moe_layers(self) -> list[tuple[int, "ClusterMoESparseMoeBlock"]]:
-        base = getattr(self, self.base_model_prefix, self)
+        base = self.base_model
         return [(idx, layer.mlp) for idx, layer in enumerate(base.layers) if layer.is_moe]
 
     def _routing_state(self) -> "ClusterMoERoutingState":
-        return getattr(self, self.base_model_prefix, self).routing_state
+        return self.base_model.routing_state
 
     def get_expert_utilization(self) -> dict[str, float]:
         """Fraction of each MoE layer's (non-padding) token assignments that went to each expert during training,
@@ -1269,7 +1253,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         if not layers:
             raise ValueError("This model has no MoE layers to prune.")
         _check_plain_experts(layers, "prune_experts")
-        base = getattr(self, self.base_model_prefix, self)
+        base = self.base_model
         if any(other.base_model is not base and other.config is config for other in list(_LIVE_MODELS)):
             raise ValueError(
                 "Another live ClusterMoE model shares this model's config object, and pruning changes the config, so "
@@ -1323,25 +1307,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     def _calibration_counts(self, calibration_data) -> list[torch.Tensor]:
         """Per MoE layer, how many (non-padding) token assignments each expert received over `calibration_data`,
         in eval mode (nothing is folded into the training state)."""
-        if isinstance(calibration_data, Mapping) or (
-            isinstance(calibration_data, torch.Tensor) and calibration_data.dim() == 2
-        ):
-            calibration_data = [calibration_data]  # one batch (e.g. a tokenizer's output), not an iterable of them
-        base = getattr(self, self.base_model_prefix, self)
         counts = [torch.zeros_like(block.router.expert_token_counts) for _, block in self._moe_layers()]
         was_training = self.training
         self.eval()
         try:
-            for batch in calibration_data:
-                batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
-                if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
-                    raise TypeError(
-                        "calibration_data must be an iterable of input_ids tensors (batch, seq) or of dicts with "
-                        f"`input_ids` (and optionally `attention_mask`), or one such batch; got a batch of "
-                        f"{type(batch).__name__}."
-                    )
+            for batch in _batches(calibration_data, "calibration_data"):
                 attention_mask = batch.get("attention_mask")
-                outputs = base(
+                outputs = self.base_model(
                     input_ids=batch["input_ids"].to(self.device),
                     attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                     use_cache=False,
@@ -1353,9 +1325,37 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         return counts
 
 
-# Every live ClusterMoE model, base models and the models with a head around them: the optimizer-step hook folds the
-# pending routing statistics of the base models into their buffers.
-_LIVE_MODELS: "weakref.WeakSet[ClusterMoEPreTrainedModel]" = weakref.WeakSet()
+def _batches(data, name: str) -> Iterator[Mapping]:
+    """The batches of `data` (an iterable of batches, or one batch: a tensor or a mapping such as a tokenizer's
+    output), each as a mapping with a (batch, seq) `input_ids` tensor and, if any, an `attention_mask` of its shape.
+    `name` names `data` in errors."""
+    if isinstance(data, Mapping) or (isinstance(data, torch.Tensor) and data.dim() <= 2):
+        data = [data]  # a 1-D tensor too, to be refused below by its shape rather than by its elements'
+    for batch in data:
+        batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
+        if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+            raise TypeError(
+                f"{name} must be an iterable of input_ids tensors (batch, seq) or of dicts with an `input_ids` tensor "
+                f"(and optionally `attention_mask`), or one such batch; got a batch of {type(batch).__name__}"
+                + (f" with keys {list(batch)}." if isinstance(batch, Mapping) else ".")
+            )
+        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}.")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor; got {type(attention_mask).__name__}.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; got "
+                f"{tuple(attention_mask.shape)}."
+            )
+        yield batch
+
+
+# Every live ClusterMoE model (base models and the models with a head around them), with weak references to its
+# parameters by id as last read (`_read_parameters`): the optimizer-step hook folds the pending routing statistics of
+# the base models that an optimizer trains into their buffers.
+_LIVE_MODELS: "weakref.WeakKeyDictionary[ClusterMoEPreTrainedModel, dict]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -1661,20 +1661,18 @@ def _routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:
 
 # Base models an optimizer stepping their parameters (or their head's) was seen to train.
 _MODELS_WITH_A_KNOWN_OPTIMIZER: "weakref.WeakSet[ClusterMoEModel]" = weakref.WeakSet()
-# Per live model, weak references to its parameters by id: what an optimizer's parameters are looked up in.
-_PARAMETERS: "weakref.WeakKeyDictionary[ClusterMoEPreTrainedModel, dict]" = weakref.WeakKeyDictionary()
 
 
 def _steps_parameters_of(model: "ClusterMoEPreTrainedModel", stepped: dict[int, torch.Tensor]) -> bool:
     """Whether an optimizer stepping `stepped` (id -> parameter) steps one of `model`'s parameters, as of the lookup
     last read from `model` (`_read_parameters`)."""
-    parameters = _PARAMETERS.get(model, {})
+    parameters = _LIVE_MODELS.get(model, {})
     fewer, more = (stepped, parameters) if len(stepped) <= len(parameters) else (parameters, stepped)
     return any(key in more and parameters[key]() is stepped[key] for key in fewer)
 
 
 def _read_parameters(model: "ClusterMoEPreTrainedModel"):
-    _PARAMETERS[model] = {id(parameter): weakref.ref(parameter) for parameter in model.parameters()}
+    _LIVE_MODELS[model] = {id(parameter): weakref.ref(parameter) for parameter in model.parameters()}
 
 
 def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEModel"]:

@@ -461,7 +461,7 @@ def plot_expert_utilization(model: torch.nn.Module, path: str | Path) -> Path:
     axes[0, 0].set_ylabel("cluster")
     figure.colorbar(image, ax=axes[0].tolist(), label="% of the layer's token assignments")
     figure.suptitle("Expert utilisation during training")
-    figure.savefig(path, format="png", dpi=120, bbox_inches="tight")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
 
@@ -487,7 +487,7 @@ def plot_loss_curve(log_history: list[dict], path: str | Path) -> Path:
     axis.set_ylabel("nats per token")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.savefig(path, format="png", dpi=120, bbox_inches="tight")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
 
