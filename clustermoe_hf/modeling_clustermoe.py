@@ -11,6 +11,7 @@ the statistics are folded into the buffers by a forward hook on the base model (
 by a global optimizer-step hook (EMAs and biases).
 """
 
+import contextlib
 import functools
 import inspect
 import math
@@ -18,7 +19,6 @@ import numbers
 import os
 import re
 import shutil
-import socket
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from transformers import initialization as init
@@ -48,6 +49,12 @@ from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .configuration_clustermoe import ClusterMoEConfig, _is_int
+
+
+try:
+    import fcntl  # locks a save's staging folder
+except ImportError:  # Windows
+    fcntl = None
 
 
 # `router_implementation="auto"` scores experts only inside the chosen clusters from this many experts on; below it
@@ -779,7 +786,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
                 if pair_faulty is not None and output_routing_stats:
                     faulty = pair_ids.new_zeros(self.num_experts).index_add_(0, pair_ids, pair_faulty.long()) > 0
         if pair_faulty is not None:
-            if torch.is_grad_enabled():
+            if pair_outputs.requires_grad:  # the expert weights get gradients (not, e.g., in a frozen model)
                 self.masked_faulty_expert |= pair_faulty.any()  # idempotent when checkpointing re-runs the forward
                 self.may_have_masked_fault = True
             excluded = pair_faulty if excluded is None else excluded | pair_faulty
@@ -892,27 +899,36 @@ def _is_weights_file(name: str, variant: str | None) -> bool:
 _STAGING_PREFIX = ".clustermoe-saving-"
 
 
-def _process_is_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except OSError:  # e.g. another user's process
+@contextlib.contextmanager
+def _staging_folder(target: str):
+    """A new folder inside `target` (the same file system, so files move into place by renaming), locked while the
+    save runs, so that a later save removes the folders of saves that were killed halfway, and no running save's.
+    (Without `fcntl`, as on Windows, none is removed.)"""
+    for name in os.listdir(target):
+        if name.startswith(_STAGING_PREFIX) and _is_abandoned(os.path.join(target, name)):
+            shutil.rmtree(os.path.join(target, name), ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=_STAGING_PREFIX, dir=target, ignore_cleanup_errors=True) as staging:
+        folder = os.open(staging, os.O_RDONLY)
+        try:
+            if fcntl is not None:
+                fcntl.flock(folder, fcntl.LOCK_EX)
+            yield staging
+        finally:
+            os.close(folder)  # releases the lock
+
+
+def _is_abandoned(folder: str) -> bool:
+    """Whether no process holds the lock of a staging folder (one whose lock cannot be tried is not abandoned)."""
+    if fcntl is None or not os.path.isdir(folder):
         return False
-    return False
-
-
-def _staging_folder(target: str) -> tempfile.TemporaryDirectory:
-    """A new folder inside `target` (the same file system, so files move into place by renaming). Its name holds the
-    host and process id, so that the folders of saves that were killed halfway are removed by the next save on that
-    host, and no other save's."""
-    owner = f"{_STAGING_PREFIX}{socket.gethostname()}-"
-    if os.name == "posix":  # (elsewhere `os.kill` does not only ask)
-        for name in os.listdir(target):
-            pid = name.removeprefix(owner).split("-", 1)[0]
-            if name.startswith(owner) and pid.isdigit() and _process_is_gone(int(pid)):
-                shutil.rmtree(os.path.join(target, name), ignore_errors=True)
-    return tempfile.TemporaryDirectory(prefix=f"{owner}{os.getpid()}-", dir=target, ignore_cleanup_errors=True)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+    return True
 
 
 class ClusterMoEPreTrainedModel(PreTrainedModel):
@@ -1671,8 +1687,22 @@ def _steps_parameters_of(model: "ClusterMoEPreTrainedModel", stepped: dict[int, 
     return any(key in more and parameters[key]() is stepped[key] for key in fewer)
 
 
-def _read_parameters(model: "ClusterMoEPreTrainedModel"):
-    _LIVE_MODELS[model] = {id(parameter): weakref.ref(parameter) for parameter in model.parameters()}
+def _read_parameters(models: list["ClusterMoEPreTrainedModel"]):
+    global _PARAMETERS_REGISTERED
+    _PARAMETERS_REGISTERED = False
+    for model in models:
+        _LIVE_MODELS[model] = {id(parameter): weakref.ref(parameter) for parameter in model.parameters()}
+
+
+_PARAMETERS_REGISTERED = True  # since the live models' parameter lookups were last read
+
+
+def _note_parameter_registration(module, name, parameter):
+    global _PARAMETERS_REGISTERED
+    _PARAMETERS_REGISTERED = True
+
+
+_PARAMETER_REGISTRATION_HOOK = register_module_parameter_registration_hook(_note_parameter_registration)
 
 
 def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEModel"]:
@@ -1680,15 +1710,17 @@ def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEMode
     it steps. If it steps none, it steps copies of a model's parameters (DeepSpeed's and FSDP's flat ones) or trains
     another model: then the base models no optimizer was seen to train. (So another model's optimizer, e.g. a GAN's
     discriminator's, stepping between a forward and its backward neither cuts the accumulation short nor lifts the
-    gradient guard.) The parameter lookups are kept, and read again from every model only when none of them has the
-    optimizer's parameters (loading, pruning and adapters replace parameters): optimizers that step one parameter
-    each (in the backward) then cost a lookup each, not a scan of every model."""
+    gradient guard.) The parameter lookups are read again after any module registered a parameter (new models,
+    loading, pruning, adapters), or when none of them has the optimizer's (one set directly in `_parameters`), so
+    that optimizers stepping one parameter each (in the backward) cost a lookup each, not a scan of every model."""
     stepped = {id(parameter): parameter for group in optimizer.param_groups for parameter in group["params"]}
     models = list(_LIVE_MODELS)
+    read_now = _PARAMETERS_REGISTERED
+    if read_now:
+        _read_parameters(models)
     trained = {model.base_model for model in models if _steps_parameters_of(model, stepped)}
-    if not trained:
-        for model in models:
-            _read_parameters(model)
+    if not trained and not read_now:
+        _read_parameters(models)
         trained = {model.base_model for model in models if _steps_parameters_of(model, stepped)}
     bases = [model for model in models if isinstance(model, ClusterMoEModel)]
     _MODELS_WITH_A_KNOWN_OPTIMIZER.update(model for model in bases if model in trained)

@@ -264,6 +264,20 @@ def test_each_model_is_updated_by_the_steps_of_its_own_optimizer_only():
         assert generator.get_reliability_stats()["training_step"] == step
 
 
+def test_one_optimizer_over_two_models_updates_both_also_one_built_after_its_first_step():
+    first, input_ids = adaptive_model(), torch.randint(3, 64, (2, 16))
+    optimizer = torch.optim.SGD(first.parameters(), lr=0.0)
+    first(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    second = adaptive_model()
+    optimizer.add_param_group({"params": list(second.parameters())})
+    for _ in range(2):
+        (first(input_ids, labels=input_ids).loss + second(input_ids, labels=input_ids).loss).backward()
+        optimizer.step()
+    assert first.get_reliability_stats()["training_step"] == 3
+    assert second.get_reliability_stats()["training_step"] == 2
+
+
 def test_an_optimizer_of_the_head_alone_updates_the_model_it_heads():
     """Linear probing after full training, in one process: the head's optimizer steps none of the base model's own
     parameters, but trains the model."""

@@ -3,7 +3,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -508,13 +507,17 @@ def test_a_save_stages_its_files_on_the_file_system_of_its_folder(tiny_model, tm
         pytest.skip("needs a second file system (/dev/shm)")
     try:
         (tmp_path / "checkpoint").symlink_to(other)
-        exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        killed = f".clustermoe-saving-{socket.gethostname()}-{exited.stdout.strip()}-a1b2"
-        running = f".clustermoe-saving-{socket.gethostname()}-{os.getppid()}-c3d4"
+        killed, running = ".clustermoe-saving-a1b2", ".clustermoe-saving-c3d4"
         for staging in (killed, running):
             os.makedirs(os.path.join(other, staging))
+        fcntl = pytest.importorskip("fcntl")
+        lock = os.open(os.path.join(other, running), os.O_RDONLY)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a save running in another process holds it
         model = tiny_model()
-        model.save_pretrained(tmp_path / "checkpoint")
+        try:
+            model.save_pretrained(tmp_path / "checkpoint")
+        finally:
+            os.close(lock)
         assert sorted(os.listdir(other)) == sorted(
             ["config.json", "configuration_clustermoe.py", "generation_config.json", "model.safetensors",
              "modeling_clustermoe.py", running]
