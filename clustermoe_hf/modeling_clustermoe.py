@@ -11,14 +11,12 @@ the statistics are folded into the buffers by a forward hook on the base model (
 by a global optimizer-step hook (EMAs and biases).
 """
 
-import contextlib
 import functools
 import inspect
 import math
 import numbers
 import os
 import re
-import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -49,12 +47,6 @@ from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .configuration_clustermoe import ClusterMoEConfig, _is_int
-
-
-try:
-    import fcntl  # locks a save's staging folder
-except ImportError:  # Windows
-    fcntl = None
 
 
 # `router_implementation="auto"` scores experts only inside the chosen clusters from this many experts on; below it
@@ -896,39 +888,9 @@ def _is_weights_file(name: str, variant: str | None) -> bool:
     return name in (single, index) or re.fullmatch(shard, name) is not None
 
 
+# The prefix of a save's staging folder inside its target. One that a killed save left behind is not removed by the
+# next save, which cannot tell it from the folder of a save still running (e.g. in another container): delete it.
 _STAGING_PREFIX = ".clustermoe-saving-"
-
-
-@contextlib.contextmanager
-def _staging_folder(target: str):
-    """A new folder inside `target` (the same file system, so files move into place by renaming), locked while the
-    save runs, so that a later save removes the folders of saves that were killed halfway, and no running save's.
-    (Without `fcntl`, as on Windows, none is removed.)"""
-    for name in os.listdir(target):
-        if name.startswith(_STAGING_PREFIX) and _is_abandoned(os.path.join(target, name)):
-            shutil.rmtree(os.path.join(target, name), ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=_STAGING_PREFIX, dir=target, ignore_cleanup_errors=True) as staging:
-        folder = os.open(staging, os.O_RDONLY)
-        try:
-            if fcntl is not None:
-                fcntl.flock(folder, fcntl.LOCK_EX)
-            yield staging
-        finally:
-            os.close(folder)  # releases the lock
-
-
-def _is_abandoned(folder: str) -> bool:
-    """Whether no process holds the lock of a staging folder (one whose lock cannot be tried is not abandoned)."""
-    if fcntl is None or not os.path.isdir(folder):
-        return False
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    finally:
-        os.close(descriptor)
-    return True
 
 
 class ClusterMoEPreTrainedModel(PreTrainedModel):
@@ -979,6 +941,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         optimizer-step hook here. (Not in the forward, where `torch.compile` drops the registration.)"""
         super().__setstate__(state)
         _LIVE_MODELS[self] = {}
+        _note_parameter_registration()  # its parameters are new, but copying registers none
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, made safe for a checkpoint already in the folder: the files are written to
@@ -1010,7 +973,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         ):
             return super().save_pretrained(save_directory, *args, **kwargs)
         os.makedirs(target, exist_ok=True)
-        with _staging_folder(target) as staging:
+        # On the target's file system, so that the files move into place by renaming.
+        with tempfile.TemporaryDirectory(prefix=_STAGING_PREFIX, dir=target, ignore_cleanup_errors=True) as staging:
             result = super().save_pretrained(staging, *args, **kwargs)
             written = set(os.listdir(staging))
             for name in sorted(written, key=lambda name: name == CONFIG_NAME):  # in a new folder, a config marks a
@@ -1695,9 +1659,12 @@ def _read_parameters(models: list["ClusterMoEPreTrainedModel"]):
 
 
 _PARAMETERS_REGISTERED = True  # since the live models' parameter lookups were last read
+# Parameters, by id, that an optimizer stepped and no live model had, as of that last read: for optimizers stepping
+# one parameter each (in the backward) of a model that is not a ClusterMoE model, next to one that is.
+_STEPPED_ELSEWHERE: dict[int, "weakref.ref[torch.Tensor]"] = {}
 
 
-def _note_parameter_registration(module, name, parameter):
+def _note_parameter_registration(*args):
     global _PARAMETERS_REGISTERED
     _PARAMETERS_REGISTERED = True
 
@@ -1711,17 +1678,22 @@ def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEMode
     another model: then the base models no optimizer was seen to train. (So another model's optimizer, e.g. a GAN's
     discriminator's, stepping between a forward and its backward neither cuts the accumulation short nor lifts the
     gradient guard.) The parameter lookups are read again after any module registered a parameter (new models,
-    loading, pruning, adapters), or when none of them has the optimizer's (one set directly in `_parameters`), so
-    that optimizers stepping one parameter each (in the backward) cost a lookup each, not a scan of every model."""
+    loading, pruning, adapters), or when none of them has the optimizer's and these are not known to be elsewhere
+    (one set directly in `_parameters`), so that optimizers stepping one parameter each (in the backward) cost a
+    lookup each, not a scan of every model."""
     stepped = {id(parameter): parameter for group in optimizer.param_groups for parameter in group["params"]}
     models = list(_LIVE_MODELS)
     read_now = _PARAMETERS_REGISTERED
     if read_now:
+        _STEPPED_ELSEWHERE.clear()  # a model may have taken them
         _read_parameters(models)
     trained = {model.base_model for model in models if _steps_parameters_of(model, stepped)}
-    if not trained and not read_now:
+    known_elsewhere = all(key in _STEPPED_ELSEWHERE and _STEPPED_ELSEWHERE[key]() is stepped[key] for key in stepped)
+    if not trained and not read_now and not known_elsewhere:
         _read_parameters(models)
         trained = {model.base_model for model in models if _steps_parameters_of(model, stepped)}
+    if not trained:
+        _STEPPED_ELSEWHERE.update((key, weakref.ref(parameter)) for key, parameter in stepped.items())
     bases = [model for model in models if isinstance(model, ClusterMoEModel)]
     _MODELS_WITH_A_KNOWN_OPTIMIZER.update(model for model in bases if model in trained)
     return [model for model in bases if model in trained] or [

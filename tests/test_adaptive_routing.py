@@ -1,5 +1,7 @@
 """Auxiliary-loss-free balancing (`use_adaptive_routing`) and when routing state is updated."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -264,18 +266,20 @@ def test_each_model_is_updated_by_the_steps_of_its_own_optimizer_only():
         assert generator.get_reliability_stats()["training_step"] == step
 
 
-def test_one_optimizer_over_two_models_updates_both_also_one_built_after_its_first_step():
+@pytest.mark.parametrize("second_model", ["built", "copied"])  # a copy registers no parameter while it is made
+def test_one_optimizer_over_two_models_updates_both_also_one_made_after_its_first_step(second_model):
     first, input_ids = adaptive_model(), torch.randint(3, 64, (2, 16))
     optimizer = torch.optim.SGD(first.parameters(), lr=0.0)
     first(input_ids, labels=input_ids).loss.backward()
     optimizer.step()
-    second = adaptive_model()
+    optimizer.zero_grad()
+    second = adaptive_model() if second_model == "built" else copy.deepcopy(first)
     optimizer.add_param_group({"params": list(second.parameters())})
     for _ in range(2):
         (first(input_ids, labels=input_ids).loss + second(input_ids, labels=input_ids).loss).backward()
         optimizer.step()
     assert first.get_reliability_stats()["training_step"] == 3
-    assert second.get_reliability_stats()["training_step"] == 2
+    assert second.get_reliability_stats()["training_step"] == (2 if second_model == "built" else 3)
 
 
 def test_an_optimizer_of_the_head_alone_updates_the_model_it_heads():
