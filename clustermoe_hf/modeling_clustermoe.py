@@ -934,14 +934,14 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
 
     def post_init(self):
         super().post_init()
-        _LIVE_MODELS[self] = {}
+        _LIVE_MODELS.add(self)
 
     def __setstate__(self, state):
         """A copy (`copy.deepcopy`, e.g. an EMA or teacher model) never ran `__init__`: register it with the
         optimizer-step hook here. (Not in the forward, where `torch.compile` drops the registration.)"""
         super().__setstate__(state)
-        _LIVE_MODELS[self] = {}
-        _note_parameter_registration()  # its parameters are new, but copying registers none
+        _LIVE_MODELS.add(self)
+        _PARAMETER_OWNERS.mark_stale()  # its parameters are new, but copying registers none
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, made safe for a checkpoint already in the folder: the files are written to
@@ -1332,10 +1332,9 @@ def _batches(data, name: str) -> Iterator[Mapping]:
         yield batch
 
 
-# Every live ClusterMoE model (base models and the models with a head around them), with weak references to its
-# parameters by id as last read (`_read_parameters`): the optimizer-step hook folds the pending routing statistics of
-# the base models that an optimizer trains into their buffers.
-_LIVE_MODELS: "weakref.WeakKeyDictionary[ClusterMoEPreTrainedModel, dict]" = weakref.WeakKeyDictionary()
+# Every live ClusterMoE model, base models and the models with a head around them: the optimizer-step hook folds the
+# pending routing statistics of the base models that an optimizer trains into their buffers.
+_LIVE_MODELS: "weakref.WeakSet[ClusterMoEPreTrainedModel]" = weakref.WeakSet()
 
 
 @dataclass
@@ -1639,37 +1638,52 @@ def _routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:
     return next((item for item in output if isinstance(item, tuple) and item and isinstance(item[0], dict)), None)
 
 
+class _ParameterOwners:
+    """The base model owning each parameter of the live ClusterMoE models (its own or its head's), by parameter id,
+    with weak references, for the optimizer-step hook. Read again after any module registered a parameter (new models,
+    loading, pruning, adapters: `mark_stale` is a global registration hook; copies register none, and mark it too), and
+    when a parameter is neither found nor known to belong to no model (one set directly in a module's `_parameters`).
+    So optimizers that step one parameter each (in the backward) cost a lookup each, not a scan of every model."""
+
+    def __init__(self):
+        self.stale = True
+        self.owners: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id -> (parameter, base model)
+        self.not_owned: dict[int, weakref.ref] = {}  # id -> parameter, as of the last registration
+
+    def mark_stale(self, *args):
+        self.stale = True
+
+    def _read(self):
+        self.owners = {
+            id(parameter): (weakref.ref(parameter), weakref.ref(model.base_model))
+            for model in list(_LIVE_MODELS)
+            for parameter in model.parameters()
+        }
+
+    def bases_of(self, parameters: list[torch.Tensor]) -> set["ClusterMoEModel"]:
+        def owner(parameter):
+            entry = self.owners.get(id(parameter))
+            return entry[1]() if entry is not None and entry[0]() is parameter else None
+
+        def known_not_owned(parameter):
+            entry = self.not_owned.get(id(parameter))
+            return entry is not None and entry() is parameter
+
+        if self.stale:
+            self.stale = False
+            self.not_owned.clear()
+            self._read()
+        elif any(owner(parameter) is None and not known_not_owned(parameter) for parameter in parameters):
+            self._read()
+        owners = {parameter: owner(parameter) for parameter in parameters}
+        self.not_owned.update((id(found), weakref.ref(found)) for found, base in owners.items() if base is None)
+        return set(owners.values()) - {None}
+
+
+_PARAMETER_OWNERS = _ParameterOwners()
+_PARAMETER_REGISTRATION_HOOK = register_module_parameter_registration_hook(_PARAMETER_OWNERS.mark_stale)
 # Base models an optimizer stepping their parameters (or their head's) was seen to train.
 _MODELS_WITH_A_KNOWN_OPTIMIZER: "weakref.WeakSet[ClusterMoEModel]" = weakref.WeakSet()
-
-
-def _steps_parameters_of(model: "ClusterMoEPreTrainedModel", stepped: dict[int, torch.Tensor]) -> bool:
-    """Whether an optimizer stepping `stepped` (id -> parameter) steps one of `model`'s parameters, as of the lookup
-    last read from `model` (`_read_parameters`)."""
-    parameters = _LIVE_MODELS.get(model, {})
-    fewer, more = (stepped, parameters) if len(stepped) <= len(parameters) else (parameters, stepped)
-    return any(key in more and parameters[key]() is stepped[key] for key in fewer)
-
-
-def _read_parameters(models: list["ClusterMoEPreTrainedModel"]):
-    global _PARAMETERS_REGISTERED
-    _PARAMETERS_REGISTERED = False
-    for model in models:
-        _LIVE_MODELS[model] = {id(parameter): weakref.ref(parameter) for parameter in model.parameters()}
-
-
-_PARAMETERS_REGISTERED = True  # since the live models' parameter lookups were last read
-# Parameters, by id, that an optimizer stepped and no live model had, as of that last read: for optimizers stepping
-# one parameter each (in the backward) of a model that is not a ClusterMoE model, next to one that is.
-_STEPPED_ELSEWHERE: dict[int, "weakref.ref[torch.Tensor]"] = {}
-
-
-def _note_parameter_registration(*args):
-    global _PARAMETERS_REGISTERED
-    _PARAMETERS_REGISTERED = True
-
-
-_PARAMETER_REGISTRATION_HOOK = register_module_parameter_registration_hook(_note_parameter_registration)
 
 
 def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEModel"]:
@@ -1677,28 +1691,16 @@ def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEMode
     it steps. If it steps none, it steps copies of a model's parameters (DeepSpeed's and FSDP's flat ones) or trains
     another model: then the base models no optimizer was seen to train. (So another model's optimizer, e.g. a GAN's
     discriminator's, stepping between a forward and its backward neither cuts the accumulation short nor lifts the
-    gradient guard.) The parameter lookups are read again after any module registered a parameter (new models,
-    loading, pruning, adapters), or when none of them has the optimizer's and these are not known to be elsewhere
-    (one set directly in `_parameters`), so that optimizers stepping one parameter each (in the backward) cost a
-    lookup each, not a scan of every model."""
-    stepped = {id(parameter): parameter for group in optimizer.param_groups for parameter in group["params"]}
-    models = list(_LIVE_MODELS)
-    read_now = _PARAMETERS_REGISTERED
-    if read_now:
-        _STEPPED_ELSEWHERE.clear()  # a model may have taken them
-        _read_parameters(models)
-    trained = {model.base_model for model in models if _steps_parameters_of(model, stepped)}
-    known_elsewhere = all(key in _STEPPED_ELSEWHERE and _STEPPED_ELSEWHERE[key]() is stepped[key] for key in stepped)
-    if not trained and not read_now and not known_elsewhere:
-        _read_parameters(models)
-        trained = {model.base_model for model in models if _steps_parameters_of(model, stepped)}
-    if not trained:
-        _STEPPED_ELSEWHERE.update((key, weakref.ref(parameter)) for key, parameter in stepped.items())
-    bases = [model for model in models if isinstance(model, ClusterMoEModel)]
-    _MODELS_WITH_A_KNOWN_OPTIMIZER.update(model for model in bases if model in trained)
-    return [model for model in bases if model in trained] or [
-        model for model in bases if model not in _MODELS_WITH_A_KNOWN_OPTIMIZER
-    ]
+    gradient guard.)"""
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    trained = _PARAMETER_OWNERS.bases_of(parameters)
+    _MODELS_WITH_A_KNOWN_OPTIMIZER.update(trained)
+    if trained:
+        return list(trained)
+    return [
+        model for model in list(_LIVE_MODELS)
+        if isinstance(model, ClusterMoEModel) and model not in _MODELS_WITH_A_KNOWN_OPTIMIZER
+    ]  # fmt: skip
 
 
 def _after_optimizer_step(optimizer, args, kwargs):
