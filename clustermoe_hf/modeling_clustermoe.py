@@ -26,7 +26,10 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import register_module_parameter_registration_hook
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from transformers import initialization as init
@@ -1640,15 +1643,16 @@ def _routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:
 
 class _ParameterOwners:
     """The base model owning each parameter of the live ClusterMoE models (its own or its head's), by parameter id,
-    with weak references, for the optimizer-step hook. Read again after any module registered a parameter (new models,
-    loading, pruning, adapters: `mark_stale` is a global registration hook; copies register none, and mark it too), and
-    when a parameter is neither found nor known to belong to no model (one set directly in a module's `_parameters`).
-    So optimizers that step one parameter each (in the backward) cost a lookup each, not a scan of every model."""
+    with weak references, for the optimizer-step hook. Read again after any module registered a parameter or a module
+    (new models, loading, pruning, adapters, an attached head: `mark_stale` is a global registration hook; copies
+    register none, and mark it too), and when a parameter is neither found nor known to belong to no model (one set
+    directly in a module's `_parameters`). So optimizers that step one parameter each (in the backward) cost a lookup
+    each, not a scan of every model."""
 
     def __init__(self):
         self.stale = True
         self.owners: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id -> (parameter, base model)
-        self.not_owned: dict[int, weakref.ref] = {}  # id -> parameter, as of the last registration
+        self.not_owned: dict[int, weakref.ref] = {}  # id -> parameter stepped that no live model owns
 
     def mark_stale(self, *args):
         self.stale = True
@@ -1669,19 +1673,20 @@ class _ParameterOwners:
             entry = self.not_owned.get(id(parameter))
             return entry is not None and entry() is parameter
 
-        if self.stale:
+        if self.stale or any(owner(parameter) is None and not known_not_owned(parameter) for parameter in parameters):
             self.stale = False
-            self.not_owned.clear()
             self._read()
-        elif any(owner(parameter) is None and not known_not_owned(parameter) for parameter in parameters):
-            self._read()
+            self.not_owned = {key: stepped for key, stepped in self.not_owned.items() if key not in self.owners}
         owners = {parameter: owner(parameter) for parameter in parameters}
         self.not_owned.update((id(found), weakref.ref(found)) for found, base in owners.items() if base is None)
         return set(owners.values()) - {None}
 
 
 _PARAMETER_OWNERS = _ParameterOwners()
-_PARAMETER_REGISTRATION_HOOK = register_module_parameter_registration_hook(_PARAMETER_OWNERS.mark_stale)
+_REGISTRATION_HOOKS = (  # a module attached to a model (`model.lm_head = probe`) registers no parameter
+    register_module_parameter_registration_hook(_PARAMETER_OWNERS.mark_stale),
+    register_module_module_registration_hook(_PARAMETER_OWNERS.mark_stale),
+)
 # Base models an optimizer stepping their parameters (or their head's) was seen to train.
 _MODELS_WITH_A_KNOWN_OPTIMIZER: "weakref.WeakSet[ClusterMoEModel]" = weakref.WeakSet()
 

@@ -297,6 +297,23 @@ def test_an_optimizer_of_the_head_alone_updates_the_model_it_heads():
         assert model.get_reliability_stats()["training_step"] == step
 
 
+def test_a_head_trained_on_its_own_then_attached_trains_the_model_it_heads():
+    """A linear probe trained on frozen features, then attached as the head: attaching registers no parameter."""
+    model = adaptive_model(tie_word_embeddings=False)
+    input_ids = torch.randint(3, 64, (2, 16))
+    full = torch.optim.SGD(model.parameters(), lr=0.0)
+    model(input_ids, labels=input_ids).loss.backward()
+    full.step()
+    probe = torch.nn.Linear(32, 64, bias=False)
+    head = torch.optim.SGD(probe.parameters(), lr=0.0)
+    probe(torch.randn(2, 32)).sum().backward()
+    head.step()  # steps a parameter of no ClusterMoE model
+    model.lm_head = probe
+    model(input_ids, labels=input_ids).loss.backward()
+    head.step()
+    assert model.get_reliability_stats()["training_step"] == 2
+
+
 def test_a_model_built_in_inference_mode_does_not_break_other_models_optimizer_steps():
     with torch.inference_mode():
         reference = adaptive_model().eval().requires_grad_(False)  # a frozen reference model, built in inference_mode
