@@ -193,6 +193,7 @@ def test_assisted_and_prompt_lookup_decoding_match_greedy(tiny_model):
     assert torch.equal(greedy(model, prompt, max_new_tokens=8, prompt_lookup_num_tokens=3), expected)
 
 
+@pytest.mark.slow  # ~20 s: the continuous-batching manager's start-up
 def test_continuous_batching_generates_what_generate_does(tiny_model):
     """`generate_batch` runs the model on a paged cache, which is not a transformers `Cache`."""
     from transformers import GenerationConfig
