@@ -980,8 +980,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         with tempfile.TemporaryDirectory(prefix=_STAGING_PREFIX, dir=target, ignore_cleanup_errors=True) as staging:
             result = super().save_pretrained(staging, *args, **kwargs)
             written = set(os.listdir(staging))
-            for name in sorted(written, key=lambda name: name == CONFIG_NAME):  # in a new folder, a config marks a
-                os.replace(os.path.join(staging, name), os.path.join(target, name))  # complete checkpoint: last
+            # config.json last: in a new folder, it marks a complete checkpoint.
+            for name in sorted(written, key=lambda name: name == CONFIG_NAME):
+                os.replace(os.path.join(staging, name), os.path.join(target, name))
         weights_files = {name for name in os.listdir(target) if _is_weights_file(name, options["variant"])}
         if weights_files & written:  # this save wrote the model's weights (not, e.g., only an adapter's)
             for name in weights_files - written:  # the earlier save's, not replaced by this one
