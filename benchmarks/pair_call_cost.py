@@ -1,8 +1,9 @@
 """What ClusterMoE's per-pair experts call costs next to a direct weighted call.
 
-`ClusterMoESparseMoeBlock` runs the fused experts once over all (token, expert) pairs, unweighted (inputs repeated
-per pair, one expert per row, unit weights), so that each pair's output can be health-checked before the weighted
-combine. A model without health checks would make one weighted call over the tokens instead. This times both, on the
+In training with reliability routing, `ClusterMoESparseMoeBlock` runs the fused experts once over all (token, expert)
+pairs, unweighted (inputs repeated per pair, one expert per row, unit weights), so that each pair's output can be
+health-checked before the weighted combine. Without reliability routing, and in inference on CPU while every output is
+finite, it makes one weighted call over the tokens instead. This times both, on the
 default benchmark shape (fp32, where ClusterMoE's default `sorted_mm` is transformers' `grouped_mm`), forward +
 backward and forward only; and the training forwards' health check itself (`_faulty_experts` plus masking, and its
 CPU shortcut), timed without gradients so that only the check counts.

@@ -715,46 +715,25 @@ class ClusterMoESparseMoeBlock(nn.Module):
         smallest, largest = (value.item() for value in torch.aminmax(norms))
         return math.isfinite(largest) and largest <= max(smallest, 1e-12) * self.config.reliability_max_norm_ratio / 2
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        token_mask: torch.Tensor | None = None,
-        output_routing_stats: bool = True,
-    ):
-        batch_size, sequence_length, hidden_dim = hidden_states.shape
-        hidden_flat = hidden_states.reshape(-1, hidden_dim)  # (tokens, H)
-        num_tokens = hidden_flat.shape[0]
-        routing = self.router(hidden_flat)
-        cluster_index = routing.cluster_index  # (tokens, kc)
+    def _may_skip_pair_checks(self, hidden_flat: torch.Tensor) -> bool:
+        """Whether the experts may run as one weighted call over the tokens, without per-pair outputs: without
+        reliability routing nothing is judged; in inference only non-finite pair outputs are masked, and on CPU, where
+        reading a value costs no sync, a finite combined output shows that there is none."""
+        if not self.config.use_reliability_routing:
+            return True
+        return not self.training and _host_reads_are_free(hidden_flat)
 
-        cluster_offset = cluster_index.unsqueeze(-1) * self.experts_per_cluster  # (tokens, kc, 1)
-        if self.config.expert_capacity_factor is None:
-            local_index, served, rerouted = routing.expert_candidates, None, None  # (tokens, kc, ke)
-            expert_index = cluster_offset + local_index
-        else:
-            candidates = cluster_offset + routing.expert_candidates  # (tokens, kc, E) global ids, best first
-            expert_index, served, rerouted = self._limit_capacity(candidates, token_mask)
-            local_index = expert_index - cluster_offset
-        top_k_index = expert_index.view(num_tokens, -1)  # (tokens, k)
-        top_k = top_k_index.shape[1]
+    def _combine_weights(self, chosen_log_probs: torch.Tensor) -> torch.Tensor:
+        """Combine weights (tokens, k): renormalised over the token's pairs, P(pair) / sum P = softmax of their
+        log-probabilities, or the plain probabilities without `norm_topk_prob`."""
+        return chosen_log_probs.softmax(-1) if self.config.norm_topk_prob else chosen_log_probs.exp()
 
-        # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
-        chosen_log_probs = routing.cluster_log_probs.gather(1, cluster_index).unsqueeze(-1)
-        chosen_log_probs = chosen_log_probs + routing.expert_log_probs.gather(-1, local_index)
-        chosen_log_probs = chosen_log_probs.view(num_tokens, top_k)  # (tokens, k)
-
-        # Built before the experts run, so that their backward runs after the experts' (autograd runs later nodes
-        # first): their gradients then do not wait through the experts' backward, where training memory peaks.
-        balance = self._balance_losses(routing, expert_index, token_mask) if output_routing_stats else None
-        # Pairs that count: served within capacity, of real (not padding) tokens. (tokens*k,) or None for all.
-        valid_pairs = served.view(num_tokens, top_k) if served is not None else None  # (tokens, k)
-        if token_mask is not None:
-            padding_pairs = token_mask.view(-1, 1).expand(-1, top_k)
-            valid_pairs = padding_pairs if valid_pairs is None else valid_pairs & padding_pairs
-        valid_pairs = None if valid_pairs is None else valid_pairs.reshape(-1)
-
-        # One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be
-        # checked before it is combined. Works with every experts backend (eager, grouped_mm, batched_mm, ...).
+    def _experts_per_pair(self, hidden_flat, top_k_index, chosen_log_probs, valid_pairs, output_routing_stats):
+        """One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be judged
+        and masked before it is combined; works with every experts backend (eager, grouped_mm, batched_mm, ...).
+        Pairs where `valid_pairs` (tokens*k,) is False (dropped by capacity limits, of padding tokens) are zeroed.
+        Returns the combined output (tokens, H) and the (N,) experts masked as faulty, or None."""
+        num_tokens, top_k = top_k_index.shape
         pair_inputs = hidden_flat.repeat_interleave(top_k, dim=0)  # (tokens*k, H)
         pair_ids = top_k_index.reshape(-1)  # (tokens*k,)
         expert_ids, excluded = pair_ids, None  # excluded: (tokens*k,) pairs whose outputs are zeroed, or None
@@ -793,13 +772,62 @@ class ClusterMoESparseMoeBlock(nn.Module):
                 pair_outputs = pair_outputs.masked_fill(excluded.unsqueeze(-1), 0.0)
             else:
                 pair_outputs = _MaskExcludedPairOutputs.apply(pair_outputs, gate_dummy, excluded)
-        # Renormalised over the token's pairs, P(pair) / sum P = softmax of their log-probabilities.
         # Dropped pairs' outputs are zero: they contribute nothing, and the token keeps its residual path.
-        weights = chosen_log_probs.softmax(-1) if self.config.norm_topk_prob else chosen_log_probs.exp()
+        weights = self._combine_weights(chosen_log_probs)
 
         # (tokens, k, 1) * (tokens, k, H) summed over k -> (tokens, H). Not `bmm`: on CPU its backward for these
         # (1 x k) @ (k x H) batches copies every token's slices one by one, ~2 ms per layer per training step here.
         output = (weights.to(pair_outputs.dtype).unsqueeze(-1) * pair_outputs.view(num_tokens, top_k, -1)).sum(1)
+        return output, faulty
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        output_routing_stats: bool = True,
+    ):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_flat = hidden_states.reshape(-1, hidden_dim)  # (tokens, H)
+        num_tokens = hidden_flat.shape[0]
+        routing = self.router(hidden_flat)
+        cluster_index = routing.cluster_index  # (tokens, kc)
+
+        cluster_offset = cluster_index.unsqueeze(-1) * self.experts_per_cluster  # (tokens, kc, 1)
+        if self.config.expert_capacity_factor is None:
+            local_index, served, rerouted = routing.expert_candidates, None, None  # (tokens, kc, ke)
+            expert_index = cluster_offset + local_index
+        else:
+            candidates = cluster_offset + routing.expert_candidates  # (tokens, kc, E) global ids, best first
+            expert_index, served, rerouted = self._limit_capacity(candidates, token_mask)
+            local_index = expert_index - cluster_offset
+        top_k_index = expert_index.view(num_tokens, -1)  # (tokens, k)
+        top_k = top_k_index.shape[1]
+
+        # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
+        chosen_log_probs = routing.cluster_log_probs.gather(1, cluster_index).unsqueeze(-1)
+        chosen_log_probs = chosen_log_probs + routing.expert_log_probs.gather(-1, local_index)
+        chosen_log_probs = chosen_log_probs.view(num_tokens, top_k)  # (tokens, k)
+
+        # Built before the experts run, so that their backward runs after the experts' (autograd runs later nodes
+        # first): their gradients then do not wait through the experts' backward, where training memory peaks.
+        balance = self._balance_losses(routing, expert_index, token_mask) if output_routing_stats else None
+        # Pairs that count: served within capacity, of real (not padding) tokens. (tokens*k,) or None for all.
+        valid_pairs = served.view(num_tokens, top_k) if served is not None else None  # (tokens, k)
+        if token_mask is not None:
+            padding_pairs = token_mask.view(-1, 1).expand(-1, top_k)
+            valid_pairs = padding_pairs if valid_pairs is None else valid_pairs & padding_pairs
+        valid_pairs = None if valid_pairs is None else valid_pairs.reshape(-1)
+
+        output = faulty = None  # faulty: (N,) experts whose outputs this forward masked, or None for none
+        if valid_pairs is None and self._may_skip_pair_checks(hidden_flat):
+            # Nothing to exclude and nothing to judge per pair: one weighted experts call over the tokens.
+            output = self.experts(hidden_flat, top_k_index, self._combine_weights(chosen_log_probs))
+            if self.config.use_reliability_routing and not math.isfinite(output.sum().item()):
+                output = None  # some pair's output is not finite (or the sum overflowed): judge each pair
+        if output is None:
+            output, faulty = self._experts_per_pair(
+                hidden_flat, top_k_index, chosen_log_probs, valid_pairs, output_routing_stats
+            )
         output = output.view(batch_size, sequence_length, hidden_dim)
         if self.shared_expert is not None:
             output = output + self.shared_expert(hidden_states)
@@ -807,6 +835,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
             return output, None
 
         cluster_balance, expert_balance, router_z = balance
+        pair_ids = top_k_index.reshape(-1)  # (tokens*k,)
         expert_counts = torch.zeros(self.num_experts, dtype=torch.long, device=hidden_states.device)
         expert_counts.index_add_(0, pair_ids, torch.ones_like(pair_ids) if valid_pairs is None else valid_pairs.long())
         dropped = pair_ids.new_zeros(())

@@ -139,6 +139,85 @@ def test_without_reliability_routing_a_nan_expert_poisons_the_output(tiny_model)
     assert torch.isnan(model(torch.randint(3, 64, (1, 8))).logits).all()
 
 
+def _count_per_pair_calls(monkeypatch, model) -> list:
+    """Spy: one entry per MoE block forward that ran its experts pair by pair (`_experts_per_pair`)."""
+    calls = []
+    for layer in model.model.layers:
+        per_pair = layer.mlp._experts_per_pair
+        monkeypatch.setattr(layer.mlp, "_experts_per_pair", lambda *args, f=per_pair: calls.append(1) or f(*args))
+    return calls
+
+
+def _judge_every_pair(monkeypatch, model):
+    for layer in model.model.layers:
+        monkeypatch.setattr(layer.mlp, "_may_skip_pair_checks", lambda hidden: False)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm", "sorted_mm"])
+def test_inference_calls_the_experts_once_weighted_and_gives_what_judging_each_pair_gives(
+    tiny_model, monkeypatch, implementation
+):
+    """Outside training only non-finite pair outputs are masked. On CPU, where reading a value costs no sync, the
+    experts run as one weighted call over the tokens, as other MoE models call them, and a finite output shows that
+    there was nothing to mask."""
+    model = tiny_model()
+    model.set_experts_implementation(implementation)
+    ids = random_ids(2, 12)
+    per_pair_calls = _count_per_pair_calls(monkeypatch, model)
+    with torch.no_grad():
+        weighted = model(ids).logits
+    assert per_pair_calls == []
+    _judge_every_pair(monkeypatch, model)
+    with torch.no_grad():
+        judged = model(ids).logits
+    assert len(per_pair_calls) == 2
+    torch.testing.assert_close(weighted, judged, rtol=1e-6, atol=1e-6)
+
+
+def test_a_non_finite_output_in_inference_is_judged_pair_by_pair(tiny_model, monkeypatch):
+    """The weighted call cannot tell which pair was not finite: that layer runs again pair by pair, which masks the
+    broken pairs only."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[:4] = float("nan")  # every expert of cluster 0
+    ids = random_ids(2, 12)
+    per_pair_calls = _count_per_pair_calls(monkeypatch, model)
+    with torch.no_grad():
+        logits = model(ids).logits
+        counts = model.model(ids, output_routing_stats=True).routing_stats[0]["expert_counts"]
+    assert counts[:4].sum() > 0 and counts[4:].sum() > 0  # both clusters serve tokens
+    assert len(per_pair_calls) == 1 + 1  # layer 0 in each forward; layer 1 is finite
+    assert torch.isfinite(logits).all()
+    _judge_every_pair(monkeypatch, model)
+    with torch.no_grad():
+        judged = model(ids).logits
+    torch.testing.assert_close(logits, judged, rtol=1e-6, atol=1e-6)
+
+
+def test_without_reliability_routing_training_calls_the_experts_once_weighted(tiny_model, monkeypatch):
+    """Nothing is judged without reliability routing, in training too: the loss, the gradients and the routing
+    statistics are those of the per-pair call."""
+    model = tiny_model(use_reliability_routing=False).train()
+    ids = random_ids(2, 12)
+
+    def run():
+        torch.manual_seed(0)  # router jitter
+        model.zero_grad()
+        output = model(ids, labels=ids)
+        output.loss.backward()
+        return output.loss, [p.grad.clone() for p in model.parameters()]
+
+    per_pair_calls = _count_per_pair_calls(monkeypatch, model)
+    weighted = run()
+    assert per_pair_calls == []
+    _judge_every_pair(monkeypatch, model)
+    judged = run()
+    assert len(per_pair_calls) == 2
+    torch.testing.assert_close(weighted[0], judged[0], rtol=1e-6, atol=1e-6)
+    for weighted_grad, judged_grad in zip(weighted[1], judged[1]):
+        torch.testing.assert_close(weighted_grad, judged_grad, rtol=1e-5, atol=1e-6)
+
+
 def _outsized_expert_model(tiny_model):
     """A model whose layer-0 expert 1 gives outputs 300x too large (> reliability_max_norm_ratio = 100), but finite."""
     model = tiny_model(top_k_experts=1, router_jitter_noise=0.0, initializer_range=0.2)
