@@ -2,8 +2,9 @@
 
 In training with reliability routing, `ClusterMoESparseMoeBlock` runs the fused experts once over all (token, expert)
 pairs, unweighted (inputs repeated per pair, one expert per row, unit weights), so that each pair's output can be
-health-checked before the weighted combine. Without reliability routing, and in inference on CPU while every output is
-finite, it makes one weighted call over the tokens instead. This times both, on the
+health-checked before the weighted combine. When no pair is excluded (no padding, no capacity limit), it makes one
+weighted call over the tokens instead without reliability routing, and in inference on CPU while every output is
+finite. This times both, on the
 default benchmark shape (fp32, where ClusterMoE's default `sorted_mm` is transformers' `grouped_mm`), forward +
 backward and forward only; and the training forwards' health check itself (`_faulty_experts` plus masking, and its
 CPU shortcut), timed without gradients so that only the check counts.
@@ -35,7 +36,7 @@ from clustermoe_hf.modeling_clustermoe import (  # noqa: E402
 
 
 def few_pairs_table(experts, hidden_size: int, repeats: int, calls: int = 100) -> list[dict]:
-    """Microseconds per inference experts call over S pairs (one expert per row, as ClusterMoE calls it)."""
+    """Microseconds per inference experts call over S pairs, one expert per row (ClusterMoE's per-pair call)."""
     generator = torch.Generator().manual_seed(0)
     runs = {}
     for num_pairs in (1, 2, 3, 4, 5, 6, 8, 16):

@@ -264,8 +264,9 @@ def sorted_mm_experts_forward(
     linear = _SortedGroupedLinear.apply if torch.is_grad_enabled() else _grouped_matmul
     gate_up = linear(inputs, self.gate_up_proj, groups, transpose)  # (S', 2I)
     outputs = linear(self._apply_gate(gate_up), self.down_proj, groups, transpose)  # (S', H)
-    outputs = outputs * top_k_weights.reshape(-1)[order, None].to(outputs.dtype)
-    return hidden_states.new_zeros(num_tokens, hidden_dim).index_add_(0, pair_tokens, outputs.to(hidden_states.dtype))
+    # Weighed and summed in the weights' precision (float32 from a router), then rounded once, as `grouped_mm` does.
+    outputs = outputs * top_k_weights.reshape(-1)[order, None]
+    return outputs.new_zeros(num_tokens, hidden_dim).index_add_(0, pair_tokens, outputs).to(hidden_states.dtype)
 
 
 ExpertsInterface.register("sorted_mm", sorted_mm_experts_forward)
@@ -775,10 +776,11 @@ class ClusterMoESparseMoeBlock(nn.Module):
         # Dropped pairs' outputs are zero: they contribute nothing, and the token keeps its residual path.
         weights = self._combine_weights(chosen_log_probs)
 
-        # (tokens, k, 1) * (tokens, k, H) summed over k -> (tokens, H). Not `bmm`: on CPU its backward for these
-        # (1 x k) @ (k x H) batches copies every token's slices one by one, ~2 ms per layer per training step here.
-        output = (weights.to(pair_outputs.dtype).unsqueeze(-1) * pair_outputs.view(num_tokens, top_k, -1)).sum(1)
-        return output, faulty
+        # (tokens, k, 1) * (tokens, k, H) summed over k -> (tokens, H), with the float32 weights, as transformers'
+        # `grouped_mm` and `batched_mm` combine a weighted call: a token's output rounds alike on either path. Not
+        # `bmm`: on CPU its backward for these (1 x k) @ (k x H) batches copies every token's slices one by one.
+        output = (weights.unsqueeze(-1) * pair_outputs.view(num_tokens, top_k, -1)).sum(1)
+        return output.to(pair_outputs.dtype), faulty
 
     def forward(
         self,
@@ -822,7 +824,8 @@ class ClusterMoESparseMoeBlock(nn.Module):
         if valid_pairs is None and self._may_skip_pair_checks(hidden_flat):
             # Nothing to exclude and nothing to judge per pair: one weighted experts call over the tokens.
             output = self.experts(hidden_flat, top_k_index, self._combine_weights(chosen_log_probs))
-            if self.config.use_reliability_routing and not math.isfinite(output.sum().item()):
+            # Summed in float32: a half-precision sum of a layer's finite outputs overflows easily.
+            if self.config.use_reliability_routing and not math.isfinite(output.sum(dtype=torch.float32).item()):
                 output = None  # some pair's output is not finite (or the sum overflowed): judge each pair
         if output is None:
             output, faulty = self._experts_per_pair(

@@ -174,12 +174,42 @@ def test_inference_calls_the_experts_once_weighted_and_gives_what_judging_each_p
     torch.testing.assert_close(weighted, judged, rtol=1e-6, atol=1e-6)
 
 
-def test_a_non_finite_output_in_inference_is_judged_pair_by_pair(tiny_model, monkeypatch):
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "sorted_mm"])
+def test_in_half_precision_the_per_pair_path_rounds_as_the_weighted_call_does(tiny_model, monkeypatch, implementation):
+    """Both weigh the outputs with the float32 weights and round once, so that a token's output does not depend on
+    which path its layer took, which the rest of the batch decides (a non-finite output elsewhere, padding)."""
+    model = tiny_model().to(torch.bfloat16)
+    model.set_experts_implementation(implementation)
+    ids = random_ids(2, 12)  # 48 pairs: more than sorted_mm's per-pair inference path takes
+    with torch.no_grad():
+        weighted = model(ids).logits
+    _judge_every_pair(monkeypatch, model)
+    with torch.no_grad():
+        judged = model(ids).logits
+    assert torch.equal(weighted, judged)
+
+
+def _break_cluster_0(monkeypatch, experts, how: str):
+    """Every expert of cluster 0 (ids 0-3) gives non-finite outputs: NaN weights, or outputs of +inf."""
+    if how == "nan weights":
+        with torch.no_grad():
+            experts.down_proj[:4] = float("nan")
+        return
+    forward = experts.forward
+
+    def infinite_outputs(hidden, top_k_index, top_k_weights):
+        output = forward(hidden, top_k_index, top_k_weights)
+        return output.masked_fill((top_k_index < 4).any(-1, keepdim=True), float("inf"))
+
+    monkeypatch.setattr(experts, "forward", infinite_outputs)
+
+
+@pytest.mark.parametrize("how", ["nan weights", "infinite outputs"])
+def test_a_non_finite_output_in_inference_is_judged_pair_by_pair(tiny_model, monkeypatch, how):
     """The weighted call cannot tell which pair was not finite: that layer runs again pair by pair, which masks the
     broken pairs only."""
     model = tiny_model()
-    with torch.no_grad():
-        model.model.layers[0].mlp.experts.down_proj[:4] = float("nan")  # every expert of cluster 0
+    _break_cluster_0(monkeypatch, model.model.layers[0].mlp.experts, how)
     ids = random_ids(2, 12)
     per_pair_calls = _count_per_pair_calls(monkeypatch, model)
     with torch.no_grad():
@@ -192,6 +222,19 @@ def test_a_non_finite_output_in_inference_is_judged_pair_by_pair(tiny_model, mon
     with torch.no_grad():
         judged = model(ids).logits
     torch.testing.assert_close(logits, judged, rtol=1e-6, atol=1e-6)
+
+
+def test_finite_half_precision_outputs_whose_sum_overflows_are_not_judged_again(tiny_model, monkeypatch):
+    """The finiteness check sums in float32: 24 tokens x 32 channels of 3000 overflow a float16 sum (max 65504)."""
+    model = tiny_model().to(torch.float16)
+    experts = model.model.layers[0].mlp.experts
+    forward = experts.forward
+    monkeypatch.setattr(experts, "forward", lambda *args: forward(*args) + 3000.0)
+    per_pair_calls = _count_per_pair_calls(monkeypatch, model)
+    with torch.no_grad():
+        logits = model(random_ids(2, 12)).logits
+    assert torch.isfinite(logits).all()
+    assert per_pair_calls == []
 
 
 def test_without_reliability_routing_training_calls_the_experts_once_weighted(tiny_model, monkeypatch):
