@@ -83,9 +83,10 @@ def utilization_entropy(model) -> dict[str, float]:
     return stats
 
 
-def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int]) -> torch.Tensor:
+def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int], token_mask) -> torch.Tensor:
     """Integer label per token, (batch, seq): from a per-token tensor, a per-sequence tensor, or a per-sequence list
-    of hashable labels (e.g. domain names), numbered in order of first appearance."""
+    of hashable labels (e.g. domain names), numbered in order of first appearance. Padding tokens (False in
+    `token_mask`, (batch * seq,) or None) may carry any label, e.g. -100: they are not counted."""
     if isinstance(labels, (str, bytes, Mapping)):  # would be read as one label per character / key
         raise TypeError(
             f"Labels are one per sequence (a list/tuple or tensor) or per token (a tensor); got a "
@@ -96,12 +97,18 @@ def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int]) -> to
     if not isinstance(labels, torch.Tensor):
         labels = torch.tensor([vocabulary.setdefault(label, len(vocabulary)) for label in labels])
     labels = labels.long()
-    if labels.shape not in (shape, shape[:1]) or (labels < 0).any():
+    if labels.shape not in (shape, shape[:1]):
         raise ValueError(
-            f"Labels must be non-negative integers, one per sequence or per token of the {tuple(shape)} batch; got "
-            f"shape {tuple(labels.shape)}."
+            f"Labels are one per sequence or per token of the {tuple(shape)} batch; got shape {tuple(labels.shape)}."
         )
-    return labels[:, None].expand(shape) if labels.dim() == 1 else labels
+    labels = labels[:, None].expand(shape) if labels.dim() == 1 else labels
+    counted = labels.reshape(-1) if token_mask is None else labels.reshape(-1)[token_mask.to(labels.device)]
+    if (counted < 0).any():
+        raise ValueError(
+            f"Labels must be non-negative integers (padding tokens may have any); got {int(counted.min())} at a "
+            "non-padding token."
+        )
+    return labels
 
 
 @torch.no_grad()
@@ -155,7 +162,8 @@ def specialization_statistics(
             for counts, layer_stats in zip(expert_counts, outputs.routing_stats):
                 counts += layer_stats["expert_counts"]
             if label_key is not None:
-                token_labels = _label_ids(batch[label_key], input_ids.shape, vocabulary).to(model.device).reshape(-1)
+                token_labels = _label_ids(batch[label_key], input_ids.shape, vocabulary, token_mask)
+                token_labels = token_labels.to(model.device).reshape(-1)
                 labels.append(token_labels if token_mask is None else token_labels[token_mask])
     finally:
         for handle in handles:

@@ -9,16 +9,32 @@ from .modeling_clustermoe import ClusterMoEForCausalLM
 CoEConfig = ClusterMoEConfig
 
 
+# The original package's defaults where ClusterMoEConfig's differ (its `create_coe_model` and `CoEConfig` dataclass).
+ORIGINAL_DEFAULTS = {
+    "hidden_size": 512,
+    "num_hidden_layers": 6,
+    "intermediate_size": 2048,
+    "top_k_clusters": 2,
+    "expert_capacity_factor": 1.25,
+    "attention_dropout": 0.1,
+}
+
+
 def create_coe_model(
     d_model: int | None = None,
     num_layers: int | None = None,
     num_clusters: int = 4,
-    experts_per_cluster: int = 4,
+    experts_per_cluster: int = 8,
     vocab_size: int = 32000,
     **config_kwargs,
 ) -> ClusterMoEForCausalLM:
     """Build a randomly initialised ClusterMoE causal LM; extra keyword arguments go to `ClusterMoEConfig`, which
-    also takes the transformers names (`hidden_size`, `num_hidden_layers`, ...) instead of the original ones.
+    also takes the transformers names (`hidden_size`, `num_hidden_layers`, ...) instead of the original ones. A name
+    that is neither is refused, as the original `CoEConfig` dataclass refused it.
+
+    The defaults are the original package's: d_model 512, 6 layers, 4 clusters of 8 experts, d_ff 2048, top-2
+    clusters and top-2 experts in each, capacity factor 1.25, dropout 0.1 (here on the attention weights: the experts
+    have no dropout). A plain `ClusterMoEConfig()` (also spelt `CoEConfig()`) keeps its own, smaller defaults.
 
     As in the original package, every forward returns `out["aux_loss"]` and, with `use_reliability_routing=True`
     (the default), `out["model_reliability"]`, also under `torch.no_grad()`: the config sets
@@ -28,11 +44,13 @@ def create_coe_model(
     all (`first_k_dense_layers` = all layers, which the original package could not build) has no router losses to
     return.
     """
-    for alias, value in (("d_model", d_model), ("num_layers", num_layers)):
-        if value is not None:  # otherwise the config's default, or the transformers name if given
-            config_kwargs[alias] = value
-    config_kwargs.setdefault("output_router_logits", True)
+    named = {"d_model": d_model, "num_layers": num_layers}
+    settings = {**{name: value for name, value in named.items() if value is not None}, **config_kwargs}
+    settings = ClusterMoEConfig.by_field_name(settings, "create_coe_model")
+    for name, value in ORIGINAL_DEFAULTS.items():
+        settings.setdefault(name, value)
+    settings.setdefault("output_router_logits", True)
     config = ClusterMoEConfig(
-        num_clusters=num_clusters, experts_per_cluster=experts_per_cluster, vocab_size=vocab_size, **config_kwargs
+        num_clusters=num_clusters, experts_per_cluster=experts_per_cluster, vocab_size=vocab_size, **settings
     )
     return ClusterMoEForCausalLM(config)

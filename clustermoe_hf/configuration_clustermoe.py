@@ -5,6 +5,8 @@ Self-contained (imports only transformers) so that `save_pretrained` can copy it
 `from_pretrained(..., trust_remote_code=True)` works where `clustermoe_hf` is not installed.
 """
 
+import dataclasses
+import difflib
 import math
 from typing import ClassVar, Literal, get_args
 
@@ -245,6 +247,38 @@ class ClusterMoEConfig(PreTrainedConfig):
     @num_experts_per_tok.setter
     def num_experts_per_tok(self, value):
         _reject_derived("num_experts_per_tok", value, "top_k_clusters * top_k_experts")
+
+    @classmethod
+    def by_field_name(cls, settings: dict, origin: str) -> dict:
+        """`settings` keyed by field name, the original package's aliases (`d_model`, ...) renamed, for settings named
+        by hand (`create_coe_model`'s keywords, run_clm's `--config_overrides`). The constructor keeps unknown keys, as
+        transformers configs do (a checkpoint may carry extra ones); a mistyped name here is refused instead, with the
+        closest names, rather than building the default the user meant to change."""
+        setters = {name for name, value in vars(cls).items() if isinstance(value, property) and value.fset is not None}
+        known = (
+            {field.name for field in dataclasses.fields(cls)}
+            | set(cls.attribute_map)
+            | set(_ORIGINAL_OPTIONS_WITHOUT_EFFECT)
+            | setters  # derived fields, whose setters say what to set instead
+            | {"output_attentions", "rope_scaling"}
+        )
+        unknown = [name for name in settings if name not in known]
+        if unknown:
+            described = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, sorted(known), n=2)
+                described.append(f"{name} (did you mean {' or '.join(close)}?)" if close else name)
+            raise ValueError(f"{origin}: no ClusterMoEConfig field is called {', '.join(described)}.")
+        by_field = {}
+        for name, value in settings.items():
+            field = cls.attribute_map.get(name, name)
+            if field in by_field and by_field[field] != value:
+                raise ValueError(
+                    f"{origin}: {field} is given twice, as {by_field[field]!r} and as {value!r} (one of them through "
+                    "its alias); pass one of them."
+                )
+            by_field[field] = value
+        return by_field
 
     def update_from_string(self, update_str: str):
         """transformers' `update_from_string` (run_clm's `--config_overrides`), which cannot set a field whose value

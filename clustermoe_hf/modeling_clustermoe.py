@@ -1205,7 +1205,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         moe_layers = self._moe_layers()
         total = sum(p.numel() for p in self.parameters())
         expert_params = sum(sum(p.numel() for p in block.experts.parameters()) for _, block in moe_layers)
-        inactive = expert_params * (1 - config.num_experts_per_tok / config.num_experts)
+        active_expert_params = expert_params * config.num_experts_per_tok // config.num_experts  # equal-sized experts
         reliability = self.get_reliability_stats()
         return {
             "total_params": total,
@@ -1217,7 +1217,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             "model_reliability": reliability["model_reliability"],
             "training_step": reliability["training_step"],
             "model_type": config.model_type,
-            "active_params_per_token": int(total - inactive),
+            "active_params_per_token": total - expert_params + active_expert_params,
             "hidden_size": config.hidden_size,
             "num_moe_layers": len(moe_layers),
             "num_experts": config.num_experts,

@@ -160,7 +160,9 @@ class ModelArguments:
         metadata={
             "help": "Comma-separated field=value pairs overriding the from-scratch config, e.g. "
             "'hidden_size=256,num_clusters=8,use_adaptive_routing=true'. Values are read as JSON when possible "
-            "(numbers, true/false, null; also True/False/None in any case), otherwise as strings."
+            "(numbers, true/false, null; also True/False/None in any case), otherwise as strings. Fields are named "
+            "as in ClusterMoEConfig or by the original package's aliases (d_model, d_ff, num_layers, ...); another "
+            "name is refused."
         },
     )
     tokenizer_name: str | None = field(
@@ -349,6 +351,12 @@ def check_training_arguments(training_args: TrainingArguments) -> None:
             "together with training_args.bin, which holds --hub_token). Train without it, then upload the folder: "
             f"python examples/push_to_hub.py --folder {training_args.output_dir} --repo-id {repo_id} "
             "(token from HF_TOKEN or `hf auth login`)."
+        )
+    # The model card reports the validation perplexity, which the Trainer computes only with predictions.
+    if training_args.prediction_loss_only:
+        raise ValueError(
+            "--prediction_loss_only: run_clm.py reports the validation perplexity, which it computes from the "
+            "predictions; train without it."
         )
     # A negative --max_steps means "train --num_train_epochs epochs" to the Trainer; 0 would still train one step.
     if training_args.max_steps == 0 or training_args.max_steps < -1:
@@ -561,7 +569,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
     config = ClusterMoEConfig(
         **{
             **base,
-            **parse_config_overrides(model_args.config_overrides),
+            **ClusterMoEConfig.by_field_name(parse_config_overrides(model_args.config_overrides), "--config_overrides"),
             "vocab_size": len(tokenizer),
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
@@ -584,7 +592,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
 
 def check_context_length(model, block_size: int) -> None:
     """Refuse blocks longer than the model's context: positions past max_position_embeddings were never meant to be
-    used, and generation from the saved model would stop at that length."""
+    used, and transformers warns when generation from the saved model goes past that length."""
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and block_size > context:
         raise ValueError(
@@ -712,6 +720,9 @@ def main(args: list[str] | None = None) -> dict:
     prompt = sample_prompt(report_args, dataset_id, validation_texts, tokenizer)
 
     model = build_model(model_args, data_args, tokenizer)
+    # The Hub's base_model metadata must name a Hub repository; a local starting point is listed in the card only.
+    # Decided now: with --overwrite_output_dir, a starting checkpoint inside --output_dir is moved away for training.
+    base_model = None if Path(str(model_args.model_name_or_path)).exists() else model_args.model_name_or_path
     check_context_length(model, data_args.block_size)
     if checkpoint is not None:
         check_resumed_config(model, checkpoint)
@@ -819,8 +830,7 @@ def main(args: list[str] | None = None) -> dict:
         sample_prompt=prompt,
         sample=sample,
         images=images,
-        # The Hub's base_model metadata must name a Hub repository; a local starting point is listed in the card only.
-        base_model=None if Path(str(model_args.model_name_or_path)).exists() else model_args.model_name_or_path,
+        base_model=base_model,
     )
     (output_dir / "README.md").write_text(card, encoding="utf-8")
 

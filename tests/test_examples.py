@@ -370,8 +370,9 @@ def test_a_run_killed_while_replacing_another_is_reported(run_clm, tmp_path):
         ["--train_file", "no-such-corpus.md"],  # found reading the corpus
         ["--lora_rank", "4"],  # LoRA without --model_name_or_path: found parsing the options
         ["--config_overrides", "hidden_size=30"],  # not divisible by the heads: found building the model
+        ["--config_overrides", "num_cluster=2"],  # no such field: found building the model
     ],
-    ids=["missing-corpus", "lora-without-model", "invalid-config"],
+    ids=["missing-corpus", "lora-without-model", "invalid-config", "mistyped-config-field"],
 )
 def test_overwrite_keeps_the_earlier_run_when_an_input_is_bad(run_clm, trained, tmp_path, bad_input):
     """--overwrite_output_dir deletes the earlier run only once the corpus, tokenizer and model are built."""
@@ -689,6 +690,38 @@ def test_run_clm_reports_a_missing_local_model_tokenizer_or_config(run_clm, tmp_
     (tmp_path / "local").mkdir()
     for name in ("local", "./local", str(tmp_path / "local"), "someone/model", "gpt2"):  # a folder, or a Hub id
         run_clm.check_local_or_hub_id(name, "--model_name_or_path")
+
+
+def test_config_overrides_name_fields_or_the_original_aliases(run_clm, tmp_path):
+    with pytest.raises(ValueError, match=re.escape("--config_overrides: no ClusterMoEConfig field is called "
+                                                   "num_cluster (did you mean num_clusters")):  # fmt: skip
+        run_clm.main([*SHORT_RUN, "--config_overrides", "num_cluster=2", "--output_dir", str(tmp_path / "typo")])
+    assert not (tmp_path / "typo").exists()
+    aliases = "d_model=32,d_ff=16,num_layers=1,num_attention_heads=4,num_key_value_heads=2,num_clusters=2"
+    run_clm.main([*without(SHORT_RUN, "--config_overrides"), "--config_overrides", aliases,
+                  "--output_dir", str(tmp_path / "aliases")])  # fmt: skip
+    config = json.loads((tmp_path / "aliases" / "config.json").read_text())
+    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (32, 16, 1)
+    assert not {"d_model", "d_ff", "num_layers"} & set(config)
+
+
+def test_run_clm_refuses_prediction_loss_only_up_front(run_clm, tmp_path, monkeypatch):
+    """The card's validation perplexity needs the predictions; the run used to crash after training and saving."""
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match="--prediction_loss_only: run_clm.py reports the validation perplexity"):
+        run_clm.main([*TINY_RUN, "--prediction_loss_only", "true", "--output_dir", str(tmp_path / "run")])
+
+
+def test_a_run_started_from_a_checkpoint_of_the_run_it_replaces_names_no_local_base_model(run_clm, trained, tmp_path):
+    """The checkpoint is moved away with the replaced run before training: its path must not reach the card."""
+    folder = tmp_path / "again"
+    shutil.copytree(trained[0], folder)
+    checkpoint = sorted(folder.glob("checkpoint-*"))[-1]
+    run_clm.main([*without(SHORT_RUN, "--config_overrides"), "--model_name_or_path", str(checkpoint),
+                  "--output_dir", str(folder), "--overwrite_output_dir"])  # fmt: skip
+    assert not checkpoint.exists()
+    card = (folder / "README.md").read_text()
+    assert "base_model" not in front_matter(card)
 
 
 def test_config_overrides_are_parsed_as_json_values(run_clm):

@@ -86,6 +86,28 @@ def test_create_coe_model_accepts_original_names():
     assert (summary["model_reliability"], summary["training_step"]) == (1.0, 0)
 
 
+def test_create_coe_model_defaults_are_the_original_packages():
+    with torch.device("meta"):  # 6 layers of 32 experts of width 2048: built without memory
+        config = create_coe_model().config
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (512, 6, 2048)
+    assert (config.num_clusters, config.experts_per_cluster, config.vocab_size) == (4, 8, 32000)
+    assert (config.top_k_clusters, config.top_k_experts) == (2, 2)
+    assert (config.expert_capacity_factor, config.attention_dropout) == (1.25, 0.1)
+    with torch.device("meta"):  # a transformers name replaces the original default as its alias would
+        config = create_coe_model(hidden_size=64, num_hidden_layers=1, d_ff=32, top_k_clusters=1).config
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.top_k_clusters) == (
+        64, 1, 32, 1,
+    )  # fmt: skip
+
+
+def test_create_coe_model_refuses_a_name_that_is_no_config_field():
+    with pytest.raises(ValueError, match=re.escape("no ClusterMoEConfig field is called num_cluster (did you mean "
+                                                   "num_clusters")):  # fmt: skip
+        create_coe_model(num_cluster=8)
+    with pytest.raises(ValueError, match="hidden_size is given twice, as 64 and as 32"):
+        create_coe_model(d_model=64, hidden_size=32)
+
+
 def test_create_coe_model_accepts_transformers_names():
     model = create_coe_model(
         hidden_size=32, num_hidden_layers=2, intermediate_size=16, num_attention_heads=4, vocab_size=VOCAB_SIZE

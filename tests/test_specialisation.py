@@ -162,6 +162,22 @@ def test_per_token_labels_padding_and_entropies_on_the_data(tiny_model):
     assert only_entropies["layer_0_cluster_entropy"] == stats["layer_0_cluster_entropy"]
 
 
+def test_padding_tokens_may_carry_ignored_labels_and_real_ones_may_not(tiny_model):
+    model = domain_routed_model(tiny_model)
+    input_ids = torch.tensor([list(DOMAIN_A[:6]) + list(DOMAIN_B[:6])] * 2)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :6] = 0
+    labels = torch.tensor([[0] * 6 + [1] * 6] * 2)
+    expected = specialization_statistics(model, [{"input_ids": input_ids, "attention_mask": attention_mask,
+                                                  "domain": labels}], label_key="domain")  # fmt: skip
+    ignored = labels.masked_fill(attention_mask == 0, -100)  # as a data collator pads labels
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "domain": ignored}
+    assert specialization_statistics(model, [batch], label_key="domain") == expected
+    batch["domain"] = ignored.masked_fill((attention_mask == 1) & (labels == 1), -100)
+    with pytest.raises(ValueError, match="padding tokens may have any\\); got -100 at a non-padding token"):
+        specialization_statistics(model, [batch], label_key="domain")
+
+
 def test_labels_must_match_the_batch(tiny_model):
     model = tiny_model()
     batch = {"input_ids": torch.randint(3, 64, (2, 5)), "label": torch.tensor([0, 1, 1])}
