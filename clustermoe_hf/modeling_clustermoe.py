@@ -34,7 +34,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface, _grouped_mm, grouped_mm_experts_forward
@@ -716,20 +716,22 @@ class ClusterMoESparseMoeBlock(nn.Module):
         smallest, largest = (value.item() for value in torch.aminmax(norms))
         return math.isfinite(largest) and largest <= max(smallest, 1e-12) * self.config.reliability_max_norm_ratio / 2
 
-    def _may_skip_pair_checks(self, hidden_flat: torch.Tensor) -> bool:
+    def _may_skip_pair_checks(self, hidden_flat: torch.Tensor, judges_experts: bool) -> bool:
         """Whether the experts may run as one weighted call over the tokens, without per-pair outputs: without
-        reliability routing nothing is judged; in inference only non-finite pair outputs are masked, and on CPU, where
-        reading a value costs no sync, a finite combined output shows that there is none."""
+        reliability routing nothing is judged; outside training forwards only non-finite pair outputs are masked, and
+        on CPU, where reading a value costs no sync, a finite combined output shows that there is none."""
         if not self.config.use_reliability_routing:
             return True
-        return not self.training and _host_reads_are_free(hidden_flat)
+        return not judges_experts and _host_reads_are_free(hidden_flat)
 
     def _combine_weights(self, chosen_log_probs: torch.Tensor) -> torch.Tensor:
         """Combine weights (tokens, k): renormalised over the token's pairs, P(pair) / sum P = softmax of their
         log-probabilities, or the plain probabilities without `norm_topk_prob`."""
         return chosen_log_probs.softmax(-1) if self.config.norm_topk_prob else chosen_log_probs.exp()
 
-    def _experts_per_pair(self, hidden_flat, top_k_index, chosen_log_probs, valid_pairs, output_routing_stats):
+    def _experts_per_pair(
+        self, hidden_flat, top_k_index, chosen_log_probs, valid_pairs, judges_experts: bool, output_routing_stats: bool
+    ):
         """One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be judged
         and masked before it is combined; works with every experts backend (eager, grouped_mm, batched_mm, ...).
         Pairs where `valid_pairs` (tokens*k,) is False (dropped by capacity limits, of padding tokens) are zeroed.
@@ -740,7 +742,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         expert_ids, excluded = pair_ids, None  # excluded: (tokens*k,) pairs whose outputs are zeroed, or None
         if valid_pairs is not None:
             excluded = ~valid_pairs
-            if self.experts.config._experts_implementation in SENTINEL_SKIPPING_EXPERTS:
+            if self.config._experts_implementation in SENTINEL_SKIPPING_EXPERTS:  # (experts may be wrapped, e.g. peft)
                 expert_ids = pair_ids.masked_fill(excluded, self.num_experts)
         gate_dummy = None
         if (self.config.use_reliability_routing or excluded is not None) and pair_inputs.requires_grad:
@@ -751,7 +753,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         if self.config.use_reliability_routing:
             if torch.is_grad_enabled():
                 self._guard_expert_gradients()
-            if self.training:  # also without gradients: reentrant checkpointing runs the first pass that way
+            if judges_experts:
                 # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the
                 # health reference of their cluster and mask experts for the real tokens of the batch.
                 faulty = self._faulty_experts(pair_outputs, pair_ids, valid_pairs)
@@ -820,8 +822,13 @@ class ClusterMoESparseMoeBlock(nn.Module):
             valid_pairs = padding_pairs if valid_pairs is None else valid_pairs & padding_pairs
         valid_pairs = None if valid_pairs is None else valid_pairs.reshape(-1)
 
+        # Only training forwards judge experts against each other across the batch: train mode with routing statistics
+        # (asked for with gradients, labels or router logits; also in the no-gradient first pass of reentrant
+        # checkpointing, whose outer forward asks for them). Pure inference, e.g. `generate`, in either mode judges
+        # each pair on its own, so that a token's output depends only on its own sequence.
+        judges_experts = self.training and output_routing_stats
         output = faulty = None  # faulty: (N,) experts whose outputs this forward masked, or None for none
-        if valid_pairs is None and self._may_skip_pair_checks(hidden_flat):
+        if valid_pairs is None and self._may_skip_pair_checks(hidden_flat, judges_experts):
             # Nothing to exclude and nothing to judge per pair: one weighted experts call over the tokens.
             output = self.experts(hidden_flat, top_k_index, self._combine_weights(chosen_log_probs))
             # Summed in float32: a half-precision sum of a layer's finite outputs overflows easily.
@@ -829,7 +836,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
                 output = None  # some pair's output is not finite (or the sum overflowed): judge each pair
         if output is None:
             output, faulty = self._experts_per_pair(
-                hidden_flat, top_k_index, chosen_log_probs, valid_pairs, output_routing_stats
+                hidden_flat, top_k_index, chosen_log_probs, valid_pairs, judges_experts, output_routing_stats
             )
         output = output.view(batch_size, sequence_length, hidden_dim)
         if self.shared_expert is not None:
@@ -1469,6 +1476,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 f"The input has no tokens (batch size {batch_size}, sequence length {sequence_length}); pass at least "
                 "one token per sequence."
             )
+        self._check_cache_room(cache, sequence_length)
         self._check_attention_mask(attention_mask, batch_size, sequence_length, cache)
         if position_ids is not None and (
             position_ids.dim() != 2
@@ -1480,6 +1488,20 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
             raise ValueError(
                 f"position_ids must be integer positions of shape (batch_size={batch_size} or 1, sequence_length="
                 f"{sequence_length}); got a {position_ids.dtype} tensor of shape {tuple(position_ids.shape)}."
+            )
+
+    @staticmethod
+    def _check_cache_room(cache: Cache | None, sequence_length: int):
+        """A static cache holds a fixed number of positions per sequence: more tokens would fail in its update, or
+        first in the attention-mask check, whose message would blame the mask."""
+        if not isinstance(cache, Cache) or is_torchdynamo_compiling():
+            return
+        layers = getattr(cache, "layers", ())
+        sizes = [layer.max_cache_len for layer in layers if isinstance(layer, StaticLayer) and not layer.is_sliding]
+        if sizes and (cached := cache.get_seq_length()) + sequence_length > min(sizes):
+            raise ValueError(
+                f"The static cache holds {min(sizes)} positions; {cached} cached and {sequence_length} new tokens do "
+                "not fit. Pass a larger cache (e.g. StaticCache(config, max_cache_len=...)) or generate fewer tokens."
             )
 
     def _check_attention_mask(self, attention_mask, batch_size: int, sequence_length: int, cache: Cache | None):

@@ -111,6 +111,15 @@ def test_static_cache_generation_matches_dynamic(tiny_model):
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=1e-4, atol=1e-5)
 
 
+def test_a_static_cache_too_short_for_the_tokens_is_named(tiny_model):
+    model = tiny_model()
+    cache = StaticCache(config=model.config, max_cache_len=6)
+    with torch.no_grad():
+        model(random_ids(1, 4), cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="static cache holds 6 positions; 4 cached and 3 new tokens do not fit"):
+            model(random_ids(1, 3), cache=cache, use_cache=True)
+
+
 def _compile_config(backend):
     config = CompileConfig(fullgraph=True, dynamic=False, backend=backend)
     config._compile_all_devices = True  # generate only auto-compiles on accelerators otherwise

@@ -321,6 +321,23 @@ def test_peft_lora_on_attention_projections(tiny_model):
         torch.testing.assert_close(merged(ids).logits, lora_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_peft_lora_on_the_fused_experts_serves_padded_batches(tiny_model):
+    """The per-pair path, which padding takes, reads the experts implementation from the config, not from the
+    experts module, which peft wraps. Padded generation matches the adapter-free model (LoRA starts at zero)."""
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :2] = 0
+    expected = model.generate(ids, attention_mask=attention_mask, max_new_tokens=3, do_sample=False)
+    lora = get_peft_model(model, LoraConfig(r=4, target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    generated = lora.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, expected)
+    lora.train()
+    loss = lora(input_ids=ids, attention_mask=attention_mask, labels=ids.masked_fill(attention_mask == 0, -100)).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize(
     "lora",
     [

@@ -150,7 +150,7 @@ def _count_per_pair_calls(monkeypatch, model) -> list:
 
 def _judge_every_pair(monkeypatch, model):
     for layer in model.model.layers:
-        monkeypatch.setattr(layer.mlp, "_may_skip_pair_checks", lambda hidden: False)
+        monkeypatch.setattr(layer.mlp, "_may_skip_pair_checks", lambda hidden, judges_experts: False)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm", "sorted_mm"])
@@ -306,6 +306,20 @@ def test_inference_outputs_do_not_depend_on_other_tokens(tiny_model):
     torch.testing.assert_close(prefix, full[:, :3], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alone, full[:1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(incremental, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_pure_inference_in_train_mode_judges_pairs_as_in_eval_mode(tiny_model):
+    """`generate` on a model left in train mode (e.g. sampling mid-training) asks for no routing statistics: it is
+    not a training forward, and must not mask the outsized expert batch-wide as one does."""
+    model = _outsized_expert_model(tiny_model)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        evaluated = model(ids).logits
+        model.train()
+        inferred = model(ids).logits
+        training_forward = model(ids, labels=ids).logits  # labels: a training forward, also without gradients
+    torch.testing.assert_close(inferred, evaluated, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(training_forward, evaluated, rtol=1e-3, atol=1e-3)  # the outsized expert masked there
 
 
 def test_health_check_flags_outputs_far_larger_than_the_other_experts_of_the_cluster(tiny_model):
