@@ -69,7 +69,8 @@ class ClusterMoEConfig(PreTrainedConfig):
             there.
         use_adaptive_routing (`bool`): auxiliary-loss-free balancing: per-cluster and per-expert selection biases
             nudged toward uniform load after every optimizer step (DeepSeek-V3 style).
-        adaptive_routing_rate (`float`): bias update step size.
+        adaptive_routing_rate (`float`): bias update step size; 0 keeps the biases as they are (they still apply), e.g.
+            to keep the routing fixed while training something else.
         expert_capacity_factor (`float`, *optional*): `None` is dropless; otherwise each expert takes at most
             `ceil(factor * tokens * k / num_experts)` tokens per forward, overflow is re-routed inside the chosen
             cluster, then dropped (the token keeps its residual path).
@@ -378,7 +379,7 @@ class ClusterMoEConfig(PreTrainedConfig):
         require_number("reliability_decay", "in (0, 1)", lambda value: 0 < value < 1)
         require_number("reliability_threshold", "in [0, 1)", lambda value: 0 <= value < 1)
         require_number("reliability_max_norm_ratio", "> 1", lambda value: value > 1)
-        require_number("adaptive_routing_rate", "> 0", lambda value: value > 0)
+        require_number("adaptive_routing_rate", ">= 0", lambda value: value >= 0)
         if self.expert_capacity_factor is not None:
             require_number("expert_capacity_factor", "> 0, or None (dropless)", lambda value: value > 0)
         rope_parameters = self.rope_parameters

@@ -1253,7 +1253,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         Experts are ranked by their utilisation (share of the layer's token assignments), their reliability, or the
         product of both; clusters by the sum of their experts' scores. Utilisation is measured on `calibration_data`
         (an iterable of `input_ids` tensors or of dicts with `input_ids` and optionally `attention_mask`) when given,
-        else taken from the counts accumulated in training. Everything is checked before anything is changed.
+        else taken from the counts accumulated in training. Under torch.distributed both are summed over the processes,
+        so that every replica keeps the same experts: call it on every process. Everything is checked before anything
+        is changed.
 
         Returns the global ids before this call (`cluster * experts_per_cluster + expert`) of the kept experts of each
         MoE layer, in their new order. The kept weights are new `Parameter`s: create the optimizer (and its scheduler,
@@ -1288,7 +1290,10 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             if any(int(layer_counts.sum()) == 0 for layer_counts in counts):
                 raise ValueError("`calibration_data` has no (non-padding) tokens to measure the utilisation on.")
         else:
-            counts = [block.router.expert_token_counts for _, block in layers]
+            counts = [block.router.expert_token_counts.clone() for _, block in layers]
+        if rank_by != "reliability" and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for layer_counts in counts:  # per process (training counts, each process's calibration data): summed, so
+                torch.distributed.all_reduce(layer_counts)  # that every replica keeps the same experts
         if rank_by != "reliability" and any(int(layer_counts.sum()) == 0 for layer_counts in counts):
             raise ValueError(
                 "No utilisation data to rank the experts by: pass `calibration_data`, train the model first (counts "
@@ -1629,7 +1634,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         for row, (_, block) in enumerate(self._moe_layers()):
             router = block.router
             device = router.expert_bias.device
-            if config.use_adaptive_routing:
+            if config.use_adaptive_routing and config.adaptive_routing_rate > 0:
                 self._step_balancing_biases(block, counts[row].to(device, torch.float32))
             router.selection_token_counts.add_(counts[row].to(device))
             if config.use_reliability_routing:

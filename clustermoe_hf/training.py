@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 TEXT_FILE_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 AUX_LOSS_PARTS = ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
@@ -350,6 +352,55 @@ def perplexity_from_token_nll(eval_prediction) -> dict[str, float]:
 
 
 # ----- fine-tuning -----
+
+
+ROUTING_STATE_FILE = "routing_state.safetensors"
+
+
+def routing_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers of the ClusterMoE model inside `model` (balancing biases, reliability, token counts,
+    training step), by name: the routing state, which an adapter-only (peft) checkpoint leaves out."""
+    base = find_clustermoe_model(model)
+    saved = base.state_dict().keys()
+    return {name: buffer.detach().cpu().contiguous() for name, buffer in base.named_buffers() if name in saved}
+
+
+class SaveRoutingState(TrainerCallback):
+    """Writes the routing state into each checkpoint the `Trainer` saves, for `load_routing_state` when resuming: a
+    peft checkpoint holds only the adapters, and a run resumed from it would otherwise restart routing from the base
+    model's biases, reliability and counts."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            save_file(routing_state_dict(model), checkpoint / ROUTING_STATE_FILE)
+
+
+def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Restore the routing state `SaveRoutingState` wrote into `checkpoint` (call it before `Trainer.train` resumes
+    from that checkpoint)."""
+    path = Path(checkpoint) / ROUTING_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the checkpoint holds no routing state (balancing biases, reliability, token counts), "
+            "and resuming would restart routing from the base model's. Checkpoints get it from the SaveRoutingState "
+            "callback."
+        )
+    saved = load_file(path)
+    buffers = dict(find_clustermoe_model(model).named_buffers())
+    expected = routing_state_dict(model).keys()
+    if saved.keys() != expected:
+        raise ValueError(
+            f"{path} does not match this model's routing state: missing {sorted(expected - saved.keys())}, "
+            f"unexpected {sorted(saved.keys() - expected)}."
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            if value.shape != buffers[name].shape:
+                shapes = f"{tuple(value.shape)}, the model's {tuple(buffers[name].shape)}"
+                raise ValueError(f"{path}: {name} has shape {shapes}.")
+        for name, value in saved.items():
+            buffers[name].copy_(value)
 
 
 def lora_config(rank: int = 8, alpha: float = 16, dropout: float = 0.0, include_experts: bool = True):

@@ -54,6 +54,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_l
 
 from clustermoe_hf import ClusterMoEConfig  # importing the package registers "clustermoe" with the Auto classes
 from clustermoe_hf.training import (
+    SaveRoutingState,
     TokenBlocks,
     add_router_metrics_callback,
     expert_utilization_by_layer,
@@ -61,6 +62,7 @@ from clustermoe_hf.training import (
     hold_out_tails,
     label_smoothed_causal_lm_loss,
     load_dataset_documents,
+    load_routing_state,
     lora_config,
     perplexity_from_token_nll,
     plot_expert_utilization,
@@ -738,6 +740,8 @@ def main(args: list[str] | None = None) -> dict:
         model = get_peft_model(
             model, lora_config(model_args.lora_rank, model_args.lora_alpha, include_experts=model_args.lora_experts)
         )
+        if checkpoint is not None:  # its adapter checkpoint holds no routing state: SaveRoutingState wrote it there
+            load_routing_state(model, checkpoint)
     num_parameters = sum(p.numel() for p in model.parameters())
     logger.info(f"Training {type(model).__name__} with {num_parameters:,} parameters")
 
@@ -758,6 +762,8 @@ def main(args: list[str] | None = None) -> dict:
         ),
     )
     add_router_metrics_callback(trainer)
+    if model_args.lora_rank > 0:
+        trainer.add_callback(SaveRoutingState())
 
     replaced = None
     if replace_previous_run and training_args.should_save:

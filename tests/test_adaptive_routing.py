@@ -379,14 +379,17 @@ def _distributed_worker(rank, world_size, init_file, input_ids, output_dir):
         for micro_batch in input_ids.chunk(world_size)[rank].chunk(2):
             ddp_model(micro_batch, labels=micro_batch).loss.backward()
         torch.optim.SGD(model.parameters(), lr=0.0).step()
-        torch.save(biases(model), f"{output_dir}/rank{rank}.pt")
+        # Each process counted its own tokens; pruning sums the counts, so that every replica keeps the same experts.
+        learnt = biases(model)
+        kept = model.prune_experts(experts_per_cluster_keep=2, rank_by="utilization")
+        torch.save((learnt, kept), f"{output_dir}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_multi_process_training_counts_the_global_batch(tmp_path):
     """Two gloo processes under DDP, each with half the batch in two micro-batches, end up with the biases of one
-    process seeing all of it."""
+    process seeing all of it, and prune the experts it would prune."""
     import torch.multiprocessing as mp
 
     input_ids = torch.randint(3, 64, (8, 16))
@@ -396,13 +399,35 @@ def test_multi_process_training_counts_the_global_batch(tmp_path):
     reference = adaptive_model()
     reference(input_ids, labels=input_ids).loss.backward()
     torch.optim.SGD(reference.parameters(), lr=0.0).step()
+    reference_biases = biases(reference)
+    reference_kept = reference.prune_experts(experts_per_cluster_keep=2, rank_by="utilization")
     for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        for (cluster_a, expert_a), (cluster_b, expert_b) in zip(result, biases(reference)):
+        result, kept = torch.load(tmp_path / f"rank{rank}.pt")
+        for (cluster_a, expert_a), (cluster_b, expert_b) in zip(result, reference_biases):
             assert torch.equal(cluster_a, cluster_b) and torch.equal(expert_a, expert_b)
+        assert kept == reference_kept
 
 
-@pytest.mark.parametrize("rate", [0.0, -1e-3])
-def test_non_positive_update_rate_is_rejected(rate):
+def test_negative_update_rate_is_rejected():
     with pytest.raises(ValueError, match="adaptive_routing_rate"):
-        ClusterMoEConfig(use_adaptive_routing=True, adaptive_routing_rate=rate)
+        ClusterMoEConfig(use_adaptive_routing=True, adaptive_routing_rate=-1e-3)
+
+
+def test_a_zero_update_rate_keeps_the_learnt_biases_applied_and_fixed():
+    """E.g. a head-only fine-tune or a probe on a frozen model: its routing must not drift step after step."""
+    model = adaptive_model(rate=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    input_ids = torch.randint(3, 64, (4, 16))
+    model(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    learnt = biases(model)
+    assert any(bias.abs().sum() > 0 for pair in learnt for bias in pair)
+    model.config.adaptive_routing_rate = 0.0  # as the config accepts it:
+    assert ClusterMoEConfig(use_adaptive_routing=True, adaptive_routing_rate=0.0).adaptive_routing_rate == 0.0
+    for _ in range(2):
+        model(input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for pair_a, pair_b in zip(learnt, biases(model)) for a, b in zip(pair_a, pair_b))
+    block = model.model.layers[0].mlp
+    cluster_term, _ = block.router.selection_bias()
+    assert torch.equal(cluster_term, block.router.cluster_bias)  # still applied to the selection

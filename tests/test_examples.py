@@ -598,6 +598,31 @@ def test_run_clm_fine_tunes_with_lora_and_saves_merged_weights(run_clm, trained,
     assert f"| Started from | `{base_folder}` |" in card and "| LoRA | rank 4" in card
 
 
+def test_a_resumed_lora_run_continues_the_routing_state(run_clm, trained, tmp_path):
+    """A peft checkpoint holds the adapters only; the routing state (biases, reliability, counts, training step) is
+    saved next to them and restored, so the resumed run ends where the uninterrupted one does."""
+    lora_run = [*TINY_RUN[:TINY_RUN.index("--config_overrides")], *TINY_RUN[TINY_RUN.index("--block_size"):],
+                "--model_name_or_path", str(trained[0]), "--lora_rank", "4", "--learning_rate", "0.02"]  # fmt: skip
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run_clm.main([*lora_run, "--output_dir", str(uninterrupted)])
+    assert (uninterrupted / "checkpoint-2" / "routing_state.safetensors").is_file()
+    shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
+    run_clm.main([*lora_run, "--output_dir", str(resumed), "--resume_from_checkpoint", str(resumed / "checkpoint-2")])
+    with (
+        safe_open(uninterrupted / "model.safetensors", framework="pt") as expected,
+        safe_open(resumed / "model.safetensors", framework="pt") as got,
+    ):
+        buffers = [name for name in expected.keys() if "routing_state." in name or ".router." in name]
+        routing = [name for name in buffers if not name.endswith(("cluster_weight", "expert_weight"))]
+        assert any("training_step" in name for name in routing) and any("expert_bias" in name for name in routing)
+        for name in routing:
+            assert torch.equal(got.get_tensor(name), expected.get_tensor(name)), name
+    (resumed / "checkpoint-2" / "routing_state.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="routing_state.safetensors is missing"):
+        run_clm.main([*lora_run, "--output_dir", str(resumed), "--resume_from_checkpoint",
+                      str(resumed / "checkpoint-2")])  # fmt: skip
+
+
 def test_run_clm_reads_a_datasets_dataset(run_clm, monkeypatch):
     class Split(dict):
         column_names = property(lambda self: list(self))
