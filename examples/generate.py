@@ -77,6 +77,11 @@ class GenerationArguments:
             value = getattr(self, name)
             if value is not None and not valid(value):
                 raise ValueError(f"--{name} must be {expected}, got {value}.")
+        if self.do_sample is False and self.num_return_sequences > 1:
+            raise ValueError(
+                f"--num_return_sequences {self.num_return_sequences} needs --do_sample true: greedy decoding gives "
+                "one continuation per prompt."
+            )
         # A mistyped folder would otherwise fail as a malformed Hub id ('Repo id must be in the form ...').
         name = self.model_name_or_path
         if not Path(name).exists():

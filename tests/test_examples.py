@@ -838,12 +838,14 @@ def test_generate_reports_what_is_not_a_clustermoe_model(tmp_path, monkeypatch):
         ("--temperature", "0", "--temperature must be > 0"),
         ("--top_k", "-1", "--top_k must be >= 0"),
         ("--repetition_penalty", "0", "--repetition_penalty must be > 0"),
+        ("--num_return_sequences", "2 --do_sample false", "--num_return_sequences 2 needs --do_sample true"),
     ],
 )
 def test_generate_refuses_out_of_range_settings(tmp_path, option, value, message):
     """Checked before the model is loaded (the folder here holds none)."""
     with pytest.raises(ValueError, match=re.escape(message)):
-        load_script("generate").main(["--model_name_or_path", str(tmp_path), "--prompt", "DROMIO:", option, value])
+        load_script("generate").main(["--model_name_or_path", str(tmp_path), "--prompt", "DROMIO:", option,
+                                      *value.split()])  # fmt: skip
 
 
 # ----- push_to_hub.py -----
