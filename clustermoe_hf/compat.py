@@ -45,12 +45,13 @@ def create_coe_model(
     return.
     """
     named = {"d_model": d_model, "num_layers": num_layers}
-    settings = {**{name: value for name, value in named.items() if value is not None}, **config_kwargs}
-    settings = ClusterMoEConfig.by_field_name(settings, "create_coe_model")
-    for name, value in ORIGINAL_DEFAULTS.items():
-        settings.setdefault(name, value)
-    settings.setdefault("output_router_logits", True)
-    config = ClusterMoEConfig(
-        num_clusters=num_clusters, experts_per_cluster=experts_per_cluster, vocab_size=vocab_size, **settings
-    )
+    settings = {
+        **{name: value for name, value in named.items() if value is not None},
+        "num_clusters": num_clusters,
+        "experts_per_cluster": experts_per_cluster,
+        "vocab_size": vocab_size,
+        **config_kwargs,
+    }
+    defaults = {**ORIGINAL_DEFAULTS, "output_router_logits": True}
+    config = ClusterMoEConfig.from_settings(settings, "create_coe_model", defaults=defaults)
     return ClusterMoEForCausalLM(config)

@@ -250,26 +250,11 @@ class ClusterMoEConfig(PreTrainedConfig):
         _reject_derived("num_experts_per_tok", value, "top_k_clusters * top_k_experts")
 
     @classmethod
-    def by_field_name(cls, settings: dict, origin: str) -> dict:
-        """`settings` keyed by field name, the original package's aliases (`d_model`, ...) renamed, for settings named
-        by hand (`create_coe_model`'s keywords, run_clm's `--config_overrides`). The constructor keeps unknown keys, as
-        transformers configs do (a checkpoint may carry extra ones); a mistyped name here is refused instead, with the
-        closest names, rather than building the default the user meant to change."""
-        setters = {name for name, value in vars(cls).items() if isinstance(value, property) and value.fset is not None}
-        known = (
-            {field.name for field in dataclasses.fields(cls)}
-            | set(cls.attribute_map)
-            | set(_ORIGINAL_OPTIONS_WITHOUT_EFFECT)
-            | setters  # derived fields, whose setters say what to set instead
-            | {"output_attentions", "rope_scaling"}
-        )
-        unknown = [name for name in settings if name not in known]
-        if unknown:
-            described = []
-            for name in unknown:
-                close = difflib.get_close_matches(name, sorted(known), n=2)
-                described.append(f"{name} (did you mean {' or '.join(close)}?)" if close else name)
-            raise ValueError(f"{origin}: no ClusterMoEConfig field is called {', '.join(described)}.")
+    def from_settings(cls, settings: dict, origin: str, defaults: dict | None = None) -> "ClusterMoEConfig":
+        """A config from settings named by hand (`create_coe_model`'s keywords, run_clm's `--config_overrides`), over
+        `defaults`: an alias (`d_model`, ...) replaces its field's default. The constructor keeps unknown names as
+        attributes, as transformers configs do (a checkpoint may carry extra keys); here a name it keeps so is refused,
+        with the closest names, instead of building the default the user meant to change."""
         by_field = {}
         for name, value in settings.items():
             field = cls.attribute_map.get(name, name)
@@ -279,7 +264,17 @@ class ClusterMoEConfig(PreTrainedConfig):
                     "its alias); pass one of them."
                 )
             by_field[field] = value
-        return by_field
+        config = cls(**{**(defaults or {}), **by_field})
+        fields = {field.name for field in dataclasses.fields(cls)}
+        unknown = [name for name in by_field if name not in fields and name in vars(config)]
+        if unknown:
+            names = sorted(fields | set(cls.attribute_map))
+            described = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, names, n=2)
+                described.append(f"{name} (did you mean {' or '.join(close)}?)" if close else name)
+            raise ValueError(f"{origin}: ClusterMoEConfig has no setting {', '.join(described)}.")
+        return config
 
     def update_from_string(self, update_str: str):
         """transformers' `update_from_string` (run_clm's `--config_overrides`), which cannot set a field whose value

@@ -789,6 +789,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         hidden_states: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         output_routing_stats: bool = True,
+        training_forward: bool | None = None,
     ):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         hidden_flat = hidden_states.reshape(-1, hidden_dim)  # (tokens, H)
@@ -822,11 +823,13 @@ class ClusterMoESparseMoeBlock(nn.Module):
             valid_pairs = padding_pairs if valid_pairs is None else valid_pairs & padding_pairs
         valid_pairs = None if valid_pairs is None else valid_pairs.reshape(-1)
 
-        # Only training forwards judge experts against each other across the batch: train mode with routing statistics
-        # (asked for with gradients, labels or router logits; also in the no-gradient first pass of reentrant
-        # checkpointing, whose outer forward asks for them). Pure inference, e.g. `generate`, in either mode judges
-        # each pair on its own, so that a token's output depends only on its own sequence.
-        judges_experts = self.training and output_routing_stats
+        # Only training forwards judge experts against each other across the batch: in train mode with gradients, as
+        # the model decides once per forward (the no-gradient first pass of reentrant checkpointing belongs to one).
+        # Pure inference, e.g. `generate`, in either mode judges each pair on its own, so that a token's output
+        # depends only on its own sequence.
+        if training_forward is None:
+            training_forward = self.training and torch.is_grad_enabled()
+        judges_experts = self.training and training_forward
         output = faulty = None  # faulty: (N,) experts whose outputs this forward masked, or None for none
         if valid_pairs is None and self._may_skip_pair_checks(hidden_flat, judges_experts):
             # Nothing to exclude and nothing to judge per pair: one weighted experts call over the tokens.
@@ -890,6 +893,7 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         token_mask: torch.Tensor | None = None,
         output_routing_stats: bool = True,
+        training_forward: bool | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
@@ -907,7 +911,7 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         if self.is_moe:
-            hidden_states, _ = self.mlp(hidden_states, token_mask, output_routing_stats)
+            hidden_states, _ = self.mlp(hidden_states, token_mask, output_routing_stats, training_forward)
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
@@ -1285,16 +1289,17 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 "that model would no longer match it. Build each model from its own config "
                 "(`Model(copy.deepcopy(config))`), or delete the other model first."
             )
-        if calibration_data is not None and rank_by != "reliability":
+        calibrated = calibration_data is not None and rank_by != "reliability"
+        if calibrated:
             counts = self._calibration_counts(calibration_data)
-            if any(int(layer_counts.sum()) == 0 for layer_counts in counts):
-                raise ValueError("`calibration_data` has no (non-padding) tokens to measure the utilisation on.")
         else:
             counts = [block.router.expert_token_counts.clone() for _, block in layers]
         if rank_by != "reliability" and torch.distributed.is_available() and torch.distributed.is_initialized():
             for layer_counts in counts:  # per process (training counts, each process's calibration data): summed, so
                 torch.distributed.all_reduce(layer_counts)  # that every replica keeps the same experts
         if rank_by != "reliability" and any(int(layer_counts.sum()) == 0 for layer_counts in counts):
+            if calibrated:
+                raise ValueError("`calibration_data` has no (non-padding) tokens to measure the utilisation on.")
             raise ValueError(
                 "No utilisation data to rank the experts by: pass `calibration_data`, train the model first (counts "
                 "accumulate in training mode) or use rank_by='reliability'."
@@ -1606,6 +1611,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        # Decided here, outside the layers, which reentrant checkpointing first runs without gradients.
+        training_forward = self.training and torch.is_grad_enabled()
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,
@@ -1615,6 +1622,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 token_mask=token_mask,
+                training_forward=training_forward,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)

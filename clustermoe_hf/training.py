@@ -182,12 +182,11 @@ class TokenBlocks(Dataset):
 
 
 def find_clustermoe_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The outermost ClusterMoE model inside `model` (which may be wrapped by PEFT, DDP, ...). Duck-typed so that it
-    also finds models loaded with `trust_remote_code`, whose classes are not this package's."""
+    """The outermost ClusterMoE model inside `model` (which may be wrapped by PEFT, DDP, ...). Found by its class's
+    config class, so that it also finds models loaded with `trust_remote_code`, whose classes are not this package's,
+    and not a wrapper such as peft's, whose attribute lookups fall through to the model."""
     for module in model.modules():
-        if getattr(getattr(module, "config", None), "model_type", None) == "clustermoe" and hasattr(
-            module, "get_expert_utilization"
-        ):
+        if getattr(getattr(type(module), "config_class", None), "model_type", None) == "clustermoe":
             return module
     raise ValueError(f"No ClusterMoE model found in {type(model).__name__}.")
 
@@ -372,7 +371,7 @@ class SaveRoutingState(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if state.is_world_process_zero and checkpoint.is_dir():
+        if args.should_save and checkpoint.is_dir():  # as the Trainer decides (per node with save_on_each_node)
             save_file(routing_state_dict(model), checkpoint / ROUTING_STATE_FILE)
 
 

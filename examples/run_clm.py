@@ -568,16 +568,14 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
         base, _ = ClusterMoEConfig.get_config_dict(model_args.config_name)
     else:
         base = {**DEFAULT_MODEL_CONFIG, "max_position_embeddings": data_args.block_size}
-    config = ClusterMoEConfig(
-        **{
-            **base,
-            **ClusterMoEConfig.by_field_name(parse_config_overrides(model_args.config_overrides), "--config_overrides"),
-            "vocab_size": len(tokenizer),
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,  # never EOS/BOS: see load_tokenizer
-        }
-    )
+    settings = {
+        **parse_config_overrides(model_args.config_overrides),
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,  # never EOS/BOS: see load_tokenizer
+    }
+    config = ClusterMoEConfig.from_settings(settings, "--config_overrides", defaults=base)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

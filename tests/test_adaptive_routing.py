@@ -408,6 +408,30 @@ def test_multi_process_training_counts_the_global_batch(tmp_path):
         assert kept == reference_kept
 
 
+def _calibrated_pruning_worker(rank, world_size, init_file, input_ids, output_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = adaptive_model().eval()
+        # Process 1's calibration shard is all padding: only the sum over processes has tokens to rank by.
+        shard = {"input_ids": input_ids, "attention_mask": torch.full_like(input_ids, rank == 0)}
+        kept = model.prune_experts(experts_per_cluster_keep=2, rank_by="utilization", calibration_data=[shard])
+        torch.save(kept, f"{output_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_multi_process_calibrated_pruning_sums_the_shards(tmp_path):
+    import torch.multiprocessing as mp
+
+    input_ids = torch.randint(3, 64, (4, 16))
+    worker_args = (2, str(tmp_path / "init"), input_ids, str(tmp_path))
+    mp.start_processes(_calibrated_pruning_worker, args=worker_args, nprocs=2, start_method="fork")
+    reference = adaptive_model().eval().prune_experts(
+        experts_per_cluster_keep=2, rank_by="utilization", calibration_data=[input_ids]
+    )
+    assert [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)] == [reference, reference]
+
+
 def test_negative_update_rate_is_rejected():
     with pytest.raises(ValueError, match="adaptive_routing_rate"):
         ClusterMoEConfig(use_adaptive_routing=True, adaptive_routing_rate=-1e-3)

@@ -718,16 +718,18 @@ def test_run_clm_reports_a_missing_local_model_tokenizer_or_config(run_clm, tmp_
 
 
 def test_config_overrides_name_fields_or_the_original_aliases(run_clm, tmp_path):
-    with pytest.raises(ValueError, match=re.escape("--config_overrides: no ClusterMoEConfig field is called "
-                                                   "num_cluster (did you mean num_clusters")):  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("--config_overrides: ClusterMoEConfig has no setting num_cluster "
+                                                   "(did you mean num_clusters")):  # fmt: skip
         run_clm.main([*SHORT_RUN, "--config_overrides", "num_cluster=2", "--output_dir", str(tmp_path / "typo")])
     assert not (tmp_path / "typo").exists()
     aliases = "d_model=32,d_ff=16,num_layers=1,num_attention_heads=4,num_key_value_heads=2,num_clusters=2"
+    aliases += ",rope_theta=5e5"  # a transformers setting the config consumes
     run_clm.main([*without(SHORT_RUN, "--config_overrides"), "--config_overrides", aliases,
                   "--output_dir", str(tmp_path / "aliases")])  # fmt: skip
     config = json.loads((tmp_path / "aliases" / "config.json").read_text())
     assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (32, 16, 1)
-    assert not {"d_model", "d_ff", "num_layers"} & set(config)
+    assert not {"d_model", "d_ff", "num_layers", "rope_theta"} & set(config)
+    assert config["rope_parameters"]["rope_theta"] == 5e5
 
 
 def test_run_clm_refuses_prediction_loss_only_up_front(run_clm, tmp_path, monkeypatch):

@@ -100,12 +100,16 @@ def test_create_coe_model_defaults_are_the_original_packages():
     )  # fmt: skip
 
 
-def test_create_coe_model_refuses_a_name_that_is_no_config_field():
-    with pytest.raises(ValueError, match=re.escape("no ClusterMoEConfig field is called num_cluster (did you mean "
+def test_create_coe_model_refuses_a_name_the_config_would_only_store():
+    with pytest.raises(ValueError, match=re.escape("ClusterMoEConfig has no setting num_cluster (did you mean "
                                                    "num_clusters")):  # fmt: skip
         create_coe_model(num_cluster=8)
     with pytest.raises(ValueError, match="hidden_size is given twice, as 64 and as 32"):
         create_coe_model(d_model=64, hidden_size=32)
+    with torch.device("meta"):  # transformers' own settings, which the config consumes, still pass
+        config = create_coe_model(attn_implementation="eager", rope_theta=5e5, experts_implementation="eager").config
+    assert (config._attn_implementation, config.rope_parameters["rope_theta"]) == ("eager", 5e5)
+    assert config._experts_implementation == "eager"
 
 
 def test_create_coe_model_accepts_transformers_names():

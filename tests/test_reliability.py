@@ -308,18 +308,26 @@ def test_inference_outputs_do_not_depend_on_other_tokens(tiny_model):
     torch.testing.assert_close(torch.cat(incremental, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_pure_inference_in_train_mode_judges_pairs_as_in_eval_mode(tiny_model):
-    """`generate` on a model left in train mode (e.g. sampling mid-training) asks for no routing statistics: it is
-    not a training forward, and must not mask the outsized expert batch-wide as one does."""
+def test_forwards_without_gradients_in_train_mode_judge_pairs_as_in_eval_mode(tiny_model):
+    """`generate` on a model left in train mode (e.g. sampling mid-training) is not a training forward, whatever it
+    asks for: it must not mask the outsized expert batch-wide as one does."""
     model = _outsized_expert_model(tiny_model)
     ids = random_ids(2, 12)
     with torch.no_grad():
         evaluated = model(ids).logits
         model.train()
-        inferred = model(ids).logits
-        training_forward = model(ids, labels=ids).logits  # labels: a training forward, also without gradients
-    torch.testing.assert_close(inferred, evaluated, rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(training_forward, evaluated, rtol=1e-3, atol=1e-3)  # the outsized expert masked there
+        for inferred in (
+            model(ids).logits,
+            model(ids, output_router_logits=True).logits,
+            model(ids, labels=ids).logits,
+            model.lm_head(model.model(ids).last_hidden_state),
+        ):
+            torch.testing.assert_close(inferred, evaluated, rtol=1e-6, atol=1e-6)
+        sequences = model.generate(ids[:, :4], max_new_tokens=4, do_sample=False, output_router_logits=True)
+    trained = model(ids).logits.detach()  # with gradients: a training forward, which masks the outsized expert
+    assert not torch.allclose(trained, evaluated, rtol=1e-3, atol=1e-3)
+    model.eval()
+    assert torch.equal(sequences, model.generate(ids[:, :4], max_new_tokens=4, do_sample=False))
 
 
 def test_health_check_flags_outputs_far_larger_than_the_other_experts_of_the_cluster(tiny_model):

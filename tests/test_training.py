@@ -27,12 +27,14 @@ from clustermoe_hf.training import (
     label_smoothed_causal_lm_loss,
     load_balance_metrics,
     load_dataset_documents,
+    load_routing_state,
     lora_config,
     perplexity_from_token_nll,
     plot_expert_utilization,
     plot_loss_curve,
     read_text_documents,
     render_model_card,
+    routing_state_dict,
     token_nll_for_perplexity,
     train_byte_level_bpe,
     utilization_summary,
@@ -465,6 +467,31 @@ def test_lora_on_attention_and_fused_experts_merges_into_a_plain_model(tiny_conf
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_routing_state_is_named_as_in_the_plain_model_and_loads_into_any_wrapping(tiny_config, tmp_path):
+    """Saved from a peft model, it loads into the merged (or a freshly wrapped) model; a mismatch changes nothing."""
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+
+    model = ClusterMoEForCausalLM(tiny_config(use_adaptive_routing=True)).train()
+    ids = torch.randint(3, 64, (2, 8))
+    lora = get_peft_model(model, lora_config(rank=2))
+    lora(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.SGD(lora.parameters(), lr=0.0).step()
+    state = routing_state_dict(lora)
+    assert state.keys() == routing_state_dict(ClusterMoEForCausalLM(tiny_config())).keys()
+    assert "model.routing_state.training_step" in state and int(state["model.routing_state.training_step"]) == 1
+    save_file(state, tmp_path / "routing_state.safetensors")
+
+    fresh = ClusterMoEForCausalLM(tiny_config(use_adaptive_routing=True))
+    load_routing_state(fresh, tmp_path)
+    assert all(torch.equal(fresh.state_dict()[name], value) for name, value in state.items())
+    pruned = ClusterMoEForCausalLM(tiny_config(experts_per_cluster=2))
+    before = {name: value.clone() for name, value in routing_state_dict(pruned).items()}
+    with pytest.raises(ValueError, match=re.escape("has shape (8,), the model's (4,)")):
+        load_routing_state(pruned, tmp_path)
+    assert all(torch.equal(routing_state_dict(pruned)[name], value) for name, value in before.items())
 
 
 def test_lora_config_can_leave_the_experts_alone():
