@@ -10,6 +10,7 @@ import difflib
 import math
 from typing import ClassVar, Literal, get_args
 
+from transformers import GenerationConfig
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
@@ -252,9 +253,11 @@ class ClusterMoEConfig(PreTrainedConfig):
     @classmethod
     def from_settings(cls, settings: dict, origin: str, defaults: dict | None = None) -> "ClusterMoEConfig":
         """A config from settings named by hand (`create_coe_model`'s keywords, run_clm's `--config_overrides`), over
-        `defaults`: an alias (`d_model`, ...) replaces its field's default. The constructor keeps unknown names as
-        attributes, as transformers configs do (a checkpoint may carry extra keys); here a name it keeps so is refused,
-        with the closest names, instead of building the default the user meant to change."""
+        `defaults` (e.g. a saved config): an alias (`d_model`, ...) replaces its field's default. The constructor
+        keeps unknown names as attributes and drops generation settings, as transformers configs do (a checkpoint may
+        carry such keys); here either is refused, with the closest names, instead of building the default the user
+        meant to change."""
+        defaults = {cls.attribute_map.get(name, name): value for name, value in (defaults or {}).items()}
         by_field = {}
         for name, value in settings.items():
             field = cls.attribute_map.get(name, name)
@@ -264,8 +267,20 @@ class ClusterMoEConfig(PreTrainedConfig):
                     "its alias); pass one of them."
                 )
             by_field[field] = value
-        config = cls(**{**(defaults or {}), **by_field})
         fields = {field.name for field in dataclasses.fields(cls)}
+        generation = sorted(set(by_field) & set(GenerationConfig._get_default_generation_params()) - fields)
+        if generation:
+            raise ValueError(
+                f"{origin}: {', '.join(generation)}: generation settings, which the model config does not keep; set "
+                "them on the model's generation_config, or pass them to generate."
+            )
+        # transformers' legacy names, which would lose to a saved config's `dtype` and `rope_parameters`.
+        if "torch_dtype" in by_field:
+            by_field.setdefault("dtype", by_field.pop("torch_dtype"))
+        if "rope_theta" in by_field:
+            rope = by_field.get("rope_parameters") or defaults.get("rope_parameters") or {"rope_type": "default"}
+            by_field["rope_parameters"] = {**rope, "rope_theta": by_field.pop("rope_theta")}
+        config = cls(**{**defaults, **by_field})
         unknown = [name for name in by_field if name not in fields and name in vars(config)]
         if unknown:
             names = sorted(fields | set(cls.attribute_map))

@@ -77,11 +77,6 @@ class GenerationArguments:
             value = getattr(self, name)
             if value is not None and not valid(value):
                 raise ValueError(f"--{name} must be {expected}, got {value}.")
-        if self.do_sample is False and self.num_return_sequences > 1:
-            raise ValueError(
-                f"--num_return_sequences {self.num_return_sequences} needs --do_sample true: greedy decoding gives "
-                "one continuation per prompt."
-            )
         # A mistyped folder would otherwise fail as a malformed Hub id ('Repo id must be in the form ...').
         name = self.model_name_or_path
         if not Path(name).exists():
@@ -116,6 +111,16 @@ def main(args: list[str] | None = None) -> list[str]:
         for name in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
         if getattr(generation_args, name) is not None
     }
+    # Greedy decoding gives one continuation per prompt (beam search, set in the model's generation_config, up to
+    # num_beams): say so before generating anything.
+    sampling = overrides.get("do_sample", model.generation_config.do_sample)
+    beams = model.generation_config.num_beams or 1
+    if not sampling and generation_args.num_return_sequences > beams:
+        raise ValueError(
+            f"--num_return_sequences {generation_args.num_return_sequences}: without sampling (--do_sample false, or "
+            f"the model's generation_config) the model gives {beams} continuation(s) per prompt; pass --do_sample "
+            "true."
+        )
     stream = generation_args.num_return_sequences == 1  # TextStreamer handles one sequence at a time
     set_seed(generation_args.seed)
     texts = []

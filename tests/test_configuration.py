@@ -271,3 +271,21 @@ def test_config_overrides_can_set_fields_whose_value_is_none(tiny_config):
     assert config.expert_capacity_factor is None
     with pytest.raises(ValueError, match=r"^Invalid ClusterMoEConfig: pad_token_id .* cannot be set from '1.5'"):
         tiny_config(pad_token_id=None).update_from_string("pad_token_id=1.5")
+
+
+def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config):
+    """`from_settings` (create_coe_model, run_clm's --config_overrides): aliases replace their field's default, also
+    one saved under its alias; transformers' legacy names win over a saved config's; a name the config would only
+    store, or a generation setting it would drop, is refused."""
+    saved = tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, dtype="float32").to_dict()
+    config = ClusterMoEConfig.from_settings(
+        {"d_model": 64, "rope_theta": 5e5, "torch_dtype": "bfloat16"}, "overrides", defaults=saved
+    )
+    assert (config.hidden_size, config.rope_parameters["rope_theta"], config.dtype) == (64, 5e5, torch.bfloat16)
+    saved_under_alias = {**saved, "d_model": saved.pop("hidden_size")}
+    config = ClusterMoEConfig.from_settings({"hidden_size": 64}, "overrides", defaults=saved_under_alias)
+    assert config.hidden_size == 64
+    with pytest.raises(ValueError, match="overrides: ClusterMoEConfig has no setting num_cluster \\(did you mean"):
+        ClusterMoEConfig.from_settings({"num_cluster": 3}, "overrides", defaults=saved)
+    with pytest.raises(ValueError, match="overrides: temperature, top_k: generation settings"):
+        ClusterMoEConfig.from_settings({"top_k": 1, "temperature": 0.5}, "overrides", defaults=saved)

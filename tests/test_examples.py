@@ -840,14 +840,20 @@ def test_generate_reports_what_is_not_a_clustermoe_model(tmp_path, monkeypatch):
         ("--temperature", "0", "--temperature must be > 0"),
         ("--top_k", "-1", "--top_k must be >= 0"),
         ("--repetition_penalty", "0", "--repetition_penalty must be > 0"),
-        ("--num_return_sequences", "2 --do_sample false", "--num_return_sequences 2 needs --do_sample true"),
     ],
 )
 def test_generate_refuses_out_of_range_settings(tmp_path, option, value, message):
     """Checked before the model is loaded (the folder here holds none)."""
     with pytest.raises(ValueError, match=re.escape(message)):
-        load_script("generate").main(["--model_name_or_path", str(tmp_path), "--prompt", "DROMIO:", option,
-                                      *value.split()])  # fmt: skip
+        load_script("generate").main(["--model_name_or_path", str(tmp_path), "--prompt", "DROMIO:", option, value])
+
+
+def test_generate_refuses_several_greedy_continuations(trained, capsys):
+    """The model samples by default (run_clm's generation_config); greedy decoding gives one continuation."""
+    with pytest.raises(ValueError, match=re.escape("--num_return_sequences 2: without sampling")):
+        load_script("generate").main(["--model_name_or_path", str(trained[0]), "--prompt", "DROMIO:",
+                                      "--num_return_sequences", "2", "--do_sample", "false"])  # fmt: skip
+    assert "=====" not in capsys.readouterr().out  # before generating anything
 
 
 # ----- push_to_hub.py -----
