@@ -54,4 +54,4 @@ def create_coe_model(
     }
     defaults = {**ORIGINAL_DEFAULTS, "output_router_logits": True}
     config = ClusterMoEConfig.from_settings(settings, "create_coe_model", defaults=defaults)
-    return ClusterMoEForCausalLM(config)
+    return ClusterMoEForCausalLM._from_config(config)  # in `config.dtype` when one is given

@@ -277,10 +277,21 @@ class ClusterMoEConfig(PreTrainedConfig):
         # transformers' legacy names, which would lose to a saved config's `dtype` and `rope_parameters`.
         if "torch_dtype" in by_field:
             by_field.setdefault("dtype", by_field.pop("torch_dtype"))
-        if "rope_theta" in by_field:
+        theta = by_field.pop("rope_theta", None)
+        if theta is not None:
             rope = by_field.get("rope_parameters") or defaults.get("rope_parameters") or {"rope_type": "default"}
-            by_field["rope_parameters"] = {**rope, "rope_theta": by_field.pop("rope_theta")}
+            if "rope_parameters" in by_field and rope.get("rope_theta", theta) != theta:
+                raise ValueError(
+                    f"{origin}: rope_theta is given twice, as {theta!r} and in rope_parameters as "
+                    f"{rope['rope_theta']!r}; pass one of them."
+                )
+            by_field["rope_parameters"] = {**rope, "rope_theta": theta}
         config = cls(**{**defaults, **by_field})
+        if theta is not None and config.rope_parameters.get("rope_theta") != theta:  # e.g. replaced by a rope_scaling
+            raise ValueError(
+                f"{origin}: rope_theta={theta!r} would not take effect: the RoPE settings come out as "
+                f"{config.rope_parameters}. Give rope_theta inside the rope_parameters (or rope_scaling) dict."
+            )
         unknown = [name for name in by_field if name not in fields and name in vars(config)]
         if unknown:
             names = sorted(fields | set(cls.attribute_map))

@@ -111,17 +111,19 @@ def main(args: list[str] | None = None) -> list[str]:
         for name in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
         if getattr(generation_args, name) is not None
     }
-    # Greedy decoding gives one continuation per prompt (beam search, set in the model's generation_config, up to
-    # num_beams): say so before generating anything.
+    # Beam search (the model's generation_config) returns at most num_beams continuations, greedy decoding one: say
+    # so before generating anything.
     sampling = overrides.get("do_sample", model.generation_config.do_sample)
     beams = model.generation_config.num_beams or 1
-    if not sampling and generation_args.num_return_sequences > beams:
+    wanted = generation_args.num_return_sequences
+    if beams > 1 and wanted > beams:
+        raise ValueError(f"--num_return_sequences {wanted}: the model's beam search returns at most {beams}.")
+    if beams == 1 and not sampling and wanted > 1:
         raise ValueError(
-            f"--num_return_sequences {generation_args.num_return_sequences}: without sampling (--do_sample false, or "
-            f"the model's generation_config) the model gives {beams} continuation(s) per prompt; pass --do_sample "
-            "true."
+            f"--num_return_sequences {wanted}: greedy decoding (--do_sample false, or the model's generation_config) "
+            "gives one continuation per prompt; pass --do_sample true."
         )
-    stream = generation_args.num_return_sequences == 1  # TextStreamer handles one sequence at a time
+    stream = wanted == 1 and beams == 1  # TextStreamer follows one sequence, and not beam search
     set_seed(generation_args.seed)
     texts = []
     for index, prompt in enumerate(generation_args.prompt):

@@ -848,9 +848,24 @@ def test_generate_refuses_out_of_range_settings(tmp_path, option, value, message
         load_script("generate").main(["--model_name_or_path", str(tmp_path), "--prompt", "DROMIO:", option, value])
 
 
+def test_generate_follows_a_beam_search_generation_config(trained, tmp_path, capsys):
+    """Beam search returns up to num_beams continuations and cannot be streamed."""
+    folder = tmp_path / "beams"
+    shutil.copytree(trained[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    generation_config = json.loads((folder / "generation_config.json").read_text())
+    generation_config.update(num_beams=2, do_sample=False)
+    (folder / "generation_config.json").write_text(json.dumps(generation_config))
+    generate = load_script("generate")
+    options = ["--model_name_or_path", str(folder), "--prompt", "DROMIO:", "--max_new_tokens", "3"]
+    assert len(generate.main(options)) == 1
+    assert len(generate.main([*options, "--num_return_sequences", "2"])) == 2
+    with pytest.raises(ValueError, match=re.escape("--num_return_sequences 3: the model's beam search returns at")):
+        generate.main([*options, "--num_return_sequences", "3"])
+
+
 def test_generate_refuses_several_greedy_continuations(trained, capsys):
     """The model samples by default (run_clm's generation_config); greedy decoding gives one continuation."""
-    with pytest.raises(ValueError, match=re.escape("--num_return_sequences 2: without sampling")):
+    with pytest.raises(ValueError, match=re.escape("--num_return_sequences 2: greedy decoding")):
         load_script("generate").main(["--model_name_or_path", str(trained[0]), "--prompt", "DROMIO:",
                                       "--num_return_sequences", "2", "--do_sample", "false"])  # fmt: skip
     assert "=====" not in capsys.readouterr().out  # before generating anything

@@ -112,6 +112,13 @@ def test_create_coe_model_refuses_a_name_the_config_would_only_store():
     assert config._experts_implementation == "eager"
 
 
+def test_create_coe_model_builds_the_weights_in_the_dtype_it_is_given():
+    model = create_coe_model(d_model=32, num_layers=1, d_ff=16, num_attention_heads=4, vocab_size=VOCAB_SIZE,
+                             experts_per_cluster=2, dtype="bfloat16")  # fmt: skip
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    assert model.model.layers[0].mlp.router.expert_bias.dtype == torch.float32  # routing state stays float32
+
+
 def test_create_coe_model_accepts_transformers_names():
     model = create_coe_model(
         hidden_size=32, num_hidden_layers=2, intermediate_size=16, num_attention_heads=4, vocab_size=VOCAB_SIZE
