@@ -278,14 +278,16 @@ class ClusterMoEConfig(PreTrainedConfig):
         if "torch_dtype" in by_field:
             by_field.setdefault("dtype", by_field.pop("torch_dtype"))
         theta = by_field.pop("rope_theta", None)
-        if theta is not None:
-            rope = by_field.get("rope_parameters") or defaults.get("rope_parameters") or {"rope_type": "default"}
-            if "rope_parameters" in by_field and rope.get("rope_theta", theta) != theta:
+        if theta is not None:  # into the RoPE dict that wins: a given one, else the defaults' (a legacy rope_scaling)
+            given = next((key for key in ("rope_scaling", "rope_parameters") if by_field.get(key)), None)
+            if given is not None and by_field[given].get("rope_theta", theta) != theta:
                 raise ValueError(
-                    f"{origin}: rope_theta is given twice, as {theta!r} and in rope_parameters as "
-                    f"{rope['rope_theta']!r}; pass one of them."
+                    f"{origin}: rope_theta is given twice, as {theta!r} and in {given} as "
+                    f"{by_field[given]['rope_theta']!r}; pass one of them."
                 )
-            by_field["rope_parameters"] = {**rope, "rope_theta": theta}
+            key = given or next((key for key in ("rope_scaling", "rope_parameters") if defaults.get(key)), None)
+            rope = (by_field.get(key) or defaults.get(key)) if key else {"rope_type": "default"}
+            by_field[key or "rope_parameters"] = {**rope, "rope_theta": theta}
         config = cls(**{**defaults, **by_field})
         if theta is not None and config.rope_parameters.get("rope_theta") != theta:  # e.g. replaced by a rope_scaling
             raise ValueError(

@@ -289,9 +289,15 @@ def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config)
         ClusterMoEConfig.from_settings({"num_cluster": 3}, "overrides", defaults=saved)
     with pytest.raises(ValueError, match="overrides: temperature, top_k: generation settings"):
         ClusterMoEConfig.from_settings({"top_k": 1, "temperature": 0.5}, "overrides", defaults=saved)
-    # A rope_theta that the RoPE dict would override is refused rather than lost.
-    with pytest.raises(ValueError, match="rope_theta=500000.0 would not take effect"):
-        ClusterMoEConfig.from_settings({"rope_theta": 5e5, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "x")
+    # rope_theta goes into the RoPE dict that wins: a given rope_scaling, or a legacy config's.
+    scaling = {"rope_type": "linear", "factor": 2.0}
+    config = ClusterMoEConfig.from_settings({"rope_theta": 5e5, "rope_scaling": scaling}, "x")
+    assert config.rope_parameters == {**scaling, "rope_theta": 5e5}
+    legacy = {**saved, "rope_parameters": None, "rope_theta": 1e6, "rope_scaling": scaling}
+    config = ClusterMoEConfig.from_settings({"rope_theta": 5e5}, "overrides", defaults=legacy)
+    assert config.rope_parameters == {**scaling, "rope_theta": 5e5}
+    config = ClusterMoEConfig.from_settings({"rope_parameters": None, "rope_theta": 5e5}, "overrides", defaults=saved)
+    assert config.rope_parameters["rope_theta"] == 5e5
     with pytest.raises(ValueError, match="rope_theta is given twice, as 500000.0 and in rope_parameters as 1000000.0"):
         ClusterMoEConfig.from_settings({"rope_theta": 5e5, "rope_parameters": {"rope_type": "default",
                                                                                 "rope_theta": 1e6}}, "x")  # fmt: skip
