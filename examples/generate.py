@@ -46,7 +46,11 @@ class GenerationArguments:
         },
     )
     repetition_penalty: float | None = field(
-        default=None, metadata={"help": "Penalty (> 1) for repeating tokens already in the text. Default: none."}
+        default=None,
+        metadata={
+            "help": "Penalty for repeating tokens already in the text: > 1 discourages, < 1 encourages, 1 is none. "
+            "Default: the model's."
+        },
     )
     num_return_sequences: int = field(
         default=1, metadata={"help": "Continuations per prompt; more than one is printed at the end, not streamed."}

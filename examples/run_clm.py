@@ -164,7 +164,7 @@ class ModelArguments:
             "'hidden_size=256,num_clusters=8,use_adaptive_routing=true'. Values are read as JSON when possible "
             "(numbers, true/false, null; also True/False/None in any case), otherwise as strings. Fields are named "
             "as in ClusterMoEConfig or by the original package's aliases (d_model, d_ff, num_layers, ...); another "
-            "name is refused."
+            "name is refused, and so are the fields the tokenizer decides (vocab_size and the special token ids)."
         },
     )
     tokenizer_name: str | None = field(
@@ -203,6 +203,12 @@ class ModelArguments:
             check_local_or_hub_id(getattr(self, option), f"--{option}")
         if self.model_name_or_path is not None and (self.config_name or self.config_overrides):
             raise ValueError("--config_name/--config_overrides only apply to training from scratch.")
+        from_tokenizer = [name for name in parse_config_overrides(self.config_overrides) if name in TOKENIZER_FIELDS]
+        if from_tokenizer:
+            raise ValueError(
+                f"--config_overrides {', '.join(from_tokenizer)}: the tokenizer decides these (its length and special "
+                "tokens); choose the tokenizer with --tokenizer_name or --tokenizer_vocab_size instead."
+            )
         if self.lora_rank < 0:
             raise ValueError(f"--lora_rank must be >= 0 (0 trains all weights), got {self.lora_rank}.")
         if self.lora_rank > 0 and self.model_name_or_path is None:
@@ -300,6 +306,9 @@ class ReportArguments:
         if not Path(self.model_card_template).is_file():
             raise FileNotFoundError(f"--model_card_template {self.model_card_template}: no such file.")
 
+
+# Config fields a model trained from scratch takes from its tokenizer, so that ids and embeddings agree.
+TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
 # Constants read case-insensitively, in their JSON and their Python spellings.
 CONSTANT_OVERRIDES = {"true": True, "false": False, "null": None, "none": None}
@@ -569,7 +578,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
     else:
         base = {**DEFAULT_MODEL_CONFIG, "max_position_embeddings": data_args.block_size}
     settings = {
-        **parse_config_overrides(model_args.config_overrides),
+        **parse_config_overrides(model_args.config_overrides),  # none of the TOKENIZER_FIELDS (ModelArguments)
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,

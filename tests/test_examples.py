@@ -732,6 +732,16 @@ def test_config_overrides_name_fields_or_the_original_aliases(run_clm, tmp_path)
     assert config["rope_parameters"]["rope_theta"] == 5e5
 
 
+@pytest.mark.parametrize("override", ["vocab_size=4096", "bos_token_id=5", "eos_token_id=6", "pad_token_id=3"])
+def test_config_overrides_refuse_the_fields_the_tokenizer_decides(run_clm, tmp_path, monkeypatch, override):
+    """They used to be dropped silently: the model takes its vocabulary size and special tokens from the tokenizer."""
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    overrides = TINY_RUN[TINY_RUN.index("--config_overrides") + 1] + "," + override
+    with pytest.raises(ValueError, match=f"--config_overrides {override.partition('=')[0]}: the tokenizer decides"):
+        run_clm.main([*without(TINY_RUN, "--config_overrides"), "--config_overrides", overrides,
+                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
+
+
 def test_run_clm_refuses_prediction_loss_only_up_front(run_clm, tmp_path, monkeypatch):
     """The card's validation perplexity needs the predictions; the run used to crash after training and saving."""
     monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
