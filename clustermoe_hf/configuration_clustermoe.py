@@ -40,7 +40,7 @@ class ClusterMoEConfig(PreTrainedConfig):
             `top_k_clusters * top_k_experts` distinct experts.
         norm_topk_prob (`bool`): renormalise the combine weights `P(cluster) * P(expert | cluster)` of the chosen
             experts to sum to one.
-        routing_temperature (`float`): softmax temperature of both router levels.
+        routing_temperature (`float`): softmax temperature of both router levels, at least 1e-4.
         router_jitter_noise (`float`): std of Gaussian noise added to the selection scores while training
             (exploration); 0 disables it. Never applied in eval.
         router_implementation (`"auto"`, `"hierarchical"`, `"flat"`): `hierarchical` scores experts only inside the
@@ -305,17 +305,19 @@ class ClusterMoEConfig(PreTrainedConfig):
         return config
 
     def update_from_string(self, update_str: str):
-        """transformers' `update_from_string` (run_clm's `--config_overrides`), which cannot set a field whose value
-        is None: it parses by the current value's type. Here such a field (`expert_capacity_factor`,
-        `router_cluster_aux_loss_coef`, `pad_token_id`, ...) takes a number of the type its annotation allows; "None"
-        keeps or resets it."""
+        """transformers' `update_from_string` (run_clm's `--config_overrides`), which parses by the current value's
+        type: it cannot set a field whose value is None, and reads "0.5" as an int where a float field holds 0 (e.g.
+        from a config.json). Here a field whose annotation admits a number (`expert_capacity_factor`,
+        `routing_temperature`, `pad_token_id`, ...) or whose value is None takes a number of the type its annotation
+        allows; "None" keeps or resets it where the annotation allows None."""
         rest = []
         for item in update_str.split(","):
             key, _, text = item.partition("=")
             field = self.__dataclass_fields__.get(key)
             types = get_args(field.type) if field is not None else ()
             resets = text in ("None", "none", "null") and type(None) in types
-            if not (resets or (field is not None and getattr(self, key) is None)):
+            numeric = int in types or float in types
+            if not (resets or (field is not None and (numeric or getattr(self, key) is None))):
                 rest.append(item)
                 continue
             if resets:
@@ -386,7 +388,10 @@ class ClusterMoEConfig(PreTrainedConfig):
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             require(is_number and holds(value), f"{name} must be a finite number {constraint}, got {value!r}.")
 
-        require_number("routing_temperature", "> 0", lambda value: value > 0)
+        # Below this the softmax is one-hot already, and `logits / temperature` overflows float32 long before 0.
+        require_number(
+            "routing_temperature", f">= {MIN_ROUTING_TEMPERATURE}", lambda value: value >= MIN_ROUTING_TEMPERATURE
+        )
         require_number("router_jitter_noise", ">= 0", lambda value: value >= 0)
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             require_number(name, ">= 0 (0 disables it)", lambda value: value >= 0)
@@ -428,6 +433,15 @@ class ClusterMoEConfig(PreTrainedConfig):
             self.validate_rope()
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"Invalid ClusterMoEConfig: rope_parameters {rope_parameters!r}: {error}") from error
+        # Every layer attends to every earlier token. transformers' caches read these settings from any config and
+        # would keep only a window of keys, so that cached decoding silently disagreed with the full forward.
+        for name in ("sliding_window", "attention_chunk_size", "kv_sharing_modes"):
+            value = getattr(self, name, None)
+            require(
+                value is None,
+                f"{name}={value!r}: ClusterMoE has full causal attention in every layer (no "
+                "sliding-window, chunked or shared-cache attention); leave it unset.",
+            )
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
@@ -446,6 +460,15 @@ class ClusterMoEConfig(PreTrainedConfig):
                 getattr(self, validator.__name__)()
             except (TypeError, ValueError) as error:
                 raise ValueError(f"Invalid ClusterMoEConfig: {error}") from error
+        layer_types = getattr(self, "layer_types", None)  # entries and length checked by transformers' validator
+        require(
+            layer_types is None or all(layer_type == "full_attention" for layer_type in layer_types),
+            f"layer_types={layer_types!r}: ClusterMoE has full causal attention in every layer; leave it unset or "
+            "'full_attention' throughout.",
+        )
+
+# The lowest `routing_temperature`: a softmax at 1e-4 is one-hot for logits that differ by 0.01.
+MIN_ROUTING_TEMPERATURE = 1e-4
 
 # Options of the original ClusterMoE package with no counterpart here: dropped (not saved) with a warning.
 _ORIGINAL_OPTIONS_WITHOUT_EFFECT = {

@@ -592,9 +592,9 @@ class ClusterMoESparseMoeBlock(nn.Module):
         """
         num_tokens, _, num_in_cluster = candidates.shape
         top_k_experts = self.config.top_k_experts
-        capacity = math.ceil(
-            self.config.expert_capacity_factor * num_tokens * self.config.num_experts_per_tok / self.num_experts
-        )
+        # An expert serves a token at most once: beyond num_tokens, a capacity (which can exceed int64) limits nothing.
+        factor, top_k = self.config.expert_capacity_factor, self.config.num_experts_per_tok
+        capacity = min(num_tokens, math.ceil(factor * num_tokens * top_k / self.num_experts))
         primary = candidates[..., :top_k_experts]
         real = torch.ones_like(primary, dtype=torch.bool) if token_mask is None else token_mask.view(-1, 1, 1)
         groups = primary.masked_fill(~real, self.num_experts)  # padding goes to a sentinel group

@@ -217,12 +217,13 @@ def test_inference_on_a_few_pairs_skips_padding_pairs(tiny_model):
     torch.testing.assert_close(output, expected)
 
 
-def test_large_capacity_matches_dropless_routing(tiny_model):
+@pytest.mark.parametrize("factor", [4.0, 1e20])  # 1e20: a capacity beyond int64 used to raise an OverflowError
+def test_large_capacity_matches_dropless_routing(tiny_model, factor):
     input_ids = torch.randint(3, 64, (2, 16))
     torch.manual_seed(0)
     dropless = tiny_model()
     torch.manual_seed(0)
-    limited = tiny_model(expert_capacity_factor=4.0)  # capacity = all tokens: nothing can overflow
+    limited = tiny_model(expert_capacity_factor=factor)  # capacity >= all tokens: nothing can overflow
     outputs = limited(input_ids)
     torch.testing.assert_close(outputs.logits, dropless(input_ids).logits)
     assert outputs.dropped_pairs.sum() == 0 and outputs.rerouted_pairs.sum() == 0

@@ -92,6 +92,12 @@ ALIASES = {
         ({"output_attentions": True, "attn_implementation": "sdpa"}, "`output_attentions` attribute is not supported"),
         ({"layer_types": ["bogus", "bogus"]}, r"`layer_types` entries must be in"),
         ({"layer_types": ["full_attention"]}, r"must be equal to the number of `layer_types`"),
+        # transformers' caches honoured these on their own: cached decoding kept a window the attention did not use
+        ({"sliding_window": 4}, r"sliding_window=4: ClusterMoE has full causal attention in every layer"),
+        ({"attention_chunk_size": 4}, r"attention_chunk_size=4: ClusterMoE has full causal attention"),
+        ({"layer_types": ["sliding_attention", "full_attention"]}, r"layer_types=\['sliding_attention'"),
+        # logits / temperature overflowed float32 and the routing became NaN
+        ({"routing_temperature": 1e-40}, r"routing_temperature must be a finite number >= 0.0001"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(tiny_config, overrides, field):
@@ -257,8 +263,8 @@ def test_the_dense_width_defaults_to_the_active_expert_width_and_is_then_kept(ti
 
 
 def test_config_overrides_can_set_fields_whose_value_is_none(tiny_config):
-    """run_clm's `--config_overrides` uses `update_from_string`, which in transformers parses by the current value's
-    type and so cannot set a None-valued field (e.g. `expert_capacity_factor`, None by default)."""
+    """transformers' run_clm applies `--config_overrides` with `update_from_string`, which in transformers parses by
+    the current value's type and so cannot set a None-valued field (e.g. `expert_capacity_factor`, None by default)."""
     config = tiny_config(pad_token_id=None)
     config.update_from_string(
         "dense_intermediate_size=24,expert_capacity_factor=1.25,router_cluster_aux_loss_coef=0,pad_token_id=0,"
@@ -271,6 +277,15 @@ def test_config_overrides_can_set_fields_whose_value_is_none(tiny_config):
     assert config.expert_capacity_factor is None
     with pytest.raises(ValueError, match=r"^Invalid ClusterMoEConfig: pad_token_id .* cannot be set from '1.5'"):
         tiny_config(pad_token_id=None).update_from_string("pad_token_id=1.5")
+
+
+def test_config_overrides_set_a_float_where_the_saved_value_is_an_int(tiny_config, tmp_path):
+    """transformers parsed "0.5" as an int for a float field holding 0 (as config.json keeps it) and failed."""
+    tiny_config(router_z_loss_coef=0, routing_temperature=2, expert_capacity_factor=2).save_pretrained(tmp_path)
+    config = ClusterMoEConfig.from_pretrained(tmp_path)
+    assert type(config.router_z_loss_coef) is int
+    config.update_from_string("router_z_loss_coef=0.001,routing_temperature=0.5,expert_capacity_factor=1.25")
+    assert (config.router_z_loss_coef, config.routing_temperature, config.expert_capacity_factor) == (1e-3, 0.5, 1.25)
 
 
 def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config):
