@@ -1863,6 +1863,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_router_logits=output_router_logits,
             output_routing_stats=output_routing_stats,
+            return_dict=True,  # also where the config asks for tuples: this head returns what it asks for
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -1950,9 +1951,11 @@ def _aux_loss_share(labels: torch.Tensor, num_items_in_batch, loss: torch.Tensor
 @dataclass
 class ClusterMoESequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
     """`aux_loss`: the weighted router losses, already included in `loss` when labels are given; `None` in pure
-    inference (no gradients, no labels)."""
+    inference (no gradients, no labels, no `output_router_logits`). `router_logits`: per MoE layer, the cluster
+    router's logits (tokens, num_clusters), with `output_router_logits`."""
 
     aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
@@ -1983,8 +1986,12 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> ClusterMoESequenceClassifierOutputWithPast:
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
         outputs: ClusterMoEModelOutputWithPast = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -1992,20 +1999,30 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_routing_stats=torch.is_grad_enabled() or labels is not None,
+            output_router_logits=output_router_logits,
+            output_routing_stats=torch.is_grad_enabled() or labels is not None or output_router_logits,
+            return_dict=True,  # also where the config asks for tuples: this head returns what it asks for
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)  # (batch, seq, num_labels)
-        batch_size = logits.shape[0]
-        pad_token_id = self.config.pad_token_id
-        if pad_token_id is None and batch_size != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
-        if pad_token_id is None or input_ids is None:
+        batch_size, sequence_length = logits.shape[:2]
+        # Which positions are real: the ids that are not padding, or else (inputs_embeds) the 2-D attention mask.
+        if input_ids is not None and self.config.pad_token_id is not None:
+            is_real = input_ids != self.config.pad_token_id
+        elif attention_mask is not None and attention_mask.dim() == 2:
+            is_real = attention_mask.bool()
+        elif batch_size == 1:
+            is_real = None
+        else:
+            raise ValueError(
+                "Cannot tell the last real token of each sequence in a batch of more than one: set the config's "
+                "pad_token_id, or pass a 2-D attention_mask."
+            )
+        if is_real is None:
             last_real_token = -1
-        else:  # the rightmost non-padding token, for left and right padding alike
-            non_pad = (input_ids != pad_token_id).to(logits.device, torch.int32)
-            last_real_token = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * non_pad)
-            last_real_token = last_real_token.argmax(-1)
+        else:  # the rightmost real position, for left and right padding alike
+            positions = torch.arange(sequence_length, device=logits.device, dtype=torch.int32)
+            last_real_token = (positions * is_real.to(logits.device, torch.int32)).argmax(-1)
         pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_real_token]
 
         parts = combine_router_losses(outputs.routing_stats)
@@ -2022,6 +2039,7 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             aux_loss=aux_loss,
+            router_logits=outputs.router_logits,
         )
 
 

@@ -415,6 +415,42 @@ def test_sequence_classification_pools_the_last_real_token(tiny_config):
     torch.testing.assert_close(out.loss, F.cross_entropy(logits, labels) + out.aux_loss)
 
 
+def test_sequence_classification_of_embeddings_pools_by_the_attention_mask(tiny_config):
+    """With inputs_embeds there are no ids to find the padding in: the 2-D attention mask tells it. The last position
+    was pooled, padding or not; without a mask, a batch of several is refused as with ids and no pad token."""
+    model = ClusterMoEForSequenceClassification(tiny_config(num_labels=3)).eval()
+    ids = random_ids(2, 6)
+    ids[1, 4:] = PAD
+    attention_mask = (ids != PAD).long()
+    embeddings = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        from_ids = model(ids, attention_mask=attention_mask).logits
+        from_embeddings = model(inputs_embeds=embeddings, attention_mask=attention_mask).logits
+        without_pad_token = ClusterMoEForSequenceClassification(tiny_config(num_labels=3, pad_token_id=None)).eval()
+        without_pad_token.load_state_dict(model.state_dict())
+        by_mask = without_pad_token(ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(from_embeddings, from_ids)
+    torch.testing.assert_close(by_mask, from_ids)  # no pad token: the mask tells the padding too
+    with pytest.raises(ValueError, match="Cannot tell the last real token .* pass a 2-D attention_mask"):
+        model(inputs_embeds=embeddings)
+
+
+@pytest.mark.parametrize("head", [ClusterMoEForCausalLM, ClusterMoEForSequenceClassification])
+def test_heads_return_router_logits_and_tuples_as_asked(tiny_config, head):
+    """The classification head dropped the router logits; `return_dict=False` in the config broke both heads, whose
+    base-model call returned a tuple too."""
+    model = head(tiny_config(num_labels=3)).eval()
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        outputs = model(ids, output_router_logits=True)
+        assert len(outputs.router_logits) == model.config.num_hidden_layers - model.config.first_k_dense_layers
+        assert outputs.aux_loss is not None  # as the causal LM: asked-for router logits come with the router losses
+        model.config.return_dict = False
+        as_tuple = model(ids)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], outputs.logits)
+
+
 # ----- parallelism plans -----
 
 
