@@ -274,6 +274,9 @@ class ClusterMoEConfig(PreTrainedConfig):
                 f"{origin}: {', '.join(generation)}: generation settings, which the model config does not keep; set "
                 "them on the model's generation_config, or pass them to generate."
             )
+        # A RoPE dict given replaces the defaults' (transformers would let a legacy `rope_scaling` there win).
+        if by_field.keys() & {"rope_parameters", "rope_scaling"}:
+            defaults = {key: value for key, value in defaults.items() if key not in {"rope_parameters", "rope_scaling"}}
         # transformers' legacy names, which would lose to a saved config's `dtype` and `rope_parameters`.
         if "torch_dtype" in by_field:
             by_field.setdefault("dtype", by_field.pop("torch_dtype"))

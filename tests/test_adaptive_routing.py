@@ -408,26 +408,27 @@ def test_multi_process_training_counts_the_global_batch(tmp_path):
         assert kept == reference_kept
 
 
-def _calibrated_pruning_worker(rank, world_size, init_file, input_ids, output_dir):
+def _calibrated_pruning_worker(rank, world_size, init_file, input_ids, output_dir, rank_by):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         model = adaptive_model().eval()
         # Process 1's calibration shard is all padding: only the sum over processes has tokens to rank by.
         shard = {"input_ids": input_ids, "attention_mask": torch.full_like(input_ids, rank == 0)}
-        kept = model.prune_experts(experts_per_cluster_keep=2, rank_by="utilization", calibration_data=[shard])
+        kept = model.prune_experts(experts_per_cluster_keep=2, rank_by=rank_by, calibration_data=[shard])
         torch.save(kept, f"{output_dir}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_multi_process_calibrated_pruning_sums_the_shards(tmp_path):
+@pytest.mark.parametrize("rank_by", ["utilization", "utilization_x_reliability"])  # every ranking that uses counts
+def test_multi_process_calibrated_pruning_sums_the_shards(tmp_path, rank_by):
     import torch.multiprocessing as mp
 
     input_ids = torch.randint(3, 64, (4, 16))
-    worker_args = (2, str(tmp_path / "init"), input_ids, str(tmp_path))
+    worker_args = (2, str(tmp_path / "init"), input_ids, str(tmp_path), rank_by)
     mp.start_processes(_calibrated_pruning_worker, args=worker_args, nprocs=2, start_method="fork")
     reference = adaptive_model().eval().prune_experts(
-        experts_per_cluster_keep=2, rank_by="utilization", calibration_data=[input_ids]
+        experts_per_cluster_keep=2, rank_by=rank_by, calibration_data=[input_ids]
     )
     assert [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)] == [reference, reference]
 

@@ -313,6 +313,16 @@ def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config)
     assert config.rope_parameters == {**scaling, "rope_theta": 5e5}
     config = ClusterMoEConfig.from_settings({"rope_parameters": None, "rope_theta": 5e5}, "overrides", defaults=saved)
     assert config.rope_parameters["rope_theta"] == 5e5
+    # use_cache is a generation setting too, but also a config field: kept, not refused.
+    assert ClusterMoEConfig.from_settings({"use_cache": False}, "x").use_cache is False
+    # A RoPE dict given replaces a legacy config's rope_scaling, which transformers would let win over it.
+    given = {"rope_type": "default", "rope_theta": 5e5}
+    config = ClusterMoEConfig.from_settings({"rope_parameters": given}, "overrides", defaults=legacy)
+    assert config.rope_parameters == given
+    config = ClusterMoEConfig.from_settings(
+        {"rope_theta": 5e5, "rope_parameters": {"rope_type": "default"}}, "overrides", defaults=legacy
+    )
+    assert config.rope_parameters == given
     with pytest.raises(ValueError, match="rope_theta is given twice, as 500000.0 and in rope_parameters as 1000000.0"):
         ClusterMoEConfig.from_settings({"rope_theta": 5e5, "rope_parameters": {"rope_type": "default",
                                                                                 "rope_theta": 1e6}}, "x")  # fmt: skip

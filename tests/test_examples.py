@@ -873,11 +873,21 @@ def test_generate_follows_a_beam_search_generation_config(trained, tmp_path, cap
         generate.main([*options, "--num_return_sequences", "3"])
 
 
-def test_generate_refuses_several_greedy_continuations(trained, capsys):
-    """The model samples by default (run_clm's generation_config); greedy decoding gives one continuation."""
+@pytest.mark.parametrize("greedy_by", ["option", "generation_config"])
+def test_generate_refuses_several_greedy_continuations(trained, tmp_path, capsys, greedy_by):
+    """The model samples by default (run_clm's generation_config); greedy decoding, asked for or the model's own,
+    gives one continuation."""
+    folder, options = trained[0], ["--do_sample", "false"]
+    if greedy_by == "generation_config":
+        folder = tmp_path / "greedy"
+        shutil.copytree(trained[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+        generation_config = json.loads((folder / "generation_config.json").read_text())
+        generation_config.update(do_sample=False)
+        (folder / "generation_config.json").write_text(json.dumps(generation_config))
+        options = []
     with pytest.raises(ValueError, match=re.escape("--num_return_sequences 2: greedy decoding")):
-        load_script("generate").main(["--model_name_or_path", str(trained[0]), "--prompt", "DROMIO:",
-                                      "--num_return_sequences", "2", "--do_sample", "false"])  # fmt: skip
+        load_script("generate").main(["--model_name_or_path", str(folder), "--prompt", "DROMIO:",
+                                      "--num_return_sequences", "2", *options])  # fmt: skip
     assert "=====" not in capsys.readouterr().out  # before generating anything
 
 

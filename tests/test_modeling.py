@@ -701,8 +701,9 @@ def test_the_aux_loss_share_is_on_the_loss_device():
 # ----- expert utilisation -----
 
 
-def test_utilization_counts_training_forwards_only(tiny_model):
-    model = tiny_model()
+@pytest.mark.parametrize("output_router_logits", [False, True])  # True: no-gradient forwards return routing stats
+def test_utilization_counts_training_forwards_only(tiny_model, output_router_logits):
+    model = tiny_model(output_router_logits=output_router_logits)
     ids = random_ids(2, 6)
     per_forward = ids.numel() * model.config.num_experts_per_tok
 
@@ -713,6 +714,7 @@ def test_utilization_counts_training_forwards_only(tiny_model):
 
     with torch.no_grad():
         model(ids)  # inference in train mode
+        model(ids, labels=ids)  # an evaluation loss in train mode
     model.generate(ids, max_new_tokens=3, do_sample=False)  # generate in train mode
     model.eval()
     model(ids)

@@ -617,7 +617,7 @@ def test_model_summary_parameter_counts(tiny_model):
     # A token runs 2 of the 8 experts in each of the 2 MoE layers.
     assert summary["active_params_per_token"] == summary["total_params"] - 2 * 6 * expert_size
 
-    # 4 of 12 experts: a third, which a float would round (27999 instead of 28000 here).
+    # 4 of 12 experts: a third, which float arithmetic can round down (one parameter short).
     model = tiny_model(num_clusters=3, experts_per_cluster=4, top_k_clusters=2, top_k_experts=2)
     summary = model.get_model_summary()
     assert summary["active_params_per_token"] == summary["total_params"] - 2 * (12 - 4) * expert_size

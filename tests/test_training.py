@@ -493,6 +493,15 @@ def test_routing_state_is_named_as_in_the_plain_model_and_loads_into_any_wrappin
         load_routing_state(pruned, tmp_path)
     assert all(torch.equal(routing_state_dict(pruned)[name], value) for name, value in before.items())
 
+    # A file without one of the buffers, or with one this model lacks, is refused before anything is loaded.
+    fewer_layers = ClusterMoEForCausalLM(tiny_config(num_hidden_layers=1))
+    with pytest.raises(ValueError, match=r"routing state: missing \[\], unexpected \[.*layers\.1"):
+        load_routing_state(fewer_layers, tmp_path)
+    without_step = {name: value for name, value in state.items() if "training_step" not in name}
+    save_file(without_step, tmp_path / "routing_state.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['model.routing_state.training_step'\], unexpected \[\]"):
+        load_routing_state(fresh, tmp_path)
+
 
 def test_lora_config_can_leave_the_experts_alone():
     config = lora_config(rank=2, include_experts=False)
