@@ -1168,10 +1168,16 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         state.pending_healthy.zero_()
 
     @torch.no_grad()
-    def reinitialize_expert(self, layer_idx: int, cluster_idx: int, expert_idx: int):
+    def reinitialize_expert(
+        self, layer_idx: int, cluster_idx: int, expert_idx: int, optimizer: torch.optim.Optimizer | None = None
+    ):
         """Re-draw the weights of expert `expert_idx` of cluster `cluster_idx` in MoE layer `layer_idx` (e.g. after
         they were corrupted) and reset its reliability to 1, so that the router selects it again, and its balancing
-        bias to the mean of its cluster peers' (the one it has was learnt for the old weights)."""
+        bias to the mean of its cluster peers' (the one it has was learnt for the old weights).
+
+        `optimizer`: the one training the model, whose per-weight state of the old expert (e.g. Adam's moments, which
+        would keep moving the new weights) is zeroed. Under `torch.distributed`, call it on every process: the new
+        weights are process 0's draw, so that the replicas stay equal."""
         indices = {"layer_idx": layer_idx, "cluster_idx": cluster_idx, "expert_idx": expert_idx}
         if not all(isinstance(value, numbers.Integral) and not isinstance(value, bool) for value in indices.values()):
             raise TypeError(f"reinitialize_expert takes integer indices, got {indices}.")
@@ -1188,8 +1194,16 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         _check_plain_experts(layers, "reinitialize_expert")
         expert = cluster_idx * block.experts_per_cluster + expert_idx
         std = self.config.initializer_range
-        block.experts.gate_up_proj[expert].normal_(mean=0.0, std=std)
-        block.experts.down_proj[expert].normal_(mean=0.0, std=std)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for weights in (block.experts.gate_up_proj, block.experts.down_proj):  # (N, ...) fused expert weights
+            weights[expert].normal_(mean=0.0, std=std)
+            if distributed:  # each process draws from its own generator
+                new = weights[expert].contiguous()
+                torch.distributed.broadcast(new, src=0)
+                weights[expert] = new
+            for value in (optimizer.state.get(weights, {}) if optimizer is not None else {}).values():
+                if torch.is_tensor(value) and value.shape == weights.shape:
+                    value[expert] = 0
         block.router.expert_reliability[expert] = 1.0
         peers = block.router.expert_bias.view(block.num_clusters, -1)[cluster_idx]  # (E,)
         if peers.numel() > 1:

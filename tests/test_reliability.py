@@ -689,6 +689,47 @@ def test_reinitialize_expert_rejects_an_expert_that_does_not_exist_and_changes_n
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
+def test_reinitialize_expert_clears_the_optimizer_state_of_the_old_expert(tiny_model):
+    """Adam's moments of the broken expert kept moving the new weights, step after step, with zero gradients."""
+    model = tiny_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    ids = random_ids(2, 8)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    experts = model.model.layers[1].mlp.experts
+    model.reinitialize_expert(1, 1, 1, optimizer=optimizer)  # global expert 5
+    drawn = [experts.gate_up_proj[5].clone(), experts.down_proj[5].clone()]
+    for weights in (experts.gate_up_proj, experts.down_proj):
+        state = optimizer.state[weights]
+        assert state["exp_avg"][5].eq(0).all() and state["exp_avg_sq"][5].eq(0).all()
+        assert state["exp_avg"][4].ne(0).any()  # its neighbours keep theirs
+    optimizer.zero_grad(set_to_none=False)  # a step without gradients leaves the new expert as drawn
+    optimizer.step()
+    assert torch.equal(experts.gate_up_proj[5], drawn[0]) and torch.equal(experts.down_proj[5], drawn[1])
+
+
+def _reinitialize_worker(rank, world_size, init_file, output_dir, config):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = ClusterMoEForCausalLM(config).train()
+        torch.manual_seed(rank)  # e.g. set_seed(..., device_specific=True): each process draws differently
+        model.reinitialize_expert(1, 0, 1)
+        torch.save(model.model.layers[1].mlp.experts.state_dict(), f"{output_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_reinitialize_expert_gives_every_process_the_same_new_expert(tiny_config, tmp_path):
+    """DDP synchronises gradients, not weights: replicas that drew different experts stayed different for good."""
+    import torch.multiprocessing as mp
+
+    worker_args = (2, str(tmp_path / "init"), str(tmp_path), tiny_config())
+    mp.start_processes(_reinitialize_worker, args=worker_args, nprocs=2, start_method="fork")
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
 def test_reinitialize_expert_takes_numpy_integers(tiny_model):
     """As `np.argmax` or `divmod` over numpy counts return them."""
     np = pytest.importorskip("numpy")
