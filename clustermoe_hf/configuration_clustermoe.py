@@ -257,7 +257,10 @@ class ClusterMoEConfig(PreTrainedConfig):
         keeps unknown names as attributes and drops generation settings, as transformers configs do (a checkpoint may
         carry such keys); here either is refused, with the closest names, instead of building the default the user
         meant to change."""
-        defaults = {cls.attribute_map.get(name, name): value for name, value in (defaults or {}).items()}
+        defaults = {
+            cls.attribute_map.get(name, name): dict(value) if isinstance(value, dict) else value
+            for name, value in (defaults or {}).items()
+        }
         by_field = {}
         for name, value in settings.items():
             field = cls.attribute_map.get(name, name)
@@ -266,7 +269,7 @@ class ClusterMoEConfig(PreTrainedConfig):
                     f"{origin}: {field} is given twice, as {by_field[field]!r} and as {value!r} (one of them through "
                     "its alias); pass one of them."
                 )
-            by_field[field] = value
+            by_field[field] = dict(value) if isinstance(value, dict) else value  # transformers edits RoPE dicts
         fields = {field.name for field in dataclasses.fields(cls)}
         generation = sorted(set(by_field) & set(GenerationConfig._get_default_generation_params()) - fields)
         if generation:
@@ -317,7 +320,7 @@ class ClusterMoEConfig(PreTrainedConfig):
         for item in update_str.split(","):
             key, _, text = item.partition("=")
             field = self.__dataclass_fields__.get(key)
-            types = get_args(field.type) if field is not None else ()
+            types = (get_args(field.type) or (field.type,)) if field is not None else ()  # float | None, or float
             resets = text in ("None", "none", "null") and type(None) in types
             numeric = int in types or float in types
             if not (resets or (field is not None and (numeric or getattr(self, key) is None))):
@@ -327,7 +330,7 @@ class ClusterMoEConfig(PreTrainedConfig):
                 value = None
             elif int in types and text.lstrip("+-").isdigit():
                 value = int(text)
-            elif float in types:
+            elif float in types and _is_float_literal(text):
                 value = float(text)
             else:
                 raise ValueError(f"Invalid ClusterMoEConfig: {key} ({field.type}) cannot be set from {text!r}.")
@@ -443,7 +446,8 @@ class ClusterMoEConfig(PreTrainedConfig):
             require(
                 value is None,
                 f"{name}={value!r}: ClusterMoE has full causal attention in every layer (no "
-                "sliding-window, chunked or shared-cache attention); leave it unset.",
+                "sliding-window, chunked or shared-cache attention); leave it unset (remove it from a saved "
+                "config.json that holds it: the model was trained with full attention).",
             )
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
@@ -490,6 +494,14 @@ def _reject_derived(name: str, value, fields: str):
     raise ValueError(
         f"Invalid ClusterMoEConfig: {name} is derived, {name} = {fields}; set those fields instead of {name}={value!r}."
     )
+
+
+def _is_float_literal(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_int(value) -> bool:

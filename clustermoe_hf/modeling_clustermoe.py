@@ -43,13 +43,16 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, _add_variant, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
-from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, can_return_tuple
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .configuration_clustermoe import ClusterMoEConfig, _is_int
+
+
+logger = logging.get_logger(__name__)
 
 
 # `router_implementation="auto"` scores experts only inside the chosen clusters from this many experts on; below it
@@ -306,6 +309,15 @@ class ClusterMoERouting(NamedTuple):
     expert_logits: torch.Tensor
     expert_log_probs: torch.Tensor
     expert_candidates: torch.Tensor
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (tensor parallelism, FSDP2), whose random ops are coordinated across processes."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _host_reads_are_free(tensor: torch.Tensor) -> bool:
@@ -592,9 +604,13 @@ class ClusterMoESparseMoeBlock(nn.Module):
         """
         num_tokens, _, num_in_cluster = candidates.shape
         top_k_experts = self.config.top_k_experts
-        # An expert serves a token at most once: beyond num_tokens, a capacity (which can exceed int64) limits nothing.
+        # An expert serves a token at most once: a capacity of num_tokens or more (from factor * k >= N; computed, it
+        # can exceed int64 or overflow to inf) limits nothing.
         factor, top_k = self.config.expert_capacity_factor, self.config.num_experts_per_tok
-        capacity = min(num_tokens, math.ceil(factor * num_tokens * top_k / self.num_experts))
+        if factor * top_k >= self.num_experts:
+            capacity = num_tokens
+        else:
+            capacity = math.ceil(factor * num_tokens * top_k / self.num_experts)
         primary = candidates[..., :top_k_experts]
         real = torch.ones_like(primary, dtype=torch.bool) if token_mask is None else token_mask.view(-1, 1, 1)
         groups = primary.masked_fill(~real, self.num_experts)  # padding goes to a sentinel group
@@ -1175,9 +1191,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         they were corrupted) and reset its reliability to 1, so that the router selects it again, and its balancing
         bias to the mean of its cluster peers' (the one it has was learnt for the old weights).
 
-        `optimizer`: the one training the model, whose per-weight state of the old expert (e.g. Adam's moments, which
-        would keep moving the new weights) is zeroed. Under `torch.distributed`, call it on every process: the new
-        weights are process 0's draw, so that the replicas stay equal."""
+        `optimizer`: the one training the model, whose state of the old expert's weights (Adam's moments, which would
+        keep moving the new weights, SGD's momentum: state shaped like the weights) is zeroed. Factored statistics
+        (Adafactor's row and column variances) are left as they are, with a warning: zeros there divide by zero.
+        Under `torch.distributed`, call it on every process: the new weights are process 0's draw, so that the
+        replicas stay equal (sharded DTensor weights draw alike on every process already)."""
         indices = {"layer_idx": layer_idx, "cluster_idx": cluster_idx, "expert_idx": expert_idx}
         if not all(isinstance(value, numbers.Integral) and not isinstance(value, bool) for value in indices.values()):
             raise TypeError(f"reinitialize_expert takes integer indices, got {indices}.")
@@ -1197,13 +1215,18 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         for weights in (block.experts.gate_up_proj, block.experts.down_proj):  # (N, ...) fused expert weights
             weights[expert].normal_(mean=0.0, std=std)
-            if distributed:  # each process draws from its own generator
+            if distributed and not _is_dtensor(weights):  # each process draws from its own generator
                 new = weights[expert].contiguous()
                 torch.distributed.broadcast(new, src=0)
                 weights[expert] = new
-            for value in (optimizer.state.get(weights, {}) if optimizer is not None else {}).values():
+            for name, value in (optimizer.state.get(weights, {}) if optimizer is not None else {}).items():
                 if torch.is_tensor(value) and value.shape == weights.shape:
                     value[expert] = 0
+                elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == weights.shape[0]:
+                    logger.warning(
+                        f"reinitialize_expert: left the optimizer's {name} {tuple(value.shape)} of the old expert as "
+                        "it was (not shaped like the weights, e.g. factored statistics)."
+                    )
         block.router.expert_reliability[expert] = 1.0
         peers = block.router.expert_bias.view(block.num_clusters, -1)[cluster_idx]  # (E,)
         if peers.numel() > 1:
@@ -2020,11 +2043,12 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         )
         logits = self.score(outputs.last_hidden_state)  # (batch, seq, num_labels)
         batch_size, sequence_length = logits.shape[:2]
-        # Which positions are real: the ids that are not padding, or else (inputs_embeds) the 2-D attention mask.
-        if input_ids is not None and self.config.pad_token_id is not None:
+        # Which positions are real: by the 2-D attention mask (its last columns: the new tokens after a cache), else
+        # the ids that are not padding (a pad id that is also a real token, e.g. EOS, can only be told by the mask).
+        if attention_mask is not None and attention_mask.dim() == 2:
+            is_real = attention_mask[:, -sequence_length:].bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
             is_real = input_ids != self.config.pad_token_id
-        elif attention_mask is not None and attention_mask.dim() == 2:
-            is_real = attention_mask.bool()
         elif batch_size == 1:
             is_real = None
         else:

@@ -217,7 +217,8 @@ def test_inference_on_a_few_pairs_skips_padding_pairs(tiny_model):
     torch.testing.assert_close(output, expected)
 
 
-@pytest.mark.parametrize("factor", [4.0, 1e20])  # 1e20: a capacity beyond int64 used to raise an OverflowError
+# 1e20: a capacity beyond int64, 1e307: an infinite one, used to raise an OverflowError
+@pytest.mark.parametrize("factor", [4.0, 1e20, 1e307])
 def test_large_capacity_matches_dropless_routing(tiny_model, factor):
     input_ids = torch.randint(3, 64, (2, 16))
     torch.manual_seed(0)

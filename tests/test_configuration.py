@@ -281,11 +281,18 @@ def test_config_overrides_can_set_fields_whose_value_is_none(tiny_config):
 
 def test_config_overrides_set_a_float_where_the_saved_value_is_an_int(tiny_config, tmp_path):
     """transformers parsed "0.5" as an int for a float field holding 0 (as config.json keeps it) and failed."""
-    tiny_config(router_z_loss_coef=0, routing_temperature=2, expert_capacity_factor=2).save_pretrained(tmp_path)
+    saved = {"router_z_loss_coef": 0, "routing_temperature": 2, "expert_capacity_factor": 2,
+             "reliability_threshold": 0, "adaptive_routing_rate": 0}  # fmt: skip
+    tiny_config(**saved).save_pretrained(tmp_path)
     config = ClusterMoEConfig.from_pretrained(tmp_path)
-    assert type(config.router_z_loss_coef) is int
-    config.update_from_string("router_z_loss_coef=0.001,routing_temperature=0.5,expert_capacity_factor=1.25")
-    assert (config.router_z_loss_coef, config.routing_temperature, config.expert_capacity_factor) == (1e-3, 0.5, 1.25)
+    assert all(type(getattr(config, name)) is int for name in saved)
+    updates = {"router_z_loss_coef": 1e-3, "routing_temperature": 0.5, "expert_capacity_factor": 1.25,
+               "reliability_threshold": 0.5, "adaptive_routing_rate": 1e-3}  # fmt: skip
+    config.update_from_string(",".join(f"{name}={value}" for name, value in updates.items()))
+    assert {name: getattr(config, name) for name in updates} == updates
+    for text in ("None", "true", ""):  # named, not Python's bare "could not convert string to float"
+        with pytest.raises(ValueError, match=f"routing_temperature .* cannot be set from '{text}'"):
+            config.update_from_string(f"routing_temperature={text}")
 
 
 def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config):

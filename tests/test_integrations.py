@@ -435,6 +435,20 @@ def test_sequence_classification_of_embeddings_pools_by_the_attention_mask(tiny_
         model(inputs_embeds=embeddings)
 
 
+def test_sequence_classification_trusts_the_attention_mask_over_pad_ids(tiny_config):
+    """A pad id that is also a real token (e.g. EOS appended by the tokenizer) only the mask can tell; after a cache,
+    the mask covers the cached tokens too."""
+    model = ClusterMoEForSequenceClassification(tiny_config(num_labels=3, pad_token_id=2)).eval()
+    ids = random_ids(2, 6)
+    ids[:, -1] = 2  # EOS, a real token here
+    with torch.no_grad():
+        scores = model.score(model.model(ids).last_hidden_state)[:, -1]
+        torch.testing.assert_close(model(ids, attention_mask=torch.ones_like(ids)).logits, scores)
+        first = model(ids[:, :4], attention_mask=torch.ones(2, 4, dtype=torch.long), use_cache=True)
+        cached = model(ids[:, 4:], attention_mask=torch.ones_like(ids), cache=first.cache).logits
+    torch.testing.assert_close(cached, scores, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("head", [ClusterMoEForCausalLM, ClusterMoEForSequenceClassification])
 def test_heads_return_router_logits_and_tuples_as_asked(tiny_config, head):
     """The classification head dropped the router logits; `return_dict=False` in the config broke both heads, whose

@@ -1,5 +1,8 @@
 """Reliability tracking and fault tolerance (`use_reliability_routing`)."""
 
+import os
+import socket
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -728,6 +731,52 @@ def test_reinitialize_expert_gives_every_process_the_same_new_expert(tiny_config
     mp.start_processes(_reinitialize_worker, args=worker_args, nprocs=2, start_method="fork")
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_reinitialize_expert_leaves_factored_optimizer_statistics_with_a_warning(tiny_model, caplog):
+    """Adafactor's row/column variances are not shaped like the weights; zeros there would divide by zero."""
+    model = tiny_model().train()
+    optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    ids = random_ids(2, 8)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    state = optimizer.state[model.model.layers[1].mlp.experts.down_proj]
+    before = {name: value.clone() for name, value in state.items() if torch.is_tensor(value)}
+    with caplog.at_level("WARNING"):
+        model.reinitialize_expert(1, 1, 1, optimizer=optimizer)
+    assert "left the optimizer's row_var" in caplog.text
+    assert all(torch.equal(state[name], value) for name, value in before.items())
+
+
+def _tensor_parallel_reinitialize_worker(rank, world_size, port, checkpoint, output_dir):
+    # transformers shards a model by tp_plan when the environment describes the processes, as torchrun's does
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = ClusterMoEForCausalLM.from_pretrained(checkpoint, tp_plan="auto")
+        experts = model.model.layers[1].mlp.experts
+        assert type(experts.down_proj.data).__name__ == "DTensor"
+        old = experts.down_proj.data.full_tensor()
+        model.reinitialize_expert(1, 0, 1)  # a broadcast of the sharded weights raised NotImplementedError
+        new = experts.down_proj.data.full_tensor()
+        torch.save((old, new), f"{output_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_reinitialize_expert_under_tensor_parallelism(tiny_config, tmp_path):
+    import torch.multiprocessing as mp
+
+    ClusterMoEForCausalLM(tiny_config(num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "model")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker_args = (2, port, str(tmp_path / "model"), str(tmp_path))
+    mp.start_processes(_tensor_parallel_reinitialize_worker, args=worker_args, nprocs=2, start_method="fork")
+    for rank in range(2):
+        old, new = torch.load(tmp_path / f"rank{rank}.pt")
+        assert not torch.equal(old[1], new[1]) and torch.equal(old[[0, 2, 3]], new[[0, 2, 3]])
 
 
 def test_reinitialize_expert_takes_numpy_integers(tiny_model):
