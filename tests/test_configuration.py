@@ -320,6 +320,11 @@ def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config)
     assert config.rope_parameters == {**scaling, "rope_theta": 5e5}
     config = ClusterMoEConfig.from_settings({"rope_parameters": None, "rope_theta": 5e5}, "overrides", defaults=saved)
     assert config.rope_parameters["rope_theta"] == 5e5
+    # The caller's dicts stay as they were (transformers fills rope_theta into the RoPE dict it is given).
+    given, saved_rope = {"rope_type": "default"}, {"rope_type": "linear", "factor": 2.0}
+    ClusterMoEConfig.from_settings({"rope_parameters": given}, "x")
+    ClusterMoEConfig.from_settings({"hidden_size": 64}, "x", defaults={"rope_parameters": saved_rope})
+    assert (given, saved_rope) == ({"rope_type": "default"}, {"rope_type": "linear", "factor": 2.0})
     # use_cache is a generation setting too, but also a config field: kept, not refused.
     assert ClusterMoEConfig.from_settings({"use_cache": False}, "x").use_cache is False
     # A RoPE dict given replaces a legacy config's rope_scaling, which transformers would let win over it.
