@@ -11,6 +11,7 @@ the statistics are folded into the buffers by a forward hook on the base model (
 by a global optimizer-step hook (EMAs and biases).
 """
 
+import contextlib
 import functools
 import inspect
 import math
@@ -276,9 +277,14 @@ ExpertsInterface.register("sorted_mm", sorted_mm_experts_forward)
 
 # Experts implementations that skip (token, expert) pairs sent to the id `num_experts` (transformers' expert-parallel
 # sentinel). The MoE block sends the pairs it does not serve there (dropped by capacity limits, of padding tokens), so
-# that they cost no expert compute. Other implementations (`batched_mm` indexes the weights with every id) get the
-# pairs' real ids, and the block zeroes those outputs.
+# that they cost no expert compute. Other implementations (`batched_mm` indexes the weights with every id), and expert
+# parallelism (its dispatch counts pairs per expert id), get the pairs' real ids, and the block zeroes those outputs.
 SENTINEL_SKIPPING_EXPERTS = frozenset({"eager", "grouped_mm", "sorted_mm"})
+
+
+def _is_expert_parallel(experts: nn.Module) -> bool:
+    """Whether transformers' expert parallelism shards these experts over processes."""
+    return getattr(experts, "_is_expert_parallel", False)
 
 
 def _position_in_group(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -758,7 +764,9 @@ class ClusterMoESparseMoeBlock(nn.Module):
         expert_ids, excluded = pair_ids, None  # excluded: (tokens*k,) pairs whose outputs are zeroed, or None
         if valid_pairs is not None:
             excluded = ~valid_pairs
-            if self.config._experts_implementation in SENTINEL_SKIPPING_EXPERTS:  # (experts may be wrapped, e.g. peft)
+            # The implementation is read from the config: the experts may be wrapped (peft).
+            skips = self.config._experts_implementation in SENTINEL_SKIPPING_EXPERTS
+            if skips and not _is_expert_parallel(self.experts):  # whose dispatch takes real ids only
                 expert_ids = pair_ids.masked_fill(excluded, self.num_experts)
         gate_dummy = None
         if (self.config.use_reliability_routing or excluded is not None) and pair_inputs.requires_grad:
@@ -967,7 +975,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = True  # routing, capacity limits and health checks have static shapes and no host syncs
+    # Routing, capacity limits and health checks have static shapes and no host syncs. Under gradient checkpointing a
+    # training forward compiles with graph breaks only (`fullgraph=False`, as the Trainer's `torch_compile` does): the
+    # routing statistics recorded inside the checkpointed layer are a side effect dynamo refuses there (as Qwen3-MoE's
+    # router logits are).
+    _can_compile_fullgraph = True
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(ClusterMoERouter, index=0),
@@ -1019,10 +1031,30 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         if self.can_generate():
             with tempfile.TemporaryDirectory() as scratch:
                 self.generation_config.save_pretrained(scratch)  # runs the checks its own save refuses to save with
-        if type(self) in _AUTO_CLASSES:  # not a subclass in another module, whose code the checkpoint then holds
-            module = type(self).__module__.rsplit(".", 1)[-1]  # also for code loaded from a checkpoint
+        model_class = self._model_class()
+        if model_class in _AUTO_CLASSES:  # not a subclass in another module, whose code the checkpoint then holds
+            module = model_class.__module__.rsplit(".", 1)[-1]  # also for code loaded from a checkpoint
             auto_map = {cls._auto_class: f"{module}.{cls.__name__}" for cls in _AUTO_CLASSES}
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
+        with self._as_model_class(model_class):
+            return self._save_in_place_of_earlier_files(save_directory, *args, **kwargs)
+
+    def _model_class(self) -> type:
+        """The class whose code a checkpoint holds: the model's own, not the subclass that torch's FSDP2 (`fully_shard`,
+        also through transformers' or accelerate's FSDP2) swaps in, which is defined in a torch module."""
+        return next(cls for cls in type(self).__mro__ if not cls.__module__.startswith("torch."))
+
+    @contextlib.contextmanager
+    def _as_model_class(self, model_class: type):
+        """transformers copies the code of the instance's class into the checkpoint and names it in `auto_map`: for the
+        duration of a save, the instance is of `model_class` (FSDP2's subclass only adds methods, unused in a save)."""
+        wrapper_class, self.__class__ = type(self), model_class
+        try:
+            yield
+        finally:
+            self.__class__ = wrapper_class
+
+    def _save_in_place_of_earlier_files(self, save_directory, *args, **kwargs):
         options = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
         options.apply_defaults()
         options = options.arguments
@@ -1055,19 +1087,19 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         # Read from the modules' size attributes, not their weights' shapes: adapters (peft) wrap modules, and
         # DeepSpeed ZeRO-3 partitions the weights (the Trainer saves it that way, with a gathered state dict).
         unwrap = lambda module: getattr(module, "base_layer", module)  # noqa: E731  (peft's adapter layers)
-        embeddings, base = unwrap(self.get_input_embeddings()), self.base_model
-        attention = base.layers[0].self_attn
+        embeddings, layers = unwrap(self.get_input_embeddings()), self._decoder_layers()
+        attention = layers[0].self_attn
         head_dim = attention.head_dim
         built = {
             "vocab_size": embeddings.num_embeddings,
             "hidden_size": embeddings.embedding_dim,
-            "num_hidden_layers": len(base.layers),
-            "first_k_dense_layers": sum(not layer.is_moe for layer in base.layers),
+            "num_hidden_layers": len(layers),
+            "first_k_dense_layers": sum(not layer.is_moe for layer in layers),
             "head_dim": head_dim,
             "num_attention_heads": unwrap(attention.q_proj).out_features // head_dim,
             "num_key_value_heads": unwrap(attention.k_proj).out_features // head_dim,
         }
-        for layer in base.layers:
+        for layer in layers:
             if not layer.is_moe:
                 built["dense_intermediate_size"] = unwrap(layer.mlp.gate_proj).out_features
                 continue
@@ -1114,9 +1146,21 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
 
     # ----- routing state and statistics API (read on demand), resets, pruning -----
 
+    def _decoder_layers(self) -> nn.ModuleList:
+        """The decoder layers, all of which the routing state and statistics span: pipeline parallelism, which replaces
+        the layers of other stages with placeholders, is refused here rather than failing inside."""
+        layers = self.base_model.layers
+        for idx, layer in enumerate(layers):
+            if not isinstance(layer, ClusterMoEDecoderLayer):
+                raise NotImplementedError(
+                    f"Decoder layer {idx} is a {type(layer).__name__}: ClusterMoE's routing state and statistics span "
+                    "every layer, so pipeline parallelism (DistributedConfig(pp_size > 1)), which leaves each process "
+                    "some of them, is not supported."
+                )
+        return layers
+
     def _moe_layers(self) -> list[tuple[int, "ClusterMoESparseMoeBlock"]]:
-        base = self.base_model
-        return [(idx, layer.mlp) for idx, layer in enumerate(base.layers) if layer.is_moe]
+        return [(idx, layer.mlp) for idx, layer in enumerate(self._decoder_layers()) if layer.is_moe]
 
     def _routing_state(self) -> "ClusterMoERoutingState":
         return self.base_model.routing_state
@@ -1499,6 +1543,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         """Clear errors for inputs that would otherwise fail deep inside the embedding or attention, or, for token ids
         past the vocabulary, read out of bounds on accelerators: shapes, dtypes and the token-id range. The mask is
         checked before the positions, which `generate` derives from it."""
+        self._decoder_layers()  # all of them: no pipeline parallelism
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -1860,7 +1905,6 @@ class ClusterMoECausalLMOutputWithPast(ModelOutput):
 class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
-    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: ClusterMoEConfig):

@@ -1,3 +1,6 @@
+import os
+import socket
+
 import pytest
 import torch
 
@@ -47,6 +50,33 @@ def _package_sorted_mm(monkeypatch):
     from clustermoe_hf import modeling_clustermoe
 
     monkeypatch.setitem(ExpertsInterface._global_mapping, "sorted_mm", modeling_clustermoe.sorted_mm_experts_forward)
+
+
+def _distributed_entry(rank: int, world_size: int, port: int, worker, args):
+    # The environment torchrun gives each process: transformers shards a model (tp_plan, DistributedConfig) from it.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        worker(rank, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def run_two_processes():
+    """`run_two_processes(worker, *args)` runs `worker(rank, *args)` in two forked CPU processes (gloo), as torchrun
+    would start them; a worker's exception fails the test."""
+    import torch.multiprocessing as mp
+
+    def run(worker, *args):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        mp.start_processes(_distributed_entry, args=(2, port, worker, args), nprocs=2, start_method="fork")
+
+    return run
 
 
 @pytest.fixture

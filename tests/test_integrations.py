@@ -1,7 +1,6 @@
 """What users try with any transformers model: loading options, big-model placement, sharding, embeddings resizing
 and tying, gradient checkpointing, extra outputs, pipelines, PEFT, sequence classification, parallelism plans."""
 
-import inspect
 import json
 
 import pytest
@@ -485,14 +484,64 @@ def test_parallel_plans_name_real_modules(tiny_model):
     assert {"lm_head", "model.layers.*.mlp.experts"} <= model.tp_plan.keys()
 
 
-def test_pipeline_plan_matches_forward_signatures(tiny_model):
+def test_pipeline_parallelism_is_refused_by_name(tiny_model, tmp_path):
+    """transformers' pipeline parallelism replaces the layers of other stages with placeholders; the routing state
+    spans every layer, so a forward or a save names the problem instead of failing inside on a missing attribute."""
+    from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
+
     model = tiny_model()
-    plan = model.pp_plan
-    assert list(plan) == ["lm_head", "model.embed_tokens", "model.layers", "model.norm"]
-    # stages are consecutive submodules, each stage's inputs are what the next one gets
-    assert plan["model.embed_tokens"] == (["input_ids"], ["inputs_embeds"])
-    layer_inputs, layer_outputs = plan["model.layers"]
-    layer_arguments = inspect.signature(ClusterMoEDecoderLayer.forward).parameters
-    assert all(name in layer_arguments for name in layer_inputs) and layer_outputs == ["hidden_states"]
-    assert plan["lm_head"] == (["hidden_states"], ["logits"])
-    assert all(model.get_submodule(name) is not None for name in plan)
+    assert not model.pp_plan  # no claim of support
+    model.model.layers[1] = PipelineIdentityLayer()
+    message = "Decoder layer 1 is a PipelineIdentityLayer: .* pipeline parallelism .* is not supported"
+    with pytest.raises(NotImplementedError, match=message):
+        model(random_ids(1, 4))
+    with pytest.raises(NotImplementedError, match=message):
+        model.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def _fsdp_save_worker(rank, checkpoint, output_dir):
+    from transformers.distributed import DistributedConfig
+
+    model = ClusterMoEForCausalLM.from_pretrained(checkpoint, distributed_config=DistributedConfig(fsdp_size=2))
+    assert type(model).__name__ == "FSDPClusterMoEForCausalLM"  # FSDP2 swaps in a subclass defined in torch
+    model.save_pretrained(output_dir)
+    assert type(model).__name__ == "FSDPClusterMoEForCausalLM"
+
+
+def test_a_model_sharded_with_fsdp2_saves_its_own_code(tiny_model, tmp_path, run_two_processes):
+    """The checkpoint held torch's FSDP module files as the model's code, and its auto_map named their class."""
+    source = tiny_model()
+    source.save_pretrained(tmp_path / "source")
+    run_two_processes(_fsdp_save_worker, str(tmp_path / "source"), str(tmp_path / "saved"))
+    saved = tmp_path / "saved"
+    assert sorted(path.name for path in saved.glob("*.py")) == ["configuration_clustermoe.py", "modeling_clustermoe.py"]
+    auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_clustermoe.ClusterMoEForCausalLM"
+    reloaded = ClusterMoEForCausalLM.from_pretrained(saved)
+    assert all(torch.equal(value, reloaded.state_dict()[name]) for name, value in source.state_dict().items())
+
+
+def _expert_parallel_worker(rank, checkpoint, input_ids, attention_mask, output_dir):
+    from transformers.distributed import DistributedConfig
+
+    parallel = DistributedConfig(tp_size=2, ep_size=2, enable_expert_parallel=True)
+    model = ClusterMoEForCausalLM.from_pretrained(checkpoint, distributed_config=parallel).train()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    loss = model(input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    torch.save(loss.detach(), f"{output_dir}/rank{rank}.pt")
+
+
+def test_expert_parallel_training_on_padded_batches(tiny_model, tmp_path, run_two_processes):
+    """Padding pairs went to the sentinel expert id, which expert parallelism's dispatch indexed out of bounds."""
+    model = tiny_model(num_attention_heads=2, num_key_value_heads=2).train()
+    model.save_pretrained(tmp_path / "model")
+    input_ids = random_ids(2, 7)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    run_two_processes(_expert_parallel_worker, str(tmp_path / "model"), input_ids, attention_mask, str(tmp_path))
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    expected = model(input_ids, attention_mask=attention_mask, labels=labels).loss.detach()
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected)

@@ -1,8 +1,5 @@
 """Reliability tracking and fault tolerance (`use_reliability_routing`)."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -748,32 +745,18 @@ def test_reinitialize_expert_leaves_factored_optimizer_statistics_with_a_warning
     assert all(torch.equal(state[name], value) for name, value in before.items())
 
 
-def _tensor_parallel_reinitialize_worker(rank, world_size, port, checkpoint, output_dir):
-    # transformers shards a model by tp_plan when the environment describes the processes, as torchrun's does
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        model = ClusterMoEForCausalLM.from_pretrained(checkpoint, tp_plan="auto")
-        experts = model.model.layers[1].mlp.experts
-        assert type(experts.down_proj.data).__name__ == "DTensor"
-        old = experts.down_proj.data.full_tensor()
-        model.reinitialize_expert(1, 0, 1)  # a broadcast of the sharded weights raised NotImplementedError
-        new = experts.down_proj.data.full_tensor()
-        torch.save((old, new), f"{output_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _tensor_parallel_reinitialize_worker(rank, checkpoint, output_dir):
+    model = ClusterMoEForCausalLM.from_pretrained(checkpoint, tp_plan="auto")
+    experts = model.model.layers[1].mlp.experts
+    assert type(experts.down_proj.data).__name__ == "DTensor"
+    old = experts.down_proj.data.full_tensor()
+    model.reinitialize_expert(1, 0, 1)  # a broadcast of the sharded weights raised NotImplementedError
+    torch.save((old, experts.down_proj.data.full_tensor()), f"{output_dir}/rank{rank}.pt")
 
 
-def test_reinitialize_expert_under_tensor_parallelism(tiny_config, tmp_path):
-    import torch.multiprocessing as mp
-
+def test_reinitialize_expert_under_tensor_parallelism(tiny_config, tmp_path, run_two_processes):
     ClusterMoEForCausalLM(tiny_config(num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "model")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    worker_args = (2, port, str(tmp_path / "model"), str(tmp_path))
-    mp.start_processes(_tensor_parallel_reinitialize_worker, args=worker_args, nprocs=2, start_method="fork")
+    run_two_processes(_tensor_parallel_reinitialize_worker, str(tmp_path / "model"), str(tmp_path))
     for rank in range(2):
         old, new = torch.load(tmp_path / f"rank{rank}.pt")
         assert not torch.equal(old[1], new[1]) and torch.equal(old[[0, 2, 3]], new[[0, 2, 3]])
