@@ -1151,7 +1151,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         the layers of other stages with placeholders, is refused here rather than failing inside."""
         layers = self.base_model.layers
         for idx, layer in enumerate(layers):
-            if not isinstance(layer, ClusterMoEDecoderLayer):
+            if not hasattr(layer, "is_moe"):  # wrappers (activation checkpointing, torch.compile) pass it through
                 raise NotImplementedError(
                     f"Decoder layer {idx} is a {type(layer).__name__}: ClusterMoE's routing state and statistics span "
                     "every layer, so pipeline parallelism (DistributedConfig(pp_size > 1)), which leaves each process "

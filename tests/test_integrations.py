@@ -500,6 +500,26 @@ def test_pipeline_parallelism_is_refused_by_name(tiny_model, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_decoder_layers_wrapped_for_activation_checkpointing_train_and_save(tiny_model, tmp_path):
+    """What accelerate's FSDP activation checkpointing does to each decoder layer: not a pipeline placeholder."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    model, reference = tiny_model().train(), tiny_model().train()
+    reference.load_state_dict(model.state_dict())
+    apply_activation_checkpointing(model, checkpoint_wrapper, check_fn=lambda m: isinstance(m, ClusterMoEDecoderLayer))
+    assert type(model.model.layers[0]).__name__ == "CheckpointWrapper"
+    ids = random_ids(2, 8)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, reference(ids, labels=ids).loss)
+    assert model.get_expert_utilization() == reference.get_expert_utilization()
+    model.save_pretrained(tmp_path)
+    assert ClusterMoEForCausalLM.from_pretrained(tmp_path).state_dict().keys() == reference.state_dict().keys()
+
+
 def _fsdp_save_worker(rank, checkpoint, output_dir):
     from transformers.distributed import DistributedConfig
 
