@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -317,13 +317,24 @@ class ClusterMoERouting(NamedTuple):
     expert_candidates: torch.Tensor
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is a DTensor (tensor parallelism, FSDP2), whose random ops are coordinated across processes."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+@torch.no_grad()
+def _set_expert_rows(tensor: torch.Tensor, expert: int, fill: Callable[[torch.Tensor], torch.Tensor]):
+    """`fill(tensor[expert])` in place, alike on every process under `torch.distributed` (process 0's values), also
+    where `tensor` is sharded as a DTensor (tensor or expert parallelism, FSDP2), whose `tensor[expert]` is a copy."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed:
+        fill(tensor[expert])
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    return isinstance(tensor, DTensor)
+    local = tensor.data
+    full = local.full_tensor() if isinstance(local, DTensor) else local  # (N, ...) on every process
+    row = fill(full[expert].clone())
+    torch.distributed.broadcast(row, src=0)  # each process draws from its own generator
+    full[expert] = row
+    if isinstance(local, DTensor):  # every process cuts its own shard out of the same full tensor
+        shard = distribute_tensor(full, local.device_mesh, local.placements, src_data_rank=None)
+        local.to_local().copy_(shard.to_local())
 
 
 def _host_reads_are_free(tensor: torch.Tensor) -> bool:
@@ -950,6 +961,12 @@ def _check_plain_experts(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], a
         )
 
 
+_NO_PIPELINE_PARALLELISM = (
+    "ClusterMoE does not support pipeline parallelism ({}): its routing state and statistics span every layer, and "
+    "pipeline parallelism leaves each process some of them."
+)
+
+
 def _is_weights_file(name: str, variant: str | None) -> bool:
     """Whether `name` is one of the safetensors weights files `save_pretrained(variant=variant)` writes: the single
     file (`model.safetensors`), or the shard index and the shards (`model-00001-of-00003.safetensors`)."""
@@ -1037,7 +1054,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             auto_map = {cls._auto_class: f"{module}.{cls.__name__}" for cls in _AUTO_CLASSES}
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         with self._as_model_class(model_class):
-            return self._save_in_place_of_earlier_files(save_directory, *args, **kwargs)
+            result = self._save_in_place_of_earlier_files(save_directory, *args, **kwargs)
+        # transformers' own barrier for a sharded model's save (every process saves, one writes) ran before the writing
+        # process moved the files into place: the others must not return (and, e.g., load them) before that.
+        self.barrier_after_gathered_checkpoint_save(getattr(self.config, "distributed_config", None))
+        return result
 
     def _model_class(self) -> type:
         """The class whose code a checkpoint holds: the model's own, not the subclass that torch's FSDP2 (`fully_shard`,
@@ -1152,11 +1173,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         layers = self.base_model.layers
         for idx, layer in enumerate(layers):
             if not hasattr(layer, "is_moe"):  # wrappers (activation checkpointing, torch.compile) pass it through
-                raise NotImplementedError(
-                    f"Decoder layer {idx} is a {type(layer).__name__}: ClusterMoE's routing state and statistics span "
-                    "every layer, so pipeline parallelism (DistributedConfig(pp_size > 1)), which leaves each process "
-                    "some of them, is not supported."
-                )
+                placeholder = f"decoder layer {idx} is a {type(layer).__name__}"
+                raise NotImplementedError(_NO_PIPELINE_PARALLELISM.format(placeholder))
         return layers
 
     def _moe_layers(self) -> list[tuple[int, "ClusterMoESparseMoeBlock"]]:
@@ -1239,7 +1257,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         keep moving the new weights, SGD's momentum: state shaped like the weights) is zeroed. Factored statistics
         (Adafactor's row and column variances) are left as they are, with a warning: zeros there divide by zero.
         Under `torch.distributed`, call it on every process: the new weights are process 0's draw, so that the
-        replicas stay equal (sharded DTensor weights draw alike on every process already)."""
+        replicas stay equal, also in the shards of DTensor weights (tensor or expert parallelism, FSDP2)."""
         indices = {"layer_idx": layer_idx, "cluster_idx": cluster_idx, "expert_idx": expert_idx}
         if not all(isinstance(value, numbers.Integral) and not isinstance(value, bool) for value in indices.values()):
             raise TypeError(f"reinitialize_expert takes integer indices, got {indices}.")
@@ -1256,16 +1274,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         _check_plain_experts(layers, "reinitialize_expert")
         expert = cluster_idx * block.experts_per_cluster + expert_idx
         std = self.config.initializer_range
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         for weights in (block.experts.gate_up_proj, block.experts.down_proj):  # (N, ...) fused expert weights
-            weights[expert].normal_(mean=0.0, std=std)
-            if distributed and not _is_dtensor(weights):  # each process draws from its own generator
-                new = weights[expert].contiguous()
-                torch.distributed.broadcast(new, src=0)
-                weights[expert] = new
+            _set_expert_rows(weights, expert, lambda rows: rows.normal_(mean=0.0, std=std))
             for name, value in (optimizer.state.get(weights, {}) if optimizer is not None else {}).items():
                 if torch.is_tensor(value) and value.shape == weights.shape:
-                    value[expert] = 0
+                    _set_expert_rows(value, expert, torch.Tensor.zero_)
                 elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == weights.shape[0]:
                     logger.warning(
                         f"reinitialize_expert: left the optimizer's {name} {tuple(value.shape)} of the old expert as "
@@ -1521,6 +1534,9 @@ def _check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, ignore_index
 class ClusterMoEModel(ClusterMoEPreTrainedModel):
     def __init__(self, config: ClusterMoEConfig):
         config.validate()  # values set after the config was built, e.g. `from_pretrained(path, top_k_experts=...)`
+        distributed_config = getattr(config, "distributed_config", None)  # from_pretrained's, before it loads weights
+        if distributed_config is not None and (distributed_config.pp_size or 1) > 1:
+            raise NotImplementedError(_NO_PIPELINE_PARALLELISM.format(f"pp_size={distributed_config.pp_size}"))
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size

@@ -745,21 +745,40 @@ def test_reinitialize_expert_leaves_factored_optimizer_statistics_with_a_warning
     assert all(torch.equal(state[name], value) for name, value in before.items())
 
 
-def _tensor_parallel_reinitialize_worker(rank, checkpoint, output_dir):
-    model = ClusterMoEForCausalLM.from_pretrained(checkpoint, tp_plan="auto")
+def _sharded_reinitialize_worker(rank, checkpoint, sharding, output_dir):
+    from transformers.distributed import DistributedConfig
+
+    parallel = {
+        "tensor": DistributedConfig(tp_size=2),
+        "fsdp2": DistributedConfig(fsdp_size=2),
+        "expert": DistributedConfig(tp_size=2, ep_size=2, enable_expert_parallel=True),
+    }[sharding]
+    model = ClusterMoEForCausalLM.from_pretrained(checkpoint, distributed_config=parallel).train()
     experts = model.model.layers[1].mlp.experts
-    assert type(experts.down_proj.data).__name__ == "DTensor"
-    old = experts.down_proj.data.full_tensor()
-    model.reinitialize_expert(1, 0, 1)  # a broadcast of the sharded weights raised NotImplementedError
-    torch.save((old, experts.down_proj.data.full_tensor()), f"{output_dir}/rank{rank}.pt")
+    assert all(type(weights.data).__name__ == "DTensor" for weights in (experts.gate_up_proj, experts.down_proj))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    fused = (experts.gate_up_proj, experts.down_proj)
+    old = [weights.data.full_tensor() for weights in fused]
+    # On a sharded DTensor, `weights[expert]` is a copy: the draw was lost (or a broadcast of it raised).
+    model.reinitialize_expert(1, 0, 1, optimizer=optimizer)
+    new = [weights.data.full_tensor() for weights in fused]
+    moments = [optimizer.state[weights]["exp_avg"].full_tensor() for weights in fused]
+    torch.save((old, new, moments), f"{output_dir}/rank{rank}.pt")
 
 
-def test_reinitialize_expert_under_tensor_parallelism(tiny_config, tmp_path, run_two_processes):
+@pytest.mark.parametrize("sharding", ["tensor", "fsdp2", "expert"])
+def test_reinitialize_expert_of_a_sharded_model(tiny_config, tmp_path, run_two_processes, sharding):
     ClusterMoEForCausalLM(tiny_config(num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "model")
-    run_two_processes(_tensor_parallel_reinitialize_worker, str(tmp_path / "model"), str(tmp_path))
-    for rank in range(2):
-        old, new = torch.load(tmp_path / f"rank{rank}.pt")
-        assert not torch.equal(old[1], new[1]) and torch.equal(old[[0, 2, 3]], new[[0, 2, 3]])
+    run_two_processes(_sharded_reinitialize_worker, str(tmp_path / "model"), sharding, str(tmp_path))
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for old, new, moments in results:
+        for before, after, moment in zip(old, new, moments):
+            assert not torch.equal(before[1], after[1]) and torch.equal(before[[0, 2, 3]], after[[0, 2, 3]])
+            assert moment[1].eq(0).all() and moment[[0, 2, 3]].ne(0).any()
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
 def test_reinitialize_expert_takes_numpy_integers(tiny_model):
