@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -317,24 +317,47 @@ class ClusterMoERouting(NamedTuple):
     expert_candidates: torch.Tensor
 
 
-@torch.no_grad()
-def _set_expert_rows(tensor: torch.Tensor, expert: int, fill: Callable[[torch.Tensor], torch.Tensor]):
-    """`fill(tensor[expert])` in place, alike on every process under `torch.distributed` (process 0's values), also
-    where `tensor` is sharded as a DTensor (tensor or expert parallelism, FSDP2), whose `tensor[expert]` is a copy."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed:
-        fill(tensor[expert])
-        return
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
 
+    return isinstance(tensor, DTensor)
+
+
+@torch.no_grad()
+def _set_expert_row(tensor: torch.Tensor, expert: int, row: torch.Tensor | None):
+    """`tensor[expert] = row` (zeros for None) in place, also where `tensor` is a DTensor sharded over processes
+    (tensor or expert parallelism, FSDP2), whose `tensor[expert]` is a copy: each process then writes the part of the
+    row its shard holds, with pointwise ops against replicated operands (no gathering)."""
     local = tensor.data
-    full = local.full_tensor() if isinstance(local, DTensor) else local  # (N, ...) on every process
-    row = fill(full[expert].clone())
-    torch.distributed.broadcast(row, src=0)  # each process draws from its own generator
-    full[expert] = row
-    if isinstance(local, DTensor):  # every process cuts its own shard out of the same full tensor
-        shard = distribute_tensor(full, local.device_mesh, local.placements, src_data_rank=None)
-        local.to_local().copy_(shard.to_local())
+    if not _is_dtensor(local):
+        if row is None:
+            local[expert].zero_()
+        else:
+            local[expert] = row
+        return
+    from torch.distributed.tensor import DTensor, Replicate
+
+    replicated = [Replicate()] * local.device_mesh.ndim
+    selected = torch.zeros((local.shape[0],) + (1,) * (local.dim() - 1), dtype=torch.bool, device=local.device)
+    selected[expert] = True  # (N, 1, ...)
+    selected = DTensor.from_local(selected, local.device_mesh, replicated, run_check=False)
+    if row is None:
+        local.masked_fill_(selected, 0)
+    else:
+        row = DTensor.from_local(row.unsqueeze(0), local.device_mesh, replicated, run_check=False)  # (1, ...)
+        local.copy_(torch.where(selected, row, local))
+
+
+def _broadcast_from_first_process(tensor: torch.Tensor):
+    """Process 0's `tensor` on every process, through a device the default group serves (NCCL alone: CUDA only)."""
+    if tensor.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.broadcast(on_gpu, src=0)
+        tensor.copy_(on_gpu)
+    else:
+        torch.distributed.broadcast(tensor, src=0)
 
 
 def _host_reads_are_free(tensor: torch.Tensor) -> bool:
@@ -1274,11 +1297,15 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         _check_plain_experts(layers, "reinitialize_expert")
         expert = cluster_idx * block.experts_per_cluster + expert_idx
         std = self.config.initializer_range
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         for weights in (block.experts.gate_up_proj, block.experts.down_proj):  # (N, ...) fused expert weights
-            _set_expert_rows(weights, expert, lambda rows: rows.normal_(mean=0.0, std=std))
+            row = torch.empty(weights.shape[1:], dtype=weights.dtype, device=weights.device).normal_(mean=0.0, std=std)
+            if distributed:  # each process draws from its own generator
+                _broadcast_from_first_process(row)
+            _set_expert_row(weights, expert, row)
             for name, value in (optimizer.state.get(weights, {}) if optimizer is not None else {}).items():
                 if torch.is_tensor(value) and value.shape == weights.shape:
-                    _set_expert_rows(value, expert, torch.Tensor.zero_)
+                    _set_expert_row(value, expert, None)
                 elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == weights.shape[0]:
                     logger.warning(
                         f"reinitialize_expert: left the optimizer's {name} {tuple(value.shape)} of the old expert as "

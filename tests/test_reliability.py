@@ -746,6 +746,7 @@ def test_reinitialize_expert_leaves_factored_optimizer_statistics_with_a_warning
 
 
 def _sharded_reinitialize_worker(rank, checkpoint, sharding, output_dir):
+    from torch.distributed.tensor.debug import CommDebugMode
     from transformers.distributed import DistributedConfig
 
     parallel = {
@@ -763,7 +764,10 @@ def _sharded_reinitialize_worker(rank, checkpoint, sharding, output_dir):
     fused = (experts.gate_up_proj, experts.down_proj)
     old = [weights.data.full_tensor() for weights in fused]
     # On a sharded DTensor, `weights[expert]` is a copy: the draw was lost (or a broadcast of it raised).
-    model.reinitialize_expert(1, 0, 1, optimizer=optimizer)
+    with CommDebugMode() as communication:
+        model.reinitialize_expert(1, 0, 1, optimizer=optimizer)
+    # One broadcast of each new row; each process writes the part its shard holds, nothing is gathered.
+    assert communication.get_comm_counts() == {torch.ops.c10d.broadcast_: 2}, communication.get_comm_counts()
     new = [weights.data.full_tensor() for weights in fused]
     moments = [optimizer.state[weights]["exp_avg"].full_tensor() for weights in fused]
     torch.save((old, new, moments), f"{output_dir}/rank{rank}.pt")
