@@ -631,6 +631,11 @@ class ClusterMoESparseMoeBlock(nn.Module):
         (docs/benchmarks.md)."""
         for weight in self.experts.parameters():
             if weight.requires_grad and not getattr(weight, "_clustermoe_finite_grad", False):
+                if not weight.is_leaf:
+                    raise NotImplementedError(
+                        "The expert weights are views of other parameters, as FSDP1 with use_orig_params=True makes "
+                        "them: ClusterMoE trains with FSDP2 (`fully_shard`; the Trainer's default fsdp version 2)."
+                    )
                 weight.register_post_accumulate_grad_hook(functools.partial(_zero_non_finite_grad, weakref.ref(self)))
                 weight._clustermoe_finite_grad = True
 

@@ -579,3 +579,24 @@ def test_expert_parallel_training_on_padded_batches(tiny_model, tmp_path, run_tw
     expected = model(input_ids, attention_mask=attention_mask, labels=labels).loss.detach()
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+
+
+def _fsdp1_worker(rank, config):
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    model = ClusterMoEForCausalLM(config).train()
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={ClusterMoEDecoderLayer})
+    wrapped = FullyShardedDataParallel(
+        model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu")
+    )
+    ids = random_ids(2, 8)
+    with pytest.raises(NotImplementedError, match=r"views of other parameters, as FSDP1 .* trains with FSDP2"):
+        wrapped(ids, labels=ids)
+
+
+def test_fsdp1_is_refused_by_name(tiny_config, run_two_processes):
+    """It failed inside, registering a gradient hook on the expert weights' views."""
+    run_two_processes(_fsdp1_worker, tiny_config())
