@@ -1767,6 +1767,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         pending = torch.stack([state.pending_counts, state.pending_observed, state.pending_healthy])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(pending)
+            pending //= _processes_per_batch(self.config)  # each batch once (sums of equal counts divide exactly)
         counts, observed, healthy = pending
         config = self.config
         for row, (_, block) in enumerate(self._moe_layers()):
@@ -1805,6 +1806,15 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         expert_step = torch.sign(mean_load - load) * (selectable & (cluster_load[:, None] > 0))
         router.cluster_bias.add_(config.adaptive_routing_rate * cluster_step)
         router.expert_bias.add_(config.adaptive_routing_rate * expert_step.reshape(-1))
+
+
+def _processes_per_batch(config: ClusterMoEConfig) -> int:
+    """How many processes see each batch: 1 under data parallelism; under transformers' tensor or expert parallelism
+    (`DistributedConfig`), the processes that shard one model replica share its batch."""
+    distributed_config = getattr(config, "distributed_config", None)
+    if distributed_config is None:
+        return 1
+    return torch.distributed.get_world_size() // distributed_config.dp_size
 
 
 def _record_training_statistics(model: ClusterMoEModel, args, output):

@@ -564,11 +564,14 @@ def _expert_parallel_worker(rank, checkpoint, input_ids, attention_mask, output_
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     loss = model(input_ids, attention_mask=attention_mask, labels=labels).loss
     loss.backward()
-    torch.save(loss.detach(), f"{output_dir}/rank{rank}.pt")
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    counts = model.model.layers[1].mlp.router.selection_token_counts
+    torch.save((loss.detach(), counts), f"{output_dir}/rank{rank}.pt")
 
 
 def test_expert_parallel_training_on_padded_batches(tiny_model, tmp_path, run_two_processes):
-    """Padding pairs went to the sentinel expert id, which expert parallelism's dispatch indexed out of bounds."""
+    """Padding pairs went to the sentinel expert id, which expert parallelism's dispatch indexed out of bounds. Both
+    processes train on the same batch: the routing counts summed over them count it once."""
     model = tiny_model(num_attention_heads=2, num_key_value_heads=2).train()
     model.save_pretrained(tmp_path / "model")
     input_ids = random_ids(2, 7)
@@ -577,8 +580,11 @@ def test_expert_parallel_training_on_padded_batches(tiny_model, tmp_path, run_tw
     run_two_processes(_expert_parallel_worker, str(tmp_path / "model"), input_ids, attention_mask, str(tmp_path))
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     expected = model(input_ids, attention_mask=attention_mask, labels=labels).loss.detach()
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
     for rank in range(2):
-        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+        loss, counts = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(loss, expected)
+        assert torch.equal(counts, model.model.layers[1].mlp.router.selection_token_counts)
 
 
 def _fsdp1_worker(rank, config):
