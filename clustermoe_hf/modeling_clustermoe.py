@@ -629,13 +629,16 @@ class ClusterMoESparseMoeBlock(nn.Module):
         `self.experts`, so that adapters wrapping it (peft's LoRA `target_parameters`) are covered too. In place on
         the accumulated `.grad`: a copy of every expert gradient in each backward cost ~6% of a CPU training step
         (docs/benchmarks.md)."""
-        for weight in self.experts.parameters():
+        weights = list(self.experts.parameters())
+        if not weights or not all(weight.is_leaf for weight in weights):
+            raise NotImplementedError(
+                "The expert weights are not parameters of their own (leaf tensors) in this forward, as under FSDP1 "
+                "(which flattens them, or with use_orig_params=True makes them views) or torch.func.functional_call: "
+                "the guard that zeroes a faulty expert's non-finite gradients needs them. Train with FSDP2 "
+                "(`fully_shard`; the Trainer's default fsdp version 2)."
+            )
+        for weight in weights:
             if weight.requires_grad and not getattr(weight, "_clustermoe_finite_grad", False):
-                if not weight.is_leaf:
-                    raise NotImplementedError(
-                        "The expert weights are views of other parameters, as FSDP1 with use_orig_params=True makes "
-                        "them: ClusterMoE trains with FSDP2 (`fully_shard`; the Trainer's default fsdp version 2)."
-                    )
                 weight.register_post_accumulate_grad_hook(functools.partial(_zero_non_finite_grad, weakref.ref(self)))
                 weight._clustermoe_finite_grad = True
 
@@ -1809,12 +1812,11 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
 
 
 def _processes_per_batch(config: ClusterMoEConfig) -> int:
-    """How many processes see each batch: 1 under data parallelism; under transformers' tensor or expert parallelism
-    (`DistributedConfig`), the processes that shard one model replica share its batch."""
+    """How many processes see each batch: 1 under data parallelism (FSDP included, and expert parallelism over its
+    processes, which route their own batches); under transformers' tensor parallelism (`DistributedConfig`), the
+    processes that shard one replica share its batch."""
     distributed_config = getattr(config, "distributed_config", None)
-    if distributed_config is None:
-        return 1
-    return torch.distributed.get_world_size() // distributed_config.dp_size
+    return 1 if distributed_config is None else distributed_config.tp_size
 
 
 def _record_training_statistics(model: ClusterMoEModel, args, output):

@@ -587,7 +587,29 @@ def test_expert_parallel_training_on_padded_batches(tiny_model, tmp_path, run_tw
         assert torch.equal(counts, model.model.layers[1].mlp.router.selection_token_counts)
 
 
-def _fsdp1_worker(rank, config):
+def _unsharded_worker(rank, checkpoint, batches, output_dir):
+    from transformers.distributed import DistributedConfig
+
+    # A script's DistributedConfig(tp_size=args.tp) with tp 1 shards nothing: each process trains on its own batch.
+    model = ClusterMoEForCausalLM.from_pretrained(checkpoint, distributed_config=DistributedConfig(tp_size=1)).train()
+    model(batches[rank], labels=batches[rank]).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    torch.save(model.model.layers[1].mlp.router.selection_token_counts, f"{output_dir}/rank{rank}.pt")
+
+
+def test_routing_statistics_count_every_process_batch_when_nothing_is_sharded(tiny_model, tmp_path, run_two_processes):
+    model = tiny_model().train()
+    model.save_pretrained(tmp_path / "model")
+    batches = random_ids(2, 8).chunk(2)
+    run_two_processes(_unsharded_worker, str(tmp_path / "model"), batches, str(tmp_path))
+    ids = torch.cat(batches)
+    model(ids, labels=ids).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    expected = model.model.layers[1].mlp.router.selection_token_counts
+    assert all(torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected) for rank in range(2))
+
+
+def _fsdp1_worker(rank, config, use_orig_params):
     import functools
 
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -596,13 +618,15 @@ def _fsdp1_worker(rank, config):
     model = ClusterMoEForCausalLM(config).train()
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={ClusterMoEDecoderLayer})
     wrapped = FullyShardedDataParallel(
-        model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu")
+        model, auto_wrap_policy=policy, use_orig_params=use_orig_params, device_id=torch.device("cpu")
     )
     ids = random_ids(2, 8)
-    with pytest.raises(NotImplementedError, match=r"views of other parameters, as FSDP1 .* trains with FSDP2"):
+    with pytest.raises(NotImplementedError, match=r"not parameters of their own .* under FSDP1 .* Train with FSDP2"):
         wrapped(ids, labels=ids)
 
 
-def test_fsdp1_is_refused_by_name(tiny_config, run_two_processes):
-    """It failed inside, registering a gradient hook on the expert weights' views."""
-    run_two_processes(_fsdp1_worker, tiny_config())
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_is_refused_by_name(tiny_config, run_two_processes, use_orig_params):
+    """With use_orig_params it failed inside, registering a gradient hook on the expert weights' views; without, it
+    trained with the guard against a faulty expert's non-finite gradients off (the weights were flattened away)."""
+    run_two_processes(_fsdp1_worker, tiny_config(), use_orig_params)
