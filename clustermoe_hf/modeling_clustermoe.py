@@ -351,11 +351,13 @@ def _set_expert_row(tensor: torch.Tensor, expert: int, row: torch.Tensor | None)
 
 
 def _broadcast_from_first_process(tensor: torch.Tensor):
-    """Process 0's `tensor` on every process, through a device the default group serves (NCCL alone: CUDA only)."""
-    if tensor.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
-        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        torch.distributed.broadcast(on_gpu, src=0)
-        tensor.copy_(on_gpu)
+    """Process 0's `tensor` on every process, through a device the default group serves: its backend configuration
+    reads e.g. "cpu:gloo,cuda:gloo", or "cuda:nccl" for NCCL alone, which a CPU tensor (offloaded weights) then goes
+    through the accelerator for."""
+    if tensor.device.type not in torch.distributed.get_backend_config():
+        on_device = tensor.to(torch.accelerator.current_accelerator())
+        torch.distributed.broadcast(on_device, src=0)
+        tensor.copy_(on_device)
     else:
         torch.distributed.broadcast(tensor, src=0)
 
