@@ -1572,7 +1572,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
     def __init__(self, config: ClusterMoEConfig):
         config.validate()  # values set after the config was built, e.g. `from_pretrained(path, top_k_experts=...)`
         distributed_config = getattr(config, "distributed_config", None)  # from_pretrained's, before it loads weights
-        if distributed_config is not None and (distributed_config.pp_size or 1) > 1:
+        if distributed_config is not None and distributed_config.pp_size > 1:
             raise NotImplementedError(_NO_PIPELINE_PARALLELISM.format(f"pp_size={distributed_config.pp_size}"))
         super().__init__(config)
         self.padding_idx = config.pad_token_id
