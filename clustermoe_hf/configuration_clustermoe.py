@@ -74,7 +74,8 @@ class ClusterMoEConfig(PreTrainedConfig):
             to keep the routing fixed while training something else.
         expert_capacity_factor (`float`, *optional*): `None` is dropless; otherwise each expert takes at most
             `ceil(factor * tokens * k / num_experts)` tokens per forward, overflow is re-routed inside the chosen
-            cluster, then dropped (the token keeps its residual path).
+            cluster, then dropped (the token keeps its residual path). Also in inference, where a token's output then
+            depends on the other tokens of the forward (batch rows, beams).
 
     `num_experts` (`num_clusters * experts_per_cluster`) and `num_experts_per_tok` (`top_k_clusters * top_k_experts`)
     are derived, read-only: set the fields they are computed from.

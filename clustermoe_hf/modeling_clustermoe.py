@@ -444,7 +444,12 @@ class ClusterMoERouter(nn.Module):
         sources = (self.cluster_bias, self.expert_bias, self.expert_reliability, self.selection_token_counts)
         if is_torchdynamo_compiling() or any(source.is_inference() for source in sources):
             return self._compute_selection_bias()  # no version counters to key a cache on
-        settings = (config.use_adaptive_routing, config.use_reliability_routing, config.reliability_threshold)
+        settings = (
+            config.use_adaptive_routing,
+            config.use_reliability_routing,
+            config.reliability_threshold,
+            config.top_k_experts,  # clusters with fewer selectable experts are excluded
+        )
         versions = tuple((source._version, source.data_ptr()) for source in sources)
         cached = self._cached_selection_bias
         if cached is None or cached[:2] != (settings, versions) or any(a is not b for a, b in zip(cached[2], sources)):
@@ -1632,7 +1637,9 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         ):
             raise ValueError(
                 f"position_ids must be integer positions of shape (batch_size={batch_size} or 1, sequence_length="
-                f"{sequence_length}); got a {position_ids.dtype} tensor of shape {tuple(position_ids.shape)}."
+                f"{sequence_length}); got a {position_ids.dtype} tensor of shape {tuple(position_ids.shape)}. "
+                "(`generate` derives them from attention_mask, which must then have one entry per token: shape "
+                "(batch_size, prompt length).)"
             )
 
     @staticmethod

@@ -108,6 +108,10 @@ def test_selection_follows_every_change_of_the_routing_state_between_forwards():
     assert torch.all(clusters() == 1)
     router.expert_reliability.data = torch.ones(8)  # cluster 0 repaired, in new storage with the same version counter
     assert torch.all(clusters() == 0)
+    router.expert_reliability[:3] = 0.1  # one expert of cluster 0 left selectable: too few for top-2 experts
+    assert torch.all(clusters() == 1)
+    model.config.top_k_experts = 1  # a setting: one selectable expert is enough now
+    assert torch.all(clusters() == 0)
 
 
 def test_a_model_built_in_inference_mode_routes_by_its_current_state():

@@ -296,6 +296,9 @@ def test_generate_names_the_attention_mask_it_was_given_of_the_wrong_shape(tiny_
     mask[0, 0] = 0  # (an all-ones mask, transformers drops before the model sees it)
     with pytest.raises(ValueError, match=r"^attention_mask has shape \(2, 3\)"):
         tiny_model().generate(random_ids(2, 5), attention_mask=mask, max_new_tokens=2)
+    # An all-ones mask never reaches the model, only the positions derived from it: their error points at the mask.
+    with pytest.raises(ValueError, match=r"position_ids must .*got .* shape \(2, 3\)\. \(`generate` derives them"):
+        tiny_model().generate(random_ids(2, 5), attention_mask=torch.ones(2, 3, dtype=torch.long), max_new_tokens=2)
 
 
 @pytest.mark.parametrize("mask_length", [1, 6])  # only the new token, or more columns than tokens
