@@ -43,6 +43,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, _add_variant, slice_logits_to_keep
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
@@ -1833,7 +1834,7 @@ def _record_training_statistics(model: ClusterMoEModel, args, output):
     training forwards count: a model left in train mode must not count `no_grad` inference or `generate`."""
     if not (model.training and torch.is_grad_enabled()):
         return
-    stats = _routing_stats_of(output)
+    stats = routing_stats_of(output)
     if stats is None:  # the caller asked for no routing statistics
         return
     state = model.routing_state
@@ -1852,7 +1853,7 @@ def _record_training_statistics(model: ClusterMoEModel, args, output):
     state.has_pending_updates = True
 
 
-def _routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:
+def routing_stats_of(output) -> tuple[dict[str, torch.Tensor], ...] | None:
     """The per-layer routing statistics of a base-model output: a `ModelOutput`, or with `return_dict=False` a tuple
     whose layout depends on what else was recorded (the one tuple of dicts)."""
     if isinstance(output, dict):
@@ -2201,6 +2202,10 @@ _AUTO_CLASSES = (ClusterMoEModel, ClusterMoEForCausalLM, ClusterMoEForSequenceCl
 ClusterMoEModel.register_for_auto_class("AutoModel")
 ClusterMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 ClusterMoEForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+# The Trainer's built-in label smoothing (`label_smoothing_factor`) shifts the labels for the causal LMs named in this
+# mapping only (Auto-class registration does not add a name): listed, this one is shifted too, instead of learning to
+# predict each token from itself. (As for transformers' MoE models, that loss leaves out the router losses.)
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(ClusterMoEConfig.model_type, ClusterMoEForCausalLM.__name__)
 
 __all__ = [
     "ClusterMoEPreTrainedModel",

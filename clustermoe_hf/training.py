@@ -28,6 +28,8 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .modeling_clustermoe import combine_router_losses, routing_stats_of
+
 TEXT_FILE_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 AUX_LOSS_PARTS = ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -110,13 +112,13 @@ def hold_out_tails(documents: Sequence[str], fraction: float) -> tuple[list[str]
         raise ValueError(f"The held-out fraction must be in [0, 1), got {fraction}.")
     train, validation = [], []
     for document in documents:
-        lines = document.split("\n")
+        lines = document.rstrip("\n").split("\n")  # a final newline ends the last line; it starts no empty one
         num_held_out = math.floor(len(lines) * fraction)
-        head, tail = lines[: len(lines) - num_held_out], lines[len(lines) - num_held_out :]
-        if head:
-            train.append("\n".join(head))
-        if tail:
-            validation.append("\n".join(tail))
+        head, tail = "\n".join(lines[: len(lines) - num_held_out]), "\n".join(lines[len(lines) - num_held_out :])
+        if head.strip():
+            train.append(head)
+        if tail.strip():
+            validation.append(tail)
     return train, validation
 
 
@@ -157,8 +159,9 @@ class TokenBlocks(Dataset):
         ids = []
         texts = list(texts)
         for document_ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
-            ids.extend(document_ids)
-            ids.append(tokenizer.eos_token_id)
+            if document_ids:  # an empty document would add a lone EOS
+                ids.extend(document_ids)
+                ids.append(tokenizer.eos_token_id)
         num_blocks = len(ids) // block_size
         self.blocks = torch.tensor(ids[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
 
@@ -212,14 +215,6 @@ def load_balance_metrics(expert_loads: torch.Tensor) -> dict[str, float]:
     return metrics
 
 
-def _expert_token_counts(model: torch.nn.Module) -> dict[int, torch.Tensor]:
-    """Per MoE layer, the experts' accumulated token counts as a (clusters, experts_per_cluster) tensor."""
-    return {
-        layer_idx: block.router.expert_token_counts.detach().cpu().view(block.num_clusters, -1).clone()
-        for layer_idx, block in model._moe_layers()
-    }
-
-
 class RouterMetricsCallback(TrainerCallback):
     """Adds routing health to every training log of the `Trainer`, so that the progress output, `trainer.state`
     and every reporting integration (TensorBoard, W&B, ...) get it:
@@ -229,35 +224,42 @@ class RouterMetricsCallback(TrainerCallback):
     - `router/cluster_balance_loss`, `router/expert_balance_loss`, `router/router_z_loss`: the unweighted parts of the
       auxiliary loss, averaged over the training forward passes since the previous log.
 
-    Callbacks see a log after the integrations registered before them: register it with
-    `add_router_metrics_callback(trainer)`, which puts it first.
+    Read from the routing statistics of each training forward of the base model, so that any head reports them and
+    `reset_expert_utilization` or pruning between two logs changes nothing. Callbacks see a log after the
+    integrations registered before them: register it with `add_router_metrics_callback(trainer)`, which puts it first.
     """
 
     def __init__(self):
         self._model = None
         self._hook = None
-        self._counts_at_last_log = {}
+        self._counts = {}  # MoE layer index -> (clusters, experts_per_cluster) tokens routed since the last log
         self._loss_sums = {}
         self._num_forwards = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = find_clustermoe_model(model)
-        self._counts_at_last_log = _expert_token_counts(self._model)
-        self._loss_sums, self._num_forwards = {}, 0
+        self._counts, self._loss_sums, self._num_forwards = {}, {}, 0
         if self._hook is None:
-            self._hook = self._model.register_forward_hook(self._record_aux_losses)
+            self._hook = self._model.base_model.register_forward_hook(self._record_routing)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
 
-    def _record_aux_losses(self, module, args, output):
-        if not (module.training and torch.is_grad_enabled()):  # as the model's own statistics: training forwards only
+    def _record_routing(self, base_model, args, output):
+        if not (base_model.training and torch.is_grad_enabled()):  # as the model's own statistics: training forwards
             return
-        for name in AUX_LOSS_PARTS:
-            value = getattr(output, name, None)
-            if value is not None:  # kept on the device: no host sync per step
+        stats = routing_stats_of(output)
+        if not stats:  # the caller asked for no routing statistics, or a model without MoE layers
+            return
+        with torch.no_grad():  # kept on the devices: no host sync per step
+            for (layer_idx, block), layer_stats in zip(base_model._moe_layers(), stats):
+                counts = layer_stats["expert_counts"].view(block.num_clusters, -1)
+                previous = self._counts.get(layer_idx)
+                same_experts = previous is not None and previous.shape == counts.shape  # not pruned since
+                self._counts[layer_idx] = previous + counts if same_experts else counts.clone()
+            for name, value in zip(AUX_LOSS_PARTS, combine_router_losses(stats)):
                 self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value.detach().float()
         self._num_forwards += 1
 
@@ -265,18 +267,12 @@ class RouterMetricsCallback(TrainerCallback):
         if self._model is None or logs is None or "loss" not in logs:  # only training logs, not eval or summaries
             return
         metrics = {}
-        counts = _expert_token_counts(self._model)
-        for layer_idx, layer_counts in counts.items():
-            previous = self._counts_at_last_log.get(layer_idx)
-            # Otherwise the counts started again since the last log: experts pruned, or `reset_expert_utilization`
-            if previous is not None and previous.shape == layer_counts.shape and bool((layer_counts >= previous).all()):
-                layer_counts = layer_counts - previous
-            for name, value in load_balance_metrics(layer_counts).items():
+        for layer_idx, counts in self._counts.items():
+            for name, value in load_balance_metrics(counts.cpu()).items():
                 metrics[f"router/layer_{layer_idx}/{name}"] = value
         for name, total in self._loss_sums.items():
             metrics[f"router/{name}"] = float(total) / self._num_forwards
-        self._counts_at_last_log = counts
-        self._loss_sums, self._num_forwards = {}, 0
+        self._counts, self._loss_sums, self._num_forwards = {}, {}, 0
         logs.update(metrics)
         # The Trainer stored a copy of the log in its history before calling the callbacks.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -296,10 +292,9 @@ def add_router_metrics_callback(trainer) -> RouterMetricsCallback:
 
 def label_smoothed_causal_lm_loss(epsilon: float):
     """A `compute_loss_func` for the `Trainer`: the model's causal-LM loss with label smoothing `epsilon`, router losses
-    included. Use it instead of `TrainingArguments(label_smoothing_factor=...)`. That option takes the labels from
-    the model and smooths its logits in the Trainer: it shifts the labels only for the causal LMs built into
-    transformers (for custom code like this model, each position would learn to predict its own token) and leaves
-    out the router losses (as for transformers' own MoE models)."""
+    included. Use it instead of `TrainingArguments(label_smoothing_factor=...)` alone: that option takes the labels
+    from the model and smooths its logits in the Trainer, which leaves out the router losses (as for transformers' own
+    MoE models)."""
     if not 0 <= epsilon < 1:
         raise ValueError(f"Label smoothing epsilon must be in [0, 1); got {epsilon}.")
 
@@ -341,13 +336,34 @@ def token_nll_for_perplexity(logits, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([(nll * predicted).sum(-1), predicted.sum(-1).float()], dim=-1)  # (batch, 2)
 
 
-def perplexity_from_token_nll(eval_prediction) -> dict[str, float]:
-    """`compute_metrics` for the Trainer, paired with `token_nll_for_perplexity`. NaN when no token was predicted
-    (an empty evaluation set is not a perfect one)."""
-    total_nll, num_tokens = eval_prediction.predictions.sum(0)
-    cross_entropy = float(total_nll / num_tokens) if num_tokens > 0 else math.nan
-    perplexity = math.inf if cross_entropy > math.log(sys.float_info.max) else math.exp(cross_entropy)  # diverged
-    return {"cross_entropy": cross_entropy, "perplexity": perplexity}
+class PerplexityFromTokenNLL:
+    """`compute_metrics` for the Trainer, paired with `token_nll_for_perplexity` (use the instance
+    `perplexity_from_token_nll`). NaN when no token was predicted (an empty evaluation set is not a perfect one).
+
+    Takes the predictions concatenated (the default), as a list of batches (`eval_do_concat_batches=False`), or one
+    batch per call (`batch_eval_metrics=True`: the Trainer passes `compute_result`, and the sums are kept until the
+    call that asks for the result)."""
+
+    def __init__(self):
+        self._sums = None  # (summed negative log-likelihood, predicted tokens) of the batches so far
+
+    def __call__(self, eval_prediction, compute_result: bool | None = None) -> dict[str, float]:
+        if compute_result is None:  # the whole evaluation set at once
+            self._sums = None
+        predictions = eval_prediction.predictions
+        for batch in predictions if isinstance(predictions, (list, tuple)) else [predictions]:
+            sums = torch.as_tensor(batch).detach().double().sum(0).cpu()
+            self._sums = sums if self._sums is None else self._sums + sums
+        if compute_result is False:
+            return {}
+        sums, self._sums = self._sums, None
+        total_nll, num_tokens = (0.0, 0.0) if sums is None else sums.tolist()
+        cross_entropy = total_nll / num_tokens if num_tokens > 0 else math.nan
+        perplexity = math.inf if cross_entropy > math.log(sys.float_info.max) else math.exp(cross_entropy)  # diverged
+        return {"cross_entropy": cross_entropy, "perplexity": perplexity}
+
+
+perplexity_from_token_nll = PerplexityFromTokenNLL()
 
 
 # ----- fine-tuning -----
@@ -367,12 +383,17 @@ def routing_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class SaveRoutingState(TrainerCallback):
     """Writes the routing state into each checkpoint the `Trainer` saves, for `load_routing_state` when resuming: a
     peft checkpoint holds only the adapters, and a run resumed from it would otherwise restart routing from the base
-    model's biases, reliability and counts."""
+    model's biases, reliability and counts. With `load_best_model_at_end`, restores the best checkpoint's routing
+    state after the Trainer loaded its adapters, so that the model is that checkpoint's."""
 
     def on_save(self, args, state, control, model=None, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if args.should_save and checkpoint.is_dir():  # as the Trainer decides (per node with save_on_each_node)
             save_file(routing_state_dict(model), checkpoint / ROUTING_STATE_FILE)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            load_routing_state(model, state.best_model_checkpoint)
 
 
 def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:

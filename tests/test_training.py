@@ -17,7 +17,10 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 
 import clustermoe_hf.training as training
 from clustermoe_hf import ClusterMoEForCausalLM, ClusterMoEForSequenceClassification
+from clustermoe_hf.modeling_clustermoe import combine_router_losses
 from clustermoe_hf.training import (
+    AUX_LOSS_PARTS,
+    SaveRoutingState,
     TokenBlocks,
     add_router_metrics_callback,
     embedded_corpus_dir,
@@ -112,6 +115,11 @@ def test_hold_out_tails_splits_every_document_at_a_line_boundary():
         hold_out_tails(documents, 1.0)
 
 
+def test_hold_out_tails_holds_out_text_not_a_final_newline():
+    train, validation = hold_out_tails(["line one\nline two\n", "= Title =\n", "\n\n"], 0.5)
+    assert train == ["line one", "= Title ="] and validation == ["line two"]
+
+
 @pytest.mark.parametrize("documents", ["line one\nline two", {"play.md": "line one\nline two"}])
 def test_hold_out_tails_refuses_one_text_or_a_dict_of_them(documents):
     """Iterated, a str gives one-character documents and a dict its names."""
@@ -174,6 +182,7 @@ def test_token_blocks_pack_documents_separated_by_eos(bpe_tokenizer):
 def test_token_blocks_of_no_text_are_empty(bpe_tokenizer):
     """So that a corpus too small to hold anything out reaches run_clm.py's own message, not a tokenizer error."""
     assert len(TokenBlocks([], bpe_tokenizer, block_size=4)) == 0
+    assert len(TokenBlocks([""] * 8, bpe_tokenizer, block_size=2)) == 0  # not blocks of lone EOS tokens
 
 
 @pytest.mark.parametrize("block_size", [0, -4, 2.5])
@@ -245,6 +254,26 @@ def test_router_metrics_reach_integrations_and_match_the_routing(tiny_config, tm
         assert training_logs[0][f"router/layer_{layer}/cluster_entropy"] == pytest.approx(expected["cluster_entropy"])
 
 
+def test_router_metrics_of_a_sequence_classifier(tiny_config, tmp_path):
+    """Any head reports the routing health: the metrics come from the base model's routing statistics."""
+    model = ClusterMoEForSequenceClassification(tiny_config(num_labels=3))
+    initial = copy.deepcopy(model)
+    blocks = random_blocks(8, 12)
+    data = [{"input_ids": block["input_ids"], "labels": torch.tensor(i % 3)} for i, block in enumerate(blocks)]
+    recorder = LogRecorder()
+    trainer = Trainer(
+        model=model, args=training_arguments(tmp_path, max_steps=1, per_device_train_batch_size=8),
+        train_dataset=data, callbacks=[recorder],
+    )  # fmt: skip
+    add_router_metrics_callback(trainer)
+    trainer.train()
+    (log,) = [log for log in recorder.logs if "loss" in log]
+    base_output = initial.train().model(input_ids=torch.stack([item["input_ids"] for item in data]))
+    for name, expected in zip(AUX_LOSS_PARTS, combine_router_losses(base_output.routing_stats)):
+        assert log[f"router/{name}"] == pytest.approx(expected.item(), rel=1e-5)
+    assert {f"router/layer_{layer}/expert_load_cv" for layer in (0, 1)} <= log.keys()
+
+
 class ResetUtilizationBefore(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -277,20 +306,34 @@ def test_router_metrics_cover_the_tokens_routed_since_the_previous_log(tiny_conf
         assert second_step[f"router/layer_{layer}/cluster_entropy"] == pytest.approx(expected["cluster_entropy"])
 
 
-def test_router_metrics_after_a_utilization_reset_cover_the_tokens_since_the_reset(tiny_config, tmp_path):
+def test_router_metrics_cover_the_tokens_since_the_previous_log_also_across_a_utilization_reset(tiny_config, tmp_path):
     model = ClusterMoEForCausalLM(tiny_config())
     recorder = LogRecorder()
-    args = training_arguments(tmp_path, max_steps=3, per_device_train_batch_size=8)
+    args = training_arguments(tmp_path, max_steps=4, per_device_train_batch_size=4, logging_steps=4)
+    args.logging_first_step = True  # logs after steps 1 and 4; the counts restart before step 2
     trainer = Trainer(
-        model=model, args=args, train_dataset=random_blocks(8, 12), callbacks=[recorder, ResetUtilizationBefore(3)]
+        model=model, args=args, train_dataset=random_blocks(16, 12), callbacks=[recorder, ResetUtilizationBefore(2)]
     )
     add_router_metrics_callback(trainer)
     trainer.train()
-    last_step = [log for log in recorder.logs if "loss" in log][-1]
-    for layer, block in model._moe_layers():  # the counts now are exactly the last step's
+    first_step, last_step = [log for log in recorder.logs if "loss" in log]
+    for layer, block in model._moe_layers():  # the counts now are exactly those of steps 2-4, routed since the log
         expected = load_balance_metrics(block.router.expert_token_counts.view(block.num_clusters, -1))
         assert last_step[f"router/layer_{layer}/expert_load_cv"] == pytest.approx(expected["expert_load_cv"])
         assert last_step[f"router/layer_{layer}/cluster_entropy"] == pytest.approx(expected["cluster_entropy"])
+
+
+def test_the_trainers_own_label_smoothing_predicts_the_next_token(tiny_config, tmp_path):
+    """`label_smoothing_factor` without `compute_loss_func`: the Trainer shifts the labels for this model as for the
+    causal LMs built into transformers (and, as for their MoE models, leaves out the router losses)."""
+    model = ClusterMoEForCausalLM(tiny_config()).eval()
+    trainer = Trainer(model=model, args=training_arguments(tmp_path, label_smoothing_factor=0.1))
+    ids = torch.randint(3, 64, (2, 8))
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+        logits = model(input_ids=ids).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
 
 
 # ----- aux loss with gradient accumulation and padding -----
@@ -503,6 +546,30 @@ def test_routing_state_is_named_as_in_the_plain_model_and_loads_into_any_wrappin
         load_routing_state(fresh, tmp_path)
 
 
+def test_the_best_lora_checkpoint_loads_with_its_routing_state(tiny_config, tmp_path):
+    """`load_best_model_at_end` loads the best checkpoint's adapters; `SaveRoutingState` adds its routing state."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    model = get_peft_model(
+        ClusterMoEForCausalLM(tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.2)), lora_config(rank=2)
+    )
+    evaluations = iter(range(100))  # the first evaluation scores best: the best checkpoint is not the last one
+    args = training_arguments(
+        tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+        load_best_model_at_end=True, metric_for_best_model="order", greater_is_better=False,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=random_blocks(12, 8), eval_dataset=random_blocks(2, 8, seed=1),
+        compute_metrics=lambda _: {"order": next(evaluations)}, callbacks=[SaveRoutingState()],
+    )  # fmt: skip
+    trainer.train()
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-1"
+    saved = load_file(Path(trainer.state.best_model_checkpoint) / "routing_state.safetensors")
+    assert int(saved["model.routing_state.training_step"]) == 1
+    assert all(torch.equal(value, saved[name]) for name, value in routing_state_dict(model).items())
+
+
 def test_lora_config_can_leave_the_experts_alone():
     config = lora_config(rank=2, include_experts=False)
     assert not config.target_parameters
@@ -523,6 +590,27 @@ def test_perplexity_metrics_ignore_aux_outputs_and_padding():
     metrics = perplexity_from_token_nll(types.SimpleNamespace(predictions=reduced.numpy()))
     assert metrics["cross_entropy"] == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(math.exp(expected.item()), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "how", [{}, {"eval_do_concat_batches": False}, {"batch_eval_metrics": True}, {"eval_accumulation_steps": 1}]
+)
+def test_perplexity_metrics_in_every_way_the_trainer_hands_over_predictions(tiny_config, tmp_path, how):
+    model = ClusterMoEForCausalLM(tiny_config()).eval()
+    data = random_blocks(5, 8)  # batches of 2, 2 and 1 sequences
+    args = training_arguments(tmp_path, per_device_eval_batch_size=2, **how)
+    trainer = Trainer(
+        model=model, args=args, eval_dataset=data, compute_metrics=perplexity_from_token_nll,
+        preprocess_logits_for_metrics=token_nll_for_perplexity,
+    )  # fmt: skip
+    for _ in range(2):  # a second evaluation starts afresh
+        metrics = trainer.evaluate()
+        ids = torch.stack([item["input_ids"] for item in data])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+        assert metrics["eval_cross_entropy"] == pytest.approx(expected, rel=1e-5)
+        assert metrics["eval_perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
 
 
 def test_perplexity_metrics_of_no_tokens_are_nan_and_need_labels():
