@@ -1,5 +1,6 @@
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -67,14 +68,23 @@ def _distributed_entry(rank: int, world_size: int, port: int, worker, args):
 @pytest.fixture
 def run_two_processes():
     """`run_two_processes(worker, *args)` runs `worker(rank, *args)` in two forked CPU processes (gloo), as torchrun
-    would start them; a worker's exception fails the test."""
+    would start them; a worker's exception fails the test, and so do workers still running after two minutes (a
+    process waiting for its peer would otherwise stall the suite)."""
     import torch.multiprocessing as mp
 
     def run(worker, *args):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        mp.start_processes(_distributed_entry, args=(2, port, worker, args), nprocs=2, start_method="fork")
+        context = mp.start_processes(
+            _distributed_entry, args=(2, port, worker, args), nprocs=2, start_method="fork", join=False
+        )
+        deadline = time.monotonic() + 120
+        while not context.join(timeout=max(deadline - time.monotonic(), 0)):
+            if time.monotonic() >= deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"{worker.__name__}: the two processes did not finish within two minutes")
 
     return run
 

@@ -373,32 +373,25 @@ def test_plain_trainer_updates_routing_state_per_optimizer_step(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(state, model.model.buffers()))
 
 
-def _distributed_worker(rank, world_size, init_file, input_ids, output_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        model = adaptive_model()
-        # DDP broadcasts rank 0's buffers before every forward that syncs gradients: it must leave the statistics
-        # each process gathers since the last step alone, also when accumulating without `no_sync`.
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
-        for micro_batch in input_ids.chunk(world_size)[rank].chunk(2):
-            ddp_model(micro_batch, labels=micro_batch).loss.backward()
-        torch.optim.SGD(model.parameters(), lr=0.0).step()
-        # Each process counted its own tokens; pruning sums the counts, so that every replica keeps the same experts.
-        learnt = biases(model)
-        kept = model.prune_experts(experts_per_cluster_keep=2, rank_by="utilization")
-        torch.save((learnt, kept), f"{output_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _distributed_worker(rank, input_ids, output_dir):
+    model = adaptive_model()
+    # DDP broadcasts rank 0's buffers before every forward that syncs gradients: it must leave the statistics
+    # each process gathers since the last step alone, also when accumulating without `no_sync`.
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    for micro_batch in input_ids.chunk(2)[rank].chunk(2):
+        ddp_model(micro_batch, labels=micro_batch).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    # Each process counted its own tokens; pruning sums the counts, so that every replica keeps the same experts.
+    learnt = biases(model)
+    kept = model.prune_experts(experts_per_cluster_keep=2, rank_by="utilization")
+    torch.save((learnt, kept), f"{output_dir}/rank{rank}.pt")
 
 
-def test_multi_process_training_counts_the_global_batch(tmp_path):
+def test_multi_process_training_counts_the_global_batch(tmp_path, run_two_processes):
     """Two gloo processes under DDP, each with half the batch in two micro-batches, end up with the biases of one
     process seeing all of it, and prune the experts it would prune."""
-    import torch.multiprocessing as mp
-
     input_ids = torch.randint(3, 64, (8, 16))
-    worker_args = (2, str(tmp_path / "init"), input_ids, str(tmp_path))
-    mp.start_processes(_distributed_worker, args=worker_args, nprocs=2, start_method="fork")
+    run_two_processes(_distributed_worker, input_ids, str(tmp_path))
 
     reference = adaptive_model()
     reference(input_ids, labels=input_ids).loss.backward()
@@ -412,25 +405,18 @@ def test_multi_process_training_counts_the_global_batch(tmp_path):
         assert kept == reference_kept
 
 
-def _calibrated_pruning_worker(rank, world_size, init_file, input_ids, output_dir, rank_by):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        model = adaptive_model().eval()
-        # Process 1's calibration shard is all padding: only the sum over processes has tokens to rank by.
-        shard = {"input_ids": input_ids, "attention_mask": torch.full_like(input_ids, rank == 0)}
-        kept = model.prune_experts(experts_per_cluster_keep=2, rank_by=rank_by, calibration_data=[shard])
-        torch.save(kept, f"{output_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _calibrated_pruning_worker(rank, input_ids, output_dir, rank_by):
+    model = adaptive_model().eval()
+    # Process 1's calibration shard is all padding: only the sum over processes has tokens to rank by.
+    shard = {"input_ids": input_ids, "attention_mask": torch.full_like(input_ids, rank == 0)}
+    kept = model.prune_experts(experts_per_cluster_keep=2, rank_by=rank_by, calibration_data=[shard])
+    torch.save(kept, f"{output_dir}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("rank_by", ["utilization", "utilization_x_reliability"])  # every ranking that uses counts
-def test_multi_process_calibrated_pruning_sums_the_shards(tmp_path, rank_by):
-    import torch.multiprocessing as mp
-
+def test_multi_process_calibrated_pruning_sums_the_shards(tmp_path, rank_by, run_two_processes):
     input_ids = torch.randint(3, 64, (4, 16))
-    worker_args = (2, str(tmp_path / "init"), input_ids, str(tmp_path), rank_by)
-    mp.start_processes(_calibrated_pruning_worker, args=worker_args, nprocs=2, start_method="fork")
+    run_two_processes(_calibrated_pruning_worker, input_ids, str(tmp_path), rank_by)
     reference = adaptive_model().eval().prune_experts(
         experts_per_cluster_keep=2, rank_by=rank_by, calibration_data=[input_ids]
     )
