@@ -273,9 +273,18 @@ class ClusterMoEConfig(PreTrainedConfig):
                 f"{origin}: {', '.join(generation)}: generation settings, which the model config does not keep; set "
                 "them on the model's generation_config, or pass them to generate."
             )
-        # A RoPE dict given replaces the defaults' (transformers would let a legacy `rope_scaling` there win).
-        if by_field.keys() & {"rope_parameters", "rope_scaling"}:
-            defaults = {key: value for key, value in defaults.items() if key not in {"rope_parameters", "rope_scaling"}}
+        # A RoPE dict given replaces the defaults' (transformers would let a legacy `rope_scaling` there win), and
+        # keeps their rope_theta unless it sets one (or rope_theta is given).
+        rope_keys = ("rope_parameters", "rope_scaling")
+        if by_field.keys() & set(rope_keys):
+            saved_theta = next(
+                (defaults[key]["rope_theta"] for key in rope_keys if "rope_theta" in (defaults.get(key) or {})),
+                defaults.get("rope_theta"),
+            )
+            defaults = {key: value for key, value in defaults.items() if key not in rope_keys}
+            for key in rope_keys:
+                if isinstance(by_field.get(key), dict) and saved_theta is not None and "rope_theta" not in by_field:
+                    by_field[key].setdefault("rope_theta", saved_theta)
         # transformers' legacy names, which would lose to a saved config's `dtype` and `rope_parameters`.
         if "torch_dtype" in by_field:
             by_field.setdefault("dtype", by_field.pop("torch_dtype"))
@@ -315,6 +324,7 @@ class ClusterMoEConfig(PreTrainedConfig):
         rest = []
         for item in update_str.split(","):
             key, _, text = item.partition("=")
+            key, text = self.attribute_map.get(key.strip(), key.strip()), text.strip()  # d_model=... sets hidden_size
             field = self.__dataclass_fields__.get(key)
             types = (get_args(field.type) or (field.type,)) if field is not None else ()  # float | None, or float
             resets = text in ("None", "none", "null") and type(None) in types

@@ -284,7 +284,8 @@ SENTINEL_SKIPPING_EXPERTS = frozenset({"eager", "grouped_mm", "sorted_mm"})
 
 
 def _is_expert_parallel(experts: nn.Module) -> bool:
-    """Whether transformers' expert parallelism shards these experts over processes."""
+    """Whether transformers' expert parallelism shards these experts over processes (also under adapters: peft)."""
+    experts = experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts
     return getattr(experts, "_is_expert_parallel", False)
 
 
@@ -1000,6 +1001,12 @@ def _check_plain_experts(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], a
         )
 
 
+# Per-parameter optimizer state that torch's optimizers create as zeros: what `reinitialize_expert` resets.
+ZERO_STARTING_OPTIMIZER_STATE = frozenset(
+    {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg", "grad_avg", "acc_delta",
+     "prev"}  # fmt: skip
+)
+
 _NO_PIPELINE_PARALLELISM = (
     "ClusterMoE does not support pipeline parallelism ({}): its routing state and statistics span every layer, and "
     "pipeline parallelism leaves each process some of them."
@@ -1214,6 +1221,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             if not hasattr(layer, "is_moe"):  # wrappers (activation checkpointing, torch.compile) pass it through
                 placeholder = f"decoder layer {idx} is a {type(layer).__name__}"
                 raise NotImplementedError(_NO_PIPELINE_PARALLELISM.format(placeholder))
+        if len(layers) != self.config.num_hidden_layers:
+            raise ValueError(
+                f"The model has {len(layers)} decoder layers, its config num_hidden_layers="
+                f"{self.config.num_hidden_layers}: the routing state and statistics span the layers the model was "
+                "built with. Layers cannot be removed or added afterwards (a pipeline stage that deletes the other "
+                "stages' layers: pipeline parallelism is not supported), nor can the config's sizes change."
+            )
         return layers
 
     def _moe_layers(self) -> list[tuple[int, "ClusterMoESparseMoeBlock"]]:
@@ -1292,9 +1306,12 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         they were corrupted) and reset its reliability to 1, so that the router selects it again, and its balancing
         bias to the mean of its cluster peers' (the one it has was learnt for the old weights).
 
-        `optimizer`: the one training the model, whose state of the old expert's weights (Adam's moments, which would
-        keep moving the new weights, SGD's momentum: state shaped like the weights) is zeroed. Factored statistics
-        (Adafactor's row and column variances) are left as they are, with a warning: zeros there divide by zero.
+        `optimizer`: the one training the model, whose state of the old expert's weights is zeroed where torch's
+        optimizers start it at zero (`ZERO_STARTING_OPTIMIZER_STATE`: Adam's moments, which would keep moving the new
+        weights, SGD's momentum, ...). Other per-expert state (Rprop's step sizes, Adafactor's factored statistics:
+        zeros there freeze the expert or divide by zero) is left as it is, with a warning. Adam's step count is one
+        per tensor: the new expert's moments are bias-corrected as the others', so its first steps are larger than a
+        fresh Adam's.
         Under `torch.distributed`, call it on every process: the new weights are process 0's draw, so that the
         replicas stay equal, also in the shards of DTensor weights (tensor or expert parallelism, FSDP2)."""
         indices = {"layer_idx": layer_idx, "cluster_idx": cluster_idx, "expert_idx": expert_idx}
@@ -1320,12 +1337,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 _broadcast_from_first_process(row)
             _set_expert_row(weights, expert, row)
             for name, value in (optimizer.state.get(weights, {}) if optimizer is not None else {}).items():
-                if torch.is_tensor(value) and value.shape == weights.shape:
+                if torch.is_tensor(value) and value.shape == weights.shape and name in ZERO_STARTING_OPTIMIZER_STATE:
                     _set_expert_row(value, expert, None)
                 elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == weights.shape[0]:
                     logger.warning(
                         f"reinitialize_expert: left the optimizer's {name} {tuple(value.shape)} of the old expert as "
-                        "it was (not shaped like the weights, e.g. factored statistics)."
+                        "it was: it is not state that starts at zero (e.g. Rprop's step sizes, Adafactor's factored "
+                        "statistics)."
                     )
         block.router.expert_reliability[expert] = 1.0
         peers = block.router.expert_bias.view(block.num_clusters, -1)[cluster_idx]  # (E,)
@@ -2165,6 +2183,12 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
             is_real = input_ids != self.config.pad_token_id
         elif batch_size == 1:
             is_real = None
+        elif input_ids is None:  # as transformers' heads: embeddings carry no pad ids (prompt tuning, ...)
+            is_real = None
+            logger.warning_once(
+                "Sequence classification of inputs_embeds without a 2-D attention_mask pools the last position of "
+                "each sequence, padding or not: pass the attention_mask if the batch is padded."
+            )
         else:
             raise ValueError(
                 "Cannot tell the last real token of each sequence in a batch of more than one: set the config's "

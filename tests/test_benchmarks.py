@@ -365,3 +365,12 @@ def test_pair_call_cost_times_every_variant_it_reports(capsys):
     assert ("forward", "health check + masking") in variants and ("forward", "health check, CPU shortcut") in variants
     assert [row["pairs"] for row in result["few_pairs"]][:2] == [1, 2]
     assert "Health check + masking" in capsys.readouterr().out
+
+
+def test_profile_step_profiles_bf16_training_only():
+    """Decoding and the memory profile run in float32: a dtype there is refused, not ignored."""
+    import profile_step
+
+    for mode in ("decode", "memory"):
+        with pytest.raises(SystemExit):
+            profile_step.main(["--mode", mode, "--dtype", "bfloat16"])

@@ -282,7 +282,8 @@ def test_config_overrides_can_set_fields_whose_value_is_none(tiny_config):
 def test_config_overrides_set_a_float_where_the_saved_value_is_an_int(tiny_config, tmp_path):
     """transformers parsed "0.5" as an int for a float field holding 0 (as config.json keeps it) and failed."""
     saved = {"router_z_loss_coef": 0, "routing_temperature": 2, "expert_capacity_factor": 2,
-             "reliability_threshold": 0, "adaptive_routing_rate": 0}  # fmt: skip
+             "reliability_threshold": 0, "adaptive_routing_rate": 0, "router_aux_loss_coef": 0,
+             "attention_dropout": 0}  # fmt: skip
     tiny_config(**saved).save_pretrained(tmp_path)
     config = ClusterMoEConfig.from_pretrained(tmp_path)
     assert all(type(getattr(config, name)) is int for name in saved)
@@ -293,6 +294,11 @@ def test_config_overrides_set_a_float_where_the_saved_value_is_an_int(tiny_confi
     for text in ("None", "true", ""):  # named, not Python's bare "could not convert string to float"
         with pytest.raises(ValueError, match=f"routing_temperature .* cannot be set from '{text}'"):
             config.update_from_string(f"routing_temperature={text}")
+    # The original package's names (aliases) parse as their fields do, and spaces around an item do not matter.
+    saved = ClusterMoEConfig.from_pretrained(tmp_path)
+    saved.update_from_string("load_balancing_weight=0.5, dropout = 0.1,router_z_loss_weight=0.25, num_clusters= 2")
+    assert (saved.router_aux_loss_coef, saved.attention_dropout, saved.router_z_loss_coef) == (0.5, 0.1, 0.25)
+    assert saved.num_clusters == 2
 
 
 def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config):
@@ -335,6 +341,11 @@ def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config)
         {"rope_theta": 5e5, "rope_parameters": {"rope_type": "default"}}, "overrides", defaults=legacy
     )
     assert config.rope_parameters == given
+    # A RoPE dict given without a rope_theta keeps the saved one (in the saved dict, or a legacy config's).
+    for defaults in (tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 5e4}).to_dict(), legacy):
+        for key in ("rope_parameters", "rope_scaling"):
+            config = ClusterMoEConfig.from_settings({key: dict(scaling)}, "overrides", defaults=defaults)
+            assert config.rope_parameters == {**scaling, "rope_theta": defaults.get("rope_theta", 5e4)}
     with pytest.raises(ValueError, match="rope_theta is given twice, as 500000.0 and in rope_parameters as 1000000.0"):
         ClusterMoEConfig.from_settings({"rope_theta": 5e5, "rope_parameters": {"rope_type": "default",
                                                                                 "rope_theta": 1e6}}, "x")  # fmt: skip

@@ -26,7 +26,7 @@ from transformers.distributed.parallel_utils import _get_parameter_plan
 from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
 
 from clustermoe_hf import ClusterMoEForCausalLM, ClusterMoEForSequenceClassification
-from clustermoe_hf.modeling_clustermoe import ClusterMoEDecoderLayer
+from clustermoe_hf.modeling_clustermoe import ClusterMoEDecoderLayer, _is_expert_parallel
 
 
 VOCAB_SIZE = 64  # tests/conftest.py TINY_CONFIG
@@ -341,6 +341,17 @@ def test_peft_lora_on_the_fused_experts_serves_padded_batches(tiny_model):
     assert torch.isfinite(loss)
 
 
+def test_expert_parallelism_is_seen_through_expert_adapters(tiny_model):
+    """Expert parallelism marks the experts module, which peft then wraps: padding pairs must still get real expert
+    ids, as its dispatch takes no sentinel."""
+    model = tiny_model()
+    get_peft_model(model, LoraConfig(r=4, target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    experts = model.model.layers[1].mlp.experts
+    assert not _is_expert_parallel(experts)
+    experts.get_base_layer()._is_expert_parallel = True  # what transformers' expert parallelism sets
+    assert _is_expert_parallel(experts)
+
+
 @pytest.mark.parametrize(
     "lora",
     [
@@ -418,9 +429,10 @@ def test_sequence_classification_pools_the_last_real_token(tiny_config):
     torch.testing.assert_close(out.loss, F.cross_entropy(logits, labels) + out.aux_loss)
 
 
-def test_sequence_classification_of_embeddings_pools_by_the_attention_mask(tiny_config):
-    """With inputs_embeds there are no ids to find the padding in: the 2-D attention mask tells it. The last position
-    was pooled, padding or not; without a mask, a batch of several is refused as with ids and no pad token."""
+def test_sequence_classification_of_embeddings_pools_by_the_attention_mask(tiny_config, caplog):
+    """With inputs_embeds there are no ids to find the padding in: the 2-D attention mask tells it. Without a mask
+    the last position is pooled, with a warning, as transformers' heads do (prompt tuning calls it so); ids without a
+    pad token or a mask are refused in a batch of several."""
     model = ClusterMoEForSequenceClassification(tiny_config(num_labels=3)).eval()
     ids = random_ids(2, 6)
     ids[1, 4:] = PAD
@@ -434,8 +446,12 @@ def test_sequence_classification_of_embeddings_pools_by_the_attention_mask(tiny_
         by_mask = without_pad_token(ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(from_embeddings, from_ids)
     torch.testing.assert_close(by_mask, from_ids)  # no pad token: the mask tells the padding too
+    with torch.no_grad(), caplog.at_level("WARNING"):  # an unpadded batch (4 tokens) of embeddings, without a mask
+        unpadded = model(inputs_embeds=embeddings[:, :4], attention_mask=attention_mask[:, :4]).logits
+        torch.testing.assert_close(model(inputs_embeds=embeddings[:, :4]).logits, unpadded)
+    assert "pools the last position of each sequence, padding or not" in caplog.text
     with pytest.raises(ValueError, match="Cannot tell the last real token .* pass a 2-D attention_mask"):
-        model(inputs_embeds=embeddings)
+        without_pad_token(ids)
 
 
 def test_sequence_classification_trusts_the_attention_mask_over_pad_ids(tiny_config):
@@ -502,6 +518,11 @@ def test_pipeline_parallelism_is_refused_by_name(tiny_model, tmp_path):
     with pytest.raises(NotImplementedError, match=message):
         model.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())
+    # A stage may delete the other stages' layers instead: its statistics would land in other layers' rows.
+    del model.model.layers[1]
+    message = r"The model has 1 decoder layers, its config num_hidden_layers=2: .* pipeline parallelism is not"
+    with pytest.raises(ValueError, match=message):
+        model(random_ids(1, 4))
     # from_pretrained(..., distributed_config=DistributedConfig(pp_size=2)): refused on every process before loading
     config = model.config
     config.distributed_config = SimpleNamespace(pp_size=2)

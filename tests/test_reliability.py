@@ -708,26 +708,36 @@ def test_reinitialize_expert_clears_the_optimizer_state_of_the_old_expert(tiny_m
     assert torch.equal(experts.gate_up_proj[5], drawn[0]) and torch.equal(experts.down_proj[5], drawn[1])
 
 
-def _reinitialize_worker(rank, world_size, init_file, output_dir, config):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        model = ClusterMoEForCausalLM(config).train()
-        torch.manual_seed(rank)  # e.g. set_seed(..., device_specific=True): each process draws differently
-        model.reinitialize_expert(1, 0, 1)
-        torch.save(model.model.layers[1].mlp.experts.state_dict(), f"{output_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _reinitialize_worker(rank, output_dir, config):
+    torch.manual_seed(0)
+    model = ClusterMoEForCausalLM(config).train()
+    torch.manual_seed(rank)  # e.g. set_seed(..., device_specific=True): each process draws differently
+    model.reinitialize_expert(1, 0, 1)
+    torch.save(model.model.layers[1].mlp.experts.state_dict(), f"{output_dir}/rank{rank}.pt")
 
 
-def test_reinitialize_expert_gives_every_process_the_same_new_expert(tiny_config, tmp_path):
+def test_reinitialize_expert_gives_every_process_the_same_new_expert(tiny_config, tmp_path, run_two_processes):
     """DDP synchronises gradients, not weights: replicas that drew different experts stayed different for good."""
-    import torch.multiprocessing as mp
-
-    worker_args = (2, str(tmp_path / "init"), str(tmp_path), tiny_config())
-    mp.start_processes(_reinitialize_worker, args=worker_args, nprocs=2, start_method="fork")
+    run_two_processes(_reinitialize_worker, str(tmp_path), tiny_config())
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_reinitialize_expert_zeroes_only_optimizer_state_that_starts_at_zero(tiny_model, caplog):
+    """Rprop starts its step sizes at the learning rate: zeroed, they froze the new expert."""
+    model = tiny_model().train()
+    optimizer = torch.optim.Rprop(model.parameters(), lr=1e-2)
+    ids = random_ids(2, 8)
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+    state = optimizer.state[model.model.layers[1].mlp.experts.down_proj]
+    step_sizes = state["step_size"].clone()
+    with caplog.at_level("WARNING"):
+        model.reinitialize_expert(1, 1, 1, optimizer=optimizer)  # global expert 5
+    assert state["prev"][5].eq(0).all() and state["prev"][4].ne(0).any()
+    assert torch.equal(state["step_size"], step_sizes)
+    assert "left the optimizer's step_size" in caplog.text
 
 
 def test_reinitialize_expert_leaves_factored_optimizer_statistics_with_a_warning(tiny_model, caplog):
