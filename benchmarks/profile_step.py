@@ -6,6 +6,7 @@ grouped so that the table reads as a budget: the experts' GEMMs sit inside the `
 LM-head GEMMs), the optimizer in `aten::_fused_adamw_`, and so on.
 
     python benchmarks/profile_step.py                      # training step (fp32)
+    python benchmarks/profile_step.py --dtype bfloat16     # training step, bf16 weights and optimizer state
     python benchmarks/profile_step.py --mode decode        # one decode token (KV cache) at batch 1
     python benchmarks/profile_step.py --mode memory        # a training step's peak memory, by category
 """
@@ -78,9 +79,15 @@ def main(argv=None):
     parser.add_argument("--mode", choices=("train", "decode", "memory"), default="train")
     parser.add_argument("--peer", default="Qwen3-MoE", help="MoE peer to compare with")
     parser.add_argument("--peer-implementation", default="sorted_mm", help="the peer's experts implementation")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="training mode only: the models' dtype"
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=18)
     args = parser.parse_args(argv)
+    if args.dtype != "float32" and args.mode != "train":
+        parser.error("--dtype applies to --mode train only (decoding and the memory profile run in float32)")
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     keep_freed_memory()
     shape = DEFAULT_SHAPE
@@ -88,7 +95,7 @@ def main(argv=None):
     batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq))
     columns, calls = {}, {}
     for name, implementation in ((CLUSTERMOE, None), (args.peer, args.peer_implementation), (DENSE, None)):
-        model = build_model(name, configs[name], experts_implementation=implementation)
+        model = build_model(name, configs[name], dtype=dtype, experts_implementation=implementation)
         label = f"{name} [{model.config._experts_implementation}]" if name != DENSE else name
         if args.mode == "memory":
             (fn,), optimizer = make_training_steps(model, batch)
@@ -117,7 +124,7 @@ def main(argv=None):
         return
     labels = list(columns)
     ops = sorted({op for totals in columns.values() for op in totals}, key=lambda op: -columns[labels[0]].get(op, 0))
-    unit = "ms per training step" if args.mode == "train" else "ms per decode token (batch 1, KV cache)"
+    unit = f"ms per training step ({args.dtype})" if args.mode == "train" else "ms per decode token (batch 1, KV cache)"
     print(f"Self-CPU {unit}, torch profiler, mean of {args.steps}, 1 thread.\n")
     print("| op | " + " | ".join(labels) + " |")
     print("|---|" + "---:|" * len(labels))
