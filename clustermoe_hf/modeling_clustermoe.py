@@ -1091,6 +1091,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         every ClusterMoE Auto class, not only the saved class's."""
         self.config.validate()
         self._check_config_describes_modules()
+        compiled = next((name for name, module in self.named_modules() if hasattr(module, "_orig_mod")), None)
+        if compiled is not None:
+            raise ValueError(
+                f"{compiled} is a torch.compile wrapper (`torch.compile(module)`): its weights would be saved under "
+                "`_orig_mod` names that no model loads. Compile it in place (`module.compile()`), or put the original "
+                "module back before saving."
+            )
         if self.can_generate():
             with tempfile.TemporaryDirectory() as scratch:
                 self.generation_config.save_pretrained(scratch)  # runs the checks its own save refuses to save with

@@ -550,6 +550,20 @@ def test_decoder_layers_wrapped_for_activation_checkpointing_train_and_save(tiny
     assert ClusterMoEForCausalLM.from_pretrained(tmp_path).state_dict().keys() == reference.state_dict().keys()
 
 
+def test_a_decoder_layer_compiled_in_place_saves_and_a_wrapped_one_is_refused(tiny_model, tmp_path):
+    """`torch.compile(layer)` wraps the layer: its weights would save as `..._orig_mod...` and reload as new weights."""
+    model = tiny_model()
+    model.model.layers[1] = torch.compile(model.model.layers[1])
+    with pytest.raises(ValueError, match=r"model.layers.1 is a torch.compile wrapper .* Compile it in place"):
+        model.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+    model.model.layers[1] = model.model.layers[1]._orig_mod
+    model.model.layers[1].compile()  # in place: the names stay
+    model.save_pretrained(tmp_path)
+    reloaded = ClusterMoEForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(value, reloaded.state_dict()[name]) for name, value in model.state_dict().items())
+
+
 def _fsdp_save_worker(rank, checkpoint, output_dir):
     from transformers.distributed import DistributedConfig
 
