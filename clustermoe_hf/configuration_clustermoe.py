@@ -5,6 +5,7 @@ Self-contained (imports only transformers) so that `save_pretrained` can copy it
 `from_pretrained(..., trust_remote_code=True)` works where `clustermoe_hf` is not installed.
 """
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -273,8 +274,8 @@ class ClusterMoEConfig(PreTrainedConfig):
                 f"{origin}: {', '.join(generation)}: generation settings, which the model config does not keep; set "
                 "them on the model's generation_config, or pass them to generate."
             )
-        # A RoPE dict given replaces the defaults' (transformers would let a legacy `rope_scaling` there win), and
-        # keeps their rope_theta unless it sets one (or rope_theta is given).
+        # A RoPE setting given replaces the defaults' (transformers would let a legacy `rope_scaling` there win), and
+        # keeps their rope_theta unless it sets one (or rope_theta is given): None drops the scaling, not the theta.
         rope_keys = ("rope_parameters", "rope_scaling")
         if by_field.keys() & set(rope_keys):
             saved_theta = next(
@@ -283,8 +284,10 @@ class ClusterMoEConfig(PreTrainedConfig):
             )
             defaults = {key: value for key, value in defaults.items() if key not in rope_keys}
             for key in rope_keys:
-                if isinstance(by_field.get(key), dict) and saved_theta is not None and "rope_theta" not in by_field:
-                    by_field[key].setdefault("rope_theta", saved_theta)
+                if key in by_field and saved_theta is not None and "rope_theta" not in by_field:
+                    given = by_field[key] if by_field[key] is not None else {"rope_type": "default"}
+                    if isinstance(given, dict):
+                        by_field[key] = {**given, "rope_theta": given.get("rope_theta", saved_theta)}
         # transformers' legacy names, which would lose to a saved config's `dtype` and `rope_parameters`.
         if "torch_dtype" in by_field:
             by_field.setdefault("dtype", by_field.pop("torch_dtype"))
@@ -320,11 +323,18 @@ class ClusterMoEConfig(PreTrainedConfig):
         type: it cannot set a field whose value is None, and reads "0.5" as an int where a float field holds 0 (e.g.
         from a config.json). Here a field whose annotation admits a number (`expert_capacity_factor`,
         `routing_temperature`, `pad_token_id`, ...) or whose value is None takes a number of the type its annotation
-        allows; "None" keeps or resets it where the annotation allows None."""
+        allows; "None" keeps or resets it where the annotation allows None. Aliases (`d_model`, ...) parse as their
+        fields, spaces around names and values are ignored, and a bad item changes nothing, not even the items before
+        it."""
+        copy.deepcopy(self)._apply_update_string(update_str)  # all or nothing: a bad item raises before any is set
+        self._apply_update_string(update_str)
+
+    def _apply_update_string(self, update_str: str):
         rest = []
         for item in update_str.split(","):
             key, _, text = item.partition("=")
             key, text = self.attribute_map.get(key.strip(), key.strip()), text.strip()  # d_model=... sets hidden_size
+            item = f"{key}={text}"
             field = self.__dataclass_fields__.get(key)
             types = (get_args(field.type) or (field.type,)) if field is not None else ()  # float | None, or float
             resets = text in ("None", "none", "null") and type(None) in types

@@ -238,10 +238,11 @@ def sorted_mm_experts_forward(
 ) -> torch.Tensor:
     """`experts_implementation="sorted_mm"`, ClusterMoE's default: transformers' `grouped_mm`, with two CPU paths
     where it is slow. Without gradients and for at most `PER_PAIR_MAX_PAIRS` pairs (decoding), each pair runs on its
-    own. For weights in a half-precision dtype the CPU emulates (`_CPU_DTYPES_WITHOUT_FAST_GEMM`), it sorts the
-    (token, expert) pairs by expert once and runs one float32 GEMM per expert that received pairs, forward and
-    backward; per token, outputs are summed in the eager reference's order. Both read the routing on the host (free on
-    CPU), which their per-expert GEMMs need. Measured against `grouped_mm` in docs/benchmarks.md."""
+    own. For weights in a half-precision dtype the CPU emulates (`_CPU_DTYPES_WITHOUT_FAST_GEMM`), or whose rows
+    `grouped_mm` cannot take (not 16-byte aligned), it sorts the (token, expert) pairs by expert once and runs one
+    float32 GEMM per expert that received pairs, forward and backward; per token, outputs are summed in the eager
+    reference's order. Both read the routing on the host (free on CPU), which their per-expert GEMMs need. Measured
+    against `grouped_mm` in docs/benchmarks.md."""
     if (
         hidden_states.device.type != "cpu"
         or is_torchdynamo_compiling()
@@ -254,7 +255,10 @@ def sorted_mm_experts_forward(
     if self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM:
         if not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
             return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        # grouped_mm needs 16-byte aligned rows; at other sizes (e.g. a hidden size of 34 in float32) it raises.
+        row_bytes = [size * self.gate_up_proj.element_size() for size in self.gate_up_proj.shape[1:]]
+        if all(size % 16 == 0 for size in row_bytes):
+            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, hidden_dim = hidden_states.shape
     pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k
     sorted_experts, order = torch.sort(pair_experts, stable=True)  # stable: per token, the eager summation order
@@ -489,15 +493,20 @@ class ClusterMoERouter(nn.Module):
         # cost grows with top_k_clusters * E instead of C * E.
         flat_clusters = cluster_index.reshape(-1)  # (tokens * kc,)
         sorted_clusters, perm = torch.sort(flat_clusters)
-        histc_input = sorted_clusters.float() if hidden_states.device.type in ("cpu", "mps") else sorted_clusters.int()
-        counts = torch.histc(histc_input, bins=self.num_clusters, min=0, max=self.num_clusters - 1)
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        cluster_ids = torch.arange(self.num_clusters, device=flat_clusters.device)
+        # (C,) where each cluster's group ends: exact (a float histogram misbins from ~8k clusters), no host sync
+        offsets = torch.searchsorted(sorted_clusters, cluster_ids, right=True, out_int32=True)
+        inputs = hidden_states[perm // top_k_clusters]  # (tokens*kc, H)
         weight = self.expert_weight.view(self.num_clusters, self.experts_per_cluster, -1).transpose(1, 2)  # (C,H,E)
-        # grouped_mm needs 16-byte aligned strides, also in the backward for the gradient of its (tokens*kc, E)
-        # output: zero-pad E to a multiple of 8 columns and slice them off again.
-        weight = F.pad(weight, (0, -self.experts_per_cluster % 8))
-        sorted_logits = _grouped_mm(hidden_states[perm // top_k_clusters], weight, offs=offsets)
-        sorted_logits = sorted_logits[:, : self.experts_per_cluster]  # (tokens*kc, E)
+        # grouped_mm needs 16-byte aligned rows, also in the backward for the gradient of its (tokens*kc, E) output:
+        # zero-pad E (and H) where they are not, and slice the padding off again. That copies the router weights in
+        # every forward; at aligned sizes (E and H multiples of 8) they are used as they are.
+        align = 16 // weight.element_size()
+        pad_experts, pad_hidden = -self.experts_per_cluster % align, -weight.shape[1] % align
+        if pad_experts or pad_hidden:
+            weight = F.pad(weight, (0, pad_experts, 0, pad_hidden))
+            inputs = F.pad(inputs, (0, pad_hidden))
+        sorted_logits = _grouped_mm(inputs, weight, offs=offsets)[:, : self.experts_per_cluster]  # (tokens*kc, E)
         logits = torch.empty_like(sorted_logits).index_copy_(0, perm, sorted_logits)
         return logits.view(num_tokens, top_k_clusters, self.experts_per_cluster)
 
@@ -1001,11 +1010,22 @@ def _check_plain_experts(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], a
         )
 
 
-# Per-parameter optimizer state that torch's optimizers create as zeros: what `reinitialize_expert` resets.
+# Per-parameter optimizer state that torch's optimizers create as zeros: what `reinitialize_expert` resets (and
+# Adagrad's `sum`, which starts at its group's `initial_accumulator_value`).
 ZERO_STARTING_OPTIMIZER_STATE = frozenset(
     {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg", "grad_avg", "acc_delta",
-     "prev"}  # fmt: skip
+     "prev", "ax"}  # fmt: skip
 )
+
+
+def _fresh_optimizer_state(optimizer: torch.optim.Optimizer, parameter: nn.Parameter, name: str) -> float | None:
+    """The value `optimizer` starts its per-parameter state `name` at, or None where that is not known."""
+    if name in ZERO_STARTING_OPTIMIZER_STATE:
+        return 0.0
+    group = next((group for group in optimizer.param_groups if any(p is parameter for p in group["params"])), {})
+    if name == "sum" and "initial_accumulator_value" in group:  # Adagrad
+        return float(group["initial_accumulator_value"])
+    return None
 
 _NO_PIPELINE_PARALLELISM = (
     "ClusterMoE does not support pipeline parallelism ({}): its routing state and statistics span every layer, and "
@@ -1228,12 +1248,14 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             if not hasattr(layer, "is_moe"):  # wrappers (activation checkpointing, torch.compile) pass it through
                 placeholder = f"decoder layer {idx} is a {type(layer).__name__}"
                 raise NotImplementedError(_NO_PIPELINE_PARALLELISM.format(placeholder))
-        if len(layers) != self.config.num_hidden_layers:
+        # Fewer layers than the config names were removed; more are run partly (early-exit decoding lowers
+        # `num_hidden_layers` for a while), which the forward allows.
+        if len(layers) < self.config.num_hidden_layers:
             raise ValueError(
                 f"The model has {len(layers)} decoder layers, its config num_hidden_layers="
                 f"{self.config.num_hidden_layers}: the routing state and statistics span the layers the model was "
-                "built with. Layers cannot be removed or added afterwards (a pipeline stage that deletes the other "
-                "stages' layers: pipeline parallelism is not supported), nor can the config's sizes change."
+                "built with. Layers cannot be removed afterwards (as a pipeline stage that deletes the other stages' "
+                "layers: pipeline parallelism is not supported)."
             )
         return layers
 
@@ -1313,14 +1335,14 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         they were corrupted) and reset its reliability to 1, so that the router selects it again, and its balancing
         bias to the mean of its cluster peers' (the one it has was learnt for the old weights).
 
-        `optimizer`: the one training the model, whose state of the old expert's weights is zeroed where torch's
-        optimizers start it at zero (`ZERO_STARTING_OPTIMIZER_STATE`: Adam's moments, which would keep moving the new
-        weights, SGD's momentum, ...). Other per-expert state (Rprop's step sizes, Adafactor's factored statistics:
-        zeros there freeze the expert or divide by zero) is left as it is, with a warning. Adam's step count is one
-        per tensor: the new expert's moments are bias-corrected as the others', so its first steps are larger than a
-        fresh Adam's.
-        Under `torch.distributed`, call it on every process: the new weights are process 0's draw, so that the
-        replicas stay equal, also in the shards of DTensor weights (tensor or expert parallelism, FSDP2)."""
+        `optimizer`: the one training the model, whose state of the old expert's weights is set back to where torch's
+        optimizers start it (`ZERO_STARTING_OPTIMIZER_STATE`: Adam's moments, which would keep moving the new weights,
+        SGD's momentum, ...; Adagrad's sums). Other per-expert state (Rprop's step sizes, Adafactor's factored
+        statistics: zeros there freeze the expert or divide by zero) is left as it is, with a warning. Adam's step
+        count is one per tensor: the new expert's moments are bias-corrected as the others', so its first steps are
+        larger than a fresh Adam's. Under `torch.distributed`, call it on every process: the new weights are process
+        0's draw, so that the replicas stay equal, also in the shards of DTensor weights (tensor or expert
+        parallelism, FSDP2)."""
         indices = {"layer_idx": layer_idx, "cluster_idx": cluster_idx, "expert_idx": expert_idx}
         if not all(isinstance(value, numbers.Integral) and not isinstance(value, bool) for value in indices.values()):
             raise TypeError(f"reinitialize_expert takes integer indices, got {indices}.")
@@ -1344,13 +1366,17 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 _broadcast_from_first_process(row)
             _set_expert_row(weights, expert, row)
             for name, value in (optimizer.state.get(weights, {}) if optimizer is not None else {}).items():
-                if torch.is_tensor(value) and value.shape == weights.shape and name in ZERO_STARTING_OPTIMIZER_STATE:
-                    _set_expert_row(value, expert, None)
-                elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == weights.shape[0]:
+                if not (torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == weights.shape[0]):
+                    continue  # not per expert (e.g. a step count)
+                fresh = _fresh_optimizer_state(optimizer, weights, name)
+                if value.shape == weights.shape and fresh is not None:
+                    fresh_row = torch.full(value.shape[1:], fresh, dtype=value.dtype, device=value.device)
+                    _set_expert_row(value, expert, None if fresh == 0 else fresh_row)
+                else:
                     logger.warning(
                         f"reinitialize_expert: left the optimizer's {name} {tuple(value.shape)} of the old expert as "
-                        "it was: it is not state that starts at zero (e.g. Rprop's step sizes, Adafactor's factored "
-                        "statistics)."
+                        "it was: its starting value is not known (e.g. Rprop's step sizes), or it is not shaped like "
+                        "the weights (e.g. Adafactor's factored statistics)."
                     )
         block.router.expert_reliability[expert] = 1.0
         peers = block.router.expert_bias.view(block.num_clusters, -1)[cluster_idx]  # (E,)

@@ -27,8 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
 from .modeling_clustermoe import combine_router_losses, routing_stats_of
+
+logger = logging.get_logger(__name__)
 
 TEXT_FILE_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 AUX_LOSS_PARTS = ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
@@ -239,8 +242,9 @@ class RouterMetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = find_clustermoe_model(model)
         self._counts, self._loss_sums, self._num_forwards = {}, {}, 0
-        if self._hook is None:
-            self._hook = self._model.base_model.register_forward_hook(self._record_routing)
+        if self._hook is not None:  # left by a run that ended in an exception, maybe on another model
+            self._hook.remove()
+        self._hook = self._model.base_model.register_forward_hook(self._record_routing)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:
@@ -342,7 +346,8 @@ class PerplexityFromTokenNLL:
 
     Takes the predictions concatenated (the default), as a list of batches (`eval_do_concat_batches=False`), or one
     batch per call (`batch_eval_metrics=True`: the Trainer passes `compute_result`, and the sums are kept until the
-    call that asks for the result)."""
+    call that asks for the result; an evaluation interrupted before that leaves them, so build a new instance
+    then)."""
 
     def __init__(self):
         self._sums = None  # (summed negative log-likelihood, predicted tokens) of the batches so far
@@ -392,8 +397,15 @@ class SaveRoutingState(TrainerCallback):
             save_file(routing_state_dict(model), checkpoint / ROUTING_STATE_FILE)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+        if not (args.load_best_model_at_end and state.best_model_checkpoint is not None):
+            return
+        if (Path(state.best_model_checkpoint) / ROUTING_STATE_FILE).is_file():
             load_routing_state(model, state.best_model_checkpoint)
+        else:  # e.g. on a node that saved no checkpoint (its Trainer warned that it found no best model either)
+            logger.warning(
+                f"SaveRoutingState: no {ROUTING_STATE_FILE} in the best checkpoint {state.best_model_checkpoint}; the "
+                "model keeps the routing state of the last step."
+            )
 
 
 def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:

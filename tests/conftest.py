@@ -68,7 +68,7 @@ def _distributed_entry(rank: int, world_size: int, port: int, worker, args):
 @pytest.fixture
 def run_two_processes():
     """`run_two_processes(worker, *args)` runs `worker(rank, *args)` in two forked CPU processes (gloo), as torchrun
-    would start them; a worker's exception fails the test, and so do workers still running after two minutes (a
+    would start them; a worker's exception fails the test, and so do workers still running after five minutes (a
     process waiting for its peer would otherwise stall the suite)."""
     import torch.multiprocessing as mp
 
@@ -79,12 +79,13 @@ def run_two_processes():
         context = mp.start_processes(
             _distributed_entry, args=(2, port, worker, args), nprocs=2, start_method="fork", join=False
         )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not context.join(timeout=max(deadline - time.monotonic(), 0)):
             if time.monotonic() >= deadline:
                 for process in context.processes:
                     process.kill()
-                pytest.fail(f"{worker.__name__}: the two processes did not finish within two minutes")
+                    process.join()
+                pytest.fail(f"{worker.__name__}: the two processes did not finish within five minutes")
 
     return run
 

@@ -296,9 +296,18 @@ def test_config_overrides_set_a_float_where_the_saved_value_is_an_int(tiny_confi
             config.update_from_string(f"routing_temperature={text}")
     # The original package's names (aliases) parse as their fields do, and spaces around an item do not matter.
     saved = ClusterMoEConfig.from_pretrained(tmp_path)
-    saved.update_from_string("load_balancing_weight=0.5, dropout = 0.1,router_z_loss_weight=0.25, num_clusters= 2")
+    saved.update_from_string(
+        "load_balancing_weight=0.5, dropout = 0.1,router_z_loss_weight=0.25, num_clusters= 2, use_adaptive_routing=true"
+    )
     assert (saved.router_aux_loss_coef, saved.attention_dropout, saved.router_z_loss_coef) == (0.5, 0.1, 0.25)
-    assert saved.num_clusters == 2
+    assert saved.num_clusters == 2 and saved.use_adaptive_routing is True
+    # All or nothing: a bad item leaves the items before it unset too.
+    before = saved.to_dict()
+    with pytest.raises(ValueError, match="no_such_setting"):
+        saved.update_from_string("hidden_size=128,no_such_setting=1")
+    with pytest.raises(ValueError, match="routing_temperature"):
+        saved.update_from_string("hidden_size=128,routing_temperature=warm")
+    assert saved.to_dict() == before
 
 
 def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config):
@@ -341,11 +350,15 @@ def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config)
         {"rope_theta": 5e5, "rope_parameters": {"rope_type": "default"}}, "overrides", defaults=legacy
     )
     assert config.rope_parameters == given
-    # A RoPE dict given without a rope_theta keeps the saved one (in the saved dict, or a legacy config's).
+    # A RoPE setting given without a rope_theta keeps the saved one (in the saved dict, or a legacy config's); None
+    # drops the scaling.
     for defaults in (tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 5e4}).to_dict(), legacy):
+        theta = defaults.get("rope_theta", 5e4)
         for key in ("rope_parameters", "rope_scaling"):
             config = ClusterMoEConfig.from_settings({key: dict(scaling)}, "overrides", defaults=defaults)
-            assert config.rope_parameters == {**scaling, "rope_theta": defaults.get("rope_theta", 5e4)}
+            assert config.rope_parameters == {**scaling, "rope_theta": theta}
+            config = ClusterMoEConfig.from_settings({key: None}, "overrides", defaults=defaults)
+            assert config.rope_parameters == {"rope_type": "default", "rope_theta": theta}
     with pytest.raises(ValueError, match="rope_theta is given twice, as 500000.0 and in rope_parameters as 1000000.0"):
         ClusterMoEConfig.from_settings({"rope_theta": 5e5, "rope_parameters": {"rope_type": "default",
                                                                                 "rope_theta": 1e6}}, "x")  # fmt: skip

@@ -530,6 +530,16 @@ def test_pipeline_parallelism_is_refused_by_name(tiny_model, tmp_path):
         ClusterMoEForCausalLM(config)
 
 
+def test_early_exit_assisted_generation_matches_greedy_decoding(tiny_model):
+    """transformers' self-speculative decoding drafts with the first layers, lowering `num_hidden_layers` meanwhile;
+    the full model verifies, so the result is greedy decoding's."""
+    model = tiny_model()
+    ids = random_ids(1, 5)
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(model.generate(ids, max_new_tokens=4, do_sample=False, assistant_early_exit=1), expected)
+    assert model.config.num_hidden_layers == 2
+
+
 def test_decoder_layers_wrapped_for_activation_checkpointing_train_and_save(tiny_model, tmp_path):
     """What accelerate's FSDP activation checkpointing does to each decoder layer: not a pipeline placeholder."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (

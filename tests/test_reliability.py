@@ -740,6 +740,19 @@ def test_reinitialize_expert_zeroes_only_optimizer_state_that_starts_at_zero(tin
     assert "left the optimizer's step_size" in caplog.text
 
 
+def test_reinitialize_expert_sets_adagrad_sums_back_to_their_starting_value(tiny_model, caplog):
+    model = tiny_model().train()
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=1e-2, initial_accumulator_value=0.5)
+    ids = random_ids(2, 8)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    state = optimizer.state[model.model.layers[1].mlp.experts.down_proj]
+    with caplog.at_level("WARNING"):
+        model.reinitialize_expert(1, 1, 1, optimizer=optimizer)  # global expert 5
+    assert state["sum"][5].eq(0.5).all() and state["sum"][4].gt(0.5).any()
+    assert "left the optimizer's" not in caplog.text
+
+
 def test_reinitialize_expert_leaves_factored_optimizer_statistics_with_a_warning(tiny_model, caplog):
     """Adafactor's row/column variances are not shaped like the weights; zeros there would divide by zero."""
     model = tiny_model().train()

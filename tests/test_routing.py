@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from clustermoe_hf import ClusterMoEForCausalLM, modeling_clustermoe
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM, modeling_clustermoe
+from clustermoe_hf.modeling_clustermoe import ClusterMoERouter
 
 
 VOCAB_SIZE = 64
@@ -150,6 +151,80 @@ def test_hierarchical_and_flat_routers_agree(
     flat_out.loss.backward()
     for name, param in hierarchical.named_parameters():
         torch.testing.assert_close(param.grad, flat.get_parameter(name).grad, msg=name)
+
+
+@pytest.mark.parametrize("hidden_size, dtype", [(34, torch.float32), (36, torch.bfloat16)])
+def test_sizes_that_grouped_mm_cannot_take_still_route_and_run(tiny_config, hidden_size, dtype):
+    """grouped_mm needs rows of a multiple of 16 bytes: hidden sizes (and experts per cluster, intermediate sizes)
+    that are not multiples of 4 in float32 or 8 in bf16 raised in the hierarchical router and the experts."""
+    sizes = {"hidden_size": hidden_size, "head_dim": 8, "experts_per_cluster": 5, "intermediate_size": 6}
+    hierarchical = ClusterMoEForCausalLM(tiny_config(router_implementation="hierarchical", **sizes)).to(dtype).train()
+    flat = ClusterMoEForCausalLM(tiny_config(router_implementation="flat", **sizes)).to(dtype).train()
+    flat.load_state_dict(hierarchical.state_dict())
+    ids = random_ids(2, 9)
+    out, flat_out = hierarchical(ids, labels=ids), flat(ids, labels=ids)
+    torch.testing.assert_close(out.logits, flat_out.logits)
+    out.loss.backward()
+    flat_out.loss.backward()
+    for name, param in hierarchical.named_parameters():
+        torch.testing.assert_close(param.grad, flat.get_parameter(name).grad, msg=name)
+
+
+class LargestOutputSpy(TorchDispatchMode):
+    """Records the largest tensor an op (not a view) creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for tensor in output if isinstance(output, (tuple, list)) else (output,):
+                if isinstance(tensor, torch.Tensor) and tensor.numel() > self.largest[0]:
+                    self.largest = (tensor.numel(), str(func))
+        return output
+
+
+def test_hierarchical_routing_of_a_token_creates_nothing_the_size_of_all_experts(tiny_config):
+    """Sub-linear routing: a token is scored against its chosen clusters' experts only, and nothing per forward is
+    sized by all experts (the router weights were copied in every forward; they still are where their rows need
+    padding for grouped_mm). The selection terms (one per expert) are built in the first forward and reused while the
+    routing state does not change."""
+    experts_per_cluster = 64
+    model = ClusterMoEForCausalLM(
+        tiny_config(num_clusters=64, experts_per_cluster=experts_per_cluster, hidden_size=16, head_dim=4)
+    ).eval()
+    router = model.model.layers[0].mlp.router
+    assert router.hierarchical  # "auto", from 256 experts on
+    hidden = torch.randn(1, 16)
+    with torch.no_grad():
+        router(hidden)
+        with LargestOutputSpy() as spy:
+            router(hidden)
+    assert spy.largest[0] < 64 * experts_per_cluster // 4, spy.largest
+
+
+def test_hierarchical_router_groups_tokens_of_every_one_of_many_clusters():
+    """The (token, cluster) groups' boundaries are counted exactly: a float histogram put cluster C-2's tokens into
+    cluster C-1's group from ~8k clusters on, scoring them with another cluster's expert rows."""
+    config = ClusterMoEConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        num_key_value_heads=1, num_clusters=8192, experts_per_cluster=2, top_k_clusters=1, top_k_experts=1,
+        router_implementation="hierarchical",
+    )  # fmt: skip
+    router = ClusterMoERouter(config)
+    torch.nn.init.normal_(router.expert_weight)
+    hidden = torch.randn(4, 8)
+    with torch.no_grad():
+        router.cluster_weight.zero_()
+        router.cluster_weight[[5, 8189, 8190, 8191], torch.arange(4)] = 100.0  # token i picks the i-th of these
+        hidden[:, :4] = torch.eye(4)
+        routing = router(hidden)
+        router.hierarchical = False
+        expected = router(hidden)
+    assert routing.cluster_index.view(-1).tolist() == [5, 8189, 8190, 8191]
+    torch.testing.assert_close(routing.expert_logits, expected.expert_logits)
 
 
 def test_jitter_changes_training_selection_only(tiny_model):

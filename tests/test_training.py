@@ -274,6 +274,31 @@ def test_router_metrics_of_a_sequence_classifier(tiny_config, tmp_path):
     assert {f"router/layer_{layer}/expert_load_cv" for layer in (0, 1)} <= log.keys()
 
 
+class StopWith(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_router_metrics_callback_follows_the_model_of_its_next_run(tiny_config, tmp_path):
+    """A run that ends in an exception skips `on_train_end`: the next run's model still gets the metrics."""
+    callback = training.RouterMetricsCallback()
+    args = training_arguments(tmp_path, max_steps=1)
+    interrupted = Trainer(
+        model=ClusterMoEForCausalLM(tiny_config()), args=args, train_dataset=random_blocks(4, 8),
+        callbacks=[callback, StopWith()],
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    recorder = LogRecorder()
+    trainer = Trainer(
+        model=ClusterMoEForCausalLM(tiny_config()), args=args, train_dataset=random_blocks(4, 8),
+        callbacks=[callback, recorder],
+    )  # fmt: skip
+    trainer.train()
+    (log,) = [log for log in recorder.logs if "loss" in log]
+    assert {"router/layer_0/expert_load_cv", "router/router_z_loss"} <= log.keys()
+
+
 class ResetUtilizationBefore(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -568,6 +593,20 @@ def test_the_best_lora_checkpoint_loads_with_its_routing_state(tiny_config, tmp_
     saved = load_file(Path(trainer.state.best_model_checkpoint) / "routing_state.safetensors")
     assert int(saved["model.routing_state.training_step"]) == 1
     assert all(torch.equal(value, saved[name]) for name, value in routing_state_dict(model).items())
+
+
+def test_a_best_checkpoint_without_routing_state_leaves_the_model_as_it_is(tiny_config, tmp_path, caplog):
+    """E.g. on a node that saved no checkpoint: the Trainer warns that it found no best model, so do we."""
+    from transformers import TrainerControl, TrainerState
+
+    model = ClusterMoEForCausalLM(tiny_config())
+    before = routing_state_dict(model)
+    state = TrainerState(best_model_checkpoint=str(tmp_path))
+    args = training_arguments(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
+    with caplog.at_level("WARNING"):
+        SaveRoutingState().on_train_end(args, state, TrainerControl(), model=model)
+    assert "no routing_state.safetensors in the best checkpoint" in caplog.text
+    assert all(torch.equal(value, before[name]) for name, value in routing_state_dict(model).items())
 
 
 def test_lora_config_can_leave_the_experts_alone():
