@@ -605,6 +605,7 @@ def render_model_card(
     *,
     model_id: str,
     dataset_id: str,
+    dataset_on_hub: bool = False,
     dataset_description: str,
     perplexity: float,
     results: dict[str, float],
@@ -619,7 +620,8 @@ def render_model_card(
 
     `perplexity` is the validation perplexity (also the model-index metric); `results` are the other rows of the
     results table. `images` maps a caption to a file name inside the model folder (plots); `base_model` is the Hub id
-    of the model that training started from, if any.
+    of the model that training started from, if any. `dataset_id` names the data in the model-index; it is listed as
+    the card's Hub dataset only with `dataset_on_hub` (a local corpus' name would link to an unrelated dataset).
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -630,7 +632,7 @@ def render_model_card(
         pipeline_tag="text-generation",
         license="apache-2.0",
         tags=["clustermoe", "mixture-of-experts", "moe", "causal-lm", "custom_code", "text-generation"],
-        datasets=[dataset_id],
+        datasets=[dataset_id] if dataset_on_hub else None,
         metrics=["perplexity"],
         base_model=base_model,
         eval_results=[

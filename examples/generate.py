@@ -81,9 +81,20 @@ class GenerationArguments:
             value = getattr(self, name)
             if value is not None and not valid(value):
                 raise ValueError(f"--{name} must be {expected}, got {value}.")
+        empty = [index for index, prompt in enumerate(self.prompt) if not prompt]
+        if empty:  # the model needs at least one token to continue
+            raise ValueError(f"--prompt: prompt {empty[0] + 1} is empty; give each prompt some text to continue.")
         # A mistyped folder would otherwise fail as a malformed Hub id ('Repo id must be in the form ...').
         name = self.model_name_or_path
-        if not Path(name).exists():
+        folder = Path(name)
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            adapters = (folder / "adapter_config.json").is_file()
+            raise FileNotFoundError(
+                f"--model_name_or_path {name} holds no model (config.json)"
+                + (": it holds LoRA adapters, a training checkpoint; use the run's output folder, where run_clm.py "
+                   "saves the model with the adapters merged." if adapters else ".")
+            )
+        if not folder.exists():
             try:
                 validate_repo_id(name)
             except HFValidationError:

@@ -260,8 +260,8 @@ class DataArguments:
             raise ValueError(
                 f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}."
             )
-        if self.block_size < 1:
-            raise ValueError(f"--block_size must be at least 1 token, got {self.block_size}.")
+        if self.block_size < 2:  # a block of one token has no next token to predict: nothing would train
+            raise ValueError(f"--block_size must be at least 2 tokens (a token and the next), got {self.block_size}.")
         # A negative N would slice off the last blocks instead of keeping the first N.
         for option in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, option)
@@ -344,8 +344,9 @@ def check_local_or_hub_id(name: str | None, option: str) -> None:
         raise FileNotFoundError(f"{option} {name}: no such file or folder (and not a Hub id).") from None
 
 
-def check_training_arguments(training_args: TrainingArguments) -> None:
-    """Refuse TrainingArguments that this script cannot honour, before anything is read or built.
+def check_training_arguments(training_args: TrainingArguments, command_line: set[str] = frozenset()) -> None:
+    """Refuse TrainingArguments that this script cannot honour, before anything is read or built (`command_line`:
+    the options given).
 
     Uploading: the Trainer pushes at `save_model`, before the model card is rendered, so the Hub would get its generic
     card (no custom_code tag, no pipeline_tag) and training_args.bin, which holds --hub_token. push_to_hub.py uploads
@@ -362,6 +363,13 @@ def check_training_arguments(training_args: TrainingArguments) -> None:
             "together with training_args.bin, which holds --hub_token). Train without it, then upload the folder: "
             f"python examples/push_to_hub.py --folder {training_args.output_dir} --repo-id {repo_id} "
             "(token from HF_TOKEN or `hf auth login`)."
+        )
+    # The script always trains, then evaluates: options that ask otherwise would be ignored.
+    if ("--do_train" in command_line and not training_args.do_train) or training_args.do_predict:
+        option = "--do_predict" if training_args.do_predict else "--do_train false"
+        raise ValueError(
+            f"{option}: run_clm.py always trains and then evaluates on the validation split; to only evaluate or "
+            "generate, load the saved folder (examples/generate.py)."
         )
     # The model card reports the validation perplexity, which the Trainer computes only with predictions.
     if training_args.prediction_loss_only:
@@ -404,6 +412,13 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         checkpoint = Path(checkpoint)
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such folder.")
+        saved_by_trainer = (checkpoint / "trainer_state.json").is_file()
+        if not (checkpoint.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and saved_by_trainer):
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint} is not a checkpoint the Trainer saved during a run (a "
+                f"{PREFIX_CHECKPOINT_DIR}-<step> folder with trainer_state.json and the optimizer's state). To train a "
+                "finished model further, pass its folder as --model_name_or_path."
+            )
         if checkpoint.resolve() == output_dir.resolve():
             raise ValueError(
                 f"--resume_from_checkpoint and --output_dir are the same folder ({output_dir}): the run would save "
@@ -570,11 +585,30 @@ def load_tokenizer(
 
 def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase):
     if model_args.model_name_or_path is not None:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
         )
+        vocab_size = model.config.vocab_size
+        if len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens, more than the vocabulary of --model_name_or_path "
+                f"{model_args.model_name_or_path} ({vocab_size}): its ids would not fit. Leave --tokenizer_name out to "
+                "use the model's own tokenizer."
+            )
+        if len(tokenizer) < vocab_size:
+            logger.warning(
+                f"The tokenizer has {len(tokenizer)} tokens and the model's vocabulary {vocab_size}: unless it is "
+                "the tokenizer the model was trained with, its ids mean other tokens to the model."
+            )
+        return model
     if model_args.config_name is not None:
         base, _ = ClusterMoEConfig.get_config_dict(model_args.config_name)
+        if base.get("model_type") != ClusterMoEConfig.model_type:
+            raise ValueError(
+                f"--config_name {model_args.config_name} is a {base.get('model_type')!r} config, not a ClusterMoE "
+                "one: its fields would be ignored and a default ClusterMoE trained. Pass a ClusterMoE config, or "
+                "leave --config_name out and set the sizes with --config_overrides."
+            )
     else:
         base = {**DEFAULT_MODEL_CONFIG, "max_position_embeddings": data_args.block_size}
     settings = {
@@ -673,8 +707,13 @@ def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args:
         warmup = f"{warmup_steps} steps"
     else:
         warmup = f"{100 * args.warmup_steps:g}% of the steps ({warmup_steps})"
-    rows = [
-        ("Optimizer steps", str(trainer.state.global_step)),
+    rows = [("Optimizer steps", str(trainer.state.global_step))]
+    best = trainer.state.best_model_checkpoint
+    if args.load_best_model_at_end and best is not None:
+        metric = args.metric_for_best_model  # the Trainer compares eval_<metric>
+        metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+        rows.append(("Weights", f"the best checkpoint's, {Path(best).name} ({metric} {trainer.state.best_metric:.4g})"))
+    rows += [
         (
             "Tokens per step (sequences x block size)",
             f"{global_batch * data_args.block_size:,} ({global_batch} x {data_args.block_size})",
@@ -699,10 +738,14 @@ def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args:
 
 
 def main(args: list[str] | None = None) -> dict:
+    command_line = {arg.split("=", 1)[0] for arg in (sys.argv[1:] if args is None else args) if arg.startswith("--")}
     parser = HfArgumentParser((ModelArguments, DataArguments, ReportArguments, TrainingArguments))
-    parser.set_defaults(**TRAINING_DEFAULTS)
+    defaults = dict(TRAINING_DEFAULTS)
+    if "--num_train_epochs" in command_line and "--max_steps" not in command_line:
+        defaults["max_steps"] = -1  # the default step count would override the epochs asked for
+    parser.set_defaults(**defaults)
     model_args, data_args, report_args, training_args = parser.parse_args_into_dataclasses(args=args)
-    check_training_arguments(training_args)
+    check_training_arguments(training_args, command_line)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -717,6 +760,11 @@ def main(args: list[str] | None = None) -> dict:
 
     train_texts, validation_texts, dataset_id, dataset_description = load_corpus(data_args)
     checkpoint = training_args.resume_from_checkpoint
+    if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file() and model_args.lora_rank == 0:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} holds LoRA adapters: resume it with the run's --lora_rank (and "
+            "its --model_name_or_path, the model the adapters belong to)."
+        )
     tokenizer = load_tokenizer(model_args, train_texts, checkpoint)
     train_dataset = TokenBlocks(train_texts, tokenizer, data_args.block_size).truncate(data_args.max_train_samples)
     eval_dataset = TokenBlocks(validation_texts, tokenizer, data_args.block_size).truncate(data_args.max_eval_samples)
@@ -733,6 +781,9 @@ def main(args: list[str] | None = None) -> dict:
     # Decided now: with --overwrite_output_dir, a starting checkpoint inside --output_dir is moved away for training.
     base_model = None if Path(str(model_args.model_name_or_path)).exists() else model_args.model_name_or_path
     check_context_length(model, data_args.block_size)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and tokenizer.model_max_length > context:  # saved with the model, for truncation warnings
+        tokenizer.model_max_length = context
     if checkpoint is not None:
         check_resumed_config(model, checkpoint)
     if is_deepspeed_zero3_enabled():
@@ -761,7 +812,7 @@ def main(args: list[str] | None = None) -> dict:
         data_collator=default_data_collator,
         compute_metrics=perplexity_from_token_nll,
         preprocess_logits_for_metrics=token_nll_for_perplexity,
-        # The Trainer's own label smoothing would not shift this custom-code model's labels (see the helper)
+        # The Trainer's own label smoothing would leave out the router losses (see the helper)
         compute_loss_func=(
             label_smoothed_causal_lm_loss(training_args.label_smoothing_factor)
             if training_args.label_smoothing_factor > 0
@@ -832,6 +883,7 @@ def main(args: list[str] | None = None) -> dict:
         saved_model,
         model_id=training_args.hub_model_id or output_dir.resolve().name,
         dataset_id=dataset_id,
+        dataset_on_hub=data_args.dataset_name is not None,
         dataset_description=dataset_description,
         perplexity=eval_metrics["eval_perplexity"],
         results={

