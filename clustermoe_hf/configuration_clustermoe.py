@@ -284,10 +284,13 @@ class ClusterMoEConfig(PreTrainedConfig):
             )
             defaults = {key: value for key, value in defaults.items() if key not in rope_keys}
             for key in rope_keys:
-                if key in by_field and saved_theta is not None and "rope_theta" not in by_field:
-                    given = by_field[key] if by_field[key] is not None else {"rope_type": "default"}
-                    if isinstance(given, dict):
-                        by_field[key] = {**given, "rope_theta": given.get("rope_theta", saved_theta)}
+                if key not in by_field or saved_theta is None or "rope_theta" in by_field:
+                    continue
+                given = by_field[key]
+                if given is None and not any(by_field.get(other) is not None for other in rope_keys):
+                    given = {"rope_type": "default"}  # unless the other key sets the RoPE parameters
+                if isinstance(given, dict):
+                    by_field[key] = {**given, "rope_theta": given.get("rope_theta", saved_theta)}
         # transformers' legacy names, which would lose to a saved config's `dtype` and `rope_parameters`.
         if "torch_dtype" in by_field:
             by_field.setdefault("dtype", by_field.pop("torch_dtype"))

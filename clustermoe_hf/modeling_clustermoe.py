@@ -239,10 +239,14 @@ def sorted_mm_experts_forward(
     """`experts_implementation="sorted_mm"`, ClusterMoE's default: transformers' `grouped_mm`, with two CPU paths
     where it is slow. Without gradients and for at most `PER_PAIR_MAX_PAIRS` pairs (decoding), each pair runs on its
     own. For weights in a half-precision dtype the CPU emulates (`_CPU_DTYPES_WITHOUT_FAST_GEMM`), or whose rows
-    `grouped_mm` cannot take (not 16-byte aligned), it sorts the (token, expert) pairs by expert once and runs one
-    float32 GEMM per expert that received pairs, forward and backward; per token, outputs are summed in the eager
-    reference's order. Both read the routing on the host (free on CPU), which their per-expert GEMMs need. Measured
-    against `grouped_mm` in docs/benchmarks.md."""
+    `grouped_mm` cannot take (not 16-byte aligned; elsewhere such rows take the eager loop), it sorts the (token,
+    expert) pairs by expert once and runs one float32 GEMM per expert that received pairs, forward and backward; per
+    token, outputs are summed in the eager reference's order. Both read the routing on the host (free on CPU), which
+    their per-expert GEMMs need. Measured against `grouped_mm` in docs/benchmarks.md."""
+    # grouped_mm's kernels need 16-byte aligned rows: at other sizes (e.g. a hidden size of 34 in float32, or an
+    # intermediate size of 12 in bf16) they raise.
+    row_sizes = (*self.gate_up_proj.shape[1:], *self.down_proj.shape[1:])
+    aligned = all(size * self.gate_up_proj.element_size() % 16 == 0 for size in row_sizes)
     if (
         hidden_states.device.type != "cpu"
         or is_torchdynamo_compiling()
@@ -251,13 +255,13 @@ def sorted_mm_experts_forward(
         or self.has_post_expert_norm
         or self._is_expert_parallel
     ):
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if aligned or self._is_expert_parallel:
+            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)  # the eager loop
     if self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM:
         if not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
             return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        # grouped_mm needs 16-byte aligned rows; at other sizes (e.g. a hidden size of 34 in float32) it raises.
-        row_bytes = [size * self.gate_up_proj.element_size() for size in self.gate_up_proj.shape[1:]]
-        if all(size % 16 == 0 for size in row_bytes):
+        if aligned:
             return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, hidden_dim = hidden_states.shape
     pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k
@@ -1249,13 +1253,17 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 placeholder = f"decoder layer {idx} is a {type(layer).__name__}"
                 raise NotImplementedError(_NO_PIPELINE_PARALLELISM.format(placeholder))
         # Fewer layers than the config names were removed; more are run partly (early-exit decoding lowers
-        # `num_hidden_layers` for a while), which the forward allows.
-        if len(layers) < self.config.num_hidden_layers:
+        # `num_hidden_layers` for a while), which the forward allows, as long as the MoE layers are those the routing
+        # state was built for.
+        num_moe_layers = sum(bool(layer.is_moe) for layer in layers)
+        built_moe_layers = self.base_model.routing_state.pending_counts.shape[0]
+        if len(layers) < self.config.num_hidden_layers or num_moe_layers != built_moe_layers:
             raise ValueError(
-                f"The model has {len(layers)} decoder layers, its config num_hidden_layers="
-                f"{self.config.num_hidden_layers}: the routing state and statistics span the layers the model was "
-                "built with. Layers cannot be removed afterwards (as a pipeline stage that deletes the other stages' "
-                "layers: pipeline parallelism is not supported)."
+                f"The model has {len(layers)} decoder layers ({num_moe_layers} MoE), its config num_hidden_layers="
+                f"{self.config.num_hidden_layers} and its routing state {built_moe_layers} MoE layers: the routing "
+                "state and statistics span the layers the model was built with. Layers cannot be removed or added "
+                "afterwards (as a pipeline stage that deletes the other stages' layers: pipeline parallelism is not "
+                "supported)."
             )
         return layers
 

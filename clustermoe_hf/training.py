@@ -161,7 +161,8 @@ class TokenBlocks(Dataset):
             raise ValueError("The tokenizer needs an EOS token to separate documents.")
         ids = []
         texts = list(texts)
-        for document_ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
+        # Whole documents, longer than the model's context (the tokenizer's model_max_length) would warn about
+        for document_ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []:
             if document_ids:  # an empty document would add a lone EOS
                 ids.extend(document_ids)
                 ids.append(tokenizer.eos_token_id)

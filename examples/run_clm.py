@@ -413,7 +413,7 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such folder.")
         saved_by_trainer = (checkpoint / "trainer_state.json").is_file()
-        if not (checkpoint.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and saved_by_trainer):
+        if not (checkpoint.resolve().name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and saved_by_trainer):
             raise ValueError(
                 f"--resume_from_checkpoint {checkpoint} is not a checkpoint the Trainer saved during a run (a "
                 f"{PREFIX_CHECKPOINT_DIR}-<step> folder with trainer_state.json and the optimizer's state). To train a "
@@ -603,7 +603,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
         return model
     if model_args.config_name is not None:
         base, _ = ClusterMoEConfig.get_config_dict(model_args.config_name)
-        if base.get("model_type") != ClusterMoEConfig.model_type:
+        if base.get("model_type", ClusterMoEConfig.model_type) != ClusterMoEConfig.model_type:
             raise ValueError(
                 f"--config_name {model_args.config_name} is a {base.get('model_type')!r} config, not a ClusterMoE "
                 "one: its fields would be ignored and a default ClusterMoE trained. Pass a ClusterMoE config, or "
@@ -739,7 +739,8 @@ def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args:
 
 def main(args: list[str] | None = None) -> dict:
     command_line = {arg.split("=", 1)[0] for arg in (sys.argv[1:] if args is None else args) if arg.startswith("--")}
-    parser = HfArgumentParser((ModelArguments, DataArguments, ReportArguments, TrainingArguments))
+    # Options spelt out: the command line is read by name here (abbreviations would slip past).
+    parser = HfArgumentParser((ModelArguments, DataArguments, ReportArguments, TrainingArguments), allow_abbrev=False)
     defaults = dict(TRAINING_DEFAULTS)
     if "--num_train_epochs" in command_line and "--max_steps" not in command_line:
         defaults["max_steps"] = -1  # the default step count would override the epochs asked for
@@ -883,7 +884,7 @@ def main(args: list[str] | None = None) -> dict:
         saved_model,
         model_id=training_args.hub_model_id or output_dir.resolve().name,
         dataset_id=dataset_id,
-        dataset_on_hub=data_args.dataset_name is not None,
+        dataset_on_hub=data_args.dataset_name is not None and not Path(data_args.dataset_name).exists(),
         dataset_description=dataset_description,
         perplexity=eval_metrics["eval_perplexity"],
         results={

@@ -359,6 +359,9 @@ def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config)
             assert config.rope_parameters == {**scaling, "rope_theta": theta}
             config = ClusterMoEConfig.from_settings({key: None}, "overrides", defaults=defaults)
             assert config.rope_parameters == {"rope_type": "default", "rope_theta": theta}
+        both = {"rope_scaling": None, "rope_parameters": dict(scaling)}  # the dict sets RoPE, None adds nothing
+        config = ClusterMoEConfig.from_settings(both, "overrides", defaults=defaults)
+        assert config.rope_parameters == {**scaling, "rope_theta": theta}
     with pytest.raises(ValueError, match="rope_theta is given twice, as 500000.0 and in rope_parameters as 1000000.0"):
         ClusterMoEConfig.from_settings({"rope_theta": 5e5, "rope_parameters": {"rope_type": "default",
                                                                                 "rope_theta": 1e6}}, "x")  # fmt: skip

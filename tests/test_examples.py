@@ -197,7 +197,7 @@ def test_run_clm_refuses_to_train_into_a_previous_run(run_clm, trained, monkeypa
     assert {path: path.stat().st_mtime_ns for path in folder.rglob("*")} == before
 
 
-def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_clm, tmp_path):
+def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_clm, tmp_path, monkeypatch):
     """`check_output_dir` says whether an earlier run is to be replaced, and deletes nothing itself."""
 
     def check(folder, resume_from_checkpoint=None, overwrite_output_dir=False):
@@ -220,6 +220,9 @@ def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_c
         check(tmp_path / "new", str(folder))
     with pytest.raises(ValueError, match=r"--resume_from_checkpoint .* is not a checkpoint the Trainer saved"):
         check(tmp_path / "new", str(folder / "runs"))
+    with monkeypatch.context() as inside:  # run from inside the checkpoint folder
+        inside.chdir(folder / "checkpoint-4")
+        assert check(tmp_path / "new", ".") is False
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         check(folder)
     assert check(folder, overwrite_output_dir=True) is True  # replaced, but only once training starts
@@ -481,6 +484,13 @@ def test_run_clm_refuses_a_config_of_another_model_type(run_clm, tmp_path):
     with pytest.raises(ValueError, match=r"--config_name .*gpt2 is a 'gpt2' config, not a ClusterMoE one"):
         run_clm.main([*without(SHORT_RUN, "--config_overrides"), "--config_name", str(tmp_path / "gpt2"),
                       "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    # A config.json written by hand without a model_type is read as a ClusterMoE config, as from_pretrained does.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text(json.dumps({"hidden_size": 48, "num_hidden_layers": 1}))
+    tokenizer = run_clm.train_byte_level_bpe(["some text"], vocab_size=300)
+    model_args, data_args = run_clm.ModelArguments(config_name=str(tmp_path / "mine")), run_clm.DataArguments()
+    model = run_clm.build_model(model_args, data_args, tokenizer)
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (48, 1)
 
 
 def test_run_clm_refuses_a_tokenizer_larger_than_the_models_vocabulary(run_clm, trained, tmp_path):
@@ -704,6 +714,27 @@ def test_run_clm_reads_a_datasets_dataset(run_clm, monkeypatch):
     splits["validation"] = Split(text=["held out"])
     train, validation, _, _ = run_clm.load_corpus(arguments)
     assert (len(train), validation) == (10, ["held out"])
+
+
+def test_the_card_lists_a_hub_dataset_but_not_a_local_one(run_clm, tmp_path, monkeypatch):
+    class Split(dict):
+        column_names = property(lambda self: list(self))
+
+    documents = read_text_documents(PLAY)[PLAY.name].split("\n\n")
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config: {"train": Split(text=documents)}
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (tmp_path / "local").mkdir()
+    for name, listed in (("someone/plays", ["someone/plays"]), (str(tmp_path / "local"), None)):
+        folder = tmp_path / f"run-{listed is None}"
+        run_clm.main([*without(SHORT_RUN, "--train_file"), "--dataset_name", name, "--output_dir", str(folder)])
+        assert front_matter((folder / "README.md").read_text()).get("datasets") == listed
+
+
+def test_run_clm_reads_options_spelt_out_only(run_clm, tmp_path):
+    """argparse would take `--num_train_ep` for --num_train_epochs, which the script reads from the command line."""
+    with pytest.raises(ValueError, match=r"arguments are not used by the HfArgumentParser: \['--num_train_ep'"):
+        run_clm.main([*TINY_RUN, "--num_train_ep", "2", "--output_dir", str(tmp_path / "run")])
 
 
 def test_default_sample_prompt_is_the_first_non_blank_held_out_line(run_clm, tmp_path):

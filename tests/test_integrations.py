@@ -1,6 +1,7 @@
 """What users try with any transformers model: loading options, big-model placement, sharding, embeddings resizing
 and tying, gradient checkpointing, extra outputs, pipelines, PEFT, sequence classification, parallelism plans."""
 
+import copy
 import json
 import os
 import time
@@ -520,8 +521,12 @@ def test_pipeline_parallelism_is_refused_by_name(tiny_model, tmp_path):
     assert not any(tmp_path.iterdir())
     # A stage may delete the other stages' layers instead: its statistics would land in other layers' rows.
     del model.model.layers[1]
-    message = r"The model has 1 decoder layers, its config num_hidden_layers=2: .* pipeline parallelism is not"
+    message = r"The model has 1 decoder layers \(1 MoE\), its config num_hidden_layers=2 and its routing state 2"
     with pytest.raises(ValueError, match=message):
+        model(random_ids(1, 4))
+    # Nor can one be added: the forward would skip it, and the routing state has no row for it.
+    model.model.layers.extend([copy.deepcopy(model.model.layers[0]) for _ in range(2)])
+    with pytest.raises(ValueError, match=r"The model has 3 decoder layers \(3 MoE\), .* routing state 2 MoE"):
         model(random_ids(1, 4))
     # from_pretrained(..., distributed_config=DistributedConfig(pp_size=2)): refused on every process before loading
     config = model.config

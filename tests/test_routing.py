@@ -153,11 +153,14 @@ def test_hierarchical_and_flat_routers_agree(
         torch.testing.assert_close(param.grad, flat.get_parameter(name).grad, msg=name)
 
 
-@pytest.mark.parametrize("hidden_size, dtype", [(34, torch.float32), (36, torch.bfloat16)])
-def test_sizes_that_grouped_mm_cannot_take_still_route_and_run(tiny_config, hidden_size, dtype):
+@pytest.mark.parametrize(
+    "hidden_size, intermediate_size, dtype", [(34, 6, torch.float32), (32, 6, torch.float32), (36, 12, torch.bfloat16)]
+)
+def test_sizes_that_grouped_mm_cannot_take_still_route_and_run(tiny_config, hidden_size, intermediate_size, dtype):
     """grouped_mm needs rows of a multiple of 16 bytes: hidden sizes (and experts per cluster, intermediate sizes)
     that are not multiples of 4 in float32 or 8 in bf16 raised in the hierarchical router and the experts."""
-    sizes = {"hidden_size": hidden_size, "head_dim": 8, "experts_per_cluster": 5, "intermediate_size": 6}
+    sizes = {"hidden_size": hidden_size, "head_dim": 8, "experts_per_cluster": 5}
+    sizes["intermediate_size"] = intermediate_size
     hierarchical = ClusterMoEForCausalLM(tiny_config(router_implementation="hierarchical", **sizes)).to(dtype).train()
     flat = ClusterMoEForCausalLM(tiny_config(router_implementation="flat", **sizes)).to(dtype).train()
     flat.load_state_dict(hierarchical.state_dict())
@@ -203,6 +206,17 @@ def test_hierarchical_routing_of_a_token_creates_nothing_the_size_of_all_experts
         with LargestOutputSpy() as spy:
             router(hidden)
     assert spy.largest[0] < 64 * experts_per_cluster // 4, spy.largest
+
+
+@pytest.mark.slow  # compiles (~10 s)
+def test_unaligned_experts_take_the_eager_loop_where_grouped_mm_would_run(tiny_config):
+    """Compiled, or on an accelerator, `sorted_mm` is grouped_mm, whose kernels raise for rows that are not 16-byte
+    aligned (here bf16 rows of 36 and 12 values): those run transformers' eager loop instead."""
+    config = tiny_config(hidden_size=36, head_dim=8, intermediate_size=12, num_hidden_layers=1)
+    model = ClusterMoEForCausalLM(config).to(torch.bfloat16).eval()
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(ids).logits, model(ids).logits)
 
 
 def test_hierarchical_router_groups_tokens_of_every_one_of_many_clusters():

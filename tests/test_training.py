@@ -179,6 +179,16 @@ def test_token_blocks_pack_documents_separated_by_eos(bpe_tokenizer):
         blocks.truncate(-1)
 
 
+def test_token_blocks_tokenize_documents_longer_than_the_context_without_a_warning(bpe_tokenizer, caplog):
+    """A tokenizer saved with a model knows its context (model_max_length); whole documents are longer, and cut
+    into blocks afterwards."""
+    tokenizer = copy.deepcopy(bpe_tokenizer)
+    tokenizer.model_max_length = 4
+    with caplog.at_level("WARNING"):
+        blocks = TokenBlocks(["Antipholus of Syracuse and Dromio of Ephesus"], tokenizer, block_size=4)
+    assert len(blocks) >= 2 and "Token indices sequence length" not in caplog.text
+
+
 def test_token_blocks_of_no_text_are_empty(bpe_tokenizer):
     """So that a corpus too small to hold anything out reaches run_clm.py's own message, not a tokenizer error."""
     assert len(TokenBlocks([], bpe_tokenizer, block_size=4)) == 0
