@@ -38,7 +38,12 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
-from transformers.integrations.moe import ExpertsInterface, _grouped_mm, grouped_mm_experts_forward
+from transformers.integrations.moe import (
+    ExpertsInterface,
+    _can_use_grouped_mm,
+    _grouped_mm,
+    grouped_mm_experts_forward,
+)
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
@@ -239,30 +244,23 @@ def sorted_mm_experts_forward(
     """`experts_implementation="sorted_mm"`, ClusterMoE's default: transformers' `grouped_mm`, with two CPU paths
     where it is slow. Without gradients and for at most `PER_PAIR_MAX_PAIRS` pairs (decoding), each pair runs on its
     own. For weights in a half-precision dtype the CPU emulates (`_CPU_DTYPES_WITHOUT_FAST_GEMM`), or whose rows
-    `grouped_mm` cannot take (not 16-byte aligned; elsewhere such rows take the eager loop), it sorts the (token,
-    expert) pairs by expert once and runs one float32 GEMM per expert that received pairs, forward and backward; per
-    token, outputs are summed in the eager reference's order. Both read the routing on the host (free on CPU), which
-    their per-expert GEMMs need. Measured against `grouped_mm` in docs/benchmarks.md."""
-    # grouped_mm's kernels need 16-byte aligned rows: at other sizes (e.g. a hidden size of 34 in float32, or an
-    # intermediate size of 12 in bf16) they raise.
+    `grouped_mm`'s kernels cannot take (not 16-byte aligned; on any device), it sorts the (token, expert) pairs by
+    expert once and runs one float32 GEMM per expert that received pairs, forward and backward; per token, outputs
+    are summed in the eager reference's order. Both read the routing on the host (free on CPU; one sync elsewhere),
+    which their per-expert GEMMs need. Measured against `grouped_mm` in docs/benchmarks.md."""
+    if not self.has_gate or self.has_bias or self.has_post_expert_norm or self._is_expert_parallel:
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    cpu_eager = hidden_states.device.type == "cpu" and not is_torchdynamo_compiling()
+    fast_dtype = not cpu_eager or self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM
+    if cpu_eager and fast_dtype and not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
+        return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    # torch's grouped_mm kernels need 16-byte aligned rows: at other sizes (e.g. a hidden size of 34 in float32, or an
+    # intermediate size of 12 in bf16) they raise. Where transformers would not run them (e.g. float32 under
+    # compilation: its fallback loop), any size is fine.
     row_sizes = (*self.gate_up_proj.shape[1:], *self.down_proj.shape[1:])
     aligned = all(size * self.gate_up_proj.element_size() % 16 == 0 for size in row_sizes)
-    if (
-        hidden_states.device.type != "cpu"
-        or is_torchdynamo_compiling()
-        or not self.has_gate
-        or self.has_bias
-        or self.has_post_expert_norm
-        or self._is_expert_parallel
-    ):
-        if aligned or self._is_expert_parallel:
-            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)  # the eager loop
-    if self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM:
-        if not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
-            return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        if aligned:
-            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if fast_dtype and (aligned or not _can_use_grouped_mm(hidden_states, self.down_proj, None)):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, hidden_dim = hidden_states.shape
     pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k
     sorted_experts, order = torch.sort(pair_experts, stable=True)  # stable: per token, the eager summation order
@@ -1207,6 +1205,10 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 built["intermediate_size"] = block.experts.intermediate_dim
             shared = block.shared_expert
             built["shared_expert_intermediate_size"] = 0 if shared is None else unwrap(shared.gate_proj).out_features
+        score = getattr(self, "score", None)  # the sequence classifier's head (peft may wrap it)
+        score = getattr(score, "original_module", score)
+        if score is not None:
+            built["num_labels"] = unwrap(score).out_features
         config = self.config
         changed = [f"{name}={getattr(config, name)!r}" for name, size in built.items() if getattr(config, name) != size]
         if changed:

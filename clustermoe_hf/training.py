@@ -436,9 +436,12 @@ def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
             buffers[name].copy_(value)
 
 
-def lora_config(rank: int = 8, alpha: float = 16, dropout: float = 0.0, include_experts: bool = True):
+def lora_config(
+    rank: int = 8, alpha: float = 16, dropout: float = 0.0, include_experts: bool = True, task_type: str = "CAUSAL_LM"
+):
     """A peft `LoraConfig` adapting the attention projections and, with `include_experts`, the fused expert weights
-    (`experts.gate_up_proj` / `experts.down_proj`, through peft's `target_parameters`)."""
+    (`experts.gate_up_proj` / `experts.down_proj`, through peft's `target_parameters`). `task_type="SEQ_CLS"` for
+    `ClusterMoEForSequenceClassification` (peft then also trains and saves its newly initialised `score` head)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -447,7 +450,7 @@ def lora_config(rank: int = 8, alpha: float = 16, dropout: float = 0.0, include_
         lora_dropout=dropout,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         target_parameters=["experts.gate_up_proj", "experts.down_proj"] if include_experts else None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 

@@ -25,6 +25,7 @@ card is written; push_to_hub.py uploads the finished folder.
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import sys
@@ -413,7 +414,8 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such folder.")
         saved_by_trainer = (checkpoint / "trainer_state.json").is_file()
-        if not (checkpoint.resolve().name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and saved_by_trainer):
+        named = Path(os.path.abspath(checkpoint)).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")  # "." too; not resolved
+        if not (named and saved_by_trainer):
             raise ValueError(
                 f"--resume_from_checkpoint {checkpoint} is not a checkpoint the Trainer saved during a run (a "
                 f"{PREFIX_CHECKPOINT_DIR}-<step> folder with trainer_state.json and the optimizer's state). To train a "
@@ -422,8 +424,8 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         if checkpoint.resolve() == output_dir.resolve():
             raise ValueError(
                 f"--resume_from_checkpoint and --output_dir are the same folder ({output_dir}): the run would save "
-                f"into the checkpoint it resumes from. Pass the run's folder ({checkpoint.parent}) or a new one as "
-                "--output_dir."
+                f"into the checkpoint it resumes from. Pass the run's folder ({checkpoint.resolve().parent}) or a new "
+                "one as --output_dir."
             )
         if checkpoint.resolve().parent == output_dir.resolve():
             return False  # continues the run saved in --output_dir
@@ -435,8 +437,8 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         raise FileExistsError(
             f"--output_dir {output_dir} is not empty and --resume_from_checkpoint {checkpoint} is not one of its "
             f"checkpoints: the resumed run would overwrite the run saved there (its weights, and its checkpoints "
-            f"through --save_total_limit). Pass --output_dir {checkpoint.parent} to continue the run in its own "
-            f"folder, a new --output_dir, or --overwrite_output_dir to replace the run in {output_dir}."
+            f"through --save_total_limit). Pass --output_dir {checkpoint.resolve().parent} to continue the run in its "
+            f"own folder, a new --output_dir, or --overwrite_output_dir to replace the run in {output_dir}."
         )
     last_checkpoint = get_last_checkpoint(str(output_dir))
     resume = last_checkpoint if last_checkpoint is not None else f"{output_dir}/{PREFIX_CHECKPOINT_DIR}-<step>"
@@ -540,8 +542,10 @@ def load_corpus(data_args: DataArguments) -> tuple[list[str], list[str], str, st
         if validation is None:
             num_held_out = math.ceil(len(train) * fraction)
             train, validation = train[: len(train) - num_held_out], train[len(train) - num_held_out :]
-        description = f"the `{data_args.dataset_name}` dataset"
-        return train, validation, data_args.dataset_name, description
+        name = data_args.dataset_name
+        if Path(name).exists():  # a local dataset: its folder's name, not the path (which the card would publish)
+            name = Path(name).resolve().name
+        return train, validation, name, f"the `{name}` dataset"
     documents = read_text_documents(data_args.train_file)
     train, validation = hold_out_tails(list(documents.values()), fraction)
     if data_args.train_file is None:
@@ -603,7 +607,9 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
         return model
     if model_args.config_name is not None:
         base, _ = ClusterMoEConfig.get_config_dict(model_args.config_name)
-        if base.get("model_type", ClusterMoEConfig.model_type) != ClusterMoEConfig.model_type:
+        if "model_type" not in base:  # written by hand: every name must be a ClusterMoE setting
+            ClusterMoEConfig.from_settings(base, f"--config_name {model_args.config_name}")
+        elif base["model_type"] != ClusterMoEConfig.model_type:
             raise ValueError(
                 f"--config_name {model_args.config_name} is a {base.get('model_type')!r} config, not a ClusterMoE "
                 "one: its fields would be ignored and a default ClusterMoE trained. Pass a ClusterMoE config, or "
@@ -738,7 +744,9 @@ def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args:
 
 
 def main(args: list[str] | None = None) -> dict:
-    command_line = {arg.split("=", 1)[0] for arg in (sys.argv[1:] if args is None else args) if arg.startswith("--")}
+    # The options given, as `--name` (HfArgumentParser also takes `--dashed-names`)
+    given = [arg.split("=", 1)[0] for arg in (sys.argv[1:] if args is None else args) if arg.startswith("--")]
+    command_line = {"--" + option[2:].replace("-", "_") for option in given}
     # Options spelt out: the command line is read by name here (abbreviations would slip past).
     parser = HfArgumentParser((ModelArguments, DataArguments, ReportArguments, TrainingArguments), allow_abbrev=False)
     defaults = dict(TRAINING_DEFAULTS)

@@ -223,6 +223,16 @@ def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_c
     with monkeypatch.context() as inside:  # run from inside the checkpoint folder
         inside.chdir(folder / "checkpoint-4")
         assert check(tmp_path / "new", ".") is False
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "notes.txt").write_text("another run")
+        with pytest.raises(FileExistsError, match=f"Pass --output_dir {re.escape(str(folder))} to continue"):
+            check(tmp_path / "other", ".")
+    # A checkpoint linked in under its Trainer name, whatever the target is called
+    (tmp_path / "store").mkdir()
+    shutil.copytree(folder / "checkpoint-4", tmp_path / "store" / "step-4")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "checkpoint-4").symlink_to(tmp_path / "store" / "step-4")
+    assert check(tmp_path / "new", str(tmp_path / "linked" / "checkpoint-4")) is False
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         check(folder)
     assert check(folder, overwrite_output_dir=True) is True  # replaced, but only once training starts
@@ -446,6 +456,7 @@ def test_run_clm_refuses_to_upload_and_points_to_push_to_hub(run_clm, tmp_path, 
         ("--max_steps", "-2", "--max_steps must be a positive number of steps, or -1"),
         ("--block_size", "1", "--block_size must be at least 2 tokens"),  # nothing to predict: NaN losses
         ("--do_train", "false", "--do_train false: run_clm.py always trains"),
+        ("--do-train", "false", "--do_train false: run_clm.py always trains"),
         ("--do_predict", "true", "--do_predict: run_clm.py always trains and then evaluates"),
         ("--validation_split_percentage", "100", "--validation_split_percentage must be in [0, 100)"),
     ],
@@ -471,8 +482,9 @@ def test_num_train_epochs_replaces_the_default_step_count(run_clm, tmp_path, mon
             run_clm.main([*options, "--output_dir", str(tmp_path / "run")])
         return stopped.value.value
 
-    epochs = parsed(["--num_train_epochs", "2"])
-    assert (epochs.max_steps, epochs.num_train_epochs) == (-1, 2)
+    for spelling in ("--num_train_epochs", "--num-train-epochs"):
+        epochs = parsed([spelling, "2"])
+        assert (epochs.max_steps, epochs.num_train_epochs) == (-1, 2)
     assert parsed(["--num_train_epochs=2", "--max_steps", "5"]).max_steps == 5
     assert parsed([]).max_steps == run_clm.TRAINING_DEFAULTS["max_steps"]
 
@@ -491,6 +503,9 @@ def test_run_clm_refuses_a_config_of_another_model_type(run_clm, tmp_path):
     model_args, data_args = run_clm.ModelArguments(config_name=str(tmp_path / "mine")), run_clm.DataArguments()
     model = run_clm.build_model(model_args, data_args, tokenizer)
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (48, 1)
+    (tmp_path / "mine" / "config.json").write_text(json.dumps({"hidden_size": 48, "num_hidden_layer": 1}))
+    with pytest.raises(ValueError, match=r"--config_name .*mine: ClusterMoEConfig has no setting num_hidden_layer"):
+        run_clm.build_model(model_args, data_args, tokenizer)
 
 
 def test_run_clm_refuses_a_tokenizer_larger_than_the_models_vocabulary(run_clm, trained, tmp_path):
@@ -728,7 +743,10 @@ def test_the_card_lists_a_hub_dataset_but_not_a_local_one(run_clm, tmp_path, mon
     for name, listed in (("someone/plays", ["someone/plays"]), (str(tmp_path / "local"), None)):
         folder = tmp_path / f"run-{listed is None}"
         run_clm.main([*without(SHORT_RUN, "--train_file"), "--dataset_name", name, "--output_dir", str(folder)])
-        assert front_matter((folder / "README.md").read_text()).get("datasets") == listed
+        card = (folder / "README.md").read_text()
+        assert front_matter(card).get("datasets") == listed
+    assert str(tmp_path) not in card  # the local dataset is named by its folder, not by its path
+    assert front_matter(card)["model-index"][0]["results"][0]["dataset"]["name"] == "local"
 
 
 def test_run_clm_reads_options_spelt_out_only(run_clm, tmp_path):

@@ -572,6 +572,14 @@ def test_a_config_whose_sizes_changed_after_building_is_not_saved(tiny_model, tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_classifier_whose_label_count_changed_is_not_saved(tiny_config, tmp_path):
+    model = ClusterMoEForSequenceClassification(tiny_config(num_labels=3))
+    model.config.num_labels = 5  # the score head still has 3 rows
+    with pytest.raises(ValueError, match="num_labels=5"):
+        model.save_pretrained(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----- gradient checkpointing -----
 
 

@@ -208,15 +208,21 @@ def test_hierarchical_routing_of_a_token_creates_nothing_the_size_of_all_experts
     assert spy.largest[0] < 64 * experts_per_cluster // 4, spy.largest
 
 
-@pytest.mark.slow  # compiles (~10 s)
-def test_unaligned_experts_take_the_eager_loop_where_grouped_mm_would_run(tiny_config):
-    """Compiled, or on an accelerator, `sorted_mm` is grouped_mm, whose kernels raise for rows that are not 16-byte
-    aligned (here bf16 rows of 36 and 12 values): those run transformers' eager loop instead."""
-    config = tiny_config(hidden_size=36, head_dim=8, intermediate_size=12, num_hidden_layers=1)
-    model = ClusterMoEForCausalLM(config).to(torch.bfloat16).eval()
+@pytest.mark.slow  # compiles (~10 s each)
+@pytest.mark.parametrize(
+    "dtype, hidden_size, intermediate_size, fullgraph", [(torch.bfloat16, 36, 12, False), (torch.float32, 34, 6, True)]
+)
+def test_unaligned_experts_compile(tiny_config, dtype, hidden_size, intermediate_size, fullgraph):
+    """Compiled (as on an accelerator), `sorted_mm` is grouped_mm, whose kernels raise for rows that are not 16-byte
+    aligned (here bf16 rows of 36 and 12 values): those take its per-expert loop. In float32, compiled, transformers
+    runs its own fallback loop, which takes any size and traces into one graph."""
+    config = tiny_config(hidden_size=hidden_size, head_dim=8, intermediate_size=intermediate_size, num_hidden_layers=1)
+    model = ClusterMoEForCausalLM(config).to(dtype).eval()
     ids = random_ids(2, 9)
+    torch._dynamo.reset()  # nothing compiled before (other shapes, dtypes) may stand in for this graph
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(ids).logits, model(ids).logits)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
 
 
 def test_hierarchical_router_groups_tokens_of_every_one_of_many_clusters():

@@ -619,6 +619,25 @@ def test_a_best_checkpoint_without_routing_state_leaves_the_model_as_it_is(tiny_
     assert all(torch.equal(value, before[name]) for name, value in routing_state_dict(model).items())
 
 
+def test_lora_config_for_the_sequence_classifier(tiny_config, tmp_path):
+    """peft's SEQ_CLS task also trains its new score head; the merged classifier saves and reloads."""
+    from peft import get_peft_model
+
+    classifier = ClusterMoEForSequenceClassification(tiny_config(num_labels=3))
+    model = get_peft_model(classifier, lora_config(rank=2, task_type="SEQ_CLS"))
+    ids = torch.randint(3, 64, (2, 8))
+    model(input_ids=ids, labels=torch.tensor([0, 2])).loss.backward()
+    assert model.base_model.model.score.modules_to_save["default"].weight.grad is not None
+    experts = model.base_model.model.model.layers[1].mlp.experts
+    assert any("lora" in name and param.grad is not None for name, param in experts.named_parameters())
+    merged = model.merge_and_unload().eval()
+    merged.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = merged(input_ids=ids).logits
+        reloaded = ClusterMoEForSequenceClassification.from_pretrained(tmp_path)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+
+
 def test_lora_config_can_leave_the_experts_alone():
     config = lora_config(rank=2, include_experts=False)
     assert not config.target_parameters
