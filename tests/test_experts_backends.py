@@ -147,15 +147,20 @@ class BiasedExperts(TransposedExperts):
 
 
 def test_sorted_mm_serves_experts_its_loop_does_not_implement_through_grouped_mm(float32_gemm_loop):
+    """With biases, or without a gate (transformers' NemotronH experts: an `up_proj`, no `gate_up_proj`)."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
     config = Qwen3MoeConfig(hidden_size=24, moe_intermediate_size=8, num_experts=5, num_experts_per_tok=2)
-    config._experts_implementation = "sorted_mm"
-    experts = BiasedExperts(config)
-    for weight in experts.parameters():
-        nn.init.normal_(weight, std=0.1)
-    top_k_index, top_k_weights = routing(4, 5, top_k=2)
-    hidden = torch.randn(4, 24)
-    expected = grouped_mm_experts_forward(experts, hidden, top_k_index, top_k_weights)
-    assert torch.equal(experts(hidden, top_k_index, top_k_weights), expected)
+    ungated = NemotronHConfig(hidden_size=24, moe_intermediate_size=8, n_routed_experts=5, num_experts_per_tok=2)
+    for experts in (BiasedExperts(config), NemotronHExperts(ungated)):
+        experts.config._experts_implementation = "sorted_mm"
+        for weight in experts.parameters():
+            nn.init.normal_(weight, std=0.1)
+        top_k_index, top_k_weights = routing(4, 5, top_k=2)
+        hidden = torch.randn(4, 24)
+        expected = grouped_mm_experts_forward(experts, hidden, top_k_index, top_k_weights)
+        assert torch.equal(experts(hidden, top_k_index, top_k_weights), expected)
 
 
 def test_sorted_mm_is_grouped_mm_for_dtypes_with_fast_gemms(monkeypatch):
