@@ -1617,13 +1617,16 @@ class ClusterMoERoutingState(nn.Module):
 _DEVICES_WITH_ASYNC_ASSERT = frozenset({"cpu", "cuda"})
 
 
-def _check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, ignore_index: int | None = None):
-    """Token ids (or labels, which may also be `ignore_index`) must lie in [0, vocab_size). On CPU the range is read
-    directly. On CUDA an asynchronous device assertion checks it without waiting for the device; other accelerators
-    (e.g. MPS) have no such assertion, and there the check costs one host read."""
+def _check_token_ids(
+    ids: torch.Tensor, name: str, vocab_size: int, ignore_index: int | None = None, bound: str = "vocab_size"
+):
+    """Token ids (or labels, which may also be `ignore_index`; or class ids, below `bound="num_labels"`) must lie in
+    [0, vocab_size). On CPU the range is read directly. On CUDA an asynchronous device assertion checks it without
+    waiting for the device; other accelerators (e.g. MPS) have no such assertion, and there the check costs one host
+    read."""
     if is_torchdynamo_compiling() or ids.numel() == 0:
         return
-    message = f"{name} must be in [0, vocab_size={vocab_size})" + (
+    message = f"{name} must be in [0, {bound}={vocab_size})" + (
         "" if ignore_index is None else f" or be the ignore index {ignore_index}"
     )
     checked = ids if ignore_index is None else ids.masked_fill(ids == ignore_index, 0)
@@ -2248,6 +2251,9 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         aux_loss = None if parts is None else weighted_router_loss(self.config, parts)
         loss = None
         if labels is not None:
+            class_ids = labels.dtype in (torch.long, torch.int) and self.num_labels > 1  # transformers' single-label
+            if class_ids and self.config.problem_type in (None, "single_label_classification"):
+                _check_token_ids(labels, "labels", self.num_labels, ignore_index=-100, bound="num_labels")
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
             if aux_loss is not None:
                 loss = loss + aux_loss.to(loss.device)

@@ -428,6 +428,10 @@ def test_sequence_classification_pools_the_last_real_token(tiny_config):
     # The router losses are part of the training loss, as in the causal LM, so that fine-tuning keeps them balanced.
     assert out.aux_loss > 0
     torch.testing.assert_close(out.loss, F.cross_entropy(logits, labels) + out.aux_loss)
+    # Class ids out of range are named (on a GPU they would end in a device-side assertion); -100 is ignored.
+    with pytest.raises(ValueError, match=r"labels must be in \[0, num_labels=3\) or be the ignore index -100"):
+        model(ids, attention_mask=attention_mask, labels=torch.tensor([0, 3]))
+    model(ids, attention_mask=attention_mask, labels=torch.tensor([0, -100]))
 
 
 def test_sequence_classification_of_embeddings_pools_by_the_attention_mask(tiny_config, caplog):
