@@ -238,6 +238,16 @@ def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return output if output.dtype == hidden_states.dtype else output.to(hidden_states.dtype)
 
 
+def _eager_experts_forward(experts: nn.Module):
+    """The experts' own eager loop: the undecorated `forward` of the first class in their hierarchy that transformers'
+    `use_experts_implementation` decorated (a subclass's forward may dispatch again), or None."""
+    for cls in reversed(type(experts).__mro__):
+        forward = cls.__dict__.get("forward")
+        if forward is not None and hasattr(forward, "__wrapped__"):
+            return forward.__wrapped__
+    return None
+
+
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -246,20 +256,25 @@ def sorted_mm_experts_forward(
     own. For weights in a half-precision dtype the CPU emulates (`_CPU_DTYPES_WITHOUT_FAST_GEMM`), or whose rows
     `grouped_mm`'s kernels cannot take (not 16-byte aligned; on any device), it sorts the (token, expert) pairs by
     expert once and runs one float32 GEMM per expert that received pairs, forward and backward; per token, outputs
-    are summed in the eager reference's order. Both read the routing on the host (free on CPU; one sync elsewhere),
-    which their per-expert GEMMs need. Measured against `grouped_mm` in docs/benchmarks.md."""
+    are summed in the eager reference's order. Both read the routing on the host (free on CPU; one sync elsewhere,
+    and a graph break under compilation), which their per-expert GEMMs need. Experts that loop does not implement
+    (biases, no gate) take their own eager loop at such sizes. Measured against `grouped_mm` in docs/benchmarks.md."""
+    # torch's grouped_mm kernels need 16-byte aligned rows: at other sizes (e.g. a hidden size of 34 in float32, or an
+    # intermediate size of 12 in bf16) they raise. Where transformers would not run them for either weight (e.g.
+    # float32 under compilation: its fallback loop), any size is fine.
+    weights = (self.gate_up_proj if self.has_gate else self.up_proj, self.down_proj)
+    aligned = all(size * weight.element_size() % 16 == 0 for weight in weights for size in weight.shape[1:])
+    takes_kernels = not aligned and any(_can_use_grouped_mm(hidden_states, weight, None) for weight in weights)
     if not self.has_gate or self.has_bias or self.has_post_expert_norm or self._is_expert_parallel:
+        eager = _eager_experts_forward(self) if takes_kernels and not self._is_expert_parallel else None
+        if eager is not None:
+            return eager(self, hidden_states, top_k_index, top_k_weights)
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     cpu_eager = hidden_states.device.type == "cpu" and not is_torchdynamo_compiling()
     fast_dtype = not cpu_eager or self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM
     if cpu_eager and fast_dtype and not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
         return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    # torch's grouped_mm kernels need 16-byte aligned rows: at other sizes (e.g. a hidden size of 34 in float32, or an
-    # intermediate size of 12 in bf16) they raise. Where transformers would not run them (e.g. float32 under
-    # compilation: its fallback loop), any size is fine.
-    row_sizes = (*self.gate_up_proj.shape[1:], *self.down_proj.shape[1:])
-    aligned = all(size * self.gate_up_proj.element_size() % 16 == 0 for size in row_sizes)
-    if fast_dtype and (aligned or not _can_use_grouped_mm(hidden_states, self.down_proj, None)):
+    if fast_dtype and not takes_kernels:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, hidden_dim = hidden_states.shape
     pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k

@@ -414,7 +414,9 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such folder.")
         saved_by_trainer = (checkpoint / "trainer_state.json").is_file()
-        named = Path(os.path.abspath(checkpoint)).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")  # "." too; not resolved
+        # As given ("." included), not resolved: a checkpoint may be linked into its run folder from elsewhere.
+        run_folder = Path(os.path.abspath(checkpoint)).parent.resolve()
+        named = Path(os.path.abspath(checkpoint)).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
         if not (named and saved_by_trainer):
             raise ValueError(
                 f"--resume_from_checkpoint {checkpoint} is not a checkpoint the Trainer saved during a run (a "
@@ -424,10 +426,10 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         if checkpoint.resolve() == output_dir.resolve():
             raise ValueError(
                 f"--resume_from_checkpoint and --output_dir are the same folder ({output_dir}): the run would save "
-                f"into the checkpoint it resumes from. Pass the run's folder ({checkpoint.resolve().parent}) or a new "
+                f"into the checkpoint it resumes from. Pass the run's folder ({run_folder}) or a new "
                 "one as --output_dir."
             )
-        if checkpoint.resolve().parent == output_dir.resolve():
+        if run_folder == output_dir.resolve():
             return False  # continues the run saved in --output_dir
     if not output_dir.is_dir() or not any(output_dir.iterdir()):
         return False
@@ -437,7 +439,7 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         raise FileExistsError(
             f"--output_dir {output_dir} is not empty and --resume_from_checkpoint {checkpoint} is not one of its "
             f"checkpoints: the resumed run would overwrite the run saved there (its weights, and its checkpoints "
-            f"through --save_total_limit). Pass --output_dir {checkpoint.resolve().parent} to continue the run in its "
+            f"through --save_total_limit). Pass --output_dir {run_folder} to continue the run in its "
             f"own folder, a new --output_dir, or --overwrite_output_dir to replace the run in {output_dir}."
         )
     last_checkpoint = get_last_checkpoint(str(output_dir))
@@ -607,8 +609,10 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
         return model
     if model_args.config_name is not None:
         base, _ = ClusterMoEConfig.get_config_dict(model_args.config_name)
-        if "model_type" not in base:  # written by hand: every name must be a ClusterMoE setting
-            ClusterMoEConfig.from_settings(base, f"--config_name {model_args.config_name}")
+        if "model_type" not in base:  # written by hand: every name must be a ClusterMoE setting or config metadata
+            metadata = ClusterMoEConfig().to_dict().keys() | {"auto_map", "_name_or_path"}
+            settings = {name: value for name, value in base.items() if name not in metadata}
+            ClusterMoEConfig.from_settings(settings, f"--config_name {model_args.config_name}")
         elif base["model_type"] != ClusterMoEConfig.model_type:
             raise ValueError(
                 f"--config_name {model_args.config_name} is a {base.get('model_type')!r} config, not a ClusterMoE "

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, Trainer, TrainingArguments
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from clustermoe_hf import ClusterMoEForCausalLM
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
 from clustermoe_hf.training import (
     TokenBlocks,
     embedded_corpus_dir,
@@ -233,6 +233,8 @@ def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_c
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / "checkpoint-4").symlink_to(tmp_path / "store" / "step-4")
     assert check(tmp_path / "new", str(tmp_path / "linked" / "checkpoint-4")) is False
+    (tmp_path / "linked" / "notes.txt").write_text("this run's")  # the run folder the checkpoint is linked into
+    assert check(tmp_path / "linked", str(tmp_path / "linked" / "checkpoint-4")) is False
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         check(folder)
     assert check(folder, overwrite_output_dir=True) is True  # replaced, but only once training starts
@@ -506,6 +508,12 @@ def test_run_clm_refuses_a_config_of_another_model_type(run_clm, tmp_path):
     (tmp_path / "mine" / "config.json").write_text(json.dumps({"hidden_size": 48, "num_hidden_layer": 1}))
     with pytest.raises(ValueError, match=r"--config_name .*mine: ClusterMoEConfig has no setting num_hidden_layer"):
         run_clm.build_model(model_args, data_args, tokenizer)
+    saved = ClusterMoEConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    saved.save_pretrained(tmp_path / "mine")  # with auto_map and other metadata; model_type removed by hand
+    config = json.loads((tmp_path / "mine" / "config.json").read_text())
+    config.pop("model_type")
+    (tmp_path / "mine" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "x.Y"}}))
+    assert run_clm.build_model(model_args, data_args, tokenizer).config.hidden_size == 48
 
 
 def test_run_clm_refuses_a_tokenizer_larger_than_the_models_vocabulary(run_clm, trained, tmp_path):

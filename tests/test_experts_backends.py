@@ -163,6 +163,24 @@ def test_sorted_mm_serves_experts_its_loop_does_not_implement_through_grouped_mm
         assert torch.equal(experts(hidden, top_k_index, top_k_weights), expected)
 
 
+def test_sorted_mm_serves_them_at_sizes_grouped_mm_kernels_cannot_take_by_their_eager_loop():
+    """Rows of 34 float32 values are not 16-byte aligned: grouped_mm's kernels raise, the experts' own loop does not."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    config = Qwen3MoeConfig(hidden_size=34, moe_intermediate_size=8, num_experts=5, num_experts_per_tok=2)
+    ungated = NemotronHConfig(hidden_size=34, moe_intermediate_size=6, n_routed_experts=5, num_experts_per_tok=2)
+    for experts in (BiasedExperts(config), NemotronHExperts(ungated)):
+        for weight in experts.parameters():
+            nn.init.normal_(weight, std=0.1)
+        top_k_index, top_k_weights = routing(4, 5, top_k=2)
+        hidden = torch.randn(4, 34)
+        experts.config._experts_implementation = "eager"
+        expected = experts(hidden, top_k_index, top_k_weights)
+        experts.config._experts_implementation = "sorted_mm"
+        torch.testing.assert_close(experts(hidden, top_k_index, top_k_weights), expected)
+
+
 def test_sorted_mm_is_grouped_mm_for_dtypes_with_fast_gemms(monkeypatch):
     gemm_loop_for(monkeypatch)  # no emulated dtype
     experts = experts_pair(ClusterMoEExperts, clustermoe_config())[1]
