@@ -132,6 +132,11 @@ class ClusterMoEExperts(nn.Module):
         return final_hidden_states
 
 
+# The `forward` transformers' `use_experts_implementation` puts on an experts class (the same code for every class),
+# which dispatches to the experts implementation the config names.
+_DISPATCHING_FORWARD = ClusterMoEExperts.forward.__code__
+
+
 def _cpu_dtypes_without_fast_gemm() -> frozenset:
     """Half-precision dtypes this CPU multiplies far slower than float32: on x86 without AVX512-BF16/AMX (bf16) or
     AMX-FP16 (fp16) torch emulates them (~50x slower than float32 on the AVX2 CPU of docs/benchmarks.md)."""
@@ -239,13 +244,22 @@ def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 def _eager_experts_forward(experts: nn.Module):
-    """The experts' own eager loop: the undecorated `forward` of the first class in their hierarchy that transformers'
-    `use_experts_implementation` decorated (a subclass's forward may dispatch again), or None."""
-    for cls in reversed(type(experts).__mro__):
-        forward = cls.__dict__.get("forward")
-        if forward is not None and hasattr(forward, "__wrapped__"):
-            return forward.__wrapped__
-    return None
+    """The experts' own eager loop: their class's `forward` with transformers' dispatchers
+    (`use_experts_implementation`, which a subclass may apply again over its parent's) unwrapped."""
+    forward = type(experts).forward
+    while getattr(forward, "__code__", None) is _DISPATCHING_FORWARD:
+        forward = forward.__wrapped__
+    return forward
+
+
+def _kernels_would_take_unaligned_rows(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether transformers' `grouped_mm` would hand rows that are not 16-byte aligned to torch's grouped_mm kernels,
+    which raise for them (e.g. a hidden size of 34 in float32, or an intermediate size of 12 in bf16). Where it would
+    not run them for either weight (e.g. float32 under compilation: its fallback loop), any size is fine."""
+    weights = (experts.gate_up_proj if experts.has_gate else experts.up_proj, experts.down_proj)
+    if all(size * weight.element_size() % 16 == 0 for weight in weights for size in weight.shape[1:]):
+        return False
+    return any(_can_use_grouped_mm(hidden_states, weight, None) for weight in weights)
 
 
 def sorted_mm_experts_forward(
@@ -259,22 +273,15 @@ def sorted_mm_experts_forward(
     are summed in the eager reference's order. Both read the routing on the host (free on CPU; one sync elsewhere,
     and a graph break under compilation), which their per-expert GEMMs need. Experts that loop does not implement
     (biases, no gate) take their own eager loop at such sizes. Measured against `grouped_mm` in docs/benchmarks.md."""
-    # torch's grouped_mm kernels need 16-byte aligned rows: at other sizes (e.g. a hidden size of 34 in float32, or an
-    # intermediate size of 12 in bf16) they raise. Where transformers would not run them for either weight (e.g.
-    # float32 under compilation: its fallback loop), any size is fine.
-    weights = (self.gate_up_proj if self.has_gate else self.up_proj, self.down_proj)
-    aligned = all(size * weight.element_size() % 16 == 0 for weight in weights for size in weight.shape[1:])
-    takes_kernels = not aligned and any(_can_use_grouped_mm(hidden_states, weight, None) for weight in weights)
     if not self.has_gate or self.has_bias or self.has_post_expert_norm or self._is_expert_parallel:
-        eager = _eager_experts_forward(self) if takes_kernels and not self._is_expert_parallel else None
-        if eager is not None:
-            return eager(self, hidden_states, top_k_index, top_k_weights)
+        if not self._is_expert_parallel and _kernels_would_take_unaligned_rows(self, hidden_states):
+            return _eager_experts_forward(self)(self, hidden_states, top_k_index, top_k_weights)
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     cpu_eager = hidden_states.device.type == "cpu" and not is_torchdynamo_compiling()
     fast_dtype = not cpu_eager or self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM
     if cpu_eager and fast_dtype and not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
         return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if fast_dtype and not takes_kernels:
+    if fast_dtype and not _kernels_would_take_unaligned_rows(self, hidden_states):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, hidden_dim = hidden_states.shape
     pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k

@@ -105,6 +105,8 @@ HUB_UPLOAD_OPTIONS = {
     "hub_always_push": False,
     "hub_strategy": HubStrategy.EVERY_SAVE,
 }
+# What transformers writes into a config.json besides the settings (from_settings refuses these names).
+CONFIG_METADATA = {"auto_map", "_name_or_path", "tokenizer_class", "task_specific_params"}
 # Config fields that the Trainer or `save_pretrained` set, which say nothing about the trained architecture.
 CONFIG_FIELDS_NOT_COMPARED = {"use_cache", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"}
 
@@ -414,8 +416,10 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such folder.")
         saved_by_trainer = (checkpoint / "trainer_state.json").is_file()
-        # As given ("." included), not resolved: a checkpoint may be linked into its run folder from elsewhere.
+        # Its run folder as given (a checkpoint may be linked into it from elsewhere; "." is the working directory,
+        # links resolved) and where the checkpoint really is.
         run_folder = Path(os.path.abspath(checkpoint)).parent.resolve()
+        run_folders = {run_folder, checkpoint.resolve().parent}
         named = Path(os.path.abspath(checkpoint)).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
         if not (named and saved_by_trainer):
             raise ValueError(
@@ -429,7 +433,7 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
                 f"into the checkpoint it resumes from. Pass the run's folder ({run_folder}) or a new "
                 "one as --output_dir."
             )
-        if run_folder == output_dir.resolve():
+        if output_dir.resolve() in run_folders:
             return False  # continues the run saved in --output_dir
     if not output_dir.is_dir() or not any(output_dir.iterdir()):
         return False
@@ -610,8 +614,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
     if model_args.config_name is not None:
         base, _ = ClusterMoEConfig.get_config_dict(model_args.config_name)
         if "model_type" not in base:  # written by hand: every name must be a ClusterMoE setting or config metadata
-            metadata = ClusterMoEConfig().to_dict().keys() | {"auto_map", "_name_or_path"}
-            settings = {name: value for name, value in base.items() if name not in metadata}
+            settings = {name: value for name, value in base.items() if name not in CONFIG_METADATA}
             ClusterMoEConfig.from_settings(settings, f"--config_name {model_args.config_name}")
         elif base["model_type"] != ClusterMoEConfig.model_type:
             raise ValueError(

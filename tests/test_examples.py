@@ -235,6 +235,9 @@ def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_c
     assert check(tmp_path / "new", str(tmp_path / "linked" / "checkpoint-4")) is False
     (tmp_path / "linked" / "notes.txt").write_text("this run's")  # the run folder the checkpoint is linked into
     assert check(tmp_path / "linked", str(tmp_path / "linked" / "checkpoint-4")) is False
+    (tmp_path / "best").mkdir()  # a link to a checkpoint of the run in --output_dir
+    (tmp_path / "best" / "checkpoint-4").symlink_to(folder / "checkpoint-4")
+    assert check(folder, str(tmp_path / "best" / "checkpoint-4")) is False
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         check(folder)
     assert check(folder, overwrite_output_dir=True) is True  # replaced, but only once training starts
@@ -514,6 +517,9 @@ def test_run_clm_refuses_a_config_of_another_model_type(run_clm, tmp_path):
     config.pop("model_type")
     (tmp_path / "mine" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "x.Y"}}))
     assert run_clm.build_model(model_args, data_args, tokenizer).config.hidden_size == 48
+    (tmp_path / "mine" / "config.json").write_text(json.dumps({**config, "d_model": 64}))  # and hidden_size 48
+    with pytest.raises(ValueError, match="hidden_size is given twice"):
+        run_clm.build_model(model_args, data_args, tokenizer)
 
 
 def test_run_clm_refuses_a_tokenizer_larger_than_the_models_vocabulary(run_clm, trained, tmp_path):

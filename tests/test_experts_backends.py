@@ -140,10 +140,22 @@ def test_sorted_mm_matches_eager_with_transposed_weights(float32_gemm_loop):
 
 @use_experts_implementation(is_transposed=True, has_bias=True)
 class BiasedExperts(TransposedExperts):
+    """A subclass of decorated experts, decorated again, with an eager loop of its own."""
+
     def __init__(self, config):
         super().__init__(config)
         self.gate_up_proj_bias = nn.Parameter(torch.empty(config.num_experts, 2 * config.moe_intermediate_size))
         self.down_proj_bias = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            token, slot = torch.where(top_k_index == expert)
+            gate_up = hidden_states[token] @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert]
+            gate, up = gate_up.chunk(2, dim=-1)
+            expert_out = (self.act_fn(gate) * up) @ self.down_proj[expert] + self.down_proj_bias[expert]
+            out.index_add_(0, token, expert_out * top_k_weights[token, slot, None])
+        return out
 
 
 def test_sorted_mm_serves_experts_its_loop_does_not_implement_through_grouped_mm(float32_gemm_loop):
