@@ -243,13 +243,25 @@ def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return output if output.dtype == hidden_states.dtype else output.to(hidden_states.dtype)
 
 
-def _eager_experts_forward(experts: nn.Module):
-    """The experts' own eager loop: their class's `forward` with transformers' dispatchers
-    (`use_experts_implementation`, which a subclass may apply again over its parent's) unwrapped."""
-    forward = type(experts).forward
-    while getattr(forward, "__code__", None) is _DISPATCHING_FORWARD:
-        forward = forward.__wrapped__
-    return forward
+def _eager_experts_loop(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """The experts' own eager loop: the `forward` that transformers' dispatcher (`use_experts_implementation`) wraps,
+    of the most derived decorated class. A subclass decorated again may wrap its parent's `forward`, whose dispatcher
+    then comes back here: each such return runs the next loop up the class hierarchy."""
+    loops = []  # most derived first
+    for cls in type(experts).__mro__:
+        loop = cls.__dict__.get("forward")
+        if getattr(loop, "__code__", None) is not _DISPATCHING_FORWARD:
+            continue
+        while getattr(loop, "__code__", None) is _DISPATCHING_FORWARD:
+            loop = loop.__wrapped__
+        if loop not in loops:
+            loops.append(loop)
+    depth = experts.__dict__.get("_eager_loop_depth", 0)
+    experts.__dict__["_eager_loop_depth"] = depth + 1
+    try:
+        return loops[min(depth, len(loops) - 1)](experts, hidden_states, top_k_index, top_k_weights)
+    finally:
+        experts.__dict__["_eager_loop_depth"] = depth
 
 
 def _kernels_would_take_unaligned_rows(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
@@ -275,7 +287,7 @@ def sorted_mm_experts_forward(
     (biases, no gate) take their own eager loop at such sizes. Measured against `grouped_mm` in docs/benchmarks.md."""
     if not self.has_gate or self.has_bias or self.has_post_expert_norm or self._is_expert_parallel:
         if not self._is_expert_parallel and _kernels_would_take_unaligned_rows(self, hidden_states):
-            return _eager_experts_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+            return _eager_experts_loop(self, hidden_states, top_k_index, top_k_weights)
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     cpu_eager = hidden_states.device.type == "cpu" and not is_torchdynamo_compiling()
     fast_dtype = not cpu_eager or self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM

@@ -22,6 +22,7 @@ model config that differs from the checkpoint's. `--push_to_hub` is refused: the
 card is written; push_to_hub.py uploads the finished folder.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -419,7 +420,9 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
         # Its run folder as given (a checkpoint may be linked into it from elsewhere; "." is the working directory,
         # links resolved) and where the checkpoint really is.
         run_folder = Path(os.path.abspath(checkpoint)).parent.resolve()
-        run_folders = {run_folder, checkpoint.resolve().parent}
+        run_folders = {run_folder}
+        if checkpoint.resolve().name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"):  # the link's target is in its run folder
+            run_folders.add(checkpoint.resolve().parent)
         named = Path(os.path.abspath(checkpoint)).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
         if not (named and saved_by_trainer):
             raise ValueError(
@@ -593,6 +596,30 @@ def load_tokenizer(
     return tokenizer
 
 
+def check_config_file(base: dict, name: str) -> None:
+    """A --config_name must be a ClusterMoE config (a hand-written one may leave out model_type), with no setting given
+    twice (directly and through its alias) and, written by hand, no name that is not a setting: the config would
+    keep such a name as an attribute, and a default model would be trained."""
+    if base.get("model_type", ClusterMoEConfig.model_type) != ClusterMoEConfig.model_type:
+        raise ValueError(
+            f"--config_name {name} is a {base['model_type']!r} config, not a ClusterMoE one: its fields would be "
+            "ignored and a default ClusterMoE trained. Pass a ClusterMoE config, or leave --config_name out and set "
+            "the sizes with --config_overrides."
+        )
+    for alias, field_name in ClusterMoEConfig.attribute_map.items():
+        if alias in base and field_name in base and base[alias] != base[field_name]:
+            raise ValueError(
+                f"--config_name {name}: {field_name} is given twice, as {base[field_name]!r} and as {base[alias]!r} "
+                f"(its alias {alias}); keep one of them."
+            )
+    if "model_type" not in base:
+        settings = {field.name for field in dataclasses.fields(ClusterMoEConfig)} | set(ClusterMoEConfig.attribute_map)
+        legacy = {"torch_dtype", "rope_theta", "rope_scaling"}  # transformers' older names, which it still reads
+        unknown = sorted(set(base) - settings - legacy - CONFIG_METADATA)
+        if unknown:
+            raise ValueError(f"--config_name {name}: ClusterMoEConfig has no setting {', '.join(unknown)}.")
+
+
 def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase):
     if model_args.model_name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(
@@ -613,15 +640,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
         return model
     if model_args.config_name is not None:
         base, _ = ClusterMoEConfig.get_config_dict(model_args.config_name)
-        if "model_type" not in base:  # written by hand: every name must be a ClusterMoE setting or config metadata
-            settings = {name: value for name, value in base.items() if name not in CONFIG_METADATA}
-            ClusterMoEConfig.from_settings(settings, f"--config_name {model_args.config_name}")
-        elif base["model_type"] != ClusterMoEConfig.model_type:
-            raise ValueError(
-                f"--config_name {model_args.config_name} is a {base.get('model_type')!r} config, not a ClusterMoE "
-                "one: its fields would be ignored and a default ClusterMoE trained. Pass a ClusterMoE config, or "
-                "leave --config_name out and set the sizes with --config_overrides."
-            )
+        check_config_file(base, model_args.config_name)
     else:
         base = {**DEFAULT_MODEL_CONFIG, "max_position_embeddings": data_args.block_size}
     settings = {

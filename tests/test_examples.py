@@ -238,6 +238,9 @@ def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_c
     (tmp_path / "best").mkdir()  # a link to a checkpoint of the run in --output_dir
     (tmp_path / "best" / "checkpoint-4").symlink_to(folder / "checkpoint-4")
     assert check(folder, str(tmp_path / "best" / "checkpoint-4")) is False
+    (tmp_path / "store" / "model.safetensors").write_bytes(b"another run's")  # the target's folder is no run of it
+    with pytest.raises(FileExistsError, match="is not one of its checkpoints"):
+        check(tmp_path / "store", str(tmp_path / "linked" / "checkpoint-4"))
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         check(folder)
     assert check(folder, overwrite_output_dir=True) is True  # replaced, but only once training starts
@@ -520,6 +523,13 @@ def test_run_clm_refuses_a_config_of_another_model_type(run_clm, tmp_path):
     (tmp_path / "mine" / "config.json").write_text(json.dumps({**config, "d_model": 64}))  # and hidden_size 48
     with pytest.raises(ValueError, match="hidden_size is given twice"):
         run_clm.build_model(model_args, data_args, tokenizer)
+    (tmp_path / "mine" / "config.json").write_text(json.dumps({**config, "model_type": "clustermoe", "d_model": 64}))
+    with pytest.raises(ValueError, match="hidden_size is given twice"):  # saved with its model_type too
+        run_clm.build_model(model_args, data_args, tokenizer)
+    # Checked by name only: --config_overrides may complete what the file leaves inconsistent.
+    (tmp_path / "mine" / "config.json").write_text(json.dumps({**config, "experts_per_cluster": 1}))
+    overridden = run_clm.ModelArguments(config_name=str(tmp_path / "mine"), config_overrides="top_k_experts=1")
+    assert run_clm.build_model(overridden, data_args, tokenizer).config.experts_per_cluster == 1
 
 
 def test_run_clm_refuses_a_tokenizer_larger_than_the_models_vocabulary(run_clm, trained, tmp_path):

@@ -193,6 +193,37 @@ def test_sorted_mm_serves_them_at_sizes_grouped_mm_kernels_cannot_take_by_their_
         torch.testing.assert_close(experts(hidden, top_k_index, top_k_weights), expected)
 
 
+class ScaledExperts(BiasedExperts):
+    """A subclass that wraps its parent's dispatching forward without being decorated itself."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+
+@use_experts_implementation(is_transposed=True, has_bias=True)
+class RedecoratedScaledExperts(BiasedExperts):
+    """Decorated again, around a forward that calls its parent's dispatching forward."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+
+@pytest.mark.parametrize("experts_class", [ScaledExperts, RedecoratedScaledExperts])
+def test_sorted_mm_at_unaligned_sizes_runs_each_subclass_loop_once(experts_class):
+    """The fallback for rows grouped_mm's kernels cannot take runs the class's own loop, without coming back to itself
+    forever through a forward that calls its parent's."""
+    config = Qwen3MoeConfig(hidden_size=34, moe_intermediate_size=8, num_experts=5, num_experts_per_tok=2)
+    experts = experts_class(config)
+    for weight in experts.parameters():
+        nn.init.normal_(weight, std=0.1)
+    top_k_index, top_k_weights = routing(4, 5, top_k=2)
+    hidden = torch.randn(4, 34)
+    experts.config._experts_implementation = "eager"
+    expected = experts(hidden, top_k_index, top_k_weights)
+    experts.config._experts_implementation = "sorted_mm"
+    torch.testing.assert_close(experts(hidden, top_k_index, top_k_weights), expected)
+
+
 def test_sorted_mm_is_grouped_mm_for_dtypes_with_fast_gemms(monkeypatch):
     gemm_loop_for(monkeypatch)  # no emulated dtype
     experts = experts_pair(ClusterMoEExperts, clustermoe_config())[1]
