@@ -183,14 +183,18 @@ def test_sorted_mm_serves_them_at_sizes_grouped_mm_kernels_cannot_take_by_their_
     config = Qwen3MoeConfig(hidden_size=34, moe_intermediate_size=8, num_experts=5, num_experts_per_tok=2)
     ungated = NemotronHConfig(hidden_size=34, moe_intermediate_size=6, n_routed_experts=5, num_experts_per_tok=2)
     for experts in (BiasedExperts(config), NemotronHExperts(ungated)):
-        for weight in experts.parameters():
-            nn.init.normal_(weight, std=0.1)
-        top_k_index, top_k_weights = routing(4, 5, top_k=2)
-        hidden = torch.randn(4, 34)
-        experts.config._experts_implementation = "eager"
-        expected = experts(hidden, top_k_index, top_k_weights)
-        experts.config._experts_implementation = "sorted_mm"
-        torch.testing.assert_close(experts(hidden, top_k_index, top_k_weights), expected)
+        assert_sorted_mm_matches_the_eager_loop(experts, hidden_size=34)
+
+
+def assert_sorted_mm_matches_the_eager_loop(experts, hidden_size):
+    for weight in experts.parameters():
+        nn.init.normal_(weight, std=0.1)
+    top_k_index, top_k_weights = routing(4, 5, top_k=2)
+    hidden = torch.randn(4, hidden_size)
+    experts.config._experts_implementation = "eager"
+    expected = experts(hidden, top_k_index, top_k_weights)
+    experts.config._experts_implementation = "sorted_mm"
+    torch.testing.assert_close(experts(hidden, top_k_index, top_k_weights), expected)
 
 
 class ScaledExperts(BiasedExperts):
@@ -213,15 +217,7 @@ def test_sorted_mm_at_unaligned_sizes_runs_each_subclass_loop_once(experts_class
     """The fallback for rows grouped_mm's kernels cannot take runs the class's own loop, without coming back to itself
     forever through a forward that calls its parent's."""
     config = Qwen3MoeConfig(hidden_size=34, moe_intermediate_size=8, num_experts=5, num_experts_per_tok=2)
-    experts = experts_class(config)
-    for weight in experts.parameters():
-        nn.init.normal_(weight, std=0.1)
-    top_k_index, top_k_weights = routing(4, 5, top_k=2)
-    hidden = torch.randn(4, 34)
-    experts.config._experts_implementation = "eager"
-    expected = experts(hidden, top_k_index, top_k_weights)
-    experts.config._experts_implementation = "sorted_mm"
-    torch.testing.assert_close(experts(hidden, top_k_index, top_k_weights), expected)
+    assert_sorted_mm_matches_the_eager_loop(experts_class(config), hidden_size=34)
 
 
 def test_sorted_mm_is_grouped_mm_for_dtypes_with_fast_gemms(monkeypatch):
