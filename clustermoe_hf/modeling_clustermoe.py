@@ -1063,6 +1063,7 @@ def _fresh_optimizer_state(optimizer: torch.optim.Optimizer, parameter: nn.Param
         return float(group["initial_accumulator_value"])
     return None
 
+
 _NO_PIPELINE_PARALLELISM = (
     "ClusterMoE does not support pipeline parallelism ({}): its routing state and statistics span every layer, and "
     "pipeline parallelism leaves each process some of them."
