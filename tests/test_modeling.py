@@ -1,4 +1,5 @@
 import copy
+import inspect
 import json
 import os
 import re
@@ -321,6 +322,26 @@ def test_greedy_generation_with_and_without_cache(tiny_model):
     without_cache = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False)
     assert with_cache.shape == (2, 15)
     assert torch.equal(with_cache, without_cache)
+
+
+
+def test_generate_reads_the_stored_signature_of_the_forward(tiny_model, monkeypatch):
+    """transformers' `generate` checks a remote-code model's forward for a `cache_position` argument at every step;
+    the stored signature, the forward's own, answers without inspecting the function again."""
+    assert ClusterMoEForCausalLM.is_remote_code()  # the check runs for ClusterMoE
+    model = tiny_model()
+    inspected = []  # functions whose signature `inspect` computed
+
+    def spy(signature_class, function, *args, **kwargs):
+        inspected.append(function.__qualname__)
+        return original(signature_class, function, *args, **kwargs)
+
+    original = inspect._signature_from_function
+    monkeypatch.setattr(inspect, "_signature_from_function", spy)
+    model.generate(random_ids(1, 3), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert "ClusterMoEForCausalLM.forward" not in inspected
+    function = inspect.unwrap(ClusterMoEForCausalLM.forward)  # the undecorated forward, without a stored signature
+    assert inspect.signature(model.forward) == inspect.signature(function.__get__(model))
 
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])  # static: the model gets a 4D mask
