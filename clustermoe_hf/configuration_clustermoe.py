@@ -181,8 +181,7 @@ class ClusterMoEConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         # transformers' RoPE standardisation below fails with an AttributeError on a non-dict.
-        for name in ("rope_parameters", "rope_scaling"):
-            value = kwargs.get(name) if name == "rope_scaling" else self.rope_parameters
+        for name, value in (("rope_parameters", self.rope_parameters), ("rope_scaling", kwargs.get("rope_scaling"))):
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"Invalid ClusterMoEConfig: {name} must be a dict or None, got {value!r}.")
         for name, reason in _ORIGINAL_OPTIONS_WITHOUT_EFFECT.items():
@@ -480,7 +479,7 @@ class ClusterMoEConfig(PreTrainedConfig):
         # transformers' own checks (`@strict` class validators), which overriding `validate` would otherwise skip;
         # resolved by name so that overrides apply. The token ids and RoPE are checked above, with field names.
         for validator in type(self).__class_validators__:
-            if validator.__name__ in _VALIDATORS_REPLACED_HERE:
+            if validator.__name__ in _VALIDATORS_RUN_ABOVE:
                 continue
             try:
                 getattr(self, validator.__name__)()
@@ -505,8 +504,9 @@ _ORIGINAL_OPTIONS_WITHOUT_EFFECT = {
 }
 
 
-# transformers' class validators that `validate` replaces with its own checks.
-_VALIDATORS_REPLACED_HERE = {"validate_token_ids", "validate_rope"}
+# transformers' class validators that `validate` runs its own way, before the others: the token ids by its own checks,
+# `validate_rope` with its error naming `rope_parameters`.
+_VALIDATORS_RUN_ABOVE = {"validate_token_ids", "validate_rope"}
 
 
 def _reject_derived(name: str, value, fields: str):

@@ -359,6 +359,10 @@ class ClusterMoERouting(NamedTuple):
     expert_candidates: torch.Tensor
 
 
+def _distributed_is_running() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     if not torch.distributed.is_available():
         return False
@@ -467,6 +471,18 @@ class ClusterMoERouter(nn.Module):
                 setattr(self, name, before.to(after.device))
         return self
 
+    def selectable_experts(self) -> torch.Tensor:
+        """(N,) bool: the experts selection may choose, those whose reliability is at least `reliability_threshold`
+        (all of them without reliability routing)."""
+        if not self.config.use_reliability_routing:
+            return torch.ones_like(self.expert_reliability, dtype=torch.bool)
+        return self.expert_reliability >= self.config.reliability_threshold
+
+    def layer_reliability(self) -> torch.Tensor:
+        """Utilisation-weighted mean reliability of all the experts, 0-d, weighted by the training counts + 1."""
+        weights = self.expert_token_counts.float() + 1.0
+        return (weights * self.expert_reliability).sum() / weights.sum()
+
     def cluster_reliability(self, token_counts: torch.Tensor | None = None) -> torch.Tensor:
         """Utilisation-weighted mean expert reliability of each cluster, shape (C,), weighted by `token_counts`
         (N,) + 1, by default the training counts so far."""
@@ -504,7 +520,7 @@ class ClusterMoERouter(nn.Module):
         if config.use_adaptive_routing:
             cluster_term, expert_term = self.cluster_bias, self.expert_bias
         if config.use_reliability_routing:
-            excluded = self.expert_reliability < config.reliability_threshold
+            excluded = ~self.selectable_experts()
             expert_log_reliability = self.expert_reliability.clamp_min(1e-6).log().masked_fill(excluded, -1e4)
             # A cluster with fewer than top_k_experts selectable experts would have to fill its choice with excluded
             # ones: exclude the cluster instead.
@@ -725,17 +741,16 @@ class ClusterMoESparseMoeBlock(nn.Module):
         has_alternative = overflow & (alternative_rank < num_in_cluster)
         alternative = candidates.gather(-1, alternative_rank.clamp(max=num_in_cluster - 1))
         if self.config.use_reliability_routing:  # excluded experts are ranked last; they are no alternative either
-            selectable = self.router.expert_reliability >= self.config.reliability_threshold  # (N,)
-            has_alternative = has_alternative & selectable[alternative]
+            has_alternative = has_alternative & self.router.selectable_experts()[alternative]
         alternative = alternative.masked_fill(~has_alternative, self.num_experts)  # sentinel group
         position = _position_in_group(alternative.reshape(-1), self.num_experts + 1).view_as(alternative)
         accepted = has_alternative & (position + load[alternative] < capacity)
         chosen = torch.where(accepted, alternative, primary)
         return chosen, kept | accepted, accepted.sum()
 
-    def _balance_losses(self, routing: ClusterMoERouting, expert_index: torch.Tensor, token_mask: torch.Tensor | None):
+    def _balance_losses(self, routing: ClusterMoERouting, local_index: torch.Tensor, token_mask: torch.Tensor | None):
         """Switch-style balancing at both levels plus the router z-loss, with padding tokens excluded.
-        expert_index (tokens, kc, ke) holds the global ids of the experts that were selected."""
+        local_index (tokens, kc, ke) holds the selected experts' ids inside their clusters."""
         cluster_logits, expert_logits = routing.cluster_logits, routing.expert_logits
         cluster_index = routing.cluster_index
         cluster_log_probs = routing.cluster_log_probs
@@ -750,21 +765,22 @@ class ClusterMoESparseMoeBlock(nn.Module):
         cluster_fraction = cluster_choices.sum(0) / (num_valid * top_k_clusters)
         # Summed probabilities as exp(logsumexp(log-probabilities)): its backward keeps the log-probabilities (kept
         # anyway), not a (tokens, C) tensor of probabilities.
+        real_log_probs = cluster_log_probs  # padding tokens' at probability 0
         if token_mask is not None:
-            cluster_log_probs = cluster_log_probs.masked_fill(~token_mask[:, None], -1e4)
-        cluster_prob = torch.logsumexp(cluster_log_probs, dim=0).exp() / num_valid
+            real_log_probs = cluster_log_probs.masked_fill(~token_mask[:, None], -1e4)
+        cluster_prob = torch.logsumexp(real_log_probs, dim=0).exp() / num_valid
         cluster_balance = self.num_clusters * (cluster_fraction * cluster_prob).sum()
         # Expert level, inside each cluster, weighted by the cluster's share of (token, cluster) pairs.
-        local_index = expert_index - cluster_index.unsqueeze(-1) * self.experts_per_cluster  # (tokens, kc, ke)
         pair_mask = mask[:, None].expand(-1, top_k_clusters)
         expert_choices = torch.zeros_like(expert_probs).scatter_add_(
             2, local_index, pair_mask[..., None].expand_as(local_index).contiguous()
         )
-        # (tokens*kc, E) -> (C, E) sums; scatter_add's backward keeps only the (expanded) cluster ids
         cluster_rows = cluster_index.reshape(-1, 1).expand(-1, self.experts_per_cluster)
-        per_cluster = lambda values: values.new_zeros(  # noqa: E731
-            self.num_clusters, self.experts_per_cluster
-        ).scatter_add_(0, cluster_rows, values.reshape(-1, self.experts_per_cluster))
+
+        def per_cluster(values):  # (tokens, kc, E) -> (C, E) sums; scatter_add's backward keeps only the cluster ids
+            sums = values.new_zeros(self.num_clusters, self.experts_per_cluster)
+            return sums.scatter_add_(0, cluster_rows, values.reshape(-1, self.experts_per_cluster))
+
         choices = per_cluster(expert_choices)
         probs = per_cluster(expert_probs * pair_mask[..., None])
         pairs = choices.sum(-1, keepdim=True) / self.config.top_k_experts  # (C, 1) pairs routed to each cluster
@@ -775,7 +791,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         # z-loss (ST-MoE) on both levels' softmax inputs (logits / temperature) keeps the logits small. Their
         # logsumexp is any input minus its log-probability; taking entry 0 keeps nothing new alive for the backward.
         temperature = self.config.routing_temperature
-        z_cluster = (cluster_logits[:, 0].float() / temperature - routing.cluster_log_probs[:, 0]).square()
+        z_cluster = (cluster_logits[:, 0].float() / temperature - cluster_log_probs[:, 0]).square()
         z_expert = (expert_logits[..., 0].float() / temperature - routing.expert_log_probs[..., 0]).square().mean(-1)
         router_z = ((z_cluster + z_expert) * mask).sum() / num_valid
         return cluster_balance, expert_balance, router_z
@@ -935,13 +951,15 @@ class ClusterMoESparseMoeBlock(nn.Module):
 
         # Built before the experts run, so that their backward runs after the experts' (autograd runs later nodes
         # first): their gradients then do not wait through the experts' backward, where training memory peaks.
-        balance = self._balance_losses(routing, expert_index, token_mask) if output_routing_stats else None
-        # Pairs that count: served within capacity, of real (not padding) tokens. (tokens*k,) or None for all.
-        valid_pairs = served.view(num_tokens, top_k) if served is not None else None  # (tokens, k)
-        if token_mask is not None:
-            padding_pairs = token_mask.view(-1, 1).expand(-1, top_k)
-            valid_pairs = padding_pairs if valid_pairs is None else valid_pairs & padding_pairs
-        valid_pairs = None if valid_pairs is None else valid_pairs.reshape(-1)
+        balance = self._balance_losses(routing, local_index, token_mask) if output_routing_stats else None
+        # Pairs that count, (tokens*k,) or None for all: those served within capacity (which serves no padding
+        # token's pairs), or else those of real (not padding) tokens.
+        if served is not None:
+            valid_pairs = served.reshape(-1)
+        elif token_mask is not None:
+            valid_pairs = token_mask.view(-1, 1).expand(-1, top_k).reshape(-1)
+        else:
+            valid_pairs = None
 
         # Only training forwards judge experts against each other across the batch: in train mode with gradients, as
         # the model decides once per forward (the no-gradient first pass of reentrant checkpointing belongs to one).
@@ -1307,9 +1325,6 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     def _moe_layers(self) -> list[tuple[int, "ClusterMoESparseMoeBlock"]]:
         return [(idx, layer.mlp) for idx, layer in enumerate(self._decoder_layers()) if layer.is_moe]
 
-    def _routing_state(self) -> "ClusterMoERoutingState":
-        return self.base_model.routing_state
-
     def get_expert_utilization(self) -> dict[str, float]:
         """Fraction of each MoE layer's (non-padding) token assignments that went to each expert during training,
         keyed `layer_{l}_cluster_{c}_expert_{e}`."""
@@ -1328,14 +1343,14 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         (`selection_token_counts`), which keep accumulating."""
         for _, block in self._moe_layers():
             block.router.expert_token_counts.zero_()
-        state = self._routing_state()
+        state = self.base_model.routing_state
         state.dropped_pair_counts.zero_()
         state.rerouted_pair_counts.zero_()
 
     def get_capacity_stats(self) -> dict[str, int]:
         """(token, expert) pairs that capacity limits re-routed or dropped during training, per MoE layer
         (`layer_{l}_rerouted_pairs`, `layer_{l}_dropped_pairs`) and in total. All zero when dropless."""
-        state = self._routing_state()
+        state = self.base_model.routing_state
         stats = {}
         for row, (layer_idx, _) in enumerate(self._moe_layers()):
             stats[f"layer_{layer_idx}_rerouted_pairs"] = int(state.rerouted_pair_counts[row])
@@ -1346,20 +1361,18 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
 
     def get_reliability_stats(self) -> dict[str, float]:
         """Reliability scores per expert, cluster (utilisation weighted), layer and model."""
-        stats = {"training_step": int(self._routing_state().training_step)}
+        stats = {"training_step": int(self.base_model.routing_state.training_step)}
         layer_scores = []
         for layer_idx, block in self._moe_layers():
             router = block.router
-            clusters = router.cluster_reliability()
-            weights = router.expert_token_counts.double() + 1.0
-            layer_score = float((weights * router.expert_reliability.double()).sum() / weights.sum())
+            layer_score = float(router.layer_reliability())
             layer_scores.append(layer_score)
             stats[f"layer_{layer_idx}_reliability"] = layer_score
-            for c in range(block.num_clusters):
-                stats[f"layer_{layer_idx}_cluster_{c}_reliability"] = float(clusters[c])
-                for e in range(block.experts_per_cluster):
-                    score = router.expert_reliability[c * block.experts_per_cluster + e]
-                    stats[f"layer_{layer_idx}_cluster_{c}_expert_{e}_reliability"] = float(score)
+            experts = router.expert_reliability.view(block.num_clusters, -1).tolist()
+            for c, cluster_score in enumerate(router.cluster_reliability().tolist()):
+                stats[f"layer_{layer_idx}_cluster_{c}_reliability"] = cluster_score
+                for e, score in enumerate(experts[c]):
+                    stats[f"layer_{layer_idx}_cluster_{c}_expert_{e}_reliability"] = score
         stats["model_reliability"] = sum(layer_scores) / len(layer_scores) if layer_scores else 1.0
         return stats
 
@@ -1368,7 +1381,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         last optimizer step dropped (the next step would fold them in again)."""
         for _, block in self._moe_layers():
             block.router.expert_reliability.fill_(1.0)
-        state = self._routing_state()
+        state = self.base_model.routing_state
         state.pending_observed.zero_()
         state.pending_healthy.zero_()
 
@@ -1404,7 +1417,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         _check_plain_experts(layers, "reinitialize_expert")
         expert = cluster_idx * block.experts_per_cluster + expert_idx
         std = self.config.initializer_range
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        distributed = _distributed_is_running()
         for weights in (block.experts.gate_up_proj, block.experts.down_proj):  # (N, ...) fused expert weights
             row = torch.empty(weights.shape[1:], dtype=weights.dtype, device=weights.device).normal_(mean=0.0, std=std)
             if distributed:  # each process draws from its own generator
@@ -1427,16 +1440,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         peers = block.router.expert_bias.view(block.num_clusters, -1)[cluster_idx]  # (E,)
         if peers.numel() > 1:
             block.router.expert_bias[expert] = (peers.sum() - peers[expert_idx]) / (peers.numel() - 1)
-        state, row = self._routing_state(), list(blocks).index(layer_idx)
+        state, row = self.base_model.routing_state, list(blocks).index(layer_idx)
         state.pending_observed[row, expert] = 0  # its faults since the last optimizer step are of the old weights
         state.pending_healthy[row, expert] = 0
 
     def model_reliability(self) -> torch.Tensor:
         """Mean over MoE layers of the utilisation-weighted expert reliability, as a 0-d tensor (no host sync)."""
-        scores = []
-        for _, block in self._moe_layers():
-            weights = block.router.expert_token_counts.float() + 1.0
-            scores.append((weights * block.router.expert_reliability).sum() / weights.sum())
+        scores = [block.router.layer_reliability() for _, block in self._moe_layers()]
         if not scores:
             return torch.ones((), device=self.device)
         return torch.stack([score.to(scores[0].device) for score in scores]).mean()  # layers may sit on other devices
@@ -1527,7 +1537,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             counts = self._calibration_counts(calibration_data)
         else:
             counts = [block.router.expert_token_counts.clone() for _, block in layers]
-        if rank_by != "reliability" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if rank_by != "reliability" and _distributed_is_running():
             for layer_counts in counts:  # per process (training counts, each process's calibration data): summed, so
                 torch.distributed.all_reduce(layer_counts)  # that every replica keeps the same experts
         if rank_by != "reliability" and any(int(layer_counts.sum()) == 0 for layer_counts in counts):
@@ -1563,7 +1573,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         for (layer_idx, block), (clusters, experts) in zip(layers, selections):
             kept[layer_idx] = (clusters[:, None] * block.experts_per_cluster + experts).reshape(-1).tolist()
             block.keep_experts(clusters, experts)
-        state = self._routing_state()
+        state = self.base_model.routing_state
         for name in ("pending_counts", "pending_observed", "pending_healthy"):
             setattr(state, name, getattr(state, name).new_zeros(len(layers), config.num_experts))
         state.has_pending_updates = False  # the statistics gathered before pruning are of experts that may be gone
@@ -1652,6 +1662,10 @@ class ClusterMoERoutingState(nn.Module):
 _DEVICES_WITH_ASYNC_ASSERT = frozenset({"cpu", "cuda"})
 
 
+def _is_integer_tensor(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+
+
 def _check_token_ids(
     ids: torch.Tensor, name: str, vocab_size: int, ignore_index: int | None = None, bound: str = "vocab_size"
 ):
@@ -1705,7 +1719,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
-            if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            if input_ids.dim() != 2 or not _is_integer_tensor(input_ids):
                 raise ValueError(
                     "input_ids must be integer token ids of shape (batch_size, sequence_length); got a "
                     f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}."
@@ -1732,8 +1746,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
             position_ids.dim() != 2
             or position_ids.shape[0] not in (1, batch_size)
             or position_ids.shape[1] != sequence_length
-            or position_ids.is_floating_point()
-            or position_ids.dtype == torch.bool
+            or not _is_integer_tensor(position_ids)
         ):
             raise ValueError(
                 f"position_ids must be integer positions of shape (batch_size={batch_size} or 1, sequence_length="
@@ -1877,7 +1890,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         training forward; summed over processes when torch.distributed is running."""
         state = self.routing_state
         pending = torch.stack([state.pending_counts, state.pending_observed, state.pending_healthy])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed_is_running():
             torch.distributed.all_reduce(pending)
             pending //= _processes_per_batch(self.config)  # each batch once (sums of equal counts divide exactly)
         counts, observed, healthy = pending
@@ -1907,9 +1920,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         would make it take over once it is selectable again."""
         config, router = self.config, block.router
         load = counts.view(block.num_clusters, -1)  # (C, E)
-        selectable = torch.ones_like(load, dtype=torch.bool)
-        if config.use_reliability_routing:  # the exclusion rule of `ClusterMoERouter.selection_bias`
-            selectable = (router.expert_reliability >= config.reliability_threshold).view_as(load)
+        selectable = router.selectable_experts().view_as(load)
         cluster_selectable = selectable.sum(-1) >= config.top_k_experts  # (C,)
         cluster_load = load.sum(-1)  # (C,)
         mean_cluster_load = (cluster_load * cluster_selectable).sum() / cluster_selectable.sum().clamp_min(1)
@@ -2159,7 +2170,7 @@ ClusterMoEForCausalLM.forward.__signature__ = inspect.signature(ClusterMoEForCau
 
 def _check_labels(labels: torch.Tensor, batch_size: int, sequence_length: int, vocab_size: int):
     """Labels name the next token of every input position: integer ids of the inputs' shape, or -100 (ignored)."""
-    if labels.shape != (batch_size, sequence_length) or labels.is_floating_point() or labels.dtype == torch.bool:
+    if labels.shape != (batch_size, sequence_length) or not _is_integer_tensor(labels):
         raise ValueError(
             f"labels must be integer token ids of the inputs' shape (batch_size={batch_size}, sequence_length="
             f"{sequence_length}); got a {labels.dtype} tensor of shape {tuple(labels.shape)}."

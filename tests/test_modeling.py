@@ -202,8 +202,9 @@ def test_inputs_without_tokens_are_rejected(tiny_model, shape):
 
 @pytest.mark.parametrize(
     "input_ids",
-    [torch.ones(6, dtype=torch.long), torch.ones(1, 2, 6, dtype=torch.long), torch.ones(2, 6), torch.ones(2, 6) > 0],
-    ids=["1-d", "3-d", "float", "bool"],
+    [torch.ones(6, dtype=torch.long), torch.ones(1, 2, 6, dtype=torch.long), torch.ones(2, 6), torch.ones(2, 6) > 0,
+     torch.ones(2, 6, dtype=torch.complex64)],
+    ids=["1-d", "3-d", "float", "bool", "complex"],
 )
 def test_input_ids_that_are_not_a_batch_of_token_ids_are_rejected(tiny_model, input_ids):
     expected = rf"input_ids must be integer token ids of shape \(batch_size, sequence_length\); got a {input_ids.dtype}"
@@ -222,7 +223,7 @@ def test_inputs_embeds_of_the_wrong_shape_or_dtype_are_rejected(tiny_model, inpu
 
 @pytest.mark.parametrize(
     "position_ids", [torch.zeros(1, 3, dtype=torch.long), torch.zeros(3, 6, dtype=torch.long), torch.zeros(6),
-                     torch.zeros(2, 6)],
+                     torch.zeros(2, 6), torch.zeros(2, 6, dtype=torch.complex64)],
 )  # fmt: skip
 def test_position_ids_of_the_wrong_shape_or_dtype_are_rejected(tiny_model, position_ids):
     expected = r"position_ids must be integer positions of shape \(batch_size=2 or 1, sequence_length=6\)"
