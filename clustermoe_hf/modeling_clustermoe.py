@@ -984,14 +984,17 @@ class ClusterMoESparseMoeBlock(nn.Module):
             output = output + self.shared_expert(hidden_states)
         if not output_routing_stats:
             return output, None
+        return output, self._routing_stats(balance, top_k_index, valid_pairs, served, rerouted, token_mask, faulty)
 
+    def _routing_stats(self, balance, top_k_index, valid_pairs, served, rerouted, token_mask, faulty) -> dict:
+        """This layer's losses and observations for the model to fold in (see the class docstring)."""
         cluster_balance, expert_balance, router_z = balance
         pair_ids = top_k_index.reshape(-1)  # (tokens*k,)
-        expert_counts = torch.zeros(self.num_experts, dtype=torch.long, device=hidden_states.device)
+        expert_counts = torch.zeros(self.num_experts, dtype=torch.long, device=pair_ids.device)
         expert_counts.index_add_(0, pair_ids, torch.ones_like(pair_ids) if valid_pairs is None else valid_pairs.long())
         dropped = pair_ids.new_zeros(())
         if served is not None:
-            unserved = ~served.view(num_tokens, top_k)
+            unserved = ~served.view_as(top_k_index)  # (tokens, k)
             dropped = (unserved if token_mask is None else unserved & token_mask.view(-1, 1)).sum()
         routing_stats = {
             "cluster_balance_loss": cluster_balance,
@@ -1005,7 +1008,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
             observed = expert_counts > 0
             routing_stats["expert_observed"] = observed
             routing_stats["expert_faulty"] = torch.zeros_like(observed) if faulty is None else faulty
-        return output, routing_stats
+        return routing_stats
 
 
 class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
@@ -2241,6 +2244,31 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
+    def _last_real_token(self, input_ids, attention_mask, batch_size: int, sequence_length: int, device):
+        """Each sequence's last real (not padding) position, (batch,), or -1 for the last position of all."""
+        # Which positions are real: by the 2-D attention mask (its last columns: the new tokens after a cache), else
+        # the ids that are not padding (a pad id that is also a real token, e.g. EOS, can only be told by the mask).
+        if attention_mask is not None and attention_mask.dim() == 2:
+            is_real = attention_mask[:, -sequence_length:].bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            is_real = input_ids != self.config.pad_token_id
+        elif batch_size == 1:
+            return -1
+        elif input_ids is None:  # as transformers' heads: embeddings carry no pad ids (prompt tuning, ...)
+            logger.warning_once(
+                "Sequence classification of inputs_embeds without a 2-D attention_mask pools the last position of "
+                "each sequence, padding or not: pass the attention_mask if the batch is padded."
+            )
+            return -1
+        else:
+            raise ValueError(
+                "Cannot tell the last real token of each sequence in a batch of more than one: set the config's "
+                "pad_token_id, or pass a 2-D attention_mask."
+            )
+        # The rightmost real position, for left and right padding alike.
+        positions = torch.arange(sequence_length, device=device, dtype=torch.int32)
+        return (positions * is_real.to(device, torch.int32)).argmax(-1)
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -2272,30 +2300,7 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         )
         logits = self.score(outputs.last_hidden_state)  # (batch, seq, num_labels)
         batch_size, sequence_length = logits.shape[:2]
-        # Which positions are real: by the 2-D attention mask (its last columns: the new tokens after a cache), else
-        # the ids that are not padding (a pad id that is also a real token, e.g. EOS, can only be told by the mask).
-        if attention_mask is not None and attention_mask.dim() == 2:
-            is_real = attention_mask[:, -sequence_length:].bool()
-        elif input_ids is not None and self.config.pad_token_id is not None:
-            is_real = input_ids != self.config.pad_token_id
-        elif batch_size == 1:
-            is_real = None
-        elif input_ids is None:  # as transformers' heads: embeddings carry no pad ids (prompt tuning, ...)
-            is_real = None
-            logger.warning_once(
-                "Sequence classification of inputs_embeds without a 2-D attention_mask pools the last position of "
-                "each sequence, padding or not: pass the attention_mask if the batch is padded."
-            )
-        else:
-            raise ValueError(
-                "Cannot tell the last real token of each sequence in a batch of more than one: set the config's "
-                "pad_token_id, or pass a 2-D attention_mask."
-            )
-        if is_real is None:
-            last_real_token = -1
-        else:  # the rightmost real position, for left and right padding alike
-            positions = torch.arange(sequence_length, device=logits.device, dtype=torch.int32)
-            last_real_token = (positions * is_real.to(logits.device, torch.int32)).argmax(-1)
+        last_real_token = self._last_real_token(input_ids, attention_mask, batch_size, sequence_length, logits.device)
         pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_real_token]
 
         parts = combine_router_losses(outputs.routing_stats)
