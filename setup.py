@@ -16,7 +16,9 @@ setup(
     # torch is a floor, not a pin: install the build you want first (see README); pip then keeps it.
     install_requires=[
         "torch>=2.6",
-        "transformers>=5.0,<6",
+        # 5.24 renamed the cache argument of the attention and mask utilities to `cache`, which the model passes;
+        # earlier 5.x fail to import the model or build its masks.
+        "transformers>=5.24,<6",
         "accelerate>=1.1.0",  # transformers 5's Trainer refuses older (ACCELERATE_MIN_VERSION)
         "safetensors>=0.4",
         "tokenizers>=0.20",

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -365,3 +368,18 @@ def test_settings_named_by_hand_are_built_over_defaults_and_checked(tiny_config)
     with pytest.raises(ValueError, match="rope_theta is given twice, as 500000.0 and in rope_parameters as 1000000.0"):
         ClusterMoEConfig.from_settings({"rope_theta": 5e5, "rope_parameters": {"rope_type": "default",
                                                                                 "rope_theta": 1e6}}, "x")  # fmt: skip
+
+
+def test_an_older_transformers_is_named_on_import():
+    """Releases before 5.24 lack the `cache` argument the model passes: importing says so, before anything fails."""
+    script = textwrap.dedent(
+        """
+        import importlib.metadata
+        real_version = importlib.metadata.version
+        importlib.metadata.version = lambda name: "5.23.0" if name == "transformers" else real_version(name)
+        import clustermoe_hf
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "transformers>=5.24,<6 is required" in result.stderr and "found transformers==5.23.0" in result.stderr
