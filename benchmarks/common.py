@@ -296,16 +296,18 @@ def tensor_bytes(tensors) -> int:
 
 
 def peak_allocated_bytes(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> int:
-    """Highest net tensor memory allocated while `fn` runs: on a CUDA device from its allocator's statistics, on the
-    CPU from the profiler's allocation events (CPU tensors have no allocator statistics; process RSS would also count
-    the allocator's caching and the interpreter)."""
+    """Highest net tensor memory allocated while `fn` runs, in the bytes the tensors asked for: on a CUDA device from
+    its allocator's statistics (requested bytes: the allocated ones are rounded up to 512-byte blocks, which would
+    count a model's many small tensors at up to 512 bytes more each), on the CPU from the profiler's allocation events
+    (CPU tensors have no allocator statistics; process RSS would also count the allocator's caching and the
+    interpreter)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+        before = torch.cuda.memory_stats(device)["requested_bytes.all.current"]
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return torch.cuda.memory_stats(device)["requested_bytes.all.peak"] - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(

@@ -374,3 +374,21 @@ def test_profile_step_profiles_bf16_training_only():
     for mode in ("decode", "memory"):
         with pytest.raises(SystemExit):
             profile_step.main(["--mode", mode, "--dtype", "bfloat16"])
+
+
+def test_cuda_peak_memory_counts_the_bytes_tensors_asked_for(monkeypatch):
+    """On CUDA the peak comes from the allocator's requested-bytes statistics, not its 512-byte-rounded blocks, which
+    would count a model's many small tensors larger than the CPU measurement does (simulated allocator)."""
+    import common
+
+    stats = {"requested_bytes.all.current": 1000, "requested_bytes.all.peak": 1000}
+
+    def step():  # allocates 300 bytes in small tensors and frees 100 of them
+        stats["requested_bytes.all.peak"] = 1300
+        stats["requested_bytes.all.current"] = 1200
+
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: dict(stats))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1 << 20)  # rounded blocks: not read
+    assert common.peak_allocated_bytes(step, torch.device("cuda")) == 300
