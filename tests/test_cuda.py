@@ -1,0 +1,98 @@
+"""On a GPU: the paths the CPU tests cannot reach there (CUDA kernels, asynchronous checks, no host reads).
+
+Skipped without CUDA. On a GPU machine: `python -m pytest -q tests/test_cuda.py`. `CLUSTERMOE_TEST_DEVICE` runs them on
+another device instead (e.g. `cpu`, to check the tests themselves).
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+
+
+DEVICE = torch.device(os.environ.get("CLUSTERMOE_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SETUPS = {
+    "flat router": {},
+    "hierarchical router, padded rows": {"router_implementation": "hierarchical"},  # 4 experts per cluster
+    "hierarchical router, aligned rows": {"router_implementation": "hierarchical", "num_clusters": 8,
+                                          "experts_per_cluster": 8},
+    "capacity limits, adaptive routing, jitter": {"expert_capacity_factor": 1.0, "use_adaptive_routing": True,
+                                                  "router_jitter_noise": 0.1},
+    "unaligned expert width": {"intermediate_size": 12},  # sorted_mm's per-expert loop
+}  # fmt: skip
+
+
+def make_config(**overrides) -> ClusterMoEConfig:
+    settings = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_clusters": 4, "experts_per_cluster": 4, "pad_token_id": 0}  # fmt: skip
+    return ClusterMoEConfig(**{**settings, **overrides})
+
+
+def left_padded_batch():
+    input_ids = torch.randint(3, 128, (3, 24))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :5] = 0
+    return input_ids, attention_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_the_model_computes_on_the_device_what_it_computes_on_the_cpu_trains_and_generates(setup, dtype):
+    config = make_config(**SETUPS[setup])
+    reference = ClusterMoEForCausalLM(config).to(dtype).eval()
+    model = ClusterMoEForCausalLM(config).to(dtype)
+    model.load_state_dict(reference.state_dict())
+    model.to(DEVICE).eval()
+    input_ids, attention_mask = left_padded_batch()
+    with torch.no_grad():
+        expected = reference(input_ids, attention_mask=attention_mask).logits.float()
+        logits = model(input_ids.to(DEVICE), attention_mask=attention_mask.to(DEVICE)).logits.float().cpu()
+    real = attention_mask.bool()
+    if dtype == torch.float32:  # bf16 kernels round differently, and a near-tie in routing may then flip
+        torch.testing.assert_close(logits[real], expected[real], rtol=1e-3, atol=1e-3)
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss = model(input_ids.to(DEVICE), attention_mask=attention_mask.to(DEVICE), labels=input_ids.to(DEVICE)).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert int(model.model.routing_state.training_step) == 2
+    assert int(model.model.routing_state.pending_counts.sum()) == 0  # folded in at the optimizer step
+
+    model.eval()
+    generated = model.generate(
+        input_ids.to(DEVICE), attention_mask=attention_mask.to(DEVICE), max_new_tokens=6, min_new_tokens=6,
+        do_sample=False,
+    )  # fmt: skip
+    assert generated.shape == (3, 30)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA's synchronisation debug mode")
+@pytest.mark.parametrize("setup", ["flat router", "hierarchical router, aligned rows"])
+def test_a_bf16_training_step_does_not_wait_for_the_device(setup):
+    """Routing, the balancing losses, the health checks and the statistics stay on the device: no host reads in the
+    forward and backward. (bf16: torch's grouped GEMM reads its group offsets on the host for float32.)"""
+    if torch.cuda.get_device_capability(DEVICE) < (9, 0):
+        pytest.skip("torch's bf16 grouped GEMM reads the group offsets on the host before Hopper")
+    model = ClusterMoEForCausalLM(make_config(**SETUPS[setup])).to(DEVICE, torch.bfloat16).train()
+    input_ids = torch.randint(3, 128, (3, 24), device=DEVICE)
+    model(input_ids, labels=input_ids).loss.backward()  # warm-up: one-off setup may synchronise
+    torch.cuda.synchronize(DEVICE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(input_ids, labels=input_ids).loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    synchronisations = [str(warning.message) for warning in caught if "synchroniz" in str(warning.message).lower()]
+    assert not synchronisations, synchronisations[:3]
