@@ -302,12 +302,14 @@ def peak_allocated_bytes(fn: Callable[[], object], device: torch.device = torch.
     (CPU tensors have no allocator statistics; process RSS would also count the allocator's caching and the
     interpreter)."""
     if device.type == "cuda":
+        # cudaMallocAsync (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync) keeps no requested-bytes statistics
+        counted = "requested_bytes" if torch.cuda.get_allocator_backend() == "native" else "allocated_bytes"
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_stats(device)["requested_bytes.all.current"]
+        before = torch.cuda.memory_stats(device)[f"{counted}.all.current"]
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.memory_stats(device)["requested_bytes.all.peak"] - before
+        return torch.cuda.memory_stats(device)[f"{counted}.all.peak"] - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(

@@ -9,20 +9,26 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 from typing import ClassVar, Literal, get_args
+
+import transformers
+
+
+# Checked first, where both the package and a checkpoint's copied code start (the config loads first), on the
+# transformers that is imported: the model passes its attention and mask utilities the `cache` argument that 5.24
+# introduced. Earlier releases fail further on, with less clear errors (4.x on the imports below).
+if tuple(map(int, re.match(r"(\d+)\.(\d+)", transformers.__version__).groups())) < (5, 24):
+    raise ImportError(
+        f"ClusterMoE needs transformers >= 5.24, found {transformers.__version__}: pip install 'transformers>=5.24,<6'"
+    )
 
 from transformers import GenerationConfig
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 from transformers.utils import logging
-from transformers.utils.versions import require_version
 
-
-# Checked here, where both the package and a checkpoint's copied code start (the config loads first): the model passes
-# transformers' attention and mask utilities the `cache` argument that 5.24 introduced, and earlier 5.x releases fail
-# further on with less clear errors.
-require_version("transformers>=5.24,<6", "ClusterMoE needs it: pip install 'transformers>=5.24,<6'")
 
 logger = logging.get_logger(__name__)
 

@@ -2168,8 +2168,10 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
 
 # `generate` checks the forward of remote-code models (ClusterMoE is one: its code travels with its checkpoints) for a
 # `cache_position` argument at every step, through `inspect.signature`: ~35 us per token, 2% of a CPU decoding step
-# (docs/benchmarks.md). A stored signature, which `inspect` returns as it is, makes that check free.
-ClusterMoEForCausalLM.forward.__signature__ = inspect.signature(ClusterMoEForCausalLM.forward)
+# (docs/benchmarks.md). A stored signature, which `inspect` returns as it is, makes that check free. Stored on the
+# undecorated function, where `inspect` arrives whatever wraps the forward: decorators copy a wrapped function's
+# attributes, and would carry an unbound signature (with `self`) onto wrappers of the bound method.
+inspect.unwrap(ClusterMoEForCausalLM.forward).__signature__ = inspect.signature(ClusterMoEForCausalLM.forward)
 
 def _check_labels(labels: torch.Tensor, batch_size: int, sequence_length: int, vocab_size: int):
     """Labels name the next token of every input position: integer ids of the inputs' shape, or -100 (ignored)."""

@@ -389,6 +389,7 @@ def test_cuda_peak_memory_counts_the_bytes_tensors_asked_for(monkeypatch):
 
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: dict(stats))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1 << 20)  # rounded blocks: not read
     assert common.peak_allocated_bytes(step, torch.device("cuda")) == 300

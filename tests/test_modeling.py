@@ -1,4 +1,5 @@
 import copy
+import functools
 import inspect
 import json
 import os
@@ -341,8 +342,15 @@ def test_generate_reads_the_stored_signature_of_the_forward(tiny_model, monkeypa
     monkeypatch.setattr(inspect, "_signature_from_function", spy)
     model.generate(random_ids(1, 3), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert "ClusterMoEForCausalLM.forward" not in inspected
-    function = inspect.unwrap(ClusterMoEForCausalLM.forward)  # the undecorated forward, without a stored signature
-    assert inspect.signature(model.forward) == inspect.signature(function.__get__(model))
+    stored = inspect.signature(model.forward)
+
+    @functools.wraps(model.forward)  # as accelerate's hooks and `torch.compile(model.forward)` wrap it
+    def wrapped(*args, **kwargs):
+        return model.forward(*args, **kwargs)
+
+    assert inspect.signature(wrapped) == stored  # bound: no `self`
+    monkeypatch.delattr(inspect.unwrap(ClusterMoEForCausalLM.forward), "__signature__")
+    assert stored == inspect.signature(model.forward)  # the forward's own
 
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])  # static: the model gets a 4D mask
