@@ -863,9 +863,20 @@ class ClusterMoESparseMoeBlock(nn.Module):
         log-probabilities, or the plain probabilities without `norm_topk_prob`."""
         return chosen_log_probs.softmax(-1) if self.config.norm_topk_prob else chosen_log_probs.exp()
 
-    def _experts_per_pair(
-        self, hidden_flat, top_k_index, chosen_log_probs, valid_pairs, judges_experts: bool, output_routing_stats: bool
-    ):
+    def _judge_pairs(self, pair_outputs, pair_ids, valid_pairs, judges_experts: bool):
+        """The (N,) experts and (tokens*k,) pairs to mask, or None for none: in training forwards, the experts that
+        misbehaved and all their pairs; otherwise the pairs with a non-finite output, and their experts."""
+        if judges_experts:
+            # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the health
+            # reference of their cluster and mask experts for the real tokens of the batch.
+            faulty = self._faulty_experts(pair_outputs, pair_ids, valid_pairs)
+            return faulty, None if faulty is None else faulty[pair_ids]
+        pair_faulty = self._non_finite_pairs(pair_outputs, valid_pairs)
+        if pair_faulty is None:
+            return None, None
+        return pair_ids.new_zeros(self.num_experts).index_add_(0, pair_ids, pair_faulty.long()) > 0, pair_faulty
+
+    def _experts_per_pair(self, hidden_flat, top_k_index, chosen_log_probs, valid_pairs, judges_experts: bool):
         """One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be judged
         and masked before it is combined; works with every experts backend (eager, grouped_mm, batched_mm, ...).
         Pairs where `valid_pairs` (tokens*k,) is False (dropped by capacity limits, of padding tokens) are zeroed.
@@ -889,15 +900,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         if self.config.use_reliability_routing:
             if torch.is_grad_enabled():
                 self._guard_expert_gradients()
-            if judges_experts:
-                # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the
-                # health reference of their cluster and mask experts for the real tokens of the batch.
-                faulty = self._faulty_experts(pair_outputs, pair_ids, valid_pairs)
-                pair_faulty = None if faulty is None else faulty[pair_ids]
-            else:
-                pair_faulty = self._non_finite_pairs(pair_outputs, valid_pairs)
-                if pair_faulty is not None and output_routing_stats:
-                    faulty = pair_ids.new_zeros(self.num_experts).index_add_(0, pair_ids, pair_faulty.long()) > 0
+            faulty, pair_faulty = self._judge_pairs(pair_outputs, pair_ids, valid_pairs, judges_experts)
         if pair_faulty is not None:
             if pair_outputs.requires_grad:  # the expert weights get gradients (not, e.g., in a frozen model)
                 self.masked_faulty_expert |= pair_faulty.any()  # idempotent when checkpointing re-runs the forward
@@ -977,7 +980,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
                 output = None  # some pair's output is not finite (or the sum overflowed): judge each pair
         if output is None:
             output, faulty = self._experts_per_pair(
-                hidden_flat, top_k_index, chosen_log_probs, valid_pairs, judges_experts, output_routing_stats
+                hidden_flat, top_k_index, chosen_log_probs, valid_pairs, judges_experts
             )
         output = output.view(batch_size, sequence_length, hidden_dim)
         if self.shared_expert is not None:
