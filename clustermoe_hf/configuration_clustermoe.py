@@ -200,15 +200,6 @@ class ClusterMoEConfig(PreTrainedConfig):
             if name in kwargs:
                 kwargs.pop(name)
                 logger.warning(f"ClusterMoEConfig ignores the original package's `{name}`: {reason}")
-        # transformers keeps names it does not know as attributes without effect: a misspelt setting goes unseen.
-        settings = sorted(set(self.__dataclass_fields__) | set(self.attribute_map))
-        for name in kwargs:
-            close = [] if name in settings else difflib.get_close_matches(name, settings, n=1, cutoff=0.8)
-            if close:
-                logger.warning(
-                    f"ClusterMoEConfig has no setting `{name}` (did you mean `{close[0]}`?): it is kept as an "
-                    "attribute and has no effect."
-                )
         for alias, name in self.attribute_map.items():
             given, default = getattr(self, name), self.__dataclass_fields__[name].default
             if alias in kwargs and given != default and given != kwargs[alias]:

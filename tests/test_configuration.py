@@ -168,20 +168,6 @@ def test_original_options_without_counterpart_are_dropped_with_a_warning(tmp_pat
     assert not {"max_tree_depth", "enable_expert_pruning"} & set(saved)
 
 
-
-def test_a_misspelt_setting_is_named_with_the_setting_it_resembles(tmp_path, caplog):
-    """Kept as an attribute without effect, as transformers keeps unknown names; one close to a setting's is named."""
-    config = ClusterMoEConfig(d_modle=64, top_k_cluster=2, num_attention_heads=4, my_project_tag="x")
-    assert "no setting `d_modle` (did you mean `d_model`?)" in caplog.text
-    assert "no setting `top_k_cluster` (did you mean `top_k_clusters`?)" in caplog.text
-    assert "my_project_tag" not in caplog.text  # nothing like a setting: a deliberate extra attribute
-    default = ClusterMoEConfig()
-    assert (config.hidden_size, config.top_k_clusters) == (default.hidden_size, default.top_k_clusters)
-    ClusterMoEConfig(d_model=64, num_attention_heads=4).save_pretrained(tmp_path)
-    caplog.clear()
-    ClusterMoEConfig.from_pretrained(tmp_path)  # the saved names (model_type, auto_map, ...) are no typos
-    assert "no setting" not in caplog.text
-
 def test_aliases_survive_save_and_load_with_only_hf_names(tmp_path):
     config = ClusterMoEConfig(
         d_model=48, d_ff=24, num_layers=3, load_balancing_weight=0.05, router_z_loss_weight=0.002, dropout=0.1,
