@@ -1,10 +1,9 @@
 """On a GPU: the paths the CPU tests cannot reach there (CUDA kernels, asynchronous checks, no host reads).
 
-Skipped without CUDA. On a GPU machine: `python -m pytest -q tests/test_cuda.py`. `CLUSTERMOE_TEST_DEVICE` runs them on
-another device instead (e.g. `cpu`, to check the tests themselves).
+The CUDA cases are skipped without a CUDA device; on a GPU machine: `python -m pytest -q tests/test_cuda.py`. The same
+checks also run on the CPU, so that they keep working where no GPU is.
 """
 
-import os
 import warnings
 
 import pytest
@@ -13,8 +12,8 @@ import torch
 from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
 
 
-DEVICE = torch.device(os.environ.get("CLUSTERMOE_TEST_DEVICE", "cuda"))
-pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = [pytest.param(torch.device("cuda"), marks=NO_CUDA, id="cuda"), pytest.param(torch.device("cpu"), id="cpu")]
 
 SETUPS = {
     "flat router": {},
@@ -40,18 +39,19 @@ def left_padded_batch():
     return input_ids, attention_mask
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("setup", list(SETUPS))
-def test_the_model_computes_on_the_device_what_it_computes_on_the_cpu_trains_and_generates(setup, dtype):
+def test_the_model_computes_on_the_device_what_it_computes_on_the_cpu_trains_and_generates(setup, dtype, device):
     config = make_config(**SETUPS[setup])
     reference = ClusterMoEForCausalLM(config).to(dtype).eval()
     model = ClusterMoEForCausalLM(config).to(dtype)
     model.load_state_dict(reference.state_dict())
-    model.to(DEVICE).eval()
+    model.to(device).eval()
     input_ids, attention_mask = left_padded_batch()
     with torch.no_grad():
         expected = reference(input_ids, attention_mask=attention_mask).logits.float()
-        logits = model(input_ids.to(DEVICE), attention_mask=attention_mask.to(DEVICE)).logits.float().cpu()
+        logits = model(input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float().cpu()
     real = attention_mask.bool()
     if dtype == torch.float32:  # bf16 kernels round differently, and a near-tie in routing may then flip
         torch.testing.assert_close(logits[real], expected[real], rtol=1e-3, atol=1e-3)
@@ -59,7 +59,7 @@ def test_the_model_computes_on_the_device_what_it_computes_on_the_cpu_trains_and
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(2):
-        loss = model(input_ids.to(DEVICE), attention_mask=attention_mask.to(DEVICE), labels=input_ids.to(DEVICE)).loss
+        loss = model(input_ids.to(device), attention_mask=attention_mask.to(device), labels=input_ids.to(device)).loss
         loss.backward()
         assert torch.isfinite(loss)
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -70,23 +70,24 @@ def test_the_model_computes_on_the_device_what_it_computes_on_the_cpu_trains_and
 
     model.eval()
     generated = model.generate(
-        input_ids.to(DEVICE), attention_mask=attention_mask.to(DEVICE), max_new_tokens=6, min_new_tokens=6,
+        input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=6, min_new_tokens=6,
         do_sample=False,
     )  # fmt: skip
     assert generated.shape == (3, 30)
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA's synchronisation debug mode")
+@NO_CUDA
 @pytest.mark.parametrize("setup", ["flat router", "hierarchical router, aligned rows"])
 def test_a_bf16_training_step_does_not_wait_for_the_device(setup):
     """Routing, the balancing losses, the health checks and the statistics stay on the device: no host reads in the
     forward and backward. (bf16: torch's grouped GEMM reads its group offsets on the host for float32.)"""
-    if torch.cuda.get_device_capability(DEVICE) < (9, 0):
+    device = torch.device("cuda")
+    if torch.cuda.get_device_capability(device) < (9, 0):
         pytest.skip("torch's bf16 grouped GEMM reads the group offsets on the host before Hopper")
-    model = ClusterMoEForCausalLM(make_config(**SETUPS[setup])).to(DEVICE, torch.bfloat16).train()
-    input_ids = torch.randint(3, 128, (3, 24), device=DEVICE)
+    model = ClusterMoEForCausalLM(make_config(**SETUPS[setup])).to(device, torch.bfloat16).train()
+    input_ids = torch.randint(3, 128, (3, 24), device=device)
     model(input_ids, labels=input_ids).loss.backward()  # warm-up: one-off setup may synchronise
-    torch.cuda.synchronize(DEVICE)
+    torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
