@@ -2176,6 +2176,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
 # attributes, and would carry an unbound signature (with `self`) onto wrappers of the bound method.
 inspect.unwrap(ClusterMoEForCausalLM.forward).__signature__ = inspect.signature(ClusterMoEForCausalLM.forward)
 
+
 def _check_labels(labels: torch.Tensor, batch_size: int, sequence_length: int, vocab_size: int):
     """Labels name the next token of every input position: integer ids of the inputs' shape, or -100 (ignored)."""
     if labels.shape != (batch_size, sequence_length) or not _is_integer_tensor(labels):
