@@ -478,17 +478,23 @@ class ClusterMoERouter(nn.Module):
             return torch.ones_like(self.expert_reliability, dtype=torch.bool)
         return self.expert_reliability >= self.config.reliability_threshold
 
+    def reliability_scores(self) -> torch.Tensor:
+        """The experts' reliabilities, (N,), with NaN (only a corrupted buffer holds one) read as 0: selection already
+        excludes such an expert, and its cluster's and layer's reliability must stay finite, or `topk` would rank
+        the NaN cluster first."""
+        return self.expert_reliability.nan_to_num(nan=0.0)
+
     def layer_reliability(self) -> torch.Tensor:
         """Utilisation-weighted mean reliability of all the experts, 0-d, weighted by the training counts + 1."""
         weights = self.expert_token_counts.float() + 1.0
-        return (weights * self.expert_reliability).sum() / weights.sum()
+        return (weights * self.reliability_scores()).sum() / weights.sum()
 
     def cluster_reliability(self, token_counts: torch.Tensor | None = None) -> torch.Tensor:
         """Utilisation-weighted mean expert reliability of each cluster, shape (C,), weighted by `token_counts`
         (N,) + 1, by default the training counts so far."""
         token_counts = self.expert_token_counts if token_counts is None else token_counts
         weights = (token_counts.float() + 1.0).view(self.num_clusters, -1)
-        scores = self.expert_reliability.view(self.num_clusters, -1)
+        scores = self.reliability_scores().view(self.num_clusters, -1)
         return (weights * scores).sum(-1) / weights.sum(-1)
 
     def selection_bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -1559,7 +1565,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         selections = []
         for (_, block), layer_counts in zip(layers, counts):
             utilization = layer_counts.double() / layer_counts.sum().clamp_min(1)
-            reliability = block.router.expert_reliability.double()
+            reliability = block.router.reliability_scores().double()
             if rank_by == "utilization":
                 score = utilization
             elif rank_by == "reliability":

@@ -1,5 +1,7 @@
 """Reliability tracking and fault tolerance (`use_reliability_routing`)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -570,6 +572,30 @@ def test_a_cluster_without_enough_selectable_experts_is_not_chosen(tiny_model):
     router.expert_reliability[:3] = 0.4  # one selectable expert left in cluster 0, but a token needs two
     routing = router(hidden)
     assert (routing.cluster_index == 1).all()
+
+
+def test_a_nan_reliability_reads_as_zero(tiny_model):
+    """Only a corrupted buffer holds a NaN reliability. Its expert must count as failed, not poison its cluster's
+    score: `topk` would rank a NaN cluster first and send every token to it."""
+    corrupted, zeroed = tiny_model(), tiny_model()
+    zeroed.load_state_dict(corrupted.state_dict())
+    with torch.no_grad():
+        for model in (corrupted, zeroed):
+            model.model.layers[0].mlp.router.cluster_weight.mul_(50)  # both clusters wanted by many tokens
+    corrupted.model.layers[0].mlp.router.expert_reliability[1] = float("nan")
+    zeroed.model.layers[0].mlp.router.expert_reliability[1] = 0.0
+    hidden = torch.randn(256, corrupted.config.hidden_size)
+
+    routing = corrupted.model.layers[0].mlp.router(hidden)
+    expected = zeroed.model.layers[0].mlp.router(hidden)
+    assert (routing.cluster_index == 1).any() and (routing.cluster_index == 0).any()
+    assert torch.equal(routing.cluster_index, expected.cluster_index)
+    assert torch.equal(routing.expert_candidates, expected.expert_candidates)
+    stats, expected_stats = corrupted.get_reliability_stats(), zeroed.get_reliability_stats()
+    assert math.isnan(stats.pop("layer_0_cluster_0_expert_1_reliability"))  # the expert's own entry shows the fault
+    expected_stats.pop("layer_0_cluster_0_expert_1_reliability")
+    assert stats == pytest.approx(expected_stats)  # clusters, layers and the model: finite, as if it were 0
+    assert corrupted.prune_experts(experts_per_cluster_keep=3, rank_by="reliability")[0][:3] == [0, 2, 3]
 
 
 def test_capacity_overflow_is_not_rerouted_to_an_excluded_expert(tiny_model):
