@@ -15,6 +15,7 @@ that need them.
 """
 
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -663,7 +664,12 @@ def render_model_card(
         results={"Validation perplexity": perplexity, **results},
         utilization=utilization_summary(model),
         sample_prompt=sample_prompt,
+        # A Python string literal for the usage snippet: Jinja's `tojson` writes characters outside the BMP (emoji) as
+        # surrogate-pair escapes, which Python reads as two broken characters.
+        sample_prompt_literal=json.dumps(sample_prompt, ensure_ascii=False),
         sample=sample,
+        # A code fence longer than any run of backticks in the generated text, which would otherwise close it.
+        sample_fence="`" * max(3, 1 + max(map(len, re.findall("`+", sample)), default=0)),
         images=images or {},
     )
     return str(card)

@@ -1,6 +1,7 @@
 """clustermoe_hf.training: corpus and tokenizer helpers, Trainer integration (router metrics, aux loss under gradient
 accumulation, exact resume), LoRA, reporting and the model card."""
 
+import ast
 import copy
 import importlib
 import math
@@ -790,6 +791,20 @@ def test_model_card_metadata_and_content(used_model):
         sample_prompt="A", sample="AB",
     )  # fmt: skip
     assert front_matter(on_hub)["datasets"] == ["someone/plays"]
+
+
+def test_model_card_quotes_any_prompt_and_sample(used_model):
+    """The usage snippet's prompt is a Python literal of the prompt, also beyond the BMP (emoji, which JSON escapes as
+    surrogate pairs), and the sample stays one code block even if it holds backticks of its own."""
+    prompt, sample = 'Caf\u00e9 \U0001F600 "quoted"\n', "text\n```\n# not a heading\n````"
+    card = render_model_card(
+        MODEL_CARD_TEMPLATE, used_model, model_id="someone/clustermoe-tiny", dataset_id="plays",
+        dataset_description="some plays", perplexity=1.0, results={}, training_setup=[],
+        sample_prompt=prompt, sample=sample,
+    )  # fmt: skip
+    (literal,) = re.findall(r"^inputs = tokenizer\((.*), return_tensors=\"pt\"\)$", card, flags=re.MULTILINE)
+    assert ast.literal_eval(literal) == prompt
+    assert f"\n`````text\n{sample}\n`````\n" in card
 
 
 # ----- multi-process data parallel -----
