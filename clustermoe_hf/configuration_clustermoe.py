@@ -238,6 +238,10 @@ class ClusterMoEConfig(PreTrainedConfig):
             return self.router_aux_loss_coef
         return self.router_cluster_aux_loss_coef
 
+    @cluster_aux_loss_coef.setter
+    def cluster_aux_loss_coef(self, value):
+        _reject_derived("cluster_aux_loss_coef", value, "router_cluster_aux_loss_coef, or router_aux_loss_coef if None")
+
     @property
     def num_experts(self) -> int:
         """Total number of routed experts, `num_clusters * experts_per_cluster`."""

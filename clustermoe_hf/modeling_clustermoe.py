@@ -56,7 +56,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
-from .configuration_clustermoe import ClusterMoEConfig, _is_int
+from .configuration_clustermoe import ClusterMoEConfig
 
 
 logger = logging.get_logger(__name__)
@@ -1418,7 +1418,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         0's draw, so that the replicas stay equal, also in the shards of DTensor weights (tensor or expert
         parallelism, FSDP2)."""
         indices = {"layer_idx": layer_idx, "cluster_idx": cluster_idx, "expert_idx": expert_idx}
-        if not all(isinstance(value, numbers.Integral) and not isinstance(value, bool) for value in indices.values()):
+        if not all(_is_integral(value) for value in indices.values()):
             raise TypeError(f"reinitialize_expert takes integer indices, got {indices}.")
         layers = self._moe_layers()
         blocks = dict(layers)
@@ -1529,8 +1529,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             ("experts_per_cluster_keep", experts_per_cluster_keep, config.experts_per_cluster),
             ("clusters_keep", clusters_keep, config.num_clusters),
         ):
-            if value is not None and not (_is_int(value) and 1 <= value <= limit):
+            if value is not None and not (_is_integral(value) and 1 <= value <= limit):
                 raise ValueError(f"{name} must be an integer in [1, {limit}] (or None to keep all), got {value!r}.")
+        # Python ints from here on (NumPy's too): they go into the config, which saves as JSON.
+        experts_per_cluster_keep = None if experts_per_cluster_keep is None else int(experts_per_cluster_keep)
+        clusters_keep = None if clusters_keep is None else int(clusters_keep)
         if experts_per_cluster_keep is None and clusters_keep is None:
             raise ValueError("Nothing to prune: pass experts_per_cluster_keep and/or clusters_keep.")
         if rank_by not in ("utilization", "reliability", "utilization_x_reliability"):
@@ -1674,6 +1677,11 @@ class ClusterMoERoutingState(nn.Module):
 
 # Devices with a kernel for `torch._assert_async` (native_functions.yaml: CPU and CUDA, which ROCm builds share).
 _DEVICES_WITH_ASYNC_ASSERT = frozenset({"cpu", "cuda"})
+
+
+def _is_integral(value) -> bool:
+    """An integer argument: Python's or NumPy's, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_integer_tensor(tensor: torch.Tensor) -> bool:

@@ -90,6 +90,7 @@ ALIASES = {
         # derived, read-only: Qwen3-MoE/OLMoE's field names failed with "property has no setter"
         ({"num_experts": 16}, r"num_experts is derived, num_experts = num_clusters \* experts_per_cluster"),
         ({"num_experts_per_tok": 2}, r"num_experts_per_tok = top_k_clusters \* top_k_experts"),
+        ({"cluster_aux_loss_coef": 0.1}, r"cluster_aux_loss_coef is derived, .* = router_cluster_aux_loss_coef"),
         # transformers' own config checks (`@strict` class validators), which overriding `validate` skipped
         ({"output_attentions": True, "attn_implementation": "sdpa"}, "`output_attentions` attribute is not supported"),
         ({"layer_types": ["bogus", "bogus"]}, r"`layer_types` entries must be in"),

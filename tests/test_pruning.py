@@ -61,6 +61,16 @@ def test_pruned_model_computes_what_the_original_computed_with_the_kept_experts(
     torch.testing.assert_close(model(input_ids).logits, expected)
 
 
+def test_prune_counts_may_be_numpy_integers(tiny_model, tmp_path):
+    import numpy as np
+
+    model = tiny_model()
+    model.prune_experts(clusters_keep=np.int64(1), experts_per_cluster_keep=np.int32(2), rank_by="reliability")
+    assert (type(model.config.num_clusters), type(model.config.experts_per_cluster)) == (int, int)
+    model.save_pretrained(tmp_path)  # the config still saves as JSON
+    assert json.loads((tmp_path / "config.json").read_text())["experts_per_cluster"] == 2
+
+
 def test_prune_whole_clusters(tiny_model):
     model = with_utilization(tiny_model(top_k_clusters=2), [[1, 1, 1, 1, 5, 5, 5, 5], [9, 9, 9, 9, 1, 1, 1, 1]])
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
