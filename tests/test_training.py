@@ -6,6 +6,7 @@ import copy
 import importlib
 import math
 import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -39,6 +40,7 @@ from clustermoe_hf.training import (
     read_text_documents,
     render_model_card,
     routing_state_dict,
+    save_routing_state,
     token_nll_for_perplexity,
     train_byte_level_bpe,
     utilization_summary,
@@ -580,6 +582,61 @@ def test_routing_state_is_named_as_in_the_plain_model_and_loads_into_any_wrappin
     save_file(without_step, tmp_path / "routing_state.safetensors")
     with pytest.raises(ValueError, match=r"missing \['model.routing_state.training_step'\], unexpected \[\]"):
         load_routing_state(fresh, tmp_path)
+
+
+@pytest.mark.parametrize("resume", ["True", "path"])
+def test_a_resumed_lora_run_restores_its_routing_state(tiny_config, tmp_path, resume, caplog):
+    """`SaveRoutingState` restores the routing state saved next to the adapters of the checkpoint the run resumes
+    from, also with `resume_from_checkpoint=True`, where the caller never names it: the resumed run ends where the
+    uninterrupted one does."""
+    from peft import get_peft_model
+
+    def lora_run(output_dir, callback, resume_from_checkpoint=None):
+        torch.manual_seed(0)
+        model = get_peft_model(
+            ClusterMoEForCausalLM(tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.2)), lora_config(rank=2)
+        )
+        args = training_arguments(output_dir, max_steps=4, save_strategy="steps", save_steps=2)
+        trainer = Trainer(model=model, args=args, train_dataset=random_blocks(16, 8), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        return routing_state_dict(model)
+
+    uninterrupted = lora_run(tmp_path / "run", SaveRoutingState())
+    assert int(uninterrupted["model.routing_state.training_step"]) == 4
+    elsewhere = tmp_path / "elsewhere" / "checkpoint-2"
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", elsewhere)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    if resume == "True":
+        resumed = lora_run(tmp_path / "run", SaveRoutingState(), resume_from_checkpoint=True)
+    else:
+        resumed = lora_run(tmp_path / "new", SaveRoutingState(elsewhere), resume_from_checkpoint=str(elsewhere))
+    assert all(torch.equal(resumed[name], value) for name, value in uninterrupted.items())
+
+    # Resumed from a checkpoint the callback was not told of, and which is not in output_dir: it says so.
+    with caplog.at_level("WARNING"):
+        lora_run(tmp_path / "other", SaveRoutingState(), resume_from_checkpoint=str(elsewhere))
+    assert "resuming at step 2, but" in caplog.text and "SaveRoutingState(resume_from_checkpoint=...)" in caplog.text
+
+
+def test_a_saved_adapter_reloads_with_its_routing_state(tiny_config, tmp_path):
+    """An adapter saved after training (`save_pretrained`/`trainer.save_model`) holds no buffers: `save_routing_state`
+    next to it, and `load_routing_state` after loading it, give back the trained model."""
+    from peft import PeftModel, get_peft_model
+
+    config = tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.2)
+    torch.manual_seed(0)
+    base = ClusterMoEForCausalLM(config)
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, lora_config(rank=2))
+    Trainer(model=model, args=training_arguments(tmp_path / "run", max_steps=3), train_dataset=random_blocks(12, 8)).train()
+    model.save_pretrained(tmp_path / "adapter")
+    assert save_routing_state(model, tmp_path / "adapter") == tmp_path / "adapter" / "routing_state.safetensors"
+
+    reloaded = PeftModel.from_pretrained(ClusterMoEForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    load_routing_state(reloaded, tmp_path / "adapter")
+    ids = torch.randint(3, 64, (2, 8))
+    assert int(routing_state_dict(reloaded)["model.routing_state.training_step"]) == 3
+    assert torch.equal(reloaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
 def test_the_best_lora_checkpoint_loads_with_its_routing_state(tiny_config, tmp_path):
