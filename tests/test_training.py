@@ -593,9 +593,8 @@ def test_a_resumed_lora_run_restores_its_routing_state(tiny_config, tmp_path, re
 
     def lora_run(output_dir, callback, resume_from_checkpoint=None):
         torch.manual_seed(0)
-        model = get_peft_model(
-            ClusterMoEForCausalLM(tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.2)), lora_config(rank=2)
-        )
+        config = tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.2)
+        model = get_peft_model(ClusterMoEForCausalLM(config), lora_config(rank=2))
         args = training_arguments(output_dir, max_steps=4, save_strategy="steps", save_steps=2)
         trainer = Trainer(model=model, args=args, train_dataset=random_blocks(16, 8), callbacks=[callback])
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -628,7 +627,8 @@ def test_a_saved_adapter_reloads_with_its_routing_state(tiny_config, tmp_path):
     base = ClusterMoEForCausalLM(config)
     base.save_pretrained(tmp_path / "base")
     model = get_peft_model(base, lora_config(rank=2))
-    Trainer(model=model, args=training_arguments(tmp_path / "run", max_steps=3), train_dataset=random_blocks(12, 8)).train()
+    args = training_arguments(tmp_path / "run", max_steps=3)
+    Trainer(model=model, args=args, train_dataset=random_blocks(12, 8)).train()
     model.save_pretrained(tmp_path / "adapter")
     assert save_routing_state(model, tmp_path / "adapter") == tmp_path / "adapter" / "routing_state.safetensors"
 
