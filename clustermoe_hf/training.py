@@ -401,8 +401,9 @@ class SaveRoutingState(TrainerCallback):
     """Writes the routing state into each checkpoint the `Trainer` saves, and restores it when training resumes: a
     peft checkpoint holds only the adapters, and a run resumed from it would otherwise restart routing from the base
     model's biases, reliability and counts. With `load_best_model_at_end`, restores the best checkpoint's routing
-    state after the Trainer loaded its adapters, so that the model is that checkpoint's. The adapter saved after
-    training (`trainer.save_model`) needs `save_routing_state` next to it, or merging (`merge_and_unload`) first."""
+    state after the Trainer loaded its adapters, so that the model is that checkpoint's. Pushes to the Hub carry it
+    too. An adapter saved by hand (`trainer.save_model(folder)`) needs `save_routing_state` next to it, or merging
+    (`merge_and_unload`) first."""
 
     def __init__(self, resume_from_checkpoint: str | Path | None = None):
         self.resume_from_checkpoint = resume_from_checkpoint
@@ -428,6 +429,16 @@ class SaveRoutingState(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if args.should_save and checkpoint.is_dir():  # as the Trainer decides (per node with save_on_each_node)
+            save_routing_state(model, checkpoint)
+
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        """The Trainer uploads `output_dir` (and with `hub_strategy="checkpoint"` the new checkpoint) right after this
+        event, before `on_save`: the routing state goes into both first, so that the Hub gets it with the adapter."""
+        if not args.should_save:
+            return
+        save_routing_state(model, args.output_dir)
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if checkpoint.is_dir():
             save_routing_state(model, checkpoint)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

@@ -5,6 +5,7 @@ import ast
 import copy
 import importlib
 import math
+import os
 import re
 import shutil
 import sys
@@ -637,6 +638,34 @@ def test_a_saved_adapter_reloads_with_its_routing_state(tiny_config, tmp_path):
     ids = torch.randint(3, 64, (2, 8))
     assert int(routing_state_dict(reloaded)["model.routing_state.training_step"]) == 3
     assert torch.equal(reloaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_hub_pushes_of_a_lora_run_carry_its_routing_state(tiny_config, tmp_path, monkeypatch):
+    """The Trainer uploads `output_dir` and, with `hub_strategy="checkpoint"`, the new checkpoint before `on_save`
+    runs: the routing state must already be in both (a fake Hub API records what each upload holds)."""
+    import transformers.trainer
+    from peft import get_peft_model
+
+    uploads = {}
+
+    class FakeHubApi:
+        def create_repo(self, *args, **kwargs):
+            return types.SimpleNamespace(repo_id="someone/run")
+
+        def upload_folder(self, folder_path, path_in_repo=None, **kwargs):
+            uploads[path_in_repo or "."] = sorted(os.listdir(folder_path))
+            return types.SimpleNamespace(done=lambda: True)
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHubApi)
+    model = get_peft_model(ClusterMoEForCausalLM(tiny_config()), lora_config(rank=2))
+    args = training_arguments(
+        tmp_path, max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True, hub_model_id="someone/run",
+        hub_strategy="checkpoint",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=random_blocks(8, 8), callbacks=[SaveRoutingState()])
+    trainer.train()
+    assert {"adapter_model.safetensors", "routing_state.safetensors"} <= set(uploads["."])
+    assert {"adapter_model.safetensors", "routing_state.safetensors"} <= set(uploads["last-checkpoint"])
 
 
 def test_the_best_lora_checkpoint_loads_with_its_routing_state(tiny_config, tmp_path):
