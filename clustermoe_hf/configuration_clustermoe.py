@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import math
 import re
-from typing import ClassVar, Literal, get_args
+from typing import Literal, get_args
 
 import transformers
 
@@ -120,9 +120,6 @@ class ClusterMoEConfig(PreTrainedConfig):
         "router_z_loss_weight": "router_z_loss_coef",
         "dropout": "attention_dropout",
     }
-    # The base model records routing statistics unless the causal LM asks it not to (pure inference): the losses and
-    # the training-state updates need them.
-    output_routing_stats: ClassVar[bool] = True
 
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",

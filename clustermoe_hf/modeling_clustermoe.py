@@ -5,7 +5,7 @@ Self-contained (imports only torch, transformers and `configuration_clustermoe`)
 it next to the weights and `from_pretrained(..., trust_remote_code=True)` works without this package installed.
 
 Routing state (utilisation counts, reliability scores, balancing biases) lives in buffers. The forward pass only
-*records* routing statistics (through transformers' output recording, so a layer recomputed by gradient
+*returns* routing statistics (each decoder layer next to its hidden states, so a layer recomputed by gradient
 checkpointing is never counted twice), and sets each block's `masked_faulty_expert` flag for the gradient guard;
 the statistics are folded into the buffers by a forward hook on the base model (counts, training forwards only) and
 by a global optimizer-step hook (EMAs and biases).
@@ -54,7 +54,7 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_clustermoe import ClusterMoEConfig
 
@@ -1049,7 +1049,9 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         output_routing_stats: bool = True,
         training_forward: bool | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Returns the hidden states and this layer's routing statistics (None for a dense layer or when not asked
+        for): returned, not recorded by a hook, so that the layers run without hooks unless outputs are recorded."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -1064,11 +1066,12 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
 
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
+        routing_stats = None
         if self.is_moe:
-            hidden_states, _ = self.mlp(hidden_states, token_mask, output_routing_stats, training_forward)
+            hidden_states, routing_stats = self.mlp(hidden_states, token_mask, output_routing_stats, training_forward)
         else:
             hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states
+        return residual + hidden_states, routing_stats
 
 
 def _check_plain_experts(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], action: str):
@@ -1131,13 +1134,12 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     # Routing, capacity limits and health checks have static shapes and no host syncs. Under gradient checkpointing a
     # training forward compiles with graph breaks only (`fullgraph=False`, as the Trainer's `torch_compile` does): the
-    # routing statistics recorded inside the checkpointed layer are a side effect dynamo refuses there (as Qwen3-MoE's
-    # router logits are).
+    # expert-gradient guard's registration and its fault flag, inside the checkpointed layer, are side effects dynamo
+    # refuses there.
     _can_compile_fullgraph = True
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(ClusterMoERouter, index=0),
-        "routing_stats": OutputRecorder(ClusterMoESparseMoeBlock, index=1),
         "hidden_states": ClusterMoEDecoderLayer,
         "attentions": ClusterMoEAttention,
     }
@@ -1729,9 +1731,6 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self.routing_state = ClusterMoERoutingState(num_moe_layers, config.num_experts)
         self.register_forward_hook(_record_training_statistics)
         self.post_init()
-        # Routing statistics are recorded in every forward: install the recording hooks now, not lazily in the first
-        # forward, where `torch.compile` cannot trace their installation (a lock).
-        maybe_install_capturing_hooks(self)
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache):
         """Clear errors for inputs that would otherwise fail deep inside the embedding or attention, or, for token ids
@@ -1831,7 +1830,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
 
     def _check_checkpointing_keeps_router_losses(self):
         """Reentrant checkpointing runs each layer's forward without gradients and only its output gets them back; the
-        router losses, recorded from inside the layers, would silently get none. transformers' checkpointing function
+        router losses, computed inside the layers, would silently get none. transformers' checkpointing function
         is a `functools.partial` of torch's `checkpoint`, whose default (no `use_reentrant`) is reentrant."""
         config = self.config
         keywords = getattr(self._gradient_checkpointing_func, "keywords", None)
@@ -1840,9 +1839,9 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         if reentrant and self._moe_layers() and any(coef != 0 for coef in router_losses):
             raise ValueError(
                 "Gradient checkpointing with use_reentrant=True would train the routers without their balancing and "
-                "z-losses: it runs each layer's forward without gradients, and the router losses are recorded from "
-                "inside the layers. Enable it with use_reentrant=False (transformers' default, e.g. "
-                "gradient_checkpointing_kwargs={'use_reentrant': False}), or set router_aux_loss_coef, "
+                "z-losses: it runs each layer's forward without gradients, and only the layer's hidden states get "
+                "them back, not the router losses it returns. Enable it with use_reentrant=False (transformers' "
+                "default, e.g. gradient_checkpointing_kwargs={'use_reentrant': False}), or set router_aux_loss_coef, "
                 "router_cluster_aux_loss_coef and router_z_loss_coef to 0."
             )
 
@@ -1857,8 +1856,11 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_routing_stats: bool = True,
         **kwargs,
     ) -> ClusterMoEModelOutputWithPast:
+        """`output_routing_stats`: return each MoE layer's balancing and z losses and routing counts, which training
+        forwards fold into the routing state. The causal LM turns them off for pure inference."""
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache)
         sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -1890,8 +1892,9 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         # Decided here, outside the layers, which reentrant checkpointing first runs without gradients.
         training_forward = self.training and torch.is_grad_enabled()
+        routing_stats = []
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = decoder_layer(
+            hidden_states, layer_stats = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
@@ -1899,11 +1902,18 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 token_mask=token_mask,
+                output_routing_stats=output_routing_stats,
                 training_forward=training_forward,
                 **kwargs,
             )
+            if layer_stats is not None:
+                routing_stats.append(layer_stats)
         hidden_states = self.norm(hidden_states)
-        return ClusterMoEModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return ClusterMoEModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+            routing_stats=tuple(routing_stats) if output_routing_stats else None,
+        )
 
     @torch.no_grad()
     def apply_pending_routing_updates(self):

@@ -147,8 +147,8 @@ def test_compiled_generation_matches_eager(tiny_model, backend):
 
 
 def test_compiled_training_step_matches_eager(tiny_config):
-    """A fullgraph-compiled training forward from the first call: routing statistics are recorded in every forward,
-    so their recording hooks must already be installed (installing them takes a lock, which dynamo cannot trace).
+    """A fullgraph-compiled training forward from the first call: routing statistics are returned by the layers, not
+    recorded by hooks that the first forward would install (installing them takes a lock, which dynamo cannot trace).
     The compiled call leaves no state behind (eager forwards after it record their statistics too), and a broken
     expert's non-finite gradients stay out of the hidden states there as in eager. In a fresh process, so that no
     earlier test has installed hooks or compiled anything."""

@@ -722,6 +722,23 @@ def test_a_copied_model_updates_its_own_routing_state(tiny_model, compiled):
     assert int(model.model.routing_state.training_step) == 0  # the original is left alone
 
 
+def test_a_trained_model_pickles_whole(tiny_model, tmp_path):
+    """`torch.save(model)` (pickle): the layers carry no output-recording hooks (closures, which pickle refuses)
+    unless an output was recorded, as transformers' models. The loaded copy computes and trains as the original."""
+    model = tiny_model(use_adaptive_routing=True).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = random_ids(2, 8)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in loaded.state_dict().items())
+    torch.testing.assert_close(loaded.eval()(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+    loaded.train()(ids, labels=ids).loss.backward()
+    torch.optim.SGD(loaded.parameters(), lr=1e-3).step()
+    assert (int(loaded.model.routing_state.training_step), int(model.model.routing_state.training_step)) == (2, 1)
+
+
 def test_per_layer_statistics_are_combined_on_one_device():
     """Under a device map the MoE layers' losses live on different devices; they are gathered on the first's."""
     from clustermoe_hf.modeling_clustermoe import combine_router_losses
