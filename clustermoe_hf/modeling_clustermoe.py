@@ -668,10 +668,6 @@ class ClusterMoESparseMoeBlock(nn.Module):
             if config.shared_expert_intermediate_size > 0
             else None
         )
-        # The (token, expert) pairs capacity limits re-routed and dropped in this layer in training. Saved, like the
-        # experts' token counts they are reset with (`reset_expert_utilization`).
-        self.register_buffer("rerouted_pair_counts", torch.zeros((), dtype=torch.long))
-        self.register_buffer("dropped_pair_counts", torch.zeros((), dtype=torch.long))
         # Whether a forward with gradients masked a faulty expert since the last optimizer step (see
         # `_guard_expert_gradients`).
         self.register_buffer("masked_faulty_expert", torch.zeros((), dtype=torch.bool), persistent=False)
@@ -1311,8 +1307,6 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.selection_token_counts)
         elif isinstance(module, ClusterMoESparseMoeBlock):
             init.zeros_(module.masked_faulty_expert)
-            init.zeros_(module.rerouted_pair_counts)
-            init.zeros_(module.dropped_pair_counts)
         elif isinstance(module, ClusterMoERoutingState):
             for buffer in module.buffers():
                 init.zeros_(buffer)
@@ -1363,18 +1357,20 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         (`selection_token_counts`), which keep accumulating."""
         for _, block in self._moe_layers():
             block.router.expert_token_counts.zero_()
-            block.rerouted_pair_counts.zero_()
-            block.dropped_pair_counts.zero_()
+        state = self.base_model.routing_state
+        state.dropped_pair_counts.zero_()
+        state.rerouted_pair_counts.zero_()
 
     def get_capacity_stats(self) -> dict[str, int]:
         """(token, expert) pairs that capacity limits re-routed or dropped during training, per MoE layer
         (`layer_{l}_rerouted_pairs`, `layer_{l}_dropped_pairs`) and in total. All zero when dropless."""
-        layers, stats = self._moe_layers(), {}
-        for layer_idx, block in layers:
-            stats[f"layer_{layer_idx}_rerouted_pairs"] = int(block.rerouted_pair_counts)
-            stats[f"layer_{layer_idx}_dropped_pairs"] = int(block.dropped_pair_counts)
-        for kind in ("rerouted", "dropped"):
-            stats[f"{kind}_pairs"] = sum(stats[f"layer_{layer_idx}_{kind}_pairs"] for layer_idx, _ in layers)
+        state = self.base_model.routing_state
+        stats = {}
+        for row, (layer_idx, _) in enumerate(self._moe_layers()):
+            stats[f"layer_{layer_idx}_rerouted_pairs"] = int(state.rerouted_pair_counts[row])
+            stats[f"layer_{layer_idx}_dropped_pairs"] = int(state.dropped_pair_counts[row])
+        stats["rerouted_pairs"] = int(state.rerouted_pair_counts.sum())
+        stats["dropped_pairs"] = int(state.dropped_pair_counts.sum())
         return stats
 
     def get_reliability_stats(self) -> dict[str, float]:
@@ -1663,16 +1659,18 @@ class ClusterMoEModelOutputWithPast(MoeModelOutputWithPast):
 
 class ClusterMoERoutingState(nn.Module):
     """Model-level routing state, in a leaf module so that device maps place its buffers: the optimizer-step count
-    (saved), and the statistics gathered since the last optimizer step over every micro-batch (token counts, observed
-    and healthy forwards per expert, (moe_layers, N)). All integer counts, which dtype casts of the model leave
-    alone. What is saved per layer lives in the layers, so that a checkpoint loads into fewer of them
-    (`from_pretrained(path, num_hidden_layers=k)`)."""
+    and the pairs capacity limits re-routed/dropped in training (saved), and the statistics gathered since the last
+    optimizer step over every micro-batch (token counts, observed and healthy forwards per expert, (moe_layers, N)).
+    All integer counts, which dtype casts of the model leave alone."""
 
     def __init__(self, num_moe_layers: int, num_experts: int):
         super().__init__()
         self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
         for name in ("pending_counts", "pending_observed", "pending_healthy"):
             self.register_buffer(name, torch.zeros(num_moe_layers, num_experts, dtype=torch.long), persistent=False)
+        # Saved, like the experts' token counts they are reset with (`reset_expert_utilization`).
+        self.register_buffer("rerouted_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long))
+        self.register_buffer("dropped_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long))
         # Set by a training forward: only then does an optimizer step update the routing state and step count.
         self.has_pending_updates = False
 
@@ -1986,8 +1984,8 @@ def _record_training_statistics(model: ClusterMoEModel, args, output):
             counts = layer_stats["expert_counts"]
             block.router.expert_token_counts.add_(counts)
             state.pending_counts[row].add_(counts.to(device))
-            block.rerouted_pair_counts.add_(layer_stats["rerouted_pairs"])
-            block.dropped_pair_counts.add_(layer_stats["dropped_pairs"])
+            state.rerouted_pair_counts[row].add_(layer_stats["rerouted_pairs"].to(device))
+            state.dropped_pair_counts[row].add_(layer_stats["dropped_pairs"].to(device))
             if "expert_faulty" in layer_stats:
                 observed, faulty = layer_stats["expert_observed"].to(device), layer_stats["expert_faulty"].to(device)
                 state.pending_observed[row].add_(observed.long())

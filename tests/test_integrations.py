@@ -154,26 +154,23 @@ def test_sharded_save_and_load(tiny_model, tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def test_a_checkpoint_loads_into_fewer_layers(tiny_model, tmp_path):
-    """As with transformers' models, `from_pretrained(path, num_hidden_layers=k)` keeps the first k layers (e.g. for
-    a draft model), with their routing state; the checkpoint's other layers are reported as unused."""
-    model = tiny_model(num_hidden_layers=2, expert_capacity_factor=1.0)
-    model.train()(torch.randint(3, 64, (2, 16)), labels=torch.randint(3, 64, (2, 16))).loss.backward()
-    assert model.get_capacity_stats()["layer_0_rerouted_pairs"] + model.get_capacity_stats()["layer_0_dropped_pairs"]
+def test_a_checkpoint_loads_into_fewer_layers_with_fresh_capacity_counters(tiny_model, tmp_path):
+    """`from_pretrained(path, num_hidden_layers=k)` keeps the first k layers (e.g. for a draft model). The capacity
+    counters are one per MoE layer in the model-level routing state, so their size no longer matches: transformers
+    refuses that by name, and `ignore_mismatched_sizes=True` starts them from zero; the layers load as saved."""
+    model = tiny_model(num_hidden_layers=2)
     model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=1)
 
-    first = AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=1)
+    first = AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=1, ignore_mismatched_sizes=True)
     assert len(first.model.layers) == 1
     saved = model.state_dict()
     for name, tensor in first.state_dict().items():
-        assert torch.equal(tensor, saved[name]), name
-    capacity = model.get_capacity_stats()
-    assert first.get_capacity_stats() == {
-        "layer_0_rerouted_pairs": capacity["layer_0_rerouted_pairs"],
-        "layer_0_dropped_pairs": capacity["layer_0_dropped_pairs"],
-        "rerouted_pairs": capacity["layer_0_rerouted_pairs"],
-        "dropped_pairs": capacity["layer_0_dropped_pairs"],
-    }
+        if "pair_counts" not in name:
+            assert torch.equal(tensor, saved[name]), name
+    assert first.get_capacity_stats() == {"layer_0_rerouted_pairs": 0, "layer_0_dropped_pairs": 0,
+                                          "rerouted_pairs": 0, "dropped_pairs": 0}  # fmt: skip
 
 
 # ----- embeddings -----
