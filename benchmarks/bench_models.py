@@ -80,11 +80,14 @@ def config_label(name: str, implementation: str | None) -> str:
     return name if implementation is None else f"{name} [{implementation}]"
 
 
+# The models that add their load-balancing loss only when asked for the router logits. ClusterMoE computes its own in
+# every training forward, and DeepSeek-V3 balances without one: asking them would only record logits nothing uses.
+ROUTER_LOSS_NEEDS_LOGITS = frozenset({"qwen3_moe", "mixtral", "olmoe"})
+
+
 def training_forward(model, batch: torch.Tensor):
-    """The training forward, whose loss includes each model's own auxiliary router losses: Qwen3-MoE, Mixtral and
-    OLMoE compute their load-balancing loss only when asked for the router logits (ClusterMoE always does in
-    training; DeepSeek-V3 balances without one)."""
-    router_losses = {"output_router_logits": True} if hasattr(model.config, "output_router_logits") else {}
+    """The training forward, whose loss includes each model's own auxiliary router losses."""
+    router_losses = {"output_router_logits": True} if model.config.model_type in ROUTER_LOSS_NEEDS_LOGITS else {}
     return model(input_ids=batch, labels=batch, **router_losses)
 
 
