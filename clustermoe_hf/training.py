@@ -433,12 +433,14 @@ class SaveRoutingState(TrainerCallback):
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         """The Trainer uploads `output_dir` (and with `hub_strategy="checkpoint"` the new checkpoint) right after this
-        event, before `on_save`: the routing state goes into both first, so that the Hub gets it with the adapter."""
+        event, before `on_save`: the routing state goes into both first, so that the Hub gets it with the adapter.
+        A checkpoint that already holds one keeps it: at the final `push_to_hub` the model may be the best
+        checkpoint's (`load_best_model_at_end`), not the last one's."""
         if not args.should_save:
             return
         save_routing_state(model, args.output_dir)
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if checkpoint.is_dir():
+        if checkpoint.is_dir() and not (checkpoint / ROUTING_STATE_FILE).exists():
             save_routing_state(model, checkpoint)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -647,6 +649,13 @@ def architecture_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
     ]
 
 
+def _inline_code(text: str) -> str:
+    """`text` as a Markdown code span, delimited by more backticks than any run inside it."""
+    fence = "`" * (1 + max(map(len, re.findall("`+", text)), default=0))
+    padding = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{padding}{text}{padding}{fence}"
+
+
 def render_model_card(
     template_path: str | Path,
     model: torch.nn.Module,
@@ -674,6 +683,7 @@ def render_model_card(
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     model_name = model_id.split("/")[-1]
+    prompt_literal = json.dumps(sample_prompt, ensure_ascii=False)
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
@@ -708,8 +718,10 @@ def render_model_card(
         utilization=utilization_summary(model),
         sample_prompt=sample_prompt,
         # A Python string literal for the usage snippet: Jinja's `tojson` writes characters outside the BMP (emoji) as
-        # surrogate-pair escapes, which Python reads as two broken characters.
-        sample_prompt_literal=json.dumps(sample_prompt, ensure_ascii=False),
+        # surrogate-pair escapes, which Python reads as two broken characters. In prose, as inline code, so that
+        # Markdown and HTML in the prompt (`**`, `<s>`) show as written.
+        sample_prompt_literal=prompt_literal,
+        sample_prompt_code=_inline_code(prompt_literal),
         sample=sample,
         # A code fence longer than any run of backticks in the generated text, which would otherwise close it.
         sample_fence="`" * max(3, 1 + max(map(len, re.findall("`+", sample)), default=0)),

@@ -788,7 +788,7 @@ def test_default_sample_prompt_is_the_first_non_blank_held_out_line(run_clm, tmp
     run_clm.main([*without(SHORT_RUN, "--train_file"), "--train_file", str(tmp_path / "play.md"),
                   "--output_dir", str(folder)])  # fmt: skip
     first_line = next(line for line in lines[1900:] if line)
-    assert f"from the prompt {json.dumps(first_line)}:" in (folder / "README.md").read_text()
+    assert f"from the prompt `{json.dumps(first_line)}`:" in (folder / "README.md").read_text()
 
 
 def test_sample_prompt_is_never_empty(run_clm, trained, tmp_path, monkeypatch):

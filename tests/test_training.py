@@ -668,6 +668,40 @@ def test_hub_pushes_of_a_lora_run_carry_its_routing_state(tiny_config, tmp_path,
     assert {"adapter_model.safetensors", "routing_state.safetensors"} <= set(uploads["last-checkpoint"])
 
 
+def test_a_final_hub_push_leaves_the_checkpoints_routing_state_alone(tiny_config, tmp_path, monkeypatch):
+    """With `load_best_model_at_end` the model is the best checkpoint's when `push_to_hub` runs at the end: the last
+    checkpoint keeps its own routing state, and the pushed folder gets the best one's, next to its adapter."""
+    import transformers.trainer
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    class FakeHubApi:
+        def create_repo(self, *args, **kwargs):
+            return types.SimpleNamespace(repo_id="someone/run")
+
+        def upload_folder(self, *args, **kwargs):
+            return types.SimpleNamespace(done=lambda: True)
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHubApi)
+    model = get_peft_model(
+        ClusterMoEForCausalLM(tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.2)), lora_config(rank=2)
+    )
+    evaluations = iter(range(100))  # the first evaluation scores best
+    args = training_arguments(
+        tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+        load_best_model_at_end=True, metric_for_best_model="order", greater_is_better=False, push_to_hub=True,
+        hub_model_id="someone/run", hub_strategy="end",
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=random_blocks(12, 8), eval_dataset=random_blocks(2, 8, seed=1),
+        compute_metrics=lambda _: {"order": next(evaluations)}, callbacks=[SaveRoutingState()],
+    )  # fmt: skip
+    trainer.train()
+    trainer.push_to_hub()
+    step = lambda folder: int(load_file(folder / "routing_state.safetensors")["model.routing_state.training_step"])  # noqa: E731
+    assert (step(tmp_path / "checkpoint-3"), step(tmp_path / "checkpoint-1"), step(tmp_path)) == (3, 1, 1)
+
+
 def test_the_best_lora_checkpoint_loads_with_its_routing_state(tiny_config, tmp_path):
     """`load_best_model_at_end` loads the best checkpoint's adapters; `SaveRoutingState` adds its routing state."""
     from peft import get_peft_model
@@ -891,6 +925,13 @@ def test_model_card_quotes_any_prompt_and_sample(used_model):
     (literal,) = re.findall(r"^inputs = tokenizer\((.*), return_tensors=\"pt\"\)$", card, flags=re.MULTILINE)
     assert ast.literal_eval(literal) == prompt
     assert f"\n`````text\n{sample}\n`````\n" in card
+    # In prose the prompt is inline code: Markdown and HTML in it show as written.
+    card = render_model_card(
+        MODEL_CARD_TEMPLATE, used_model, model_id="someone/clustermoe-tiny", dataset_id="plays",
+        dataset_description="some plays", perplexity=1.0, results={}, training_setup=[],
+        sample_prompt="<s>**ROMEO**: `x`", sample="AB",
+    )  # fmt: skip
+    assert 'from the prompt ``"<s>**ROMEO**: `x`"``:' in card
 
 
 # ----- multi-process data parallel -----
