@@ -158,7 +158,7 @@ def specialization_statistics(
             if attention_mask is not None:
                 attention_mask = attention_mask.to(model.device)
             token_mask = None if attention_mask is None else attention_mask.bool().reshape(-1)
-            outputs = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            outputs = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
             for counts, layer_stats in zip(expert_counts, outputs.routing_stats):
                 counts += layer_stats["expert_counts"]
             if label_key is not None:

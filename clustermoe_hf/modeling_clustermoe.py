@@ -54,7 +54,7 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .configuration_clustermoe import ClusterMoEConfig
 
@@ -1047,7 +1047,8 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Returns the hidden states and this layer's routing statistics (None for a dense layer or when not asked
-        for): returned, not recorded by a hook, so that the layers run without hooks unless outputs are recorded."""
+        for): returned, not recorded by an output-recording hook, which transformers installs only once an output is
+        recorded."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -1610,6 +1611,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                     input_ids=batch["input_ids"].to(self.device),
                     attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                     use_cache=False,
+                    return_dict=True,  # also where the config asks for tuples
                 )
                 for layer_counts, layer_stats in zip(counts, outputs.routing_stats):
                     layer_counts += layer_stats["expert_counts"]
@@ -1729,6 +1731,10 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self.routing_state = ClusterMoERoutingState(num_moe_layers, config.num_experts)
         self.register_forward_hook(_record_training_statistics)
         self.post_init()
+        if any(getattr(config, f"output_{name}", False) for name in self._can_record_outputs):
+            # A config that records outputs in every forward: install the recording hooks now, not in the first
+            # forward, where `torch.compile(fullgraph=True)` cannot trace their installation (a lock).
+            maybe_install_capturing_hooks(self)
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache):
         """Clear errors for inputs that would otherwise fail deep inside the embedding or attention, or, for token ids

@@ -148,7 +148,8 @@ def test_compiled_generation_matches_eager(tiny_model, backend):
 
 def test_compiled_training_step_matches_eager(tiny_config):
     """A fullgraph-compiled training forward from the first call: routing statistics are returned by the layers, not
-    recorded by hooks that the first forward would install (installing them takes a lock, which dynamo cannot trace).
+    recorded by hooks that the first forward would install (installing them takes a lock, which dynamo cannot trace),
+    and a config that records outputs gets its hooks at construction.
     The compiled call leaves no state behind (eager forwards after it record their statistics too), and a broken
     expert's non-finite gradients stay out of the hidden states there as in eager. In a fresh process, so that no
     earlier test has installed hooks or compiled anything."""
@@ -183,6 +184,12 @@ def test_compiled_training_step_matches_eager(tiny_config):
         broken = torch.compile(model, fullgraph=True, backend="eager")(ids, labels=ids, use_cache=False)
         broken.loss.backward()
         assert torch.isfinite(broken.loss) and torch.isfinite(model.model.embed_tokens.weight.grad).all()
+
+        # A config that records an output in every forward gets its recording hooks at construction.
+        config = ClusterMoEConfig(**{tiny_config(num_hidden_layers=1, output_router_logits=True).to_diff_dict()!r})
+        recording = ClusterMoEForCausalLM(config).train()
+        output = torch.compile(recording, fullgraph=True, backend="eager")(ids, labels=ids, use_cache=False)
+        assert len(output.router_logits) == 1 and output.router_logits[0].shape == (ids.numel(), 2)
         """
     )
     result = subprocess.run(

@@ -268,3 +268,13 @@ def test_specialisation_statistics_of_a_model_wrapped_by_peft(tiny_model):
     wrapped = get_peft_model(model, lora_config(rank=2))  # adapters start as a no-op
     assert specialization_statistics(wrapped, batches, label_key="label") == pytest.approx(expected)
 
+
+
+def test_statistics_and_calibrated_pruning_of_a_model_whose_config_asks_for_tuples(tiny_model):
+    """`return_dict=False` in the config makes outputs tuples; the statistics read the model's outputs by name."""
+    model = tiny_model()
+    batches = [{"input_ids": torch.randint(3, 64, (2, 8)), "label": torch.tensor([0, 1])}]
+    expected = specialization_statistics(model, batches, label_key="label")
+    model.config.return_dict = False
+    assert specialization_statistics(model, batches, label_key="label") == pytest.approx(expected)
+    assert len(model.prune_experts(experts_per_cluster_keep=2, calibration_data=[batches[0]["input_ids"]])[0]) == 4
