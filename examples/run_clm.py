@@ -198,7 +198,10 @@ class ModelArguments:
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)."})
     lora_experts: bool = field(
         default=True,
-        metadata={"help": "Also adapt the fused expert weights (experts.gate_up_proj / experts.down_proj)."},
+        metadata={
+            "help": "Whether LoRA also adapts the fused expert weights (experts.gate_up_proj / experts.down_proj); "
+            "--lora_experts false or --no_lora_experts adapts the attention projections only."
+        },
     )
 
     def __post_init__(self):
