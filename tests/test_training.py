@@ -640,23 +640,33 @@ def test_a_saved_adapter_reloads_with_its_routing_state(tiny_config, tmp_path):
     assert torch.equal(reloaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
-def test_hub_pushes_of_a_lora_run_carry_its_routing_state(tiny_config, tmp_path, monkeypatch):
-    """The Trainer uploads `output_dir` and, with `hub_strategy="checkpoint"`, the new checkpoint before `on_save`
-    runs: the routing state must already be in both (a fake Hub API records what each upload holds)."""
-    import transformers.trainer
-    from peft import get_peft_model
+class FakeHubApi:
+    """transformers' Hub client without the network: records the files of each folder upload."""
 
     uploads = {}
 
-    class FakeHubApi:
-        def create_repo(self, *args, **kwargs):
-            return types.SimpleNamespace(repo_id="someone/run")
+    def create_repo(self, *args, **kwargs):
+        return types.SimpleNamespace(repo_id="someone/run")
 
-        def upload_folder(self, folder_path, path_in_repo=None, **kwargs):
-            uploads[path_in_repo or "."] = sorted(os.listdir(folder_path))
-            return types.SimpleNamespace(done=lambda: True)
+    def upload_folder(self, folder_path, path_in_repo=None, **kwargs):
+        FakeHubApi.uploads[path_in_repo or "."] = sorted(os.listdir(folder_path))
+        return types.SimpleNamespace(done=lambda: True)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import transformers.trainer
 
     monkeypatch.setattr(transformers.trainer, "hf_api", FakeHubApi)
+    monkeypatch.setattr(FakeHubApi, "uploads", {})
+    return FakeHubApi.uploads
+
+
+def test_hub_pushes_of_a_lora_run_carry_its_routing_state(tiny_config, tmp_path, fake_hub):
+    """The Trainer uploads `output_dir` and, with `hub_strategy="checkpoint"`, the new checkpoint before `on_save`
+    runs: the routing state must already be in both."""
+    from peft import get_peft_model
+
     model = get_peft_model(ClusterMoEForCausalLM(tiny_config()), lora_config(rank=2))
     args = training_arguments(
         tmp_path, max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True, hub_model_id="someone/run",
@@ -664,29 +674,20 @@ def test_hub_pushes_of_a_lora_run_carry_its_routing_state(tiny_config, tmp_path,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=random_blocks(8, 8), callbacks=[SaveRoutingState()])
     trainer.train()
-    assert {"adapter_model.safetensors", "routing_state.safetensors"} <= set(uploads["."])
-    assert {"adapter_model.safetensors", "routing_state.safetensors"} <= set(uploads["last-checkpoint"])
+    assert {"adapter_model.safetensors", "routing_state.safetensors"} <= set(fake_hub["."])
+    assert {"adapter_model.safetensors", "routing_state.safetensors"} <= set(fake_hub["last-checkpoint"])
 
 
-def test_a_final_hub_push_leaves_the_checkpoints_routing_state_alone(tiny_config, tmp_path, monkeypatch):
-    """With `load_best_model_at_end` the model is the best checkpoint's when `push_to_hub` runs at the end: the last
-    checkpoint keeps its own routing state, and the pushed folder gets the best one's, next to its adapter."""
-    import transformers.trainer
+def test_the_best_lora_checkpoint_loads_with_its_routing_state(tiny_config, tmp_path, fake_hub):
+    """`load_best_model_at_end` loads the best checkpoint's adapters; `SaveRoutingState` adds its routing state. The
+    final push then carries the best checkpoint's, and leaves the last checkpoint's own alone."""
     from peft import get_peft_model
     from safetensors.torch import load_file
 
-    class FakeHubApi:
-        def create_repo(self, *args, **kwargs):
-            return types.SimpleNamespace(repo_id="someone/run")
-
-        def upload_folder(self, *args, **kwargs):
-            return types.SimpleNamespace(done=lambda: True)
-
-    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHubApi)
     model = get_peft_model(
         ClusterMoEForCausalLM(tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.2)), lora_config(rank=2)
     )
-    evaluations = iter(range(100))  # the first evaluation scores best
+    evaluations = iter(range(100))  # the first evaluation scores best: the best checkpoint is not the last one
     args = training_arguments(
         tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
         load_best_model_at_end=True, metric_for_best_model="order", greater_is_better=False, push_to_hub=True,
@@ -697,33 +698,15 @@ def test_a_final_hub_push_leaves_the_checkpoints_routing_state_alone(tiny_config
         compute_metrics=lambda _: {"order": next(evaluations)}, callbacks=[SaveRoutingState()],
     )  # fmt: skip
     trainer.train()
-    trainer.push_to_hub()
-    step = lambda folder: int(load_file(folder / "routing_state.safetensors")["model.routing_state.training_step"])  # noqa: E731
-    assert (step(tmp_path / "checkpoint-3"), step(tmp_path / "checkpoint-1"), step(tmp_path)) == (3, 1, 1)
-
-
-def test_the_best_lora_checkpoint_loads_with_its_routing_state(tiny_config, tmp_path):
-    """`load_best_model_at_end` loads the best checkpoint's adapters; `SaveRoutingState` adds its routing state."""
-    from peft import get_peft_model
-    from safetensors.torch import load_file
-
-    model = get_peft_model(
-        ClusterMoEForCausalLM(tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.2)), lora_config(rank=2)
-    )
-    evaluations = iter(range(100))  # the first evaluation scores best: the best checkpoint is not the last one
-    args = training_arguments(
-        tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
-        load_best_model_at_end=True, metric_for_best_model="order", greater_is_better=False,
-    )  # fmt: skip
-    trainer = Trainer(
-        model=model, args=args, train_dataset=random_blocks(12, 8), eval_dataset=random_blocks(2, 8, seed=1),
-        compute_metrics=lambda _: {"order": next(evaluations)}, callbacks=[SaveRoutingState()],
-    )  # fmt: skip
-    trainer.train()
     assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-1"
     saved = load_file(Path(trainer.state.best_model_checkpoint) / "routing_state.safetensors")
     assert int(saved["model.routing_state.training_step"]) == 1
     assert all(torch.equal(value, saved[name]) for name, value in routing_state_dict(model).items())
+
+    trainer.push_to_hub()
+    step = lambda folder: int(load_file(folder / "routing_state.safetensors")["model.routing_state.training_step"])  # noqa: E731
+    assert (step(tmp_path), step(tmp_path / "checkpoint-3")) == (1, 3)
+    assert "routing_state.safetensors" in fake_hub["."]
 
 
 def test_a_best_checkpoint_without_routing_state_leaves_the_model_as_it_is(tiny_config, tmp_path, caplog):
