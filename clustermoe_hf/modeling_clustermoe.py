@@ -1150,9 +1150,12 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
-        """Read by `DistributedDataParallel` when it wraps this model (directly: names are relative to it), with any
-        names `DistributedDataParallel._set_params_and_buffers_to_ignore_for_model` added."""
+        """Read by `DistributedDataParallel` when it wraps this model, with any names
+        `DistributedDataParallel._set_params_and_buffers_to_ignore_for_model` added. Names are relative to this model,
+        and repeated as a peft model names them: DDP wrapping a peft model reads this attribute through it, and names
+        its buffers from the peft model down (names it does not have are never looked up)."""
         own = [name for name, _ in self.named_buffers() if name.rpartition(".")[2] in self._PER_PROCESS_BUFFERS]
+        own += [f"base_model.model.{name}" for name in own]
         return own + [name for name in self.__dict__.get("_ddp_ignored_by_user", ()) if name not in own]
 
     @_ddp_params_and_buffers_to_ignore.setter

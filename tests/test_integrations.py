@@ -416,6 +416,22 @@ def test_distributed_data_parallel_leaves_the_per_process_statistics_alone(tiny_
     assert set(model._ddp_params_and_buffers_to_ignore) == ignored | {"lm_head.weight"}
 
 
+def test_distributed_data_parallel_around_a_peft_model_leaves_the_per_process_statistics_alone(tiny_model):
+    """DDP wrapping a peft model (the Trainer with LoRA) reads the ignore list through it, and names the buffers from
+    the peft model down: the per-process statistics are found under those names too."""
+    from peft import get_peft_model
+
+    from clustermoe_hf.training import lora_config
+
+    model = tiny_model()
+    wrapped = get_peft_model(model, lora_config(rank=2))
+    per_process = {name for name, _ in wrapped.named_buffers() if name.endswith(("_counts", "_observed", "_healthy"))}
+    per_process -= {name for name in per_process if name.endswith("selection_token_counts")}  # the same everywhere
+    assert "base_model.model.model.routing_state.pending_counts" in per_process
+    assert per_process - {"base_model.model.model.routing_state.pending_counts"}  # the experts' counts too
+    assert per_process <= set(wrapped._ddp_params_and_buffers_to_ignore)
+
+
 def test_a_model_with_partitioned_parameters_saves_a_gathered_state_dict(tiny_model, tmp_path):
     """DeepSpeed ZeRO-3 leaves empty local parameters and the Trainer passes the gathered weights as `state_dict`."""
     model = tiny_model()
