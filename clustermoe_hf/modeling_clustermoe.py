@@ -14,6 +14,7 @@ by a global optimizer-step hook (EMAs and biases).
 import contextlib
 import functools
 import inspect
+import itertools
 import math
 import numbers
 import os
@@ -1164,13 +1165,13 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
 
     def post_init(self):
         super().post_init()
-        _LIVE_MODELS.add(self)
+        _register_live_model(self)
 
     def __setstate__(self, state):
         """A copy (`copy.deepcopy`, e.g. an EMA or teacher model) never ran `__init__`: register it with the
         optimizer-step hook here. (Not in the forward, where `torch.compile` drops the registration.)"""
         super().__setstate__(state)
-        _LIVE_MODELS.add(self)
+        _register_live_model(self)
         _PARAMETER_OWNERS.mark_stale()  # its parameters are new, but copying registers none
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -1547,7 +1548,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             raise ValueError("This model has no MoE layers to prune.")
         _check_plain_experts(layers, "prune_experts")
         base = self.base_model
-        if any(other.base_model is not base and other.config is config for other in list(_LIVE_MODELS)):
+        if any(other.base_model is not base and other.config is config for other in list(_LIVE_MODELS.values())):
             raise ValueError(
                 "Another live ClusterMoE model shares this model's config object, and pruning changes the config, so "
                 "that model would no longer match it. Build each model from its own config "
@@ -1651,8 +1652,15 @@ def _batches(data, name: str) -> Iterator[Mapping]:
 
 
 # Every live ClusterMoE model, base models and the models with a head around them: the optimizer-step hook folds the
-# pending routing statistics of the base models that an optimizer trains into their buffers.
-_LIVE_MODELS: "weakref.WeakSet[ClusterMoEPreTrainedModel]" = weakref.WeakSet()
+# pending routing statistics of the base models that an optimizer trains into their buffers. In the order they were
+# built (or copied), the same on every process of a distributed run, where each model's update is a collective.
+_LIVE_MODELS: "weakref.WeakValueDictionary[int, ClusterMoEPreTrainedModel]" = weakref.WeakValueDictionary()
+_MODEL_SERIAL_NUMBERS = itertools.count()
+
+
+def _register_live_model(model: "ClusterMoEPreTrainedModel"):
+    if not any(live is model for live in _LIVE_MODELS.values()):
+        _LIVE_MODELS[next(_MODEL_SERIAL_NUMBERS)] = model
 
 
 @dataclass
@@ -2029,11 +2037,12 @@ class _ParameterOwners:
     def _read(self):
         self.owners = {
             id(parameter): (weakref.ref(parameter), weakref.ref(model.base_model))
-            for model in list(_LIVE_MODELS)
+            for model in list(_LIVE_MODELS.values())
             for parameter in model.parameters()
         }
 
-    def bases_of(self, parameters: list[torch.Tensor]) -> set["ClusterMoEModel"]:
+    def bases_of(self, parameters: list[torch.Tensor]) -> list["ClusterMoEModel"]:
+        """The base models owning `parameters`, in the order of their first parameter there."""
         def owner(parameter):
             entry = self.owners.get(id(parameter))
             return entry[1]() if entry is not None and entry[0]() is parameter else None
@@ -2048,7 +2057,7 @@ class _ParameterOwners:
             self.not_owned = {key: stepped for key, stepped in self.not_owned.items() if key not in self.owners}
         owners = {parameter: owner(parameter) for parameter in parameters}
         self.not_owned.update((id(found), weakref.ref(found)) for found, base in owners.items() if base is None)
-        return set(owners.values()) - {None}
+        return list(dict.fromkeys(base for base in owners.values() if base is not None))
 
 
 _PARAMETER_OWNERS = _ParameterOwners()
@@ -2065,14 +2074,15 @@ def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEMode
     it steps. If it steps none, it steps copies of a model's parameters (DeepSpeed's and FSDP's flat ones) or trains
     another model: then the base models no optimizer was seen to train. (So another model's optimizer, e.g. a GAN's
     discriminator's, stepping between a forward and its backward neither cuts the accumulation short nor lifts the
-    gradient guard.)"""
+    gradient guard.) In the order the optimizer lists their parameters, or else the order they were built in: the same
+    on every process, where each model's update all-reduces its statistics."""
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     trained = _PARAMETER_OWNERS.bases_of(parameters)
     _MODELS_WITH_A_KNOWN_OPTIMIZER.update(trained)
     if trained:
-        return list(trained)
+        return trained
     return [
-        model for model in list(_LIVE_MODELS)
+        model for model in list(_LIVE_MODELS.values())
         if isinstance(model, ClusterMoEModel) and model not in _MODELS_WITH_A_KNOWN_OPTIMIZER
     ]  # fmt: skip
 

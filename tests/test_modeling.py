@@ -722,6 +722,25 @@ def test_a_copied_model_updates_its_own_routing_state(tiny_model, compiled):
     assert int(model.model.routing_state.training_step) == 0  # the original is left alone
 
 
+def test_one_optimizer_updates_its_models_in_the_order_it_lists_their_parameters(tiny_model, monkeypatch):
+    """Each model's update all-reduces its statistics under torch.distributed: every process must update the models
+    of one optimizer in the same order, which the order of the optimizer's parameters gives (not object ids)."""
+    first, second = tiny_model().train(), tiny_model().train()
+    updated = []
+    original = ClusterMoEModel.apply_pending_routing_updates
+    monkeypatch.setattr(
+        ClusterMoEModel, "apply_pending_routing_updates", lambda base: updated.append(base) or original(base)
+    )
+    for models in ((second, first), (first, second)):
+        optimizer = torch.optim.SGD([p for model in models for p in model.parameters()], lr=0.0)
+        for model in models:
+            ids = random_ids(2, 8)
+            model(ids, labels=ids).loss.backward()
+        updated.clear()
+        optimizer.step()
+        assert updated == [model.model for model in models]
+
+
 def test_a_trained_model_pickles_whole(tiny_model, tmp_path):
     """`torch.save(model)` (pickle): the layers carry no output-recording hooks (closures, which pickle refuses)
     unless an output was recorded, as transformers' models. The loaded copy computes and trains as the original."""
