@@ -26,7 +26,9 @@ class GenerationArguments:
     model_name_or_path: str = field(metadata={"help": "A model folder written by run_clm.py, or a Hub id."})
     prompt: list[str] = field(
         metadata={
-            "help": "One or more prompts, each continued separately. In bash, $'...' quotes turn \\n into newlines."
+            "help": "One or more prompts, each continued separately (--prompt may also be repeated). In bash, $'...' "
+            "quotes turn \\n into newlines.",
+            "action": "extend",
         },
     )
     max_new_tokens: int = field(default=100, metadata={"help": "Tokens to generate per prompt."})
@@ -55,7 +57,7 @@ class GenerationArguments:
     num_return_sequences: int = field(
         default=1, metadata={"help": "Continuations per prompt; more than one is printed at the end, not streamed."}
     )
-    seed: int = field(default=42, metadata={"help": "Random seed, for reproducible samples."})
+    seed: int = field(default=42, metadata={"help": "Random seed, for reproducible samples (0 to 2**32 - 1)."})
     device: str | None = field(
         default=None, metadata={"help": "Device to run on (cpu, cuda, cuda:1, mps, ...). Default: cuda if available."}
     )
@@ -76,6 +78,7 @@ class GenerationArguments:
             "top_k": (lambda value: value >= 0, ">= 0 (0 disables it)"),
             "top_p": (lambda value: 0 < value <= 1, "in (0, 1]"),
             "repetition_penalty": (lambda value: value > 0, "> 0 (1 is no penalty)"),
+            "seed": (lambda value: 0 <= value < 2**32, "in [0, 2**32)"),
         }
         for name, (valid, expected) in ranges.items():
             value = getattr(self, name)
@@ -87,6 +90,8 @@ class GenerationArguments:
         # A mistyped folder would otherwise fail as a malformed Hub id ('Repo id must be in the form ...').
         name = self.model_name_or_path
         folder = Path(name)
+        if folder.is_file():
+            raise FileNotFoundError(f"--model_name_or_path {name} is a file; pass the model's folder.")
         if folder.is_dir() and not (folder / "config.json").is_file():
             adapters = (folder / "adapter_config.json").is_file()
             raise FileNotFoundError(
@@ -114,6 +119,12 @@ def main(args: list[str] | None = None) -> list[str]:
             f"--model_name_or_path {generation_args.model_name_or_path} holds a {config.model_type!r} model, "
             "not a ClusterMoE model."
         )
+    folder = Path(generation_args.model_name_or_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(
+            f"--model_name_or_path {folder} holds a model but no tokenizer (tokenizer.json): run_clm.py saves it "
+            "with the model; copy it there from the run that trained the model."
+        )
     tokenizer = AutoTokenizer.from_pretrained(
         generation_args.model_name_or_path, trust_remote_code=generation_args.trust_remote_code
     )
@@ -138,6 +149,17 @@ def main(args: list[str] | None = None) -> list[str]:
             f"--num_return_sequences {wanted}: greedy decoding (--do_sample false, or the model's generation_config) "
             "gives one continuation per prompt; pass --do_sample true."
         )
+    # Positions past the model's context were never trained (run_clm.py refuses a longer --block_size): refused before
+    # anything is generated.
+    context, wanted_tokens = config.max_position_embeddings, generation_args.max_new_tokens
+    for index, prompt in enumerate(generation_args.prompt):
+        length = len(tokenizer(prompt)["input_ids"])
+        if length + wanted_tokens > context:
+            remedy = f"pass --max_new_tokens {context - length} or less" if length < context else "shorten it"
+            raise ValueError(
+                f"--prompt: prompt {index + 1} has {length} tokens, and {wanted_tokens} new ones would exceed the "
+                f"model's context of {context} tokens (max_position_embeddings): {remedy}."
+            )
     stream = wanted == 1 and beams == 1  # TextStreamer follows one sequence, and not beam search
     set_seed(generation_args.seed)
     texts = []

@@ -58,6 +58,8 @@ class PushArguments:
             raise ValueError(
                 f"--repo-id {self.repo_id!r} is not a valid Hub repository id (expected your-name/model-name): {error}"
             ) from None
+        if "/" not in self.repo_id:  # the Hub would put it under the account; the card's snippet would name neither
+            raise ValueError(f"--repo-id {self.repo_id!r} names no account or organisation: pass your-name/model-name.")
 
 
 def files_to_upload(folder: Path) -> list[Path]:
@@ -106,7 +108,8 @@ def folder_problems(folder: Path) -> list[str]:
 
     def require(name: str) -> bool:
         if name not in present:
-            problems.append(f"{name} is missing.")
+            outside = (folder / name).is_file()  # a link to a file outside the folder, which is not uploaded
+            problems.append(f"{name} links outside the folder; copy it in." if outside else f"{name} is missing.")
             return False
         return True
 

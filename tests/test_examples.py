@@ -987,6 +987,25 @@ def test_generate_reports_what_is_not_a_clustermoe_model(tmp_path, monkeypatch):
         generate.main(["--model_name_or_path", str(tmp_path / "gpt2"), "--prompt", "DROMIO:", ""])
 
 
+def test_generate_takes_repeated_prompts_and_refuses_what_it_cannot_continue(trained, tmp_path):
+    folder, _, _ = trained
+    generate = load_script("generate")
+    options = ["--model_name_or_path", str(folder), "--max_new_tokens", "2", "--do_sample", "false"]
+    texts = generate.main([*options, "--prompt", "DROMIO:", "Here", "--prompt", "Now"])
+    assert len(texts) == 3 and all(text.startswith(prompt) for text, prompt in zip(texts, ("DROMIO:", "Here", "Now")))
+    context = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(ValueError, match=r"prompt 2 has \d+ tokens, and \d+ new ones would exceed the model's context"):
+        generate.main([*options, "--prompt", "DROMIO:", "DROMIO: " * context])  # before generating anything
+    with pytest.raises(ValueError, match=rf"--max_new_tokens {context - 1} or less"):
+        generate.main([*options[:2], "--prompt", "D", "--max_new_tokens", str(context)])
+    with pytest.raises(FileNotFoundError, match="config.json is a file; pass the model's folder"):
+        generate.main(["--model_name_or_path", str(folder / "config.json"), "--prompt", "DROMIO:"])
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(folder, no_tokenizer, ignore=shutil.ignore_patterns("checkpoint-*", "tokenizer*"))
+    with pytest.raises(FileNotFoundError, match=r"holds a model but no tokenizer \(tokenizer.json\)"):
+        generate.main(["--model_name_or_path", str(no_tokenizer), "--prompt", "DROMIO:"])
+
+
 @pytest.mark.parametrize(
     "option, value, message",
     [
@@ -997,6 +1016,7 @@ def test_generate_reports_what_is_not_a_clustermoe_model(tmp_path, monkeypatch):
         ("--temperature", "0", "--temperature must be > 0"),
         ("--top_k", "-1", "--top_k must be >= 0"),
         ("--repetition_penalty", "0", "--repetition_penalty must be > 0"),
+        ("--seed", "-1", "--seed must be in [0, 2**32)"),
     ],
 )
 def test_generate_refuses_out_of_range_settings(tmp_path, option, value, message):
@@ -1088,9 +1108,12 @@ def test_push_dry_run_lists_exactly_what_the_upload_sends(trained, monkeypatch, 
 
 
 def test_push_refuses_an_invalid_repo_id_even_in_a_dry_run(tmp_path):
-    """Checked before the folder (here not even a model folder): the Hub would refuse the id only at upload time."""
+    """Checked before the folder (here not even a model folder): the Hub would refuse the id only at upload time. An
+    id without an account would be created under the uploader's, and the pushed card would name another repository."""
     with pytest.raises(ValueError, match=re.escape("--repo-id 'my name/model!!' is not a valid Hub repository id")):
         load_script("push_to_hub").main(["--folder", str(tmp_path), "--repo-id", "my name/model!!", "--dry-run"])
+    with pytest.raises(ValueError, match=re.escape("--repo-id 'tiny' names no account or organisation")):
+        load_script("push_to_hub").main(["--folder", str(tmp_path), "--repo-id", "tiny", "--dry-run"])
 
 
 def test_pushed_card_names_the_repository(trained):
@@ -1169,6 +1192,10 @@ def test_push_keeps_the_training_arguments_and_outside_files_local(trained, tmp_
     files = {path.as_posix() for path in load_script("push_to_hub").files_to_upload(folder)}
     assert "training_args.bin" not in files and "link.txt" not in files
     assert {"notes.txt", "inside.txt"} <= files
+    (folder / "model.safetensors").rename(tmp_path / "model.safetensors")  # weights kept on another disk
+    (folder / "model.safetensors").symlink_to(tmp_path / "model.safetensors")
+    problems = load_script("push_to_hub").folder_problems(folder)
+    assert problems == ["model.safetensors links outside the folder; copy it in."]
 
 
 @pytest.mark.parametrize(
