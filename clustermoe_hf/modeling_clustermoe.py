@@ -1397,7 +1397,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
 
     def reset_reliability(self):
         """Forget past faults: every expert's reliability back to 1, and the health observations gathered since the
-        last optimizer step dropped (the next step would fold them in again)."""
+        last optimizer step dropped (the next step would fold them in again). Under torch.distributed, call it on every
+        process, so that all route alike."""
         for _, block in self._moe_layers():
             block.router.expert_reliability.fill_(1.0)
         state = self.base_model.routing_state

@@ -457,7 +457,7 @@ class SaveRoutingState(TrainerCallback):
 
 def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
     """Restore the routing state that `SaveRoutingState` or `save_routing_state` wrote into `checkpoint` (a folder),
-    e.g. after loading the adapter saved there."""
+    e.g. after loading the adapter saved there. Under torch.distributed, call it on every process."""
     path = Path(checkpoint) / ROUTING_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(
