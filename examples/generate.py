@@ -96,8 +96,9 @@ class GenerationArguments:
             adapters = (folder / "adapter_config.json").is_file()
             raise FileNotFoundError(
                 f"--model_name_or_path {name} holds no model (config.json)"
-                + (": it holds LoRA adapters, a training checkpoint; use the run's output folder, where run_clm.py "
-                   "saves the model with the adapters merged." if adapters else ".")
+                + (": it holds LoRA adapters (e.g. a training checkpoint). Generate with a model that has them merged: "
+                   "run_clm.py saves one in its output folder, and peft's merge_and_unload() makes one."
+                   if adapters else ".")
             )
         if not folder.exists():
             try:
