@@ -407,11 +407,13 @@ class SaveRoutingState(TrainerCallback):
 
     def __init__(self, resume_from_checkpoint: str | Path | None = None):
         self.resume_from_checkpoint = resume_from_checkpoint
+        self.saved_checkpoints: set[Path] = set()  # written by `on_save` in this run
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """A resumed run restores the routing state saved with the checkpoint it resumes from: the one given here
         (the path passed to `Trainer.train(resume_from_checkpoint=...)`), else `output_dir/checkpoint-{step}`, where
         `resume_from_checkpoint=True` resumes from."""
+        self.saved_checkpoints.clear()
         if state.global_step == 0:
             return
         checkpoint = self.resume_from_checkpoint
@@ -430,17 +432,19 @@ class SaveRoutingState(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if args.should_save and checkpoint.is_dir():  # as the Trainer decides (per node with save_on_each_node)
             save_routing_state(model, checkpoint)
+            self.saved_checkpoints.add(checkpoint)
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         """The Trainer uploads `output_dir` (and with `hub_strategy="checkpoint"` the new checkpoint) right after this
-        event, before `on_save`: the routing state goes into both first, so that the Hub gets it with the adapter.
-        A checkpoint that already holds one keeps it: at the final `push_to_hub` the model may be the best
-        checkpoint's (`load_best_model_at_end`), not the last one's."""
+        event, before `on_save`: the routing state goes into both first, so that the Hub gets it with the adapter
+        (also over a file an earlier run left in that checkpoint's folder). A checkpoint `on_save` already wrote
+        keeps its own: at the final `push_to_hub` the model may be the best checkpoint's (`load_best_model_at_end`),
+        not the last one's."""
         if not args.should_save:
             return
         save_routing_state(model, args.output_dir)
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if checkpoint.is_dir() and not (checkpoint / ROUTING_STATE_FILE).exists():
+        if checkpoint.is_dir() and checkpoint not in self.saved_checkpoints:
             save_routing_state(model, checkpoint)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

@@ -640,8 +640,15 @@ def test_a_saved_adapter_reloads_with_its_routing_state(tiny_config, tmp_path):
     assert torch.equal(reloaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
+def routing_step(folder: Path) -> int:
+    from safetensors.torch import load_file
+
+    return int(load_file(Path(folder) / "routing_state.safetensors")["model.routing_state.training_step"])
+
+
 class FakeHubApi:
-    """transformers' Hub client without the network: records the files of each folder upload."""
+    """transformers' Hub client without the network: records the files of each folder upload, and the training step
+    of the routing state among them, as they are when the upload starts."""
 
     uploads = {}
 
@@ -649,7 +656,9 @@ class FakeHubApi:
         return types.SimpleNamespace(repo_id="someone/run")
 
     def upload_folder(self, folder_path, path_in_repo=None, **kwargs):
-        FakeHubApi.uploads[path_in_repo or "."] = sorted(os.listdir(folder_path))
+        files = sorted(os.listdir(folder_path))
+        step = routing_step(folder_path) if "routing_state.safetensors" in files else None
+        FakeHubApi.uploads[path_in_repo or "."] = (files, step)
         return types.SimpleNamespace(done=lambda: True)
 
 
@@ -664,18 +673,21 @@ def fake_hub(monkeypatch):
 
 def test_hub_pushes_of_a_lora_run_carry_its_routing_state(tiny_config, tmp_path, fake_hub):
     """The Trainer uploads `output_dir` and, with `hub_strategy="checkpoint"`, the new checkpoint before `on_save`
-    runs: the routing state must already be in both."""
+    runs: the routing state must already be in both, this run's, also where an earlier run left one."""
     from peft import get_peft_model
 
     model = get_peft_model(ClusterMoEForCausalLM(tiny_config()), lora_config(rank=2))
+    (tmp_path / "checkpoint-2").mkdir()
+    save_routing_state(ClusterMoEForCausalLM(tiny_config()), tmp_path / "checkpoint-2")  # an earlier run's: step 0
     args = training_arguments(
         tmp_path, max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True, hub_model_id="someone/run",
         hub_strategy="checkpoint",
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=random_blocks(8, 8), callbacks=[SaveRoutingState()])
     trainer.train()
-    assert {"adapter_model.safetensors", "routing_state.safetensors"} <= set(fake_hub["."])
-    assert {"adapter_model.safetensors", "routing_state.safetensors"} <= set(fake_hub["last-checkpoint"])
+    for folder in (".", "last-checkpoint"):
+        files, step = fake_hub[folder]
+        assert {"adapter_model.safetensors", "routing_state.safetensors"} <= set(files) and step == 2, folder
 
 
 def test_the_best_lora_checkpoint_loads_with_its_routing_state(tiny_config, tmp_path, fake_hub):
@@ -704,9 +716,8 @@ def test_the_best_lora_checkpoint_loads_with_its_routing_state(tiny_config, tmp_
     assert all(torch.equal(value, saved[name]) for name, value in routing_state_dict(model).items())
 
     trainer.push_to_hub()
-    step = lambda folder: int(load_file(folder / "routing_state.safetensors")["model.routing_state.training_step"])  # noqa: E731
-    assert (step(tmp_path), step(tmp_path / "checkpoint-3")) == (1, 3)
-    assert "routing_state.safetensors" in fake_hub["."]
+    assert (routing_step(tmp_path), routing_step(tmp_path / "checkpoint-3")) == (1, 3)
+    assert fake_hub["."][1] == 1
 
 
 def test_a_best_checkpoint_without_routing_state_leaves_the_model_as_it_is(tiny_config, tmp_path, caplog):
