@@ -653,9 +653,14 @@ def architecture_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
     ]
 
 
+def _code_fence(text: str, shortest: int) -> str:
+    """Backticks that delimit `text` as code in Markdown: more than any run of them inside it, at least `shortest`."""
+    return "`" * max(shortest, 1 + max(map(len, re.findall("`+", text)), default=0))
+
+
 def _inline_code(text: str) -> str:
-    """`text` as a Markdown code span, delimited by more backticks than any run inside it."""
-    fence = "`" * (1 + max(map(len, re.findall("`+", text)), default=0))
+    """`text` as a Markdown code span."""
+    fence = _code_fence(text, shortest=1)
     padding = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{padding}{text}{padding}{fence}"
 
@@ -727,8 +732,8 @@ def render_model_card(
         sample_prompt_literal=prompt_literal,
         sample_prompt_code=_inline_code(prompt_literal),
         sample=sample,
-        # A code fence longer than any run of backticks in the generated text, which would otherwise close it.
-        sample_fence="`" * max(3, 1 + max(map(len, re.findall("`+", sample)), default=0)),
+        # Backticks in the generated text would otherwise close its code block.
+        sample_fence=_code_fence(sample, shortest=3),
         images=images or {},
     )
     return str(card)
