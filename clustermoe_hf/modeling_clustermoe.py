@@ -350,6 +350,7 @@ class ClusterMoERouting(NamedTuple):
     expert_log_probs    (tokens, kc, E)   log P(expert | cluster) at the routing temperature
     expert_candidates   (tokens, kc, E')  local expert ids, best first by selection score (E' = top_k_experts, or
                                           all E when capacity limits may need the next-best experts)
+    candidate_log_probs (tokens, kc, E')  log P(cluster) + log P(expert | cluster) of each candidate
     """
 
     cluster_logits: torch.Tensor
@@ -358,6 +359,7 @@ class ClusterMoERouting(NamedTuple):
     expert_logits: torch.Tensor
     expert_log_probs: torch.Tensor
     expert_candidates: torch.Tensor
+    candidate_log_probs: torch.Tensor
 
 
 def _distributed_is_running() -> bool:
@@ -538,6 +540,11 @@ class ClusterMoERouter(nn.Module):
                 cluster_term, expert_term = cluster_log_reliability, expert_log_reliability
             else:
                 cluster_term, expert_term = cluster_term + cluster_log_reliability, expert_term + expert_log_reliability
+        # All-zero terms (no bias yet, every expert fully reliable) change no score: none spares the additions, and
+        # lets the router read the chosen log-probabilities off top-k. Read on the host where that costs no sync.
+        if cluster_term is not None and _host_reads_are_free(cluster_term):
+            cluster_term = cluster_term if cluster_term.any() else None
+            expert_term = expert_term if expert_term.any() else None
         return cluster_term, None if expert_term is None else expert_term.view(self.num_clusters, -1)
 
     def _expert_logits(self, hidden_states: torch.Tensor, cluster_index: torch.Tensor) -> torch.Tensor:
@@ -580,7 +587,8 @@ class ClusterMoERouter(nn.Module):
         cluster_scores = cluster_log_probs if cluster_term is None else cluster_log_probs + cluster_term
         if noise > 0:
             cluster_scores = cluster_scores + torch.randn_like(cluster_scores) * noise
-        cluster_index = torch.topk(cluster_scores, config.top_k_clusters, dim=-1).indices  # (tokens, kc)
+        cluster_choice = torch.topk(cluster_scores, config.top_k_clusters, dim=-1)
+        cluster_index = cluster_choice.indices  # (tokens, kc)
 
         expert_logits = self._expert_logits(hidden_states, cluster_index)  # (tokens, kc, E)
         expert_log_probs = F.log_softmax(_at_temperature(expert_logits, temperature), dim=-1)
@@ -588,9 +596,27 @@ class ClusterMoERouter(nn.Module):
         if noise > 0:
             expert_scores = expert_scores + torch.randn_like(expert_scores) * noise
         num_candidates = config.top_k_experts if config.expert_capacity_factor is None else self.experts_per_cluster
-        expert_candidates = torch.topk(expert_scores, num_candidates, dim=-1).indices  # (tokens, kc, E')
+        expert_choice = torch.topk(expert_scores, num_candidates, dim=-1)
+        expert_candidates = expert_choice.indices  # (tokens, kc, E')
+
+        # Where nothing was added to the log-probabilities, top-k's values are the chosen ones' log-probabilities.
+        if cluster_scores is cluster_log_probs:
+            chosen_cluster_log_probs = cluster_choice.values
+        else:
+            chosen_cluster_log_probs = cluster_log_probs.gather(1, cluster_index)
+        if expert_scores is expert_log_probs:
+            candidate_log_probs = expert_choice.values
+        else:
+            candidate_log_probs = expert_log_probs.gather(-1, expert_candidates)
+        candidate_log_probs = candidate_log_probs + chosen_cluster_log_probs.unsqueeze(-1)
         return ClusterMoERouting(
-            cluster_logits, cluster_log_probs, cluster_index, expert_logits, expert_log_probs, expert_candidates
+            cluster_logits,
+            cluster_log_probs,
+            cluster_index,
+            expert_logits,
+            expert_log_probs,
+            expert_candidates,
+            candidate_log_probs,
         )
 
 
@@ -724,8 +750,8 @@ class ClusterMoESparseMoeBlock(nn.Module):
         best expert inside the same chosen cluster, and drop what still does not fit. Padding tokens take no
         capacity (with left padding they would otherwise come first); their pairs are simply not served.
 
-        candidates: (tokens, kc, E) global expert ids, best first. Returns the chosen ids (tokens, kc, ke), a served
-        mask of the same shape and the number of re-routed pairs.
+        candidates: (tokens, kc, E) global expert ids, best first. Returns the chosen ids (tokens, kc, ke), their
+        positions among the candidates, a served mask of the same shape and the number of re-routed pairs.
         """
         num_tokens, _, num_in_cluster = candidates.shape
         top_k_experts = self.config.top_k_experts
@@ -753,7 +779,8 @@ class ClusterMoESparseMoeBlock(nn.Module):
         position = _position_in_group(alternative.reshape(-1), self.num_experts + 1).view_as(alternative)
         accepted = has_alternative & (position + load[alternative] < capacity)
         chosen = torch.where(accepted, alternative, primary)
-        return chosen, kept | accepted, accepted.sum()
+        chosen_rank = torch.where(accepted, alternative_rank, torch.arange(top_k_experts, device=candidates.device))
+        return chosen, chosen_rank, kept | accepted, accepted.sum()
 
     def _balance_losses(self, routing: ClusterMoERouting, local_index: torch.Tensor, token_mask: torch.Tensor | None):
         """Switch-style balancing at both levels plus the router z-loss, with padding tokens excluded.
@@ -943,20 +970,21 @@ class ClusterMoESparseMoeBlock(nn.Module):
         routing = self.router(hidden_flat)
         cluster_index = routing.cluster_index  # (tokens, kc)
 
-        cluster_offset = cluster_index.unsqueeze(-1) * self.experts_per_cluster  # (tokens, kc, 1)
+        # Global expert ids: cluster c's experts are c*E ... c*E+E-1.
+        chosen_clusters = cluster_index.unsqueeze(-1)  # (tokens, kc, 1)
         if self.config.expert_capacity_factor is None:
             local_index, served, rerouted = routing.expert_candidates, None, None  # (tokens, kc, ke)
-            expert_index = cluster_offset + local_index
+            expert_index = local_index.add(chosen_clusters, alpha=self.experts_per_cluster)
+            # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
+            chosen_log_probs = routing.candidate_log_probs
         else:
-            candidates = cluster_offset + routing.expert_candidates  # (tokens, kc, E) global ids, best first
-            expert_index, served, rerouted = self._limit_capacity(candidates, token_mask)
-            local_index = expert_index - cluster_offset
+            # (tokens, kc, E) global ids, best first
+            candidates = routing.expert_candidates.add(chosen_clusters, alpha=self.experts_per_cluster)
+            expert_index, chosen_rank, served, rerouted = self._limit_capacity(candidates, token_mask)
+            local_index = routing.expert_candidates.gather(-1, chosen_rank)
+            chosen_log_probs = routing.candidate_log_probs.gather(-1, chosen_rank)
         top_k_index = expert_index.view(num_tokens, -1)  # (tokens, k)
         top_k = top_k_index.shape[1]
-
-        # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
-        chosen_log_probs = routing.cluster_log_probs.gather(1, cluster_index).unsqueeze(-1)
-        chosen_log_probs = chosen_log_probs + routing.expert_log_probs.gather(-1, local_index)
         chosen_log_probs = chosen_log_probs.view(num_tokens, top_k)  # (tokens, k)
 
         # Built before the experts run, so that their backward runs after the experts' (autograd runs later nodes

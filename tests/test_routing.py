@@ -263,6 +263,31 @@ def test_jitter_changes_training_selection_only(tiny_model):
     torch.testing.assert_close(training.cluster_log_probs, reference.cluster_log_probs)
 
 
+@pytest.mark.parametrize("state", ["fresh", "biased", "degraded", "jitter"])
+def test_candidates_carry_their_plain_log_probabilities(tiny_model, state):
+    """Each candidate's log P(cluster) + log P(expert | cluster), what the combine weights are built from, is the
+    plain log-probability whatever selection adds to it (biases, log-reliability, jitter). Selection adds nothing
+    while every term is zero: top-k's values are then the log-probabilities."""
+    model = tiny_model(
+        num_clusters=3, experts_per_cluster=4, top_k_clusters=2, top_k_experts=2, use_adaptive_routing=True,
+        router_jitter_noise=1.0, initializer_range=0.2,
+    )  # fmt: skip
+    router = model.model.layers[0].mlp.router
+    if state == "biased":
+        router.expert_bias.copy_(torch.linspace(-1, 1, 12))
+    elif state == "degraded":
+        router.expert_reliability[5] = 0.7
+    router.train(state == "jitter")
+    hidden = torch.randn(16, 32)
+    with torch.no_grad():
+        routing = router(hidden)
+    expected = routing.cluster_log_probs.gather(1, routing.cluster_index).unsqueeze(-1)
+    expected = expected + routing.expert_log_probs.gather(-1, routing.expert_candidates)
+    assert torch.equal(routing.candidate_log_probs, expected)
+    cluster_term, expert_term = router.selection_bias()
+    assert (cluster_term is None and expert_term is None) == (state in ("fresh", "jitter"))
+
+
 def test_the_shared_expert_adds_its_output_to_the_routed_experts(tiny_model):
     block = tiny_model(shared_expert_intermediate_size=8).model.layers[0].mlp
     hidden = torch.randn(1, 10, 32)
