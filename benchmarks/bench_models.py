@@ -171,6 +171,43 @@ def interleaved(
     return result
 
 
+DECODE_BATCH = {"decode_b1": 1, "decode_b8": 8}
+
+
+def workload_inputs(kind: str, shape: Shape, device: torch.device) -> dict[str, torch.Tensor]:
+    """The token ids of `kind`'s workload, drawn from one seeded generator: the same for every model and script."""
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq), generator=generator)
+    prompt = torch.randint(3, shape.vocab_size, (1, shape.prefill_seq), generator=generator)
+    decode_shape = (DECODE_BATCH.get(kind, 1), shape.decode_prompt)
+    decode_prompt = torch.randint(3, shape.vocab_size, decode_shape, generator=generator)
+    inputs = {"batch": batch, "probe_batch": batch[:1, : shape.train_seq // 2], "prompt": prompt}
+    inputs["decode_prompt"] = decode_prompt
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+def make_workload(kind: str, model, shape: Shape, inputs: dict[str, torch.Tensor]) -> tuple:
+    """`(run, probe, keep_alive)`: the workload `kind` runs on `model`, a smaller one that screens out far slower
+    configurations cheaply (the run itself where that is cheap already), and what they need kept alive."""
+    if kind.startswith("train"):
+        (run, probe), optimizer = make_training_steps(model, inputs["batch"], inputs["probe_batch"])
+        return run, probe, (model, optimizer)
+    if kind == "prefill":
+        run = make_prefill(model, inputs["prompt"])
+    else:
+        run = make_decode(model, inputs["decode_prompt"], shape.decode_tokens)
+    return run, run, (model,)
+
+
+def tokens_per_run(kind: str, shape: Shape) -> int:
+    """The tokens one run of `kind` trains on, reads (prefill) or generates."""
+    if kind.startswith("train"):
+        return shape.train_batch * shape.train_seq
+    if kind == "prefill":
+        return shape.prefill_seq
+    return DECODE_BATCH[kind] * shape.decode_tokens
+
+
 def measure_kind(
     kind: str,
     shape: Shape,
@@ -181,33 +218,18 @@ def measure_kind(
     slow_factor: float,
     device: torch.device,
 ):
-    generator = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if kind == "train_bf16" else torch.float32
-    batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq), generator=generator).to(device)
-    probe_batch = batch[:1, : shape.train_seq // 2]  # screens out the far slower configurations cheaply
-    prompt = torch.randint(3, shape.vocab_size, (1, shape.prefill_seq), generator=generator).to(device)
-    decode_batch = 1 if kind == "decode_b1" else 8
-    decode_prompt = torch.randint(3, shape.vocab_size, (decode_batch, shape.decode_prompt), generator=generator)
-    decode_prompt = decode_prompt.to(device)
+    inputs = workload_inputs(kind, shape, device)
     runs, probes, groups, keep_alive = {}, {}, {}, []
     for name, config in configs.items():
         for implementation in experts_implementations(name):
             label = config_label(name, implementation)
             groups[label] = name
             model = build_model(name, config, dtype=dtype, experts_implementation=implementation).to(device)
-            if kind.startswith("train"):
-                (runs[label], probes[label]), optimizer = make_training_steps(model, batch, probe_batch)
-                keep_alive.append(optimizer)
-            elif kind == "prefill":
-                runs[label] = probes[label] = make_prefill(model, prompt)
-            else:
-                runs[label] = probes[label] = make_decode(model, decode_prompt, shape.decode_tokens)
-            keep_alive.append(model)
+            runs[label], probes[label], alive = make_workload(kind, model, shape, inputs)
+            keep_alive.append(alive)
     times = interleaved(runs, clock, warmup, repeats, slow_factor, probes, groups)
-    if kind.startswith("train"):
-        work = shape.train_batch * shape.train_seq
-    elif kind.startswith("decode"):
-        work = decode_batch * shape.decode_tokens
+    work = tokens_per_run(kind, shape)
     for value in times.values():
         if "median_s" in value:
             value["value"] = value["median_s"] * 1e3 if kind == "prefill" else work / value["median_s"]
