@@ -1,6 +1,7 @@
 """The benchmark suite keeps working: matched models, every experts implementation, outputs written (--quick)."""
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -395,3 +396,65 @@ def test_cuda_peak_memory_counts_the_bytes_tensors_asked_for(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: dict(stats))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1 << 20)  # rounded blocks: not read
     assert common.peak_allocated_bytes(step, torch.device("cuda")) == 300
+
+
+def test_instruction_counts_need_clustermoe_in_the_comparison_and_valgrind_installed(monkeypatch, capsys):
+    import count_instructions
+
+    with pytest.raises(SystemExit):
+        count_instructions.parse_arguments(["--models", "Mixtral", "Qwen3 (dense)"])
+    assert "--models must include ClusterMoE" in capsys.readouterr().err
+    monkeypatch.setattr(count_instructions.shutil, "which", lambda tool: None)
+    with pytest.raises(SystemExit):
+        count_instructions.parse_arguments([])
+    assert "valgrind and callgrind_control not found: install valgrind" in capsys.readouterr().err
+
+
+def test_instruction_ratios_compare_each_models_fewest_and_read_like_speed_ratios():
+    """A peer's (or the dense model's) instructions over ClusterMoE's: > 1 where ClusterMoE executes fewer, as a
+    tokens/s ratio > 1 means it runs faster; every model in its implementation with the fewest."""
+    import count_instructions
+
+    def entry(model, implementation, per_token):
+        return {"model": model, "implementation": implementation, "per_token": per_token}
+
+    counts = {
+        "decode_b1": {
+            "ClusterMoE [grouped_mm]": entry(CLUSTERMOE, "grouped_mm", 9e6),
+            "ClusterMoE [sorted_mm]": entry(CLUSTERMOE, "sorted_mm", 8e6),
+            "Mixtral [grouped_mm]": entry("Mixtral", "grouped_mm", 10e6),
+            "Mixtral [sorted_mm]": entry("Mixtral", "sorted_mm", 6e6),
+            "OLMoE [sorted_mm]": entry("OLMoE", "sorted_mm", 7e6),
+            DENSE: entry(DENSE, None, 4e6),
+        }
+    }
+    best = count_instructions.best_configurations(counts, [CLUSTERMOE, "Mixtral", "OLMoE", DENSE])
+    assert best["decode_b1"][CLUSTERMOE] == {"per_token": 8e6, "implementation": "sorted_mm"}
+    summary = count_instructions.summarise(best)["decode_b1"]
+    assert summary == {
+        "best_peer": "Mixtral", "best_peer_implementation": "sorted_mm", "vs_best_peer": 0.75, "vs_dense": 0.5
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_instruction_count_covers_the_counted_runs_and_not_the_process_start(tmp_path):
+    import count_instructions
+
+    arguments = ["--quick", "--kinds", "decode_b1", "--models", CLUSTERMOE, DENSE, "--implementations", "sorted_mm"]
+    result = count_instructions.main(arguments + ["--warmup", "1", "--repeats", "1", "--output-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "instructions.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    counts = saved["counts"]["decode_b1"]
+    assert set(counts) == {f"{CLUSTERMOE} [sorted_mm]", DENSE}
+    for entry in counts.values():
+        # Starting Python and importing torch alone take billions of instructions; one quick `generate` (8 tokens)
+        # takes tens of millions.
+        assert 1e6 < entry["per_token"] < 5e7 and entry["instructions"] < 4e8
+        assert entry["per_token"] == entry["instructions"] / QUICK_SHAPE.decode_tokens
+    summary = saved["summary"]["decode_b1"]
+    assert summary["best_peer"] is None
+    ours = counts[f"{CLUSTERMOE} [sorted_mm]"]["per_token"]
+    assert summary["vs_dense"] == pytest.approx(counts[DENSE]["per_token"] / ours)
+    table = (tmp_path / "instructions.md").read_text()
+    assert "| per generated token, greedy decode batch 1 | sorted_mm | n/a | n/a |" in table
