@@ -3,7 +3,9 @@
 `bench_models.py` times medians of interleaved runs; on a shared machine the load still moves them (a whole run at
 1.8x the usual times, the same fp32 kernels 10% apart within it). The instructions a workload executes do not move
 with the load. They weigh every instruction alike (a cache miss counts as one), so they complement the timings rather
-than replace them; on this project's CPU their ratios agreed with the timed ones within 0.03 (docs/benchmarks.md).
+than replace them: on this project's CPU, ClusterMoE's ratios to the peers agreed with the timed ones within 0.03, but
+in fp32 training against the dense model they read 0.91 where the timings read 0.79, as the MoE step's extra cost is
+mostly memory traffic (docs/benchmarks.md).
 
 Each configuration (model, experts implementation, workload) runs in a process of its own under callgrind, with
 instrumentation off while Python, torch and the model start and the workload warms up. The process then switches it
@@ -12,8 +14,8 @@ workload plus a fixed ~0.2 M instructions of switching on (under 0.1% of one bat
 their inputs are `bench_models.py`'s, on one thread, in float32. Needs valgrind (a system package, not a Python
 dependency: e.g. `apt install valgrind`).
 
-    python benchmarks/count_instructions.py                    # decode at batch 1 and 8; ~15 min here
-    python benchmarks/count_instructions.py --kinds train_fp32 --models ClusterMoE Mixtral --repeats 1   # ~10 min
+    python benchmarks/count_instructions.py                    # decode at batch 1 and 8; ~25 min on 2 cores
+    python benchmarks/count_instructions.py --kinds train_fp32 --models ClusterMoE Mixtral --warmup 1 --repeats 1
     python benchmarks/count_instructions.py --kinds decode_b1 --models ClusterMoE Mixtral --implementations sorted_mm
 """
 
