@@ -750,8 +750,8 @@ class ClusterMoESparseMoeBlock(nn.Module):
         best expert inside the same chosen cluster, and drop what still does not fit. Padding tokens take no
         capacity (with left padding they would otherwise come first); their pairs are simply not served.
 
-        candidates: (tokens, kc, E) global expert ids, best first. Returns the chosen ids (tokens, kc, ke), their
-        positions among the candidates, a served mask of the same shape and the number of re-routed pairs.
+        candidates: (tokens, kc, E) global expert ids, best first. Returns the chosen experts' positions among the
+        candidates (tokens, kc, ke), a served mask of the same shape and the number of re-routed pairs.
         """
         num_tokens, _, num_in_cluster = candidates.shape
         top_k_experts = self.config.top_k_experts
@@ -778,9 +778,8 @@ class ClusterMoESparseMoeBlock(nn.Module):
         alternative = alternative.masked_fill(~has_alternative, self.num_experts)  # sentinel group
         position = _position_in_group(alternative.reshape(-1), self.num_experts + 1).view_as(alternative)
         accepted = has_alternative & (position + load[alternative] < capacity)
-        chosen = torch.where(accepted, alternative, primary)
         chosen_rank = torch.where(accepted, alternative_rank, torch.arange(top_k_experts, device=candidates.device))
-        return chosen, chosen_rank, kept | accepted, accepted.sum()
+        return chosen_rank, kept | accepted, accepted.sum()
 
     def _balance_losses(self, routing: ClusterMoERouting, local_index: torch.Tensor, token_mask: torch.Tensor | None):
         """Switch-style balancing at both levels plus the router z-loss, with padding tokens excluded.
@@ -974,15 +973,15 @@ class ClusterMoESparseMoeBlock(nn.Module):
         chosen_clusters = cluster_index.unsqueeze(-1)  # (tokens, kc, 1)
         if self.config.expert_capacity_factor is None:
             local_index, served, rerouted = routing.expert_candidates, None, None  # (tokens, kc, ke)
-            expert_index = local_index.add(chosen_clusters, alpha=self.experts_per_cluster)
             # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
             chosen_log_probs = routing.candidate_log_probs
         else:
             # (tokens, kc, E) global ids, best first
             candidates = routing.expert_candidates.add(chosen_clusters, alpha=self.experts_per_cluster)
-            expert_index, chosen_rank, served, rerouted = self._limit_capacity(candidates, token_mask)
+            chosen_rank, served, rerouted = self._limit_capacity(candidates, token_mask)  # (tokens, kc, ke)
             local_index = routing.expert_candidates.gather(-1, chosen_rank)
             chosen_log_probs = routing.candidate_log_probs.gather(-1, chosen_rank)
+        expert_index = local_index.add(chosen_clusters, alpha=self.experts_per_cluster)
         top_k_index = expert_index.view(num_tokens, -1)  # (tokens, k)
         top_k = top_k_index.shape[1]
         chosen_log_probs = chosen_log_probs.view(num_tokens, top_k)  # (tokens, k)

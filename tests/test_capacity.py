@@ -68,7 +68,8 @@ def test_capacity_arithmetic_and_rerouting_match_the_reference(tiny_model, facto
     assert candidates.shape[-1] == config.experts_per_cluster  # all experts ranked, for re-routing
     candidates = cluster_index.unsqueeze(-1) * config.experts_per_cluster + candidates
 
-    chosen, _, served, rerouted = block._limit_capacity(candidates, valid)
+    chosen_rank, served, rerouted = block._limit_capacity(candidates, valid)
+    chosen = candidates.gather(-1, chosen_rank)
     capacity = math.ceil(factor * 30 * config.num_experts_per_tok / config.num_experts)
     ref_chosen, ref_served, ref_rerouted = reference_capacity(candidates, capacity, config.top_k_experts, valid)
     assert torch.equal(served, ref_served)
@@ -90,7 +91,9 @@ def test_every_token_is_served_rerouted_or_reported_dropped(tiny_model):
 
     routing = block.router(flat)
     cluster_index, candidates = routing.cluster_index, routing.expert_candidates
-    chosen, _, served, rerouted = block._limit_capacity(cluster_index.unsqueeze(-1) * 4 + candidates, None)
+    candidates = cluster_index.unsqueeze(-1) * 4 + candidates
+    chosen_rank, served, rerouted = block._limit_capacity(candidates, None)
+    chosen = candidates.gather(-1, chosen_rank)
     chosen, served = chosen.view(24, -1), served.view(24, -1)
     assert stats["expert_counts"].sum() + stats["dropped_pairs"] == 24 * 2
     assert stats["dropped_pairs"] == (~served).sum() > 0 and stats["rerouted_pairs"] == rerouted > 0
