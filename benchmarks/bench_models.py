@@ -181,8 +181,8 @@ def workload_inputs(kind: str, shape: Shape, device: torch.device) -> dict[str, 
     prompt = torch.randint(3, shape.vocab_size, (1, shape.prefill_seq), generator=generator)
     decode_shape = (DECODE_BATCH.get(kind, 1), shape.decode_prompt)
     decode_prompt = torch.randint(3, shape.vocab_size, decode_shape, generator=generator)
-    inputs = {"batch": batch, "probe_batch": batch[:1, : shape.train_seq // 2], "prompt": prompt}
-    inputs["decode_prompt"] = decode_prompt
+    probe_batch = batch[:1, : shape.train_seq // 2]
+    inputs = {"batch": batch, "probe_batch": probe_batch, "prompt": prompt, "decode_prompt": decode_prompt}
     return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 

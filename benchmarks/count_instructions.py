@@ -9,7 +9,7 @@ mostly memory traffic (docs/benchmarks.md).
 
 Each configuration (model, experts implementation, workload) runs in a process of its own under callgrind, with
 instrumentation off while Python, torch and the model start and the workload warms up. The process then switches it
-on (`callgrind_control -i on`), runs the workload `--repeats` times and exits at once, so the count covers the
+on (`callgrind_control --instr=on`), runs the workload `--repeats` times and exits at once, so the count covers the
 workload plus a fixed ~0.2 M instructions of switching on (under 0.1% of one batch-1 `generate`). The workloads and
 their inputs are `bench_models.py`'s, on one thread, in float32. Needs valgrind (a system package, not a Python
 dependency: e.g. `apt install valgrind`).
@@ -71,7 +71,7 @@ def count_in_this_process(name: str, implementation: str | None, kind: str, quic
     keep_freed_memory()
     shape = QUICK_SHAPE if quick else DEFAULT_SHAPE
     model = build_model(name, build_configs(shape)[name], experts_implementation=implementation)
-    run, _, keep_alive = make_workload(kind, model, shape, workload_inputs(kind, shape, torch.device("cpu")))
+    run = make_workload(kind, model, shape, workload_inputs(kind, shape, torch.device("cpu")))[0]  # holds the model
     for _ in range(warmup):
         run()
     subprocess.run(["callgrind_control", "--instr=on", str(os.getpid())], check=True, capture_output=True)
