@@ -2,7 +2,8 @@
 
 python benchmarks/routing_features.py balance   # expert-load CV with/without balancing (5 training runs)
 python benchmarks/routing_features.py fault     # NaN / huge-weight fault injection during training
-python benchmarks/routing_features.py post      # capacity limits, specialisation, pruning (needs the `balance` run's saved model)
+python benchmarks/routing_features.py post      # capacity limits, specialisation, pruning
+                                                # (needs the `balance` run's saved model)
 """
 
 import copy
@@ -171,7 +172,8 @@ if part == "post":
         pairs = sum(batch["input_ids"].numel() for batch in EVALUATION) * 2 * 2  # x top-2 experts x 2 layers
         rerouted = sum(int(out.rerouted_pairs.sum()) for out in outputs) / pairs
         dropped = sum(int(out.dropped_pairs.sum()) for out in outputs) / pairs
-        print(f"capacity {factor}: rerouted {rerouted:.4f} dropped {dropped:.4f} ppl {perplexity(model, EVALUATION):.3f}")
+        ppl = perplexity(model, EVALUATION)
+        print(f"capacity {factor}: rerouted {rerouted:.4f} dropped {dropped:.4f} ppl {ppl:.3f}")
     model.config.expert_capacity_factor = None
 
     torch.manual_seed(0)
@@ -185,13 +187,13 @@ if part == "post":
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(f"{directory}/full")
         full_size = os.path.getsize(f"{directory}/full/model.safetensors")
-        calibration_ids = [batch["input_ids"] for batch in CALIBRATION]
+        calibration = {"calibration_data": [batch["input_ids"] for batch in CALIBRATION]}
         calibration_ppl = perplexity(model, CALIBRATION)
         for name, kwargs in {
-            "experts_per_cluster_keep=3, calibration": {"experts_per_cluster_keep": 3, "calibration_data": calibration_ids},
-            "experts_per_cluster_keep=2, calibration": {"experts_per_cluster_keep": 2, "calibration_data": calibration_ids},
+            "experts_per_cluster_keep=3, calibration": {"experts_per_cluster_keep": 3, **calibration},
+            "experts_per_cluster_keep=2, calibration": {"experts_per_cluster_keep": 2, **calibration},
             "experts_per_cluster_keep=2, training utilisation": {"experts_per_cluster_keep": 2},
-            "clusters_keep=2, calibration": {"clusters_keep": 2, "calibration_data": calibration_ids},
+            "clusters_keep=2, calibration": {"clusters_keep": 2, **calibration},
         }.items():
             pruned = copy.deepcopy(model)
             pruned.prune_experts(**kwargs)
