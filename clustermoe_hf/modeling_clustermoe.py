@@ -1768,6 +1768,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self.gradient_checkpointing = False
         num_moe_layers = config.num_hidden_layers - config.first_k_dense_layers
         self.routing_state = ClusterMoERoutingState(num_moe_layers, config.num_experts)
+        self._accumulation_ends_after_backward = None  # the backward whose end folds the statistics, see below
         self.register_forward_hook(_record_training_statistics)
         self.post_init()
         if any(getattr(config, f"output_{name}", False) for name in self._can_record_outputs):
@@ -2115,15 +2116,35 @@ def _models_trained_by(optimizer: torch.optim.Optimizer) -> list["ClusterMoEMode
     ]  # fmt: skip
 
 
+def _end_accumulation(model: "ClusterMoEModel"):
+    """Fold the statistics of the steps' forwards into the routing state, and lift the gradient guard."""
+    if model.routing_state.has_pending_updates:  # set by training forwards only; the mode may have changed since
+        model.apply_pending_routing_updates()
+    for _, block in model._moe_layers():
+        # (A Python flag first: most blocks masked no expert.)
+        if block.may_have_masked_fault:
+            block.masked_faulty_expert.zero_()
+            block.may_have_masked_fault = False
+
+
+def _end_accumulation_after_backward(model_ref: "weakref.ref[ClusterMoEModel]"):
+    model = model_ref()
+    if model is not None:
+        _end_accumulation(model)
+
+
 def _after_optimizer_step(optimizer, args, kwargs):
+    # An optimizer that steps inside the backward (one per parameter, from gradient hooks) ends the accumulation once
+    # that backward has finished: the layers gradient checkpointing recomputes later in it must route as their forward
+    # did, and the gradients still to come must be guarded alike.
+    backward = torch._C._current_graph_task_id()
     for model in _models_trained_by(optimizer):
-        if model.routing_state.has_pending_updates:  # set by training forwards only; the mode may have changed since
-            model.apply_pending_routing_updates()
-        for _, block in model._moe_layers():
-            # (A Python flag first: optimizers in the backward step once per parameter, and most blocks masked none.)
-            if block.may_have_masked_fault:
-                block.masked_faulty_expert.zero_()
-                block.may_have_masked_fault = False
+        if backward == -1:
+            _end_accumulation(model)
+        elif model._accumulation_ends_after_backward != backward:
+            model._accumulation_ends_after_backward = backward
+            callback = functools.partial(_end_accumulation_after_backward, weakref.ref(model))
+            torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)

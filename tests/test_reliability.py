@@ -482,6 +482,40 @@ def test_an_optimizer_stepping_in_the_backward_does_not_trip_the_gradient_guard(
     assert model.get_reliability_stats()["training_step"] > 0
 
 
+@pytest.mark.parametrize("fault", [False, True], ids=["healthy", "faulty-expert"])
+def test_an_optimizer_stepping_in_the_backward_updates_routing_after_a_checkpointed_backward(tiny_model, fault):
+    """Under (non-reentrant) gradient checkpointing the layers' forwards re-run inside the backward, after the first
+    per-parameter step: the balancing biases and reliabilities they route by must not have changed by then, or the
+    recomputation routes differently (torch's checkpoint raises). They change once that backward has finished."""
+    model = tiny_model(use_adaptive_routing=True, adaptive_routing_rate=0.1).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    experts = model.model.layers[0].mlp.experts
+    if fault:
+        with torch.no_grad():
+            experts.down_proj[1] = float("nan")
+    optimizers = {parameter: torch.optim.SGD([parameter], lr=1e-3) for parameter in model.parameters()}
+    guarded_grads_finite = []
+
+    def step_in_backward(parameter):
+        if parameter is experts.down_proj:
+            guarded_grads_finite.append(bool(parameter.grad[0].isfinite().all()))
+        optimizers[parameter].step()
+        optimizers[parameter].zero_grad(set_to_none=True)
+
+    for parameter in model.parameters():
+        parameter.register_post_accumulate_grad_hook(step_in_backward)
+    router = model.model.layers[0].mlp.router
+    ids = torch.randint(3, 64, (4, 16))
+    for step in (1, 2):
+        bias_before = router.expert_bias.clone()
+        model(ids, labels=ids).loss.backward()
+        assert model.get_reliability_stats()["training_step"] == step  # once per backward, not per parameter
+        assert not torch.equal(router.expert_bias, bias_before)
+    if fault:
+        assert router.expert_reliability[1] < 1.0
+    assert all(guarded_grads_finite)  # a healthy expert's rows stay finite
+
+
 def test_reliability_moves_by_the_healthy_fraction_of_a_steps_observations(tiny_model):
     """Faulty in one of two accumulated micro-batches and healthy in the other: r <- d * r + (1 - d) * 1/2."""
     model = tiny_model(reliability_decay=0.8).train()
