@@ -83,6 +83,19 @@ def utilization_entropy(model) -> dict[str, float]:
     return stats
 
 
+def _hashable_label(label) -> Hashable:
+    """A per-sequence label as a dictionary key: one-element tensors and NumPy scalars by their value (tensors hash by
+    identity, so equal labels would count as different ones)."""
+    if hasattr(label, "item") and getattr(label, "ndim", None) == 0:
+        return label.item()
+    if not isinstance(label, Hashable):
+        raise TypeError(
+            f"A per-sequence label must be hashable (a name or a number); got a {type(label).__name__}. Per-token "
+            "labels are one (batch, sequence_length) tensor."
+        )
+    return label
+
+
 def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int], token_mask) -> torch.Tensor:
     """Integer label per token, (batch, seq): from a per-token tensor, a per-sequence tensor, or a per-sequence list
     of hashable labels (e.g. domain names), numbered in order of first appearance. Padding tokens (False in
@@ -95,7 +108,7 @@ def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int], token
     if isinstance(labels, torch.Tensor) and (labels.dtype.is_floating_point or labels.dtype.is_complex):
         raise ValueError(f"Labels must be integers; got a tensor of dtype {labels.dtype}.")
     if not isinstance(labels, torch.Tensor):
-        labels = torch.tensor([vocabulary.setdefault(label, len(vocabulary)) for label in labels])
+        labels = torch.tensor([vocabulary.setdefault(_hashable_label(label), len(vocabulary)) for label in labels])
     labels = labels.long()
     if labels.shape not in (shape, shape[:1]):
         raise ValueError(
@@ -210,7 +223,8 @@ def perplexity(
                 # Padding is neither predicted nor predicts (the first real token of a left-padded row would be)
                 shift_labels[(attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0)] = -100
             # Scored here rather than with `labels=`: the model's loss also includes the router losses.
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+            logits = output.logits
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten().to(logits.device), ignore_index=-100,
                 reduction="sum",

@@ -199,6 +199,23 @@ def test_labels_are_a_sequence_or_tensor_of_integer_ids(tiny_model, labels, erro
         specialization_statistics(tiny_model(), [batch])
 
 
+def test_per_sequence_labels_as_one_element_tensors_are_read_by_value(tiny_model):
+    """`list(labels)` or a collate that keeps each example's `torch.tensor(label)`: equal labels are one label, not
+    one per tensor object (tensors hash by identity)."""
+    model = tiny_model()
+    input_ids = torch.randint(3, 64, (4, 6))
+    labels = torch.tensor([0, 0, 1, 1])
+    expected = specialization_statistics(model, [{"input_ids": input_ids, "label": labels}])
+    assert specialization_statistics(model, [{"input_ids": input_ids, "label": list(labels)}]) == expected
+    assert expected["label_entropy"] == pytest.approx(math.log(2))
+
+
+def test_per_token_labels_as_nested_lists_are_refused_by_name(tiny_model):
+    batch = {"input_ids": torch.randint(3, 64, (2, 3)), "label": [[0, 1, 1], [1, 0, 0]]}
+    with pytest.raises(TypeError, match="must be hashable .* got a list. Per-token labels are one .* tensor"):
+        specialization_statistics(tiny_model(), [batch])
+
+
 def test_sparse_label_ids_specialise_as_dense_ones(tiny_model):
     """Per-sequence document ids are names, not histogram sizes."""
     model = tiny_model()
@@ -275,6 +292,8 @@ def test_statistics_and_calibrated_pruning_of_a_model_whose_config_asks_for_tupl
     model = tiny_model()
     batches = [{"input_ids": torch.randint(3, 64, (2, 8)), "label": torch.tensor([0, 1])}]
     expected = specialization_statistics(model, batches, label_key="label")
+    expected_perplexity = perplexity(model, batches)
     model.config.return_dict = False
     assert specialization_statistics(model, batches, label_key="label") == pytest.approx(expected)
+    assert perplexity(model, batches) == pytest.approx(expected_perplexity)
     assert len(model.prune_experts(experts_per_cluster_keep=2, calibration_data=[batches[0]["input_ids"]])[0]) == 4
