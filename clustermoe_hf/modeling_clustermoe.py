@@ -1440,6 +1440,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         they were corrupted) and reset its reliability to 1, so that the router selects it again, and its balancing
         bias to the mean of its cluster peers' (the one it has was learnt for the old weights).
 
+        The old expert's accumulated gradient, if any (a call between a backward and the optimizer step), is zeroed.
         `optimizer`: the one training the model, whose state of the old expert's weights is set back to where torch's
         optimizers start it (`ZERO_STARTING_OPTIMIZER_STATE`: Adam's moments, which would keep moving the new weights,
         SGD's momentum, ...; Adagrad's sums). Other per-expert state (Rprop's step sizes, Adafactor's factored
@@ -1470,6 +1471,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             if distributed:  # each process draws from its own generator
                 _broadcast_from_first_process(row)
             _set_expert_row(weights, expert, row)
+            if weights.grad is not None:  # called between a backward and the step: the gradient is the old expert's
+                _set_expert_row(weights.grad, expert, None)
             for name, value in (optimizer.state.get(weights, {}) if optimizer is not None else {}).items():
                 if not (torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == weights.shape[0]):
                     continue  # not per expert (e.g. a step count)

@@ -768,6 +768,22 @@ def test_reinitialize_expert_clears_the_optimizer_state_of_the_old_expert(tiny_m
     assert torch.equal(experts.gate_up_proj[5], drawn[0]) and torch.equal(experts.down_proj[5], drawn[1])
 
 
+def test_reinitialize_expert_between_backward_and_step_drops_the_old_experts_gradient(tiny_model):
+    model = tiny_model().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    ids = random_ids(2, 8)
+    model(ids, labels=ids).loss.backward()
+    block = model.model.layers[1].mlp
+    experts = block.experts
+    target, neighbour = experts.down_proj.grad.flatten(1).ne(0).any(-1).nonzero().flatten()[:2].tolist()
+    model.reinitialize_expert(1, *divmod(target, block.experts_per_cluster), optimizer=optimizer)
+    drawn = [experts.gate_up_proj[target].clone(), experts.down_proj[target].clone()]
+    kept = experts.down_proj[neighbour].clone()
+    optimizer.step()
+    assert torch.equal(experts.gate_up_proj[target], drawn[0]) and torch.equal(experts.down_proj[target], drawn[1])
+    assert not torch.equal(experts.down_proj[neighbour], kept)  # the other experts' gradients are kept
+
+
 def _reinitialize_worker(rank, output_dir, config):
     torch.manual_seed(0)
     model = ClusterMoEForCausalLM(config).train()
