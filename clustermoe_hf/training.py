@@ -477,13 +477,29 @@ def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
             f"{path} does not match this model's routing state: missing {sorted(expected - saved.keys())}, "
             f"unexpected {sorted(saved.keys() - expected)}."
         )
+    for name, value in saved.items():  # all checked before anything is copied
+        problem = _routing_state_problem(name, value, buffers[name])
+        if problem is not None:
+            raise ValueError(f"{path}: {name} {problem}; it was not written by save_routing_state for this model.")
     with torch.no_grad():
         for name, value in saved.items():
-            if value.shape != buffers[name].shape:
-                shapes = f"{tuple(value.shape)}, the model's {tuple(buffers[name].shape)}"
-                raise ValueError(f"{path}: {name} has shape {shapes}.")
-        for name, value in saved.items():
             buffers[name].copy_(value)
+
+
+def _routing_state_problem(name: str, value: torch.Tensor, buffer: torch.Tensor) -> str | None:
+    """What is wrong with a saved routing-state tensor for `buffer`, or None: its shape and dtype must be the buffer's
+    (a copy would silently round floats into integer counts), the biases finite, reliabilities in [0, 1], counts
+    non-negative."""
+    if value.shape != buffer.shape or value.dtype != buffer.dtype:
+        model = f"the model's a {buffer.dtype} one of {tuple(buffer.shape)}"
+        return f"is a {value.dtype} tensor of shape {tuple(value.shape)}, {model}"
+    if name.endswith("expert_reliability") and not ((value >= 0) & (value <= 1)).all():
+        return "has values outside [0, 1]"
+    if value.is_floating_point() and not value.isfinite().all():
+        return "has values that are not finite"
+    if not value.is_floating_point() and (value < 0).any():
+        return "has negative counts"
+    return None
 
 
 def lora_config(
