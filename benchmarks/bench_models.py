@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     build_configs,
     build_model,
     count_at_least,
+    factor_at_least,
     default_output_dir,
     device_clock,
     keep_freed_memory,
@@ -487,14 +488,19 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller shape and fewer repeats, about a minute (CI)")
     parser.add_argument("--output-dir", type=Path, help="default: benchmarks/results, with --device cuda .../cuda")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see the docstring)")
+    parser.add_argument(
+        "--threads", type=count_at_least(1), default=1, help="torch intra-op threads (default 1: see the docstring)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--repeats", type=count_at_least(1), help="timed runs per configuration (default 9, quick 3)")
     parser.add_argument(
         "--warmup", type=count_at_least(0), default=1, help="untimed runs per configuration after the probe (default 1)"
     )
     parser.add_argument(
-        "--slow-factor", type=float, default=4.0, help="leave out configurations whose probe is this much slower"
+        "--slow-factor",
+        type=factor_at_least(1.0),
+        default=4.0,
+        help="leave out configurations whose probe is this much slower than the model's fastest (at least 1)",
     )
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--no-router", action="store_true", help="skip the router scaling sweep")

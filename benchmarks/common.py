@@ -74,6 +74,21 @@ QUICK_SHAPE = Shape(
 )  # fmt: skip
 
 
+def factor_at_least(minimum: float) -> Callable[[str], float]:
+    """An argparse `type` for a finite number that must be `minimum` or more (see `count_at_least`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= minimum or value == float("inf"):  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number of at least {minimum}")
+        return value
+
+    return parse
+
+
 def count_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse `type` for a count that must be `minimum` or more, so that a bad value is an error that names it
     rather than a silent default or a crash later."""
@@ -233,7 +248,10 @@ def device_clock(device: torch.device, threads: int) -> tuple[str, Callable[[], 
 
 def benchmark_device(name: str) -> torch.device:
     """`torch.device(name)`, or a ValueError saying why it cannot run here."""
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:  # e.g. "cuda:x"
+        raise ValueError(f"--device {name}: {error}") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: the benchmarks run on 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -24,7 +24,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CLUSTERMOE, DEFAULT_SHAPE, build_configs, keep_freed_memory, median_times  # noqa: E402
+from common import CLUSTERMOE, DEFAULT_SHAPE, build_configs, count_at_least, keep_freed_memory, median_times  # noqa: E402
 
 from transformers.integrations.moe import grouped_mm_experts_forward  # noqa: E402
 
@@ -61,7 +61,7 @@ def few_pairs_table(experts, hidden_size: int, repeats: int, calls: int = 100) -
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=count_at_least(1), default=15)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     keep_freed_memory()

@@ -23,7 +23,7 @@ from torch.profiler._memory_profiler import Action
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import make_training_steps  # noqa: E402
 from common import CLUSTERMOE, DEFAULT_SHAPE, DENSE, build_configs, build_model, keep_freed_memory  # noqa: E402
-from common import tensor_bytes  # noqa: E402
+from common import EXPERTS_IMPLEMENTATIONS, MOE_PEERS, count_at_least, tensor_bytes  # noqa: E402
 
 
 def profiled_ms(fn, steps: int) -> tuple[dict[str, float], int]:
@@ -77,13 +77,15 @@ def print_memory_table(columns: dict[str, dict[str, int]]):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("train", "decode", "memory"), default="train")
-    parser.add_argument("--peer", default="Qwen3-MoE", help="MoE peer to compare with")
-    parser.add_argument("--peer-implementation", default="sorted_mm", help="the peer's experts implementation")
+    parser.add_argument("--peer", choices=MOE_PEERS, default="Qwen3-MoE", help="MoE peer to compare with")
+    parser.add_argument(
+        "--peer-implementation", choices=EXPERTS_IMPLEMENTATIONS, default="sorted_mm", help="the peer's experts backend"
+    )
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="training mode only: the models' dtype"
     )
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--steps", type=count_at_least(1), default=5)
+    parser.add_argument("--rows", type=count_at_least(1), default=18)
     args = parser.parse_args(argv)
     if args.dtype != "float32" and args.mode != "train":
         parser.error("--dtype applies to --mode train only (decoding and the memory profile run in float32)")

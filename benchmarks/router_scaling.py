@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     benchmark_device,
+    count_at_least,
     default_output_dir,
     device_clock,
     keep_freed_memory,
@@ -153,7 +154,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for CI (about 10 s)")
     parser.add_argument("--output-dir", type=Path, help="default: benchmarks/results, with --device cuda .../cuda")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see README)")
+    parser.add_argument(
+        "--threads", type=count_at_least(1), default=1, help="torch intra-op threads (default 1, see README)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), help="default: float32 on the CPU, bfloat16 (fast kernels) on CUDA"

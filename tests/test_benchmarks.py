@@ -188,6 +188,26 @@ def test_warmup_zero_is_kept_and_counts_below_their_minimum_are_refused(capsys):
         assert f"argument {option}: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "script, option, value, message",
+    [
+        ("bench_models", "--slow-factor", "0.5", "0.5 is not a finite number of at least 1.0"),  # drops every model
+        ("bench_models", "--slow-factor", "nan", "nan is not a finite number of at least 1.0"),
+        ("bench_models", "--threads", "0", "0 is less than 1"),
+        ("router_scaling", "--threads", "-2", "-2 is less than 1"),
+        ("profile_step", "--peer", "Foo", "invalid choice: 'Foo'"),
+        ("profile_step", "--peer-implementation", "fast", "invalid choice: 'fast'"),
+        ("profile_step", "--steps", "0", "0 is less than 1"),
+        ("pair_call_cost", "--repeats", "0", "0 is less than 1"),
+    ],
+)
+def test_bad_benchmark_arguments_are_refused_by_name_before_anything_runs(script, option, value, message, capsys):
+    main = __import__(script).main
+    with pytest.raises(SystemExit):
+        main([option, value])
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
 def test_interleaved_median_of_an_even_count_is_the_mean_of_the_middle_two():
     durations = iter([1.0, 4.0, 1.0, 2.0, 3.0])  # the probe, then four timed runs
 
@@ -208,7 +228,11 @@ def test_interleaved_median_of_an_even_count_is_the_mean_of_the_middle_two():
 @pytest.mark.parametrize("script", ["bench_models", "router_scaling"])
 def test_a_device_the_benchmarks_cannot_use_is_refused_by_name(script, capsys):
     main = __import__(script).main
-    for device, reason in (("cuda", "sees no CUDA device"), ("mps", "run on 'cpu' or 'cuda'")):
+    for device, reason in (
+        ("cuda", "sees no CUDA device"),
+        ("mps", "run on 'cpu' or 'cuda'"),
+        ("cuda:x", "Invalid device string: 'cuda:x'"),
+    ):
         with pytest.raises(SystemExit):
             main(["--quick", "--device", device, "--no-plot"])
         error = capsys.readouterr().err
