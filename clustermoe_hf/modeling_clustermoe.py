@@ -1574,6 +1574,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"rank_by must be 'utilization', 'reliability' or 'utilization_x_reliability', got {rank_by!r}."
             )
+        if rank_by == "reliability" and calibration_data is not None:
+            raise ValueError(
+                "rank_by='reliability' ranks by the reliability scores only; calibration_data measures utilisation, "
+                "which it would ignore. Pass rank_by='utilization' or 'utilization_x_reliability' to use it."
+            )
         layers = self._moe_layers()
         if not layers:
             raise ValueError("This model has no MoE layers to prune.")
@@ -1585,7 +1590,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 "that model would no longer match it. Build each model from its own config "
                 "(`Model(copy.deepcopy(config))`), or delete the other model first."
             )
-        calibrated = calibration_data is not None and rank_by != "reliability"
+        calibrated = calibration_data is not None
         if calibrated:
             counts = self._calibration_counts(calibration_data)
         else:

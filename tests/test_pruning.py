@@ -219,6 +219,10 @@ def test_pruned_model_keeps_training(tiny_model):
         ({"experts_per_cluster_keep": 2, "rank_by": "size"}, "rank_by"),
         ({"experts_per_cluster_keep": 2}, "No utilisation data"),
         ({"experts_per_cluster_keep": 2, "calibration_data": []}, "`calibration_data` has no"),
+        (
+            {"experts_per_cluster_keep": 2, "rank_by": "reliability", "calibration_data": [torch.tensor([[3, 4]])]},
+            "calibration_data measures utilisation, which it would ignore",
+        ),
     ],
 )
 def test_bad_prune_requests_raise_and_change_nothing(tiny_model, tmp_path, kwargs, message):
