@@ -84,7 +84,7 @@ def utilization_entropy(model) -> dict[str, float]:
 
 
 def _hashable_label(label) -> Hashable:
-    """A per-sequence label as a dictionary key: one-element tensors and NumPy scalars by their value (tensors hash by
+    """A per-sequence label as a dictionary key: 0-d tensors and NumPy scalars by their value (tensors hash by
     identity, so equal labels would count as different ones)."""
     if hasattr(label, "item") and getattr(label, "ndim", None) == 0:
         return label.item()

@@ -480,7 +480,7 @@ def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
     for name, value in saved.items():  # all checked before anything is copied
         problem = _routing_state_problem(name, value, buffers[name])
         if problem is not None:
-            raise ValueError(f"{path}: {name} {problem}; it was not written by save_routing_state for this model.")
+            raise ValueError(f"{path}: {name} {problem}; nothing was loaded.")
     with torch.no_grad():
         for name, value in saved.items():
             buffers[name].copy_(value)
