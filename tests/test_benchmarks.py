@@ -36,10 +36,12 @@ def test_models_are_matched_in_shape_and_active_parameters():
         # Same total experts and expert width everywhere: (N, 2 * width, hidden).
         expected = (QUICK_SHAPE.num_experts, 2 * QUICK_SHAPE.expert_width, QUICK_SHAPE.hidden_size)
         assert all(tuple(e.gate_up_proj.shape) == expected for e in experts), name
-    # Active parameters agree within the attention differences (DeepSeek-V3's MLA, Qwen's q/k norms).
+    # Active parameters agree within the routers and norms (DeepSeek-V3's MLA has the others' attention parameters);
+    # the dense model has no router.
     reference = counts[CLUSTERMOE]["active"]
     for name in [*MOE_PEERS, DENSE]:
-        assert abs(counts[name]["active"] - reference) / reference < 0.05, (name, counts[name], reference)
+        tolerance = 0.03 if name == DENSE else 0.01
+        assert abs(counts[name]["active"] - reference) / reference < tolerance, (name, counts[name], reference)
     assert counts[DENSE]["total"] == counts[DENSE]["active"]
     assert counts[CLUSTERMOE]["total"] > 3 * counts[CLUSTERMOE]["active"] // 2
 
