@@ -130,7 +130,9 @@ def test_targets_table_shows_values_that_agree_with_the_verdict():
     summary["decode_b1"]["vs_best_peer"] = 0.996
     summary["decode_b8"]["vs_best_peer"] = 1.0004
     summary["memory"]["vs_best_peer"] = 100 / (100 + 2**-10)  # ClusterMoE heavier by 1 KiB in 100 MiB
-    best = {"memory": {"Mixtral": {"value": 100.0}, CLUSTERMOE: {"value": 100 + 2**-10}}}
+    implementations = {CLUSTERMOE: {"implementation": "sorted_mm"}, "Mixtral": {"implementation": "grouped_mm"}}
+    best = dict.fromkeys(kinds, implementations)
+    best["memory"] = {"Mixtral": {"value": 100.0}, CLUSTERMOE: {"value": 100 + 2**-10}}
     router = {"rows": [{"num_experts": 4096, "hierarchical_over_flat": 0.3 * (1 + 1e-6)}]}
     targets = bench_models.check_targets(summary, best, router)
     assert [target["met"] for target in targets] == [False, True, True, False, False, True, False, False]
@@ -143,6 +145,9 @@ def test_targets_table_shows_values_that_agree_with_the_verdict():
         assert (float(value.split()[0]) >= float(threshold)) == target["met"] == (met == "yes"), row
         assert (float(other_value.split()[0]) >= float(threshold)) == other["met"] == (other_met == "yes"), row
     assert "(ClusterMoE 1.0 KiB heavier)" in rows[6]
+    # Each value names the configurations it compares: a lead of one experts kernel over another shows.
+    assert "(ClusterMoE [sorted_mm] / Mixtral [grouped_mm])" in rows[2]
+    assert "(ClusterMoE [sorted_mm] / Qwen3 (dense))" in rows[3]
 
 
 def test_peers_are_compared_in_every_backend_and_in_transformers_own():
