@@ -1813,8 +1813,9 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 f"The input has no tokens (batch size {batch_size}, sequence length {sequence_length}); pass at least "
                 "one token per sequence."
             )
-        self._check_cache_room(cache, sequence_length)
-        self._check_attention_mask(attention_mask, batch_size, sequence_length, cache)
+        cached = self._cached_length(cache)
+        self._check_cache_room(cache, cached, sequence_length)
+        self._check_attention_mask(attention_mask, batch_size, sequence_length, cache, cached)
         if position_ids is not None and (
             position_ids.dim() != 2
             or position_ids.shape[0] not in (1, batch_size)
@@ -1829,32 +1830,44 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
             )
 
     @staticmethod
-    def _check_cache_room(cache: Cache | None, sequence_length: int):
-        """A static cache holds a fixed number of positions per sequence: more tokens would fail in its update, or
-        first in the attention-mask check, whose message would blame the mask."""
+    def _cached_length(cache: Cache | None) -> int | None:
+        """How many tokens the cache holds, or None where reading that would cost a device sync: a static cache
+        counts them in a tensor on its device (read on the host on CPU only), and under torch.compile a guard on the
+        count would recompile every step. None too for caches other than transformers' `Cache` (continuous
+        batching's paged cache)."""
+        if cache is None:
+            return 0
         if not isinstance(cache, Cache) or is_torchdynamo_compiling():
+            return None
+        cached = cache.get_seq_length()
+        if isinstance(cached, torch.Tensor):
+            return int(cached) if _host_reads_are_free(cached) else None
+        return cached
+
+    @staticmethod
+    def _check_cache_room(cache: Cache | None, cached: int | None, sequence_length: int):
+        """A static cache holds a fixed number of positions per sequence: more tokens would fail in its update, or
+        first in the attention-mask check, whose message would blame the mask. Where its length is not read
+        (`_cached_length`), its update's index check is the one left."""
+        if cached is None or not isinstance(cache, Cache):
             return
         layers = getattr(cache, "layers", ())
         sizes = [layer.max_cache_len for layer in layers if isinstance(layer, StaticLayer) and not layer.is_sliding]
-        if sizes and (cached := cache.get_seq_length()) + sequence_length > min(sizes):
+        if sizes and cached + sequence_length > min(sizes):
             raise ValueError(
                 f"The static cache holds {min(sizes)} positions; {cached} cached and {sequence_length} new tokens do "
                 "not fit. Pass a larger cache (e.g. StaticCache(config, max_cache_len=...)) or generate fewer tokens."
             )
 
-    def _check_attention_mask(self, attention_mask, batch_size: int, sequence_length: int, cache: Cache | None):
+    def _check_attention_mask(
+        self, attention_mask, batch_size: int, sequence_length: int, cache: Cache | None, cached: int | None
+    ):
         """A 2-D padding mask has one column per cached and new token; a 4-D mask one row per new token and a column
-        per key (a static cache has a key slot for every position it can hold), as booleans or additive floats. Under
-        torch.compile the cache length is not read: a static cache's changes every step, and a guard on it would
-        recompile every step."""
+        per key (a static cache has a key slot for every position it can hold), as booleans or additive floats. Where
+        the cached length is not read (`_cached_length`), the columns are checked against the new tokens only."""
         if not isinstance(attention_mask, torch.Tensor):
             return  # None, or flex attention's BlockMask
         shape = tuple(attention_mask.shape)
-        # Cached tokens, or None where not read: under torch.compile, and for caches other than transformers' `Cache`
-        # (continuous batching's paged cache).
-        cached = 0 if cache is None else None
-        if isinstance(cache, Cache) and not is_torchdynamo_compiling():
-            cached = cache.get_seq_length()
         if attention_mask.dim() == 2:
             valid = shape[0] == batch_size and (
                 shape[1] == cached + sequence_length if cached is not None else shape[1] >= sequence_length

@@ -120,6 +120,33 @@ def test_a_static_cache_too_short_for_the_tokens_is_named(tiny_model):
             model(random_ids(1, 3), cache=cache, use_cache=True)
 
 
+def test_static_cache_decoding_reads_no_token_count_off_cpu(tiny_model, monkeypatch):
+    """Off CPU a static cache counts its tokens in a tensor on the device: the input checks must not read it on the
+    host, which would make every decoding step wait for the device."""
+    from clustermoe_hf import modeling_clustermoe
+
+    monkeypatch.setattr(modeling_clustermoe, "_host_reads_are_free", lambda tensor: False)
+    reads = []
+    for name in ("__bool__", "__format__", "__int__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, _name=name, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename == modeling_clustermoe.__file__:
+                reads.append(f"{_name} in {caller.co_name}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    model = tiny_model()
+    model.set_experts_implementation("grouped_mm")  # sorted_mm's own CPU paths read group sizes on the host
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    with torch.no_grad():
+        model(random_ids(1, 5), cache=cache, attention_mask=torch.ones(1, 5, dtype=torch.long))
+        reads.clear()  # the prefill's (e.g. the mask's padding check) are not the question
+        model(random_ids(1, 1), cache=cache, attention_mask=torch.ones(1, 6, dtype=torch.long))
+    assert reads == []
+
+
 def _compile_config(backend):
     config = CompileConfig(fullgraph=True, dynamic=False, backend=backend)
     config._compile_all_devices = True  # generate only auto-compiles on accelerators otherwise

@@ -97,3 +97,31 @@ def test_a_bf16_training_step_does_not_wait_for_the_device(setup):
             torch.cuda.set_sync_debug_mode(0)
     synchronisations = [str(warning.message) for warning in caught if "synchroniz" in str(warning.message).lower()]
     assert not synchronisations, synchronisations[:3]
+
+
+@NO_CUDA
+def test_a_static_cache_decoding_step_does_not_wait_for_the_device():
+    """A static cache counts its tokens on the device; the input checks leave that count there (the CPU stand-in is
+    `test_static_cache_decoding_reads_no_token_count_off_cpu`). No attention mask: transformers' mask construction
+    reads a padding mask on the host to decide whether SDPA may skip it, as for its own models."""
+    from transformers import StaticCache
+
+    device = torch.device("cuda")
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        pytest.skip("torch's bf16 grouped GEMM reads the group offsets on the host before Hopper")
+    model = ClusterMoEForCausalLM(make_config()).to(device, torch.bfloat16).eval()
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        model(torch.randint(3, 128, (2, 8), device=device), cache=cache)
+        next_tokens = torch.randint(3, 128, (2, 1), device=device)
+        model(next_tokens, cache=cache)  # warm-up: one-off setup may synchronise
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(next_tokens, cache=cache)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    synchronisations = [str(warning.message) for warning in caught if "synchroniz" in str(warning.message).lower()]
+    assert not synchronisations, synchronisations[:3]
