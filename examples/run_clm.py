@@ -139,6 +139,9 @@ TRAINING_DEFAULTS = {
     "save_steps": 200,
     "save_total_limit": 2,
     "dataloader_pin_memory": torch.cuda.is_available(),
+    # Without an accelerator, the Trainer treats processes started by torchrun/accelerate as data parallel (gloo) only
+    # with use_cpu: otherwise each would train the whole job alone, into the same folder.
+    "use_cpu": not torch.accelerator.is_available(),
 }
 
 
@@ -311,6 +314,15 @@ class ReportArguments:
             raise ValueError(f"--sample_max_new_tokens must be at least 1, got {self.sample_max_new_tokens}.")
         if not Path(self.model_card_template).is_file():
             raise FileNotFoundError(f"--model_card_template {self.model_card_template}: no such file.")
+        import jinja2  # huggingface_hub renders the card with it
+
+        try:  # parsed and compiled (unknown filters, too) now, not once the model is saved
+            jinja2.Environment().from_string(Path(self.model_card_template).read_text(encoding="utf-8"))
+        except jinja2.TemplateSyntaxError as error:
+            raise ValueError(
+                f"--model_card_template {self.model_card_template} is no valid Jinja template: {error.message} "
+                f"(line {error.lineno})."
+            ) from None
 
 
 # Config fields a model trained from scratch takes from its tokenizer, so that ids and embeddings agree.
@@ -389,6 +401,12 @@ def check_training_arguments(training_args: TrainingArguments, command_line: set
             f"--max_steps must be a positive number of steps, or -1 to train --num_train_epochs epochs; "
             f"got {training_args.max_steps}."
         )
+    # Trained by epochs, none (or a negative number) would save an untrained model, in place of an earlier run too.
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        raise ValueError(f"--num_train_epochs must be positive, got {training_args.num_train_epochs}.")
+    # The Trainer smooths with any value but 0, negative ones too; this script smooths with the router losses kept.
+    if not 0 <= training_args.label_smoothing_factor < 1:
+        raise ValueError(f"--label_smoothing_factor must be in [0, 1), got {training_args.label_smoothing_factor}.")
 
 
 def check_output_dir(training_args: TrainingArguments, report_args: ReportArguments) -> bool:
@@ -662,7 +680,9 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
         temperature=0.8,
         top_k=50,
         top_p=0.95,
-        max_new_tokens=100,
+        # At most half the context: room for a prompt as long, as positions past the context were never trained. (A
+        # max_length would make `generate` warn whenever max_new_tokens is passed.)
+        max_new_tokens=min(100, config.max_position_embeddings // 2),
     )
     return model
 
@@ -698,23 +718,70 @@ def check_resumed_config(model, checkpoint: str) -> None:
         )
 
 
+def check_resumed_adapters(checkpoint: str, model_args: ModelArguments) -> None:
+    """Refuse to resume LoRA adapters with other LoRA settings or another base model: another rank fails deep inside
+    the Trainer's loading, other targets in its optimizer, and another alpha (or base) changes the model silently."""
+    saved = json.loads((Path(checkpoint) / "adapter_config.json").read_text(encoding="utf-8"))
+    differences = [
+        f"{option} {ours!r} (the checkpoint's: {theirs!r})"
+        for option, ours, theirs in (
+            ("--lora_rank", model_args.lora_rank, saved.get("r")),
+            ("--lora_alpha", model_args.lora_alpha, saved.get("lora_alpha")),
+            ("--lora_experts", model_args.lora_experts, bool(saved.get("target_parameters"))),
+        )
+        if ours != theirs
+    ]
+    # The base model as named in either run: compared where both name the same kind of thing (two local folders, or
+    # two Hub ids), as a relative folder name depends on where each run started.
+    ours, theirs = model_args.model_name_or_path, saved.get("base_model_name_or_path")
+    if ours is not None and theirs is not None and Path(ours).exists() == Path(theirs).exists():
+        same = Path(ours).resolve() == Path(theirs).resolve() if Path(ours).exists() else ours == theirs
+        if not same:
+            differences.append(f"--model_name_or_path {ours!r} (the checkpoint's base model: {theirs!r})")
+    if differences:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} holds LoRA adapters trained with other settings: "
+            f"{'; '.join(differences)}. Resume with the run's own LoRA options and --model_name_or_path."
+        )
+
+
 def sample_prompt(
-    report_args: ReportArguments, dataset_id: str, validation_texts: list[str], tokenizer: PreTrainedTokenizerBase
+    report_args: ReportArguments,
+    dataset_id: str,
+    validation_texts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    context: int | None,
 ) -> str:
     """--sample_prompt, or a default: a speaker heading for the embedded corpus, otherwise the first non-blank line of
-    the validation text (the BOS/EOS token if it has none). Chosen before training: the sample is generated after
-    the weights are saved, and fails there for a prompt without tokens."""
+    the validation text (the BOS/EOS token if none fits), such that prompt and sample fit in the model's `context`
+    (positions past it were never trained). Chosen before training: the sample is generated after the weights are
+    saved, and fails there for a prompt without tokens."""
+    new_tokens = report_args.sample_max_new_tokens
+    room = None if context is None else context - new_tokens  # tokens left for the prompt
+    if room is not None and room < 1:
+        raise ValueError(
+            f"--sample_max_new_tokens {new_tokens} leaves no room for a prompt in the model's context of {context} "
+            f"tokens (max_position_embeddings): pass {context - 1} or less."
+        )
     prompt = report_args.sample_prompt
     if prompt is not None:
-        if not tokenizer(prompt)["input_ids"]:
+        length = len(tokenizer(prompt)["input_ids"])
+        if length == 0:
             raise ValueError(f"--sample_prompt {prompt!r} has no tokens with this tokenizer.")
+        if room is not None and length > room:
+            raise ValueError(
+                f"--sample_prompt has {length} tokens, and with --sample_max_new_tokens {new_tokens} the sample would "
+                f"run past the model's context of {context} tokens (max_position_embeddings): shorten either."
+            )
         return prompt
     if dataset_id == EMBEDDED_CORPUS_ID:
-        return EMBEDDED_CORPUS_PROMPT
-    for text in validation_texts:
-        for line in text.split("\n"):
-            if line.strip() and tokenizer(line)["input_ids"]:
-                return line
+        candidates = [EMBEDDED_CORPUS_PROMPT]
+    else:
+        candidates = (line for text in validation_texts for line in text.split("\n") if line.strip())
+    for candidate in candidates:
+        length = len(tokenizer(candidate)["input_ids"])
+        if length and (room is None or length <= room):
+            return candidate
     return tokenizer.bos_token or tokenizer.eos_token
 
 
@@ -802,6 +869,8 @@ def main(args: list[str] | None = None) -> dict:
             f"--resume_from_checkpoint {checkpoint} holds LoRA adapters: resume it with the run's --lora_rank (and "
             "its --model_name_or_path, the model the adapters belong to)."
         )
+    if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file():
+        check_resumed_adapters(checkpoint, model_args)
     tokenizer = load_tokenizer(model_args, train_texts, checkpoint)
     train_dataset = TokenBlocks(train_texts, tokenizer, data_args.block_size).truncate(data_args.max_train_samples)
     eval_dataset = TokenBlocks(validation_texts, tokenizer, data_args.block_size).truncate(data_args.max_eval_samples)
@@ -811,7 +880,6 @@ def main(args: list[str] | None = None) -> dict:
             "use more text, a smaller --block_size or a larger --validation_split_percentage."
         )
     logger.info(f"{dataset_description}: {len(train_dataset)} training and {len(eval_dataset)} validation blocks")
-    prompt = sample_prompt(report_args, dataset_id, validation_texts, tokenizer)
 
     model = build_model(model_args, data_args, tokenizer)
     # The Hub's base_model metadata must name a Hub repository; a local starting point is listed in the card only.
@@ -821,6 +889,7 @@ def main(args: list[str] | None = None) -> dict:
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and tokenizer.model_max_length > context:  # saved with the model, for truncation warnings
         tokenizer.model_max_length = context
+    prompt = sample_prompt(report_args, dataset_id, validation_texts, tokenizer, context)
     if checkpoint is not None:
         check_resumed_config(model, checkpoint)
     if is_deepspeed_zero3_enabled():

@@ -467,6 +467,8 @@ def test_run_clm_refuses_to_upload_and_points_to_push_to_hub(run_clm, tmp_path, 
         ("--do-train", "false", "--do_train false: run_clm.py always trains"),
         ("--do_predict", "true", "--do_predict: run_clm.py always trains and then evaluates"),
         ("--validation_split_percentage", "100", "--validation_split_percentage must be in [0, 100)"),
+        ("--label_smoothing_factor", "-0.1", "--label_smoothing_factor must be in [0, 1), got -0.1"),
+        ("--label_smoothing_factor", "1", "--label_smoothing_factor must be in [0, 1), got 1.0"),
     ],
 )
 def test_run_clm_refuses_out_of_range_sizes_up_front(run_clm, tmp_path, monkeypatch, option, value, message):
@@ -724,6 +726,17 @@ def test_a_resumed_lora_run_continues_the_routing_state(run_clm, trained, tmp_pa
         assert any("training_step" in name for name in routing) and any("expert_bias" in name for name in routing)
         for name in routing:
             assert torch.equal(got.get_tensor(name), expected.get_tensor(name)), name
+    # Other LoRA settings or another base model would load the adapters wrongly, or fail inside the Trainer.
+    for options, named in (
+        (["--lora_alpha", "64"], "--lora_alpha 64.0 (the checkpoint's: 16.0)"),
+        (["--lora_rank", "8"], "--lora_rank 8 (the checkpoint's: 4)"),
+        (["--lora_experts", "false"], "--lora_experts False (the checkpoint's: True)"),
+        (["--model_name_or_path", str(uninterrupted)], f"--model_name_or_path '{uninterrupted}' (the checkpoint's"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            others = without(lora_run, options[0]) if options[0] in lora_run else lora_run
+            run_clm.main([*others, *options, "--output_dir", str(resumed),
+                          "--resume_from_checkpoint", str(resumed / "checkpoint-2")])  # fmt: skip
     (resumed / "checkpoint-2" / "routing_state.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="routing_state.safetensors is missing"):
         run_clm.main([*lora_run, "--output_dir", str(resumed), "--resume_from_checkpoint",
@@ -791,13 +804,62 @@ def test_default_sample_prompt_is_the_first_non_blank_held_out_line(run_clm, tmp
     assert f"from the prompt `{json.dumps(first_line)}`:" in (folder / "README.md").read_text()
 
 
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_run_clm_refuses_to_train_no_epochs(run_clm, tmp_path, monkeypatch, epochs):
+    """Trained by epochs (no --max_steps), none would save an untrained model, with --overwrite_output_dir in place
+    of an earlier run."""
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match=re.escape(f"--num_train_epochs must be positive, got {float(epochs)}")):
+        run_clm.main([*without(TINY_RUN, "--max_steps"), "--num_train_epochs", epochs,
+                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
+
+
+def test_a_broken_model_card_template_is_refused_before_an_earlier_run_is_replaced(run_clm, trained, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """The card is rendered last, after the earlier run was discarded for the new one: its template is compiled up
+    front."""
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    folder = tmp_path / "run"
+    shutil.copytree(trained[0], folder)
+    before = snapshot(folder)
+    for text, problem in (("{{ broken ", "unexpected end of template"), ("{{ x | no_such_filter }}", "no_such_filter")):
+        template = tmp_path / "card.md"
+        template.write_text(text)
+        message = rf"--model_card_template {template} is no valid Jinja template: .*{problem}"
+        with pytest.raises(ValueError, match=message):
+            run_clm.main([*TINY_RUN, "--model_card_template", str(template), "--overwrite_output_dir",
+                          "--output_dir", str(folder)])  # fmt: skip
+    assert snapshot(folder) == before
+
+
+def test_the_sample_fits_in_the_model_context(run_clm, trained, tmp_path, monkeypatch):
+    """Positions past max_position_embeddings were never trained: the card's sample, and the saved model's default
+    generation length, stay within the context, checked before training."""
+    monkeypatch.setattr(run_clm, "Trainer", lambda *args, **kwargs: pytest.fail("training started"))
+    run = [*without(TINY_RUN, "--sample_max_new_tokens"), "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=rf"--sample_max_new_tokens {BLOCK_SIZE} leaves no room for a prompt in the "
+                                         rf"model's context of {BLOCK_SIZE} tokens .*: pass {BLOCK_SIZE - 1} or less"):
+        run_clm.main([*run, "--sample_max_new_tokens", str(BLOCK_SIZE)])
+    with pytest.raises(ValueError, match=r"--sample_prompt has \d+ tokens, and with --sample_max_new_tokens 8 the "
+                                         rf"sample would run past the model's context of {BLOCK_SIZE} tokens"):
+        run_clm.main([*run, "--sample_max_new_tokens", "8", "--sample_prompt", "Dromio of Ephesus, " * 8])
+    # The default prompt is the first validation line that leaves room for the sample.
+    tokenizer = AutoTokenizer.from_pretrained(trained[0])
+    lines = ["Dromio of Ephesus and Dromio of Syracuse, " * 4, "ANGELO:"]
+    arguments = run_clm.ReportArguments(sample_max_new_tokens=8)
+    assert run_clm.sample_prompt(arguments, "notes", ["\n".join(lines)], tokenizer, BLOCK_SIZE) == "ANGELO:"
+    assert run_clm.sample_prompt(arguments, "notes", ["\n".join(lines)], tokenizer, None) == lines[0]
+    generation = json.loads((trained[0] / "generation_config.json").read_text())
+    assert generation["max_new_tokens"] == BLOCK_SIZE // 2
+
+
 def test_sample_prompt_is_never_empty(run_clm, trained, tmp_path, monkeypatch):
     monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
     with pytest.raises(ValueError, match="--sample_prompt is empty"):
         run_clm.main([*TINY_RUN, "--sample_prompt", "", "--output_dir", str(tmp_path / "run")])
     tokenizer = AutoTokenizer.from_pretrained(trained[0])
     blank = ["", "\n   \n"]
-    assert run_clm.sample_prompt(run_clm.ReportArguments(), "notes", blank, tokenizer) == tokenizer.bos_token
+    assert run_clm.sample_prompt(run_clm.ReportArguments(), "notes", blank, tokenizer, None) == tokenizer.bos_token
 
 
 @pytest.mark.parametrize("pad_token", [None, "</s>"], ids=["no-pad-token", "eos-as-pad-token"])
@@ -1249,6 +1311,22 @@ def test_help_of_every_script(name, options, monkeypatch, capsys):
     printed = capsys.readouterr().out
     for option in options:
         assert option in printed, option
+
+
+@pytest.mark.slow
+def test_torchrun_trains_data_parallel_on_cpus(tmp_path):
+    """examples/README.md's torchrun command on a CPU-only machine: the processes share the batches (gloo) and the
+    first one writes the folder, instead of each training the whole job into it."""
+    folder = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(EXAMPLES / "run_clm.py"),
+         *without(SHORT_RUN, "--per_device_train_batch_size"), "--per_device_train_batch_size", "4",
+         "--output_dir", str(folder)],
+        cwd=tmp_path, env={**subprocess_env(tmp_path), "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| Processes x device | 2 x CPU" in (folder / "README.md").read_text()
 
 
 @pytest.mark.slow
