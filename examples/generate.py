@@ -84,6 +84,14 @@ class GenerationArguments:
             value = getattr(self, name)
             if value is not None and not valid(value):
                 raise ValueError(f"--{name} must be {expected}, got {value}.")
+        if self.device is not None:  # checked before the model is loaded, which would take the time first
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"--device {self.device!r} is no device torch knows (cpu, cuda, cuda:1, mps, ...).")
+            backend = getattr(torch, device.type, None)
+            if device.type != "cpu" and not (backend is not None and backend.is_available()):
+                raise ValueError(f"--device {self.device}: this torch build has no {device.type} device available.")
         empty = [index for index, prompt in enumerate(self.prompt) if not prompt]
         if empty:  # the model needs at least one token to continue
             raise ValueError(f"--prompt: prompt {empty[0] + 1} is empty; give each prompt some text to continue.")

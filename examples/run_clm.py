@@ -39,6 +39,7 @@ import torch
 import transformers
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -222,6 +223,16 @@ class ModelArguments:
             raise ValueError(f"--lora_rank must be >= 0 (0 trains all weights), got {self.lora_rank}.")
         if self.lora_rank > 0 and self.model_name_or_path is None:
             raise ValueError("LoRA fine-tunes an existing model: pass --model_name_or_path.")
+        # Named here, not by the tokenizer read first from it ("Couldn't instantiate the backend tokenizer") or by
+        # peft, which would fetch the adapters' base model from the Hub.
+        folder = Path(str(self.model_name_or_path))
+        if self.model_name_or_path is not None and folder.exists() and not (folder / "config.json").is_file():
+            kind = "LoRA adapters, not a model" if (folder / "adapter_config.json").is_file() else "no model"
+            raise FileNotFoundError(
+                f"--model_name_or_path {folder} holds {kind} (no config.json): pass a model folder, such as a "
+                "run_clm.py output folder (LoRA runs save theirs merged). To continue a run from one of its "
+                "checkpoints, pass that as --resume_from_checkpoint."
+            )
 
 
 @dataclass
@@ -401,6 +412,10 @@ def check_training_arguments(training_args: TrainingArguments, command_line: set
             f"--max_steps must be a positive number of steps, or -1 to train --num_train_epochs epochs; "
             f"got {training_args.max_steps}."
         )
+    # The Trainer divides by the accumulation steps and its data loader refuses batch size 0, without naming either.
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}.")
     # Trained by epochs, none (or a negative number) would save an untrained model, in place of an earlier run too.
     if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
         raise ValueError(f"--num_train_epochs must be positive, got {training_args.num_train_epochs}.")
@@ -871,6 +886,15 @@ def main(args: list[str] | None = None) -> dict:
         )
     if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file():
         check_resumed_adapters(checkpoint, model_args)
+    if model_args.model_name_or_path is not None:  # before its tokenizer is read: another model is named as such
+        model_type = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        ).model_type
+        if model_type != ClusterMoEConfig.model_type:
+            raise ValueError(
+                f"--model_name_or_path {model_args.model_name_or_path} holds a {model_type!r} model, not a ClusterMoE "
+                "model: run_clm.py trains ClusterMoE models."
+            )
     tokenizer = load_tokenizer(model_args, train_texts, checkpoint)
     train_dataset = TokenBlocks(train_texts, tokenizer, data_args.block_size).truncate(data_args.max_train_samples)
     eval_dataset = TokenBlocks(validation_texts, tokenizer, data_args.block_size).truncate(data_args.max_eval_samples)

@@ -468,6 +468,9 @@ def test_run_clm_refuses_to_upload_and_points_to_push_to_hub(run_clm, tmp_path, 
         ("--do_predict", "true", "--do_predict: run_clm.py always trains and then evaluates"),
         ("--validation_split_percentage", "100", "--validation_split_percentage must be in [0, 100)"),
         ("--label_smoothing_factor", "-0.1", "--label_smoothing_factor must be in [0, 1), got -0.1"),
+        ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be at least 1, got 0"),
+        ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be at least 1, got 0"),
+        ("--per_device_eval_batch_size", "0", "--per_device_eval_batch_size must be at least 1, got 0"),
         ("--label_smoothing_factor", "1", "--label_smoothing_factor must be in [0, 1), got 1.0"),
     ],
 )
@@ -497,6 +500,24 @@ def test_num_train_epochs_replaces_the_default_step_count(run_clm, tmp_path, mon
         assert (epochs.max_steps, epochs.num_train_epochs) == (-1, 2)
     assert parsed(["--num_train_epochs=2", "--max_steps", "5"]).max_steps == 5
     assert parsed([]).max_steps == run_clm.TRAINING_DEFAULTS["max_steps"]
+
+
+def test_run_clm_names_a_starting_point_that_is_not_a_clustermoe_model(run_clm, tmp_path, monkeypatch):
+    """Named before its tokenizer is read (which would fail about the tokenizer) and before peft would fetch a LoRA
+    checkpoint's base model from the Hub."""
+    from transformers import GPT2Config
+
+    monkeypatch.setattr(run_clm, "load_tokenizer", lambda *args: pytest.fail("the tokenizer was read"))
+    run = [*without(SHORT_RUN, "--config_overrides"), "--output_dir", str(tmp_path / "run")]
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"gpt2 holds a 'gpt2' model, not a ClusterMoE model"):
+        run_clm.main([*run, "--model_name_or_path", str(tmp_path / "gpt2")])
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-2 holds no model \(no config.json\)"):
+        run_clm.main([*run, "--model_name_or_path", str(tmp_path / "checkpoint-2")])
+    (tmp_path / "checkpoint-2" / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"holds LoRA adapters, not a model .*pass that as --resume_from"):
+        run_clm.main([*run, "--model_name_or_path", str(tmp_path / "checkpoint-2"), "--lora_rank", "4"])
 
 
 def test_run_clm_refuses_a_config_of_another_model_type(run_clm, tmp_path):
@@ -1079,6 +1100,8 @@ def test_generate_takes_repeated_prompts_and_refuses_what_it_cannot_continue(tra
         ("--top_k", "-1", "--top_k must be >= 0"),
         ("--repetition_penalty", "0", "--repetition_penalty must be > 0"),
         ("--seed", "-1", "--seed must be in [0, 2**32)"),
+        ("--device", "gpu", "--device 'gpu' is no device torch knows"),
+        ("--device", "xpu", "--device xpu: this torch build has no xpu device available"),  # none on the test machines
     ],
 )
 def test_generate_refuses_out_of_range_settings(tmp_path, option, value, message):
