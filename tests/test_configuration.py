@@ -43,9 +43,14 @@ ALIASES = {
         ({"load_balancing_weight": -0.1}, "router_aux_loss_coef"),
         ({"expert_capacity_factor": 0.0}, "expert_capacity_factor"),
         ({"expert_capacity_factor": -1.0}, "expert_capacity_factor"),
-        ({"reliability_decay": 0.0}, "reliability_decay"),
-        ({"reliability_decay": 1.0}, "reliability_decay"),
-        ({"reliability_decay": 1.5}, "reliability_decay"),
+        ({"reliability_decay": 0.0}, r"reliability_decay must be a finite number in \(0, 1\), got 0.0"),
+        ({"reliability_decay": 1.0}, r"reliability_decay must be a finite number in \(0, 1\), got 1.0"),
+        ({"reliability_decay": 1.5}, r"reliability_decay must be a finite number in \(0, 1\), got 1.5"),
+        # at 1 every expert below full health would be excluded: no healthy-enough expert could exist after a fault
+        ({"reliability_threshold": 1.0}, r"reliability_threshold must be a finite number in \[0, 1\), got 1.0"),
+        ({"reliability_threshold": -0.1}, r"reliability_threshold must be a finite number in \[0, 1\), got -0.1"),
+        # at most 1, every expert would be outsized next to its peers
+        ({"reliability_max_norm_ratio": 1.0}, r"reliability_max_norm_ratio must be a finite number > 1, got 1.0"),
         # wrong types and non-finite numbers, e.g. from a hand-edited config.json or a command-line override
         ({"routing_temperature": "1.0"}, "routing_temperature"),
         ({"router_jitter_noise": None}, "router_jitter_noise"),
@@ -62,7 +67,7 @@ ALIASES = {
         ({"num_attention_heads": "4"}, "num_attention_heads"),
         ({"hidden_size": None}, "hidden_size"),
         ({"top_k_experts": None}, "top_k_experts"),
-        ({"head_dim": 7}, "head_dim"),
+        ({"head_dim": 7}, r"head_dim must be even for rotary embeddings, got 7"),
         ({"first_k_dense_layers": 3}, "first_k_dense_layers"),
         ({"shared_expert_intermediate_size": -1}, "shared_expert_intermediate_size"),
         ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, r"rope_parameters .*'factor'"),
@@ -260,6 +265,9 @@ def test_the_dense_width_defaults_to_the_active_expert_width_and_is_then_kept(ti
     values change later (pruning lowers them; `from_pretrained(path, top_k_experts=...)`)."""
     config = tiny_config(first_k_dense_layers=1)
     assert config.dense_intermediate_size == 16 * 2  # intermediate_size * top_k_clusters * top_k_experts
+    assert tiny_config(first_k_dense_layers=1, top_k_clusters=2).dense_intermediate_size == 16 * 2 * 2
+    dense_layer = ClusterMoEForCausalLM(tiny_config(first_k_dense_layers=1, dense_intermediate_size=24)).model.layers[0]
+    assert (dense_layer.mlp.gate_proj.out_features, dense_layer.mlp.down_proj.in_features) == (24, 24)
     config.top_k_experts = 1
     assert config.dense_intermediate_size == 32
     assert tiny_config(first_k_dense_layers=1, dense_intermediate_size=24).dense_intermediate_size == 24

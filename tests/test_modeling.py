@@ -265,10 +265,13 @@ def test_token_ids_and_labels_are_checked_on_accelerators(tiny_model, monkeypatc
     model(ids, labels=labels)  # the ignore index passes
 
 
-def test_ignored_label_positions_are_accepted(tiny_model):
-    labels = random_ids(2, 6)
+def test_ignored_label_positions_are_accepted_and_left_out_of_the_loss(tiny_model):
+    ids, labels = random_ids(2, 6), random_ids(2, 6)
     labels[:, :2] = -100
-    assert torch.isfinite(tiny_model()(random_ids(2, 6), labels=labels).loss)
+    output = tiny_model()(ids, labels=labels)
+    next_tokens = output.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()  # each position predicts the next
+    expected = torch.nn.functional.cross_entropy(*next_tokens, ignore_index=-100) + output.aux_loss
+    torch.testing.assert_close(output.loss, expected)
 
 
 @pytest.mark.parametrize("mask_shape", [(1, 8), (2, 5), (3, 8), (2, 9), (8,), (2, 8, 8), (3, 1, 8, 8), (2, 1, 7, 8)])

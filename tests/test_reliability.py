@@ -479,7 +479,7 @@ def test_an_optimizer_stepping_in_the_backward_does_not_trip_the_gradient_guard(
     for _ in range(2):
         model(ids, labels=ids).loss.backward()
     assert not torch.equal(model.model.layers[0].mlp.experts.down_proj, weights)
-    assert model.get_reliability_stats()["training_step"] > 0
+    assert model.get_reliability_stats()["training_step"] == 2  # once per backward, not per parameter stepped
 
 
 @pytest.mark.parametrize("fault", [False, True], ids=["healthy", "faulty-expert"])
@@ -594,6 +594,15 @@ def test_degraded_experts_are_deprioritised_and_excluded_below_the_threshold(tin
     assert cluster_share(0) < healthy_cluster
     model.config.use_reliability_routing = False
     assert share(target) == pytest.approx(healthy) and cluster_share(0) == pytest.approx(healthy_cluster)
+
+
+def test_an_expert_exactly_at_the_threshold_stays_selectable(tiny_model):
+    """Excluded only below `reliability_threshold`: one faulty step at decay 0.5 lands exactly on a 0.5 threshold."""
+    router = tiny_model(reliability_threshold=0.5).model.layers[0].mlp.router
+    router.expert_reliability[3] = 0.5
+    assert router.selectable_experts()[3]
+    router.expert_reliability[3] = 0.4999
+    assert not router.selectable_experts()[3]
 
 
 def test_a_cluster_without_enough_selectable_experts_is_not_chosen(tiny_model):
@@ -964,11 +973,22 @@ def test_reliability_state_survives_save_and_load(tiny_model, tmp_path):
     router = model.model.layers[1].mlp.router
     router.expert_reliability.copy_(torch.linspace(0.2, 1.0, 8))
     router.expert_token_counts.copy_(torch.arange(8))
+    # and every other piece of routing state, each away from its initial value
+    router.selection_token_counts.copy_(torch.arange(10, 18))
+    router.expert_bias.copy_(torch.linspace(-0.1, 0.1, 8))
+    router.cluster_bias.copy_(torch.tensor([0.05, -0.05]))
+    model.model.routing_state.rerouted_pair_counts.copy_(torch.tensor([3, 4]))
+    model.model.routing_state.dropped_pair_counts.copy_(torch.tensor([5, 6]))
     model.model.routing_state.training_step.fill_(17)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.get_reliability_stats() == pytest.approx(model.get_reliability_stats())
     assert reloaded.get_reliability_stats()["training_step"] == 17
+    saved = model.state_dict()
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in reloaded.state_dict().items())
+    routing_buffers = {name for name, _ in model.named_buffers() if ".router." in name or "routing_state." in name}
+    pending = {f"model.routing_state.pending_{name}" for name in ("counts", "observed", "healthy")}  # per step only
+    assert routing_buffers - saved.keys() == pending
 
 
 def test_trainer_resume_restores_reliability_state(tiny_config, tmp_path):

@@ -261,6 +261,14 @@ def test_jitter_changes_training_selection_only(tiny_model):
         training = router(hidden)
     assert not torch.equal(training.cluster_index, reference.cluster_index)
     torch.testing.assert_close(training.cluster_log_probs, reference.cluster_log_probs)
+    # Both levels: with a single cluster only the experts' scores can change the choice.
+    one_cluster = tiny_model(num_clusters=1, experts_per_cluster=8, router_jitter_noise=5.0)
+    router = one_cluster.model.layers[0].mlp.router
+    with torch.no_grad():
+        reference = router(hidden)
+        training = router.train()(hidden)
+    assert not torch.equal(training.expert_candidates, reference.expert_candidates)
+    torch.testing.assert_close(training.expert_log_probs, reference.expert_log_probs)
 
 
 @pytest.mark.parametrize("state", ["fresh", "biased", "degraded", "jitter"])

@@ -331,10 +331,14 @@ class CountsAtStepEnd(TrainerCallback):
 
 
 def test_router_metrics_cover_the_tokens_routed_since_the_previous_log(tiny_config, tmp_path):
+    """Training forwards only, as the model's own counts: the evaluation after each step routes tokens too."""
     model = ClusterMoEForCausalLM(tiny_config())
     recorder, counts = LogRecorder(), CountsAtStepEnd()
-    args = training_arguments(tmp_path, max_steps=2, per_device_train_batch_size=4)
-    trainer = Trainer(model=model, args=args, train_dataset=random_blocks(8, 12), callbacks=[recorder, counts])
+    args = training_arguments(tmp_path, max_steps=2, per_device_train_batch_size=4, eval_strategy="steps", eval_steps=1)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=random_blocks(8, 12), eval_dataset=random_blocks(4, 12),
+        callbacks=[recorder, counts],
+    )  # fmt: skip
     add_router_metrics_callback(trainer)
     trainer.train()
     second_step = [log for log in recorder.logs if "loss" in log][1]
