@@ -9,7 +9,8 @@ from .modeling_clustermoe import ClusterMoEForCausalLM
 CoEConfig = ClusterMoEConfig
 
 
-# The original package's defaults where ClusterMoEConfig's differ (its `create_coe_model` and `CoEConfig` dataclass).
+# The original package's defaults (its `create_coe_model` and `CoEConfig` dataclass) for the architecture and the
+# fields where ClusterMoEConfig's differ; its width happens to be ClusterMoEConfig's too.
 ORIGINAL_DEFAULTS = {
     "hidden_size": 512,
     "num_hidden_layers": 6,

@@ -71,7 +71,8 @@ class ClusterMoEConfig(PreTrainedConfig):
             package's `load_balancing_weight=0` passed to `from_pretrained` turns all balancing off).
         router_z_loss_coef (`float`): weight of the router z-loss (squared logsumexp of the softmax inputs, logits /
             `routing_temperature`) on both router levels.
-        output_router_logits (`bool`): return each MoE layer's cluster-router logits.
+        output_router_logits (`bool`): return each MoE layer's cluster-router logits, and the router losses (with
+            `model_reliability`) also in pure inference.
         use_reliability_routing (`bool`): track an EMA health score per expert, mask the output of experts that
             produce non-finite or outsized outputs in a training forward (in inference, of each pair whose output is
             non-finite), and deprioritise degraded experts when routing.
