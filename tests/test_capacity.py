@@ -238,3 +238,16 @@ def test_large_capacity_matches_dropless_routing(tiny_model, factor):
 def test_non_positive_capacity_factor_is_rejected(factor):
     with pytest.raises(ValueError, match="expert_capacity_factor"):
         ClusterMoEConfig(expert_capacity_factor=factor)
+
+
+def test_capacity_stats_are_per_moe_layer_and_reset_with_the_utilisation(tiny_model):
+    model = tiny_model(num_hidden_layers=3, first_k_dense_layers=1)
+    state = model.model.routing_state
+    state.rerouted_pair_counts.copy_(torch.tensor([3, 5]))
+    state.dropped_pair_counts.copy_(torch.tensor([1, 4]))
+    assert model.get_capacity_stats() == {
+        "layer_1_rerouted_pairs": 3, "layer_1_dropped_pairs": 1, "layer_2_rerouted_pairs": 5,
+        "layer_2_dropped_pairs": 4, "rerouted_pairs": 8, "dropped_pairs": 5,
+    }  # fmt: skip
+    model.reset_expert_utilization()
+    assert set(model.get_capacity_stats().values()) == {0}

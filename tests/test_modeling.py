@@ -866,3 +866,46 @@ def test_a_batch_without_padding_skips_the_padding_bookkeeping(tiny_model):
     attention_mask[0, 0] = 0
     model(ids, attention_mask=attention_mask)
     assert received[0] is None and received[1] is None and received[2].tolist() == [False] + [True] * 11
+
+
+def test_the_summary_counts_the_experts_of_every_moe_layer(tiny_model):
+    summary = tiny_model(num_hidden_layers=3, first_k_dense_layers=1).get_model_summary()
+    assert (summary["num_moe_layers"], summary["num_experts"], summary["total_experts"]) == (2, 8, 16)
+
+
+def test_a_save_that_fails_while_moving_files_into_a_new_folder_leaves_no_config(tiny_model, tmp_path, monkeypatch):
+    """config.json is moved into place last: a folder with a config.json holds a complete checkpoint."""
+    model, real_replace = tiny_model(), os.replace
+
+    def replace(source, destination, *args, **kwargs):
+        if os.path.basename(destination) == "model.safetensors":
+            raise OSError(28, "No space left on device")
+        return real_replace(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "new")
+    assert not (tmp_path / "new" / "config.json").exists()
+
+
+def test_a_shared_expert_size_changed_after_building_is_not_saved(tiny_model, tmp_path):
+    model = tiny_model(shared_expert_intermediate_size=8)
+    model.config.shared_expert_intermediate_size = 16
+    with pytest.raises(ValueError, match="shared_expert_intermediate_size=16"):
+        model.save_pretrained(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_classifier_pools_each_left_padded_rows_last_token_also_after_a_cache(tiny_config):
+    """The 2-D mask covers cached + new tokens; the new tokens are its last columns."""
+    model = ClusterMoEForSequenceClassification(tiny_config(num_labels=3)).eval()
+    ids = random_ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 left-padded by 3
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        alone = model(ids[1:, 3:]).logits[0]
+        first = model(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        cached = model(ids[:, 4:], attention_mask=mask, cache=first.cache).logits
+    torch.testing.assert_close(full[1], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)

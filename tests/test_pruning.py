@@ -295,3 +295,12 @@ def test_perplexity_is_the_exponential_of_the_language_model_loss_on_real_tokens
     assert value == pytest.approx(torch.exp(loss).item(), rel=1e-5)
     padded_row = {"input_ids": input_ids[:1], "attention_mask": attention_mask[:1]}
     assert perplexity(model, [padded_row]) == pytest.approx(perplexity(model, [input_ids[:1, 4:]]), rel=1e-5)
+
+
+def test_calibration_counts_leave_out_padding(tiny_model):
+    model = tiny_model()
+    input_ids = torch.randint(3, 64, (2, 8))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # 12 real tokens
+    counts = model._calibration_counts([{"input_ids": input_ids, "attention_mask": attention_mask}])
+    assert [int(layer.sum()) for layer in counts] == [12 * model.config.num_experts_per_tok] * 2

@@ -1025,3 +1025,16 @@ def test_reliability_decay_outside_open_unit_interval_is_rejected(decay):
     with pytest.raises(ValueError, match="reliability_decay"):
         ClusterMoEConfig(reliability_decay=decay)
 
+
+
+def test_reinitialize_expert_clears_the_pending_faults_of_its_own_layer(tiny_model):
+    """The routing state has one row per MoE layer: with a dense first layer, MoE layer l is row l - 1."""
+    model = tiny_model(num_hidden_layers=3, first_k_dense_layers=1)
+    state = model.model.routing_state
+    state.pending_observed.fill_(5)
+    state.pending_healthy.fill_(2)
+    model.reinitialize_expert(1, 0, 0)  # the first MoE layer: row 0
+    assert state.pending_observed[0, 0] == 0 and state.pending_healthy[0, 0] == 0
+    assert state.pending_observed[1, 0] == 5 and state.pending_healthy[1, 0] == 2  # the other layer's expert 0
+    model.reinitialize_expert(2, 0, 1)  # the last MoE layer: row 1
+    assert state.pending_observed[1, 1] == 0

@@ -297,3 +297,39 @@ def test_statistics_and_calibrated_pruning_of_a_model_whose_config_asks_for_tupl
     assert specialization_statistics(model, batches, label_key="label") == pytest.approx(expected)
     assert perplexity(model, batches) == pytest.approx(expected_perplexity)
     assert len(model.prune_experts(experts_per_cluster_keep=2, calibration_data=[batches[0]["input_ids"]])[0]) == 4
+
+
+def test_a_single_cluster_counts_as_evenly_used(tiny_model):
+    """The normalised entropy of one cluster is 1 (even use), not 0, which would read as a collapsed router."""
+    model = tiny_model(num_clusters=1, experts_per_cluster=4)
+    for _, block in model._moe_layers():
+        block.router.expert_token_counts.copy_(torch.tensor([1, 2, 3, 4]))
+    stats = utilization_entropy(model)
+    assert stats["layer_0_cluster_entropy"] == 0.0 and stats["layer_0_cluster_entropy_normalized"] == 1.0
+
+
+def test_specialization_is_the_mean_over_the_moe_layers(tiny_model):
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 64, (4, 8), generator=generator), "label": torch.tensor([0, 1, 0, 1])}]
+    stats = specialization_statistics(tiny_model(), batches)
+    layers = [stats["layer_0_specialization"], stats["layer_1_specialization"]]
+    assert layers[0] != pytest.approx(layers[1])  # else a mean could not be told from one layer's score
+    assert stats["specialization"] == pytest.approx(sum(layers) / 2)
+
+
+def test_statistics_leave_the_model_as_they_found_it(tiny_model):
+    """An eval model stays in eval mode, and the routers keep only their own hooks."""
+    model = tiny_model()  # eval mode
+    routers = [block.router for _, block in model._moe_layers()]
+    hooks = [len(router._forward_hooks) for router in routers]
+    batch = {"input_ids": torch.randint(3, 64, (2, 6)), "label": [0, 1]}
+    specialization_statistics(model, [batch])
+    perplexity(model, [batch["input_ids"]])
+    assert not any(module.training for module in model.modules())
+    assert [len(router._forward_hooks) for router in routers] == hooks
+
+
+def test_perplexity_over_several_batches_is_per_token_over_all_of_them(tiny_model):
+    model = tiny_model()
+    first, second = torch.randint(3, 64, (2, 8)), torch.randint(3, 64, (3, 8))
+    assert perplexity(model, [first, second]) == pytest.approx(perplexity(model, torch.cat([first, second])), rel=1e-5)

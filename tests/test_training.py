@@ -1029,3 +1029,51 @@ def test_two_process_data_parallel_matches_single_process(tiny_config, tmp_path)
             continue
         torch.testing.assert_close(parallel["state"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
     assert single["state"]["model.layers.0.mlp.router.expert_bias"].abs().sum() > 0  # the biases were updated
+
+
+def test_read_text_documents_takes_suffixes_in_any_case_in_sorted_order(tmp_path):
+    names = [f"{i:02d}.txt" for i in range(12)]
+    for name in reversed(names):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "LOUD.TXT").write_text("one\n")
+    (tmp_path / "notes.Md").write_text("two\n")
+    (tmp_path / "data.bin").write_text("no\n")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "z.txt").write_text("nested")
+    documents = training.read_text_documents(tmp_path)
+    assert list(documents) == [*names, "LOUD.TXT", "a/z.txt", "notes.Md"]
+    assert (documents["LOUD.TXT"], documents["notes.Md"]) == ("one", "two")
+
+
+def test_a_routing_state_file_refused_at_its_last_tensor_changes_nothing(tiny_config, tmp_path):
+    """Every value is checked before any is copied, whichever tensor holds the bad one."""
+    from safetensors.torch import load_file, save_file
+
+    model = ClusterMoEForCausalLM(tiny_config())
+    before = {key: tensor.clone() for key, tensor in training.routing_state_dict(model).items()}
+    changed = {  # valid values that differ from the model's
+        key: tensor.clamp(0, 1) * 0.5 if key.endswith("expert_reliability") else tensor + 3
+        for key, tensor in before.items()
+    }
+    save_file(changed, tmp_path / "routing_state.safetensors")
+    last = list(load_file(tmp_path / "routing_state.safetensors"))[-1]  # the order load_routing_state reads them in
+    bad = changed[last].clone()
+    bad.view(-1)[0] = float("nan") if bad.is_floating_point() else -1
+    save_file({**changed, last: bad}, tmp_path / "routing_state.safetensors")
+    with pytest.raises(ValueError, match="nothing was loaded"):
+        load_routing_state(model, tmp_path)
+    assert all(torch.equal(training.routing_state_dict(model)[key], tensor) for key, tensor in before.items())
+
+
+def _token_nll(nll, tokens):
+    return types.SimpleNamespace(predictions=torch.tensor([[nll, tokens]], dtype=torch.float64).numpy())
+
+
+def test_perplexity_metric_starts_afresh_after_each_result():
+    """A second batched evaluation of other data, and a whole-set evaluation after an interrupted batched one, see
+    only their own predictions."""
+    metric = training.PerplexityFromTokenNLL()
+    assert metric(_token_nll(10.0, 5), compute_result=True)["cross_entropy"] == pytest.approx(2.0)
+    assert metric(_token_nll(3.0, 3), compute_result=True)["cross_entropy"] == pytest.approx(1.0)
+    assert metric(_token_nll(10.0, 5), compute_result=False) == {}  # interrupted: no compute_result=True call
+    assert metric(_token_nll(3.0, 3))["cross_entropy"] == pytest.approx(1.0)
