@@ -88,7 +88,9 @@ class GenerationArguments:
             try:
                 device = torch.device(self.device)
             except RuntimeError:
-                raise ValueError(f"--device {self.device!r} is no device torch knows (cpu, cuda, cuda:1, mps, ...).")
+                raise ValueError(
+                    f"--device {self.device!r} is no device torch knows (cpu, cuda, cuda:1, mps, ...)."
+                ) from None
             backend = getattr(torch, device.type, None)
             if device.type != "cpu" and not (backend is not None and backend.is_available()):
                 raise ValueError(f"--device {self.device}: this torch build has no {device.type} device available.")

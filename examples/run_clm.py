@@ -225,8 +225,8 @@ class ModelArguments:
             raise ValueError("LoRA fine-tunes an existing model: pass --model_name_or_path.")
         # Named here, not by the tokenizer read first from it ("Couldn't instantiate the backend tokenizer") or by
         # peft, which would fetch the adapters' base model from the Hub.
-        folder = Path(str(self.model_name_or_path))
-        if self.model_name_or_path is not None and folder.exists() and not (folder / "config.json").is_file():
+        folder = None if self.model_name_or_path is None else Path(self.model_name_or_path)
+        if folder is not None and folder.exists() and not (folder / "config.json").is_file():
             kind = "LoRA adapters, not a model" if (folder / "adapter_config.json").is_file() else "no model"
             raise FileNotFoundError(
                 f"--model_name_or_path {folder} holds {kind} (no config.json): pass a model folder, such as a "
@@ -736,6 +736,11 @@ def check_resumed_config(model, checkpoint: str) -> None:
 def check_resumed_adapters(checkpoint: str, model_args: ModelArguments) -> None:
     """Refuse to resume LoRA adapters with other LoRA settings or another base model: another rank fails deep inside
     the Trainer's loading, other targets in its optimizer, and another alpha (or base) changes the model silently."""
+    if model_args.lora_rank == 0:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} holds LoRA adapters: resume it with the run's --lora_rank (and "
+            "its --model_name_or_path, the model the adapters belong to)."
+        )
     saved = json.loads((Path(checkpoint) / "adapter_config.json").read_text(encoding="utf-8"))
     differences = [
         f"{option} {ours!r} (the checkpoint's: {theirs!r})"
@@ -879,11 +884,6 @@ def main(args: list[str] | None = None) -> dict:
 
     train_texts, validation_texts, dataset_id, dataset_description = load_corpus(data_args)
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file() and model_args.lora_rank == 0:
-        raise ValueError(
-            f"--resume_from_checkpoint {checkpoint} holds LoRA adapters: resume it with the run's --lora_rank (and "
-            "its --model_name_or_path, the model the adapters belong to)."
-        )
     if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file():
         check_resumed_adapters(checkpoint, model_args)
     if model_args.model_name_or_path is not None:  # before its tokenizer is read: another model is named as such
