@@ -241,8 +241,7 @@ def measure_kind(
 
 def measure_memory(shape: Shape, configs: dict, training_times: dict, device: torch.device) -> dict:
     """Peak training memory of every configuration that was fast enough to be timed, fp32."""
-    batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq), generator=torch.Generator())
-    batch = batch.to(device)
+    batch = workload_inputs("train_fp32", shape, device)["batch"]  # the batch training was timed on
     result = {}
     for name, config in configs.items():
         for implementation in experts_implementations(name):
@@ -388,12 +387,13 @@ def targets_markdown(targets: list, targets_in_transformers_backends: list) -> l
             if entry["met"] is None:
                 cells += ["n/a (no peer)", "n/a"]
                 continue
-            value = f"{entry['value']:.{digits}f}"
+            notes = []
+            if "compared" in entry:
+                notes.append("{} / {}".format(*entry["compared"]))
             if "margin_KiB" in entry:
                 margin = entry["margin_KiB"]
-                value += f" (ClusterMoE {abs(margin):,.1f} KiB {'leaner' if margin >= 0 else 'heavier'})"
-            if "compared" in entry:
-                value += " ({} / {})".format(*entry["compared"])
+                notes.append(f"ClusterMoE {abs(margin):,.1f} KiB {'leaner' if margin >= 0 else 'heavier'}")
+            value = f"{entry['value']:.{digits}f}" + (f" ({'; '.join(notes)})" if notes else "")
             cells += [value, "yes" if entry["met"] else "no"]
         lines.append(f"| {target['target']} | {target['threshold']:.{digits}f} | " + " | ".join(cells) + " |")
     return lines

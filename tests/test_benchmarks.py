@@ -144,7 +144,7 @@ def test_targets_table_shows_values_that_agree_with_the_verdict():
         _, threshold, value, met, other_value, other_met = (cell.strip() for cell in row.strip("|").split("|"))
         assert (float(value.split()[0]) >= float(threshold)) == target["met"] == (met == "yes"), row
         assert (float(other_value.split()[0]) >= float(threshold)) == other["met"] == (other_met == "yes"), row
-    assert "(ClusterMoE 1.0 KiB heavier)" in rows[6]
+    assert "(ClusterMoE / Mixtral; ClusterMoE 1.0 KiB heavier)" in rows[6]
     # Each value names the configurations it compares: a lead of one experts kernel over another shows.
     assert "(ClusterMoE [sorted_mm] / Mixtral [grouped_mm])" in rows[2]
     assert "(ClusterMoE [sorted_mm] / Qwen3 (dense))" in rows[3]
