@@ -221,6 +221,13 @@ class ModelArguments:
             )
         if self.lora_rank < 0:
             raise ValueError(f"--lora_rank must be >= 0 (0 trains all weights), got {self.lora_rank}.")
+        # The adapters' output is scaled by alpha / rank: 0 trains nothing, a negative scale only flips the adapters'
+        # sign, and NaN or inf trains NaN weights, which would replace an earlier run (--overwrite_output_dir) and fail
+        # only at the sample after training.
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(
+                f"--lora_alpha must be finite and > 0 (the LoRA scale is alpha / rank), got {self.lora_alpha}."
+            )
         if self.lora_rank > 0 and self.model_name_or_path is None:
             raise ValueError("LoRA fine-tunes an existing model: pass --model_name_or_path.")
         # Named here, not by the tokenizer read first from it ("Couldn't instantiate the backend tokenizer") or by

@@ -92,6 +92,16 @@ def snapshot(folder: Path) -> dict:
     return {path: (path.stat().st_mtime_ns, path.stat().st_size) for path in folder.rglob("*")}
 
 
+def refused_keeping_the_earlier_run(run_clm, earlier: Path, folder: Path, options: list[str], message: str) -> None:
+    """run_clm.py with `options` and --overwrite_output_dir into `folder`, a copy of the run in `earlier`, raises a
+    ValueError with `message` and leaves the copy as it was."""
+    shutil.copytree(earlier, folder)
+    before = snapshot(folder)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_clm.main([*options, "--overwrite_output_dir", "--output_dir", str(folder)])
+    assert snapshot(folder) == before
+
+
 def front_matter(markdown: str) -> dict:
     assert markdown.startswith("---\n")
     return yaml.safe_load(markdown.split("---\n")[1])
@@ -572,6 +582,16 @@ def test_resuming_a_lora_checkpoint_needs_its_lora_rank(run_clm, tmp_path, monke
     monkeypatch.setattr(run_clm, "load_tokenizer", lambda *args: pytest.fail("the run started"))
     with pytest.raises(ValueError, match=r"holds LoRA adapters: resume it with the run's --lora_rank"):
         run_clm.main([*TINY_RUN, "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", str(checkpoint)])
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "0", "-16"])
+def test_run_clm_refuses_a_lora_alpha_that_trains_nothing_or_nan_weights(run_clm, trained, tmp_path, monkeypatch,
+                                                                        alpha):  # fmt: skip
+    """NaN (or inf) trained NaN weights over the earlier run, found only at the sample; 0 trained nothing."""
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    lora_run = [*without(SHORT_RUN, "--config_overrides"), "--model_name_or_path", str(trained[0]), "--lora_rank", "4"]
+    message = f"--lora_alpha must be finite and > 0 (the LoRA scale is alpha / rank), got {float(alpha)}"
+    refused_keeping_the_earlier_run(run_clm, trained[0], tmp_path / "run", [*lora_run, "--lora_alpha", alpha], message)
 
 
 def test_run_clm_refuses_blocks_longer_than_the_context(run_clm, tmp_path):
