@@ -423,9 +423,20 @@ def check_training_arguments(training_args: TrainingArguments, command_line: set
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}.")
-    # Trained by epochs, none (or a negative number) would save an untrained model, in place of an earlier run too.
-    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
-        raise ValueError(f"--num_train_epochs must be positive, got {training_args.num_train_epochs}.")
+    # Trained by epochs, none (or a negative number) would save an untrained model, in place of an earlier run too;
+    # infinitely many overflow the Trainer's step count once the earlier run was set aside.
+    epochs = training_args.num_train_epochs
+    if training_args.max_steps == -1 and not (math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"--num_train_epochs must be positive and finite, got {epochs}.")
+    # The Trainer clips only when max_grad_norm > 0 (0 disables clipping): NaN or a negative norm would silently
+    # disable it too.
+    if not training_args.max_grad_norm >= 0:
+        raise ValueError(
+            f"--max_grad_norm must be >= 0 (0 disables gradient clipping), got {training_args.max_grad_norm}."
+        )
+    # The optimizer would grow the weights with a negative decay, and turn them all to NaN with an infinite one.
+    if not (math.isfinite(training_args.weight_decay) and training_args.weight_decay >= 0):
+        raise ValueError(f"--weight_decay must be finite and >= 0, got {training_args.weight_decay}.")
     # The Trainer smooths with any value but 0, negative ones too; this script smooths with the router losses kept.
     if not 0 <= training_args.label_smoothing_factor < 1:
         raise ValueError(f"--label_smoothing_factor must be in [0, 1), got {training_args.label_smoothing_factor}.")

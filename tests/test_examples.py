@@ -482,6 +482,12 @@ def test_run_clm_refuses_to_upload_and_points_to_push_to_hub(run_clm, tmp_path, 
         ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be at least 1, got 0"),
         ("--per_device_eval_batch_size", "0", "--per_device_eval_batch_size must be at least 1, got 0"),
         ("--label_smoothing_factor", "1", "--label_smoothing_factor must be in [0, 1), got 1.0"),
+        # The Trainer clips only with a norm > 0: NaN would silently disable clipping
+        ("--max_grad_norm", "nan", "--max_grad_norm must be >= 0 (0 disables gradient clipping), got nan"),
+        ("--max_grad_norm", "-1", "--max_grad_norm must be >= 0 (0 disables gradient clipping), got -1.0"),
+        ("--weight_decay", "-1", "--weight_decay must be finite and >= 0, got -1.0"),
+        ("--weight_decay", "inf", "--weight_decay must be finite and >= 0, got inf"),
+        ("--weight_decay", "nan", "--weight_decay must be finite and >= 0, got nan"),
     ],
 )
 def test_run_clm_refuses_out_of_range_sizes_up_front(run_clm, tmp_path, monkeypatch, option, value, message):
@@ -490,7 +496,10 @@ def test_run_clm_refuses_out_of_range_sizes_up_front(run_clm, tmp_path, monkeypa
     options = without(TINY_RUN, option) if option in TINY_RUN else TINY_RUN
     with pytest.raises(ValueError, match=re.escape(message)):
         run_clm.main([*options, option, value, "--output_dir", str(tmp_path / "run")])
-    run_clm.check_training_arguments(TrainingArguments(output_dir=str(tmp_path), max_steps=-1))  # train by epochs
+    # Trained by epochs, without clipping or weight decay
+    run_clm.check_training_arguments(
+        TrainingArguments(output_dir=str(tmp_path), max_steps=-1, max_grad_norm=0.0, weight_decay=0.0)
+    )
 
 
 def test_num_train_epochs_replaces_the_default_step_count(run_clm, tmp_path, monkeypatch):
@@ -845,14 +854,14 @@ def test_default_sample_prompt_is_the_first_non_blank_held_out_line(run_clm, tmp
     assert f"from the prompt `{json.dumps(first_line)}`:" in (folder / "README.md").read_text()
 
 
-@pytest.mark.parametrize("epochs", ["0", "-1"])
-def test_run_clm_refuses_to_train_no_epochs(run_clm, tmp_path, monkeypatch, epochs):
+@pytest.mark.parametrize("epochs", ["0", "-1", "inf", "nan"])
+def test_run_clm_refuses_to_train_no_epochs(run_clm, trained, tmp_path, monkeypatch, epochs):
     """Trained by epochs (no --max_steps), none would save an untrained model, with --overwrite_output_dir in place
-    of an earlier run."""
+    of an earlier run; infinitely many overflow the Trainer's step count once that run was set aside."""
     monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
-    with pytest.raises(ValueError, match=re.escape(f"--num_train_epochs must be positive, got {float(epochs)}")):
-        run_clm.main([*without(TINY_RUN, "--max_steps"), "--num_train_epochs", epochs,
-                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    message = f"--num_train_epochs must be positive and finite, got {float(epochs)}"
+    options = [*without(TINY_RUN, "--max_steps"), "--num_train_epochs", epochs]
+    refused_keeping_the_earlier_run(run_clm, trained[0], tmp_path / "run", options, message)
 
 
 def test_a_broken_model_card_template_is_refused_before_an_earlier_run_is_replaced(run_clm, trained, tmp_path,
