@@ -8,6 +8,7 @@ The model is a folder written by run_clm.py or a Hub id. Sampling settings defau
 generation_config.json; every option given here overrides it. See `--help` for all options.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,14 +71,18 @@ class GenerationArguments:
     )
 
     def __post_init__(self):
+        def finite_and_positive(value: float) -> bool:
+            return math.isfinite(value) and value > 0
+
         # Out-of-range values would otherwise be ignored or fail deep inside `generate` (e.g. 0 sequences gives one).
         ranges = {
             "max_new_tokens": (lambda value: value >= 1, "at least 1"),
             "num_return_sequences": (lambda value: value >= 1, "at least 1"),
-            "temperature": (lambda value: value > 0, "> 0 (use --do_sample false for greedy decoding)"),
+            # inf would sample uniformly from the vocabulary, without a word
+            "temperature": (finite_and_positive, "finite and > 0 (use --do_sample false for greedy decoding)"),
             "top_k": (lambda value: value >= 0, ">= 0 (0 disables it)"),
             "top_p": (lambda value: 0 < value <= 1, "in (0, 1]"),
-            "repetition_penalty": (lambda value: value > 0, "> 0 (1 is no penalty)"),
+            "repetition_penalty": (finite_and_positive, "finite and > 0 (1 is no penalty)"),
             "seed": (lambda value: 0 <= value < 2**32, "in [0, 2**32)"),
         }
         for name, (valid, expected) in ranges.items():

@@ -1125,9 +1125,16 @@ def test_generate_takes_repeated_prompts_and_refuses_what_it_cannot_continue(tra
         ("--max_new_tokens", "0", "--max_new_tokens must be at least 1"),
         ("--top_p", "2", "--top_p must be in (0, 1]"),
         ("--top_p", "0", "--top_p must be in (0, 1]"),
-        ("--temperature", "0", "--temperature must be > 0"),
+        ("--top_p", "nan", "--top_p must be in (0, 1], got nan"),
+        ("--temperature", "0", "--temperature must be finite and > 0"),
+        # inf sampled uniformly from the vocabulary
+        ("--temperature", "inf",
+         "--temperature must be finite and > 0 (use --do_sample false for greedy decoding), got inf"),
+        ("--temperature", "nan",
+         "--temperature must be finite and > 0 (use --do_sample false for greedy decoding), got nan"),
         ("--top_k", "-1", "--top_k must be >= 0"),
-        ("--repetition_penalty", "0", "--repetition_penalty must be > 0"),
+        ("--repetition_penalty", "0", "--repetition_penalty must be finite and > 0"),
+        ("--repetition_penalty", "inf", "--repetition_penalty must be finite and > 0 (1 is no penalty), got inf"),
         ("--seed", "-1", "--seed must be in [0, 2**32)"),
         ("--device", "gpu", "--device 'gpu' is no device torch knows"),
         ("--device", "xpu", "--device xpu: this torch build has no xpu device available"),  # none on the test machines
