@@ -5,10 +5,11 @@
     python examples/push_to_hub.py --folder clustermoe-shakespeare --repo-id your-name/clustermoe-shakespeare --dry-run
     python examples/push_to_hub.py --folder clustermoe-shakespeare --repo-id your-name/clustermoe-shakespeare
 
-The folder is checked first (config with auto_map and its modeling code, safetensors weights, tokenizer, generation
-config, model card with YAML metadata); nothing is uploaded if a check fails. `--dry-run` stops after the checks and
-lists exactly the files that would be uploaded. Training checkpoints (checkpoint-*/), the Trainer's pickled arguments
-(training_args.bin, which can hold a Hub token), hidden files and links to files outside the folder stay local.
+The folder is checked first (config with auto_map and its modeling code, a config that the installed clustermoe_hf
+accepts, safetensors weights, tokenizer, generation config, model card with YAML metadata); nothing is uploaded if a
+check fails. `--dry-run` stops after the checks and lists exactly the files that would be uploaded. Training
+checkpoints (checkpoint-*/), the Trainer's pickled arguments (training_args.bin, which can hold a Hub token), hidden
+files and links to files outside the folder stay local.
 The model card names the model as run_clm.py saw it (the folder's name, unless --hub_model_id was given); the uploaded
 copy names it --repo-id instead (usage snippet, heading, model-index), while the local README.md stays as it is.
 The token comes from the HF_TOKEN environment variable or from `hf auth login`.
@@ -99,6 +100,21 @@ def _check_safetensors(path: Path) -> str | None:
     return None
 
 
+def _check_config(config: dict) -> str | None:
+    """Why ClusterMoEConfig refuses `config` (a config.json's contents), or None: its own validation (sizes, routing,
+    top-k within the experts), run from the installed package, never from the folder's code. Without clustermoe_hf
+    installed (the script needs only transformers and huggingface_hub) the check is left out."""
+    try:
+        from clustermoe_hf import ClusterMoEConfig
+    except ImportError:
+        return None
+    try:
+        ClusterMoEConfig.from_dict(config)
+    except Exception as error:  # the config's checks raise ValueError; transformers' own may raise others
+        return f"config.json is no valid ClusterMoE config: {error}"
+    return None
+
+
 def folder_problems(folder: Path) -> list[str]:
     """What keeps `folder` from being a complete Hub model repository; empty when it is one."""
     if not folder.is_dir():
@@ -117,6 +133,8 @@ def folder_problems(folder: Path) -> list[str]:
     if config is not None:
         if config.get("model_type") != "clustermoe":
             problems.append(f"config.json has model_type {config.get('model_type')!r}, expected 'clustermoe'.")
+        else:  # e.g. top_k_experts above experts_per_cluster: loading the model would fail on the Hub
+            problems.extend(filter(None, [_check_config(config)]))
         auto_map = config.get("auto_map") or {}
         if not isinstance(auto_map, dict) or not all(isinstance(value, str) for value in auto_map.values()):
             problems.append(f"config.json's auto_map is not a mapping of class names to modules: {auto_map!r}.")

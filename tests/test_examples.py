@@ -1338,6 +1338,28 @@ def test_push_names_unreadable_metadata_files(trained, tmp_path, file, contents,
     assert any(problem in line for line in problems), problems
 
 
+def test_push_refuses_a_config_the_model_cannot_load(trained, tmp_path, monkeypatch, capsys):
+    """The config is checked by the installed package's ClusterMoEConfig (the folder's code is not run); without the
+    package installed the check is left out, as the script needs only transformers and huggingface_hub."""
+    folder = tmp_path / "folder"
+    shutil.copytree(trained[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "top_k_experts": 99}))
+    with open(folder / "configuration_clustermoe.py", "a") as code:
+        code.write("\nraise RuntimeError('the folder's code ran')\n")
+    push = load_script("push_to_hub")
+    with pytest.raises(SystemExit) as exit_info:
+        push.main(["--folder", str(folder), "--repo-id", "someone/tiny", "--dry-run"])
+    assert exit_info.value.code == 1
+    problem = (
+        "config.json is no valid ClusterMoE config: Invalid ClusterMoEConfig: top_k_experts (99) must be <= "
+        "experts_per_cluster (4)."
+    )
+    assert f"  - {problem}" in capsys.readouterr().out.splitlines()
+    monkeypatch.setitem(sys.modules, "clustermoe_hf", None)  # `import clustermoe_hf` raises ImportError
+    assert push.folder_problems(folder) == []
+
+
 # ----- command lines -----
 
 
