@@ -22,6 +22,7 @@ model config that differs from the checkpoint's. `--push_to_hub` is refused: the
 card is written; push_to_hub.py uploads the finished folder.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,7 +323,10 @@ class ReportArguments:
     sample_max_new_tokens: int = field(default=80, metadata={"help": "Length of the generated sample in tokens."})
     model_card_template: str = field(
         default=str(MODEL_CARD_TEMPLATE),
-        metadata={"help": "Jinja template of the model card written to <output_dir>/README.md."},
+        metadata={
+            "help": "Jinja template of the model card written to <output_dir>/README.md; tried before training with "
+            "placeholder results, so that one that fails to render is refused up front."
+        },
     )
 
     def __post_init__(self):
@@ -823,6 +828,42 @@ def sample_prompt(
     return tokenizer.bos_token or tokenizer.eos_token
 
 
+@contextlib.contextmanager
+def every_expert_counted_once(model):
+    """`model` with one token assignment counted for every expert while the block runs, then its counts as they were:
+    its utilisation rows then hold the metrics a trained model's do (an untrained model's have none), for the card's
+    trial render."""
+    counts = [buffer for name, buffer in model.named_buffers() if name.endswith("expert_token_counts")]
+    saved = [buffer.clone() for buffer in counts]
+    try:
+        for buffer in counts:
+            buffer.fill_(1)
+        yield model
+    finally:
+        for buffer, value in zip(counts, saved):
+            buffer.copy_(value)
+
+
+def check_model_card_renders(template: str, render_card, model, training_setup: list, prompt: str) -> None:
+    """Render the card with placeholder results before training: `render_card`, the real render's function (same
+    environment, same names, the real model, prompt and training rows), fails here on an undefined name or
+    attribute, or a value of the wrong type, as it would after training, once the earlier run's card is gone."""
+    metrics = {"eval_perplexity": 1.0, "eval_cross_entropy": 0.0}
+    training_loss = final_training_loss([{"loss": 0.0, "step": 1}], 0.0)
+    images = {"Expert utilisation": "expert_utilization.png", "Loss curve": "loss_curve.png"}
+    try:
+        with every_expert_counted_once(model):
+            render_card(model, metrics, training_loss, training_setup, prompt, images)  # the prompt as its sample
+    except Exception as error:  # whatever the template's code raises: UndefinedError, TypeError, ...
+        lines = [line for frame, line in traceback.walk_tb(error.__traceback__)
+                 if frame.f_code.co_filename == "<template>"]  # fmt: skip
+        where = f" (line {lines[-1]})" if lines else ""
+        raise ValueError(
+            f"--model_card_template {template} fails to render{where}: {type(error).__name__}: {error} (tried before "
+            "training, with placeholder results)."
+        ) from None
+
+
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
     """Sample a continuation of `prompt` with the model's generation config, streaming it to stdout."""
     set_seed(seed)
@@ -969,6 +1010,33 @@ def main(args: list[str] | None = None) -> dict:
     if model_args.lora_rank > 0:  # its adapter checkpoints hold no routing state: the callback saves and restores it
         trainer.add_callback(SaveRoutingState(resume_from_checkpoint=checkpoint))
 
+    def render_card(model, eval_metrics: dict, training_loss: tuple[str, float], training_setup, sample, images) -> str:
+        """The model card (README.md) of this run."""
+        training_loss_label, training_loss_value = training_loss
+        return render_model_card(
+            report_args.model_card_template,
+            model,
+            model_id=training_args.hub_model_id or output_dir.resolve().name,
+            dataset_id=dataset_id,
+            dataset_on_hub=data_args.dataset_name is not None and not Path(data_args.dataset_name).exists(),
+            dataset_description=dataset_description,
+            perplexity=eval_metrics["eval_perplexity"],
+            results={
+                "Validation cross-entropy (nats/token)": eval_metrics["eval_cross_entropy"],
+                "Validation tokens": len(eval_dataset) * data_args.block_size,
+                training_loss_label: training_loss_value,
+            },
+            training_setup=training_setup,
+            sample_prompt=prompt,
+            sample=sample,
+            images=images,
+            base_model=base_model,
+        )
+
+    # The card is rendered last, once the earlier run is discarded: tried now, before anything in it is touched.
+    training_setup = training_setup_rows(trainer, model_args, data_args, runtime=0.0)
+    check_model_card_renders(report_args.model_card_template, render_card, trainer.model, training_setup, prompt)
+
     replaced = None
     if replace_previous_run and training_args.should_save:
         replaced = ReplacedRun(output_dir)
@@ -1023,25 +1091,13 @@ def main(args: list[str] | None = None) -> dict:
         logger.warning(f"No plots: {error}")
         images = {}
 
-    training_loss_label, training_loss = final_training_loss(trainer.state.log_history, train_result.training_loss)
-    card = render_model_card(
-        report_args.model_card_template,
+    card = render_card(
         saved_model,
-        model_id=training_args.hub_model_id or output_dir.resolve().name,
-        dataset_id=dataset_id,
-        dataset_on_hub=data_args.dataset_name is not None and not Path(data_args.dataset_name).exists(),
-        dataset_description=dataset_description,
-        perplexity=eval_metrics["eval_perplexity"],
-        results={
-            "Validation cross-entropy (nats/token)": eval_metrics["eval_cross_entropy"],
-            "Validation tokens": len(eval_dataset) * data_args.block_size,
-            training_loss_label: training_loss,
-        },
-        training_setup=training_setup_rows(trainer, model_args, data_args, train_runtime),
-        sample_prompt=prompt,
-        sample=sample,
-        images=images,
-        base_model=base_model,
+        eval_metrics,
+        final_training_loss(trainer.state.log_history, train_result.training_loss),
+        training_setup_rows(trainer, model_args, data_args, train_runtime),
+        sample,
+        images,
     )
     (output_dir / "README.md").write_text(card, encoding="utf-8")
 

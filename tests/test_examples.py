@@ -882,6 +882,45 @@ def test_a_broken_model_card_template_is_refused_before_an_earlier_run_is_replac
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("# {{ model_name }}\n{{ nosuch.attr }}\n", "(line 2): UndefinedError: 'nosuch' is undefined"),
+        ("{{ results['Validation tokens'] + '' }}",
+         "(line 1): TypeError: unsupported operand type(s) for +: 'int' and 'str'"),
+    ],
+    ids=["undefined-attribute", "wrong-type"],
+)
+def test_a_model_card_template_that_fails_to_render_is_refused_before_training(run_clm, trained, tmp_path, monkeypatch,
+                                                                               text, problem):  # fmt: skip
+    """Such a template compiles: it failed at the card, after training, once the earlier run's card was deleted. It is
+    rendered before training with the real render's names, placeholder results and the model."""
+    monkeypatch.setattr(run_clm.Trainer, "train", lambda *args, **kwargs: pytest.fail("training started"))
+    template = tmp_path / "card.md"
+    template.write_text(text)
+    message = f"--model_card_template {template} fails to render {problem} (tried before training"
+    options = [*SHORT_RUN, "--model_card_template", str(template)]
+    refused_keeping_the_earlier_run(run_clm, trained[0], tmp_path / "run", options, message)
+
+
+def test_the_card_trial_render_sees_the_utilisation_of_a_trained_model(run_clm, tmp_path):
+    """An untrained model's utilisation rows have no metrics: the trial render counts a token for every expert, so
+    that a template using them unguarded is not refused (and the saved counts are the trained ones)."""
+    template = tmp_path / "card.md"
+    template.write_text(
+        "---\n{{ card_data }}\n---\n{% for row in utilization %}"
+        "layer {{ row.layer }}: {{ '%.3f' | format(row.expert_load_cv) }} {{ '%.3f' | format(row.cluster_entropy) }}\n"
+        "{% endfor %}"
+    )
+    folder = tmp_path / "run"
+    run_clm.main([*SHORT_RUN, "--model_card_template", str(template), "--output_dir", str(folder)])
+    card = (folder / "README.md").read_text()
+    assert re.findall(r"^layer (\d): \d\.\d{3} \d\.\d{3}$", card, flags=re.MULTILINE) == ["0", "1"]
+    with safe_open(folder / "model.safetensors", framework="pt") as weights:
+        counts = weights.get_tensor("model.layers.1.mlp.router.expert_token_counts")
+    assert counts.sum() == 2 * 8 * BLOCK_SIZE * 2  # steps x sequences x tokens x experts per token: none added
+
+
 def test_the_sample_fits_in_the_model_context(run_clm, trained, tmp_path, monkeypatch):
     """Positions past max_position_embeddings were never trained: the card's sample, and the saved model's default
     generation length, stay within the context, checked before training."""
