@@ -205,6 +205,17 @@ class ClusterMoEConfig(PreTrainedConfig):
                     f"Invalid ClusterMoEConfig: {alias}={kwargs[alias]!r} is an alias of {name}, which is given as "
                     f"{given!r}; pass one of them."
                 )
+        # transformers' handling of these fails with an AttributeError or a TypeError that names no field.
+        dtype = self.dtype if self.dtype is not None else kwargs.get("torch_dtype")
+        if dtype is not None and _dtype_problem(dtype):
+            raise ValueError(f"Invalid ClusterMoEConfig: dtype {_dtype_problem(dtype)}, got {dtype!r}.")
+        if self.id2label is not None and not isinstance(self.id2label, dict):
+            raise ValueError(
+                f"Invalid ClusterMoEConfig: id2label must map class ids to names (a dict), got {self.id2label!r}."
+            )
+        num_labels = kwargs.get("num_labels")
+        if num_labels is not None and not (_is_int(num_labels) and num_labels > 0):
+            raise ValueError(f"Invalid ClusterMoEConfig: num_labels must be a positive integer, got {num_labels!r}.")
         super().__post_init__(**kwargs)  # also applies the alias kwargs (d_model=...) through `attribute_map`
         # As transformers' `output_attentions` setter does (its `__post_init__` bypasses it): attention weights need the
         # eager attention. Otherwise the model would pick sdpa, which `validate` rejects when the model is built.
@@ -408,7 +419,20 @@ class ClusterMoEConfig(PreTrainedConfig):
             f"({self.num_hidden_layers}).",
         )
         require(
-            self.hidden_act in ACT2FN, f"hidden_act must be one of transformers' activations, got {self.hidden_act!r}."
+            isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN,
+            f"hidden_act must be the name of one of transformers' activations, got {self.hidden_act!r}.",
+        )
+        dtype_problem = None if self.dtype is None else _dtype_problem(self.dtype)
+        require(dtype_problem is None, f"dtype {dtype_problem}, got {self.dtype!r}.")
+        # The classification head's size; transformers' `num_labels` setter turns a negative count into no labels.
+        require(
+            isinstance(self.id2label, dict) and len(self.id2label) > 0,
+            f"num_labels must be a positive integer (id2label must name at least one class), got id2label "
+            f"{self.id2label!r}.",
+        )
+        require(
+            self.problem_type in _PROBLEM_TYPES,
+            f"problem_type must be None or one of {list(_PROBLEM_TYPES[1:])}, got {self.problem_type!r}.",
         )
         require(
             self.router_implementation in ("auto", "hierarchical", "flat"),
@@ -518,6 +542,10 @@ _ORIGINAL_OPTIONS_WITHOUT_EFFECT = {
 }
 
 
+# transformers' `problem_type`s of the sequence-classification head (its annotation lists them).
+_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
 # transformers' class validators that `validate` runs its own way, before the others: the token ids by its own checks,
 # `validate_rope` with its error naming `rope_parameters`.
 _VALIDATORS_RUN_ABOVE = {"validate_token_ids", "validate_rope"}
@@ -535,6 +563,19 @@ def _is_float_literal(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _dtype_problem(dtype) -> str | None:
+    """What keeps `dtype` (a torch dtype or its name, as in config.json) from being the model's dtype, or None."""
+    import torch  # lazily, as transformers' configs do
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        return "must be a torch dtype or its name, e.g. 'bfloat16'"
+    if not dtype.is_floating_point:
+        return "must be a floating-point dtype (float32, bfloat16, float16, ...)"
+    return None
 
 
 def _is_int(value) -> bool:

@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from torch.nn.modules.module import (
     register_module_module_registration_hook,
     register_module_parameter_registration_hook,
@@ -1099,6 +1100,24 @@ class ClusterMoEDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states, routing_stats
 
 
+def _routing_buffer_problem(name: str, value: torch.Tensor) -> str | None:
+    """What is wrong with the value of routing buffer `name` (see `_routing_state_problems`), or None."""
+    if name == "expert_reliability" and not ((value >= 0) & (value <= 1)).all():
+        return "has values outside [0, 1]"
+    if value.is_floating_point() and not value.isfinite().all():
+        return "has values that are not finite"
+    if not value.is_floating_point() and value.dtype != torch.bool and (value < 0).any():
+        return "has negative counts"
+    return None
+
+
+def _check_loaded_routing_state(model: "ClusterMoEModel", incompatible_keys):
+    """After `load_state_dict` (e.g. the Trainer resuming from a checkpoint), as after `from_pretrained`."""
+    problems = model._routing_state_problems()
+    if problems:
+        raise ValueError(f"load_state_dict loaded an invalid routing state: {'; '.join(problems)}.")
+
+
 def _check_plain_experts(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], action: str):
     """The fused expert weights must be this model's own parameters, not wrapped by an adapter."""
     if not all(isinstance(block.experts, ClusterMoEExperts) for _, block in layers):
@@ -1200,6 +1219,37 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         super().__setstate__(state)
         _register_live_model(self)
         _PARAMETER_OWNERS.mark_stale()  # its parameters are new, but copying registers none
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, which then checks the loaded routing state (`_routing_state_problems`):
+        the weights loader checks shapes only, and a corrupted reliability or count would otherwise route (and report
+        statistics) from nonsense."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) with output_loading_info
+        problems = model._routing_state_problems()
+        if problems:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds an invalid routing state, a corrupted checkpoint: "
+                f"{'; '.join(problems)}."
+            )
+        return loaded
+
+    def _routing_state_problems(self) -> list[str]:
+        """What is wrong with the saved routing buffers (balancing biases, reliabilities, token counts, training step)
+        as they are now, e.g. after loading: biases must be finite, reliabilities in [0, 1], counts non-negative. One
+        host read per buffer."""
+        problems = []
+        for module_name, module in self.named_modules():
+            if not isinstance(module, (ClusterMoERouter, ClusterMoERoutingState)):
+                continue
+            for name, buffer in module.named_buffers(recurse=False):
+                if name in module._non_persistent_buffers_set or buffer.is_meta:
+                    continue
+                problem = _routing_buffer_problem(name, buffer.full_tensor() if _is_dtensor(buffer) else buffer)
+                if problem is not None:
+                    problems.append(f"{module_name}.{name} {problem}")
+        return problems
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, made safe for a checkpoint already in the folder: the files are written to
@@ -1452,6 +1502,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         indices = {"layer_idx": layer_idx, "cluster_idx": cluster_idx, "expert_idx": expert_idx}
         if not all(_is_integral(value) for value in indices.values()):
             raise TypeError(f"reinitialize_expert takes integer indices, got {indices}.")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"reinitialize_expert's optimizer must be the torch.optim.Optimizer training the model (or None), got "
+                f"{optimizer!r}."
+            )
         layers = self._moe_layers()
         blocks = dict(layers)
         if layer_idx not in blocks:
@@ -1737,6 +1792,17 @@ def _is_integer_tensor(tensor: torch.Tensor) -> bool:
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
+# The token-id dtypes `nn.Embedding` takes; transformers' losses take int64 labels only.
+_TOKEN_ID_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_tensor_inputs(**inputs):
+    """Each input that is given must be a tensor: a list (or a NumPy array) fails deep inside with an AttributeError."""
+    for name, value in inputs.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got a {type(value).__name__}.")
+
+
 def _check_token_ids(
     ids: torch.Tensor, name: str, vocab_size: int, ignore_index: int | None = None, bound: str = "vocab_size"
 ):
@@ -1778,6 +1844,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self.routing_state = ClusterMoERoutingState(num_moe_layers, config.num_experts)
         self._accumulation_ends_after_backward = None  # the backward whose end folds the statistics, see below
         self.register_forward_hook(_record_training_statistics)
+        self.register_load_state_dict_post_hook(_check_loaded_routing_state)
         self.post_init()
         if any(getattr(config, f"output_{name}", False) for name in self._can_record_outputs):
             # A config that records outputs in every forward: install the recording hooks now, not in the first
@@ -1791,10 +1858,16 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self._decoder_layers()  # all of them: no pipeline parallelism
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        _check_tensor_inputs(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids)
+        if attention_mask is not None and not isinstance(attention_mask, (torch.Tensor, BlockMask)):
+            raise ValueError(
+                f"attention_mask must be a torch.Tensor (or flex attention's BlockMask), got a "
+                f"{type(attention_mask).__name__}."
+            )
         if input_ids is not None:
-            if input_ids.dim() != 2 or not _is_integer_tensor(input_ids):
+            if input_ids.dim() != 2 or input_ids.dtype not in _TOKEN_ID_DTYPES:
                 raise ValueError(
-                    "input_ids must be integer token ids of shape (batch_size, sequence_length); got a "
+                    "input_ids must be int64 (or int32) token ids of shape (batch_size, sequence_length); got a "
                     f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}."
                 )
             batch_size, sequence_length = input_ids.shape
@@ -1807,12 +1880,20 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                     f"inputs_embeds must be floating-point vectors of shape (batch_size, sequence_length, hidden_size="
                     f"{hidden_size}); got a {inputs_embeds.dtype} tensor of shape {embeds_shape}."
                 )
+            # Under autocast the layers cast their inputs; otherwise another dtype fails in the first projection.
+            model_dtype = self.embed_tokens.weight.dtype
+            if inputs_embeds.dtype != model_dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+                raise ValueError(
+                    f"inputs_embeds must be in the model's dtype, {model_dtype}; got {inputs_embeds.dtype}. Cast them "
+                    "with `.to(model.dtype)`."
+                )
             batch_size, sequence_length = inputs_embeds.shape[:2]
         if batch_size == 0 or sequence_length == 0:
             raise ValueError(
                 f"The input has no tokens (batch size {batch_size}, sequence length {sequence_length}); pass at least "
                 "one token per sequence."
             )
+        self._check_cache_fits_model(cache, batch_size)
         cached = self._cached_length(cache)
         self._check_cache_room(cache, cached, sequence_length)
         self._check_attention_mask(attention_mask, batch_size, sequence_length, cache, cached)
@@ -1828,6 +1909,33 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 "(`generate` derives them from attention_mask, which must then have one entry per token: shape "
                 "(batch_size, prompt length).)"
             )
+
+    def _check_cache_fits_model(self, cache: Cache | None, batch_size: int):
+        """A cache made for another model or batch fails deep in the attention (a size mismatch, or an IndexError for
+        a missing layer): its number of layers, and once it holds keys their batch size, number of key/value heads
+        (not under tensor parallelism, which shards them) and head size, must be this model's and these inputs'."""
+        layers = getattr(cache, "layers", None) if isinstance(cache, Cache) else None
+        if layers is None:
+            return
+        num_layers = self.config.num_hidden_layers
+        grows = getattr(cache, "layer_class_to_replicate", None) is not None  # `DynamicCache()` adds layers as used
+        if len(layers) > num_layers or (len(layers) < num_layers and not grows):
+            raise ValueError(
+                f"The cache has {len(layers)} layers and this model {num_layers}: pass a cache made for this model "
+                "(the `cache` of its own outputs, or e.g. DynamicCache(config=model.config))."
+            )
+        keys = getattr(layers[0], "keys", None) if layers and getattr(layers[0], "is_initialized", False) else None
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            config = self.config
+            cache_batch, heads, _, head_dim = keys.shape
+            heads_differ = heads != config.num_key_value_heads and _processes_per_batch(config) == 1
+            if cache_batch != batch_size or heads_differ or head_dim != config.head_dim:
+                raise ValueError(
+                    f"The cache holds keys of shape (batch {cache_batch}, key/value heads {heads}, head_dim "
+                    f"{head_dim}); these inputs have a batch of {batch_size}, and this model has "
+                    f"{config.num_key_value_heads} key/value heads of head_dim {config.head_dim}. Pass the cache of "
+                    "these sequences and this model (repeat it for a larger batch: `cache.batch_repeat_interleave(n)`)."
+                )
 
     @staticmethod
     def _cached_length(cache: Cache | None) -> int | None:
@@ -2231,6 +2339,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        _check_logits_to_keep(logits_to_keep)
         # Pure inference (no gradients, no labels, no router logits asked for, e.g. `generate`) skips the router
         # losses and routing counts: they would only cost time.
         output_routing_stats = torch.is_grad_enabled() or labels is not None or output_router_logits
@@ -2258,7 +2367,13 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         aux_loss = None if parts is None else weighted_router_loss(self.config, parts)
         loss = None
         if labels is not None:
-            _check_labels(labels, logits.shape[0], outputs.last_hidden_state.shape[1], self.config.vocab_size)
+            sequence_length = outputs.last_hidden_state.shape[1]
+            if logits.shape[1] != sequence_length:
+                raise ValueError(
+                    f"labels need the logits of every position, but logits_to_keep={logits_to_keep!r} keeps "
+                    f"{logits.shape[1]} of {sequence_length}: leave logits_to_keep at 0 when passing labels."
+                )
+            _check_labels(labels, logits.shape[0], sequence_length, self.config.vocab_size)
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
             if aux_loss is not None:
                 loss = loss + aux_loss.to(loss.device) * _aux_loss_share(labels, kwargs.get("num_items_in_batch"), loss)
@@ -2290,11 +2405,26 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
 inspect.unwrap(ClusterMoEForCausalLM.forward).__signature__ = inspect.signature(ClusterMoEForCausalLM.forward)
 
 
-def _check_labels(labels: torch.Tensor, batch_size: int, sequence_length: int, vocab_size: int):
-    """Labels name the next token of every input position: integer ids of the inputs' shape, or -100 (ignored)."""
-    if labels.shape != (batch_size, sequence_length) or not _is_integer_tensor(labels):
+def _check_logits_to_keep(logits_to_keep):
+    """transformers' `slice_logits_to_keep` reads an int n as the last n positions (0: all) and a tensor as the
+    positions to keep: a negative int would silently drop the first positions, a float fail as an index."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        valid = logits_to_keep.dim() == 1 and _is_integer_tensor(logits_to_keep)
+    else:
+        valid = _is_integral(logits_to_keep) and logits_to_keep >= 0
+    if not valid:
         raise ValueError(
-            f"labels must be integer token ids of the inputs' shape (batch_size={batch_size}, sequence_length="
+            "logits_to_keep must be an integer >= 0 (compute the logits of the last n positions; 0 for all) or a 1-D "
+            f"tensor of the positions to keep; got {logits_to_keep!r}."
+        )
+
+
+def _check_labels(labels: torch.Tensor, batch_size: int, sequence_length: int, vocab_size: int):
+    """Labels name the next token of every input position: int64 ids of the inputs' shape, or -100 (ignored)."""
+    _check_tensor_inputs(labels=labels)
+    if labels.shape != (batch_size, sequence_length) or labels.dtype != torch.int64:
+        raise ValueError(
+            f"labels must be int64 token ids of the inputs' shape (batch_size={batch_size}, sequence_length="
             f"{sequence_length}); got a {labels.dtype} tensor of shape {tuple(labels.shape)}."
         )
     _check_token_ids(labels, "labels", vocab_size, ignore_index=-100)

@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .modeling_clustermoe import combine_router_losses, routing_stats_of
+from .modeling_clustermoe import _routing_buffer_problem, combine_router_losses, routing_stats_of
 
 logger = logging.get_logger(__name__)
 
@@ -493,13 +493,7 @@ def _routing_state_problem(name: str, value: torch.Tensor, buffer: torch.Tensor)
     if value.shape != buffer.shape or value.dtype != buffer.dtype:
         model = f"the model's a {buffer.dtype} one of {tuple(buffer.shape)}"
         return f"is a {value.dtype} tensor of shape {tuple(value.shape)}, {model}"
-    if name.endswith("expert_reliability") and not ((value >= 0) & (value <= 1)).all():
-        return "has values outside [0, 1]"
-    if value.is_floating_point() and not value.isfinite().all():
-        return "has values that are not finite"
-    if not value.is_floating_point() and (value < 0).any():
-        return "has negative counts"
-    return None
+    return _routing_buffer_problem(name.rpartition(".")[2], value)
 
 
 def lora_config(

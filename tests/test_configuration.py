@@ -7,7 +7,7 @@ import torch
 
 from transformers import AutoModelForCausalLM
 
-from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM, ClusterMoEForSequenceClassification
 
 
 ALIASES = {
@@ -106,6 +106,18 @@ ALIASES = {
         ({"layer_types": ["sliding_attention", "full_attention"]}, r"layer_types=\['sliding_attention'"),
         # logits / temperature overflowed float32 and the routing became NaN
         ({"routing_temperature": 1e-40}, r"routing_temperature must be a finite number >= 0.0001"),
+        # transformers' own fields, which failed with an AttributeError or TypeError naming none, or later
+        ({"dtype": "bogus"}, r"dtype must be a torch dtype or its name, e.g. 'bfloat16', got 'bogus'"),
+        ({"torch_dtype": "torch.float32"}, r"dtype must be a torch dtype or its name"),
+        ({"dtype": 5}, r"dtype must be a torch dtype or its name"),
+        ({"dtype": "int64"}, r"dtype must be a floating-point dtype"),
+        ({"num_labels": -1}, r"num_labels must be a positive integer, got -1"),  # was silently 0 labels
+        ({"num_labels": "3"}, r"num_labels must be a positive integer, got '3'"),
+        ({"id2label": ["negative", "positive"]}, r"id2label must map class ids to names \(a dict\)"),
+        ({"id2label": {}}, r"num_labels must be a positive integer \(id2label must name at least one class\)"),
+        ({"hidden_act": ["silu"]}, r"hidden_act must be the name of one of transformers' activations"),
+        # was refused only in the forward
+        ({"problem_type": "multi_label"}, r"problem_type must be None or one of \['regression'"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(tiny_config, overrides, field):
@@ -205,6 +217,12 @@ def test_values_set_after_construction_are_checked_when_a_model_is_built_or_save
     with pytest.raises(ValueError, match="reliability_decay"):
         config.save_pretrained(tmp_path / "edited")
     assert not (tmp_path / "edited" / "config.json").exists()
+
+    # transformers' `num_labels` setter turns a negative count into an empty label map: a head without classes
+    config = tiny_config()
+    config.num_labels = -1
+    with pytest.raises(ValueError, match=r"num_labels must be a positive integer \(id2label must name at least one"):
+        ClusterMoEForSequenceClassification(config)
 
 
 def test_loading_a_config_still_validates(tmp_path, tiny_config):

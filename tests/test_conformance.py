@@ -120,6 +120,27 @@ def test_a_static_cache_too_short_for_the_tokens_is_named(tiny_model):
             model(random_ids(1, 3), cache=cache, use_cache=True)
 
 
+@pytest.mark.parametrize(
+    "cache_model, batch_size, problem",
+    [
+        ({"num_hidden_layers": 1}, 1, r"The cache has 1 layers and this model 2"),  # was an IndexError
+        ({"num_hidden_layers": 3}, 1, r"The cache has 3 layers and this model 2"),  # was silently accepted
+        ({}, 2, r"keys of shape \(batch 1, key/value heads 2, head_dim 8\); these inputs have a batch of 2"),
+        ({"num_key_value_heads": 4}, 1, r"key/value heads 4, .* this model has 2 key/value heads"),
+        ({"head_dim": 16}, 1, r"head_dim 16\); .* key/value heads of head_dim 8"),
+    ],
+    ids=["fewer layers", "more layers", "another batch", "other heads", "other head size"],
+)
+def test_a_cache_from_another_model_or_batch_is_named(tiny_model, cache_model, batch_size, problem):
+    """These failed deep in the attention with "Sizes of tensors must match" or an IndexError."""
+    model, prompt = tiny_model(), random_ids(1, 4)
+    with torch.no_grad():
+        cache = tiny_model(**cache_model)(prompt, use_cache=True).cache
+        with pytest.raises(ValueError, match=problem):
+            model(random_ids(batch_size, 1), cache=cache, use_cache=True)
+        model(prompt, cache=DynamicCache(), use_cache=True)  # a bare cache adds its layers as they come
+
+
 def test_static_cache_decoding_reads_no_token_count_off_cpu(tiny_model, monkeypatch):
     """Off CPU a static cache counts its tokens in a tensor on the device: the input checks must not read it on the
     host, which would make every decoding step wait for the device."""

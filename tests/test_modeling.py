@@ -204,13 +204,42 @@ def test_inputs_without_tokens_are_rejected(tiny_model, shape):
 @pytest.mark.parametrize(
     "input_ids",
     [torch.ones(6, dtype=torch.long), torch.ones(1, 2, 6, dtype=torch.long), torch.ones(2, 6), torch.ones(2, 6) > 0,
-     torch.ones(2, 6, dtype=torch.complex64)],
-    ids=["1-d", "3-d", "float", "bool", "complex"],
-)
+     torch.ones(2, 6, dtype=torch.complex64), torch.ones(2, 6, dtype=torch.int8), torch.ones(2, 6, dtype=torch.uint8),
+     torch.ones(2, 6, dtype=torch.int16)],
+    ids=["1-d", "3-d", "float", "bool", "complex", "int8", "uint8", "int16"],  # the embedding takes int64 and int32
+)  # fmt: skip
 def test_input_ids_that_are_not_a_batch_of_token_ids_are_rejected(tiny_model, input_ids):
-    expected = rf"input_ids must be integer token ids of shape \(batch_size, sequence_length\); got a {input_ids.dtype}"
+    shape = r"of shape \(batch_size, sequence_length\)"
+    expected = rf"input_ids must be int64 \(or int32\) token ids {shape}; got a {input_ids.dtype}"
     with pytest.raises(ValueError, match=expected):
         tiny_model()(input_ids)
+
+
+def test_int32_token_ids_give_the_int64_ids_logits(tiny_model):
+    model, ids = tiny_model(), random_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.int()).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["input_ids", "attention_mask", "position_ids", "labels"])
+def test_inputs_that_are_not_tensors_are_rejected_by_name(tiny_model, name):
+    """A nested list failed deep inside with `'list' object has no attribute 'dim'` (or 'ndim')."""
+    inputs = {"input_ids": random_ids(2, 6)}
+    inputs[name] = inputs.get(name, random_ids(2, 6)).tolist() if name != "attention_mask" else [[1] * 6] * 2
+    if name == "position_ids":
+        inputs[name] = [list(range(6))] * 2
+    with pytest.raises(ValueError, match=rf"{name} must be a torch.Tensor.*got a list"):
+        tiny_model()(**inputs)
+
+
+def test_inputs_embeds_in_another_dtype_than_the_model_are_rejected_outside_autocast(tiny_model):
+    """Without autocast the first projection failed with "expected m1 and m2 to have the same dtype"."""
+    model = tiny_model()
+    embeds = model.get_input_embeddings()(random_ids(2, 6)).detach()
+    with pytest.raises(ValueError, match=r"inputs_embeds must be in the model's dtype, torch.float32; got .*float64"):
+        model(inputs_embeds=embeds.double())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts them: accepted
+        assert model(inputs_embeds=embeds.bfloat16()).logits.shape == (2, 6, VOCAB_SIZE)
 
 
 @pytest.mark.parametrize(
@@ -237,10 +266,12 @@ def test_position_ids_of_the_wrong_shape_or_dtype_are_rejected(tiny_model, posit
     [
         (torch.ones(2, 4, dtype=torch.long), r"of the inputs' shape \(batch_size=2, sequence_length=6\)"),
         (torch.ones(2, 6), r"of the inputs' shape .*got a torch.float32 tensor"),
+        # transformers' loss takes int64 targets only: int32 failed in the cross-entropy
+        (torch.ones(2, 6, dtype=torch.int32), r"int64 token ids of the inputs' shape .*got a torch.int32 tensor"),
         (torch.full((2, 6), VOCAB_SIZE), rf"in \[0, vocab_size={VOCAB_SIZE}\) or be the ignore index -100"),
         (torch.full((2, 6), -2), rf"in \[0, vocab_size={VOCAB_SIZE}\) or be the ignore index -100"),
     ],
-    ids=["shape", "dtype", "past the vocabulary", "negative"],
+    ids=["shape", "dtype", "int32", "past the vocabulary", "negative"],
 )
 def test_bad_labels_are_rejected(tiny_model, labels, problem):
     with pytest.raises(ValueError, match=rf"labels must .*{problem}"):
@@ -263,6 +294,24 @@ def test_token_ids_and_labels_are_checked_on_accelerators(tiny_model, monkeypatc
     labels = ids.clone()
     labels[:, -1] = -100
     model(ids, labels=labels)  # the ignore index passes
+
+
+@pytest.mark.parametrize("logits_to_keep", [-1, 1.5, True, torch.tensor([[5]]), torch.tensor([0.5])])
+def test_logits_to_keep_must_count_last_positions_or_list_them(tiny_model, logits_to_keep):
+    """-1 silently dropped the first position; a float failed as an index."""
+    with pytest.raises(ValueError, match=r"logits_to_keep must be an integer >= 0 .* or a 1-D tensor of the positions"):
+        tiny_model()(random_ids(2, 6), logits_to_keep=logits_to_keep)
+
+
+def test_labels_need_the_logits_of_every_position(tiny_model):
+    """The loss then failed with "Expected input batch_size (2) to match target batch_size (10)"."""
+    model, ids = tiny_model(), random_ids(2, 6)
+    with torch.no_grad():
+        assert model(ids, logits_to_keep=1).logits.shape == (2, 1, VOCAB_SIZE)
+        assert model(ids, logits_to_keep=torch.tensor([0, 5])).logits.shape == (2, 2, VOCAB_SIZE)
+        torch.testing.assert_close(model(ids, labels=ids, logits_to_keep=6).loss, model(ids, labels=ids).loss)
+        with pytest.raises(ValueError, match=r"labels need the logits of every position, but logits_to_keep=1 keeps 1"):
+            model(ids, labels=ids, logits_to_keep=1)
 
 
 def test_ignored_label_positions_are_accepted_and_left_out_of_the_loss(tiny_model):

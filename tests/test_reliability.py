@@ -758,6 +758,15 @@ def test_reinitialize_expert_rejects_an_expert_that_does_not_exist_and_changes_n
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
+def test_reinitialize_expert_rejects_an_optimizer_that_is_not_one_and_changes_nothing(tiny_model):
+    """A name or a scheduler where the optimizer goes failed with an AttributeError after the weights were redrawn."""
+    model = tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"optimizer must be the torch.optim.Optimizer training the model .*'adam'"):
+        model.reinitialize_expert(0, 0, 0, optimizer="adam")
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
 def test_reinitialize_expert_clears_the_optimizer_state_of_the_old_expert(tiny_model):
     """Adam's moments of the broken expert kept moving the new weights, step after step, with zero gradients."""
     model = tiny_model().train()

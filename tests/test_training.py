@@ -612,6 +612,37 @@ def test_a_routing_state_file_with_wrong_dtypes_or_values_is_refused_and_changes
     assert all(torch.equal(routing_state_dict(model)[key], tensor) for key, tensor in before.items())
 
 
+@pytest.mark.parametrize(
+    "name, value, problem",
+    [
+        ("layers.1.mlp.router.expert_reliability", float("nan"), r"has values outside \[0, 1\]"),
+        ("layers.0.mlp.router.expert_reliability", 5.0, r"has values outside \[0, 1\]"),
+        ("layers.0.mlp.router.cluster_bias", float("inf"), "has values that are not finite"),
+        ("layers.1.mlp.router.selection_token_counts", -5, "has negative counts"),
+        ("routing_state.training_step", -7, "has negative counts"),
+    ],
+)
+def test_a_checkpoint_with_an_invalid_routing_state_is_refused_on_loading(tiny_config, tmp_path, name, value, problem):
+    """The weights loader checks shapes only: a NaN reliability read as model reliability 0, negative counts as
+    negative utilisation shares. `from_pretrained` and `load_state_dict` (the Trainer's resume) name the buffer; the
+    checkpoint is left as it is."""
+    from safetensors.torch import load_file, save_file
+
+    model = ClusterMoEForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights[f"model.{name}"] = weights[f"model.{name}"].clone().view(-1).index_fill(0, torch.tensor([0]), value)
+    weights[f"model.{name}"] = weights[f"model.{name}"].view_as(model.state_dict()[f"model.{name}"])
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    corrupted = (tmp_path / "model.safetensors").read_bytes()
+    expected = rf"holds an invalid routing state, a corrupted checkpoint: model\.{name} {problem}"
+    with pytest.raises(ValueError, match=expected):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == corrupted
+    with pytest.raises(ValueError, match=rf"load_state_dict loaded an invalid routing state: {name} {problem}"):
+        model.load_state_dict(weights)
+
+
 @pytest.mark.parametrize("resume", ["True", "path"])
 def test_a_resumed_lora_run_restores_its_routing_state(tiny_config, tmp_path, resume, caplog):
     """`SaveRoutingState` restores the routing state saved next to the adapters of the checkpoint the run resumes
