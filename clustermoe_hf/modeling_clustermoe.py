@@ -1845,6 +1845,11 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self._accumulation_ends_after_backward = None  # the backward whose end folds the statistics, see below
         self.register_forward_hook(_record_training_statistics)
         self.register_load_state_dict_post_hook(_check_loaded_routing_state)
+        # What a cache for this model holds per layer, for `_check_cache_fits_model` (read in every decoding step, where
+        # config reads cost more than the check): (layers, key/value heads or None under tensor parallelism, which
+        # shards them, head size).
+        kv_heads = config.num_key_value_heads if _processes_per_batch(config) == 1 else None
+        self._cache_layout = (config.num_hidden_layers, kv_heads, config.head_dim)
         self.post_init()
         if any(getattr(config, f"output_{name}", False) for name in self._can_record_outputs):
             # A config that records outputs in every forward: install the recording hooks now, not in the first
@@ -1917,7 +1922,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         layers = getattr(cache, "layers", None) if isinstance(cache, Cache) else None
         if layers is None:
             return
-        num_layers = self.config.num_hidden_layers
+        num_layers, num_kv_heads, model_head_dim = self._cache_layout
         grows = getattr(cache, "layer_class_to_replicate", None) is not None  # `DynamicCache()` adds layers as used
         if len(layers) > num_layers or (len(layers) < num_layers and not grows):
             raise ValueError(
@@ -1926,15 +1931,15 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
             )
         keys = getattr(layers[0], "keys", None) if layers and getattr(layers[0], "is_initialized", False) else None
         if isinstance(keys, torch.Tensor) and keys.dim() == 4:
-            config = self.config
             cache_batch, heads, _, head_dim = keys.shape
-            heads_differ = heads != config.num_key_value_heads and _processes_per_batch(config) == 1
-            if cache_batch != batch_size or heads_differ or head_dim != config.head_dim:
+            heads_differ = num_kv_heads is not None and heads != num_kv_heads
+            if cache_batch != batch_size or heads_differ or head_dim != model_head_dim:
                 raise ValueError(
                     f"The cache holds keys of shape (batch {cache_batch}, key/value heads {heads}, head_dim "
                     f"{head_dim}); these inputs have a batch of {batch_size}, and this model has "
-                    f"{config.num_key_value_heads} key/value heads of head_dim {config.head_dim}. Pass the cache of "
-                    "these sequences and this model (repeat it for a larger batch: `cache.batch_repeat_interleave(n)`)."
+                    f"{self.config.num_key_value_heads} key/value heads of head_dim {model_head_dim}. Pass the cache "
+                    "of these sequences and this model (for a larger batch, repeat it: "
+                    "`cache.batch_repeat_interleave(n)`)."
                 )
 
     @staticmethod
