@@ -1845,11 +1845,11 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self._accumulation_ends_after_backward = None  # the backward whose end folds the statistics, see below
         self.register_forward_hook(_record_training_statistics)
         self.register_load_state_dict_post_hook(_check_loaded_routing_state)
-        # What a cache for this model holds per layer, for `_check_cache_fits_model` (read in every decoding step, where
-        # config reads cost more than the check): (layers, key/value heads or None under tensor parallelism, which
-        # shards them, head size).
+        # The keys a cache for this model holds per layer, for `_check_cache_fits_model` (read in every decoding step,
+        # where config reads cost more than the check): key/value heads, or None under tensor parallelism (which shards
+        # them), and head size.
         kv_heads = config.num_key_value_heads if _processes_per_batch(config) == 1 else None
-        self._cache_layout = (config.num_hidden_layers, kv_heads, config.head_dim)
+        self._cache_key_layout = (kv_heads, config.head_dim)
         self.post_init()
         if any(getattr(config, f"output_{name}", False) for name in self._can_record_outputs):
             # A config that records outputs in every forward: install the recording hooks now, not in the first
@@ -1922,7 +1922,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         layers = getattr(cache, "layers", None) if isinstance(cache, Cache) else None
         if layers is None:
             return
-        num_layers, num_kv_heads, model_head_dim = self._cache_layout
+        num_layers = self.config.num_hidden_layers  # as the forward runs them: early-exit drafting lowers it
+        num_kv_heads, model_head_dim = self._cache_key_layout
         grows = getattr(cache, "layer_class_to_replicate", None) is not None  # `DynamicCache()` adds layers as used
         if len(layers) > num_layers or (len(layers) < num_layers and not grows):
             raise ValueError(
