@@ -10,7 +10,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import torch
 
-from .modeling_clustermoe import _batches
+from .modeling_clustermoe import _batches, _in_eval_mode
 
 
 def entropy(counts: torch.Tensor) -> float:
@@ -160,28 +160,28 @@ def specialization_statistics(
         return hook
 
     handles = [block.router.register_forward_hook(record_choices(row)) for row, (_, block) in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in _batches(batches, "batches"):
-            if label_key is not None and label_key not in batch:
-                raise ValueError(f"A batch has no {label_key!r} labels; pass label_key=None for the entropies only.")
-            input_ids = batch["input_ids"].to(model.device)
-            attention_mask = batch.get("attention_mask")
-            if attention_mask is not None:
-                attention_mask = attention_mask.to(model.device)
-            token_mask = None if attention_mask is None else attention_mask.bool().reshape(-1)
-            outputs = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
-            for counts, layer_stats in zip(expert_counts, outputs.routing_stats):
-                counts += layer_stats["expert_counts"]
-            if label_key is not None:
-                token_labels = _label_ids(batch[label_key], input_ids.shape, vocabulary, token_mask)
-                token_labels = token_labels.to(model.device).reshape(-1)
-                labels.append(token_labels if token_mask is None else token_labels[token_mask])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    with _in_eval_mode(model):
+        try:
+            for batch in _batches(batches, "batches"):
+                if label_key is not None and label_key not in batch:
+                    raise ValueError(
+                        f"A batch has no {label_key!r} labels; pass label_key=None for the entropies only."
+                    )
+                input_ids = batch["input_ids"].to(model.device)
+                attention_mask = batch.get("attention_mask")
+                if attention_mask is not None:
+                    attention_mask = attention_mask.to(model.device)
+                token_mask = None if attention_mask is None else attention_mask.bool().reshape(-1)
+                outputs = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+                for counts, layer_stats in zip(expert_counts, outputs.routing_stats):
+                    counts += layer_stats["expert_counts"]
+                if label_key is not None:
+                    token_labels = _label_ids(batch[label_key], input_ids.shape, vocabulary, token_mask)
+                    token_labels = token_labels.to(model.device).reshape(-1)
+                    labels.append(token_labels if token_mask is None else token_labels[token_mask])
+        finally:
+            for handle in handles:
+                handle.remove()
 
     stats = {}
     for (layer_idx, block), counts in zip(layers, expert_counts):
@@ -211,9 +211,7 @@ def perplexity(
     optionally `attention_mask`; padding is not scored) or over one such batch, in eval mode. Raises if no token was
     scored."""
     total_loss, total_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with _in_eval_mode(model):
         for batch in _batches(batches, "batches"):
             input_ids = batch["input_ids"].to(model.device)
             attention_mask = batch.get("attention_mask")
@@ -231,8 +229,6 @@ def perplexity(
             )  # fmt: skip
             total_loss += float(nll)
             total_tokens += int((shift_labels != -100).sum())
-    finally:
-        model.train(was_training)
     if total_tokens == 0:
         raise ValueError("No token to score: `batches` is empty, all padding, or of sequences of one token.")
     return math.exp(total_loss / total_tokens)

@@ -1697,9 +1697,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         """Per MoE layer, how many (non-padding) token assignments each expert received over `calibration_data`,
         in eval mode (nothing is folded into the training state)."""
         counts = [torch.zeros_like(block.router.expert_token_counts) for _, block in self._moe_layers()]
-        was_training = self.training
-        self.eval()
-        try:
+        with _in_eval_mode(self):
             for batch in _batches(calibration_data, "calibration_data"):
                 attention_mask = batch.get("attention_mask")
                 outputs = self.base_model(
@@ -1710,9 +1708,20 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 )
                 for layer_counts, layer_stats in zip(counts, outputs.routing_stats):
                     layer_counts += layer_stats["expert_counts"]
-        finally:
-            self.train(was_training)
         return counts
+
+
+@contextlib.contextmanager
+def _in_eval_mode(model: nn.Module):
+    """`model` in eval mode while the block runs, then every module back in its own mode: `model.train(was_training)`
+    would also switch submodules the caller keeps in eval mode (e.g. frozen ones) to training."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _batches(data, name: str) -> Iterator[Mapping]:

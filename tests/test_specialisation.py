@@ -318,7 +318,8 @@ def test_specialization_is_the_mean_over_the_moe_layers(tiny_model):
 
 
 def test_statistics_leave_the_model_as_they_found_it(tiny_model):
-    """An eval model stays in eval mode, and the routers keep only their own hooks."""
+    """An eval model stays in eval mode, a training one keeps each module's mode, and the routers keep only their own
+    hooks."""
     model = tiny_model()  # eval mode
     routers = [block.router for _, block in model._moe_layers()]
     hooks = [len(router._forward_hooks) for router in routers]
@@ -327,6 +328,15 @@ def test_statistics_leave_the_model_as_they_found_it(tiny_model):
     perplexity(model, [batch["input_ids"]])
     assert not any(module.training for module in model.modules())
     assert [len(router._forward_hooks) for router in routers] == hooks
+
+    # A training model with a part the caller keeps in eval mode (e.g. frozen): every module keeps its own mode.
+    model.train()
+    model.model.layers[0].eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    specialization_statistics(model, [batch])
+    perplexity(model, [batch["input_ids"]])
+    model.prune_experts(experts_per_cluster_keep=3, calibration_data=[batch["input_ids"]], rank_by="utilization")
+    assert {name: module.training for name, module in model.named_modules()} == modes
 
 
 def test_perplexity_over_several_batches_is_per_token_over_all_of_them(tiny_model):
