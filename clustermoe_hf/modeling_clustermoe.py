@@ -463,6 +463,7 @@ class ClusterMoERouter(nn.Module):
         self._cached_selection_bias = None  # see `selection_bias`
 
     _FLOAT32_STATE = ("cluster_bias", "expert_bias", "expert_reliability")
+    _SELECTION_SOURCES = ("cluster_bias", "expert_bias", "expert_reliability", "selection_token_counts")
 
     def _apply(self, fn, recurse=True):
         """Device moves apply to the routing state, dtype casts (`model.to(torch.bfloat16)`, `.half()`) do not: bias
@@ -508,21 +509,29 @@ class ClusterMoERouter(nn.Module):
         Reused until a buffer they are computed from changes, so that decoding does not rebuild them for every token:
         in-place updates bump a tensor's version counter, and `buffer.data = ...` (or swapping tensors) replaces its
         storage. An in-place write to `buffer.data` changes neither: write to the buffer itself."""
-        config = self.config
-        sources = (self.cluster_bias, self.expert_bias, self.expert_reliability, self.selection_token_counts)
-        if is_torchdynamo_compiling() or any(source.is_inference() for source in sources):
+        if is_torchdynamo_compiling():
+            return self._compute_selection_bias()
+        # Read in every forward (per token in decoding): the buffers straight from `_buffers`, without nn.Module's
+        # `__getattr__` for each, and the key compared as one tuple of plain values.
+        buffers = self._buffers
+        sources = tuple(buffers[name] for name in self._SELECTION_SOURCES)
+        if any(map(torch.Tensor.is_inference, sources)):
             return self._compute_selection_bias()  # no version counters to key a cache on
-        settings = (
+        config = self.config
+        key = (
             config.use_adaptive_routing,
             config.use_reliability_routing,
             config.reliability_threshold,
             config.top_k_experts,  # clusters with fewer selectable experts are excluded
+            # The cache keeps the sources alive, so their ids cannot be reused by other tensors meanwhile.
+            *map(id, sources),
+            *(source._version for source in sources),
+            *map(torch.Tensor.data_ptr, sources),
         )
-        versions = tuple((source._version, source.data_ptr()) for source in sources)
         cached = self._cached_selection_bias
-        if cached is None or cached[:2] != (settings, versions) or any(a is not b for a, b in zip(cached[2], sources)):
-            cached = self._cached_selection_bias = (settings, versions, sources, self._compute_selection_bias())
-        return cached[3]
+        if cached is None or cached[0] != key:
+            cached = self._cached_selection_bias = (key, sources, self._compute_selection_bias())
+        return cached[2]
 
     def _compute_selection_bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         config = self.config
