@@ -112,6 +112,21 @@ def test_selection_follows_every_change_of_the_routing_state_between_forwards():
     assert torch.all(clusters() == 1)
     model.config.top_k_experts = 1  # a setting: one selectable expert is enough now
     assert torch.all(clusters() == 0)
+    # Two views of one storage: the same address and version counter, other values (told apart by the tensor itself).
+    storage = torch.tensor([-10.0, 10.0, 0.0, -20.0])
+    router.expert_reliability.fill_(1.0)
+    router.cluster_bias = storage[0:2]
+    assert torch.all(clusters() == 1)
+    router.cluster_bias = storage[0::3]
+    assert torch.all(clusters() == 0)  # [-10, -20]: cluster 0 now
+    # The counts reliability is weighed by, changed in place: a source of the selection terms too.
+    model.config.use_adaptive_routing = False
+    router.expert_reliability[0] = router.expert_reliability[4] = 1e-3
+    router.selection_token_counts.fill_(1)
+    router.selection_token_counts[0] = 1000  # cluster 0's reliability is mostly its degraded expert's
+    assert torch.all(clusters() == 1)
+    router.selection_token_counts[0], router.selection_token_counts[4] = 1, 1000
+    assert torch.all(clusters() == 0)
 
 
 def test_a_model_built_in_inference_mode_routes_by_its_current_state():

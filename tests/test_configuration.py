@@ -218,6 +218,11 @@ def test_values_set_after_construction_are_checked_when_a_model_is_built_or_save
         config.save_pretrained(tmp_path / "edited")
     assert not (tmp_path / "edited" / "config.json").exists()
 
+    config = tiny_config()
+    config.dtype = "int64"
+    with pytest.raises(ValueError, match=r"dtype must be a floating-point dtype"):
+        ClusterMoEForCausalLM(config)
+
     # transformers' `num_labels` setter turns a negative count into an empty label map: a head without classes
     config = tiny_config()
     config.num_labels = -1

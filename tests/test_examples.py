@@ -500,6 +500,8 @@ def test_run_clm_refuses_out_of_range_sizes_up_front(run_clm, tmp_path, monkeypa
     run_clm.check_training_arguments(
         TrainingArguments(output_dir=str(tmp_path), max_steps=-1, max_grad_norm=0.0, weight_decay=0.0)
     )
+    # With --max_steps the steps decide the length and the epochs are not read.
+    run_clm.check_training_arguments(TrainingArguments(output_dir=str(tmp_path), max_steps=5, num_train_epochs=0))
 
 
 def test_num_train_epochs_replaces_the_default_step_count(run_clm, tmp_path, monkeypatch):

@@ -232,6 +232,11 @@ def test_inputs_that_are_not_tensors_are_rejected_by_name(tiny_model, name):
         tiny_model()(**inputs)
 
 
+def test_inputs_embeds_that_are_not_a_tensor_are_rejected_by_name(tiny_model):
+    with pytest.raises(ValueError, match=r"inputs_embeds must be a torch.Tensor.*got a list"):
+        tiny_model()(inputs_embeds=torch.randn(2, 6, 32).tolist())
+
+
 def test_inputs_embeds_in_another_dtype_than_the_model_are_rejected_outside_autocast(tiny_model):
     """Without autocast the first projection failed with "expected m1 and m2 to have the same dtype"."""
     model = tiny_model()

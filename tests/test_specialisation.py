@@ -339,6 +339,23 @@ def test_statistics_leave_the_model_as_they_found_it(tiny_model):
     assert {name: module.training for name, module in model.named_modules()} == modes
 
 
+def test_statistics_run_in_eval_mode_whatever_the_models_mode(tiny_model):
+    """With router jitter, a training-mode forward routes with noise: the statistics, perplexity and pruning's
+    calibration must give the same results from a model in training mode as in eval mode."""
+    model = tiny_model(router_jitter_noise=0.5)
+    ids = torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "label": [0, 1, 0, 1]}
+    results = []
+    for training in (False, True):
+        model.train(training)
+        torch.manual_seed(0)
+        counts = model._calibration_counts([batch["input_ids"]])
+        results.append((specialization_statistics(model, [batch]), perplexity(model, [batch["input_ids"]]), counts))
+    (stats, ppl, counts), (train_stats, train_ppl, train_counts) = results
+    assert train_stats == stats and train_ppl == ppl
+    assert all(torch.equal(a, b) for a, b in zip(train_counts, counts))
+
+
 def test_perplexity_over_several_batches_is_per_token_over_all_of_them(tiny_model):
     model = tiny_model()
     first, second = torch.randint(3, 64, (2, 8)), torch.randint(3, 64, (3, 8))

@@ -638,6 +638,8 @@ def test_a_checkpoint_with_an_invalid_routing_state_is_refused_on_loading(tiny_c
     expected = rf"holds an invalid routing state, a corrupted checkpoint: model\.{name} {problem}"
     with pytest.raises(ValueError, match=expected):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=expected):  # also where from_pretrained returns (model, loading info)
+        AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert (tmp_path / "model.safetensors").read_bytes() == corrupted
     with pytest.raises(ValueError, match=rf"load_state_dict loaded an invalid routing state: {name} {problem}"):
         model.load_state_dict(weights)
