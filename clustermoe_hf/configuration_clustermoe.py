@@ -207,8 +207,9 @@ class ClusterMoEConfig(PreTrainedConfig):
                 )
         # transformers' handling of these fails with an AttributeError or a TypeError that names no field.
         dtype = self.dtype if self.dtype is not None else kwargs.get("torch_dtype")
-        if dtype is not None and _dtype_problem(dtype):
-            raise ValueError(f"Invalid ClusterMoEConfig: dtype {_dtype_problem(dtype)}, got {dtype!r}.")
+        dtype_problem = None if dtype is None else _dtype_problem(dtype)
+        if dtype_problem is not None:
+            raise ValueError(f"Invalid ClusterMoEConfig: dtype {dtype_problem}, got {dtype!r}.")
         if self.id2label is not None and not isinstance(self.id2label, dict):
             raise ValueError(
                 f"Invalid ClusterMoEConfig: id2label must map class ids to names (a dict), got {self.id2label!r}."
