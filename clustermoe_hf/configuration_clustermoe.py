@@ -101,7 +101,8 @@ class ClusterMoEConfig(PreTrainedConfig):
     passed explicitly from one not passed, and then the alias sets the field.
 
     Values are checked at construction, when a model is built from the config and when it is saved, so overrides set
-    after construction (`from_pretrained(path, top_k_experts=...)`) are checked too. Those checks include transformers'
+    after construction (`from_pretrained(path, top_k_experts=...)`) are checked too, and once after a change on a live
+    model, before its next forward (the model reads its routing settings live). Those checks include transformers'
     own config checks (e.g. `output_attentions=True` needs the eager attention, `layer_types` entries must be known).
     RoPE rotates the whole `head_dim`: `rope_parameters['partial_rotary_factor']` other than 1 is rejected.
     """
@@ -239,6 +240,19 @@ class ClusterMoEConfig(PreTrainedConfig):
         if self.dense_intermediate_size is None and all(_is_int(value) for value in widths):
             self.dense_intermediate_size = self.intermediate_size * self.num_experts_per_tok
         self.validate()
+        self.__dict__[_CHANGED_SINCE_CHECK] = False
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        # A model checks a changed setting before its next forward (`ClusterMoEModel.forward`), as at construction:
+        # settings are read live, and e.g. `top_k_experts=5` would otherwise fail inside top-k, or
+        # `routing_temperature=0` give NaN outputs. Early-exit drafting sets `num_hidden_layers` for every draft.
+        if name != "num_hidden_layers":
+            self.__dict__[_CHANGED_SINCE_CHECK] = True
+
+    def _remove_keys_not_serialized(self, d: dict):
+        super()._remove_keys_not_serialized(d)
+        d.pop(_CHANGED_SINCE_CHECK, None)
 
     @property
     def cluster_aux_loss_coef(self) -> float:
@@ -530,6 +544,9 @@ class ClusterMoEConfig(PreTrainedConfig):
             f"layer_types={layer_types!r}: ClusterMoE has full causal attention in every layer; leave it unset or "
             "'full_attention' throughout.",
         )
+
+# Whether a setting changed since the config was last checked, in the instance's `__dict__` (not saved).
+_CHANGED_SINCE_CHECK = "_changed_since_check"
 
 # The lowest `routing_temperature`: a softmax at 1e-4 is one-hot for logits that differ by 0.01.
 MIN_ROUTING_TEMPERATURE = 1e-4

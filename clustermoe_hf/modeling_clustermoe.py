@@ -58,7 +58,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
-from .configuration_clustermoe import ClusterMoEConfig
+from .configuration_clustermoe import _CHANGED_SINCE_CHECK, ClusterMoEConfig
 
 
 logger = logging.get_logger(__name__)
@@ -1269,8 +1269,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         (`push_to_hub=True`) and distributed checkpoints (`distributed_checkpoint=True`, written by every rank) write
         in place, as in transformers, after the same checks. The `auto_map` of a ClusterMoE class's checkpoint names
         every ClusterMoE Auto class, not only the saved class's."""
-        self.config.validate()
-        self._check_config_describes_modules()
+        self._check_config()
         compiled = next((name for name, module in self.named_modules() if hasattr(module, "_orig_mod")), None)
         if compiled is not None:
             raise ValueError(
@@ -1334,10 +1333,17 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 os.remove(os.path.join(target, name))
         return result
 
-    def _check_config_describes_modules(self):
+    def _check_config(self, running: bool = False):
+        """The config's values (`ClusterMoEConfig.validate`), and that its sizes still describe the modules. Run when
+        saving, and before a forward after a setting changed (`running`)."""
+        self.config.validate()
+        self._check_config_describes_modules(running)
+        self.config.__dict__[_CHANGED_SINCE_CHECK] = False
+
+    def _check_config_describes_modules(self, running: bool = False):
         """The sizes the modules were built with must still be the config's: one changed afterwards (e.g.
         `model.config.num_clusters = 8`) would save weights that its config does not describe, and the checkpoint
-        would not load."""
+        would not load. A running model may use fewer of its layers (`num_hidden_layers`: early-exit drafting)."""
         # Read from the modules' size attributes, not their weights' shapes: adapters (peft) wrap modules, and
         # DeepSpeed ZeRO-3 partitions the weights (the Trainer saves it that way, with a gathered state dict).
         unwrap = lambda module: getattr(module, "base_layer", module)  # noqa: E731  (peft's adapter layers)
@@ -1369,6 +1375,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             built["num_labels"] = unwrap(score).out_features
         config = self.config
         changed = [f"{name}={getattr(config, name)!r}" for name, size in built.items() if getattr(config, name) != size]
+        if running and 0 < config.num_hidden_layers < built["num_hidden_layers"]:
+            changed = [item for item in changed if not item.startswith("num_hidden_layers=")]
         if changed:
             raise ValueError(
                 f"The config no longer describes this model: it says {', '.join(changed)}, the model was built with "
@@ -2058,6 +2066,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
     ) -> ClusterMoEModelOutputWithPast:
         """`output_routing_stats`: return each MoE layer's balancing and z losses and routing counts, which training
         forwards fold into the routing state. The causal LM turns them off for pure inference."""
+        if not is_torchdynamo_compiling() and self.config.__dict__.get(_CHANGED_SINCE_CHECK, True):
+            self._check_config(running=True)
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache)
         sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -230,6 +230,56 @@ def test_values_set_after_construction_are_checked_when_a_model_is_built_or_save
         ClusterMoEForSequenceClassification(config)
 
 
+@pytest.mark.parametrize(
+    "name, value, error",
+    [
+        ("routing_temperature", 0, "routing_temperature must be a finite number >= 0.0001"),  # NaN outputs unchecked
+        ("top_k_experts", 5, r"top_k_experts \(5\) must be <= experts_per_cluster \(4\)"),  # a raw top-k error
+        ("reliability_threshold", 1.5, r"reliability_threshold must be a finite number in \[0, 1\)"),
+        ("num_clusters", 8, "The config no longer describes this model: it says num_clusters=8"),
+        ("d_model", 64, "it says hidden_size=64"),
+    ],
+)
+def test_a_setting_changed_on_a_live_model_is_checked_before_its_next_forward(tiny_config, name, value, error):
+    model = ClusterMoEForCausalLM(tiny_config(num_clusters=2, experts_per_cluster=4))
+    ids = torch.randint(0, 64, (1, 6))
+    built = getattr(model.config, name)
+    setattr(model.config, name, value)
+    with pytest.raises(ValueError, match=error):
+        model(ids)
+    with pytest.raises(ValueError, match=error):
+        model.generate(ids, max_new_tokens=2)
+    setattr(model.config, name, built)
+    model(ids)
+
+
+def test_a_live_config_is_checked_once_per_change_and_the_mark_is_not_saved(tiny_model, tmp_path, monkeypatch):
+    model = tiny_model()
+    ids = torch.randint(0, 64, (1, 6))
+    checks = []
+    validate = ClusterMoEConfig.validate
+    monkeypatch.setattr(ClusterMoEConfig, "validate", lambda config: checks.append(1) or validate(config))
+    model(ids)
+    checks.clear()
+    model(ids)
+    assert checks == []  # nothing changed
+    model.config.top_k_experts = 1
+    model(ids)
+    model(ids)
+    assert checks == [1]
+    # Early-exit drafting runs the first layers by lowering num_hidden_layers for each draft: no check.
+    model.config.num_hidden_layers = 1
+    model(ids)
+    assert checks == [1]
+    model.config.num_hidden_layers = 2
+
+    model.config.top_k_experts = 2
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not any(key.startswith("_changed") for key in saved)
+    assert ClusterMoEConfig.from_pretrained(tmp_path).to_dict() == model.config.to_dict()
+
+
 def test_loading_a_config_still_validates(tmp_path, tiny_config):
     tiny_config().save_pretrained(tmp_path)
     path = tmp_path / "config.json"
