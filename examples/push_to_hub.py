@@ -245,19 +245,29 @@ def main(args: list[str] | None = None) -> list[str]:
         return [path.as_posix() for path in files]
 
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
 
     if get_token() is None:
         sys.exit("No Hugging Face token: set HF_TOKEN or run `hf auth login`.")
     api = HfApi()
-    api.create_repo(push_args.repo_id, private=push_args.private, exist_ok=True)
-    if push_args.revision is not None:
-        api.create_branch(push_args.repo_id, branch=push_args.revision, exist_ok=True)
-    commit = api.create_commit(
-        push_args.repo_id,
-        operations=[CommitOperationAdd(path.as_posix(), contents.get(path, str(folder / path))) for path in files],
-        commit_message=push_args.commit_message,
-        revision=push_args.revision,
-    )
+    # The Hub's refusals (HfHubHTTPError) and the network's failures (no connection, timeouts) share the base class of
+    # huggingface_hub's HTTP library.
+    upload_errors = HfHubHTTPError.__bases__
+    try:
+        api.create_repo(push_args.repo_id, private=push_args.private, exist_ok=True)
+        if push_args.revision is not None:
+            api.create_branch(push_args.repo_id, branch=push_args.revision, exist_ok=True)
+        commit = api.create_commit(
+            push_args.repo_id,
+            operations=[CommitOperationAdd(path.as_posix(), contents.get(path, str(folder / path))) for path in files],
+            commit_message=push_args.commit_message,
+            revision=push_args.revision,
+        )
+    except upload_errors as error:
+        sys.exit(
+            f"Uploading to {push_args.repo_id} on {api.endpoint} failed, nothing was committed: "
+            f"{type(error).__name__}: {error}"
+        )
     print(f"Uploaded: {commit.commit_url}")
     return [path.as_posix() for path in files]
 

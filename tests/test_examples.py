@@ -1269,6 +1269,18 @@ def test_push_dry_run_lists_exactly_what_the_upload_sends(trained, monkeypatch, 
     assert all(Path(local) == folder / path for path, local in uploads.items())
 
 
+def test_push_without_a_reachable_hub_says_so(trained, monkeypatch):
+    """No traceback of the HTTP library's: which repository and endpoint, and that nothing was committed."""
+    folder, _, _ = trained
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
+    with pytest.raises(SystemExit) as error:
+        load_script("push_to_hub").main(["--folder", str(folder), "--repo-id", "someone/tiny"])
+    message = str(error.value.code)
+    assert message.startswith("Uploading to someone/tiny on http://127.0.0.1:9 failed, nothing was committed: ")
+    assert "ConnectError" in message
+
+
 def test_push_refuses_an_invalid_repo_id_even_in_a_dry_run(tmp_path):
     """Checked before the folder (here not even a model folder): the Hub would refuse the id only at upload time. An
     id without an account would be created under the uploader's, and the pushed card would name another repository."""
