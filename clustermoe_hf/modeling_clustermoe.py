@@ -1121,10 +1121,13 @@ def _routing_buffer_problem(name: str, value: torch.Tensor) -> str | None:
 
 
 def _check_loaded_routing_state(model: "ClusterMoEModel", incompatible_keys):
-    """After `load_state_dict` (e.g. the Trainer resuming from a checkpoint), as after `from_pretrained`."""
+    """After `load_state_dict` (e.g. the Trainer resuming from a checkpoint), as after `from_pretrained`. The loaded
+    state starts a new accumulation: statistics gathered since the last optimizer step belong to the state it
+    replaces (e.g. a step interrupted before its optimizer step, then resumed in the same process)."""
     problems = model._routing_state_problems()
     if problems:
         raise ValueError(f"load_state_dict loaded an invalid routing state: {'; '.join(problems)}.")
+    model.routing_state.discard_pending()
 
 
 def _check_plain_experts(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], action: str):
@@ -1703,10 +1706,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         for (layer_idx, block), (clusters, experts) in zip(layers, selections):
             kept[layer_idx] = (clusters[:, None] * block.experts_per_cluster + experts).reshape(-1).tolist()
             block.keep_experts(clusters, experts)
-        state = self.base_model.routing_state
-        for name in ("pending_counts", "pending_observed", "pending_healthy"):
-            setattr(state, name, getattr(state, name).new_zeros(len(layers), config.num_experts))
-        state.has_pending_updates = False  # the statistics gathered before pruning are of experts that may be gone
+        # The statistics gathered before pruning are of experts that may be gone.
+        self.base_model.routing_state.discard_pending(config.num_experts)
         return kept
 
     @torch.no_grad()
@@ -1802,6 +1803,17 @@ class ClusterMoERoutingState(nn.Module):
         self.register_buffer("rerouted_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long))
         self.register_buffer("dropped_pair_counts", torch.zeros(num_moe_layers, dtype=torch.long))
         # Set by a training forward: only then does an optimizer step update the routing state and step count.
+        self.has_pending_updates = False
+
+    def discard_pending(self, num_experts: int | None = None):
+        """Forget the statistics gathered since the last optimizer step, in place (data parallelism broadcasts these
+        buffers), or as new zeros for `num_experts` experts per layer (after pruning)."""
+        for name in ("pending_counts", "pending_observed", "pending_healthy"):
+            pending = getattr(self, name)
+            if num_experts is None:
+                pending.zero_()
+            else:
+                setattr(self, name, pending.new_zeros(pending.shape[0], num_experts))
         self.has_pending_updates = False
 
 
@@ -2146,10 +2158,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 updated = config.reliability_decay * router.expert_reliability + (1 - config.reliability_decay) * health
                 router.expert_reliability.copy_(torch.where(seen, updated, router.expert_reliability))
         state.training_step.add_(1)
-        state.pending_counts.zero_()
-        state.pending_observed.zero_()
-        state.pending_healthy.zero_()
-        state.has_pending_updates = False
+        state.discard_pending()
 
 
     def _step_balancing_biases(self, block: ClusterMoESparseMoeBlock, counts: torch.Tensor):

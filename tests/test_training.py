@@ -518,6 +518,45 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tiny_config, tmp_
     )
 
 
+class InterruptBeforeOptimizerStep(TrainerCallback):
+    """Raises once, as Ctrl-C in a notebook would, after step `step`'s forwards and backwards, before its update."""
+
+    def __init__(self, step):
+        self.step, self.fired = step, False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+
+
+def test_resuming_in_the_same_process_after_an_interrupted_step_matches_an_uninterrupted_run(tiny_config, tmp_path):
+    """The interrupted step's routing statistics were never stepped on: loading the checkpoint discards them."""
+    config = tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.05)
+    data = random_blocks(24, 12)
+
+    def trainer(output_dir, callbacks=()):
+        torch.manual_seed(0)
+        args = training_arguments(
+            output_dir, max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            save_strategy="steps", save_steps=3,
+        )  # fmt: skip
+        return Trainer(model=ClusterMoEForCausalLM(config), args=args, train_dataset=data, callbacks=list(callbacks))
+
+    uninterrupted = trainer(tmp_path / "a")
+    uninterrupted.train()
+    interrupted = trainer(tmp_path / "b", [InterruptBeforeOptimizerStep(4)])
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert interrupted.model.model.routing_state.has_pending_updates  # step 4's forwards ran
+    interrupted.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+
+    expected = dict(uninterrupted.model.named_buffers())
+    for name, buffer in interrupted.model.named_buffers():
+        torch.testing.assert_close(buffer, expected[name], msg=name)
+    assert interrupted.model.model.routing_state.training_step == 5
+
+
 # ----- LoRA -----
 
 
