@@ -345,11 +345,6 @@ class ClusterMoEConfig(PreTrainedConfig):
             rope = (by_field.get(key) or defaults.get(key)) if key else {"rope_type": "default"}
             by_field[key or "rope_parameters"] = {**rope, "rope_theta": theta}
         config = cls(**{**defaults, **by_field})
-        if theta is not None and config.rope_parameters.get("rope_theta") != theta:  # e.g. replaced by a rope_scaling
-            raise ValueError(
-                f"{origin}: rope_theta={theta!r} would not take effect: the RoPE settings come out as "
-                f"{config.rope_parameters}. Give rope_theta inside the rope_parameters (or rope_scaling) dict."
-            )
         unknown = [name for name in by_field if name not in fields and name in vars(config)]
         if unknown:
             names = sorted(fields | set(cls.attribute_map))
@@ -489,6 +484,13 @@ class ClusterMoEConfig(PreTrainedConfig):
             require_number("expert_capacity_factor", "> 0, or None (dropless)", lambda value: value > 0)
         rope_parameters = self.rope_parameters
         require(isinstance(rope_parameters, dict), f"rope_parameters must be a dict, got {rope_parameters!r}.")
+        # transformers' per-layer-type form ({"full_attention": {...}}) gets top-level defaults, which RoPE would use.
+        nested = [key for key, value in rope_parameters.items() if isinstance(value, dict)]
+        require(
+            not nested,
+            f"rope_parameters must be one flat dict (every layer has the same full attention), got settings per layer "
+            f"type {nested}: pass {rope_parameters[nested[0]] if nested else None!r} itself.",
+        )
         rope_type, rope_theta = rope_parameters.get("rope_type", "default"), rope_parameters.get("rope_theta")
         require(
             rope_type == "default" or rope_type in ROPE_INIT_FUNCTIONS,

@@ -83,6 +83,11 @@ ALIASES = {
             r"rope_parameters\['partial_rotary_factor'\] must be 1",
         ),
         ({"partial_rotary_factor": 0.5}, r"rope_parameters\['partial_rotary_factor'\]"),  # moved there by transformers
+        # transformers' per-layer-type form: RoPE read the top-level defaults it adds, theta 10000 instead of 500
+        (
+            {"layer_types": ["full_attention"] * 2, "rope_parameters": {"full_attention": {"rope_theta": 500.0}}},
+            r"rope_parameters must be one flat dict .* per layer type \['full_attention'\]",
+        ),
         # 0 would leave the experts and routers all-zero (transformers falls back to 0.02 only for its own layers)
         ({"initializer_range": 0.0}, r"initializer_range must be a finite number > 0"),
         # a negative size is reported as such, not as a divisibility error of the head_dim derived from it
