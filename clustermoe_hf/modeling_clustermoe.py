@@ -2174,7 +2174,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         mean_cluster_load = (cluster_load * cluster_selectable).sum() / cluster_selectable.sum().clamp_min(1)
         cluster_step = torch.sign(mean_cluster_load - cluster_load) * cluster_selectable
         mean_load = (load * selectable).sum(-1, keepdim=True) / selectable.sum(-1, keepdim=True).clamp_min(1)
-        expert_step = torch.sign(mean_load - load) * (selectable & (cluster_load[:, None] > 0))
+        expert_step = torch.sign(mean_load - load) * selectable  # 0 in a cluster without tokens: all its loads are 0
         router.cluster_bias.add_(config.adaptive_routing_rate * cluster_step)
         router.expert_bias.add_(config.adaptive_routing_rate * expert_step.reshape(-1))
 
