@@ -43,9 +43,9 @@ def left_padded_batch():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_the_model_computes_on_the_device_what_it_computes_on_the_cpu_trains_and_generates(setup, dtype, device):
-    config = make_config(**SETUPS[setup])
-    reference = ClusterMoEForCausalLM(config).to(dtype).eval()
-    model = ClusterMoEForCausalLM(config).to(dtype)
+    # The reference runs the experts' eager loop on the CPU; the model its default kernels (`sorted_mm`) on the device.
+    reference = ClusterMoEForCausalLM(make_config(**SETUPS[setup], experts_implementation="eager")).to(dtype).eval()
+    model = ClusterMoEForCausalLM(make_config(**SETUPS[setup])).to(dtype)
     model.load_state_dict(reference.state_dict())
     model.to(device).eval()
     input_ids, attention_mask = left_padded_batch()
