@@ -38,8 +38,9 @@ def expected_bias_step(counts, num_clusters, rate):
     return cluster_step, expert_step.flatten()
 
 
-def test_biases_move_toward_uniform_load_after_each_optimizer_step():
-    model = adaptive_model(rate=0.01)
+@pytest.mark.parametrize("reliability_routing", [True, False], ids=["with reliability", "without reliability"])
+def test_biases_move_toward_uniform_load_after_each_optimizer_step(reliability_routing):
+    model = adaptive_model(rate=0.01, use_reliability_routing=reliability_routing)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     for _ in range(2):
         before = biases(model)
@@ -53,6 +54,8 @@ def test_biases_move_toward_uniform_load_after_each_optimizer_step():
             torch.testing.assert_close(router.cluster_bias - cluster_bias, cluster_step)
             torch.testing.assert_close(router.expert_bias - expert_bias, expert_step)
             assert expert_step.abs().sum() > 0
+            assert torch.equal(router.selection_token_counts, router.expert_token_counts)
+    assert int(model.model.routing_state.training_step) == 2
 
 
 def test_biases_choose_experts_but_do_not_change_combine_weights():
