@@ -22,6 +22,10 @@ except ImportError:  # then the model's own code is used, with --trust_remote_co
     pass
 
 
+# New tokens per prompt where neither --max_new_tokens nor the model's generation_config sets them.
+DEFAULT_MAX_NEW_TOKENS = 100
+
+
 @dataclass
 class GenerationArguments:
     model_name_or_path: str = field(metadata={"help": "A model folder written by run_clm.py, or a Hub id."})
@@ -32,7 +36,13 @@ class GenerationArguments:
             "action": "extend",
         },
     )
-    max_new_tokens: int = field(default=100, metadata={"help": "Tokens to generate per prompt."})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Tokens to generate per prompt. Default: the model's (run_clm.py saves 100, or half the context "
+            f"if that is shorter), else {DEFAULT_MAX_NEW_TOKENS}."
+        },
+    )
     do_sample: bool | None = field(
         default=None, metadata={"help": "Sample (true) or decode greedily (false). Default: the model's setting."}
     )
@@ -167,7 +177,12 @@ def main(args: list[str] | None = None) -> list[str]:
         )
     # Positions past the model's context were never trained (run_clm.py refuses a longer --block_size): refused before
     # anything is generated.
-    context, wanted_tokens = config.max_position_embeddings, generation_args.max_new_tokens
+    wanted_tokens = next(
+        count
+        for count in (generation_args.max_new_tokens, model.generation_config.max_new_tokens, DEFAULT_MAX_NEW_TOKENS)
+        if count is not None
+    )
+    context = config.max_position_embeddings
     for index, prompt in enumerate(generation_args.prompt):
         length = len(tokenizer(prompt)["input_ids"])
         if length + wanted_tokens > context:
@@ -184,7 +199,7 @@ def main(args: list[str] | None = None) -> list[str]:
         inputs = tokenizer(prompt, return_tensors="pt").to(device)
         output = model.generate(
             **inputs,
-            max_new_tokens=generation_args.max_new_tokens,
+            max_new_tokens=wanted_tokens,
             num_return_sequences=generation_args.num_return_sequences,
             streamer=TextStreamer(tokenizer, skip_special_tokens=True) if stream else None,
             **overrides,

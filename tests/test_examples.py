@@ -1151,6 +1151,12 @@ def test_generate_takes_repeated_prompts_and_refuses_what_it_cannot_continue(tra
         generate.main([*options, "--prompt", "DROMIO:", "DROMIO: " * context])  # before generating anything
     with pytest.raises(ValueError, match=rf"--max_new_tokens {context - 1} or less"):
         generate.main([*options[:2], "--prompt", "D", "--max_new_tokens", str(context)])
+    # Without --max_new_tokens, the model's generation_config sets the length: half the context here (not 100).
+    saved = json.loads((folder / "generation_config.json").read_text())["max_new_tokens"]
+    assert saved == context // 2 < 100
+    assert generate.main([*options[:2], "--prompt", "DROMIO:", "--do_sample", "false"])[0].startswith("DROMIO:")
+    with pytest.raises(ValueError, match=rf"prompt 1 has \d+ tokens, and {saved} new ones would exceed"):
+        generate.main([*options[:2], "--prompt", "DROMIO: " * (context // 2)])
     with pytest.raises(FileNotFoundError, match="config.json is a file; pass the model's folder"):
         generate.main(["--model_name_or_path", str(folder / "config.json"), "--prompt", "DROMIO:"])
     no_tokenizer = tmp_path / "no-tokenizer"
