@@ -236,8 +236,8 @@ class ClusterMoEConfig(PreTrainedConfig):
                     f"num_attention_heads ({self.num_attention_heads}) unless head_dim is given explicitly."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        widths = (self.intermediate_size, self.top_k_clusters, self.top_k_experts)
-        if self.dense_intermediate_size is None and all(_is_int(value) for value in widths):
+        factors = (self.intermediate_size, self.top_k_clusters, self.top_k_experts)  # of the dense width
+        if self.dense_intermediate_size is None and all(_is_int(value) for value in factors):
             self.dense_intermediate_size = self.intermediate_size * self.num_experts_per_tok
         self.validate()
         self.__dict__[_CHANGED_SINCE_CHECK] = False
@@ -392,8 +392,8 @@ class ClusterMoEConfig(PreTrainedConfig):
             super().update_from_string(",".join(rest))
 
     def validate(self):
-        """Reject impossible values, naming the field and the constraint. Runs at construction, when a model is built
-        and in `save_pretrained`."""
+        """Reject impossible values, naming the field and the constraint. Runs at construction, when a model is built,
+        in `save_pretrained`, and before a model's next forward once a setting changed."""
 
         def require(condition: bool, message: str):
             if not condition:

@@ -291,7 +291,7 @@ def sorted_mm_experts_forward(
         if not self._is_expert_parallel and _kernels_would_take_unaligned_rows(self, hidden_states):
             return _eager_experts_loop(self, hidden_states, top_k_index, top_k_weights)
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    cpu_eager = hidden_states.device.type == "cpu" and not is_torchdynamo_compiling()
+    cpu_eager = _host_reads_are_free(hidden_states)  # on CPU, outside torch.compile
     fast_dtype = not cpu_eager or self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM
     if cpu_eager and fast_dtype and not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
         return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -418,6 +418,13 @@ def _host_reads_are_free(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and not is_torchdynamo_compiling()
 
 
+# A finite stand-in for log(0), exp() of which is 0 in float32, so that sums over it and their gradients stay finite: a
+# padding token's log-probability in the balancing loss, and, divided by the routing temperature as the logits are, the
+# log-reliability of an expert that selection must not choose (or of a cluster left with too few selectable ones). Any
+# real log-probability then lies above it (of logits less than 1e4 apart), and the excluded still rank by theirs.
+_LOG_ZERO = -1e4
+
+
 def _router_linear(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router logits in the router weights' dtype, also under autocast: transformers' `_grouped_mm`, which the
     hierarchical router uses, is not autocast, so both routers then decide alike."""
@@ -523,6 +530,7 @@ class ClusterMoERouter(nn.Module):
             config.use_reliability_routing,
             config.reliability_threshold,
             config.top_k_experts,  # clusters with fewer selectable experts are excluded
+            config.routing_temperature,  # the excluded ones' terms scale with it
             # The cache keeps the sources alive, so their ids cannot be reused by other tensors meanwhile.
             *map(id, sources),
             *(source._version for source in sources),
@@ -540,12 +548,13 @@ class ClusterMoERouter(nn.Module):
             cluster_term, expert_term = self.cluster_bias, self.expert_bias
         if config.use_reliability_routing:
             excluded = ~self.selectable_experts()
-            expert_log_reliability = self.expert_reliability.clamp_min(1e-6).log().masked_fill(excluded, -1e4)
+            log_zero = _LOG_ZERO / config.routing_temperature  # below the log-probabilities at that temperature
+            expert_log_reliability = self.expert_reliability.clamp_min(1e-6).log().masked_fill(excluded, log_zero)
             # A cluster with fewer than top_k_experts selectable experts would have to fill its choice with excluded
             # ones: exclude the cluster instead.
             too_few = (~excluded).view(self.num_clusters, -1).sum(-1) < config.top_k_experts
             cluster_log_reliability = self.cluster_reliability(self.selection_token_counts).clamp_min(1e-6).log()
-            cluster_log_reliability = cluster_log_reliability.masked_fill(too_few, -1e4)
+            cluster_log_reliability = cluster_log_reliability.masked_fill(too_few, log_zero)
             if cluster_term is None:
                 cluster_term, expert_term = cluster_log_reliability, expert_log_reliability
             else:
@@ -576,7 +585,8 @@ class ClusterMoERouter(nn.Module):
         weight = self.expert_weight.view(self.num_clusters, self.experts_per_cluster, -1).transpose(1, 2)  # (C,H,E)
         # grouped_mm needs 16-byte aligned rows, also in the backward for the gradient of its (tokens*kc, E) output:
         # zero-pad E (and H) where they are not, and slice the padding off again. That copies the router weights in
-        # every forward; at aligned sizes (E and H multiples of 8) they are used as they are.
+        # every forward; at aligned sizes (E and H multiples of 4 in float32, of 8 in 16-bit dtypes) they are used as
+        # they are.
         align = 16 // weight.element_size()
         pad_experts, pad_hidden = -self.experts_per_cluster % align, -weight.shape[1] % align
         if pad_experts or pad_hidden:
@@ -682,6 +692,11 @@ def _zero_non_finite_grad(block_ref: "weakref.ref[ClusterMoESparseMoeBlock]", pa
             grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     else:
         grad.masked_fill_(masked & ~grad.isfinite(), 0.0)
+
+
+# The floor of an expert output's norm, whose log the health check takes (an all-zero output: log(1e-12), not -inf).
+# Shared with its fast sufficient condition (`_all_pairs_healthy`): a higher floor there would pass what it flags.
+_MIN_OUTPUT_NORM = 1e-12
 
 
 class ClusterMoESparseMoeBlock(nn.Module):
@@ -802,19 +817,17 @@ class ClusterMoESparseMoeBlock(nn.Module):
         mask = cluster_log_probs.new_ones(num_tokens) if token_mask is None else token_mask.float()
         num_valid = mask.sum().clamp_min(1.0)
         # Cluster level: fraction of (token, cluster) choices per cluster x mean cluster probability.
-        cluster_choices = torch.zeros_like(cluster_log_probs).scatter_add_(
-            1, cluster_index, mask[:, None].expand(-1, top_k_clusters).contiguous()
-        )
+        pair_mask = mask[:, None].expand(-1, top_k_clusters)  # (tokens, kc)
+        cluster_choices = torch.zeros_like(cluster_log_probs).scatter_add_(1, cluster_index, pair_mask.contiguous())
         cluster_fraction = cluster_choices.sum(0) / (num_valid * top_k_clusters)
         # Summed probabilities as exp(logsumexp(log-probabilities)): its backward keeps the log-probabilities (kept
         # anyway), not a (tokens, C) tensor of probabilities.
         real_log_probs = cluster_log_probs  # padding tokens' at probability 0
         if token_mask is not None:
-            real_log_probs = cluster_log_probs.masked_fill(~token_mask[:, None], -1e4)
+            real_log_probs = cluster_log_probs.masked_fill(~token_mask[:, None], _LOG_ZERO)
         cluster_prob = torch.logsumexp(real_log_probs, dim=0).exp() / num_valid
         cluster_balance = self.num_clusters * (cluster_fraction * cluster_prob).sum()
         # Expert level, inside each cluster, weighted by the cluster's share of (token, cluster) pairs.
-        pair_mask = mask[:, None].expand(-1, top_k_clusters)
         expert_choices = torch.zeros_like(expert_probs).scatter_add_(
             2, local_index, pair_mask[..., None].expand_as(local_index).contiguous()
         )
@@ -848,7 +861,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         norms = torch.linalg.vector_norm(expert_out.detach(), dim=-1, dtype=torch.float32)  # (pairs,)
         if self._all_pairs_healthy(norms, valid):
             return None
-        log_norms = norms.clamp_min(1e-12).log()  # inf or NaN where an output is not finite
+        log_norms = norms.clamp_min(_MIN_OUTPUT_NORM).log()  # inf or NaN where an output is not finite
         per_pair = torch.stack([torch.ones_like(log_norms), log_norms], dim=-1)  # (pairs, 2)
         if valid is not None:
             per_pair = torch.where(valid.unsqueeze(-1), per_pair, 0.0)
@@ -891,7 +904,8 @@ class ClusterMoESparseMoeBlock(nn.Module):
         if norms.numel() == 0:
             return False
         smallest, largest = (value.item() for value in torch.aminmax(norms))
-        return math.isfinite(largest) and largest <= max(smallest, 1e-12) * self.config.reliability_max_norm_ratio / 2
+        bound = max(smallest, _MIN_OUTPUT_NORM) * self.config.reliability_max_norm_ratio / 2
+        return math.isfinite(largest) and largest <= bound
 
     def _may_skip_pair_checks(self, hidden_flat: torch.Tensor, judges_experts: bool) -> bool:
         """Whether the experts may run as one weighted call over the tokens, without per-pair outputs: without
@@ -1115,7 +1129,7 @@ def _routing_buffer_problem(name: str, value: torch.Tensor) -> str | None:
         return "has values outside [0, 1]"
     if value.is_floating_point() and not value.isfinite().all():
         return "has values that are not finite"
-    if not value.is_floating_point() and value.dtype != torch.bool and (value < 0).any():
+    if not value.is_floating_point() and (value < 0).any():
         return "has negative counts"
     return None
 
@@ -1542,10 +1556,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         distributed = _distributed_is_running()
         for weights in (block.experts.gate_up_proj, block.experts.down_proj):  # (N, ...) fused expert weights
-            row = torch.empty(weights.shape[1:], dtype=weights.dtype, device=weights.device).normal_(mean=0.0, std=std)
+            drawn = torch.empty(weights.shape[1:], dtype=weights.dtype, device=weights.device)
+            drawn.normal_(mean=0.0, std=std)
             if distributed:  # each process draws from its own generator
-                _broadcast_from_first_process(row)
-            _set_expert_row(weights, expert, row)
+                _broadcast_from_first_process(drawn)
+            _set_expert_row(weights, expert, drawn)
             if weights.grad is not None:  # called between a backward and the step: the gradient is the old expert's
                 _set_expert_row(weights.grad, expert, None)
             for name, value in (optimizer.state.get(weights, {}) if optimizer is not None else {}).items():
@@ -1658,6 +1673,10 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         if not layers:
             raise ValueError("This model has no MoE layers to prune.")
         _check_plain_experts(layers, "prune_experts")
+        if any(block.router.expert_reliability.is_meta for _, block in layers):
+            raise ValueError(
+                "prune_experts ranks the experts by their routing state, which is on the meta device: load it first."
+            )
         base = self.base_model
         if any(other.base_model is not base and other.config is config for other in list(_LIVE_MODELS.values())):
             raise ValueError(
@@ -1699,12 +1718,14 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             experts = score[clusters].argsort(dim=-1, descending=True, stable=True)[:, :new_experts].sort(-1).values
             selections.append((clusters, experts))
 
+        kept = {
+            layer_idx: (clusters[:, None] * block.experts_per_cluster + experts).reshape(-1).tolist()
+            for (layer_idx, block), (clusters, experts) in zip(layers, selections)
+        }
         config.num_clusters, config.experts_per_cluster = new_clusters, new_experts
         config.top_k_clusters = min(config.top_k_clusters, new_clusters)
         config.top_k_experts = min(config.top_k_experts, new_experts)
-        kept = {}
-        for (layer_idx, block), (clusters, experts) in zip(layers, selections):
-            kept[layer_idx] = (clusters[:, None] * block.experts_per_cluster + experts).reshape(-1).tolist()
+        for (_, block), (clusters, experts) in zip(layers, selections):
             block.keep_experts(clusters, experts)
         # The statistics gathered before pruning are of experts that may be gone.
         self.base_model.routing_state.discard_pending(config.num_experts)
@@ -1880,7 +1901,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self.gradient_checkpointing = False
         num_moe_layers = config.num_hidden_layers - config.first_k_dense_layers
         self.routing_state = ClusterMoERoutingState(num_moe_layers, config.num_experts)
-        self._accumulation_ends_after_backward = None  # the backward whose end folds the statistics, see below
+        # The backward whose end folds the statistics (`_after_optimizer_step`).
+        self._accumulation_ends_after_backward = None
         self.register_forward_hook(_record_training_statistics)
         self.register_load_state_dict_post_hook(_check_loaded_routing_state)
         # The keys a cache for this model holds per layer, for `_check_cache_fits_model` (read in every decoding step,
@@ -2082,7 +2104,9 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
             self._check_config(running=True)
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache)
         sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        # Decided here, outside the layers, which reentrant checkpointing first runs without gradients.
+        training_forward = self.training and torch.is_grad_enabled()
+        if self.gradient_checkpointing and training_forward:
             self._check_checkpointing_keeps_router_losses()
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -2109,8 +2133,6 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        # Decided here, outside the layers, which reentrant checkpointing first runs without gradients.
-        training_forward = self.training and torch.is_grad_enabled()
         routing_stats = []
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states, layer_stats = decoder_layer(
@@ -2479,14 +2501,15 @@ def _stack_layers(routing_stats, name: str) -> torch.Tensor:
     return torch.stack([layer[name].to(device) for layer in routing_stats])
 
 
+# The router losses each MoE layer returns, in the order `combine_router_losses` returns their means.
+ROUTER_LOSS_NAMES = ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
+
+
 def combine_router_losses(routing_stats):
-    """Average each router loss over the MoE layers; `None` for a model without MoE layers."""
+    """Average each router loss (`ROUTER_LOSS_NAMES`) over the MoE layers; `None` for a model without MoE layers."""
     if not routing_stats:
         return None
-    return tuple(
-        _stack_layers(routing_stats, name).mean()
-        for name in ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
-    )
+    return tuple(_stack_layers(routing_stats, name).mean() for name in ROUTER_LOSS_NAMES)
 
 
 def weighted_router_loss(config: ClusterMoEConfig, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:

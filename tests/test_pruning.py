@@ -125,6 +125,15 @@ def test_pruned_model_saves_reloads_and_generates(tiny_model, tmp_path):
     assert torch.all(reloaded.model.layers[1].mlp.router.expert_token_counts == torch.tensor([9, 8]))
 
 
+def test_pruning_a_model_on_the_meta_device_is_refused_before_the_config_changes(tiny_model):
+    """A meta model has no routing state to rank by: refused up front, not half-pruned (a config that no longer
+    describes its weights)."""
+    model = tiny_model().to("meta")
+    with pytest.raises(ValueError, match="routing state, which is on the meta device"):
+        model.prune_experts(experts_per_cluster_keep=1, clusters_keep=1, rank_by="reliability")
+    assert (model.config.num_clusters, model.config.experts_per_cluster) == (2, 4)
+
+
 def test_pruning_a_model_whose_config_another_model_shares_is_refused(tiny_config):
     """Pruning changes the config: two models built from one config object would no longer both match it."""
     from clustermoe_hf import ClusterMoEForCausalLM

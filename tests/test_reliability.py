@@ -617,6 +617,28 @@ def test_a_cluster_without_enough_selectable_experts_is_not_chosen(tiny_model):
     assert (routing.cluster_index == 1).all()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1e-4])
+def test_exclusion_holds_at_every_routing_temperature(tiny_model, temperature):
+    """At the lowest temperature a logit gap of 2 is a log-probability gap of 2e4: more than a fixed -1e4 exclusion
+    term, which then let the excluded expert (and cluster) win."""
+    model = tiny_model(top_k_experts=1)  # 2 clusters x 4 experts
+    router = model.model.layers[0].mlp.router
+    hidden = torch.zeros(1, model.config.hidden_size)
+    hidden[0, 0] = 1.0
+    with torch.no_grad():
+        router.cluster_weight.zero_()
+        router.expert_weight.zero_()
+        router.cluster_weight[:, 0] = torch.tensor([3.0, 1.0])  # cluster 0 best by 2 logits
+        router.expert_weight[:4, 0] = torch.tensor([3.0, 1.0, 0.0, 0.0])  # in it, expert 0 best by 2
+    router.expert_reliability[0] = 0.1
+    assert router(hidden).expert_candidates.item() == 1  # selection terms cached at temperature 1...
+    model.config.routing_temperature = temperature  # ...and recomputed for this one
+    routing = router(hidden)
+    assert routing.cluster_index.item() == 0 and routing.expert_candidates.item() == 1
+    router.expert_reliability[:4] = 0.1  # no selectable expert left in cluster 0
+    assert router(hidden).cluster_index.item() == 1
+
+
 def test_a_nan_reliability_reads_as_zero(tiny_model):
     """Only a corrupted buffer holds a NaN reliability. Its expert must count as failed, not poison its cluster's
     score: `topk` would rank a NaN cluster first and send every token to it."""
