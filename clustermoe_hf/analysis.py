@@ -6,6 +6,7 @@ helpers work on any ClusterMoE model, including one loaded with `trust_remote_co
 """
 
 import math
+import sys
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import torch
@@ -84,9 +85,12 @@ def utilization_entropy(model) -> dict[str, float]:
 
 
 def _hashable_label(label) -> Hashable:
-    """A per-sequence label as a dictionary key: 0-d tensors and NumPy scalars by their value (tensors hash by
-    identity, so equal labels would count as different ones)."""
-    if hasattr(label, "item") and getattr(label, "ndim", None) == 0:
+    """A per-sequence label as a dictionary key: tensors and NumPy arrays of one value (0-d or not) by that value
+    (tensors hash by identity, so equal labels would count as different ones)."""
+    if hasattr(label, "item") and getattr(label, "size", None) is not None:
+        size = label.numel() if isinstance(label, torch.Tensor) else label.size
+        if size != 1:
+            raise TypeError(f"A per-sequence label must be one value; got a {type(label).__name__} of {size} values.")
         return label.item()
     if not isinstance(label, Hashable):
         raise TypeError(
@@ -144,6 +148,8 @@ def specialization_statistics(
     plus `label_entropy` and `specialization`, the mean over MoE layers. Without `label_key`, only the entropies.
     """
     layers = model._moe_layers()
+    if not layers:
+        raise ValueError("The model has no MoE layers: no routing to measure.")
     # The base model, whose outputs carry the routing statistics, also inside a wrapper (peft's PeftModel forwards
     # `model.model` to the causal LM). Found by what it has: a model loaded from a checkpoint's code has other classes.
     base = next(module for module in model.modules() if hasattr(module, "routing_state") and hasattr(module, "layers"))
@@ -199,7 +205,7 @@ def specialization_statistics(
         stats[f"layer_{layer_idx}_mutual_information"] = information
         scores.append(information / label_entropy if label_entropy > 0 else 0.0)
         stats[f"layer_{layer_idx}_specialization"] = scores[-1]
-    stats["specialization"] = sum(scores) / len(scores) if scores else 0.0
+    stats["specialization"] = sum(scores) / len(scores)
     return stats
 
 
@@ -231,7 +237,8 @@ def perplexity(
             total_tokens += int((shift_labels != -100).sum())
     if total_tokens == 0:
         raise ValueError("No token to score: `batches` is empty, all padding, or of sequences of one token.")
-    return math.exp(total_loss / total_tokens)
+    cross_entropy = total_loss / total_tokens
+    return math.inf if cross_entropy > math.log(sys.float_info.max) else math.exp(cross_entropy)  # a diverged model
 
 
 __all__ = ["entropy", "mutual_information", "perplexity", "specialization_statistics", "utilization_entropy"]

@@ -18,6 +18,7 @@ that need them.
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,18 +26,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from .modeling_clustermoe import _routing_buffer_problem, combine_router_losses, routing_stats_of
+from .modeling_clustermoe import ROUTER_LOSS_NAMES, _routing_buffer_problem, combine_router_losses, routing_stats_of
 
 logger = logging.get_logger(__name__)
 
 TEXT_FILE_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
-AUX_LOSS_PARTS = ("cluster_balance_loss", "expert_balance_loss", "router_z_loss")
+AUX_LOSS_PARTS = ROUTER_LOSS_NAMES  # combine_router_losses' order
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 _UTILIZATION_KEY = re.compile(r"layer_(\d+)_cluster_(\d+)_expert_(\d+)")
 
@@ -63,6 +65,8 @@ def read_text_documents(path: str | Path | None = None) -> dict[str, str]:
     line breaks with two trailing spaces, which would otherwise cost a token per line). A file that is not UTF-8 text
     raises a `ValueError` naming it.
     """
+    if path is not None and not str(path).strip():
+        raise ValueError("The corpus path is empty: pass a file or folder, or None for the embedded plays.")
     root = Path(path) if path is not None else embedded_corpus_dir()
     if root.is_file():
         files = [root]
@@ -108,11 +112,7 @@ def hold_out_tails(documents: Sequence[str], fraction: float) -> tuple[list[str]
     """Split every document at a line boundary into a head (training) and its last `fraction` of lines (validation),
     so that the validation text covers all documents without overlapping the training text. A single str or a dict
     (as `read_text_documents` returns) is refused: it would be iterated as characters or names, not documents."""
-    if isinstance(documents, (str, Mapping)):
-        raise TypeError(
-            f"documents must be a sequence of texts (e.g. a list of str; for read_text_documents' dict, its "
-            f"`.values()`); got a {type(documents).__name__}."
-        )
+    _check_texts(documents, "documents")
     if not 0 <= fraction < 1:
         raise ValueError(f"The held-out fraction must be in [0, 1), got {fraction}.")
     train, validation = [], []
@@ -127,6 +127,16 @@ def hold_out_tails(documents: Sequence[str], fraction: float) -> tuple[list[str]
     return train, validation
 
 
+def _check_texts(texts, name: str):
+    """A single str or a dict (as `read_text_documents` returns) is refused: it would be iterated as characters or
+    names, not as texts."""
+    if isinstance(texts, (str, Mapping)):
+        raise TypeError(
+            f"{name} must be a sequence of texts (e.g. a list of str; for read_text_documents' dict, its "
+            f"`.values()`); got a {type(texts).__name__}."
+        )
+
+
 # ----- tokenizer and data -----
 
 
@@ -136,6 +146,7 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    _check_texts(texts, "texts")
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
         raise ValueError(f"A byte-level vocabulary needs at least {len(alphabet) + len(SPECIAL_TOKENS)} entries.")
@@ -161,6 +172,7 @@ class TokenBlocks(Dataset):
             raise ValueError(f"block_size must be a positive number of tokens; got {block_size!r}.")
         if tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer needs an EOS token to separate documents.")
+        _check_texts(texts, "texts")
         ids = []
         texts = list(texts)
         # Whole documents, longer than the model's context (the tokenizer's model_max_length) would warn about
@@ -405,8 +417,15 @@ class SaveRoutingState(TrainerCallback):
     too. An adapter saved by hand (`trainer.save_model(folder)`) needs `save_routing_state` next to it, or merging
     (`merge_and_unload`) first."""
 
-    def __init__(self, resume_from_checkpoint: str | Path | None = None):
-        self.resume_from_checkpoint = resume_from_checkpoint
+    def __init__(self, resume_from_checkpoint: str | Path | bool | None = None):
+        """`resume_from_checkpoint`: as passed to `Trainer.train`, a checkpoint folder, or True for the latest
+        checkpoint in `output_dir`; None (or False) finds the checkpoint of the step the run resumes at."""
+        if not isinstance(resume_from_checkpoint, (str, os.PathLike, bool, type(None))):
+            raise TypeError(
+                f"resume_from_checkpoint must be a checkpoint folder, True (the latest checkpoint in output_dir) or "
+                f"None, as for Trainer.train; got a {type(resume_from_checkpoint).__name__}."
+            )
+        self.resume_from_checkpoint = resume_from_checkpoint or None
         self.saved_checkpoints: set[Path] = set()  # written by `on_save` in this run
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -417,6 +436,10 @@ class SaveRoutingState(TrainerCallback):
         if state.global_step == 0:
             return
         checkpoint = self.resume_from_checkpoint
+        if checkpoint is True:  # as the Trainer resolves it
+            checkpoint = get_last_checkpoint(args.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"SaveRoutingState: no checkpoint in output_dir {args.output_dir} to resume from.")
         if checkpoint is None:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if not (checkpoint / ROUTING_STATE_FILE).is_file():
@@ -469,8 +492,12 @@ def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
             "and resuming would restart routing from the base model's. Checkpoints get it from the SaveRoutingState "
             "callback."
         )
-    saved = load_file(path)
-    buffers = dict(find_clustermoe_model(model).named_buffers())
+    try:
+        saved = load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+    base = find_clustermoe_model(model)
+    buffers = dict(base.named_buffers())
     expected = routing_state_dict(model).keys()
     if saved.keys() != expected:
         raise ValueError(
@@ -484,6 +511,7 @@ def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
     with torch.no_grad():
         for name, value in saved.items():
             buffers[name].copy_(value)
+    base.base_model.routing_state.discard_pending()  # as `load_state_dict`: the loaded state starts a new accumulation
 
 
 def _routing_state_problem(name: str, value: torch.Tensor, buffer: torch.Tensor) -> str | None:

@@ -207,7 +207,11 @@ def test_per_sequence_labels_as_one_element_tensors_are_read_by_value(tiny_model
     labels = torch.tensor([0, 0, 1, 1])
     expected = specialization_statistics(model, [{"input_ids": input_ids, "label": labels}])
     assert specialization_statistics(model, [{"input_ids": input_ids, "label": list(labels)}]) == expected
+    one_element = [label.reshape(1) for label in labels]  # e.g. `torch.tensor([label])` per example
+    assert specialization_statistics(model, [{"input_ids": input_ids, "label": one_element}]) == expected
     assert expected["label_entropy"] == pytest.approx(math.log(2))
+    with pytest.raises(TypeError, match="A per-sequence label must be one value; got a Tensor of 2 values"):
+        specialization_statistics(model, [{"input_ids": input_ids, "label": [torch.tensor([0, 1])] * 4}])
 
 
 def test_per_token_labels_as_nested_lists_are_refused_by_name(tiny_model):
@@ -360,3 +364,19 @@ def test_perplexity_over_several_batches_is_per_token_over_all_of_them(tiny_mode
     model = tiny_model()
     first, second = torch.randint(3, 64, (2, 8)), torch.randint(3, 64, (3, 8))
     assert perplexity(model, [first, second]) == pytest.approx(perplexity(model, torch.cat([first, second])), rel=1e-5)
+
+
+def test_perplexity_of_a_diverged_model_is_infinite(tiny_model):
+    """Not an OverflowError from exp, as the Trainer's perplexity metric."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e6)  # cross-entropy far above log(float max) = 709.8
+    assert perplexity(model, torch.randint(3, 64, (2, 8))) == math.inf
+
+
+def test_statistics_of_a_model_without_moe_layers_are_refused(tiny_model):
+    """Not a specialisation of 0, which would read as clusters that ignore the label."""
+    model = tiny_model(first_k_dense_layers=2)
+    batch = {"input_ids": torch.randint(3, 64, (2, 5)), "label": [0, 1]}
+    with pytest.raises(ValueError, match="The model has no MoE layers"):
+        specialization_statistics(model, [batch])

@@ -125,10 +125,24 @@ def test_hold_out_tails_holds_out_text_not_a_final_newline():
 
 
 @pytest.mark.parametrize("documents", ["line one\nline two", {"play.md": "line one\nline two"}])
-def test_hold_out_tails_refuses_one_text_or_a_dict_of_them(documents):
-    """Iterated, a str gives one-character documents and a dict its names."""
-    with pytest.raises(TypeError, match=f"documents must be a sequence of texts .* got a {type(documents).__name__}"):
+def test_text_helpers_refuse_one_text_or_a_dict_of_them(documents, bpe_tokenizer):
+    """Iterated, a str gives one-character documents and a dict its names: blocks of file names, or a tokenizer
+    trained on single characters."""
+    kind = type(documents).__name__
+    with pytest.raises(TypeError, match=f"documents must be a sequence of texts .* got a {kind}"):
         hold_out_tails(documents, 0.5)
+    with pytest.raises(TypeError, match=f"texts must be a sequence of texts .* got a {kind}"):
+        TokenBlocks(documents, bpe_tokenizer, block_size=4)
+    with pytest.raises(TypeError, match=f"texts must be a sequence of texts .* got a {kind}"):
+        train_byte_level_bpe(documents, vocab_size=300)
+
+
+def test_an_empty_corpus_path_is_refused(monkeypatch, tmp_path):
+    """`Path("")` is the working directory, whose text files would be read as the corpus."""
+    (tmp_path / "notes.txt").write_text("not a corpus")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="The corpus path is empty"):
+        read_text_documents("")
 
 
 def test_load_dataset_documents_imports_datasets_lazily(monkeypatch):
@@ -628,6 +642,36 @@ def test_routing_state_is_named_as_in_the_plain_model_and_loads_into_any_wrappin
         load_routing_state(fresh, tmp_path)
 
 
+@pytest.mark.parametrize("size", [0, 100], ids=["empty", "truncated"])
+def test_an_unreadable_routing_state_file_is_named(tiny_config, tmp_path, size):
+    model = ClusterMoEForCausalLM(tiny_config())
+    path = save_routing_state(model, tmp_path)
+    path.write_bytes(path.read_bytes()[:size])
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a readable safetensors file"):
+        load_routing_state(model, tmp_path)
+
+
+def test_loading_a_routing_state_discards_the_statistics_gathered_before(tiny_config, tmp_path):
+    """As `load_state_dict`: they belong to the state it replaces; the next step would add them to the loaded one."""
+    model = ClusterMoEForCausalLM(tiny_config()).train()
+    save_routing_state(model, tmp_path)
+    ids = torch.randint(3, 64, (2, 8))
+    model(ids, labels=ids).loss.backward()  # gathered, not yet folded in
+    load_routing_state(model, tmp_path)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    router = model.model.layers[0].mlp.router
+    assert int(router.selection_token_counts.sum()) == 2 * 8 * 2  # one step: tokens x experts per token
+
+
+def test_save_routing_state_callback_takes_what_trainer_train_takes():
+    for accepted in (None, False, True, "checkpoint-2", Path("checkpoint-2")):
+        SaveRoutingState(accepted)
+    with pytest.raises(TypeError, match="resume_from_checkpoint must be a checkpoint folder, True .* got a int"):
+        SaveRoutingState(2)
+
+
 @pytest.mark.parametrize(
     "name, value, problem",
     [
@@ -684,7 +728,7 @@ def test_a_checkpoint_with_an_invalid_routing_state_is_refused_on_loading(tiny_c
         model.load_state_dict(weights)
 
 
-@pytest.mark.parametrize("resume", ["True", "path"])
+@pytest.mark.parametrize("resume", ["True", "path", "True, also to the callback"])
 def test_a_resumed_lora_run_restores_its_routing_state(tiny_config, tmp_path, resume, caplog):
     """`SaveRoutingState` restores the routing state saved next to the adapters of the checkpoint the run resumes
     from, also with `resume_from_checkpoint=True`, where the caller never names it: the resumed run ends where the
@@ -707,6 +751,8 @@ def test_a_resumed_lora_run_restores_its_routing_state(tiny_config, tmp_path, re
     shutil.rmtree(tmp_path / "run" / "checkpoint-4")
     if resume == "True":
         resumed = lora_run(tmp_path / "run", SaveRoutingState(), resume_from_checkpoint=True)
+    elif resume == "True, also to the callback":  # as to Trainer.train: the latest checkpoint in output_dir
+        resumed = lora_run(tmp_path / "run", SaveRoutingState(True), resume_from_checkpoint=True)
     else:
         resumed = lora_run(tmp_path / "new", SaveRoutingState(elsewhere), resume_from_checkpoint=str(elsewhere))
     assert all(torch.equal(resumed[name], value) for name, value in uninterrupted.items())
