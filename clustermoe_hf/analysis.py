@@ -14,11 +14,21 @@ import torch
 from .modeling_clustermoe import _batches, _in_eval_mode
 
 
+def _check_counts(name: str, counts: torch.Tensor) -> None:
+    """Raise unless all `counts` are finite and non-negative: NaN passes a `< 0` test and would spread into the
+    result."""
+    values = counts.double()
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{name} must be finite; got {values[~torch.isfinite(values)].flatten()[0].item()}.")
+    if (values < 0).any():
+        raise ValueError(f"{name} must be non-negative; got a count of {values.min().item()}.")
+
+
 def entropy(counts: torch.Tensor) -> float:
-    """Shannon entropy (nats) of the distribution proportional to the non-negative `counts`; 0 for all zeros."""
+    """Shannon entropy (nats) of the distribution proportional to the non-negative, finite `counts`; 0 for all
+    zeros."""
+    _check_counts("counts", counts)
     probs = counts.double().flatten()
-    if (probs < 0).any():
-        raise ValueError(f"counts must be non-negative; got a count of {probs.min().item()}.")
     total = probs.sum()
     if total <= 0:
         return 0.0
@@ -53,6 +63,8 @@ def mutual_information(labels: torch.Tensor, clusters: torch.Tensor) -> float:
         )
     if labels.numel() == 0:
         return 0.0
+    if clusters.dim() == 2 and clusters.shape[1] == 0:
+        raise ValueError(f"clusters must hold at least one choice per sample; got shape {tuple(clusters.shape)}.")
     label_ids = torch.unique(labels, return_inverse=True)[1]
     cluster_ids = torch.unique(clusters.reshape(labels.shape[0], -1), return_inverse=True)[1]
     num_clusters = int(cluster_ids.max()) + 1
@@ -228,7 +240,13 @@ def perplexity(
                 shift_labels[(attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0)] = -100
             # Scored here rather than with `labels=`: the model's loss also includes the router losses.
             output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
-            logits = output.logits
+            logits = getattr(output, "logits", None)
+            if logits is None or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+                raise ValueError(
+                    f"perplexity needs a causal LM (e.g. ClusterMoEForCausalLM), whose outputs are next-token logits "
+                    f"per position; {type(model).__name__} gives "
+                    f"{'none' if logits is None else f'logits of shape {tuple(logits.shape)}'}."
+                )
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten().to(logits.device), ignore_index=-100,
                 reduction="sum",

@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
+from .analysis import _check_counts
 from .modeling_clustermoe import ROUTER_LOSS_NAMES, _routing_buffer_problem, combine_router_losses, routing_stats_of
 
 logger = logging.get_logger(__name__)
@@ -221,6 +222,7 @@ def load_balance_metrics(expert_loads: torch.Tensor) -> dict[str, float]:
             f"expert_loads must be one layer's (clusters, experts_per_cluster) loads; got shape "
             f"{tuple(expert_loads.shape)}."
         )
+    _check_counts("expert_loads", expert_loads)
     loads = expert_loads.double()
     total = loads.sum()
     if total <= 0:

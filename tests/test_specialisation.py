@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from clustermoe_hf import ClusterMoEForSequenceClassification, ClusterMoEModel
 from clustermoe_hf.analysis import (
     entropy,
     mutual_information,
@@ -24,6 +25,13 @@ def test_entropy():
 def test_entropy_refuses_negative_counts():
     with pytest.raises(ValueError, match="counts must be non-negative; got a count of -1"):
         entropy(torch.tensor([-1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("count", [math.nan, math.inf, -math.inf])
+def test_entropy_refuses_counts_that_are_not_finite(count):
+    """NaN passes a check for negative counts: the entropy would be NaN."""
+    with pytest.raises(ValueError, match="counts must be finite; got"):
+        entropy(torch.tensor([1.0, count]))
 
 
 def test_mutual_information():
@@ -60,6 +68,7 @@ def test_mutual_information_of_sparse_ids_is_that_of_dense_ones():
         (torch.tensor([0, 1]), torch.tensor([0, -2]), "clusters must be non-negative ids; got -2"),
         (torch.tensor([0.5, 1.7]), torch.tensor([0, 1]), "labels must be integer ids; got dtype torch.float32"),
         (torch.tensor([True, False]), torch.tensor([0, 1]), "labels must be integer ids; got dtype torch.bool"),
+        (torch.tensor([0, 1]), torch.zeros(2, 0, dtype=torch.long), r"one choice per sample; got shape \(2, 0\)"),
     ],
 )
 def test_mutual_information_refuses_samples_that_are_not_paired_integer_ids(labels, clusters, message):
@@ -372,6 +381,14 @@ def test_perplexity_of_a_diverged_model_is_infinite(tiny_model):
     with torch.no_grad():
         model.lm_head.weight.mul_(1e6)  # cross-entropy far above log(float max) = 709.8
     assert perplexity(model, torch.randint(3, 64, (2, 8))) == math.inf
+
+
+@pytest.mark.parametrize("model_class", [ClusterMoEModel, ClusterMoEForSequenceClassification])
+def test_perplexity_needs_a_causal_lm(tiny_config, model_class):
+    """The base model has no logits, a classifier's are per sequence: neither predicts the next token."""
+    model = model_class(tiny_config()).eval()
+    with pytest.raises(ValueError, match=f"perplexity needs a causal LM .* {model_class.__name__} gives"):
+        perplexity(model, torch.randint(3, 64, (2, 8)))
 
 
 def test_statistics_of_a_model_without_moe_layers_are_refused(tiny_model):

@@ -239,6 +239,15 @@ def test_load_balance_metrics_need_one_layers_clusters_by_experts_loads(shape):
         load_balance_metrics(torch.ones(shape))
 
 
+@pytest.mark.parametrize(
+    "load, problem", [(-1.0, "must be non-negative"), (math.nan, "must be finite"), (math.inf, "must be finite")]
+)
+def test_load_balance_metrics_refuse_negative_or_non_finite_loads(load, problem):
+    """A negative load made up a coefficient of variation, NaN a NaN one."""
+    with pytest.raises(ValueError, match=f"expert_loads {problem}"):
+        load_balance_metrics(torch.tensor([[1.0, load], [3.0, 0.0]]))
+
+
 class LogRecorder(TrainerCallback):
     """Stands in for a reporting integration (TensorBoard, W&B): registered the usual way, sees every log."""
 
