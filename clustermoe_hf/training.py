@@ -18,6 +18,7 @@ that need them.
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -34,7 +35,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from .analysis import _check_counts
-from .modeling_clustermoe import ROUTER_LOSS_NAMES, _routing_buffer_problem, combine_router_losses, routing_stats_of
+from .modeling_clustermoe import (
+    ROUTER_LOSS_NAMES,
+    _is_integral,
+    _routing_buffer_problem,
+    combine_router_losses,
+    routing_stats_of,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -42,6 +49,20 @@ TEXT_FILE_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 AUX_LOSS_PARTS = ROUTER_LOSS_NAMES  # combine_router_losses' order
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 _UTILIZATION_KEY = re.compile(r"layer_(\d+)_cluster_(\d+)_expert_(\d+)")
+
+
+# The largest vocabulary `train_byte_level_bpe` trains: far above any real one (the largest are about 2**18), and
+# small enough for the tokenizers trainer, which reserves memory for the whole vocabulary up front and aborts the
+# process when it cannot.
+MAX_BPE_VOCAB_SIZE = 2**24
+
+
+def _check_fraction(name: str, value) -> None:
+    """Raise unless `value` is a number in [0, 1): a str would fail a raw comparison, and a bool is no fraction."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1); got a {type(value).__name__}.")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1); got {value}.")
 
 
 # ----- corpus -----
@@ -114,8 +135,7 @@ def hold_out_tails(documents: Sequence[str], fraction: float) -> tuple[list[str]
     so that the validation text covers all documents without overlapping the training text. A single str or a dict
     (as `read_text_documents` returns) is refused: it would be iterated as characters or names, not documents."""
     _check_texts(documents, "documents")
-    if not 0 <= fraction < 1:
-        raise ValueError(f"The held-out fraction must be in [0, 1), got {fraction}.")
+    _check_fraction("fraction", fraction)
     train, validation = [], []
     for document in documents:
         lines = document.rstrip("\n").split("\n")  # a final newline ends the last line; it starts no empty one
@@ -143,14 +163,22 @@ def _check_texts(texts, name: str):
 
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
     """Train a byte-level BPE tokenizer (GPT-2 style: any text round-trips, no unknown token) with `<pad>`, `<s>` and
-    `</s>` as ids 0, 1 and 2, matching ClusterMoEConfig's default `bos_token_id`/`eos_token_id`."""
+    `</s>` as ids 0, 1 and 2, matching ClusterMoEConfig's default `bos_token_id`/`eos_token_id`. `vocab_size` is at
+    most `MAX_BPE_VOCAB_SIZE`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     _check_texts(texts, "texts")
+    if not _is_integral(vocab_size):
+        raise TypeError(f"vocab_size must be an integer; got a {type(vocab_size).__name__}.")
+    vocab_size = int(vocab_size)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
         raise ValueError(f"A byte-level vocabulary needs at least {len(alphabet) + len(SPECIAL_TOKENS)} entries.")
+    if vocab_size > MAX_BPE_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be at most MAX_BPE_VOCAB_SIZE = 2**24 ({MAX_BPE_VOCAB_SIZE:,}); got {vocab_size:,}."
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -169,8 +197,9 @@ class TokenBlocks(Dataset):
     remainder is dropped). Items are `{"input_ids", "labels"}` with identical values: the model shifts the labels."""
 
     def __init__(self, texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        if not _is_integral(block_size) or block_size < 1:
             raise ValueError(f"block_size must be a positive number of tokens; got {block_size!r}.")
+        block_size = int(block_size)
         if tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer needs an EOS token to separate documents.")
         _check_texts(texts, "texts")
@@ -186,11 +215,13 @@ class TokenBlocks(Dataset):
 
     def truncate(self, max_blocks: int | None) -> "TokenBlocks":
         """Keep the first `max_blocks` blocks (all of them for None). A negative count is refused: as a slice bound it
-        would drop the last blocks instead."""
+        would drop the last blocks instead, and so is a bool (True would keep one block)."""
+        if max_blocks is not None and not _is_integral(max_blocks):
+            raise TypeError(f"max_blocks must be a whole number of blocks or None; got {max_blocks!r}.")
         if max_blocks is not None and max_blocks < 0:
             raise ValueError(f"Cannot keep a negative number of blocks ({max_blocks}).")
         if max_blocks is not None:
-            self.blocks = self.blocks[:max_blocks]
+            self.blocks = self.blocks[: int(max_blocks)]
         return self
 
     def __len__(self) -> int:
@@ -316,8 +347,7 @@ def label_smoothed_causal_lm_loss(epsilon: float):
     included. Use it instead of `TrainingArguments(label_smoothing_factor=...)` alone: that option takes the labels
     from the model and smooths its logits in the Trainer, which leaves out the router losses (as for transformers' own
     MoE models)."""
-    if not 0 <= epsilon < 1:
-        raise ValueError(f"Label smoothing epsilon must be in [0, 1); got {epsilon}.")
+    _check_fraction("epsilon", epsilon)
 
     def compute_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         logits = outputs["logits"]
@@ -350,7 +380,12 @@ def token_nll_for_perplexity(logits, labels: torch.Tensor) -> torch.Tensor:
     if labels is None:
         raise ValueError("token_nll_for_perplexity needs labels: evaluate on a dataset that has them.")
     if isinstance(logits, tuple):  # the model's outputs as a tuple: the logits come first, smaller outputs after
-        logits = next(output for output in logits if output.dim() == 3)
+        logits = next((output for output in logits if isinstance(output, torch.Tensor) and output.dim() == 3), None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(
+            "token_nll_for_perplexity needs a causal LM's (batch, sequence, vocab) logits; the model's outputs hold "
+            "none."
+        )
     shift_labels = labels[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
     predicted = shift_labels != -100
@@ -374,7 +409,14 @@ class PerplexityFromTokenNLL:
             self._sums = None
         predictions = eval_prediction.predictions
         for batch in predictions if isinstance(predictions, (list, tuple)) else [predictions]:
-            sums = torch.as_tensor(batch).detach().double().sum(0).cpu()
+            batch = torch.as_tensor(batch).detach()
+            if batch.dim() != 2 or batch.shape[-1] != 2:  # e.g. the logits themselves
+                raise ValueError(
+                    f"perplexity_from_token_nll takes token_nll_for_perplexity's (batch, 2) sums; got predictions of "
+                    f"shape {tuple(batch.shape)}. Pass preprocess_logits_for_metrics=token_nll_for_perplexity to the "
+                    "Trainer."
+                )
+            sums = batch.double().sum(0).cpu()
             self._sums = sums if self._sums is None else self._sums + sums
         if compute_result is False:
             return {}
@@ -645,8 +687,15 @@ def plot_expert_utilization(model: torch.nn.Module, path: str | Path) -> Path:
 
 def plot_loss_curve(log_history: list[dict], path: str | Path) -> Path:
     """Save a PNG of the training loss and the validation cross-entropy (or loss) against the optimizer step at `path`
-    (ending in .png), and return it."""
+    (ending in .png), and return it. `log_history` is `trainer.state.log_history`, whose every entry has the `step`
+    it was logged at; a loss without one is refused rather than plotted at a guessed step."""
     path = _png_path(path)
+    for index, entry in enumerate(log_history):
+        if "step" not in entry and any(key in entry for key in ("loss", "eval_loss", "eval_cross_entropy")):
+            raise ValueError(
+                f"log_history[{index}] has a loss but no 'step' to plot it at (trainer.state.log_history has one in "
+                f"every entry): {entry}."
+            )
     plt = _pyplot()
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
     eval_key = "eval_cross_entropy" if any("eval_cross_entropy" in entry for entry in log_history) else "eval_loss"
@@ -729,6 +778,8 @@ def render_model_card(
     of the model that training started from, if any. `dataset_id` names the data in the model-index; it is listed as
     the card's Hub dataset only with `dataset_on_hub` (a local corpus' name would link to an unrelated dataset).
     """
+    if isinstance(perplexity, bool) or not isinstance(perplexity, numbers.Real):  # the model-index metric needs one
+        raise TypeError(f"perplexity must be the validation perplexity, a number; got {perplexity!r}.")
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     model_name = model_id.split("/")[-1]

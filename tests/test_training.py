@@ -12,6 +12,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,11 @@ def test_hold_out_tails_splits_every_document_at_a_line_boundary():
         hold_out_tails(documents, 1.0)
 
 
+def test_hold_out_tails_refuses_a_fraction_that_is_not_a_number():
+    with pytest.raises(TypeError, match="fraction must be a number in \\[0, 1\\); got a str"):
+        hold_out_tails(["line one\nline two"], "0.5")
+
+
 def test_hold_out_tails_holds_out_text_not_a_final_newline():
     train, validation = hold_out_tails(["line one\nline two\n", "= Title =\n", "\n\n"], 0.5)
     assert train == ["line one", "= Title ="] and validation == ["line two"]
@@ -183,6 +189,16 @@ def test_byte_level_bpe_round_trips_any_text(bpe_tokenizer):
         train_byte_level_bpe(["x"], vocab_size=100)
 
 
+def test_byte_level_bpe_vocab_size_is_an_integer_up_to_a_documented_bound():
+    """A huge vocab_size would make the tokenizers trainer reserve memory it cannot get and abort the process."""
+    with pytest.raises(TypeError, match="vocab_size must be an integer; got a str"):
+        train_byte_level_bpe(["x"], vocab_size="300")
+    for too_large in (training.MAX_BPE_VOCAB_SIZE + 1, 2**40):
+        with pytest.raises(ValueError, match=r"vocab_size must be at most MAX_BPE_VOCAB_SIZE = 2\*\*24"):
+            train_byte_level_bpe(["x"], vocab_size=too_large)
+    assert len(train_byte_level_bpe(["ab ab"], vocab_size=np.int64(training.MAX_BPE_VOCAB_SIZE))) < 300
+
+
 def test_token_blocks_pack_documents_separated_by_eos(bpe_tokenizer):
     texts = ["Antipholus of Syracuse", "Dromio of Ephesus", "Adriana"]
     ids = [bpe_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -195,6 +211,18 @@ def test_token_blocks_pack_documents_separated_by_eos(bpe_tokenizer):
     assert len(blocks.truncate(2)) == 2
     with pytest.raises(ValueError, match="negative number of blocks"):  # a slice [:-1] would drop the last block
         blocks.truncate(-1)
+
+
+def test_token_blocks_take_numpy_integer_sizes_and_refuse_other_counts(bpe_tokenizer):
+    """A bool is no count of blocks (True would keep one), as elsewhere in the package NumPy integers are integers."""
+    texts = ["Antipholus of Syracuse", "Dromio of Ephesus", "Adriana"]
+    blocks = TokenBlocks(texts, bpe_tokenizer, block_size=np.int64(4))
+    assert blocks.blocks.shape[1] == 4
+    assert len(blocks.truncate(np.int64(2))) == 2
+    for max_blocks in (1.5, True, "1"):
+        with pytest.raises(TypeError, match=f"max_blocks must be a whole number of blocks or None; got {max_blocks!r}"):
+            blocks.truncate(max_blocks)
+    assert len(blocks) == 2
 
 
 def test_token_blocks_tokenize_documents_longer_than_the_context_without_a_warning(bpe_tokenizer, caplog):
@@ -213,7 +241,7 @@ def test_token_blocks_of_no_text_are_empty(bpe_tokenizer):
     assert len(TokenBlocks([""] * 8, bpe_tokenizer, block_size=2)) == 0  # not blocks of lone EOS tokens
 
 
-@pytest.mark.parametrize("block_size", [0, -4, 2.5])
+@pytest.mark.parametrize("block_size", [0, -4, 2.5, True, "8"])
 def test_token_blocks_need_a_positive_block_size(bpe_tokenizer, block_size):
     with pytest.raises(ValueError, match="block_size must be a positive number of tokens"):
         TokenBlocks(["some text"], bpe_tokenizer, block_size=block_size)
@@ -482,6 +510,8 @@ def test_label_smoothed_loss_without_smoothing_is_the_models_loss(tiny_config):
     torch.testing.assert_close(loss, expected)
     with pytest.raises(ValueError, match="epsilon must be in"):
         label_smoothed_causal_lm_loss(1.0)
+    with pytest.raises(TypeError, match="epsilon must be a number in \\[0, 1\\); got a str"):
+        label_smoothed_causal_lm_loss("0.1")
 
 
 # ----- exact resume -----
@@ -960,6 +990,20 @@ def test_perplexity_metrics_of_no_tokens_are_nan_and_need_labels():
         token_nll_for_perplexity(torch.randn(2, 4, 10), None)
 
 
+def test_perplexity_metrics_need_the_logits_reduced_first():
+    """Forgetting `preprocess_logits_for_metrics` hands the metric the logits themselves."""
+    logits = types.SimpleNamespace(predictions=np.zeros((4, 8, 64), dtype=np.float32))
+    expected = r"got predictions of shape \(4, 8, 64\)\. Pass preprocess_logits_for_metrics=token_nll_for_perplexity"
+    with pytest.raises(ValueError, match=expected):
+        training.PerplexityFromTokenNLL()(logits)
+
+
+@pytest.mark.parametrize("outputs", [(torch.zeros(2),), torch.zeros(2, 10)], ids=["tuple without logits", "2-D"])
+def test_token_nll_for_perplexity_needs_a_causal_lms_logits(outputs):
+    with pytest.raises(ValueError, match=r"needs a causal LM's \(batch, sequence, vocab\) logits"):
+        token_nll_for_perplexity(outputs, torch.zeros(2, 8, dtype=torch.long))
+
+
 # ----- reporting -----
 
 
@@ -1011,6 +1055,13 @@ def test_plots_are_pngs_at_exactly_the_returned_path(used_model, tmp_path, plot)
     assert [file.name for file in tmp_path.iterdir()] == ["plot.png"]
 
 
+def test_a_loss_curve_refuses_a_loss_logged_without_its_step(tmp_path):
+    """The Trainer logs every entry with its step: one without has no place on the curve."""
+    with pytest.raises(ValueError, match=r"log_history\[1\] has a loss but no 'step'"):
+        plot_loss_curve([{"step": 1, "loss": 2.0}, {"loss": 1.5}], tmp_path / "loss.png")
+    assert not (tmp_path / "loss.png").exists()
+
+
 def test_training_helpers_import_without_matplotlib(monkeypatch, used_model, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     reloaded = importlib.reload(training)
@@ -1059,6 +1110,16 @@ def test_model_card_metadata_and_content(used_model):
         sample_prompt="A", sample="AB",
     )  # fmt: skip
     assert front_matter(on_hub)["datasets"] == ["someone/plays"]
+
+
+def test_model_card_needs_a_validation_perplexity(used_model):
+    """It is the model-index metric: a card without one would have no result to report."""
+    with pytest.raises(TypeError, match="perplexity must be the validation perplexity, a number; got None"):
+        render_model_card(
+            MODEL_CARD_TEMPLATE, used_model, model_id="someone/clustermoe-tiny", dataset_id="plays",
+            dataset_description="some plays", perplexity=None, results={}, training_setup=[],
+            sample_prompt="A", sample="AB",
+        )  # fmt: skip
 
 
 def test_model_card_quotes_any_prompt_and_sample(used_model):
