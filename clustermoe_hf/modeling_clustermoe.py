@@ -419,9 +419,9 @@ def _host_reads_are_free(tensor: torch.Tensor) -> bool:
 
 
 # A finite stand-in for log(0), exp() of which is 0 in float32, so that sums over it and their gradients stay finite: a
-# padding token's log-probability in the balancing loss, and, divided by the routing temperature as the logits are, the
-# log-reliability of an expert that selection must not choose (or of a cluster left with too few selectable ones). Any
-# real log-probability then lies above it (of logits less than 1e4 apart), and the excluded still rank by theirs.
+# padding token's log-probability in the balancing loss, and, divided by a routing temperature below 1 as the logits
+# are, the log-reliability of an expert that selection must not choose (or of a cluster left with too few selectable
+# ones). Any real score then lies above it (of logits less than 1e4 apart), and the excluded still rank by theirs.
 _LOG_ZERO = -1e4
 
 
@@ -548,7 +548,8 @@ class ClusterMoERouter(nn.Module):
             cluster_term, expert_term = self.cluster_bias, self.expert_bias
         if config.use_reliability_routing:
             excluded = ~self.selectable_experts()
-            log_zero = _LOG_ZERO / config.routing_temperature  # below the log-probabilities at that temperature
+            # Below the log-probabilities at temperatures under 1, which spread them; above 1 they only narrow.
+            log_zero = _LOG_ZERO / min(config.routing_temperature, 1.0)
             expert_log_reliability = self.expert_reliability.clamp_min(1e-6).log().masked_fill(excluded, log_zero)
             # A cluster with fewer than top_k_experts selectable experts would have to fill its choice with excluded
             # ones: exclude the cluster instead.
@@ -1144,6 +1145,16 @@ def _check_loaded_routing_state(model: "ClusterMoEModel", incompatible_keys):
     model.routing_state.discard_pending()
 
 
+def _inside_peft_wrappers(module: nn.Module) -> nn.Module:
+    """The module that peft's wrappers hold: adapter layers' `base_layer`; `modules_to_save` and trainable tokens'
+    `original_module` (whose sizes the trained copy shares)."""
+    while True:
+        inner = getattr(module, "base_layer", None) or getattr(module, "original_module", None)
+        if inner is None:
+            return module
+        module = inner
+
+
 def _check_plain_experts(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], action: str):
     """The fused expert weights must be this model's own parameters, not wrapped by an adapter."""
     if not all(isinstance(block.experts, ClusterMoEExperts) for _, block in layers):
@@ -1350,20 +1361,20 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 os.remove(os.path.join(target, name))
         return result
 
-    def _check_config(self, running: bool = False):
+    def _check_config(self):
         """The config's values (`ClusterMoEConfig.validate`), and that its sizes still describe the modules. Run when
-        saving, and before a forward after a setting changed (`running`)."""
+        saving, and before a forward after a setting changed."""
         self.config.validate()
-        self._check_config_describes_modules(running)
+        self._check_config_describes_modules()
         self.config.__dict__[_CHANGED_SINCE_CHECK] = False
 
-    def _check_config_describes_modules(self, running: bool = False):
+    def _check_config_describes_modules(self):
         """The sizes the modules were built with must still be the config's: one changed afterwards (e.g.
         `model.config.num_clusters = 8`) would save weights that its config does not describe, and the checkpoint
-        would not load. A running model may use fewer of its layers (`num_hidden_layers`: early-exit drafting)."""
+        would not load."""
         # Read from the modules' size attributes, not their weights' shapes: adapters (peft) wrap modules, and
         # DeepSpeed ZeRO-3 partitions the weights (the Trainer saves it that way, with a gathered state dict).
-        unwrap = lambda module: getattr(module, "base_layer", module)  # noqa: E731  (peft's adapter layers)
+        unwrap = _inside_peft_wrappers
         embeddings, layers = unwrap(self.get_input_embeddings()), self._decoder_layers()
         attention = layers[0].self_attn
         head_dim = attention.head_dim
@@ -1386,14 +1397,11 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 built["intermediate_size"] = block.experts.intermediate_dim
             shared = block.shared_expert
             built["shared_expert_intermediate_size"] = 0 if shared is None else unwrap(shared.gate_proj).out_features
-        score = getattr(self, "score", None)  # the sequence classifier's head (peft may wrap it)
-        score = getattr(score, "original_module", score)
+        score = getattr(self, "score", None)  # the sequence classifier's head
         if score is not None:
             built["num_labels"] = unwrap(score).out_features
         config = self.config
         changed = [f"{name}={getattr(config, name)!r}" for name, size in built.items() if getattr(config, name) != size]
-        if running and 0 < config.num_hidden_layers < built["num_hidden_layers"]:
-            changed = [item for item in changed if not item.startswith("num_hidden_layers=")]
         if changed:
             raise ValueError(
                 f"The config no longer describes this model: it says {', '.join(changed)}, the model was built with "
@@ -2100,8 +2108,15 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
     ) -> ClusterMoEModelOutputWithPast:
         """`output_routing_stats`: return each MoE layer's balancing and z losses and routing counts, which training
         forwards fold into the routing state. The causal LM turns them off for pure inference."""
-        if not is_torchdynamo_compiling() and self.config.__dict__.get(_CHANGED_SINCE_CHECK, True):
-            self._check_config(running=True)
+        config = self.config
+        # After a setting changed: checked at the next forward that runs every layer. Early-exit drafting lowers
+        # `num_hidden_layers` for its drafts, which the checks would refuse (e.g. below `first_k_dense_layers`).
+        if (
+            not is_torchdynamo_compiling()
+            and config.__dict__.get(_CHANGED_SINCE_CHECK, True)
+            and config.num_hidden_layers == len(self.layers)
+        ):
+            self._check_config()
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache)
         sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         # Decided here, outside the layers, which reentrant checkpointing first runs without gradients.

@@ -555,7 +555,11 @@ def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
     with torch.no_grad():
         for name, value in saved.items():
             buffers[name].copy_(value)
-    base.base_model.routing_state.discard_pending()  # as `load_state_dict`: the loaded state starts a new accumulation
+    # As `load_state_dict`: the loaded state starts a new accumulation. (Code copied into a checkpoint before
+    # `discard_pending` existed has none, and loads as it did then.)
+    discard_pending = getattr(base.base_model.routing_state, "discard_pending", None)
+    if discard_pending is not None:
+        discard_pending()
 
 
 def _routing_state_problem(name: str, value: torch.Tensor, buffer: torch.Tensor) -> str | None:

@@ -574,14 +574,23 @@ def test_pipeline_parallelism_is_refused_by_name(tiny_model, tmp_path):
         ClusterMoEForCausalLM(config)
 
 
-def test_early_exit_assisted_generation_matches_greedy_decoding(tiny_model):
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"num_hidden_layers": 3, "first_k_dense_layers": 2}, {"layer_types": ["full_attention"] * 2}],
+    ids=["moe layers", "dense layers past the exit", "layer types"],
+)
+def test_early_exit_assisted_generation_matches_greedy_decoding(tiny_model, settings):
     """transformers' self-speculative decoding drafts with the first layers, lowering `num_hidden_layers` meanwhile;
-    the full model verifies, so the result is greedy decoding's."""
-    model = tiny_model()
+    the full model verifies, so the result is greedy decoding's. The config checks, which a draft's depth would fail,
+    wait for a forward through every layer, also on a new model's first call."""
+    model, reference = tiny_model(**settings), tiny_model(**settings)
+    reference.load_state_dict(model.state_dict())
     ids = random_ids(1, 5)
-    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    expected = reference.generate(ids, max_new_tokens=4, do_sample=False)
     torch.testing.assert_close(model.generate(ids, max_new_tokens=4, do_sample=False, assistant_early_exit=1), expected)
-    assert model.config.num_hidden_layers == 2
+    assert model.config.num_hidden_layers == len(model.model.layers)
+    model.config.use_cache = True  # a change, checked at the verifying forward
+    torch.testing.assert_close(model.generate(ids, max_new_tokens=4, do_sample=False, assistant_early_exit=1), expected)
 
 
 def test_decoder_layers_wrapped_for_activation_checkpointing_train_and_save(tiny_model, tmp_path):

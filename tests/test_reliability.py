@@ -639,6 +639,18 @@ def test_exclusion_holds_at_every_routing_temperature(tiny_model, temperature):
     assert router(hidden).cluster_index.item() == 1
 
 
+@pytest.mark.parametrize("temperature", [1.0, 100.0, 1e4])
+def test_exclusion_outweighs_the_other_selection_terms_at_high_temperatures(tiny_model, temperature):
+    """High temperatures flatten the log-probabilities; the exclusion term must still outweigh the log-reliability of
+    the selectable experts (here log 0.3) and their biases."""
+    model = tiny_model(reliability_threshold=0.25, routing_temperature=temperature, top_k_clusters=2)
+    router = model.model.layers[0].mlp.router
+    router.expert_reliability.copy_(torch.tensor([0.0, 0.3, 0.3, 0.3, 1.0, 1.0, 1.0, 1.0]))  # expert 0 excluded
+    routing = router(torch.randn(64, model.config.hidden_size))
+    chosen = routing.cluster_index[..., None] * router.experts_per_cluster + routing.expert_candidates
+    assert not (chosen == 0).any()
+
+
 def test_a_nan_reliability_reads_as_zero(tiny_model):
     """Only a corrupted buffer holds a NaN reliability. Its expert must count as failed, not poison its cluster's
     score: `topk` would rank a NaN cluster first and send every token to it."""

@@ -647,6 +647,20 @@ def test_lora_on_attention_and_fused_experts_merges_into_a_plain_model(tiny_conf
         torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted_logits, rtol=1e-4, atol=1e-5)
 
 
+def test_lora_with_trainable_token_rows_trains_and_saves(tiny_config, tmp_path):
+    """peft's `trainable_token_indices` wraps the embedding in a module without `base_layer`: the model's checks of its
+    sizes (at the first forward, and when saving) look inside it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        ClusterMoEForCausalLM(tiny_config()), LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 4])
+    )
+    ids = torch.randint(3, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.get_input_embeddings().token_adapter.trainable_tokens_delta["default"].grad is not None
+    model.merge_and_unload().save_pretrained(tmp_path)
+
+
 def test_routing_state_is_named_as_in_the_plain_model_and_loads_into_any_wrapping(tiny_config, tmp_path):
     """Saved from a peft model, it loads into the merged (or a freshly wrapped) model; a mismatch changes nothing."""
     from peft import get_peft_model
