@@ -12,6 +12,7 @@ by a global optimizer-step hook (EMAs and biases).
 """
 
 import contextlib
+import copy
 import functools
 import inspect
 import itertools
@@ -1361,14 +1362,17 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 os.remove(os.path.join(target, name))
         return result
 
-    def _check_config(self):
+    def _check_config(self, config: ClusterMoEConfig | None = None):
         """The config's values (`ClusterMoEConfig.validate`), and that its sizes still describe the modules. Run when
-        saving, and before a forward after a setting changed."""
-        self.config.validate()
-        self._check_config_describes_modules()
-        self.config.__dict__[_CHANGED_SINCE_CHECK] = False
+        saving, and before a forward after a setting changed. `config`: a stand-in checked instead (see `forward`),
+        which leaves the model's config marked as changed."""
+        checked = self.config if config is None else config
+        checked.validate()
+        self._check_config_describes_modules(checked)
+        if config is None:
+            self.config.__dict__[_CHANGED_SINCE_CHECK] = False
 
-    def _check_config_describes_modules(self):
+    def _check_config_describes_modules(self, config: ClusterMoEConfig | None = None):
         """The sizes the modules were built with must still be the config's: one changed afterwards (e.g.
         `model.config.num_clusters = 8`) would save weights that its config does not describe, and the checkpoint
         would not load."""
@@ -1400,7 +1404,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         score = getattr(self, "score", None)  # the sequence classifier's head
         if score is not None:
             built["num_labels"] = unwrap(score).out_features
-        config = self.config
+        config = self.config if config is None else config
         changed = [f"{name}={getattr(config, name)!r}" for name, size in built.items() if getattr(config, name) != size]
         if changed:
             raise ValueError(
@@ -2109,14 +2113,17 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         """`output_routing_stats`: return each MoE layer's balancing and z losses and routing counts, which training
         forwards fold into the routing state. The causal LM turns them off for pure inference."""
         config = self.config
-        # After a setting changed: checked at the next forward that runs every layer. Early-exit drafting lowers
-        # `num_hidden_layers` for its drafts, which the checks would refuse (e.g. below `first_k_dense_layers`).
-        if (
-            not is_torchdynamo_compiling()
-            and config.__dict__.get(_CHANGED_SINCE_CHECK, True)
-            and config.num_hidden_layers == len(self.layers)
-        ):
-            self._check_config()
+        if not is_torchdynamo_compiling() and config.__dict__.get(_CHANGED_SINCE_CHECK, True):
+            num_layers = config.num_hidden_layers
+            if _is_integral(num_layers) and 0 < num_layers < len(self.layers):
+                # Early-exit drafting runs the first layers, lowering `num_hidden_layers` meanwhile, which the checks
+                # would refuse (e.g. below `first_k_dense_layers`): the other settings are checked as the whole
+                # model's, and the whole model's next forward checks the config itself.
+                whole_model = copy.copy(config)
+                whole_model.__dict__["num_hidden_layers"] = len(self.layers)
+                self._check_config(whole_model)
+            else:
+                self._check_config()
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache)
         sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         # Decided here, outside the layers, which reentrant checkpointing first runs without gradients.

@@ -258,6 +258,23 @@ def test_a_setting_changed_on_a_live_model_is_checked_before_its_next_forward(ti
     model(ids)
 
 
+@pytest.mark.parametrize("num_hidden_layers", [1, 0, -1])
+def test_a_setting_changed_while_fewer_layers_run_is_checked_too(tiny_model, num_hidden_layers):
+    """As early-exit drafting does, `num_hidden_layers` may be lowered to run the first layers: the other settings
+    are then checked as the whole model's (it would refuse a depth below `first_k_dense_layers`), and a depth that
+    runs no layer is refused."""
+    model = tiny_model(num_hidden_layers=3, first_k_dense_layers=2)
+    ids = torch.randint(0, 64, (1, 6))
+    model.config.num_hidden_layers = num_hidden_layers
+    model.config.routing_temperature = 0
+    error = "routing_temperature must be" if num_hidden_layers > 0 else "num_hidden_layers must be a positive integer"
+    with pytest.raises(ValueError, match=error):
+        model(ids)
+    model.config.routing_temperature = 1.0
+    if num_hidden_layers > 0:
+        model(ids)  # the first layer alone, with valid settings
+
+
 def test_a_live_config_is_checked_once_per_change_and_the_mark_is_not_saved(tiny_model, tmp_path, monkeypatch):
     model = tiny_model()
     ids = torch.randint(0, 64, (1, 6))
