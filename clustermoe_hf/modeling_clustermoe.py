@@ -531,7 +531,7 @@ class ClusterMoERouter(nn.Module):
             config.use_reliability_routing,
             config.reliability_threshold,
             config.top_k_experts,  # clusters with fewer selectable experts are excluded
-            config.routing_temperature,  # the excluded ones' terms scale with it
+            config.routing_temperature,  # the excluded ones' terms scale with it below 1
             # The cache keeps the sources alive, so their ids cannot be reused by other tensors meanwhile.
             *map(id, sources),
             *(source._version for source in sources),
