@@ -1136,14 +1136,36 @@ def _routing_buffer_problem(name: str, value: torch.Tensor) -> str | None:
     return None
 
 
-def _check_loaded_routing_state(model: "ClusterMoEModel", incompatible_keys):
-    """After `load_state_dict` (e.g. the Trainer resuming from a checkpoint), as after `from_pretrained`. The loaded
-    state starts a new accumulation: statistics gathered since the last optimizer step belong to the state it
-    replaces (e.g. a step interrupted before its optimizer step, then resumed in the same process)."""
-    problems = model._routing_state_problems()
+def _refuse_invalid_routing_state(model: "ClusterMoEModel", state_dict, prefix: str, *args):
+    """Before `load_state_dict` (e.g. the Trainer resuming from a checkpoint) copies anything into the model, as
+    `from_pretrained` checks after loading: an invalid routing state is refused, and the model keeps its own."""
+    incoming = {prefix + name: state_dict.get(prefix + name) for name in model._routing_state()}
+    problems = _routing_state_problems({name: value for name, value in incoming.items() if value is not None})
     if problems:
-        raise ValueError(f"load_state_dict loaded an invalid routing state: {'; '.join(problems)}.")
+        raise ValueError(
+            f"load_state_dict refused an invalid routing state, and loaded nothing into the ClusterMoE model: "
+            f"{'; '.join(problems)}."
+        )
+
+
+def _discard_pending_after_loading(model: "ClusterMoEModel", incompatible_keys):
+    """The state `load_state_dict` loaded starts a new accumulation: statistics gathered since the last optimizer step
+    belong to the state it replaces (e.g. a step interrupted before its optimizer step, then resumed in the same
+    process)."""
     model.routing_state.discard_pending()
+
+
+def _routing_state_problems(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """What is wrong with routing buffers' values, by name (see `ClusterMoEPreTrainedModel._routing_state`): biases
+    must be finite, reliabilities in [0, 1], counts non-negative. One host read per buffer."""
+    problems = []
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            continue
+        problem = _routing_buffer_problem(name.rpartition(".")[2], value.full_tensor() if _is_dtensor(value) else value)
+        if problem is not None:
+            problems.append(f"{name} {problem}")
+    return problems
 
 
 def _inside_peft_wrappers(module: nn.Module) -> nn.Module:
@@ -1265,7 +1287,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         statistics) from nonsense."""
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) with output_loading_info
-        problems = model._routing_state_problems()
+        problems = _routing_state_problems(model._routing_state())
         if problems:
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds an invalid routing state, a corrupted checkpoint: "
@@ -1273,21 +1295,15 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             )
         return loaded
 
-    def _routing_state_problems(self) -> list[str]:
-        """What is wrong with the saved routing buffers (balancing biases, reliabilities, token counts, training step)
-        as they are now, e.g. after loading: biases must be finite, reliabilities in [0, 1], counts non-negative. One
-        host read per buffer."""
-        problems = []
-        for module_name, module in self.named_modules():
-            if not isinstance(module, (ClusterMoERouter, ClusterMoERoutingState)):
-                continue
-            for name, buffer in module.named_buffers(recurse=False):
-                if name in module._non_persistent_buffers_set or buffer.is_meta:
-                    continue
-                problem = _routing_buffer_problem(name, buffer.full_tensor() if _is_dtensor(buffer) else buffer)
-                if problem is not None:
-                    problems.append(f"{module_name}.{name} {problem}")
-        return problems
+    def _routing_state(self) -> dict[str, torch.Tensor]:
+        """The saved routing buffers (balancing biases, reliabilities, token counts, training step) by name."""
+        return {
+            f"{module_name}.{name}": buffer
+            for module_name, module in self.named_modules()
+            if isinstance(module, (ClusterMoERouter, ClusterMoERoutingState))
+            for name, buffer in module.named_buffers(recurse=False)
+            if name not in module._non_persistent_buffers_set
+        }
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, made safe for a checkpoint already in the folder: the files are written to
@@ -1299,6 +1315,12 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         in place, as in transformers, after the same checks. The `auto_map` of a ClusterMoE class's checkpoint names
         every ClusterMoE Auto class, not only the saved class's."""
         self._check_config()
+        problems = _routing_state_problems(self._routing_state())
+        if problems:  # e.g. a bias set to -inf by hand: the model runs, but from_pretrained would refuse the checkpoint
+            raise ValueError(
+                f"The routing state is invalid, and from_pretrained would refuse the checkpoint, so nothing was saved: "
+                f"{'; '.join(problems)}."
+            )
         compiled = next((name for name, module in self.named_modules() if hasattr(module, "_orig_mod")), None)
         if compiled is not None:
             raise ValueError(
@@ -1916,7 +1938,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         # The backward whose end folds the statistics (`_after_optimizer_step`).
         self._accumulation_ends_after_backward = None
         self.register_forward_hook(_record_training_statistics)
-        self.register_load_state_dict_post_hook(_check_loaded_routing_state)
+        self.register_load_state_dict_pre_hook(_refuse_invalid_routing_state)
+        self.register_load_state_dict_post_hook(_discard_pending_after_loading)
         # The keys a cache for this model holds per layer, for `_check_cache_fits_model` (read in every decoding step,
         # where config reads cost more than the check): key/value heads, or None under tensor parallelism (which shards
         # them), and head size.

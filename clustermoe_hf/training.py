@@ -39,6 +39,7 @@ from .modeling_clustermoe import (
     ROUTER_LOSS_NAMES,
     _is_integral,
     _routing_buffer_problem,
+    _routing_state_problems,
     combine_router_losses,
     routing_stats_of,
 )
@@ -449,7 +450,14 @@ def save_routing_state(model: torch.nn.Module, folder: str | Path) -> Path:
     next to an adapter saved there (`trainer.save_model(folder)` or `model.save_pretrained(folder)` of a peft model):
     the adapter alone would reload with the base model's routing. `load_routing_state` reads it back."""
     path = Path(folder) / ROUTING_STATE_FILE
-    save_file(routing_state_dict(model), path)
+    state = routing_state_dict(model)
+    problems = _routing_state_problems(state)
+    if problems:  # e.g. a bias set to -inf by hand: the model runs, but load_routing_state would refuse the file
+        raise ValueError(
+            f"The routing state is invalid, and load_routing_state would refuse it, so {path} was not written: "
+            f"{'; '.join(problems)}."
+        )
+    save_file(state, path)
     return path
 
 

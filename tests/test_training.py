@@ -777,8 +777,37 @@ def test_a_checkpoint_with_an_invalid_routing_state_is_refused_on_loading(tiny_c
     with pytest.raises(ValueError, match=expected):  # also where from_pretrained returns (model, loading info)
         AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert (tmp_path / "model.safetensors").read_bytes() == corrupted
-    with pytest.raises(ValueError, match=rf"load_state_dict loaded an invalid routing state: {name} {problem}"):
+    before = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"refused an invalid routing state.*: model\.{name} {problem}"):
         model.load_state_dict(weights)
+    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in before.items())  # nothing copied
+
+
+@pytest.mark.parametrize(
+    "name, value, problem",
+    [
+        ("layers.0.mlp.router.expert_bias", -float("inf"), "has values that are not finite"),
+        ("layers.1.mlp.router.expert_reliability", 1.5, r"has values outside \[0, 1\]"),
+        ("layers.1.mlp.router.expert_token_counts", -1, "has negative counts"),
+    ],
+)
+def test_an_invalid_routing_state_is_not_saved_over_an_earlier_checkpoint(tiny_config, tmp_path, name, value, problem):
+    """The model runs with a routing state set by hand that loading refuses (a bias of -inf to ban an expert):
+    `save_pretrained` and `save_routing_state` refuse to write it, naming the buffer, and the earlier checkpoint in the
+    folder stays loadable."""
+    model = ClusterMoEForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path)
+    save_routing_state(model, tmp_path)
+    earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    with torch.no_grad():
+        model.get_submodule(f"model.{name.rpartition('.')[0]}").get_buffer(name.rpartition(".")[2])[0] = value
+    with pytest.raises(ValueError, match=rf"from_pretrained would refuse .*nothing was saved: model\.{name} {problem}"):
+        model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"load_routing_state would refuse it, .*: model\.{name} {problem}"):
+        save_routing_state(model, tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == earlier
+    AutoModelForCausalLM.from_pretrained(tmp_path)
+    load_routing_state(model, tmp_path)
 
 
 @pytest.mark.parametrize("resume", ["True", "path", "True, also to the callback"])
