@@ -1889,6 +1889,25 @@ def _is_integer_tensor(tensor: torch.Tensor) -> bool:
 _TOKEN_ID_DTYPES = (torch.int64, torch.int32)
 
 
+def _new_tokens_mask(attention_mask: torch.Tensor, cache: Cache | None, sequence_length: int) -> torch.Tensor:
+    """(batch, new tokens): a 2-D mask's columns at the new tokens' positions, before the cache stores them. As in
+    transformers' masks, column j is position j: a mask wider than the cached and new tokens (e.g. as wide as a static
+    cache, one shape for every compiled step) has the future positions' zeros after them, and positions past a
+    narrower one are padding. Found without a host read of a cache length kept on the device."""
+    width = attention_mask.shape[1]
+    if width == sequence_length or not isinstance(cache, Cache):  # no cached tokens, or none that can be placed
+        return attention_mask[:, -sequence_length:]
+    offset = cache.get_query_offset()  # how many tokens the cache holds before these
+    if not isinstance(offset, torch.Tensor) or _host_reads_are_free(offset):
+        offset = int(offset)
+        columns = attention_mask[:, offset : offset + sequence_length]
+        missing = sequence_length - columns.shape[1]
+        return F.pad(columns, (0, missing)) if missing else columns
+    columns = torch.arange(sequence_length, device=attention_mask.device) + offset.to(attention_mask.device)
+    inside = columns < width  # (new tokens,)
+    return attention_mask[:, columns.clamp_max(width - 1)] * inside
+
+
 def _check_tensor_inputs(**inputs):
     """Each input that is given must be a tensor: a list (or a NumPy array) fails deep inside with an AttributeError."""
     for name, value in inputs.items():
@@ -2172,7 +2191,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         # Padding tokens are excluded from the balancing losses and the routing statistics.
         token_mask = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:  # not flex attention's BlockMask
-            token_mask = attention_mask[:, -sequence_length:].reshape(-1).bool()
+            token_mask = _new_tokens_mask(attention_mask, cache, sequence_length).reshape(-1).bool()
             if _host_reads_are_free(token_mask) and bool(token_mask.all()):
                 token_mask = None  # no padding: skip the per-pair masking in every layer
 
@@ -2604,12 +2623,12 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
-    def _last_real_token(self, input_ids, attention_mask, batch_size: int, sequence_length: int, device):
+    def _last_real_token(self, input_ids, new_tokens_mask, batch_size: int, sequence_length: int, device):
         """Each sequence's last real (not padding) position, (batch,), or -1 for the last position of all."""
-        # Which positions are real: by the 2-D attention mask (its last columns: the new tokens after a cache), else
-        # the ids that are not padding (a pad id that is also a real token, e.g. EOS, can only be told by the mask).
-        if attention_mask is not None and attention_mask.dim() == 2:
-            is_real = attention_mask[:, -sequence_length:].bool()
+        # Which positions are real: by the 2-D attention mask's columns of the new tokens, else the ids that are not
+        # padding (a pad id that is also a real token, e.g. EOS, can only be told by the mask).
+        if new_tokens_mask is not None:
+            is_real = new_tokens_mask.bool()
         elif input_ids is not None and self.config.pad_token_id is not None:
             is_real = input_ids != self.config.pad_token_id
         elif batch_size == 1:
@@ -2646,6 +2665,10 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        new_tokens_mask = None  # read before the model's forward adds the tokens to the cache
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and getattr(inputs, "ndim", 0) >= 2:
+            new_tokens_mask = _new_tokens_mask(attention_mask, cache, inputs.shape[1])
         outputs: ClusterMoEModelOutputWithPast = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -2660,7 +2683,7 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         )
         logits = self.score(outputs.last_hidden_state)  # (batch, seq, num_labels)
         batch_size, sequence_length = logits.shape[:2]
-        last_real_token = self._last_real_token(input_ids, attention_mask, batch_size, sequence_length, logits.device)
+        last_real_token = self._last_real_token(input_ids, new_tokens_mask, batch_size, sequence_length, logits.device)
         pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_real_token]
 
         parts = combine_router_losses(outputs.routing_stats)

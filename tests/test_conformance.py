@@ -168,6 +168,48 @@ def test_static_cache_decoding_reads_no_token_count_off_cpu(tiny_model, monkeypa
     assert reads == []
 
 
+def _decode_with_a_mask_as_wide_as_the_static_cache(model, prompt, token, where):
+    """Prefill `prompt` (row 1 left-padded by one) into a static cache of 12 positions, then run `token` with a 2-D
+    mask of all 12 columns: the cached and new tokens' entries, then the future positions' zeros."""
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[:, : prompt.shape[1] + token.shape[1]] = 1
+    mask[1, 0] = 0
+    cache = StaticCache(config=model.config, max_cache_len=12)
+    forward = model
+    if where == "compiled":
+        forward = torch.compile(model.forward, fullgraph=True, backend="eager", dynamic=False)
+    with torch.no_grad():
+        model(prompt, attention_mask=mask[:, : prompt.shape[1]], cache=cache, use_cache=True)
+        return forward(input_ids=token, attention_mask=mask, cache=cache, use_cache=True).logits
+
+
+@pytest.mark.parametrize("where", ["off CPU", "compiled"])
+def test_a_mask_as_wide_as_the_static_cache_masks_by_position(tiny_model, tiny_config, monkeypatch, where):
+    """As in transformers' masks, a 2-D mask's column j is position j: one as wide as a static cache (one shape for
+    every compiled step) has the future positions' zeros after the new tokens. Where the cached length is not read
+    on the host, those last columns were taken for the new tokens': their expert outputs were dropped as padding's,
+    and the classifier pooled a padding position. (On CPU the cached length is read, and the mask must end there.)"""
+    from clustermoe_hf import modeling_clustermoe
+
+    torch._dynamo.reset()
+    causal_lm = tiny_model(num_hidden_layers=1, initializer_range=0.2)
+    classifier = ClusterMoEForSequenceClassification(tiny_config(num_hidden_layers=1, num_labels=3)).eval()
+    prompt, token = random_ids(2, 5), random_ids(2, 2)
+    with torch.no_grad():  # reference: the whole sequence at once, the padding position masked
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, 0] = 0
+        ids = torch.cat([prompt, token], dim=1)
+        expected_logits = causal_lm(ids, attention_mask=mask).logits[:, 5:]
+        expected_classes = classifier(ids, attention_mask=mask).logits
+    if where == "off CPU":
+        monkeypatch.setattr(modeling_clustermoe, "_host_reads_are_free", lambda tensor: False)
+    logits = _decode_with_a_mask_as_wide_as_the_static_cache(causal_lm, prompt, token, where)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+    if where == "off CPU":
+        classes = _decode_with_a_mask_as_wide_as_the_static_cache(classifier, prompt, token, where)
+        torch.testing.assert_close(classes, expected_classes, rtol=1e-4, atol=1e-5)
+
+
 def _compile_config(backend):
     config = CompileConfig(fullgraph=True, dynamic=False, backend=backend)
     config._compile_all_devices = True  # generate only auto-compiles on accelerators otherwise
