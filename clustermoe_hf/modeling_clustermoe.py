@@ -1136,6 +1136,11 @@ def _routing_buffer_problem(name: str, value: torch.Tensor) -> str | None:
     return None
 
 
+# Components of module names that a wrapper's state dict leaves out of its keys: torch's activation checkpointing
+# (`checkpoint_wrapper`) and FSDP1 (`FullyShardedDataParallel`).
+_UNNAMED_WRAPPERS = r"(_checkpoint_wrapped_module|_fsdp_wrapped_module)\."
+
+
 def _refuse_invalid_routing_state(model: "ClusterMoEModel", state_dict, prefix: str, *args):
     """Before `load_state_dict` (e.g. the Trainer resuming from a checkpoint) copies anything into the model, as
     `from_pretrained` checks after loading: an invalid routing state is refused, and the model keeps its own."""
@@ -1143,15 +1148,19 @@ def _refuse_invalid_routing_state(model: "ClusterMoEModel", state_dict, prefix: 
     problems = _routing_state_problems({name: value for name, value in incoming.items() if value is not None})
     if problems:
         raise ValueError(
-            f"load_state_dict refused an invalid routing state, and loaded nothing into the ClusterMoE model: "
-            f"{'; '.join(problems)}."
+            f"load_state_dict refused an invalid routing state, and this call loaded nothing into the ClusterMoE "
+            f"model: {'; '.join(problems)}."
         )
 
 
-def _discard_pending_after_loading(model: "ClusterMoEModel", incompatible_keys):
-    """The state `load_state_dict` loaded starts a new accumulation: statistics gathered since the last optimizer step
-    belong to the state it replaces (e.g. a step interrupted before its optimizer step, then resumed in the same
-    process)."""
+def _check_loaded_routing_state(model: "ClusterMoEModel", incompatible_keys):
+    """After `load_state_dict`: what the check before it could not match to the model's buffers (a wrapper that
+    names them otherwise) is still refused, if only once loaded. The loaded state starts a new accumulation:
+    statistics gathered since the last optimizer step belong to the state it replaces (e.g. a step interrupted before
+    its optimizer step, then resumed in the same process)."""
+    problems = _routing_state_problems(model._routing_state())
+    if problems:
+        raise ValueError(f"load_state_dict loaded an invalid routing state: {'; '.join(problems)}.")
     model.routing_state.discard_pending()
 
 
@@ -1296,9 +1305,10 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         return loaded
 
     def _routing_state(self) -> dict[str, torch.Tensor]:
-        """The saved routing buffers (balancing biases, reliabilities, token counts, training step) by name."""
+        """The saved routing buffers (balancing biases, reliabilities, token counts, training step) by their names in
+        the state dict, which wrappers that activation checkpointing and FSDP1 put around layers leave out."""
         return {
-            f"{module_name}.{name}": buffer
+            re.sub(_UNNAMED_WRAPPERS, "", f"{module_name}.{name}"): buffer
             for module_name, module in self.named_modules()
             if isinstance(module, (ClusterMoERouter, ClusterMoERoutingState))
             for name, buffer in module.named_buffers(recurse=False)
@@ -1315,7 +1325,14 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         in place, as in transformers, after the same checks. The `auto_map` of a ClusterMoE class's checkpoint names
         every ClusterMoE Auto class, not only the saved class's."""
         self._check_config()
-        problems = _routing_state_problems(self._routing_state())
+        # What is written: the model's state, or the state dict passed (as the Trainer does). Not gathered from other
+        # processes, which need not be saving too.
+        state = self._routing_state()
+        state_dict = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        state_dict = state_dict.arguments.get("state_dict")
+        if state_dict is not None:
+            state = {name: state_dict[name] for name in state if name in state_dict}
+        problems = _routing_state_problems({name: value for name, value in state.items() if not _is_dtensor(value)})
         if problems:  # e.g. a bias set to -inf by hand: the model runs, but from_pretrained would refuse the checkpoint
             raise ValueError(
                 f"The routing state is invalid, and from_pretrained would refuse the checkpoint, so nothing was saved: "
@@ -1895,7 +1912,8 @@ def _new_tokens_mask(attention_mask: torch.Tensor, cache: Cache | None, sequence
     cache, one shape for every compiled step) has the future positions' zeros after them, and positions past a
     narrower one are padding. Found without a host read of a cache length kept on the device."""
     width = attention_mask.shape[1]
-    if width == sequence_length or not isinstance(cache, Cache):  # no cached tokens, or none that can be placed
+    # No cached tokens, or none that can be placed; narrower than the new tokens, the model's input check refuses it.
+    if width <= sequence_length or not isinstance(cache, Cache):
         return attention_mask[:, -sequence_length:]
     offset = cache.get_query_offset()  # how many tokens the cache holds before these
     if not isinstance(offset, torch.Tensor) or _host_reads_are_free(offset):
@@ -1958,7 +1976,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self._accumulation_ends_after_backward = None
         self.register_forward_hook(_record_training_statistics)
         self.register_load_state_dict_pre_hook(_refuse_invalid_routing_state)
-        self.register_load_state_dict_post_hook(_discard_pending_after_loading)
+        self.register_load_state_dict_post_hook(_check_loaded_routing_state)
         # The keys a cache for this model holds per layer, for `_check_cache_fits_model` (read in every decoding step,
         # where config reads cost more than the check): key/value heads, or None under tensor parallelism (which shards
         # them), and head size.

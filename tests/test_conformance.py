@@ -210,6 +210,20 @@ def test_a_mask_as_wide_as_the_static_cache_masks_by_position(tiny_model, tiny_c
         torch.testing.assert_close(classes, expected_classes, rtol=1e-4, atol=1e-5)
 
 
+def test_the_classifier_names_a_mask_without_columns_also_off_cpu(tiny_config, monkeypatch):
+    """The classifier reads the new tokens' mask columns before the model's input checks: an empty mask, with a
+    static cache off CPU, failed there with an IndexError."""
+    from clustermoe_hf import modeling_clustermoe
+
+    monkeypatch.setattr(modeling_clustermoe, "_host_reads_are_free", lambda tensor: False)
+    classifier = ClusterMoEForSequenceClassification(tiny_config(num_labels=3)).eval()
+    cache = StaticCache(config=classifier.config, max_cache_len=12)
+    with torch.no_grad():
+        classifier(random_ids(2, 5), cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 0\); expected \(batch_size=2, all"):
+            classifier(random_ids(2, 2), attention_mask=torch.ones(2, 0, dtype=torch.long), cache=cache)
+
+
 def _compile_config(backend):
     config = CompileConfig(fullgraph=True, dynamic=False, backend=backend)
     config._compile_all_devices = True  # generate only auto-compiles on accelerators otherwise

@@ -810,6 +810,36 @@ def test_an_invalid_routing_state_is_not_saved_over_an_earlier_checkpoint(tiny_c
     load_routing_state(model, tmp_path)
 
 
+def test_save_pretrained_checks_the_state_dict_it_is_given(tiny_config, tmp_path):
+    """The Trainer saves through `save_pretrained(state_dict=...)`: what is written is that state, not the model's."""
+    model = ClusterMoEForCausalLM(tiny_config())
+    state_dict = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    state_dict["model.layers.0.mlp.router.expert_bias"][1] = float("inf")
+    with pytest.raises(ValueError, match=r"nothing was saved: model\.layers\.0\.mlp\.router\.expert_bias has values"):
+        model.save_pretrained(tmp_path, state_dict=state_dict)
+    assert list(tmp_path.iterdir()) == []
+    valid = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        model.model.layers[0].mlp.router.expert_bias[1] = float("inf")
+    model.save_pretrained(tmp_path, state_dict=valid)
+    AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_an_invalid_routing_state_is_refused_also_inside_activation_checkpoint_wrappers(tiny_config):
+    """torch's `checkpoint_wrapper` (as FSDP1 does) keeps its own name out of the state dict's keys: the check before
+    loading looked the routing buffers up under the wrapped names, found none, and loaded a bias of -inf."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = ClusterMoEForCausalLM(tiny_config())
+    apply_activation_checkpointing(model, check_fn=lambda module: module in set(model.model.layers))
+    state_dict = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    state_dict["model.layers.1.mlp.router.expert_bias"][0] = -float("inf")
+    before = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"loaded nothing .*: model\.layers\.1\.mlp\.router\.expert_bias has values"):
+        model.load_state_dict(state_dict)
+    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in before.items())
+
+
 @pytest.mark.parametrize("resume", ["True", "path", "True, also to the callback"])
 def test_a_resumed_lora_run_restores_its_routing_state(tiny_config, tmp_path, resume, caplog):
     """`SaveRoutingState` restores the routing state saved next to the adapters of the checkpoint the run resumes
