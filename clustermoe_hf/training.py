@@ -37,6 +37,7 @@ from transformers.utils import logging
 from .analysis import _check_counts
 from .modeling_clustermoe import (
     ROUTER_LOSS_NAMES,
+    _UNNAMED_WRAPPERS,
     _is_integral,
     _routing_buffer_problem,
     _routing_state_problems,
@@ -440,9 +441,16 @@ ROUTING_STATE_FILE = "routing_state.safetensors"
 def routing_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The persistent buffers of the ClusterMoE model inside `model` (balancing biases, reliability, token counts,
     training step), by name: the routing state, which an adapter-only (peft) checkpoint leaves out."""
+    return {name: buffer.detach().cpu().contiguous() for name, buffer in _saved_buffers(model).items()}
+
+
+def _saved_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers of the ClusterMoE model inside `model`, by their names in its state dict (which leaves
+    out the wrappers that activation checkpointing and FSDP1 put around layers)."""
     base = find_clustermoe_model(model)
     saved = base.state_dict().keys()
-    return {name: buffer.detach().cpu().contiguous() for name, buffer in base.named_buffers() if name in saved}
+    buffers = {re.sub(_UNNAMED_WRAPPERS, "", name): buffer for name, buffer in base.named_buffers()}
+    return {name: buffer for name, buffer in buffers.items() if name in saved}
 
 
 def save_routing_state(model: torch.nn.Module, folder: str | Path) -> Path:
@@ -548,9 +556,8 @@ def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
         saved = load_file(path)
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
-    base = find_clustermoe_model(model)
-    buffers = dict(base.named_buffers())
-    expected = routing_state_dict(model).keys()
+    buffers = _saved_buffers(model)
+    expected = buffers.keys()
     if saved.keys() != expected:
         raise ValueError(
             f"{path} does not match this model's routing state: missing {sorted(expected - saved.keys())}, "
@@ -565,7 +572,7 @@ def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
             buffers[name].copy_(value)
     # As `load_state_dict`: the loaded state starts a new accumulation. (Code copied into a checkpoint before
     # `discard_pending` existed has none, and loads as it did then.)
-    discard_pending = getattr(base.base_model.routing_state, "discard_pending", None)
+    discard_pending = getattr(find_clustermoe_model(model).base_model.routing_state, "discard_pending", None)
     if discard_pending is not None:
         discard_pending()
 

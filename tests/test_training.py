@@ -840,6 +840,28 @@ def test_an_invalid_routing_state_is_refused_also_inside_activation_checkpoint_w
     assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in before.items())
 
 
+def test_the_routing_state_file_holds_every_router_also_inside_activation_checkpoint_wrappers(tiny_config, tmp_path):
+    """`save_routing_state` kept the buffers whose names are in the state dict: inside a `checkpoint_wrapper` (as
+    FSDP1's activation checkpointing puts around layers) no router's were, and the file held the step counts only."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    plain = ClusterMoEForCausalLM(tiny_config())
+    with torch.no_grad():
+        plain.model.layers[1].mlp.router.expert_bias.fill_(0.5)
+    wrapped = copy.deepcopy(plain)
+    apply_activation_checkpointing(wrapped, check_fn=lambda module: module in set(wrapped.model.layers))
+    assert routing_state_dict(wrapped).keys() == routing_state_dict(plain).keys()
+    save_routing_state(wrapped, tmp_path)
+    fresh = ClusterMoEForCausalLM(tiny_config())
+    load_routing_state(fresh, tmp_path)
+    assert fresh.model.layers[1].mlp.router.expert_bias.eq(0.5).all()
+    with torch.no_grad():
+        plain.model.layers[1].mlp.router.expert_bias.fill_(-0.5)
+    save_routing_state(plain, tmp_path)
+    load_routing_state(wrapped, tmp_path)
+    assert torch.equal(wrapped.model.layers[1].mlp.router.expert_bias, plain.model.layers[1].mlp.router.expert_bias)
+
+
 @pytest.mark.parametrize("resume", ["True", "path", "True, also to the callback"])
 def test_a_resumed_lora_run_restores_its_routing_state(tiny_config, tmp_path, resume, caplog):
     """`SaveRoutingState` restores the routing state saved next to the adapters of the checkpoint the run resumes
