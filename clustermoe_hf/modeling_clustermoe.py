@@ -154,12 +154,19 @@ def _cpu_dtypes_without_fast_gemm() -> frozenset:
 
 
 _CPU_DTYPES_WITHOUT_FAST_GEMM = _cpu_dtypes_without_fast_gemm()
+# The dtypes torch's grouped_mm kernels take.
+_GROUPED_MM_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype to sum or measure `tensor` in: float32 for half precision, whose sums overflow easily, else its own."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`out = a @ b`, computed in float32 and rounded once to `out.dtype`, as a native half-precision GEMM (which
-    accumulates in float32) does."""
-    if out.dtype == torch.float32:
+    """`out = a @ b`; in half precision computed in float32 and rounded once to `out.dtype`, as a native
+    half-precision GEMM (which accumulates in float32) does."""
+    if out.dtype in (torch.float32, torch.float64):
         return torch.mm(a, b, out=out)
     with torch.autocast(a.device.type, enabled=False):  # autocast would cast the float32 operands back
         return out.copy_(torch.mm(a.float(), b.float()))
@@ -267,12 +274,13 @@ def _eager_experts_loop(experts: nn.Module, hidden_states, top_k_index, top_k_we
         experts.__dict__["_eager_loop_depth"] = depth
 
 
-def _kernels_would_take_unaligned_rows(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Whether transformers' `grouped_mm` would hand rows that are not 16-byte aligned to torch's grouped_mm kernels,
-    which raise for them (e.g. a hidden size of 34 in float32, or an intermediate size of 12 in bf16). Where it would
-    not run them for either weight (e.g. float32 under compilation: its fallback loop), any size is fine."""
+def _grouped_mm_kernels_would_refuse(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether transformers' `grouped_mm` would hand torch's grouped_mm kernels what they raise for: float64, or rows
+    that are not 16-byte aligned (e.g. a hidden size of 34 in float32, or an intermediate size of 12 in bf16). Where
+    it would not run them for either weight (e.g. float32 under compilation: its fallback loop), anything is fine."""
     weights = (experts.gate_up_proj if experts.has_gate else experts.up_proj, experts.down_proj)
-    if all(size * weight.element_size() % 16 == 0 for weight in weights for size in weight.shape[1:]):
+    aligned = all(size * weight.element_size() % 16 == 0 for weight in weights for size in weight.shape[1:])
+    if aligned and weights[0].dtype in _GROUPED_MM_KERNEL_DTYPES:
         return False
     return any(_can_use_grouped_mm(hidden_states, weight, None) for weight in weights)
 
@@ -282,21 +290,22 @@ def sorted_mm_experts_forward(
 ) -> torch.Tensor:
     """`experts_implementation="sorted_mm"`, ClusterMoE's default: transformers' `grouped_mm`, with two CPU paths
     where it is slow. Without gradients and for at most `PER_PAIR_MAX_PAIRS` pairs (decoding), each pair runs on its
-    own. For weights in a half-precision dtype the CPU emulates (`_CPU_DTYPES_WITHOUT_FAST_GEMM`), or whose rows
-    `grouped_mm`'s kernels cannot take (not 16-byte aligned; on any device), it sorts the (token, expert) pairs by
-    expert once and runs one float32 GEMM per expert that received pairs, forward and backward; per token, outputs
-    are summed in the eager reference's order. Both read the routing on the host (free on CPU; one sync elsewhere,
-    and a graph break under compilation), which their per-expert GEMMs need. Experts that loop does not implement
-    (biases, no gate) take their own eager loop at such sizes. Measured against `grouped_mm` in docs/benchmarks.md."""
+    own. For weights in a half-precision dtype the CPU emulates (`_CPU_DTYPES_WITHOUT_FAST_GEMM`), or that
+    `grouped_mm`'s kernels cannot take (float64, or rows not 16-byte aligned; on any device), it sorts the (token,
+    expert) pairs by expert once and runs one GEMM per expert that received pairs (half precision in float32), forward
+    and backward; per token, outputs are summed in the eager reference's order. Both read the routing on the host
+    (free on CPU; one sync elsewhere, and a graph break under compilation), which their per-expert GEMMs need. Experts
+    that loop does not implement (biases, no gate) take their own eager loop at such sizes. Measured against
+    `grouped_mm` in docs/benchmarks.md."""
     if not self.has_gate or self.has_bias or self.has_post_expert_norm or self._is_expert_parallel:
-        if not self._is_expert_parallel and _kernels_would_take_unaligned_rows(self, hidden_states):
+        if not self._is_expert_parallel and _grouped_mm_kernels_would_refuse(self, hidden_states):
             return _eager_experts_loop(self, hidden_states, top_k_index, top_k_weights)
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     cpu_eager = _host_reads_are_free(hidden_states)  # on CPU, outside torch.compile
     fast_dtype = not cpu_eager or self.gate_up_proj.dtype not in _CPU_DTYPES_WITHOUT_FAST_GEMM
     if cpu_eager and fast_dtype and not torch.is_grad_enabled() and top_k_index.numel() <= PER_PAIR_MAX_PAIRS:
         return _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if fast_dtype and not _kernels_would_take_unaligned_rows(self, hidden_states):
+    if fast_dtype and not _grouped_mm_kernels_would_refuse(self, hidden_states):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, hidden_dim = hidden_states.shape
     pair_experts = top_k_index.reshape(-1)  # (S,), S = tokens * top_k
@@ -436,9 +445,9 @@ def _router_linear(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 
 def _at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Softmax input in float32: `logits / temperature`, without the no-op cast and division (each a dispatched op,
-    which shows in per-token decoding) at float32 and temperature 1."""
-    logits = logits if logits.dtype == torch.float32 else logits.float()
+    """Softmax input in float32 (float64 in a float64 model): `logits / temperature`, without the no-op cast and
+    division (each a dispatched op, which shows in per-token decoding) at float32 and temperature 1."""
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     return logits if temperature == 1.0 else logits / temperature
 
 
@@ -594,7 +603,10 @@ class ClusterMoERouter(nn.Module):
         if pad_experts or pad_hidden:
             weight = F.pad(weight, (0, pad_experts, 0, pad_hidden))
             inputs = F.pad(inputs, (0, pad_hidden))
-        sorted_logits = _grouped_mm(inputs, weight, offs=offsets)[:, : self.experts_per_cluster]  # (tokens*kc, E)
+        grouped_mm = _grouped_mm  # torch's kernels; transformers' fallback loop (with a backward) for float64
+        if weight.dtype not in _GROUPED_MM_KERNEL_DTYPES:
+            grouped_mm = torch.ops.transformers.grouped_mm_fallback
+        sorted_logits = grouped_mm(inputs, weight, offs=offsets)[:, : self.experts_per_cluster]  # (tokens*kc, E)
         logits = torch.empty_like(sorted_logits).index_copy_(0, perm, sorted_logits)
         return logits.view(num_tokens, top_k_clusters, self.experts_per_cluster)
 
@@ -860,7 +872,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         itself out, an outsized expert cannot raise its own bar; the median, the upper one of an even count, so that a
         dead expert with near-zero outputs cannot make its healthy peers look outsized). Pairs where `valid` (pairs,)
         is False are not judged. None when no expert can be faulty (`_all_pairs_healthy`)."""
-        norms = torch.linalg.vector_norm(expert_out.detach(), dim=-1, dtype=torch.float32)  # (pairs,)
+        norms = torch.linalg.vector_norm(expert_out.detach(), dim=-1, dtype=_at_least_float32(expert_out))  # (pairs,)
         if self._all_pairs_healthy(norms, valid):
             return None
         log_norms = norms.clamp_min(_MIN_OUTPUT_NORM).log()  # inf or NaN where an output is not finite
@@ -1036,7 +1048,8 @@ class ClusterMoESparseMoeBlock(nn.Module):
             # Nothing to exclude and nothing to judge per pair: one weighted experts call over the tokens.
             output = self.experts(hidden_flat, top_k_index, self._combine_weights(chosen_log_probs))
             # Summed in float32: a half-precision sum of a layer's finite outputs overflows easily.
-            if self.config.use_reliability_routing and not math.isfinite(output.sum(dtype=torch.float32).item()):
+            summed = output.sum(dtype=_at_least_float32(output))
+            if self.config.use_reliability_routing and not math.isfinite(summed.item()):
                 output = None  # some pair's output is not finite (or the sum overflowed): judge each pair
         if output is None:
             output, faulty = self._experts_per_pair(

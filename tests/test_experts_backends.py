@@ -14,7 +14,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
-from clustermoe_hf.modeling_clustermoe import ClusterMoEExperts
+from clustermoe_hf.modeling_clustermoe import ClusterMoEExperts, _SortedGroupedLinear
 
 
 def gemm_loop_for(monkeypatch, *dtypes):
@@ -289,9 +289,9 @@ def test_clustermoe_decodes_through_the_per_pair_path_as_eager_does(monkeypatch)
     torch.testing.assert_close(torch.stack(generated["sorted_mm"].logits), torch.stack(generated["eager"].logits))
 
 
-def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients(float32_gemm_loop):
-    """The whole model, reliability health checks included, trains identically with either backend."""
-    model = ClusterMoEForCausalLM(clustermoe_config(initializer_range=0.2)).train()
+def logits_and_gradients_per_backend(model) -> dict:
+    """A training step's logits and parameter gradients with the eager experts and with `sorted_mm`."""
+    model.train()
     ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(2))
     results = {}
     for implementation in ("eager", "sorted_mm"):
@@ -300,6 +300,12 @@ def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients(flo
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         results[implementation] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    return results
+
+
+def test_clustermoe_model_with_sorted_mm_matches_eager_in_loss_and_gradients(float32_gemm_loop):
+    """The whole model, reliability health checks included, trains identically with either backend."""
+    results = logits_and_gradients_per_backend(ClusterMoEForCausalLM(clustermoe_config(initializer_range=0.2)))
     eager_logits, eager_grads = results["eager"]
     fast_logits, fast_grads = results["sorted_mm"]
     torch.testing.assert_close(fast_logits, eager_logits)
@@ -374,3 +380,27 @@ def test_sorted_mm_half_precision_gemms_stay_float32_under_autocast(monkeypatch)
     assert torch.equal(autocast[0], plain[0])
     assert all(torch.equal(a, b) for a, b in zip(autocast[1], plain[1]))
 
+
+
+@pytest.mark.parametrize("router_implementation", ["flat", "hierarchical"])
+@pytest.mark.parametrize("intermediate_size", [16, 15], ids=["aligned", "unaligned"])
+def test_a_float64_model_trains_with_sorted_mm_as_with_eager(router_implementation, intermediate_size):
+    """torch's grouped_mm kernels take no float64 (they raised at the first forward, for the hierarchical router with
+    any experts backend); the GEMM loop rounded float64 to float32. A float64 model (e.g. for `gradcheck`) now
+    computes in float64 throughout, routing included, and matches the eager experts to float64 rounding."""
+    config = clustermoe_config(intermediate_size=intermediate_size, router_implementation=router_implementation)
+    results = logits_and_gradients_per_backend(ClusterMoEForCausalLM(config).double())
+    assert results["sorted_mm"][0].dtype == torch.float64
+    torch.testing.assert_close(results["sorted_mm"][0], results["eager"][0], rtol=1e-12, atol=1e-12)
+    for name, grad in results["eager"][1].items():
+        torch.testing.assert_close(results["sorted_mm"][1][name], grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_the_gemm_loop_has_exact_float64_gradients():
+    """`gradcheck` of the sorted GEMM loop's autograd.Function (its own backward), with an idle expert."""
+    inputs = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)  # rows sorted by expert
+    groups = [(0, 2), (2, 4)]  # (expert, rows); expert 1 receives none
+    for transpose, weight_shape in ((False, (3, 5, 4)), (True, (3, 4, 5))):
+        weights = torch.randn(weight_shape, dtype=torch.float64, requires_grad=True)
+        grouped = lambda inputs, weights: _SortedGroupedLinear.apply(inputs, weights, groups, transpose)  # noqa: E731
+        assert torch.autograd.gradcheck(grouped, (inputs, weights))
