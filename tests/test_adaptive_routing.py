@@ -193,6 +193,16 @@ def test_the_mean_load_is_taken_over_selectable_experts_and_clusters():
     assert (block.router.cluster_bias / 0.01).tolist() == pytest.approx([-1, 1, 0])
 
 
+def test_a_cluster_with_exactly_top_k_selectable_experts_is_still_selectable():
+    """The router can still serve a cluster whose reliable experts just fill top_k_experts, so the bias step must keep
+    it among the selectable clusters: its load counts towards the mean and its bias moves (here down, overloaded)."""
+    model = adaptive_model(rate=0.01)  # 2 clusters x 4 experts, top_k_experts=2
+    block = model.model.layers[0].mlp
+    block.router.expert_reliability[:2] = 0.1  # cluster 0: experts 2 and 3 left, exactly top_k_experts
+    counts = torch.tensor([0, 0, 30, 30, 10, 10, 10, 10], dtype=torch.float32)
+    model.model._step_balancing_biases(block, counts)
+    assert (block.router.cluster_bias / 0.01).tolist() == pytest.approx([-1, 1])  # loads 60 and 40, mean 50
+
 def test_a_reinitialized_expert_starts_from_its_peers_mean_bias():
     model = adaptive_model()
     router = routers(model)[1]
@@ -200,6 +210,16 @@ def test_a_reinitialized_expert_starts_from_its_peers_mean_bias():
     model.reinitialize_expert(layer_idx=1, cluster_idx=0, expert_idx=0)
     assert router.expert_bias.tolist() == [0.0, -1.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]
 
+
+def test_a_reinitialized_expert_without_peers_keeps_its_bias(tmp_path):
+    """With one expert per cluster there are no peers to average: the bias stays as it was (a mean over no peers
+    would be NaN, which the routing-state check then refuses to save)."""
+    model = adaptive_model(num_clusters=4, experts_per_cluster=1, top_k_clusters=2, top_k_experts=1)
+    router = routers(model)[0]
+    router.expert_bias.copy_(torch.tensor([0.3, -0.1, 0.2, 0.0]))
+    model.reinitialize_expert(layer_idx=0, cluster_idx=1, expert_idx=0)
+    assert router.expert_bias.tolist() == pytest.approx([0.3, -0.1, 0.2, 0.0])
+    model.save_pretrained(tmp_path)
 
 def test_adaptive_routing_evens_out_a_skewed_load():
     without, with_balancing = load_imbalance(adaptive=False), load_imbalance(adaptive=True)

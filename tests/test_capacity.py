@@ -83,6 +83,17 @@ def test_capacity_arithmetic_and_rerouting_match_the_reference(tiny_model, facto
         assert row.unique().numel() == row.numel()
 
 
+def test_rerouting_never_goes_past_the_last_expert_of_the_cluster(tiny_model):
+    """When every candidate after the first choices is tried (top_k_experts = E - 1, all tokens alike), a pair whose
+    alternatives run out is dropped, not re-routed to a candidate rank beyond the cluster's experts."""
+    model = tiny_model(num_clusters=1, top_k_experts=3, expert_capacity_factor=1.0, use_reliability_routing=False)
+    block = model.model.layers[0].mlp
+    candidates = torch.tensor([[[0, 1, 2, 3]]] * 4)  # capacity 3: token 3's three first choices all overflow
+    chosen_rank, served, rerouted = block._limit_capacity(candidates, None)
+    ref_chosen, ref_served, ref_rerouted = reference_capacity(candidates, 3, 3, torch.ones(4, dtype=torch.bool))
+    assert torch.equal(served, ref_served) and rerouted.item() == ref_rerouted == 1
+    assert torch.equal(candidates.gather(-1, chosen_rank)[served], ref_chosen[ref_served])
+
 def test_every_token_is_served_rerouted_or_reported_dropped(tiny_model):
     model, block = skewed_block(tiny_model, expert_capacity_factor=0.75)
     hidden = torch.randn(2, 12, model.config.hidden_size)
@@ -114,6 +125,35 @@ def test_every_token_is_served_rerouted_or_reported_dropped(tiny_model):
     fully_dropped = ~served.any(-1)
     assert torch.all(output.view(24, -1)[fully_dropped] == 0)
 
+
+def expert_balance_reference(cluster_index, local_choices, expert_probs):
+    """Switch balancing inside each cluster, weighted by the cluster's share of the (token, cluster) pairs (as in
+    test_routing.py): E * sum_c share_c * sum_e (share of c's expert choices going to e) * (mean P(e | c))."""
+    num_experts, top_k_experts = expert_probs.shape[-1], local_choices.shape[-1]
+    expected = 0.0
+    for cluster in cluster_index.unique().tolist():
+        pairs = cluster_index == cluster  # (tokens, kc)
+        experts_share = F.one_hot(local_choices[pairs], num_experts).float().sum((0, 1)) / (pairs.sum() * top_k_experts)
+        expected += pairs.float().mean() * num_experts * (experts_share * expert_probs[pairs].mean(0)).sum()
+    return expected
+
+
+def test_expert_balance_loss_counts_the_experts_pairs_are_served_by_after_rerouting(tiny_model):
+    """With capacity limits, the balancing loss sees the load the experts really get: a re-routed pair counts for the
+    expert it was moved to, not for the overloaded first choice (which would keep pushing the same experts down)."""
+    model, block = skewed_block(tiny_model, expert_capacity_factor=0.75)
+    hidden = torch.randn(2, 12, model.config.hidden_size)
+    _, stats = block(hidden)
+    assert stats["rerouted_pairs"] > 0
+
+    routing = block.router(hidden.view(24, -1))
+    cluster_index, candidates = routing.cluster_index, routing.expert_candidates
+    chosen_rank, _, _ = block._limit_capacity(cluster_index.unsqueeze(-1) * 4 + candidates, None)
+    expert_probs = F.softmax(routing.expert_logits, -1)
+    expected = expert_balance_reference(cluster_index, candidates.gather(-1, chosen_rank), expert_probs)
+    torch.testing.assert_close(stats["expert_balance_loss"], expected)
+    first_choices = expert_balance_reference(cluster_index, candidates[..., :2], expert_probs)
+    assert not torch.allclose(first_choices, expected)  # the case tells the two apart
 
 def test_counts_are_reported_per_forward_and_accumulated_in_training(tiny_model, tmp_path):
     model, _ = skewed_block(tiny_model, expert_capacity_factor=0.5)

@@ -169,26 +169,31 @@ def test_static_cache_decoding_reads_no_token_count_off_cpu(tiny_model, monkeypa
 
 
 def _decode_with_a_mask_as_wide_as_the_static_cache(model, prompt, token, where):
-    """Prefill `prompt` (row 1 left-padded by one) into a static cache of 12 positions, then run `token` with a 2-D
-    mask of all 12 columns: the cached and new tokens' entries, then the future positions' zeros."""
+    """Prefill `prompt` (row 1 left-padded by one) into a static cache of 12 positions (a dynamic one where `where`
+    says so), then run `token` with a 2-D mask of 12 columns: the cached and new tokens' entries, then the future
+    positions' zeros."""
     mask = torch.zeros(2, 12, dtype=torch.long)
     mask[:, : prompt.shape[1] + token.shape[1]] = 1
     mask[1, 0] = 0
-    cache = StaticCache(config=model.config, max_cache_len=12)
+    if where.endswith("dynamic cache"):
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=12)
     forward = model
-    if where == "compiled":
+    if where.startswith("compiled"):
         forward = torch.compile(model.forward, fullgraph=True, backend="eager", dynamic=False)
     with torch.no_grad():
         model(prompt, attention_mask=mask[:, : prompt.shape[1]], cache=cache, use_cache=True)
         return forward(input_ids=token, attention_mask=mask, cache=cache, use_cache=True).logits
 
 
-@pytest.mark.parametrize("where", ["off CPU", "compiled"])
+@pytest.mark.parametrize("where", ["off CPU", "compiled", "compiled, dynamic cache"])
 def test_a_mask_as_wide_as_the_static_cache_masks_by_position(tiny_model, tiny_config, monkeypatch, where):
     """As in transformers' masks, a 2-D mask's column j is position j: one as wide as a static cache (one shape for
     every compiled step) has the future positions' zeros after the new tokens. Where the cached length is not read
     on the host, those last columns were taken for the new tokens': their expert outputs were dropped as padding's,
-    and the classifier pooled a padding position. (On CPU the cached length is read, and the mask must end there.)"""
+    and the classifier pooled a padding position. (On CPU the cached length is read, and the mask must end there.)
+    Compiled, a dynamic cache's length is not read either: its integer offset picks the new tokens' columns."""
     from clustermoe_hf import modeling_clustermoe
 
     torch._dynamo.reset()

@@ -266,6 +266,14 @@ def test_position_ids_of_the_wrong_shape_or_dtype_are_rejected(tiny_model, posit
         tiny_model()(random_ids(2, 6), position_ids=position_ids)
 
 
+def test_position_ids_of_one_row_apply_to_every_sequence_of_the_batch(tiny_model):
+    """Position ids of shape (1, sequence_length) broadcast over the batch, as in transformers' models."""
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, position_ids=torch.arange(6)[None]).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize(
     "labels, problem",
     [

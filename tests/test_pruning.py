@@ -82,6 +82,21 @@ def test_prune_whole_clusters(tiny_model):
     assert torch.isfinite(model(torch.randint(3, 64, (1, 8))).logits).all()
 
 
+def test_prune_ranks_by_utilisation_times_reliability_by_default(tiny_model):
+    """The default `rank_by` weighs how much an expert is used by how reliable it is: a busy but unreliable expert
+    ranks below a slightly less used reliable one (by utilisation alone, experts 0 and 7 would stay)."""
+    model = with_utilization(tiny_model(), [[10, 9, 8, 7] * 2] * 2)
+    for layer in model.model.layers:
+        layer.mlp.router.expert_reliability.copy_(torch.tensor([0.6, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.6]))
+    assert model.prune_experts(experts_per_cluster_keep=2) == {0: [1, 2, 4, 5], 1: [1, 2, 4, 5]}
+
+
+def test_whole_clusters_are_ranked_by_the_sum_of_their_experts_scores(tiny_model):
+    """A cluster's rank is its total score: one busy expert (20 tokens) does not outrank a cluster whose four experts
+    share more (24 tokens)."""
+    model = with_utilization(tiny_model(), [[20, 0, 0, 0, 6, 6, 6, 6]] * 2)
+    assert model.prune_experts(clusters_keep=1, rank_by="utilization") == {0: [4, 5, 6, 7], 1: [4, 5, 6, 7]}
+
 def test_calibration_data_ranks_the_experts_and_leaves_the_training_state_alone(tiny_model):
     model = tiny_model(top_k_experts=1)
     generator = torch.Generator().manual_seed(0)

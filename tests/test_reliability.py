@@ -345,6 +345,16 @@ def test_health_check_flags_outputs_far_larger_than_the_other_experts_of_the_clu
     assert faulty.tolist() == [False, True, False, False, False, False, True, False]
 
 
+def test_a_non_finite_expert_is_left_out_of_the_reference_its_peers_are_judged_against(tiny_model):
+    """An inf output is faulty on its own; as a reference it would raise the bar for its peers, so that an outsized
+    expert beside it (1000x its one healthy peer) would pass."""
+    block = tiny_model().model.layers[0].mlp  # 2 clusters x 4 experts, reliability_max_norm_ratio = 100
+    direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    norms = {0: 1.0, 1: 1000.0, 2: float("inf")}
+    ids = torch.tensor([e for e in norms for _ in range(2)])
+    outputs = torch.stack([direction * norms[int(e)] for e in ids])
+    assert block._faulty_experts(outputs, ids, None).tolist() == [False, True, True] + [False] * 5
+
 def test_a_dead_expert_does_not_make_its_healthy_peers_look_outsized(tiny_model):
     """An expert with all-zero outputs (zeroed or corrupted weights) is no reference: the median of the others keeps
     its log-norm of ~-28 out of its peers' bar. Two outsized experts among three still vouch for each other."""
