@@ -362,6 +362,7 @@ class ClusterMoERouting(NamedTuple):
     expert_candidates   (tokens, kc, E')  local expert ids, best first by selection score (E' = top_k_experts, or
                                           all E when capacity limits may need the next-best experts)
     candidate_log_probs (tokens, kc, E')  log P(cluster) + log P(expert | cluster) of each candidate
+    chosen_cluster_log_probs (tokens, kc) log P(cluster) of each chosen cluster
     """
 
     cluster_logits: torch.Tensor
@@ -371,6 +372,7 @@ class ClusterMoERouting(NamedTuple):
     expert_log_probs: torch.Tensor
     expert_candidates: torch.Tensor
     candidate_log_probs: torch.Tensor
+    chosen_cluster_log_probs: torch.Tensor
 
 
 def _distributed_is_running() -> bool:
@@ -651,6 +653,7 @@ class ClusterMoERouter(nn.Module):
             expert_log_probs,
             expert_candidates,
             candidate_log_probs,
+            chosen_cluster_log_probs,
         )
 
 
@@ -929,10 +932,18 @@ class ClusterMoESparseMoeBlock(nn.Module):
             return True
         return not judges_experts and _host_reads_are_free(hidden_flat)
 
-    def _combine_weights(self, chosen_log_probs: torch.Tensor) -> torch.Tensor:
-        """Combine weights (tokens, k): renormalised over the token's pairs, P(pair) / sum P = softmax of their
-        log-probabilities, or the plain probabilities without `norm_topk_prob`."""
-        return chosen_log_probs.softmax(-1) if self.config.norm_topk_prob else chosen_log_probs.exp()
+    def _combine_weights(self, chosen_log_probs: torch.Tensor, cluster_log_probs: torch.Tensor) -> torch.Tensor:
+        """Combine weights (tokens, k) from the pairs' log P(cluster) + log P(expert | cluster) and the chosen
+        clusters' log P(cluster) (tokens, kc): P(cluster) * P(expert | cluster), the latter renormalised over the
+        cluster's chosen experts with `norm_topk_prob`. P(cluster) is not renormalised: over one chosen cluster it
+        would be 1, and the cluster router would get no gradient from the task loss (as Switch Transformer keeps its
+        top-1 probability)."""
+        if not self.config.norm_topk_prob:
+            return chosen_log_probs.exp()
+        num_tokens, top_k = chosen_log_probs.shape
+        # (tokens, kc, ke): softmax over a cluster's experts, in which its log P(cluster) cancels
+        within_cluster = chosen_log_probs.view(num_tokens, cluster_log_probs.shape[1], -1).softmax(-1)
+        return (within_cluster * cluster_log_probs.exp().unsqueeze(-1)).view(num_tokens, top_k)
 
     def _judge_pairs(self, pair_outputs, pair_ids, valid_pairs, judges_experts: bool):
         """The (N,) experts and (tokens*k,) pairs to mask, or None for none: in training forwards, the experts that
@@ -947,7 +958,9 @@ class ClusterMoESparseMoeBlock(nn.Module):
             return None, None
         return pair_ids.new_zeros(self.num_experts).index_add_(0, pair_ids, pair_faulty.long()) > 0, pair_faulty
 
-    def _experts_per_pair(self, hidden_flat, top_k_index, chosen_log_probs, valid_pairs, judges_experts: bool):
+    def _experts_per_pair(
+        self, hidden_flat, top_k_index, chosen_log_probs, cluster_log_probs, valid_pairs, judges_experts: bool
+    ):
         """One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be judged
         and masked before it is combined; works with every experts backend (eager, grouped_mm, batched_mm, ...).
         Pairs where `valid_pairs` (tokens*k,) is False (dropped by capacity limits, of padding tokens) are zeroed.
@@ -986,7 +999,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
             else:
                 pair_outputs = _MaskExcludedPairOutputs.apply(pair_outputs, gate_dummy, excluded)
         # Dropped pairs' outputs are zero: they contribute nothing, and the token keeps its residual path.
-        weights = self._combine_weights(chosen_log_probs)
+        weights = self._combine_weights(chosen_log_probs, cluster_log_probs)
 
         # (tokens, k, 1) * (tokens, k, H) summed over k -> (tokens, H), with the float32 weights, as transformers'
         # `grouped_mm` and `batched_mm` combine a weighted call: a token's output rounds alike on either path. Not
@@ -1046,14 +1059,16 @@ class ClusterMoESparseMoeBlock(nn.Module):
         output = faulty = None  # faulty: (N,) experts whose outputs this forward masked, or None for none
         if valid_pairs is None and self._may_skip_pair_checks(hidden_flat, judges_experts):
             # Nothing to exclude and nothing to judge per pair: one weighted experts call over the tokens.
-            output = self.experts(hidden_flat, top_k_index, self._combine_weights(chosen_log_probs))
+            weights = self._combine_weights(chosen_log_probs, routing.chosen_cluster_log_probs)
+            output = self.experts(hidden_flat, top_k_index, weights)
             # Summed in float32: a half-precision sum of a layer's finite outputs overflows easily.
             summed = output.sum(dtype=_at_least_float32(output))
             if self.config.use_reliability_routing and not math.isfinite(summed.item()):
                 output = None  # some pair's output is not finite (or the sum overflowed): judge each pair
         if output is None:
+            cluster_log_probs = routing.chosen_cluster_log_probs
             output, faulty = self._experts_per_pair(
-                hidden_flat, top_k_index, chosen_log_probs, valid_pairs, judges_experts
+                hidden_flat, top_k_index, chosen_log_probs, cluster_log_probs, valid_pairs, judges_experts
             )
         output = output.view(batch_size, sequence_length, hidden_dim)
         if self.shared_expert is not None:

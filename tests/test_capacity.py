@@ -109,12 +109,12 @@ def test_every_token_is_served_rerouted_or_reported_dropped(tiny_model):
     assert stats["expert_counts"].sum() + stats["dropped_pairs"] == 24 * 2
     assert stats["dropped_pairs"] == (~served).sum() > 0 and stats["rerouted_pairs"] == rerouted > 0
 
-    # Combine weights of all chosen pairs (re-routed ones at their new expert's probability), normalised over the
-    # token's pairs; a dropped pair then contributes nothing and the token keeps its residual path.
+    # Combine weights of all chosen pairs (re-routed ones at their new expert's probability): P(cluster) times
+    # P(expert | cluster) normalised over the cluster's pairs; a dropped pair then contributes nothing and the token
+    # keeps its residual path.
     cluster_prob = F.softmax(routing.cluster_logits, -1).gather(1, cluster_index)
     expert_prob = F.softmax(routing.expert_logits[:, 0], -1).gather(1, chosen - cluster_index * 4)
-    weights = cluster_prob * expert_prob
-    weights = weights / weights.sum(-1, keepdim=True) * served
+    weights = cluster_prob * expert_prob / expert_prob.sum(-1, keepdim=True) * served
     expected = torch.zeros_like(flat)
     with torch.no_grad():
         for token, slot in torch.nonzero(served).tolist():

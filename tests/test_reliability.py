@@ -60,9 +60,8 @@ def test_nan_expert_contributes_nothing_and_its_tokens_use_the_other_selected_ex
 
     cluster_probs = F.softmax(cluster_logits, -1).gather(1, cluster_index)[:, 0]
     expert_probs = F.softmax(expert_logits[:, 0], -1).gather(1, candidates[:, 0])
-    weights = cluster_probs[:, None] * expert_probs
-    weights = weights.masked_fill(chosen == broken, 0.0)
-    weights = weights / weights.sum(-1, keepdim=True)
+    expert_probs = expert_probs.masked_fill(chosen == broken, 0.0)  # renormalised over the cluster's other experts
+    weights = cluster_probs[:, None] * expert_probs / expert_probs.sum(-1, keepdim=True)
     expected = torch.zeros_like(flat)
     with torch.no_grad():
         for token, slot in torch.nonzero(chosen != broken).tolist():

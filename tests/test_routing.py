@@ -24,7 +24,8 @@ def expert_forward(experts, expert_id, hidden):
 
 
 def reference_routing(block, hidden):
-    """Token by token: top clusters by P(cluster), top experts of each by P(expert | cluster), weight = product.
+    """Token by token: top clusters by P(cluster), top experts of each by P(expert | cluster), weight = P(cluster) *
+    P(expert | cluster), the latter renormalised over the cluster's chosen experts with `norm_topk_prob`.
     Returns (expert ids (tokens, k), combine weights (tokens, k)) with the experts in routing order."""
     config = block.config
     router = block.router
@@ -38,13 +39,11 @@ def reference_routing(block, hidden):
             expert_probs = F.softmax(expert_weight[cluster] @ token / temperature, dim=-1)
             top = expert_probs.topk(config.top_k_experts)
             ids += [cluster * config.experts_per_cluster + top.indices]
-            weights += [cluster_probs[cluster] * top.values]
+            expert_weights = top.values / top.values.sum() if config.norm_topk_prob else top.values
+            weights += [cluster_probs[cluster] * expert_weights]
         all_ids.append(torch.cat(ids))
         all_weights.append(torch.cat(weights))
-    weights = torch.stack(all_weights)
-    if config.norm_topk_prob:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return torch.stack(all_ids), weights
+    return torch.stack(all_ids), torch.stack(all_weights)
 
 
 def capture_expert_ids(block):
@@ -100,16 +99,34 @@ def test_combine_weights_are_cluster_times_expert_probability(tiny_model, norm_t
         assert (weights.sum(-1) < 0.99).all()  # otherwise this would not tell the two modes apart
 
 
-def test_normalised_combine_weights_sum_to_one(tiny_model):
-    """With every expert identical, the block returns that expert's output times the sum of the weights."""
-    model = tiny_model(num_clusters=3, experts_per_cluster=4, top_k_clusters=2, top_k_experts=3)
+@pytest.mark.parametrize("top_k_clusters", [3, 1])
+def test_normalised_combine_weights_sum_to_the_chosen_clusters_probability(tiny_model, top_k_clusters):
+    """With every expert identical, the block returns that expert's output times the sum of the weights: each chosen
+    cluster's P(cluster), its chosen experts' weights renormalised to it (1 when every cluster is chosen)."""
+    model = tiny_model(num_clusters=3, experts_per_cluster=4, top_k_clusters=top_k_clusters, top_k_experts=3)
     block = model.model.layers[0].mlp
     with torch.no_grad():
         block.experts.gate_up_proj.copy_(block.experts.gate_up_proj[:1].expand_as(block.experts.gate_up_proj))
         block.experts.down_proj.copy_(block.experts.down_proj[:1].expand_as(block.experts.down_proj))
         hidden = torch.randn(10, 32)
         output, _ = block(hidden[None])
-        torch.testing.assert_close(output[0], expert_forward(block.experts, 0, hidden), rtol=1e-4, atol=1e-6)
+        chosen_clusters = block.router.cluster_weight.matmul(hidden.T).T.softmax(-1).topk(top_k_clusters).values
+        expected = expert_forward(block.experts, 0, hidden) * chosen_clusters.sum(-1, keepdim=True)
+        torch.testing.assert_close(output[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_task_loss_trains_the_cluster_router_with_one_cluster_per_token(tiny_config):
+    """Renormalised over the pairs of one cluster, P(cluster) would cancel from the combine weights, and the cluster
+    router learn from the router losses only, not which cluster serves a token best (its task-loss gradient was
+    ~1e-11, rounding)."""
+    config = tiny_config(
+        top_k_clusters=1, router_aux_loss_coef=0.0, router_cluster_aux_loss_coef=0.0, router_z_loss_coef=0.0
+    )
+    model = ClusterMoEForCausalLM(config).train()
+    ids = torch.randint(0, config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    router = model.model.layers[0].mlp.router
+    assert router.cluster_weight.grad.abs().max() > 1e-3 * router.expert_weight.grad.abs().max()
 
 
 # ----- hierarchical and flat router paths -----
