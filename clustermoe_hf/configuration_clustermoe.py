@@ -53,7 +53,7 @@ class ClusterMoEConfig(PreTrainedConfig):
             `top_k_clusters * top_k_experts` distinct experts.
         norm_topk_prob (`bool`): in the combine weights `P(cluster) * P(expert | cluster)`, renormalise
             `P(expert | cluster)` over each chosen cluster's chosen experts (`P(cluster)` is not renormalised: over
-            one chosen cluster it would be 1, and the cluster router get no gradient from the task loss).
+            one chosen cluster it would be 1, and the cluster router would get no gradient from the task loss).
         routing_temperature (`float`): softmax temperature of both router levels, at least 1e-4.
         router_jitter_noise (`float`): std of Gaussian noise added to the selection scores while training
             (exploration); 0 disables it. Never applied in eval.

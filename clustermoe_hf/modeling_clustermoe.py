@@ -864,8 +864,9 @@ class ClusterMoESparseMoeBlock(nn.Module):
         # z-loss (ST-MoE) on both levels' softmax inputs (logits / temperature) keeps the logits small. Their
         # logsumexp is any input minus its log-probability; taking entry 0 keeps nothing new alive for the backward.
         temperature = self.config.routing_temperature
-        z_cluster = (cluster_logits[:, 0].float() / temperature - cluster_log_probs[:, 0]).square()
-        z_expert = (expert_logits[..., 0].float() / temperature - routing.expert_log_probs[..., 0]).square().mean(-1)
+        z_cluster = (_at_temperature(cluster_logits[:, 0], temperature) - cluster_log_probs[:, 0]).square()
+        z_expert = (_at_temperature(expert_logits[..., 0], temperature) - routing.expert_log_probs[..., 0]).square()
+        z_expert = z_expert.mean(-1)
         router_z = ((z_cluster + z_expert) * mask).sum() / num_valid
         return cluster_balance, expert_balance, router_z
 
@@ -1001,9 +1002,10 @@ class ClusterMoESparseMoeBlock(nn.Module):
         # Dropped pairs' outputs are zero: they contribute nothing, and the token keeps its residual path.
         weights = self._combine_weights(chosen_log_probs, cluster_log_probs)
 
-        # (tokens, k, 1) * (tokens, k, H) summed over k -> (tokens, H), with the float32 weights, as transformers'
-        # `grouped_mm` and `batched_mm` combine a weighted call: a token's output rounds alike on either path. Not
-        # `bmm`: on CPU its backward for these (1 x k) @ (k x H) batches copies every token's slices one by one.
+        # (tokens, k, 1) * (tokens, k, H) summed over k -> (tokens, H), with the router's float32 weights, as
+        # transformers' `grouped_mm` and `batched_mm` combine a weighted call: a token's output rounds alike on either
+        # path. Not `bmm`: on CPU its backward for these (1 x k) @ (k x H) batches copies every token's slices one by
+        # one.
         output = (weights.unsqueeze(-1) * pair_outputs.view(num_tokens, top_k, -1)).sum(1)
         return output.to(pair_outputs.dtype), faulty
 

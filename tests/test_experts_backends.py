@@ -404,3 +404,13 @@ def test_the_gemm_loop_has_exact_float64_gradients():
         weights = torch.randn(weight_shape, dtype=torch.float64, requires_grad=True)
         grouped = lambda inputs, weights: _SortedGroupedLinear.apply(inputs, weights, groups, transpose)  # noqa: E731
         assert torch.autograd.gradcheck(grouped, (inputs, weights))
+
+
+def test_a_float64_models_router_z_loss_is_computed_in_float64(tiny_config):
+    """The z-loss, logsumexp(logits)^2 on both levels, cast the float64 logits to float32 (off by 1e-9 here)."""
+    model = ClusterMoEForCausalLM(clustermoe_config(num_clusters=3, top_k_clusters=2)).double()
+    block = model.model.layers[0].mlp
+    routing = block.router(torch.randn(6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    z_loss = block._balance_losses(routing, routing.expert_candidates, None)[2]
+    expected = routing.cluster_logits.logsumexp(-1).square() + routing.expert_logits.logsumexp(-1).square().mean(-1)
+    torch.testing.assert_close(z_loss, expected.mean(), rtol=1e-14, atol=0)
