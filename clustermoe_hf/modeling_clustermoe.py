@@ -361,7 +361,7 @@ class ClusterMoERouting(NamedTuple):
     expert_log_probs    (tokens, kc, E)   log P(expert | cluster) at the routing temperature
     expert_candidates   (tokens, kc, E')  local expert ids, best first by selection score (E' = top_k_experts, or
                                           all E when capacity limits may need the next-best experts)
-    candidate_log_probs (tokens, kc, E')  log P(cluster) + log P(expert | cluster) of each candidate
+    candidate_log_probs (tokens, kc, E')  log P(expert | cluster) of each candidate
     chosen_cluster_log_probs (tokens, kc) log P(cluster) of each chosen cluster
     """
 
@@ -644,7 +644,6 @@ class ClusterMoERouter(nn.Module):
             candidate_log_probs = expert_choice.values
         else:
             candidate_log_probs = expert_log_probs.gather(-1, expert_candidates)
-        candidate_log_probs = candidate_log_probs + chosen_cluster_log_probs.unsqueeze(-1)
         return ClusterMoERouting(
             cluster_logits,
             cluster_log_probs,
@@ -934,17 +933,18 @@ class ClusterMoESparseMoeBlock(nn.Module):
         return not judges_experts and _host_reads_are_free(hidden_flat)
 
     def _combine_weights(self, chosen_log_probs: torch.Tensor, cluster_log_probs: torch.Tensor) -> torch.Tensor:
-        """Combine weights (tokens, k) from the pairs' log P(cluster) + log P(expert | cluster) and the chosen
-        clusters' log P(cluster) (tokens, kc): P(cluster) * P(expert | cluster), the latter renormalised over the
-        cluster's chosen experts with `norm_topk_prob`. P(cluster) is not renormalised: over one chosen cluster it
-        would be 1, and the cluster router would get no gradient from the task loss (as Switch Transformer keeps its
-        top-1 probability)."""
-        if not self.config.norm_topk_prob:
-            return chosen_log_probs.exp()
+        """Combine weights (tokens, k) from the pairs' log P(expert | cluster) and the chosen clusters' log P(cluster)
+        (tokens, kc): P(cluster) * P(expert | cluster), the latter renormalised over the cluster's chosen experts with
+        `norm_topk_prob`. P(cluster) is not renormalised: over one chosen cluster it would be 1, and the cluster router
+        would get no gradient from the task loss (as Switch Transformer keeps its top-1 probability)."""
         num_tokens, top_k = chosen_log_probs.shape
-        # (tokens, kc, ke): softmax over a cluster's experts, in which its log P(cluster) cancels
-        within_cluster = chosen_log_probs.view(num_tokens, cluster_log_probs.shape[1], -1).softmax(-1)
-        return (within_cluster * cluster_log_probs.exp().unsqueeze(-1)).view(num_tokens, top_k)
+        # (tokens, kc, ke): each chosen cluster's chosen experts
+        expert_log_probs = chosen_log_probs.view(num_tokens, cluster_log_probs.shape[1], -1)
+        if self.config.norm_topk_prob:
+            weights = expert_log_probs.softmax(-1) * cluster_log_probs.exp().unsqueeze(-1)
+        else:
+            weights = (expert_log_probs + cluster_log_probs.unsqueeze(-1)).exp()
+        return weights.view(num_tokens, top_k)
 
     def _judge_pairs(self, pair_outputs, pair_ids, valid_pairs, judges_experts: bool):
         """The (N,) experts and (tokens*k,) pairs to mask, or None for none: in training forwards, the experts that
@@ -1026,8 +1026,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         chosen_clusters = cluster_index.unsqueeze(-1)  # (tokens, kc, 1)
         if self.config.expert_capacity_factor is None:
             local_index, served, rerouted = routing.expert_candidates, None, None  # (tokens, kc, ke)
-            # Combine weight = P(cluster) * P(expert | cluster), both at the routing temperature.
-            chosen_log_probs = routing.candidate_log_probs
+            chosen_log_probs = routing.candidate_log_probs  # log P(expert | cluster), at the routing temperature
         else:
             # (tokens, kc, E) global ids, best first
             candidates = routing.expert_candidates.add(chosen_clusters, alpha=self.experts_per_cluster)

@@ -290,9 +290,9 @@ def test_jitter_changes_training_selection_only(tiny_model):
 
 @pytest.mark.parametrize("state", ["fresh", "biased", "degraded", "jitter"])
 def test_candidates_carry_their_plain_log_probabilities(tiny_model, state):
-    """Each candidate's log P(cluster) + log P(expert | cluster), what the combine weights are built from, is the
-    plain log-probability whatever selection adds to it (biases, log-reliability, jitter). Selection adds nothing
-    while every term is zero: top-k's values are then the log-probabilities."""
+    """Each candidate's log P(expert | cluster) and each chosen cluster's log P(cluster), what the combine weights
+    are built from, are the plain log-probabilities whatever selection adds to them (biases, log-reliability, jitter).
+    Selection adds nothing while every term is zero: top-k's values are then the log-probabilities."""
     model = tiny_model(
         num_clusters=3, experts_per_cluster=4, top_k_clusters=2, top_k_experts=2, use_adaptive_routing=True,
         router_jitter_noise=1.0, initializer_range=0.2,
@@ -306,9 +306,9 @@ def test_candidates_carry_their_plain_log_probabilities(tiny_model, state):
     hidden = torch.randn(16, 32)
     with torch.no_grad():
         routing = router(hidden)
-    expected = routing.cluster_log_probs.gather(1, routing.cluster_index).unsqueeze(-1)
-    expected = expected + routing.expert_log_probs.gather(-1, routing.expert_candidates)
-    assert torch.equal(routing.candidate_log_probs, expected)
+    expected_clusters = routing.cluster_log_probs.gather(1, routing.cluster_index)
+    assert torch.equal(routing.chosen_cluster_log_probs, expected_clusters)
+    assert torch.equal(routing.candidate_log_probs, routing.expert_log_probs.gather(-1, routing.expert_candidates))
     cluster_term, expert_term = router.selection_bias()
     assert (cluster_term is None and expert_term is None) == (state in ("fresh", "jitter"))
 
