@@ -247,8 +247,9 @@ class ClusterMoEConfig(PreTrainedConfig):
         super().__setattr__(name, value)
         # A model checks a changed setting before its next forward (`ClusterMoEModel.forward`), as at construction:
         # settings are read live, and e.g. `top_k_experts=5` would otherwise fail inside top-k, or
-        # `routing_temperature=0` give NaN outputs. Early-exit drafting sets `num_hidden_layers` for every draft.
-        if name != "num_hidden_layers":
+        # `routing_temperature=0` give NaN outputs. Early-exit drafting lowers `num_hidden_layers` for every draft,
+        # which the model checks against its layers itself: only a depth that is not a positive integer marks it.
+        if name != "num_hidden_layers" or not (_is_int(value) and value > 0):
             self.__dict__[_CHANGED_SINCE_CHECK] = True
 
     def _remove_keys_not_serialized(self, d: dict):
@@ -513,6 +514,11 @@ class ClusterMoEConfig(PreTrainedConfig):
             self.validate_rope()
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"Invalid ClusterMoEConfig: rope_parameters {rope_parameters!r}: {error}") from error
+        # transformers only logs a warning for scaling parameters it cannot use (a `factor` of 0, factor lists of the
+        # wrong length, ...); the model would then compute NaN or fail while being built.
+        if rope_type != "default":
+            problem = _rope_frequencies_problem(self, rope_type)
+            require(problem is None, f"rope_parameters {rope_parameters!r} {problem}.")
         # Every layer attends to every earlier token. transformers' caches read these settings from any config and
         # would keep only a window of keys, so that cached decoding silently disagreed with the full forward.
         for name in ("sliding_window", "attention_chunk_size", "kv_sharing_modes"):
@@ -596,6 +602,26 @@ def _dtype_problem(dtype) -> str | None:
         return "must be a torch dtype or its name, e.g. 'bfloat16'"
     if not dtype.is_floating_point:
         return "must be a floating-point dtype (float32, bfloat16, float16, ...)"
+    return None
+
+
+def _rope_frequencies_problem(config: "ClusterMoEConfig", rope_type: str) -> str | None:
+    """Why the RoPE frequencies of a scaled `rope_type` cannot be computed, or are not finite and positive, or None."""
+    import torch  # lazily, as transformers' configs do
+
+    if rope_type == "longrope":  # one factor per frequency, or the frequencies fail to compute with a shape error
+        for name in ("short_factor", "long_factor"):
+            factors = config.rope_parameters.get(name)
+            if not (isinstance(factors, list) and len(factors) == config.head_dim // 2):
+                return f"need {name} to be a list of head_dim // 2 = {config.head_dim // 2} numbers, got {factors!r}"
+    try:
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    except (KeyError, TypeError, ValueError, RuntimeError, ZeroDivisionError) as error:
+        return f"give no RoPE frequencies ({type(error).__name__}: {error})"
+    if inv_freq.shape != (config.head_dim // 2,) or not (torch.isfinite(inv_freq).all() and (inv_freq > 0).all()):
+        return f"give RoPE inverse frequencies that are not {config.head_dim // 2} finite positive numbers: {inv_freq}"
+    if not math.isfinite(attention_scaling):
+        return f"give a non-finite attention scaling ({attention_scaling})"
     return None
 
 

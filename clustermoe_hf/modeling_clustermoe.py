@@ -83,7 +83,9 @@ class ClusterMoERMSNorm(LlamaRMSNorm):
 
 
 class ClusterMoERotaryEmbedding(LlamaRotaryEmbedding):
-    pass
+    def __init__(self, config: ClusterMoEConfig):
+        super().__init__(config)
+        self.rope_parameters = copy.deepcopy(config.rope_parameters)  # what the frequencies were computed from
 
 
 class ClusterMoEAttention(LlamaAttention):
@@ -98,6 +100,7 @@ class ClusterMoEMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.hidden_act = config.hidden_act
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
@@ -115,6 +118,7 @@ class ClusterMoEExperts(nn.Module):
         self.intermediate_dim = config.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.hidden_act = config.hidden_act
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -1441,9 +1445,10 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             self.config.__dict__[_CHANGED_SINCE_CHECK] = False
 
     def _check_config_describes_modules(self, config: ClusterMoEConfig | None = None):
-        """The sizes the modules were built with must still be the config's: one changed afterwards (e.g.
-        `model.config.num_clusters = 8`) would save weights that its config does not describe, and the checkpoint
-        would not load."""
+        """The sizes and settings the modules were built with must still be the config's: a size changed afterwards
+        (e.g. `model.config.num_clusters = 8`) would save weights that its config does not describe, and the
+        checkpoint would not load; a setting the modules copied (e.g. `rms_norm_eps`) would be ignored by this model
+        and saved for the one reloaded from the checkpoint."""
         # Read from the modules' size attributes, not their weights' shapes: adapters (peft) wrap modules, and
         # DeepSpeed ZeRO-3 partitions the weights (the Trainer saves it that way, with a gathered state dict).
         unwrap = _inside_peft_wrappers
@@ -1458,26 +1463,32 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             "head_dim": head_dim,
             "num_attention_heads": unwrap(attention.q_proj).out_features // head_dim,
             "num_key_value_heads": unwrap(attention.k_proj).out_features // head_dim,
+            "attention_dropout": attention.attention_dropout,
+            "rms_norm_eps": unwrap(layers[0].input_layernorm).variance_epsilon,
+            "rope_parameters": self.base_model.rotary_emb.rope_parameters,
         }
         for layer in layers:
             if not layer.is_moe:
                 built["dense_intermediate_size"] = unwrap(layer.mlp.gate_proj).out_features
+                built["hidden_act"] = layer.mlp.hidden_act
                 continue
             block = layer.mlp
             built.update(num_clusters=block.num_clusters, experts_per_cluster=block.experts_per_cluster)
             if isinstance(block.experts, ClusterMoEExperts):
                 built["intermediate_size"] = block.experts.intermediate_dim
+                built["hidden_act"] = block.experts.hidden_act
             shared = block.shared_expert
             built["shared_expert_intermediate_size"] = 0 if shared is None else unwrap(shared.gate_proj).out_features
         score = getattr(self, "score", None)  # the sequence classifier's head
         if score is not None:
             built["num_labels"] = unwrap(score).out_features
         config = self.config if config is None else config
-        changed = [f"{name}={getattr(config, name)!r}" for name, size in built.items() if getattr(config, name) != size]
+        changed = [name for name, value in built.items() if getattr(config, name) != value]
         if changed:
             raise ValueError(
-                f"The config no longer describes this model: it says {', '.join(changed)}, the model was built with "
-                f"{', '.join(f'{name}={built[name]!r}' for name in built)}. Sizes cannot change after a model is "
+                f"The config no longer describes this model: it says "
+                f"{', '.join(f'{name}={getattr(config, name)!r}' for name in changed)}, the model was built with "
+                f"{', '.join(f'{name}={built[name]!r}' for name in changed)}. These cannot change after a model is "
                 "built: build a new model from the changed config (to remove experts, use `prune_experts`)."
             )
 
@@ -2213,6 +2224,8 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
                 self._check_config(whole_model)
             else:
                 self._check_config()
+            for _, block in self._moe_layers():  # a choice of kernels over the same weights: follows the config
+                block.router.hierarchical = _uses_hierarchical_router(config)
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache)
         sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         # Decided here, outside the layers, which reentrant checkpointing first runs without gradients.

@@ -73,6 +73,24 @@ ALIASES = {
         ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, r"rope_parameters .*'factor'"),
         ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1e4}}, r"rope_parameters\['rope_type'\]"),
         ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, r"rope_parameters\['rope_theta'\]"),
+        # transformers only warns about these scaling parameters; the model then computed NaN or failed while built
+        (
+            {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 0.0}},
+            r"rope_parameters .* give RoPE inverse frequencies that are not 4 finite positive numbers",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 0.0}},
+            r"rope_parameters .* give RoPE inverse frequencies that are not 4 finite positive numbers",
+        ),
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 3, "long_factor": [1.0] * 4,
+                    "original_max_position_embeddings": 16,
+                }
+            },  # fmt: skip
+            r"rope_parameters .* need short_factor to be a list of head_dim // 2 = 4 numbers, got \[1.0, 1.0, 1.0\]",
+        ),
         # the attention rotates the whole head_dim: a partial factor was ignored ("default") or broke the forward
         (
             {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}},
@@ -243,6 +261,11 @@ def test_values_set_after_construction_are_checked_when_a_model_is_built_or_save
         ("reliability_threshold", 1.5, r"reliability_threshold must be a finite number in \[0, 1\)"),
         ("num_clusters", 8, "The config no longer describes this model: it says num_clusters=8"),
         ("d_model", 64, "it says hidden_size=64"),
+        # settings the modules copied when built: the model would ignore them and save them for the one reloaded
+        ("rms_norm_eps", 0.5, r"it says rms_norm_eps=0.5, the model was built with rms_norm_eps=1e-06\."),
+        ("hidden_act", "gelu", "it says hidden_act='gelu', the model was built with hidden_act='silu'"),
+        ("dropout", 0.1, "it says attention_dropout=0.1"),
+        ("rope_parameters", {"rope_type": "default", "rope_theta": 10.0}, "it says rope_parameters="),
     ],
 )
 def test_a_setting_changed_on_a_live_model_is_checked_before_its_next_forward(tiny_config, name, value, error):
@@ -273,6 +296,33 @@ def test_a_setting_changed_while_fewer_layers_run_is_checked_too(tiny_model, num
     model.config.routing_temperature = 1.0
     if num_hidden_layers > 0:
         model(ids)  # the first layer alone, with valid settings
+
+
+def test_the_router_implementation_can_change_on_a_live_model(tiny_model):
+    """Flat and hierarchical routers score the same experts with the same weights: switching is a choice of kernels,
+    which the next forward follows, and the routing it computes stays the same."""
+    model = tiny_model(router_implementation="flat").eval()
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        flat = model(ids).logits
+        model.config.router_implementation = "hierarchical"
+        hierarchical = model(ids).logits
+    assert all(block.router.hierarchical for _, block in model._moe_layers())
+    torch.testing.assert_close(hierarchical, flat)
+
+
+@pytest.mark.parametrize("num_hidden_layers", [0, -1, 1.5, None, 4])
+def test_a_depth_the_model_cannot_run_is_refused_after_a_forward(tiny_model, num_hidden_layers):
+    """Early-exit drafting lowers `num_hidden_layers` without a check of the other settings; a depth that is not
+    one of the model's (none, a fraction, more layers than built) is still refused before the next forward."""
+    model = tiny_model(num_hidden_layers=3)
+    ids = torch.randint(0, 64, (1, 6))
+    model(ids)  # clears the mark of a changed setting
+    model.config.num_hidden_layers = num_hidden_layers
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        model(ids, labels=ids)
+    model.config.num_hidden_layers = 3
+    model(ids)
 
 
 def test_a_live_config_is_checked_once_per_change_and_the_mark_is_not_saved(tiny_model, tmp_path, monkeypatch):
