@@ -18,6 +18,9 @@ ORIGINAL_DEFAULTS = {
     "top_k_clusters": 2,
     "expert_capacity_factor": 1.25,
     "attention_dropout": 0.1,
+    # The original's adaptive routing was on by default; here the name is the bias-based balancing (DeepSeek-V3's
+    # auxiliary-loss-free biases), which the original's learned output gate is not.
+    "use_adaptive_routing": True,
 }
 
 
@@ -35,7 +38,8 @@ def create_coe_model(
 
     The defaults are the original package's: d_model 512, 6 layers, 4 clusters of 8 experts, d_ff 2048, top-2
     clusters and top-2 experts in each, capacity factor 1.25, dropout 0.1 (here on the attention weights: the experts
-    have no dropout). A plain `ClusterMoEConfig()` (also spelt `CoEConfig()`) keeps its own, smaller defaults.
+    have no dropout), adaptive routing on (here the balancing biases that name stands for). A plain
+    `ClusterMoEConfig()` (also spelt `CoEConfig()`) keeps its own, smaller defaults.
 
     As in the original package, every forward returns `out["aux_loss"]` and, with `use_reliability_routing=True`
     (the default), `out["model_reliability"]`, also under `torch.no_grad()`: the config sets

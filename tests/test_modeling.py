@@ -94,7 +94,7 @@ def test_create_coe_model_defaults_are_the_original_packages():
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (512, 6, 2048)
     assert (config.num_clusters, config.experts_per_cluster, config.vocab_size) == (4, 8, 32000)
     assert (config.top_k_clusters, config.top_k_experts) == (2, 2)
-    assert (config.expert_capacity_factor, config.attention_dropout) == (1.25, 0.1)
+    assert (config.expert_capacity_factor, config.attention_dropout, config.use_adaptive_routing) == (1.25, 0.1, True)
     with torch.device("meta"):  # a transformers name replaces the original default as its alias would
         config = create_coe_model(hidden_size=64, num_hidden_layers=1, d_ff=32, top_k_clusters=1).config
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.top_k_clusters) == (
