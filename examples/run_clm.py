@@ -62,6 +62,7 @@ from clustermoe_hf.training import (
     SaveRoutingState,
     TokenBlocks,
     add_router_metrics_callback,
+    encode_prompt,
     expert_utilization_by_layer,
     format_utilization_summary,
     hold_out_tails,
@@ -796,9 +797,14 @@ def sample_prompt(
     context: int | None,
 ) -> str:
     """--sample_prompt, or a default: a speaker heading for the embedded corpus, otherwise the first non-blank line of
-    the validation text (the BOS/EOS token if none fits), such that prompt and sample fit in the model's `context`
-    (positions past it were never trained). Chosen before training: the sample is generated after the weights are
-    saved, and fails there for a prompt without tokens."""
+    the validation text (if none fits, the start of the first one), such that prompt and sample fit in the model's
+    `context` (positions past it were never trained). Chosen before training: the sample is generated after the
+    weights are saved, and fails there for a prompt without tokens. Counted as `generate_sample` encodes them
+    (`encode_prompt`: special tokens written out in the text are text, as in training)."""
+
+    def length(text: str) -> int:
+        return len(encode_prompt(tokenizer, text)["input_ids"])
+
     new_tokens = report_args.sample_max_new_tokens
     room = None if context is None else context - new_tokens  # tokens left for the prompt
     if room is not None and room < 1:
@@ -808,24 +814,32 @@ def sample_prompt(
         )
     prompt = report_args.sample_prompt
     if prompt is not None:
-        length = len(tokenizer(prompt)["input_ids"])
-        if length == 0:
+        prompt_length = length(prompt)
+        if prompt_length == 0:
             raise ValueError(f"--sample_prompt {prompt!r} has no tokens with this tokenizer.")
-        if room is not None and length > room:
+        if room is not None and prompt_length > room:
             raise ValueError(
-                f"--sample_prompt has {length} tokens, and with --sample_max_new_tokens {new_tokens} the sample would "
-                f"run past the model's context of {context} tokens (max_position_embeddings): shorten either."
+                f"--sample_prompt has {prompt_length} tokens, and with --sample_max_new_tokens {new_tokens} the sample "
+                f"would run past the model's context of {context} tokens (max_position_embeddings): shorten either."
             )
         return prompt
-    if dataset_id == EMBEDDED_CORPUS_ID:
-        candidates = [EMBEDDED_CORPUS_PROMPT]
-    else:
-        candidates = (line for text in validation_texts for line in text.split("\n") if line.strip())
-    for candidate in candidates:
-        length = len(tokenizer(candidate)["input_ids"])
-        if length and (room is None or length <= room):
+
+    def lines():
+        return (line for text in validation_texts for line in text.split("\n") if line.strip())
+
+    limit = math.inf if room is None else room
+    for candidate in [EMBEDDED_CORPUS_PROMPT] if dataset_id == EMBEDDED_CORPUS_ID else lines():
+        if 0 < length(candidate) <= limit:
             return candidate
-    return tokenizer.bos_token or tokenizer.eos_token
+    # No line fits whole: the longest start of one that does (re-counted: one cut inside a character decodes to a
+    # replacement character, which takes more tokens).
+    for line in lines():
+        ids = encode_prompt(tokenizer, line, add_special_tokens=False)["input_ids"]
+        for count in range(min(limit, len(ids)), 0, -1):
+            start = tokenizer.decode(ids[:count])
+            if start.strip() and 0 < length(start) <= limit:
+                return start
+    raise ValueError("The validation text has no line to prompt the card's sample with: pass --sample_prompt.")
 
 
 @contextlib.contextmanager
@@ -867,7 +881,7 @@ def check_model_card_renders(template: str, render_card, model, training_setup: 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
     """Sample a continuation of `prompt` with the model's generation config, streaming it to stdout."""
     set_seed(seed)
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    inputs = encode_prompt(tokenizer, prompt, return_tensors="pt").to(model.device)
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer)
     return tokenizer.decode(output[0], skip_special_tokens=True)

@@ -27,6 +27,7 @@ from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
 from clustermoe_hf.training import (
     TokenBlocks,
     embedded_corpus_dir,
+    encode_prompt,
     hold_out_tails,
     label_smoothed_causal_lm_loss,
     read_text_documents,
@@ -949,8 +950,33 @@ def test_sample_prompt_is_never_empty(run_clm, trained, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--sample_prompt is empty"):
         run_clm.main([*TINY_RUN, "--sample_prompt", "", "--output_dir", str(tmp_path / "run")])
     tokenizer = AutoTokenizer.from_pretrained(trained[0])
-    blank = ["", "\n   \n"]
-    assert run_clm.sample_prompt(run_clm.ReportArguments(), "notes", blank, tokenizer, None) == tokenizer.bos_token
+    # No line fits whole: the start of the first one. (A BOS, as the prompt, would be encoded as text.)
+    lines = ["", "Dromio of Ephesus and Dromio of Syracuse, " * 4, "and Adriana, " * 8]
+    arguments = run_clm.ReportArguments(sample_max_new_tokens=BLOCK_SIZE - 3)
+    prompt = run_clm.sample_prompt(arguments, "notes", ["\n".join(lines)], tokenizer, BLOCK_SIZE)
+    assert lines[1].startswith(prompt) and prompt.strip()
+    assert len(encode_prompt(tokenizer, prompt)["input_ids"]) <= 3
+    with pytest.raises(ValueError, match="The validation text has no line to prompt the card's sample with"):
+        run_clm.sample_prompt(run_clm.ReportArguments(), "notes", ["", "\n   \n"], tokenizer, None)
+
+
+def test_prompts_are_encoded_as_the_training_text(run_clm, trained):
+    """Special tokens written out in a prompt are text, as TokenBlocks encodes the corpus: not the EOS that separates
+    documents, nor tokens the model never trained, which the decoded text would leave out."""
+    folder, _, _ = trained
+    prompt = "DROMIO: <s>Here</s><pad>"
+    texts = load_script("generate").main(
+        ["--model_name_or_path", str(folder), "--prompt", prompt, "--max_new_tokens", "2", "--do_sample", "false"]
+    )
+    assert texts[0].startswith(prompt)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert run_clm.generate_sample(model, tokenizer, prompt, max_new_tokens=2, seed=0).startswith(prompt)
+    length = len(encode_prompt(tokenizer, prompt)["input_ids"])
+    assert length > len(tokenizer(prompt)["input_ids"])  # the special tokens' names take more tokens as text
+    arguments = run_clm.ReportArguments(sample_prompt=prompt, sample_max_new_tokens=BLOCK_SIZE - length + 1)
+    with pytest.raises(ValueError, match=f"--sample_prompt has {length} tokens"):
+        run_clm.sample_prompt(arguments, "notes", [], tokenizer, BLOCK_SIZE)
 
 
 @pytest.mark.parametrize("pad_token", [None, "</s>"], ids=["no-pad-token", "eos-as-pad-token"])

@@ -28,6 +28,7 @@ from clustermoe_hf.training import (
     TokenBlocks,
     add_router_metrics_callback,
     embedded_corpus_dir,
+    encode_prompt,
     expert_utilization_by_layer,
     format_utilization_summary,
     hold_out_tails,
@@ -181,12 +182,23 @@ def bpe_tokenizer():
 def test_byte_level_bpe_round_trips_any_text(bpe_tokenizer):
     assert (bpe_tokenizer.pad_token_id, bpe_tokenizer.bos_token_id, bpe_tokenizer.eos_token_id) == (0, 1, 2)
     assert len(bpe_tokenizer) == 400
-    text = "**DROMIO**\nWhat, ho!  Ünïcödé ✓ 漢字\ttabs"
-    ids = bpe_tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert bpe_tokenizer.decode(ids) == text
+    text = "**DROMIO**\nWhat, ho!  Ünïcödé ✓ 漢字\ttabs <s></s><pad>"
+    ids = bpe_tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert bpe_tokenizer.decode(ids, skip_special_tokens=True) == text
     assert len(ids) < len(text.encode())  # merges were learnt
     with pytest.raises(ValueError, match="at least"):
         train_byte_level_bpe(["x"], vocab_size=100)
+
+
+def test_token_blocks_encode_special_tokens_written_in_the_text_as_text(bpe_tokenizer):
+    """A literal `</s>` would look like the EOS that separates documents, and `<s>`/`<pad>` would be tokens the model
+    never trains; all of them would vanish from the text decoded with skip_special_tokens. The prompt as well."""
+    text = "Use <s>old</s> and <pad> here"
+    ids = TokenBlocks([text], bpe_tokenizer, block_size=1).blocks.flatten().tolist()
+    assert ids[-1] == bpe_tokenizer.eos_token_id  # the separator that TokenBlocks adds, and only that one
+    assert not set(ids[:-1]) & set(bpe_tokenizer.all_special_ids)
+    assert bpe_tokenizer.decode(ids[:-1], skip_special_tokens=True) == text
+    assert encode_prompt(bpe_tokenizer, text)["input_ids"] == ids[:-1]
 
 
 def test_byte_level_bpe_vocab_size_is_an_integer_up_to_a_documented_bound():
@@ -1193,7 +1205,7 @@ def test_model_card_metadata_and_content(used_model):
     assert "# clustermoe-tiny" in card
     assert 'AutoTokenizer.from_pretrained("someone/clustermoe-tiny", trust_remote_code=True)' in card
     assert 'AutoModelForCausalLM.from_pretrained("someone/clustermoe-tiny", trust_remote_code=True)' in card
-    assert 'tokenizer("**ROMEO**\\n", return_tensors="pt")' in card
+    assert 'tokenizer("**ROMEO**\\n", return_tensors="pt", split_special_tokens=True)' in card
     assert "| Clusters x experts per cluster | 2 x 4 |" in card
     assert "| Validation perplexity | 123.5 |" in card and "| Validation tokens | 4,096 |" in card
     assert "| 1 | 2.646 | 0.000 | 100.0%, 0.0% | 0.0% / 100.0% |" in card
@@ -1226,7 +1238,8 @@ def test_model_card_quotes_any_prompt_and_sample(used_model):
         dataset_description="some plays", perplexity=1.0, results={}, training_setup=[],
         sample_prompt=prompt, sample=sample,
     )  # fmt: skip
-    (literal,) = re.findall(r"^inputs = tokenizer\((.*), return_tensors=\"pt\"\)$", card, flags=re.MULTILINE)
+    snippet = r"^inputs = tokenizer\((.*), return_tensors=\"pt\", split_special_tokens=True\)$"
+    (literal,) = re.findall(snippet, card, flags=re.MULTILINE)
     assert ast.literal_eval(literal) == prompt
     assert f"\n`````text\n{sample}\n`````\n" in card
     # In prose the prompt is inline code: Markdown and HTML in it show as written.
