@@ -52,6 +52,8 @@ TEXT_FILE_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 AUX_LOSS_PARTS = ROUTER_LOSS_NAMES  # combine_router_losses' order
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 _UTILIZATION_KEY = re.compile(r"layer_(\d+)_cluster_(\d+)_expert_(\d+)")
+# New tokens that the model card's usage snippet generates, fewer where the prompt leaves less room in the context.
+CARD_MAX_NEW_TOKENS = 60
 
 
 # The largest vocabulary `train_byte_level_bpe` trains: far above any real one (the largest are about 2**18), and
@@ -796,6 +798,7 @@ def render_model_card(
     template_path: str | Path,
     model: torch.nn.Module,
     *,
+    tokenizer: PreTrainedTokenizerBase,
     model_id: str,
     dataset_id: str,
     dataset_on_hub: bool = False,
@@ -815,9 +818,18 @@ def render_model_card(
     results table. `images` maps a caption to a file name inside the model folder (plots); `base_model` is the Hub id
     of the model that training started from, if any. `dataset_id` names the data in the model-index; it is listed as
     the card's Hub dataset only with `dataset_on_hub` (a local corpus' name would link to an unrelated dataset).
+    `tokenizer` is the model's: the usage snippet generates at most `CARD_MAX_NEW_TOKENS` after `sample_prompt`,
+    fewer where the prompt leaves less room in the model's context (positions past it were never trained).
     """
     if isinstance(perplexity, bool) or not isinstance(perplexity, numbers.Real):  # the model-index metric needs one
         raise TypeError(f"perplexity must be the validation perplexity, a number; got {perplexity!r}.")
+    context = find_clustermoe_model(model).config.max_position_embeddings
+    prompt_length = len(encode_prompt(tokenizer, sample_prompt)["input_ids"])  # as the snippet encodes it
+    if prompt_length >= context:
+        raise ValueError(
+            f"sample_prompt has {prompt_length} tokens, which leaves no room to generate in the model's context of "
+            f"{context} tokens (max_position_embeddings)."
+        )
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     model_name = model_id.split("/")[-1]
@@ -860,6 +872,7 @@ def render_model_card(
         # Markdown and HTML in the prompt (`**`, `<s>`) show as written.
         sample_prompt_literal=prompt_literal,
         sample_prompt_code=_inline_code(prompt_literal),
+        usage_max_new_tokens=min(CARD_MAX_NEW_TOKENS, context - prompt_length),
         sample=sample,
         # Backticks in the generated text would otherwise close its code block.
         sample_fence=_code_fence(sample, shortest=3),

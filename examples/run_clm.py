@@ -1042,6 +1042,7 @@ def main(args: list[str] | None = None) -> dict:
         return render_model_card(
             report_args.model_card_template,
             model,
+            tokenizer=tokenizer,
             model_id=training_args.hub_model_id or output_dir.resolve().name,
             dataset_id=dataset_id,
             dataset_on_hub=data_args.dataset_name is not None and not Path(data_args.dataset_name).exists(),

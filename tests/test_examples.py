@@ -169,6 +169,10 @@ def test_model_card_reports_the_run(trained):
     assert f"| Validation tokens | {MAX_EVAL_SAMPLES * BLOCK_SIZE} |" in card  # an integer, not 384.0 or 3.84e+02
     # The tokenizer too: the config's auto_map would otherwise make transformers ask whether to run the stored code
     assert 'AutoTokenizer.from_pretrained("clustermoe-tiny", trust_remote_code=True)' in card
+    # Its generation stays within the model's context (positions past it were never trained).
+    (prompt,) = re.findall(r"^inputs = tokenizer\((.*), return_tensors=", card, flags=re.MULTILINE)
+    length = len(encode_prompt(AutoTokenizer.from_pretrained(folder), json.loads(prompt))["input_ids"])
+    assert f"model.generate(**inputs, max_new_tokens={min(60, BLOCK_SIZE - length)})" in card
     history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
     last_loss = [entry["loss"] for entry in history if entry["step"] == 4 and "loss" in entry]
     assert f"| Last logged training loss (step 4, incl. router aux loss) | {last_loss[0]:.4g} |" in card

