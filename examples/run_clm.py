@@ -258,7 +258,10 @@ class DataArguments:
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A `datasets` dataset (Hub id or local path) to train on instead; needs `datasets`."},
+        metadata={
+            "help": "A `datasets` dataset (Hub id or local path) to train on instead, on its `train` split; needs "
+            "`datasets`."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The configuration of --dataset_name."})
     text_column_name: str = field(default="text", metadata={"help": "The text column of --dataset_name."})
@@ -614,6 +617,11 @@ def load_corpus(data_args: DataArguments) -> tuple[list[str], list[str], str, st
         splits = load_dataset_documents(
             data_args.dataset_name, data_args.dataset_config_name, data_args.text_column_name
         )
+        if "train" not in splits:
+            raise ValueError(
+                f"--dataset_name {data_args.dataset_name} has no 'train' split to train on; its splits: "
+                f"{', '.join(map(repr, splits)) or 'none'}."
+            )
         train = splits["train"]
         validation = splits.get("validation")
         if validation is None:

@@ -842,6 +842,13 @@ def test_run_clm_reads_a_datasets_dataset(run_clm, monkeypatch):
     assert (len(train), validation) == (10, ["held out"])
 
 
+def test_run_clm_names_a_dataset_without_a_train_split(run_clm, monkeypatch):
+    monkeypatch.setattr(run_clm, "load_dataset_documents", lambda name, config, column: {"test": ["a b c"] * 10})
+    with pytest.raises(ValueError, match=r"--dataset_name someone/rows has no 'train' split to train on; its splits: "
+                                         r"'test'\."):  # fmt: skip
+        run_clm.load_corpus(run_clm.DataArguments(dataset_name="someone/rows"))
+
+
 def test_the_card_lists_a_hub_dataset_but_not_a_local_one(run_clm, tmp_path, monkeypatch):
     class Split(dict):
         column_names = property(lambda self: list(self))
