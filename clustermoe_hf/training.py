@@ -369,7 +369,8 @@ def label_smoothed_causal_lm_loss(epsilon: float):
     """A `compute_loss_func` for the `Trainer`: the model's causal-LM loss with label smoothing `epsilon`, router losses
     included. Use it instead of `TrainingArguments(label_smoothing_factor=...)` alone: that option takes the labels
     from the model and smooths its logits in the Trainer, which leaves out the router losses (as for transformers' own
-    MoE models)."""
+    MoE models). In evaluation the model runs without labels or gradients and computes no router losses: the loss is
+    the smoothed cross-entropy alone."""
     _check_fraction("epsilon", epsilon)
 
     def compute_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
