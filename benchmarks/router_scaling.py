@@ -5,6 +5,10 @@ Each N has sqrt(N) clusters of sqrt(N) experts; a token picks 1 cluster and 2 ex
 serves the routed (token, expert) pairs. The smallest N from which the hierarchical router is faster is what
 `HIERARCHICAL_ROUTER_MIN_EXPERTS` in `clustermoe_hf/modeling_clustermoe.py` should be.
 
+Decoding's forwards hold a few tokens, for which the hierarchical router gathers the chosen clusters' rows instead of
+grouping the tokens by cluster: the routers are also timed alone at 1, 8 and 64 tokens, with the implementation that
+`router_implementation="auto"` runs at each N.
+
     python benchmarks/router_scaling.py                # full sweep, writes benchmarks/results/router_scaling.*
     python benchmarks/router_scaling.py --quick        # small sizes, about 10 s
 """
@@ -41,6 +45,7 @@ from clustermoe_hf.modeling_clustermoe import (  # noqa: E402
 
 
 EXPERT_COUNTS = (16, 64, 256, 1024, 4096)
+SMALL_FORWARD_TOKENS = (1, 8, 64)  # decoding's forwards
 
 
 def build_router(config: ClusterMoEConfig, implementation: str) -> ClusterMoERouter:
@@ -53,12 +58,51 @@ def build_router(config: ClusterMoEConfig, implementation: str) -> ClusterMoERou
     return router.eval()
 
 
-def measure(num_experts, tokens, hidden_size, expert_width, warmup, repeats, clock, device, dtype) -> dict:
+def sweep_config(num_experts: int, hidden_size: int, expert_width: int) -> ClusterMoEConfig:
     side = math.isqrt(num_experts)
-    config = ClusterMoEConfig(
+    return ClusterMoEConfig(
         vocab_size=32, hidden_size=hidden_size, intermediate_size=expert_width, num_hidden_layers=1,
         num_attention_heads=1, num_clusters=side, experts_per_cluster=side, top_k_clusters=1, top_k_experts=2,
     )  # fmt: skip
+
+
+def time_routers(routers: dict, hidden_states: torch.Tensor, warmup: int, repeats: int, clock) -> dict[str, float]:
+    """Median ms per call of each router (eval, no gradient) on `hidden_states`, interleaved."""
+
+    def route(router):
+        def run():
+            with torch.no_grad():
+                router(hidden_states)
+
+        return run
+
+    times = median_times({name: route(router) for name, router in routers.items()}, warmup, repeats, clock)
+    return {name: value["median_s"] * 1e3 for name, value in times.items()}
+
+
+def measure_small_forwards(num_experts, hidden_size, warmup, repeats, clock, device, dtype) -> list[dict]:
+    """Both routers at decoding's forward sizes, and which one `router_implementation="auto"` runs there."""
+    config = sweep_config(num_experts, hidden_size, expert_width=hidden_size)
+    routers = {name: build_router(config, name).to(device, dtype) for name in ("hierarchical", "flat")}
+    auto = "hierarchical" if build_router(config, "auto").hierarchical else "flat"
+    rows = []
+    for tokens in SMALL_FORWARD_TOKENS:
+        hidden_states = torch.randn(tokens, hidden_size, device=device, dtype=dtype)
+        medians = time_routers(routers, hidden_states, warmup, repeats, clock)
+        rows.append({
+            "num_experts": num_experts,
+            "tokens": tokens,
+            "hierarchical_ms": medians["hierarchical"],
+            "flat_ms": medians["flat"],
+            "hierarchical_over_flat": ratio(medians["hierarchical"], medians["flat"]),
+            "auto": auto,
+        })  # fmt: skip
+    return rows
+
+
+def measure(num_experts, tokens, hidden_size, expert_width, warmup, repeats, clock, device, dtype) -> dict:
+    side = math.isqrt(num_experts)
+    config = sweep_config(num_experts, hidden_size, expert_width)
     routers = {name: build_router(config, name).to(device, dtype) for name in ("hierarchical", "flat")}
     hidden_states = torch.randn(tokens, hidden_size, device=device, dtype=dtype)
     with torch.no_grad():
@@ -76,24 +120,10 @@ def measure(num_experts, tokens, hidden_size, expert_width, warmup, repeats, clo
     torch.nn.init.normal_(experts.down_proj, std=0.02)
     experts.to(device, dtype)
 
-    def route(router):
-        def run():
-            with torch.no_grad():
-                router(hidden_states)
+    def serve(hidden_states):
+        return experts(hidden_states, top_k_index, top_k_weights)
 
-        return run
-
-    def serve():
-        with torch.no_grad():
-            experts(hidden_states, top_k_index, top_k_weights)
-
-    times = median_times(
-        {"hierarchical": route(routers["hierarchical"]), "flat": route(routers["flat"]), "experts": serve},
-        warmup=warmup,
-        repeats=repeats,
-        clock=clock,
-    )
-    medians = {name: value["median_s"] * 1e3 for name, value in times.items()}
+    medians = time_routers({**routers, "experts": serve}, hidden_states, warmup, repeats, clock)
     return {
         "num_experts": num_experts,
         "num_clusters": side,
@@ -125,6 +155,19 @@ def write_outputs(result: dict, output_dir: Path, plot: bool) -> None:
             f"{row['experts_ms']:.3f} |"
         )
     lines += ["", f"Hierarchical faster from N = {result['crossover_num_experts']} experts on."]
+    lines += [
+        "",
+        f"Routers alone at decoding's forward sizes, medians of {result['small_forward_repeats']} interleaved runs; "
+        "`auto`: the router `router_implementation=\"auto\"` runs at that N.",
+        "",
+        "| experts N | tokens | hierarchical (ms) | flat (ms) | hierarchical / flat | auto |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in result["small_forwards"]:
+        lines.append(
+            f"| {row['num_experts']} | {row['tokens']} | {row['hierarchical_ms']:.4f} | {row['flat_ms']:.4f} | "
+            f"{row['hierarchical_over_flat']:.2f} | {row['auto']} |"
+        )
     (output_dir / "router_scaling.md").write_text("\n".join(lines) + "\n")
     if plot:
         import matplotlib
@@ -176,6 +219,12 @@ def main(argv=None) -> dict:
     rows = [
         measure(n, tokens, hidden_size, expert_width, warmup, repeats, clock, device, dtype) for n in EXPERT_COUNTS
     ]
+    small_forward_repeats = 20 if args.quick else 200
+    small_forwards = [
+        row
+        for n in EXPERT_COUNTS
+        for row in measure_small_forwards(n, hidden_size, warmup, small_forward_repeats, clock, device, dtype)
+    ]
     faster = [row["num_experts"] for row in rows if row["hierarchical_ms"] < row["flat_ms"]]
     # The crossover is the smallest N from which the hierarchical router stays faster.
     crossover = next((n for n in faster if all(m in faster for m in EXPERT_COUNTS if m >= n)), None)
@@ -195,6 +244,8 @@ def main(argv=None) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "rows": rows,
         "crossover_num_experts": crossover,
+        "small_forward_repeats": small_forward_repeats,
+        "small_forwards": small_forwards,
         "hierarchical_router_min_experts": HIERARCHICAL_ROUTER_MIN_EXPERTS,
     }
     write_outputs(result, args.output_dir, plot=not args.no_plot)
