@@ -24,6 +24,7 @@ from transformers import CompileConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CLUSTERMOE, DEFAULT_SHAPE, DENSE, MOE_PEERS, QUICK_SHAPE, build_configs, build_model  # noqa: E402
 from common import count_at_least, keep_freed_memory, median_times  # noqa: E402
+from bench_models import workload_inputs  # noqa: E402
 
 
 def decode_runs(name: str, config, prompt: torch.Tensor, new_tokens: int) -> dict:
@@ -68,11 +69,9 @@ def main(argv=None) -> dict:
     batch_sizes = (1,) if args.quick else (1, 8)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
     configs = build_configs(shape)
-    generator = torch.Generator().manual_seed(0)
-
     runs = {}
     for batch_size in batch_sizes:
-        prompt = torch.randint(3, shape.vocab_size, (batch_size, shape.decode_prompt), generator=generator)
+        prompt = workload_inputs(f"decode_b{batch_size}", shape, torch.device("cpu"))["decode_prompt"]  # bench_models'
         for name in names:
             for mode, run in decode_runs(name, configs[name], prompt, shape.decode_tokens).items():
                 runs[(batch_size, name, mode)] = run

@@ -21,7 +21,7 @@ from torch.profiler._memory_profiler import Action
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import make_training_steps  # noqa: E402
+from bench_models import make_training_steps, workload_inputs  # noqa: E402
 from common import CLUSTERMOE, DEFAULT_SHAPE, DENSE, build_configs, build_model, keep_freed_memory  # noqa: E402
 from common import EXPERTS_IMPLEMENTATIONS, MOE_PEERS, count_at_least, tensor_bytes  # noqa: E402
 
@@ -94,7 +94,8 @@ def main(argv=None):
     keep_freed_memory()
     shape = DEFAULT_SHAPE
     configs = build_configs(shape)
-    batch = torch.randint(3, shape.vocab_size, (shape.train_batch, shape.train_seq))
+    inputs = workload_inputs("train_fp32", shape, torch.device("cpu"))  # bench_models.py's training batch and prompt
+    batch, prompt = inputs["batch"], inputs["decode_prompt"]
     columns, calls = {}, {}
     for name, implementation in ((CLUSTERMOE, None), (args.peer, args.peer_implementation), (DENSE, None)):
         model = build_model(name, configs[name], dtype=dtype, experts_implementation=implementation)
@@ -111,8 +112,8 @@ def main(argv=None):
         else:
             model.eval()
             with torch.no_grad():
-                cache = model(input_ids=batch[:1, : shape.decode_prompt], use_cache=True).cache
-            token = batch[:1, :1]
+                cache = model(input_ids=prompt, use_cache=True).cache
+            token = prompt[:, -1:]
 
             def fn(model=model, cache=cache, token=token):
                 with torch.no_grad():
