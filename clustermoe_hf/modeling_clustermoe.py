@@ -68,7 +68,8 @@ logger = logging.get_logger(__name__)
 # `router_implementation="auto"` scores experts only inside the chosen clusters from this many experts on; below it
 # one dense matmul over all experts is cheaper than grouping tokens by cluster. Measured by
 # benchmarks/router_scaling.py (docs/benchmarks.md): on CPU, at 2,048 tokens, the hierarchical router takes 1.1-1.4x
-# the flat one's time at 64 experts, 0.6-0.7x at 256 and 0.09-0.15x at 4096.
+# the flat one's time at 64 experts, 0.6-0.75x at 256 and 0.09-0.15x at 4096 (at 1-64 tokens: 1.0-1.3x at 256,
+# 0.4-0.7x at 4096).
 HIERARCHICAL_ROUTER_MIN_EXPERTS = 256
 
 
