@@ -616,8 +616,9 @@ def _rope_frequencies_problem(config: "ClusterMoEConfig", rope_type: str) -> str
             if not (isinstance(factors, list) and len(factors) == config.head_dim // 2):
                 return f"need {name} to be a list of head_dim // 2 = {config.head_dim // 2} numbers, got {factors!r}"
     try:
-        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-    except (KeyError, TypeError, ValueError, RuntimeError, ZeroDivisionError) as error:
+        with torch.device("cpu"):  # also where models are built on the meta device (`from_pretrained`)
+            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    except (KeyError, TypeError, ValueError, RuntimeError, ArithmeticError) as error:
         return f"give no RoPE frequencies ({type(error).__name__}: {error})"
     if inv_freq.shape != (config.head_dim // 2,) or not (torch.isfinite(inv_freq).all() and (inv_freq > 0).all()):
         return f"give RoPE inverse frequencies that are not {config.head_dim // 2} finite positive numbers: {inv_freq}"

@@ -83,6 +83,10 @@ ALIASES = {
             r"rope_parameters .* give RoPE inverse frequencies that are not 4 finite positive numbers",
         ),
         (
+            {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 10**400}},
+            r"rope_parameters .* give no RoPE frequencies \(OverflowError",
+        ),
+        (
             {
                 "rope_parameters": {
                     "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 3, "long_factor": [1.0] * 4,
@@ -350,6 +354,27 @@ def test_a_live_config_is_checked_once_per_change_and_the_mark_is_not_saved(tiny
     saved = json.loads((tmp_path / "config.json").read_text())
     assert not any(key.startswith("_changed") for key in saved)
     assert ClusterMoEConfig.from_pretrained(tmp_path).to_dict() == model.config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 16},
+    ],
+)  # fmt: skip
+def test_a_scaled_rope_checkpoint_reloads(tiny_config, tmp_path, rope_parameters):
+    """Its RoPE frequencies are checked when the config is built, also inside `from_pretrained`, which builds the
+    model on the meta device (the check computed them there and refused every scaled RoPE)."""
+    model = ClusterMoEForCausalLM(tiny_config(rope_parameters={**rope_parameters, "rope_theta": 1e4})).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
 
 
 def test_loading_a_config_still_validates(tmp_path, tiny_config):

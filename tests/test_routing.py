@@ -268,9 +268,11 @@ def test_unaligned_experts_compile(tiny_config, dtype, hidden_size, intermediate
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
 
 
-def test_hierarchical_router_groups_tokens_of_every_one_of_many_clusters():
+def test_hierarchical_router_groups_tokens_of_every_one_of_many_clusters(monkeypatch):
     """The (token, cluster) groups' boundaries are counted exactly: a float histogram put cluster C-2's tokens into
-    cluster C-1's group from ~8k clusters on, scoring them with another cluster's expert rows."""
+    cluster C-1's group from ~8k clusters on, scoring them with another cluster's expert rows. (Four tokens would
+    gather their clusters' rows instead of being grouped: not here.)"""
+    monkeypatch.setattr(modeling_clustermoe, "GATHERED_ROUTER_ROWS_MAX", 0)
     config = ClusterMoEConfig(
         vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
         num_key_value_heads=1, num_clusters=8192, experts_per_cluster=2, top_k_clusters=1, top_k_experts=1,
