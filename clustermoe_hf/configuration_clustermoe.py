@@ -513,7 +513,7 @@ class ClusterMoEConfig(PreTrainedConfig):
         )
         try:
             self.validate_rope()
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as error:
             raise ValueError(f"Invalid ClusterMoEConfig: rope_parameters {rope_parameters!r}: {error}") from error
         # transformers only logs a warning for scaling parameters it cannot use (a `factor` of 0, factor lists of the
         # wrong length, ...); the model would then compute NaN or fail while being built.

@@ -86,6 +86,11 @@ ALIASES = {
             {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 10**400}},
             r"rope_parameters .* give no RoPE frequencies \(OverflowError",
         ),
+        (  # a ZeroDivisionError in transformers' own check of the parameters
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                                 "original_max_position_embeddings": 0}},
+            r"rope_parameters .*'original_max_position_embeddings': 0",
+        ),
         (
             {
                 "rope_parameters": {
