@@ -318,15 +318,16 @@ def test_assisted_and_prompt_lookup_decoding_match_greedy(tiny_model):
     assert torch.equal(greedy(model, prompt, max_new_tokens=8, prompt_lookup_num_tokens=3), expected)
 
 
-@pytest.mark.slow  # ~20 s: the continuous-batching manager's start-up
 def test_continuous_batching_generates_what_generate_does(tiny_model):
-    """`generate_batch` runs the model on a paged cache, which is not a transformers `Cache`."""
-    from transformers import GenerationConfig
+    """`generate_batch` runs the model on a paged cache, which is not a transformers `Cache`. (Sized for these
+    prompts: by default the paged cache takes most of the machine's memory, ~1 min to set up here.)"""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
 
     model = tiny_model(initializer_range=0.2)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
-    outputs = model.generate_batch(prompts, generation_config=config, warmup=False)
+    paged = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=64)
+    outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=paged, warmup=False)
     for request, prompt in zip(sorted(outputs), prompts):
         expected = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
         assert outputs[request].generated_tokens == expected.tolist()
