@@ -604,7 +604,7 @@ class ClusterMoERouter(nn.Module):
             return all_logits[token_index, cluster_index]
         expert_weight = self.expert_weight.view(self.num_clusters, self.experts_per_cluster, -1)  # (C, E, H)
         pairs = num_tokens * top_k_clusters
-        gathered = pairs * expert_weight[0].numel()  # values copied: E x H per (token, cluster) pair
+        gathered = pairs * self.experts_per_cluster * expert_weight.shape[-1]  # values copied: E x H per pair
         if pairs <= self.num_clusters and gathered <= GATHERED_ROUTER_ROWS_MAX:
             # Few (token, cluster) pairs, as in decoding: each pair's cluster rows, gathered (no more than the C*E*H
             # weights grouping reads), in one batched product, without grouping's sort, offsets and scatter.
