@@ -624,6 +624,16 @@ def _rope_frequencies_problem(config: "ClusterMoEConfig", rope_type: str) -> str
         return f"give RoPE inverse frequencies that are not {config.head_dim // 2} finite positive numbers: {inv_freq}"
     if not math.isfinite(attention_scaling):
         return f"give a non-finite attention scaling ({attention_scaling})"
+    if rope_type == "dynamic":
+        # Computed above at max_position_embeddings, where "dynamic" does not scale yet. Past it, at length L, the
+        # base is rope_theta * (1 + factor * (L / max_position_embeddings - 1)) ** (d / (d - 2)): finite and positive
+        # at every length only for a finite factor >= 0 (factor -1 gave NaN logits from twice the context on).
+        factor = config.rope_parameters["factor"]
+        if not (math.isfinite(factor) and factor >= 0):
+            return (
+                f"give no finite RoPE frequencies past max_position_embeddings: dynamic scaling needs a finite "
+                f"factor >= 0, got {factor}"
+            )
     return None
 
 

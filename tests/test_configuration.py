@@ -86,6 +86,15 @@ ALIASES = {
             {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 10**400}},
             r"rope_parameters .* give no RoPE frequencies \(OverflowError",
         ),
+        # "dynamic" scales only past max_position_embeddings: factor -1 gave NaN logits from twice the context on
+        *(
+            (
+                {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": factor}},
+                r"rope_parameters .* give no finite RoPE frequencies past max_position_embeddings: dynamic scaling "
+                rf"needs a finite factor >= 0, got {factor}",
+            )
+            for factor in (-1.0, -1e-3)
+        ),
         (  # a ZeroDivisionError in transformers' own check of the parameters
             {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
                                  "original_max_position_embeddings": 0}},
@@ -402,6 +411,15 @@ def test_valid_rope_and_layer_options_are_still_accepted(tiny_config):
     assert tiny_config(rope_parameters=rope).rope_parameters["partial_rotary_factor"] == 1.0
     assert tiny_config(layer_types=["full_attention"] * 2).layer_types == ["full_attention"] * 2
     assert tiny_config(initializer_range=1e-3).initializer_range == 1e-3
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5, 2.0])
+def test_dynamic_rope_with_a_factor_of_at_least_0_stays_finite_past_the_context(tiny_config, factor):
+    config = tiny_config(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": factor})
+    model = ClusterMoEForCausalLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 4 * config.max_position_embeddings))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
 
 
 def test_derived_sizes_cannot_be_set_through_any_path(tmp_path, tiny_config):
