@@ -901,6 +901,26 @@ def test_get_expert_utilization_and_reset(tiny_model):
     assert set(model.get_expert_utilization().values()) == {0.0}
 
 
+def test_reset_expert_utilization_leaves_routing_alone(tiny_model):
+    """Resetting the statistics must not change which experts tokens go to: selection weighs a cluster's reliability by
+    `selection_token_counts`, which the reset leaves to keep accumulating. Here those counts make cluster 0's
+    reliability mostly that of its degraded expert 0, so zeroing them would raise cluster 0's selection term."""
+    model = tiny_model()  # reliability routing on
+    router = model.model.layers[0].mlp.router
+    with torch.no_grad():
+        router.expert_reliability.copy_(torch.tensor([0.3] + [1.0] * 7))
+        router.selection_token_counts.copy_(torch.tensor([100] + [0] * 7))
+        router.expert_token_counts.copy_(torch.arange(1, 9))
+    bias = [term.clone() for term in router.selection_bias()]
+    selection_counts = router.selection_token_counts.clone()
+
+    model.reset_expert_utilization()
+    assert expert_counts(model).sum() == 0
+    assert torch.equal(router.selection_token_counts, selection_counts)
+    for after in (router.selection_bias(), router._compute_selection_bias()):  # cached, and rebuilt from the buffers
+        assert all(torch.equal(term, before) for term, before in zip(after, bias, strict=True))
+
+
 def test_padding_tokens_are_not_counted(tiny_model):
     model = tiny_model().train()
     full, short = random_ids(1, 8), random_ids(1, 5)

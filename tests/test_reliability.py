@@ -344,6 +344,21 @@ def test_health_check_flags_outputs_far_larger_than_the_other_experts_of_the_clu
     assert faulty.tolist() == [False, True, False, False, False, False, True, False]
 
 
+@pytest.mark.parametrize("scale, verdict", [(4.0, False), (8.0, True)])
+def test_an_expert_exactly_the_max_norm_ratio_above_its_peers_is_healthy(tiny_model, scale, verdict):
+    """Faulty means strictly more than `reliability_max_norm_ratio` above the peers' median norm: an expert exactly at
+    that ratio is healthy, one above it faulty. Exact in float32: the norms are 1 and powers of two, log(1) = 0, and
+    float32's log(4) equals log(4) rounded to float32, the bound the comparison reads. Norms 1 and 4 are past the
+    shortcut's bound (4 / 2): the full check decides."""
+    block = tiny_model(reliability_max_norm_ratio=4.0).model.layers[0].mlp  # 2 clusters x 4 experts
+    unit = torch.zeros(32)
+    unit[0] = 1.0
+    ids = torch.tensor([0, 1, 2, 3])
+    outputs = torch.stack([unit, unit, unit, scale * unit])
+    faulty = block._faulty_experts(outputs, ids, None)
+    assert faulty.tolist() == [False, False, False, verdict] + [False] * 4
+
+
 def test_a_non_finite_expert_is_left_out_of_the_reference_its_peers_are_judged_against(tiny_model):
     """An inf output is faulty on its own; as a reference it would raise the bar for its peers, so that an outsized
     expert beside it (1000x its one healthy peer) would pass."""
@@ -417,6 +432,30 @@ def test_pairs_that_are_not_served_are_not_judged(tiny_model):
     served = torch.tensor([True, True, True, True, False, False])
     assert block._faulty_experts(outputs, ids, served) is None  # the healthy shortcut, as if the rows were absent
     assert block._non_finite_pairs(outputs, served) is None
+
+
+def test_a_non_finite_pair_that_is_not_served_is_not_reported_beside_one_that_is(tiny_model):
+    """With a served pair non-finite, the check past the finite-sum shortcut runs: it must still leave the pairs that
+    were not served alone, whose rows `grouped_mm` leaves uninitialised (NaN here), or a pair of padding or dropped by
+    capacity would be reported as faulty."""
+    direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    outputs = torch.stack([direction, direction, direction * float("nan"), direction * float("nan")])
+    served = torch.tensor([True, True, True, False])
+    block = tiny_model().model.layers[0].mlp
+    assert block._non_finite_pairs(outputs, served).tolist() == [False, False, True, False]
+
+
+def test_a_non_finite_row_that_is_not_served_does_not_make_its_expert_faulty_when_the_full_check_runs(tiny_model):
+    """Expert 3's outsized outputs (1e6x) make the full check run; expert 0's one NaN row was not served (an
+    uninitialised `grouped_mm` row) and must not mark it faulty, while its served rows are healthy."""
+    block = tiny_model().model.layers[0].mlp  # 2 clusters x 4 experts, reliability_max_norm_ratio = 100
+    direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    scales = [1.0, 1.0, 1.0, float("nan"), 1e6, 1.0]
+    outputs = torch.stack([direction * scale for scale in scales])
+    ids = torch.tensor([0, 1, 2, 0, 3, 3])
+    served = torch.tensor([True, True, True, False, True, True])
+    faulty = block._faulty_experts(outputs, ids, served)
+    assert faulty.tolist() == [False, False, False, True] + [False] * 4
 
 
 def test_skipping_the_health_check_changes_no_output_gradient_or_statistic(tiny_model, monkeypatch):

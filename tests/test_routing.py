@@ -195,6 +195,32 @@ def test_a_few_tokens_are_scored_against_their_clusters_gathered_rows(tiny_confi
         assert router(hidden).expert_logits.dtype == torch.float32
 
 
+@pytest.mark.parametrize("num_tokens, rows_max", [(5, None), (2, 2 * 2 * 4 * 32 - 1)], ids=["pairs", "values"])
+def test_more_pairs_than_clusters_or_too_many_gathered_values_group_the_pairs_by_cluster(
+    tiny_config, monkeypatch, num_tokens, rows_max
+):
+    """The mirror of the test above: gathering rows is for few pairs only. Past C (token, cluster) pairs (5 tokens x 2
+    clusters > 8), or past `GATHERED_ROUTER_ROWS_MAX` gathered values (2 tokens' 4 pairs x E x H = 512 here, one more
+    than the limit), the pairs are grouped by cluster (sorted): either bound alone must send them there, since gathering
+    costs more than grouping past it. The logits are the flat router's either way."""
+    if rows_max is not None:
+        monkeypatch.setattr(modeling_clustermoe, "GATHERED_ROUTER_ROWS_MAX", rows_max)
+    sizes = {"num_clusters": 8, "experts_per_cluster": 4, "top_k_clusters": 2, "top_k_experts": 2}
+    sizes["initializer_range"] = 0.2
+    hierarchical = ClusterMoEForCausalLM(tiny_config(router_implementation="hierarchical", **sizes))
+    flat = ClusterMoEForCausalLM(tiny_config(router_implementation="flat", **sizes))
+    flat.load_state_dict(hierarchical.state_dict())
+    router, flat_router = hierarchical.model.layers[0].mlp.router, flat.model.layers[0].mlp.router
+    hidden = torch.randn(num_tokens, 32)
+    flat_routing = flat_router(hidden)
+    sorts, sort = [], torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *args, **kwargs: sorts.append(args) or sort(*args, **kwargs))
+    routing = router(hidden)
+    assert len(sorts) == 1, "gathered the chosen clusters' rows instead of grouping the pairs by cluster"
+    assert torch.equal(routing.expert_candidates, flat_routing.expert_candidates)
+    torch.testing.assert_close(routing.expert_logits, flat_routing.expert_logits)
+
+
 @pytest.mark.parametrize(
     "hidden_size, intermediate_size, dtype", [(34, 6, torch.float32), (32, 6, torch.float32), (36, 12, torch.bfloat16)]
 )
