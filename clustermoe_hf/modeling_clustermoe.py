@@ -1400,6 +1400,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         if self.can_generate():
             with tempfile.TemporaryDirectory() as scratch:
                 self.generation_config.save_pretrained(scratch)  # runs the checks its own save refuses to save with
+            _check_generation_token_ids(self.generation_config, self.config.vocab_size, "nothing was saved")
         model_class = self._model_class()
         if model_class in _AUTO_CLASSES:  # not a subclass in another module, whose code the checkpoint then holds
             module = model_class.__module__.rsplit(".", 1)[-1]  # also for code loaded from a checkpoint
@@ -2529,6 +2530,13 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def _prepare_special_tokens(self, generation_config, *args, **kwargs):
+        """`generate`'s set-up of the special tokens (the model's generation config, updated by generate's arguments),
+        after checking them: an id outside the vocabulary would reach the model as padding or a start token, and fail
+        there as if the caller's `input_ids` held it."""
+        _check_generation_token_ids(generation_config, self.config.vocab_size, "nothing was generated")
+        return super()._prepare_special_tokens(generation_config, *args, **kwargs)
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -2547,7 +2555,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        _check_logits_to_keep(logits_to_keep)
+        _check_logits_to_keep(logits_to_keep, input_ids if input_ids is not None else inputs_embeds)
         # Pure inference (no gradients, no labels, no router logits asked for, e.g. `generate`) skips the router
         # losses and routing counts: they would only cost time.
         output_routing_stats = torch.is_grad_enabled() or labels is not None or output_router_logits
@@ -2613,9 +2621,29 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
 inspect.unwrap(ClusterMoEForCausalLM.forward).__signature__ = inspect.signature(ClusterMoEForCausalLM.forward)
 
 
-def _check_logits_to_keep(logits_to_keep):
+def _check_generation_token_ids(generation_config, vocab_size: int, outcome: str):
+    """The ids `generate` feeds the model, BOS (to start without inputs) and pad (after a finished sequence), must be
+    tokens of the vocabulary. EOS ids, which only end sequences, must be below its size: negative ones end none
+    (transformers' continuous batching writes -1 into a generation config without EOS)."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(generation_config, name, None)
+        if value is None:
+            continue
+        ids = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
+        ids = ids if isinstance(ids, list) else [ids]
+        lowest = -math.inf if name == "eos_token_id" else 0
+        if not (ids and all(_is_integral(token_id) and lowest <= token_id < vocab_size for token_id in ids)):
+            allowed = f"in [0, vocab_size={vocab_size})"
+            if name == "eos_token_id":
+                allowed = f"below vocab_size={vocab_size} (a negative id ends no sequence), or a non-empty list of ids"
+            raise ValueError(f"generation_config.{name} ({value}) must be None or {allowed}: {outcome}.")
+
+
+def _check_logits_to_keep(logits_to_keep, inputs: torch.Tensor | None):
     """transformers' `slice_logits_to_keep` reads an int n as the last n positions (0: all) and a tensor as the
-    positions to keep: a negative int would silently drop the first positions, a float fail as an index."""
+    positions to keep: a negative int would silently drop the first positions, a float fail as an index, a position
+    past the inputs fail as an index after the forward (and its cache update) ran, and a negative one count from the
+    end. Checked before the forward, against the sequence length of `inputs` (ids or embeddings) when they are given."""
     if isinstance(logits_to_keep, torch.Tensor):
         valid = logits_to_keep.dim() == 1 and _is_integer_tensor(logits_to_keep)
     else:
@@ -2625,6 +2653,8 @@ def _check_logits_to_keep(logits_to_keep):
             "logits_to_keep must be an integer >= 0 (compute the logits of the last n positions; 0 for all) or a 1-D "
             f"tensor of the positions to keep; got {logits_to_keep!r}."
         )
+    if isinstance(logits_to_keep, torch.Tensor) and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+        _check_token_ids(logits_to_keep, "logits_to_keep", inputs.shape[1], bound="sequence_length")
 
 
 def _check_labels(labels: torch.Tensor, batch_size: int, sequence_length: int, vocab_size: int):

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, modeling_utils
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache, modeling_utils
 
 from clustermoe_hf import (
     ClusterMoEConfig,
@@ -316,6 +316,19 @@ def test_logits_to_keep_must_count_last_positions_or_list_them(tiny_model, logit
         tiny_model()(random_ids(2, 6), logits_to_keep=logits_to_keep)
 
 
+@pytest.mark.parametrize("positions", [[6], [0, -1]])
+def test_logits_to_keep_positions_must_lie_in_the_inputs_before_the_cache_takes_them(tiny_model, positions):
+    """A position past the inputs failed with torch's bare IndexError after the forward had added the tokens to the
+    cache; a negative one silently counted from the end."""
+    model, ids = tiny_model().eval(), random_ids(2, 6)
+    cache = DynamicCache(config=model.config)
+    with pytest.raises(ValueError, match=r"logits_to_keep must be in \[0, sequence_length=6\); got values from"):
+        model(ids, cache=cache, use_cache=True, logits_to_keep=torch.tensor(positions))
+    assert cache.get_seq_length() == 0
+    with pytest.raises(ValueError, match=r"logits_to_keep must be in \[0, sequence_length=6\)"):
+        model(inputs_embeds=model.get_input_embeddings()(ids), logits_to_keep=torch.tensor(positions))
+
+
 def test_labels_need_the_logits_of_every_position(tiny_model):
     """The loss then failed with "Expected input batch_size (2) to match target batch_size (10)"."""
     model, ids = tiny_model(), random_ids(2, 6)
@@ -582,7 +595,8 @@ def test_a_save_over_a_checkpoint_sharded_otherwise_loads_the_new_weights(tiny_m
 
 
 @pytest.mark.parametrize(
-    "failure", ["generation_config", "config", "size changed after building", "argument", "disk full"]
+    "failure",
+    ["generation_config", "generation token id", "config", "size changed after building", "argument", "disk full"],
 )
 def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_model, tmp_path, monkeypatch, failure):
     """transformers writes the code, the config, the generation config and the weights in turn, into the folder: a
@@ -596,6 +610,8 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
     model, options = tiny_model(experts_per_cluster=2), {}
     if failure == "generation_config":
         model.generation_config.temperature = 0.7  # a sampling setting without do_sample=True
+    elif failure == "generation token id":
+        model.generation_config.pad_token_id = VOCAB_SIZE  # generate would pad finished sequences with it
     elif failure == "config":
         model.config.top_k_experts = 3  # more than experts_per_cluster
     elif failure == "size changed after building":
@@ -612,6 +628,34 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
         model.save_pretrained(checkpoint, **options)
     assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before  # and no staging folder left
     assert ClusterMoEForCausalLM.from_pretrained(checkpoint).config.experts_per_cluster == 4
+
+
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("pad_token_id", VOCAB_SIZE, rf"in \[0, vocab_size={VOCAB_SIZE}\)"),
+        ("bos_token_id", 1.0, rf"in \[0, vocab_size={VOCAB_SIZE}\)"),
+        ("eos_token_id", [2, VOCAB_SIZE], rf"below vocab_size={VOCAB_SIZE} \(a negative id ends no sequence\)"),
+    ],
+)
+def test_generate_refuses_special_token_ids_outside_the_vocabulary_by_name(tiny_model, name, value, allowed):
+    """From the model's generation config or generate's arguments: padding finished sequences with an id past the
+    vocabulary failed in the forward with "input_ids must be in [0, vocab_size)", although the caller's ids were."""
+    model, ids = tiny_model().eval(), random_ids(2, 4)
+    match = rf"generation_config.{name} \({re.escape(str(value))}\) must be None or {allowed}"
+    with pytest.raises(ValueError, match=match + ".*: nothing was generated"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, **{name: value})
+    setattr(model.generation_config, name, value)
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+
+
+def test_an_eos_id_of_minus_1_ends_no_sequence_and_is_accepted(tiny_model, tmp_path):
+    """transformers' continuous batching writes it into a generation config without EOS, the model's own included."""
+    model = tiny_model().eval()
+    model.generation_config.eos_token_id = -1
+    assert model.generate(random_ids(1, 4), max_new_tokens=3, do_sample=False).shape == (1, 7)
+    model.save_pretrained(tmp_path)
 
 
 class _ClassifierSubclass(ClusterMoEForSequenceClassification):
