@@ -171,10 +171,8 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
     and 2, matching ClusterMoEConfig's default `bos_token_id`/`eos_token_id`. `vocab_size` is at most
     `MAX_BPE_VOCAB_SIZE`.
 
-    Any text round-trips: a literal `<s>`, `</s>` or `<pad>` in it is encoded as text, not as the special token, which
-    decoding with `skip_special_tokens` would drop. The tokenizer saves that setting (`split_special_tokens=True`), so
-    that a checkpoint's users encode prompts as the training text was encoded, `TokenBlocks` does it for any
-    tokenizer."""
+    Any text round-trips when encoded with `split_special_tokens=True`, as `TokenBlocks` does: otherwise a literal
+    `<s>`, `</s>` or `<pad>` in it becomes the special token, which decoding with `skip_special_tokens` drops."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -199,7 +197,7 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, split_special_tokens=True, **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
 class TokenBlocks(Dataset):
