@@ -1400,7 +1400,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         if self.can_generate():
             with tempfile.TemporaryDirectory() as scratch:
                 self.generation_config.save_pretrained(scratch)  # runs the checks its own save refuses to save with
-            _check_generation_token_ids(self.generation_config, self.config.vocab_size, "nothing was saved")
+            _check_generation_token_ids(self.generation_config, self.config.vocab_size)
         model_class = self._model_class()
         if model_class in _AUTO_CLASSES:  # not a subclass in another module, whose code the checkpoint then holds
             module = model_class.__module__.rsplit(".", 1)[-1]  # also for code loaded from a checkpoint
@@ -2530,13 +2530,6 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def _prepare_special_tokens(self, generation_config, *args, **kwargs):
-        """`generate`'s set-up of the special tokens (the model's generation config, updated by generate's arguments),
-        after checking them: an id outside the vocabulary would reach the model as padding or a start token, and fail
-        there as if the caller's `input_ids` held it."""
-        _check_generation_token_ids(generation_config, self.config.vocab_size, "nothing was generated")
-        return super()._prepare_special_tokens(generation_config, *args, **kwargs)
-
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -2621,22 +2614,23 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
 inspect.unwrap(ClusterMoEForCausalLM.forward).__signature__ = inspect.signature(ClusterMoEForCausalLM.forward)
 
 
-def _check_generation_token_ids(generation_config, vocab_size: int, outcome: str):
-    """The ids `generate` feeds the model, BOS (to start without inputs) and pad (after a finished sequence), must be
-    tokens of the vocabulary. EOS ids, which only end sequences, must be below its size: negative ones end none
-    (transformers' continuous batching writes -1 into a generation config without EOS)."""
+def _check_generation_token_ids(generation_config, vocab_size: int):
+    """A saved generation config's BOS and pad ids, which `generate` feeds the model (to start without inputs, after a
+    finished sequence), must be tokens of the vocabulary; its EOS ids, which only end sequences, below its size (a
+    negative one ends none: transformers' continuous batching writes -1 into a generation config without EOS). The
+    forward would otherwise refuse the ids as if the caller's `input_ids` held them, or no sequence end."""
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(generation_config, name, None)
         if value is None:
             continue
         ids = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
-        ids = ids if isinstance(ids, list) else [ids]
+        ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
         lowest = -math.inf if name == "eos_token_id" else 0
         if not (ids and all(_is_integral(token_id) and lowest <= token_id < vocab_size for token_id in ids)):
             allowed = f"in [0, vocab_size={vocab_size})"
             if name == "eos_token_id":
                 allowed = f"below vocab_size={vocab_size} (a negative id ends no sequence), or a non-empty list of ids"
-            raise ValueError(f"generation_config.{name} ({value}) must be None or {allowed}: {outcome}.")
+            raise ValueError(f"generation_config.{name} ({value}) must be None or {allowed}: nothing was saved.")
 
 
 def _check_logits_to_keep(logits_to_keep, inputs: torch.Tensor | None):

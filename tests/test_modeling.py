@@ -636,25 +636,29 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
         ("pad_token_id", VOCAB_SIZE, rf"in \[0, vocab_size={VOCAB_SIZE}\)"),
         ("bos_token_id", 1.0, rf"in \[0, vocab_size={VOCAB_SIZE}\)"),
         ("eos_token_id", [2, VOCAB_SIZE], rf"below vocab_size={VOCAB_SIZE} \(a negative id ends no sequence\)"),
+        ("eos_token_id", [], rf"below vocab_size={VOCAB_SIZE} .*, or a non-empty list of ids"),
     ],
 )
-def test_generate_refuses_special_token_ids_outside_the_vocabulary_by_name(tiny_model, name, value, allowed):
-    """From the model's generation config or generate's arguments: padding finished sequences with an id past the
-    vocabulary failed in the forward with "input_ids must be in [0, vocab_size)", although the caller's ids were."""
-    model, ids = tiny_model().eval(), random_ids(2, 4)
-    match = rf"generation_config.{name} \({re.escape(str(value))}\) must be None or {allowed}"
-    with pytest.raises(ValueError, match=match + ".*: nothing was generated"):
-        model.generate(ids, max_new_tokens=2, do_sample=False, **{name: value})
+def test_a_generation_config_with_token_ids_outside_the_vocabulary_is_not_saved(
+    tiny_model, tmp_path, name, value, allowed
+):
+    """Generating with such a checkpoint failed in the forward with "input_ids must be in [0, vocab_size)", although
+    the caller's ids were: `generate` had padded a finished sequence with the generation config's pad id."""
+    model = tiny_model()
     setattr(model.generation_config, name, value)
+    match = rf"generation_config.{name} \({re.escape(str(value))}\) must be None or {allowed}.*: nothing was saved"
     with pytest.raises(ValueError, match=match):
-        model.generate(ids, max_new_tokens=2, do_sample=False)
+        model.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
-def test_an_eos_id_of_minus_1_ends_no_sequence_and_is_accepted(tiny_model, tmp_path):
-    """transformers' continuous batching writes it into a generation config without EOS, the model's own included."""
+@pytest.mark.parametrize("eos_token_id", [-1, (2, 5)])
+def test_eos_ids_that_transformers_takes_are_saved(tiny_model, tmp_path, eos_token_id):
+    """-1 ends no sequence: transformers' continuous batching writes it into a generation config without EOS, the
+    model's own included. generate takes a tuple of ids too."""
     model = tiny_model().eval()
-    model.generation_config.eos_token_id = -1
-    assert model.generate(random_ids(1, 4), max_new_tokens=3, do_sample=False).shape == (1, 7)
+    model.generation_config.eos_token_id = eos_token_id
+    assert model.generate(random_ids(1, 4), max_new_tokens=3, do_sample=False).shape[0] == 1
     model.save_pretrained(tmp_path)
 
 
