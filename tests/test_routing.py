@@ -170,10 +170,13 @@ def test_hierarchical_and_flat_routers_agree(
         torch.testing.assert_close(param.grad, flat.get_parameter(name).grad, msg=name)
 
 
-@pytest.mark.parametrize("num_tokens", [1, 4])
-def test_a_few_tokens_are_scored_against_their_clusters_gathered_rows(tiny_config, monkeypatch, num_tokens):
+# 4 tokens: C = 8 pairs, whose rows are 8 x E x H = 1024 values: both bounds of the gather path, reached
+@pytest.mark.parametrize("num_tokens, rows_max", [(1, None), (4, None), (4, 8 * 4 * 32)], ids=["1", "4", "4-at-limit"])
+def test_a_few_tokens_are_scored_against_their_clusters_gathered_rows(tiny_config, monkeypatch, num_tokens, rows_max):
     """Forwards of at most C (token, cluster) pairs, as in decoding, gather the chosen clusters' expert rows instead of
     grouping the pairs by cluster (no sort): the logits and gradients of the flat router, also under autocast."""
+    if rows_max is not None:
+        monkeypatch.setattr(modeling_clustermoe, "GATHERED_ROUTER_ROWS_MAX", rows_max)
     sizes = {"num_clusters": 8, "experts_per_cluster": 4, "top_k_clusters": 2, "top_k_experts": 2}
     sizes["initializer_range"] = 0.2
     hierarchical = ClusterMoEForCausalLM(tiny_config(router_implementation="hierarchical", **sizes))
