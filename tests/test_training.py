@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 import clustermoe_hf.training as training
 from clustermoe_hf import ClusterMoEForCausalLM, ClusterMoEForSequenceClassification
@@ -199,6 +199,18 @@ def test_token_blocks_encode_special_tokens_written_in_the_text_as_text(bpe_toke
     assert not set(ids[:-1]) & set(bpe_tokenizer.all_special_ids)
     assert bpe_tokenizer.decode(ids[:-1], skip_special_tokens=True) == text
     assert encode_prompt(bpe_tokenizer, text)["input_ids"] == ids[:-1]
+
+
+def test_a_saved_bpe_tokenizer_keeps_special_tokens_special_in_chat_templates(bpe_tokenizer, tmp_path):
+    """`apply_chat_template` encodes the rendered text with the tokenizer's defaults: the template's BOS and EOS must
+    stay the special tokens there (a saved `split_special_tokens=True` made them text). Prompts written by people are
+    encoded with `encode_prompt` instead."""
+    bpe_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    reloaded.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}{{ eos_token }}"
+    ids = reloaded.apply_chat_template([{"role": "user", "content": "Dromio"}], tokenize=True)["input_ids"]
+    assert ids[0] == reloaded.bos_token_id and ids[-1] == reloaded.eos_token_id
+    assert reloaded.decode(ids[1:-1]) == "Dromio"
 
 
 def test_byte_level_bpe_vocab_size_is_an_integer_up_to_a_documented_bound():
