@@ -243,10 +243,12 @@ PER_PAIR_MAX_PAIRS = 8
 
 def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Inference for a handful of pairs: each pair's expert applied to its token's vector, no sorting or grouping.
-    Per token, outputs are weighted and summed in pair order; a weight of 1 (the MoE block's per-pair call) is not
-    multiplied."""
+    Per token, outputs are weighted and summed in pair order, in at least float32 and rounded once, as the MoE block
+    combines per-pair outputs (and transformers' `grouped_mm` its weighted call); a weight of 1 (the block's per-pair
+    call) is not multiplied."""
     dtype = self.gate_up_proj.dtype
     inputs = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)  # as grouped_mm computes
+    weighted_dtype = _at_least_float32(inputs)
     token_outputs = []
     for token_input, experts, weights in zip(inputs, top_k_index.tolist(), top_k_weights.tolist()):
         token_output = None
@@ -258,9 +260,13 @@ def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             else:  # (N, 2I, H) and (N, H, I): matrix-vector products, without transposing the weights
                 gated = self._apply_gate(torch.mv(self.gate_up_proj[expert], token_input))  # (I,)
                 expert_out = torch.mv(self.down_proj[expert], gated)  # (H,)
+            if expert_out.dtype != weighted_dtype:
+                expert_out = expert_out.to(weighted_dtype)
             expert_out = expert_out if weight == 1.0 else expert_out * weight
             token_output = expert_out if token_output is None else token_output + expert_out
-        token_outputs.append(torch.zeros_like(token_input) if token_output is None else token_output)
+        if token_output is None:  # every pair of the token unserved
+            token_output = torch.zeros_like(token_input, dtype=weighted_dtype)
+        token_outputs.append(token_output)
     output = torch.stack(token_outputs)  # (tokens, H)
     return output if output.dtype == hidden_states.dtype else output.to(hidden_states.dtype)
 
@@ -468,7 +474,22 @@ def _at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-class ClusterMoERouter(nn.Module):
+class _KeepsBufferDtypes(nn.Module):
+    """A module of routing state: device moves apply to its buffers, dtype casts do not (`model.to(torch.bfloat16)`,
+    `.half()`, and `.type()`, which casts integer buffers too). Bias steps of `adaptive_routing_rate` and the
+    reliability EMA would round away in 16-bit floats, and counts would stop being exact (or integers)."""
+
+    def _apply(self, fn, recurse=True):
+        before = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, kept in before.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != kept.dtype:
+                self._buffers[name] = kept.to(after.device)  # from the original: a round trip through bf16 rounds
+        return self
+
+
+class ClusterMoERouter(_KeepsBufferDtypes):
     """Two-level router: `top_k_clusters` clusters per token, then experts scored inside those clusters only.
 
     Selection scores add, to the log-probabilities, the adaptive balancing biases, the log-reliability of the
@@ -498,17 +519,6 @@ class ClusterMoERouter(nn.Module):
 
     _FLOAT32_STATE = ("cluster_bias", "expert_bias", "expert_reliability")
     _SELECTION_SOURCES = ("cluster_bias", "expert_bias", "expert_reliability", "selection_token_counts")
-
-    def _apply(self, fn, recurse=True):
-        """Device moves apply to the routing state, dtype casts (`model.to(torch.bfloat16)`, `.half()`) do not: bias
-        steps of `adaptive_routing_rate` and the reliability EMA would round away in 16-bit floats."""
-        float32_state = {name: getattr(self, name) for name in self._FLOAT32_STATE}
-        super()._apply(fn, recurse)
-        for name, before in float32_state.items():
-            after = getattr(self, name)
-            if after.dtype != torch.float32:
-                setattr(self, name, before.to(after.device))
-        return self
 
     def selectable_experts(self) -> torch.Tensor:
         """(N,) bool: the experts selection may choose, those whose reliability is at least `reliability_threshold`
@@ -738,7 +748,7 @@ def _zero_non_finite_grad(block_ref: "weakref.ref[ClusterMoESparseMoeBlock]", pa
 _MIN_OUTPUT_NORM = 1e-12
 
 
-class ClusterMoESparseMoeBlock(nn.Module):
+class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
     """Hierarchical MoE block: route, (optionally) enforce capacity, run the fused experts, combine.
 
     Returns `(hidden_states, routing_stats)`; `routing_stats` (a dict of tensors, or None without
@@ -853,7 +863,7 @@ class ClusterMoESparseMoeBlock(nn.Module):
         cluster_log_probs = routing.cluster_log_probs
         expert_probs = routing.expert_log_probs.exp()
         num_tokens, top_k_clusters = cluster_index.shape
-        mask = cluster_log_probs.new_ones(num_tokens) if token_mask is None else token_mask.float()
+        mask = cluster_log_probs.new_ones(num_tokens) if token_mask is None else token_mask.to(cluster_log_probs.dtype)
         num_valid = mask.sum().clamp_min(1.0)
         # Cluster level: fraction of (token, cluster) choices per cluster x mean cluster probability.
         pair_mask = mask[:, None].expand(-1, top_k_clusters)  # (tokens, kc)
@@ -1920,7 +1930,7 @@ class ClusterMoEModelOutputWithPast(MoeModelOutputWithPast):
     routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
 
 
-class ClusterMoERoutingState(nn.Module):
+class ClusterMoERoutingState(_KeepsBufferDtypes):
     """Model-level routing state, in a leaf module so that device maps place its buffers: the optimizer-step count
     and the pairs capacity limits re-routed/dropped in training (saved), and the statistics gathered since the last
     optimizer step over every micro-batch (token counts, observed and healthy forwards per expert, (moe_layers, N)).

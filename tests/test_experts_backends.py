@@ -13,7 +13,7 @@ from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM, ClusterMoEForSequenceClassification
 from clustermoe_hf.modeling_clustermoe import ClusterMoEExperts, _SortedGroupedLinear
 
 
@@ -394,6 +394,19 @@ def test_a_float64_model_trains_with_sorted_mm_as_with_eager(router_implementati
     torch.testing.assert_close(results["sorted_mm"][0], results["eager"][0], rtol=1e-12, atol=1e-12)
     for name, grad in results["eager"][1].items():
         torch.testing.assert_close(results["sorted_mm"][1][name], grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_a_float64_model_trains_and_classifies_padded_batches():
+    """The balancing losses weighed the tokens by a float32 padding mask, which float64 scatters refused."""
+    model = ClusterMoEForCausalLM(clustermoe_config()).double().train()
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    out = model(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    assert out.aux_loss.dtype == torch.float64 and torch.isfinite(out.loss)
+    classifier = ClusterMoEForSequenceClassification(clustermoe_config(num_labels=2, pad_token_id=0)).double()
+    assert classifier(ids, attention_mask=mask, labels=torch.tensor([0, 1])).loss.dtype == torch.float64
 
 
 def test_the_gemm_loop_has_exact_float64_gradients():

@@ -48,10 +48,13 @@ def greedy(model, input_ids, max_new_tokens=5, **kwargs):
 
 
 def assert_routing_state_in_float32(model):
-    # bf16 would round away the small steps this state accumulates (bias updates of 1e-3, reliability EMAs)
+    # bf16 would round away the small steps this state accumulates (bias updates of 1e-3, reliability EMAs); counts
+    # must stay exact integers
     for _, block in model._moe_layers():
         assert all(getattr(block.router, name).dtype == torch.float32 for name in ROUTING_STATE)
-    assert all(getattr(model.model.routing_state, name).dtype == torch.long for name in PENDING_STATISTICS)
+        assert block.router.expert_token_counts.dtype == block.router.selection_token_counts.dtype == torch.long
+        assert block.masked_faulty_expert.dtype == torch.bool
+    assert all(buffer.dtype == torch.long for buffer in model.model.routing_state.buffers())
 
 
 def test_bfloat16_keeps_routing_state_in_float32(tiny_model, tiny_config, tmp_path):
@@ -86,7 +89,9 @@ def test_casting_the_model_keeps_routing_state_in_float32(tiny_model):
     router = model.model.layers[0].mlp.router
     router.expert_bias.fill_(0.5)  # 16-bit floats step 0.5 by 2**-8 (bf16) at best: 0.5 + 1e-3 would round to 0.5
     router.expert_reliability[0] = 0.9123
-    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.bfloat16)):
+    casts = [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.bfloat16)]
+    casts.append(lambda m: m.type(torch.bfloat16))  # casts integer buffers too, unlike `to`
+    for cast in casts:
         model = cast(model)
         assert_routing_state_in_float32(model)
         assert router.expert_reliability[0] == torch.tensor(0.9123)  # not rounded through a 16-bit copy

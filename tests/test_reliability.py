@@ -190,6 +190,28 @@ def test_in_half_precision_the_per_pair_path_rounds_as_the_weighted_call_does(ti
     assert torch.equal(weighted, judged)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_in_half_precision_decodings_per_pair_experts_round_as_the_weighted_call_does(tiny_model, monkeypatch, dtype):
+    """Where the CPU has half-precision GEMMs, `sorted_mm` runs decoding's few pairs one by one: there too the outputs
+    are weighted in float32 and summed before rounding once (the sum was in 16 bits, off by up to 0.03), as the block
+    combines what each pair gives, and `grouped_mm` its weighted call."""
+    functions = modeling_clustermoe.sorted_mm_experts_forward.__globals__
+    monkeypatch.setitem(functions, "_CPU_DTYPES_WITHOUT_FAST_GEMM", frozenset())  # a CPU with native 16-bit GEMMs
+    per_pair_experts, pairs = functions["_per_pair_experts_forward"], []
+    monkeypatch.setitem(functions, "_per_pair_experts_forward", lambda *a: pairs.append(1) or per_pair_experts(*a))
+    model = tiny_model(initializer_range=0.2).to(dtype).eval()
+    ids = random_ids(1, 4)  # 4 tokens x 2 experts: the per-pair path's 8 pairs at most
+    with torch.no_grad():
+        weighted = model(ids).logits
+        model.set_experts_implementation("grouped_mm")
+        grouped = model(ids).logits
+        model.set_experts_implementation("sorted_mm")
+        _judge_every_pair(monkeypatch, model)
+        judged = model(ids).logits
+    assert pairs  # the path under test ran
+    assert torch.equal(weighted, grouped) and torch.equal(weighted, judged)
+
+
 def _break_cluster_0(monkeypatch, experts, how: str):
     """Every expert of cluster 0 (ids 0-3) gives non-finite outputs: NaN weights, or outputs of +inf."""
     if how == "nan weights":
