@@ -475,17 +475,31 @@ def _at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 class _KeepsBufferDtypes(nn.Module):
-    """A module of routing state: device moves apply to its buffers, dtype casts do not (`model.to(torch.bfloat16)`,
-    `.half()`, and `.type()`, which casts integer buffers too). Bias steps of `adaptive_routing_rate` and the
-    reliability EMA would round away in 16-bit floats, and counts would stop being exact (or integers)."""
+    """A module of routing state, whose buffers keep the dtype they were registered with: device moves apply to them,
+    dtype casts do not (`model.to(torch.bfloat16)`, `.half()`, and `.type()`, which casts integer buffers too). Bias
+    steps of `adaptive_routing_rate` and the reliability EMA would round away in 16-bit floats, and counts would stop
+    being exact. A buffer that something else left in another dtype (`load_state_dict(assign=True)` of a cast state)
+    gets its own back at the next cast or move."""
+
+    def __init__(self):
+        super().__init__()
+        self._buffer_dtypes = {}
+
+    def register_buffer(self, name, tensor, persistent=True):
+        super().register_buffer(name, tensor, persistent)
+        if tensor is not None:  # the first registration's (assigning a buffer registers it again)
+            self._buffer_dtypes.setdefault(name, tensor.dtype)
 
     def _apply(self, fn, recurse=True):
-        before = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        before = dict(self._buffers)
         super()._apply(fn, recurse)
-        for name, kept in before.items():
-            after = self._buffers[name]
-            if after is not None and after.dtype != kept.dtype:
-                self._buffers[name] = kept.to(after.device)  # from the original: a round trip through bf16 rounds
+        for name, dtype in self._buffer_dtypes.items():
+            after = self._buffers.get(name)
+            if after is None or after.dtype == dtype:
+                continue
+            kept = before.get(name)
+            source = kept if kept is not None and kept.dtype == dtype else after  # not rounded through 16 bits
+            self._buffers[name] = source.to(device=after.device, dtype=dtype)
         return self
 
 
@@ -2625,21 +2639,22 @@ inspect.unwrap(ClusterMoEForCausalLM.forward).__signature__ = inspect.signature(
 
 
 def _check_generation_token_ids(generation_config, vocab_size: int):
-    """A saved generation config's BOS and pad ids, which `generate` feeds the model (to start without inputs, after a
-    finished sequence), must be tokens of the vocabulary; its EOS ids, which only end sequences, below its size (a
-    negative one ends none: transformers' continuous batching writes -1 into a generation config without EOS). The
-    forward would otherwise refuse the ids as if the caller's `input_ids` held them, or no sequence end."""
+    """A saved generation config's special token ids must be tokens of the vocabulary: `generate` feeds the model its
+    BOS (to start without inputs) and its pad id, or without one its first EOS id (after a finished sequence). The
+    forward would otherwise refuse them as if the caller's `input_ids` held them. The one exception is EOS -1 alone,
+    no EOS, which transformers' continuous batching writes into a generation config without one."""
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(generation_config, name, None)
         if value is None:
             continue
         ids = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
         ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
-        lowest = -math.inf if name == "eos_token_id" else 0
-        if not (ids and all(_is_integral(token_id) and lowest <= token_id < vocab_size for token_id in ids)):
+        if name == "eos_token_id" and ids == [-1]:
+            continue
+        if not (ids and all(_is_integral(token_id) and 0 <= token_id < vocab_size for token_id in ids)):
             allowed = f"in [0, vocab_size={vocab_size})"
             if name == "eos_token_id":
-                allowed = f"below vocab_size={vocab_size} (a negative id ends no sequence), or a non-empty list of ids"
+                allowed += ", a non-empty list of such ids, or -1 (no EOS)"
             raise ValueError(f"generation_config.{name} ({value}) must be None or {allowed}: nothing was saved.")
 
 
