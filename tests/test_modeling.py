@@ -635,8 +635,10 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
     [
         ("pad_token_id", VOCAB_SIZE, rf"in \[0, vocab_size={VOCAB_SIZE}\)"),
         ("bos_token_id", 1.0, rf"in \[0, vocab_size={VOCAB_SIZE}\)"),
-        ("eos_token_id", [2, VOCAB_SIZE], rf"below vocab_size={VOCAB_SIZE} \(a negative id ends no sequence\)"),
-        ("eos_token_id", [], rf"below vocab_size={VOCAB_SIZE} .*, or a non-empty list of ids"),
+        ("eos_token_id", [2, VOCAB_SIZE], rf"in \[0, vocab_size={VOCAB_SIZE}\), a non-empty list of such ids, or -1"),
+        ("eos_token_id", [], rf"in \[0, vocab_size={VOCAB_SIZE}\), a non-empty list of such ids"),
+        # without a pad id, generate pads finished sequences with the first EOS id
+        ("eos_token_id", [-1, 59], rf"in \[0, vocab_size={VOCAB_SIZE}\), a non-empty list of such ids, or -1"),
     ],
 )
 def test_a_generation_config_with_token_ids_outside_the_vocabulary_is_not_saved(
@@ -654,7 +656,7 @@ def test_a_generation_config_with_token_ids_outside_the_vocabulary_is_not_saved(
 
 @pytest.mark.parametrize("eos_token_id", [-1, (2, 5)])
 def test_eos_ids_that_transformers_takes_are_saved(tiny_model, tmp_path, eos_token_id):
-    """-1 ends no sequence: transformers' continuous batching writes it into a generation config without EOS, the
+    """-1 alone is no EOS: transformers' continuous batching writes it into a generation config without one, the
     model's own included. generate takes a tuple of ids too."""
     model = tiny_model().eval()
     model.generation_config.eos_token_id = eos_token_id
