@@ -487,18 +487,19 @@ class _KeepsBufferDtypes(nn.Module):
 
     def register_buffer(self, name, tensor, persistent=True):
         super().register_buffer(name, tensor, persistent)
-        if tensor is not None:  # the first registration's (assigning a buffer registers it again)
+        if tensor is not None:  # the first registration's: `load_state_dict(assign=True)` registers loaded tensors
             self._buffer_dtypes.setdefault(name, tensor.dtype)
 
     def _apply(self, fn, recurse=True):
         before = dict(self._buffers)
         super()._apply(fn, recurse)
-        for name, dtype in self._buffer_dtypes.items():
+        # A module pickled before buffer dtypes were recorded keeps those of its buffers as they are.
+        for name, dtype in self.__dict__.get("_buffer_dtypes", {}).items():
             after = self._buffers.get(name)
             if after is None or after.dtype == dtype:
                 continue
-            kept = before.get(name)
-            source = kept if kept is not None and kept.dtype == dtype else after  # not rounded through 16 bits
+            # From the tensor before the cast, which a 16-bit cast would have rounded (or overflowed, for counts).
+            source = before[name] if before.get(name) is not None else after
             self._buffers[name] = source.to(device=after.device, dtype=dtype)
         return self
 
@@ -2649,7 +2650,7 @@ def _check_generation_token_ids(generation_config, vocab_size: int):
             continue
         ids = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
         ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
-        if name == "eos_token_id" and ids == [-1]:
+        if name == "eos_token_id" and len(ids) == 1 and _is_integral(ids[0]) and ids[0] == -1:
             continue
         if not (ids and all(_is_integral(token_id) and 0 <= token_id < vocab_size for token_id in ids)):
             allowed = f"in [0, vocab_size={vocab_size})"

@@ -110,13 +110,16 @@ def test_casting_the_model_keeps_routing_state_in_float32(tiny_model):
 def test_routing_state_loaded_in_another_dtype_gets_its_own_back_at_the_next_cast(tiny_model):
     """`load_state_dict(assign=True)` (how meta-initialised models load) takes the tensors as they are, here a whole
     state cast to bf16, counts included: the next cast or move restores float32 and integer routing state."""
-    model = tiny_model()
-    state = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
-    model.load_state_dict(state, assign=True)
-    assert model.model.layers[0].mlp.router.expert_token_counts.dtype == torch.bfloat16
-    for cast in (lambda m: m.float(), lambda m: m.to("cpu")):
+    for cast in (lambda m: m.float(), lambda m: m.to("cpu"), lambda m: m.half()):
+        model = tiny_model()
+        router = model.model.layers[0].mlp.router
+        router.expert_token_counts.fill_(100_000)  # past float16: restored from the bf16 state, not through fp16
+        state = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
+        model.load_state_dict(state, assign=True)
+        assert router.expert_token_counts.dtype == torch.bfloat16
         model = cast(model)
         assert_routing_state_in_float32(model)
+        assert (router.expert_token_counts == 99_840).all()  # 100,000 in bf16
 
 
 def test_device_map_auto_loads_the_same_model(tiny_model, tmp_path):

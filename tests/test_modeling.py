@@ -639,6 +639,7 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
         ("eos_token_id", [], rf"in \[0, vocab_size={VOCAB_SIZE}\), a non-empty list of such ids"),
         # without a pad id, generate pads finished sequences with the first EOS id
         ("eos_token_id", [-1, 59], rf"in \[0, vocab_size={VOCAB_SIZE}\), a non-empty list of such ids, or -1"),
+        ("eos_token_id", -1.0, rf"in \[0, vocab_size={VOCAB_SIZE}\), a non-empty list of such ids, or -1"),
     ],
 )
 def test_a_generation_config_with_token_ids_outside_the_vocabulary_is_not_saved(
