@@ -17,6 +17,8 @@ from .modeling_clustermoe import _batches, _in_eval_mode
 def _check_counts(name: str, counts: torch.Tensor) -> None:
     """Raise unless all `counts` are finite and non-negative: NaN passes a `< 0` test and would spread into the
     result."""
+    if not isinstance(counts, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of counts; got a {type(counts).__name__}.")
     values = counts.double()
     if not torch.isfinite(values).all():
         raise ValueError(f"{name} must be finite; got {values[~torch.isfinite(values)].flatten()[0].item()}.")
@@ -201,14 +203,14 @@ def specialization_statistics(
             for handle in handles:
                 handle.remove()
 
+    if not sum(counts.sum() for counts in expert_counts):
+        raise ValueError("`batches` has no (non-padding) tokens: there is nothing to measure the specialisation on.")
     stats = {}
     for (layer_idx, block), counts in zip(layers, expert_counts):
         stats.update(_utilization_entropies(f"layer_{layer_idx}", counts, block.num_clusters))
     if label_key is None:
         return stats
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    if labels.numel() == 0:
-        raise ValueError("`batches` has no (non-padding) tokens: there is nothing to measure the specialisation on.")
+    labels = torch.cat(labels)
     label_entropy = entropy(torch.unique(labels, return_counts=True)[1])  # not bincount: ids may be sparse
     stats["label_entropy"] = label_entropy
     scores = []

@@ -1905,6 +1905,11 @@ def _batches(data, name: str) -> Iterator[Mapping]:
     `name` names `data` in errors."""
     if isinstance(data, Mapping) or (isinstance(data, torch.Tensor) and data.dim() <= 2):
         data = [data]  # a 1-D tensor too, to be refused below by its shape rather than by its elements'
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"{name} must be an iterable of batches, or one batch (an input_ids tensor or a dict with one); got a "
+            f"{type(data).__name__}."
+        )
     for batch in data:
         batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
         if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):

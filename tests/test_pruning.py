@@ -286,6 +286,8 @@ def test_calibration_data_may_be_one_batch_and_other_formats_are_named(tiny_mode
     assert kept[1] == kept[0] and kept[2] == kept[0]
     with pytest.raises(TypeError, match="calibration_data must be an iterable of input_ids tensors"):
         model.prune_experts(experts_per_cluster_keep=2, calibration_data=[[3, 4, 5]])
+    with pytest.raises(TypeError, match="calibration_data must be an iterable of batches, or one batch .*; got a int"):
+        model.prune_experts(experts_per_cluster_keep=2, calibration_data=5)
     with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq\); got shape \(8,\)"):
         model.prune_experts(experts_per_cluster_keep=2, calibration_data=ids[0])  # one sequence
     with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(2, 8\); got \(2, 7\)"):

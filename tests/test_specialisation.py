@@ -27,6 +27,11 @@ def test_entropy_refuses_negative_counts():
         entropy(torch.tensor([-1.0, 2.0, 3.0]))
 
 
+def test_entropy_refuses_counts_that_are_not_a_tensor():
+    with pytest.raises(TypeError, match="counts must be a tensor of counts; got a list"):
+        entropy([1, 2])
+
+
 @pytest.mark.parametrize("count", [math.nan, math.inf, -math.inf])
 def test_entropy_refuses_counts_that_are_not_finite(count):
     """NaN passes a check for negative counts: the entropy would be NaN."""
@@ -84,8 +89,9 @@ def test_statistics_over_no_tokens_are_refused(tiny_model):
         with pytest.raises(ValueError, match="No token to score"):
             perplexity(model, batches)
     all_padding = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.zeros(1, 2), "label": [0]}
-    with pytest.raises(ValueError, match="no \\(non-padding\\) tokens"):
-        specialization_statistics(model, [all_padding])
+    for batches, label_key in (([all_padding], "label"), ([all_padding], None), ([], None)):  # also the entropies
+        with pytest.raises(ValueError, match="no \\(non-padding\\) tokens"):
+            specialization_statistics(model, batches, label_key=label_key)
 
 
 def test_utilization_entropy_of_the_training_counts(tiny_model):
@@ -272,6 +278,7 @@ def entropies_only(model, batches):
         ([torch.arange(3, 9)], ValueError, r"input_ids must be \(batch, seq\); got shape \(6,\)"),
         (torch.arange(3, 9), ValueError, r"input_ids must be \(batch, seq\); got shape \(6,\)"),
         ([[[3, 4, 5]]], TypeError, "batches must be an iterable of input_ids tensors .* got a batch of list"),
+        (5, TypeError, r"batches must be an iterable of batches, or one batch .*; got a int"),
         ([{"ids": torch.ones(2, 3, dtype=torch.long)}], TypeError, r"got a batch of dict with keys \['ids'\]"),
         (
             [{"input_ids": torch.ones(4, 6, dtype=torch.long), "attention_mask": torch.ones(4, 3)}],
