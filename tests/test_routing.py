@@ -170,11 +170,9 @@ def test_hierarchical_and_flat_routers_agree(
         torch.testing.assert_close(param.grad, flat.get_parameter(name).grad, msg=name)
 
 
-# 4 tokens: C = 8 pairs, whose rows are 8 x E x H = 1024 values: both bounds of the gather path, reached
-@pytest.mark.parametrize("num_tokens, rows_max", [(1, None), (4, None), (4, 8 * 4 * 32)], ids=["1", "4", "4-at-limit"])
-def test_a_few_tokens_are_scored_against_their_clusters_gathered_rows(tiny_config, monkeypatch, num_tokens, rows_max):
-    """Forwards of at most C (token, cluster) pairs, as in decoding, gather the chosen clusters' expert rows instead of
-    grouping the pairs by cluster (no sort): the logits and gradients of the flat router, also under autocast."""
+def _hierarchical_and_flat_routers(tiny_config, monkeypatch, rows_max: int | None):
+    """Layer 0's routers of two models with the same weights, 8 clusters x 4 experts (top 2 x 2), H = 32, one of them
+    hierarchical with `GATHERED_ROUTER_ROWS_MAX` set to `rows_max` (unless None)."""
     if rows_max is not None:
         monkeypatch.setattr(modeling_clustermoe, "GATHERED_ROUTER_ROWS_MAX", rows_max)
     sizes = {"num_clusters": 8, "experts_per_cluster": 4, "top_k_clusters": 2, "top_k_experts": 2}
@@ -182,7 +180,15 @@ def test_a_few_tokens_are_scored_against_their_clusters_gathered_rows(tiny_confi
     hierarchical = ClusterMoEForCausalLM(tiny_config(router_implementation="hierarchical", **sizes))
     flat = ClusterMoEForCausalLM(tiny_config(router_implementation="flat", **sizes))
     flat.load_state_dict(hierarchical.state_dict())
-    router, flat_router = hierarchical.model.layers[0].mlp.router, flat.model.layers[0].mlp.router
+    return hierarchical.model.layers[0].mlp.router, flat.model.layers[0].mlp.router
+
+
+# 4 tokens: C = 8 pairs, whose rows are 8 x E x H = 1024 values: both bounds of the gather path, reached
+@pytest.mark.parametrize("num_tokens, rows_max", [(1, None), (4, None), (4, 8 * 4 * 32)], ids=["1", "4", "4-at-limit"])
+def test_a_few_tokens_are_scored_against_their_clusters_gathered_rows(tiny_config, monkeypatch, num_tokens, rows_max):
+    """Forwards of at most C (token, cluster) pairs, as in decoding, gather the chosen clusters' expert rows instead of
+    grouping the pairs by cluster (no sort): the logits and gradients of the flat router, also under autocast."""
+    router, flat_router = _hierarchical_and_flat_routers(tiny_config, monkeypatch, rows_max)
     hidden = torch.randn(num_tokens, 32, requires_grad=True)
     flat_routing = flat_router(hidden)
     monkeypatch.setattr(torch, "sort", lambda *args, **kwargs: pytest.fail("grouped the pairs by cluster"))
@@ -206,14 +212,7 @@ def test_more_pairs_than_clusters_or_too_many_gathered_values_group_the_pairs_by
     clusters > 8), or past `GATHERED_ROUTER_ROWS_MAX` gathered values (2 tokens' 4 pairs x E x H = 512 here, one more
     than the limit), the pairs are grouped by cluster (sorted): either bound alone must send them there, since gathering
     costs more than grouping past it. The logits are the flat router's either way."""
-    if rows_max is not None:
-        monkeypatch.setattr(modeling_clustermoe, "GATHERED_ROUTER_ROWS_MAX", rows_max)
-    sizes = {"num_clusters": 8, "experts_per_cluster": 4, "top_k_clusters": 2, "top_k_experts": 2}
-    sizes["initializer_range"] = 0.2
-    hierarchical = ClusterMoEForCausalLM(tiny_config(router_implementation="hierarchical", **sizes))
-    flat = ClusterMoEForCausalLM(tiny_config(router_implementation="flat", **sizes))
-    flat.load_state_dict(hierarchical.state_dict())
-    router, flat_router = hierarchical.model.layers[0].mlp.router, flat.model.layers[0].mlp.router
+    router, flat_router = _hierarchical_and_flat_routers(tiny_config, monkeypatch, rows_max)
     hidden = torch.randn(num_tokens, 32)
     flat_routing = flat_router(hidden)
     sorts, sort = [], torch.sort
