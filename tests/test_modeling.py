@@ -215,6 +215,14 @@ def test_input_ids_that_are_not_a_batch_of_token_ids_are_rejected(tiny_model, in
         tiny_model()(input_ids)
 
 
+@pytest.mark.parametrize("given", [(), ("input_ids", "inputs_embeds")], ids=["neither", "both"])
+def test_exactly_one_of_input_ids_and_inputs_embeds_is_taken(tiny_model, given):
+    model, ids = tiny_model(), random_ids(2, 6)
+    inputs = {"input_ids": ids, "inputs_embeds": model.get_input_embeddings()(ids)}
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(**{name: inputs[name] for name in given})
+
+
 def test_int32_token_ids_give_the_int64_ids_logits(tiny_model):
     model, ids = tiny_model(), random_ids(2, 6)
     with torch.no_grad():

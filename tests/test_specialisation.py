@@ -81,6 +81,11 @@ def test_mutual_information_refuses_samples_that_are_not_paired_integer_ids(labe
         mutual_information(labels, clusters)
 
 
+def test_mutual_information_refuses_samples_that_are_not_tensors():
+    with pytest.raises(TypeError, match="labels must be a tensor of integer ids; got list"):
+        mutual_information([0, 1], torch.tensor([0, 1]))
+
+
 def test_statistics_over_no_tokens_are_refused(tiny_model):
     """Nothing measured is not a perfect perplexity of 1 or a specialisation of 0."""
     model = tiny_model()
@@ -284,6 +289,11 @@ def entropies_only(model, batches):
             [{"input_ids": torch.ones(4, 6, dtype=torch.long), "attention_mask": torch.ones(4, 3)}],
             ValueError,
             r"attention_mask must have the shape of input_ids \(4, 6\); got \(4, 3\)",
+        ),
+        (
+            [{"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": [[1, 1, 1]] * 2}],
+            TypeError,
+            "attention_mask must be a tensor; got list",
         ),
     ],
 )

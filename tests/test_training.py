@@ -271,6 +271,13 @@ def test_token_blocks_need_a_positive_block_size(bpe_tokenizer, block_size):
         TokenBlocks(["some text"], bpe_tokenizer, block_size=block_size)
 
 
+def test_token_blocks_need_a_tokenizer_with_an_eos_token(bpe_tokenizer):
+    tokenizer = copy.deepcopy(bpe_tokenizer)
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="The tokenizer needs an EOS token to separate documents"):
+        TokenBlocks(["some text"], tokenizer, block_size=2)
+
+
 # ----- router metrics -----
 
 
@@ -1179,6 +1186,20 @@ def test_a_loss_curve_refuses_a_loss_logged_without_its_step(tmp_path):
     with pytest.raises(ValueError, match=r"log_history\[1\] has a loss but no 'step'"):
         plot_loss_curve([{"step": 1, "loss": 2.0}, {"loss": 1.5}], tmp_path / "loss.png")
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_plots_with_nothing_to_draw_are_refused(tiny_model, tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(ValueError, match="The model has no MoE layers"):
+        plot_expert_utilization(tiny_model(first_k_dense_layers=2), tmp_path / "plot.png")
+    with pytest.raises(ValueError, match="The log history has no losses to plot"):
+        plot_loss_curve([{"step": 1, "learning_rate": 1e-3}], tmp_path / "loss.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_routing_statistics_of_a_model_without_clustermoe_are_refused():
+    with pytest.raises(ValueError, match="No ClusterMoE model found in Linear"):
+        expert_utilization_by_layer(torch.nn.Linear(2, 2))
 
 
 def test_training_helpers_import_without_matplotlib(monkeypatch, used_model, tmp_path):
