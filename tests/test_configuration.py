@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -81,6 +82,10 @@ ALIASES = {
         (
             {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 0.0}},
             r"rope_parameters .* give RoPE inverse frequencies that are not 4 finite positive numbers",
+        ),
+        (  # the attention logits would be scaled by it
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "attention_factor": math.inf}},
+            r"rope_parameters .* give a non-finite attention scaling \(inf\)",
         ),
         (
             {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 10**400}},
