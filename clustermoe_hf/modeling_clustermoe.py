@@ -1007,6 +1007,26 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
             return None, None
         return pair_ids.new_zeros(self.num_experts).index_add_(0, pair_ids, pair_faulty.long()) > 0, pair_faulty
 
+    def _run_experts(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """The experts call. transformers' `grouped_mm` hands torch's grouped GEMM kernels any weights, and they refuse
+        some (float64, rows not 16-byte aligned) with an error that names neither the sizes nor the setting: named
+        here. (`sorted_mm`, the default, runs such experts with its own loop.)"""
+        try:
+            return self.experts(hidden_states, top_k_index, top_k_weights)
+        except RuntimeError as error:
+            experts = _inside_peft_wrappers(self.experts)
+            if self.config._experts_implementation != "grouped_mm" or not _grouped_mm_kernels_would_refuse(
+                experts, hidden_states
+            ):
+                raise
+            raise ValueError(
+                "experts_implementation='grouped_mm' cannot run these experts: torch's grouped GEMM kernels take "
+                "float32, bfloat16 or float16 weights whose rows are multiples of 16 bytes, and these are "
+                f"{experts.down_proj.dtype} of hidden_size {self.config.hidden_size} and intermediate_size "
+                f"{self.config.intermediate_size}. Use 'sorted_mm' (the default), which runs them with its own loop, "
+                "or 'eager'."
+            ) from error
+
     def _experts_per_pair(
         self, hidden_flat, top_k_index, chosen_log_probs, cluster_log_probs, valid_pairs, judges_experts: bool
     ):
@@ -1027,7 +1047,7 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
         gate_dummy = None
         if (self.config.use_reliability_routing or excluded is not None) and pair_inputs.requires_grad:
             pair_inputs, gate_dummy = _PairInputGradientGate.apply(pair_inputs)
-        pair_outputs = self.experts(pair_inputs, expert_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
+        pair_outputs = self._run_experts(pair_inputs, expert_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
 
         faulty = pair_faulty = None  # (N,) experts and (tokens*k,) pairs masked in this forward, or None for none
         if self.config.use_reliability_routing:
@@ -1109,7 +1129,7 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
         if valid_pairs is None and self._may_skip_pair_checks(hidden_flat, judges_experts):
             # Nothing to exclude and nothing to judge per pair: one weighted experts call over the tokens.
             weights = self._combine_weights(chosen_log_probs, routing.chosen_cluster_log_probs)
-            output = self.experts(hidden_flat, top_k_index, weights)
+            output = self._run_experts(hidden_flat, top_k_index, weights)
             # Summed in float32: a half-precision sum of a layer's finite outputs overflows easily.
             summed = output.sum(dtype=_at_least_float32(output))
             if self.config.use_reliability_routing and not math.isfinite(summed.item()):

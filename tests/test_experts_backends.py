@@ -186,6 +186,29 @@ def test_sorted_mm_serves_them_at_sizes_grouped_mm_kernels_cannot_take_by_their_
         assert_sorted_mm_matches_the_eager_loop(experts, hidden_size=34)
 
 
+@pytest.mark.parametrize(
+    "sizes, dtype",
+    [({"intermediate_size": 10}, torch.float32), ({"hidden_size": 20, "num_attention_heads": 2}, torch.bfloat16),
+     ({}, torch.float64)],
+    ids=["unaligned float32", "unaligned bf16", "float64"],
+)  # fmt: skip
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_a_clustermoe_whose_experts_grouped_mm_cannot_run_names_the_setting(sizes, dtype, grad):
+    """torch's kernels raised "strides should be multiple of 16 bytes" (or about a Double matrix), naming neither."""
+    sizes = {"hidden_size": 32, "intermediate_size": 16, "num_attention_heads": 4, **sizes}
+    config = ClusterMoEConfig(
+        vocab_size=64, num_hidden_layers=1, num_clusters=2, experts_per_cluster=2, top_k_experts=1, **sizes
+    )
+    model = ClusterMoEForCausalLM(config).to(dtype).train(grad)
+    ids = torch.randint(0, 64, (2, 8))
+    model.set_experts_implementation("grouped_mm")
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=rf"'grouped_mm' cannot run .* {dtype} of "):
+        model(ids)
+    model.set_experts_implementation("sorted_mm")
+    with torch.set_grad_enabled(grad):
+        assert model(ids).logits.isfinite().all()
+
+
 def assert_sorted_mm_matches_the_eager_loop(experts, hidden_size):
     for weight in experts.parameters():
         nn.init.normal_(weight, std=0.1)
