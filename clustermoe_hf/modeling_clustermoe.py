@@ -2249,12 +2249,24 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         if not valid:
             raise ValueError(f"attention_mask has shape {shape}; expected {expected}.")
 
-    def _check_checkpointing_keeps_router_losses(self):
+    def _check_checkpointing_recomputes_the_forward(self):
         """Reentrant checkpointing runs each layer's forward without gradients and only its output gets them back; the
-        router losses, computed inside the layers, would silently get none. transformers' checkpointing function
-        is a `functools.partial` of torch's `checkpoint`, whose default (no `use_reentrant`) is reentrant."""
+        router losses, computed inside the layers, would silently get none. Without `preserve_rng_state`, the
+        recomputation draws other router jitter (other experts) and attention dropout than the forward did, and the
+        gradients silently belong to neither. transformers' checkpointing function is a `functools.partial` of torch's
+        `checkpoint`, whose default (no `use_reentrant`) is reentrant."""
         config = self.config
         keywords = getattr(self._gradient_checkpointing_func, "keywords", None)
+        if keywords is not None and keywords.get("preserve_rng_state") is False:
+            random = {"router_jitter_noise": config.router_jitter_noise, "attention_dropout": config.attention_dropout}
+            random = {name: value for name, value in random.items() if value > 0}
+            if random:
+                raise ValueError(
+                    f"Gradient checkpointing with preserve_rng_state=False would recompute the layers with other "
+                    f"random draws than their forward ({', '.join(f'{name}={value}' for name, value in random.items())}"
+                    "): the gradients would belong to neither. Keep preserve_rng_state=True (the default), or set "
+                    "those to 0."
+                )
         reentrant = keywords is not None and keywords.get("use_reentrant") in (None, True)
         router_losses = (config.router_aux_loss_coef, config.cluster_aux_loss_coef, config.router_z_loss_coef)
         if reentrant and self._moe_layers() and any(coef != 0 for coef in router_losses):
@@ -2301,7 +2313,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         # Decided here, outside the layers, which reentrant checkpointing first runs without gradients.
         training_forward = self.training and torch.is_grad_enabled()
         if self.gradient_checkpointing and training_forward:
-            self._check_checkpointing_keeps_router_losses()
+            self._check_checkpointing_recomputes_the_forward()
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:

@@ -777,6 +777,24 @@ def test_reentrant_gradient_checkpointing_is_refused_while_router_losses_count(t
     without_losses(ids, labels=ids).loss.backward()
 
 
+@pytest.mark.parametrize("randomness", [{"router_jitter_noise": 0.1}, {"attention_dropout": 0.1}])
+def test_checkpointing_without_preserving_the_rng_state_is_refused_where_the_forward_draws_random_numbers(
+    tiny_model, randomness
+):
+    """The recomputation would route with other jitter, or drop other attention weights, than the forward: the
+    gradients would silently belong to neither."""
+    ids, kwargs = random_ids(2, 6), {"use_reentrant": False, "preserve_rng_state": False}
+    model = tiny_model(**randomness).train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    name, value = next(iter(randomness.items()))
+    with pytest.raises(ValueError, match=rf"preserve_rng_state=False would recompute .*\({name}={value}\)"):
+        model(ids, labels=ids)
+
+    deterministic = tiny_model(router_jitter_noise=0.0, attention_dropout=0.0).train()
+    deterministic.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    deterministic(ids, labels=ids).loss.backward()
+
+
 def test_reentrant_checkpointing_judges_expert_health_as_without_checkpointing(tiny_model):
     """Its first pass runs without gradients: it must still be a training forward, which judges each expert against
     its cluster (here an outsized one), or the reported loss and the recomputed gradients would differ."""
