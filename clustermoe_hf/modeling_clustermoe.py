@@ -1486,10 +1486,17 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         ):
             return super().save_pretrained(save_directory, *args, **kwargs)
         os.makedirs(target, exist_ok=True)
+        folders = {name for name in os.listdir(target) if os.path.isdir(os.path.join(target, name))}
         # On the target's file system, so that the files move into place by renaming.
         with tempfile.TemporaryDirectory(prefix=_STAGING_PREFIX, dir=target, ignore_cleanup_errors=True) as staging:
             result = super().save_pretrained(staging, *args, **kwargs)
             written = set(os.listdir(staging))
+            blocked = sorted(written & folders)
+            if blocked:  # found before any file moves: a move onto a folder would fail halfway through
+                raise IsADirectoryError(
+                    f"Cannot save into {target}: it holds folders named as files of the checkpoint "
+                    f"({', '.join(blocked)}); nothing in it was changed."
+                )
             # config.json last: in a new folder, it marks a complete checkpoint.
             for name in sorted(written, key=lambda name: name == CONFIG_NAME):
                 os.replace(os.path.join(staging, name), os.path.join(target, name))

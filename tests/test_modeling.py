@@ -638,6 +638,18 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
     assert ClusterMoEForCausalLM.from_pretrained(checkpoint).config.experts_per_cluster == 4
 
 
+def test_a_save_into_a_folder_holding_a_folder_named_as_a_checkpoint_file_changes_nothing(tiny_model, tmp_path):
+    """Moving the new files into place would fail at that folder, after the files moved before it."""
+    checkpoint = tmp_path / "checkpoint"
+    tiny_model().save_pretrained(checkpoint)
+    (checkpoint / "generation_config.json").unlink()
+    (checkpoint / "generation_config.json").mkdir()
+    before = {path.name: path.is_dir() or path.read_bytes() for path in checkpoint.iterdir()}
+    with pytest.raises(IsADirectoryError, match=r"folders named as files of the checkpoint \(generation_config.json\)"):
+        tiny_model(experts_per_cluster=2).save_pretrained(checkpoint)
+    assert {path.name: path.is_dir() or path.read_bytes() for path in checkpoint.iterdir()} == before
+
+
 @pytest.mark.parametrize(
     "name, value, allowed",
     [
