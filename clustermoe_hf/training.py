@@ -478,7 +478,8 @@ def _saved_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_routing_state(model: torch.nn.Module, folder: str | Path) -> Path:
     """Write the routing state of the ClusterMoE model inside `model` into `folder` as `routing_state.safetensors`,
     next to an adapter saved there (`trainer.save_model(folder)` or `model.save_pretrained(folder)` of a peft model):
-    the adapter alone would reload with the base model's routing. `load_routing_state` reads it back."""
+    the adapter alone would reload with the base model's routing. `load_routing_state` reads it back. The folder is
+    created if needed; a file already there is replaced only once the new one is written whole."""
     path = Path(folder) / ROUTING_STATE_FILE
     state = routing_state_dict(model)
     problems = _routing_state_problems(state)
@@ -487,7 +488,13 @@ def save_routing_state(model: torch.nn.Module, folder: str | Path) -> Path:
             f"The routing state is invalid, and load_routing_state would refuse it, so {path} was not written: "
             f"{'; '.join(problems)}."
         )
-    save_file(state, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        save_file(state, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

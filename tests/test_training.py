@@ -735,6 +735,23 @@ def test_an_unreadable_routing_state_file_is_named(tiny_config, tmp_path, size):
         load_routing_state(model, tmp_path)
 
 
+def test_save_routing_state_creates_its_folder_and_replaces_a_file_only_once_written(
+    tiny_config, tmp_path, monkeypatch
+):
+    model = ClusterMoEForCausalLM(tiny_config())
+    path = save_routing_state(model, tmp_path / "new" / "folder")
+    before = path.read_bytes()
+
+    def fail_halfway(state, filename):
+        Path(filename).write_bytes(b"part of a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(training, "save_file", fail_halfway)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_routing_state(model, path.parent)
+    assert path.read_bytes() == before and [file.name for file in path.parent.iterdir()] == [path.name]
+
+
 def test_loading_a_routing_state_discards_the_statistics_gathered_before(tiny_config, tmp_path):
     """As `load_state_dict`: they belong to the state it replaces; the next step would add them to the loaded one."""
     model = ClusterMoEForCausalLM(tiny_config()).train()
