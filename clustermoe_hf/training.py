@@ -312,6 +312,7 @@ class RouterMetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = find_clustermoe_model(model)
+        discard_pending_routing_statistics(model)  # as the metrics: a new run's first update is of its own forwards
         self._counts, self._loss_sums, self._num_forwards = {}, {}, 0
         if self._hook is not None:  # left by a run that ended in an exception, maybe on another model
             self._hook.remove()
@@ -522,6 +523,7 @@ class SaveRoutingState(TrainerCallback):
         (the path passed to `Trainer.train(resume_from_checkpoint=...)`), else `output_dir/checkpoint-{step}`, where
         `resume_from_checkpoint=True` resumes from."""
         self.saved_checkpoints.clear()
+        discard_pending_routing_statistics(model)  # a new run's first update is of its own forwards
         if state.global_step == 0:
             return
         checkpoint = self.resume_from_checkpoint
@@ -599,8 +601,14 @@ def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
     with torch.no_grad():
         for name, value in saved.items():
             buffers[name].copy_(value)
-    # As `load_state_dict`: the loaded state starts a new accumulation. (Code copied into a checkpoint before
-    # `discard_pending` existed has none, and loads as it did then.)
+    discard_pending_routing_statistics(model)  # as `load_state_dict`: the loaded state starts a new accumulation
+
+
+def discard_pending_routing_statistics(model: torch.nn.Module) -> None:
+    """Forget the routing statistics gathered since the last optimizer step of the ClusterMoE model inside `model`:
+    those of forwards whose step never came (interrupted, or out of memory before the Trainer's
+    `auto_find_batch_size` retried), which the next step would otherwise fold into its update. (Code copied into a
+    checkpoint before `discard_pending` existed has none, and keeps them.)"""
     discard_pending = getattr(find_clustermoe_model(model).base_model.routing_state, "discard_pending", None)
     if discard_pending is not None:
         discard_pending()

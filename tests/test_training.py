@@ -641,6 +641,38 @@ def test_resuming_in_the_same_process_after_an_interrupted_step_matches_an_unint
     assert interrupted.model.model.routing_state.training_step == 5
 
 
+
+@pytest.mark.parametrize("callback", [SaveRoutingState, training.RouterMetricsCallback])
+def test_a_run_begun_again_after_a_step_that_never_came_updates_routing_from_its_own_forwards(
+    tiny_config, tmp_path, callback
+):
+    """As a re-run `train()` after Ctrl-C, or `auto_find_batch_size`'s retry after running out of memory: the abandoned
+    step's statistics are dropped as the run begins, not folded into its first update."""
+    config = tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.05)
+    data = random_blocks(16, 12)
+
+    def trainer(output_dir, callbacks=()):
+        torch.manual_seed(0)
+        args = training_arguments(output_dir, max_steps=3, per_device_train_batch_size=4)
+        model = ClusterMoEForCausalLM(config)
+        return Trainer(model=model, args=args, train_dataset=data, callbacks=[callback(), *callbacks])
+
+    uninterrupted = trainer(tmp_path / "a")
+    uninterrupted.train()
+    interrupted = trainer(tmp_path / "b", [InterruptBeforeOptimizerStep(1)])
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert interrupted.model.model.routing_state.has_pending_updates  # step 1's forward ran, its update did not
+    interrupted.train()
+
+    expected = dict(uninterrupted.model.named_buffers())
+    cumulative = ("expert_token_counts", "rerouted_pair_counts", "dropped_pair_counts")  # count every forward
+    for name, buffer in interrupted.model.named_buffers():
+        if not name.endswith(cumulative):
+            torch.testing.assert_close(buffer, expected[name], msg=name)
+    assert interrupted.model.model.layers[0].mlp.router.expert_bias.abs().sum() > 0
+
+
 # ----- LoRA -----
 
 
