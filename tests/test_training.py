@@ -641,29 +641,46 @@ def test_resuming_in_the_same_process_after_an_interrupted_step_matches_an_unint
     assert interrupted.model.model.routing_state.training_step == 5
 
 
+class OutOfMemoryBeforeOptimizerStep(TrainerCallback):
+    """Raises once, as running out of CPU memory would, after step 1's forwards and backwards, before its update."""
+
+    def __init__(self):
+        self.fired = False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.fired:
+            self.fired = True
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
+
 
 @pytest.mark.parametrize("callback", [SaveRoutingState, training.RouterMetricsCallback])
+@pytest.mark.parametrize("begun_again_by", ["train() after Ctrl-C", "auto_find_batch_size"])
 def test_a_run_begun_again_after_a_step_that_never_came_updates_routing_from_its_own_forwards(
-    tiny_config, tmp_path, callback
+    tiny_config, tmp_path, callback, begun_again_by
 ):
-    """As a re-run `train()` after Ctrl-C, or `auto_find_batch_size`'s retry after running out of memory: the abandoned
-    step's statistics are dropped as the run begins, not folded into its first update."""
+    """The abandoned step's statistics are dropped as the run begins again, not folded into its first update."""
     config = tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.05)
     data = random_blocks(16, 12)
 
-    def trainer(output_dir, callbacks=()):
+    def trainer(output_dir, callbacks=(), **arguments):
         torch.manual_seed(0)
-        args = training_arguments(output_dir, max_steps=3, per_device_train_batch_size=4)
+        args = training_arguments(output_dir, max_steps=3, **arguments)
         model = ClusterMoEForCausalLM(config)
         return Trainer(model=model, args=args, train_dataset=data, callbacks=[callback(), *callbacks])
 
-    uninterrupted = trainer(tmp_path / "a")
-    uninterrupted.train()
-    interrupted = trainer(tmp_path / "b", [InterruptBeforeOptimizerStep(1)])
-    with pytest.raises(KeyboardInterrupt):
+    if begun_again_by == "auto_find_batch_size":  # retries with a smaller batch (4 -> 3) after running out of memory
+        uninterrupted = trainer(tmp_path / "a", per_device_train_batch_size=3)
+        interrupted = trainer(tmp_path / "b", [OutOfMemoryBeforeOptimizerStep()], auto_find_batch_size=True)
         interrupted.train()
-    assert interrupted.model.model.routing_state.has_pending_updates  # step 1's forward ran, its update did not
-    interrupted.train()
+        assert interrupted._train_batch_size == 3
+    else:
+        uninterrupted = trainer(tmp_path / "a")
+        interrupted = trainer(tmp_path / "b", [InterruptBeforeOptimizerStep(1)])
+        with pytest.raises(KeyboardInterrupt):
+            interrupted.train()
+        assert interrupted.model.model.routing_state.has_pending_updates  # step 1's forward ran, its update did not
+        interrupted.train()
+    uninterrupted.train()
 
     expected = dict(uninterrupted.model.named_buffers())
     cumulative = ("expert_token_counts", "rerouted_pair_counts", "dropped_pair_counts")  # count every forward
