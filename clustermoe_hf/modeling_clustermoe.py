@@ -1325,6 +1325,11 @@ def _is_weights_file(name: str, variant: str | None) -> bool:
     return name in (single, index) or re.fullmatch(shard, name) is not None
 
 
+def _is_folder(path: str) -> bool:
+    """A folder itself, not a link to one: a file moves onto a link by replacing it, and removing a link works too."""
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
 # The prefix of a save's staging folder inside its target. One that a killed save left behind is not removed by the
 # next save, which cannot tell it from the folder of a save still running (e.g. in another container): delete it.
 _STAGING_PREFIX = ".clustermoe-saving-"
@@ -1486,21 +1491,26 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         ):
             return super().save_pretrained(save_directory, *args, **kwargs)
         os.makedirs(target, exist_ok=True)
-        folders = {name for name in os.listdir(target) if os.path.isdir(os.path.join(target, name))}
+        variant = options["variant"]
+        folders = {name for name in os.listdir(target) if _is_folder(os.path.join(target, name))}
         # On the target's file system, so that the files move into place by renaming.
         with tempfile.TemporaryDirectory(prefix=_STAGING_PREFIX, dir=target, ignore_cleanup_errors=True) as staging:
             result = super().save_pretrained(staging, *args, **kwargs)
             written = set(os.listdir(staging))
-            blocked = sorted(written & folders)
-            if blocked:  # found before any file moves: a move onto a folder would fail halfway through
+            # Found before any file moves, which would otherwise fail halfway through: folders where a file of this
+            # save goes, or, if it writes weights, named as the earlier weights files it removes.
+            blocked = written & folders
+            if any(_is_weights_file(name, variant) for name in written):
+                blocked |= {name for name in folders if _is_weights_file(name, variant)}
+            if blocked:
                 raise IsADirectoryError(
                     f"Cannot save into {target}: it holds folders named as files of the checkpoint "
-                    f"({', '.join(blocked)}); nothing in it was changed."
+                    f"({', '.join(sorted(blocked))}); nothing in it was changed."
                 )
             # config.json last: in a new folder, it marks a complete checkpoint.
             for name in sorted(written, key=lambda name: name == CONFIG_NAME):
                 os.replace(os.path.join(staging, name), os.path.join(target, name))
-        weights_files = {name for name in os.listdir(target) if _is_weights_file(name, options["variant"])}
+        weights_files = {name for name in os.listdir(target) if _is_weights_file(name, variant)}
         if weights_files & written:  # this save wrote the model's weights (not, e.g., only an adapter's)
             for name in weights_files - written:  # the earlier save's, not replaced by this one
                 os.remove(os.path.join(target, name))

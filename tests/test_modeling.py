@@ -638,16 +638,37 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
     assert ClusterMoEForCausalLM.from_pretrained(checkpoint).config.experts_per_cluster == 4
 
 
-def test_a_save_into_a_folder_holding_a_folder_named_as_a_checkpoint_file_changes_nothing(tiny_model, tmp_path):
-    """Moving the new files into place would fail at that folder, after the files moved before it."""
+@pytest.mark.parametrize(
+    "folder, save_options",
+    [
+        ("generation_config.json", {}),  # a file this save writes
+        ("model.safetensors", {"max_shard_size": "20KB"}),  # earlier weights that a sharded save removes
+        ("model-00001-of-00002.safetensors", {}),  # an earlier shard that a single-file save removes
+    ],
+)
+def test_a_save_into_a_folder_holding_a_folder_named_as_a_checkpoint_file_changes_nothing(
+    tiny_model, tmp_path, folder, save_options
+):
+    """Moving the new files into place, or removing the earlier weights, would fail at that folder, after the files
+    moved before it."""
     checkpoint = tmp_path / "checkpoint"
     tiny_model().save_pretrained(checkpoint)
-    (checkpoint / "generation_config.json").unlink()
-    (checkpoint / "generation_config.json").mkdir()
+    (checkpoint / folder).unlink(missing_ok=True)
+    (checkpoint / folder).mkdir()
     before = {path.name: path.is_dir() or path.read_bytes() for path in checkpoint.iterdir()}
-    with pytest.raises(IsADirectoryError, match=r"folders named as files of the checkpoint \(generation_config.json\)"):
-        tiny_model(experts_per_cluster=2).save_pretrained(checkpoint)
+    with pytest.raises(IsADirectoryError, match=rf"folders named as files of the checkpoint \({re.escape(folder)}\)"):
+        tiny_model(experts_per_cluster=2).save_pretrained(checkpoint, **save_options)
     assert {path.name: path.is_dir() or path.read_bytes() for path in checkpoint.iterdir()} == before
+
+
+def test_a_save_replaces_a_link_to_a_folder_named_as_a_checkpoint_file(tiny_model, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "generation_config.json").symlink_to(elsewhere, target_is_directory=True)
+    tiny_model().save_pretrained(checkpoint)
+    assert (checkpoint / "generation_config.json").is_file() and elsewhere.is_dir()
 
 
 @pytest.mark.parametrize(
