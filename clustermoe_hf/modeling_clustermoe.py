@@ -2274,13 +2274,16 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         `checkpoint`, whose default (no `use_reentrant`) is reentrant."""
         config = self.config
         keywords = getattr(self._gradient_checkpointing_func, "keywords", None)
-        if keywords is not None and keywords.get("preserve_rng_state") is False:
-            random = {"router_jitter_noise": config.router_jitter_noise, "attention_dropout": config.attention_dropout}
+        if keywords is not None and not keywords.get("preserve_rng_state", True):  # torch reads it as a truth value
+            random = {"attention_dropout": config.attention_dropout}
+            if self._moe_layers():
+                random = {"router_jitter_noise": config.router_jitter_noise, **random}
             random = {name: value for name, value in random.items() if value > 0}
             if random:
                 raise ValueError(
-                    f"Gradient checkpointing with preserve_rng_state=False would recompute the layers with other "
-                    f"random draws than their forward ({', '.join(f'{name}={value}' for name, value in random.items())}"
+                    f"Gradient checkpointing with preserve_rng_state={keywords['preserve_rng_state']!r} would "
+                    "recompute the layers with other random draws than their forward "
+                    f"({', '.join(f'{name}={value}' for name, value in random.items())}"
                     "): the gradients would belong to neither. Keep preserve_rng_state=True (the default), or set "
                     "those to 0."
                 )

@@ -811,21 +811,27 @@ def test_reentrant_gradient_checkpointing_is_refused_while_router_losses_count(t
 
 
 @pytest.mark.parametrize("randomness", [{"router_jitter_noise": 0.1}, {"attention_dropout": 0.1}])
+@pytest.mark.parametrize("preserve_rng_state", [False, 0, None])  # torch's checkpoint reads a truth value
 def test_checkpointing_without_preserving_the_rng_state_is_refused_where_the_forward_draws_random_numbers(
-    tiny_model, randomness
+    tiny_model, randomness, preserve_rng_state
 ):
     """The recomputation would route with other jitter, or drop other attention weights, than the forward: the
     gradients would silently belong to neither."""
-    ids, kwargs = random_ids(2, 6), {"use_reentrant": False, "preserve_rng_state": False}
+    ids, kwargs = random_ids(2, 6), {"use_reentrant": False, "preserve_rng_state": preserve_rng_state}
     model = tiny_model(**randomness).train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     name, value = next(iter(randomness.items()))
-    with pytest.raises(ValueError, match=rf"preserve_rng_state=False would recompute .*\({name}={value}\)"):
+    refusal = rf"preserve_rng_state={preserve_rng_state} would recompute .*\({name}={value}\)"
+    with pytest.raises(ValueError, match=refusal):
         model(ids, labels=ids)
 
     deterministic = tiny_model(router_jitter_noise=0.0, attention_dropout=0.0).train()
     deterministic.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     deterministic(ids, labels=ids).loss.backward()
+    # Without MoE layers, no router draws jitter.
+    dense = tiny_model(router_jitter_noise=0.1, first_k_dense_layers=2).train()
+    dense.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    dense(ids, labels=ids).loss.backward()
 
 
 def test_reentrant_checkpointing_judges_expert_health_as_without_checkpointing(tiny_model):
