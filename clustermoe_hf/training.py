@@ -23,6 +23,7 @@ import numbers
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -480,8 +481,12 @@ def save_routing_state(model: torch.nn.Module, folder: str | Path) -> Path:
     """Write the routing state of the ClusterMoE model inside `model` into `folder` as `routing_state.safetensors`,
     next to an adapter saved there (`trainer.save_model(folder)` or `model.save_pretrained(folder)` of a peft model):
     the adapter alone would reload with the base model's routing. `load_routing_state` reads it back. The folder is
-    created if needed; a file already there is replaced only once the new one is written whole."""
-    path = Path(folder) / ROUTING_STATE_FILE
+    created if needed; a file already there is replaced only once the new one is written whole (also where processes
+    save into one folder at once)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"save_routing_state writes into a folder, and {folder} is a file.")
+    path = folder / ROUTING_STATE_FILE
     state = routing_state_dict(model)
     problems = _routing_state_problems(state)
     if problems:  # e.g. a bias set to -inf by hand: the model runs, but load_routing_state would refuse the file
@@ -489,13 +494,14 @@ def save_routing_state(model: torch.nn.Module, folder: str | Path) -> Path:
             f"The routing state is invalid, and load_routing_state would refuse it, so {path} was not written: "
             f"{'; '.join(problems)}."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor, partial = tempfile.mkstemp(dir=folder, prefix=f".{ROUTING_STATE_FILE}.", suffix=".partial")
+    os.close(descriptor)
     try:
         save_file(state, partial)
         os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        Path(partial).unlink(missing_ok=True)
     return path
 
 

@@ -3,12 +3,14 @@ accumulation, exact resume), LoRA, reporting and the model card."""
 
 import ast
 import copy
+import concurrent.futures
 import importlib
 import math
 import os
 import re
 import shutil
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -799,6 +801,29 @@ def test_save_routing_state_creates_its_folder_and_replaces_a_file_only_once_wri
     with pytest.raises(OSError, match="No space left on device"):
         save_routing_state(model, path.parent)
     assert path.read_bytes() == before and [file.name for file in path.parent.iterdir()] == [path.name]
+    with pytest.raises(NotADirectoryError, match=rf"{re.escape(str(path))} is a file"):
+        save_routing_state(model, path)
+
+
+def test_processes_saving_routing_state_into_one_folder_at_once_each_write_a_whole_file(
+    tiny_config, tmp_path, monkeypatch
+):
+    """As every process of a torchrun job calling it would: each one's unfinished file is its own."""
+    model = ClusterMoEForCausalLM(tiny_config())
+    path = save_routing_state(model, tmp_path)
+    expected = path.read_bytes()
+    both_written = threading.Barrier(2, timeout=30)
+
+    def save_file_alongside_the_other(state, filename):
+        training_save_file(state, filename)
+        both_written.wait()  # neither file moves into place before both are written
+
+    training_save_file = training.save_file
+    monkeypatch.setattr(training, "save_file", save_file_alongside_the_other)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        saves = [pool.submit(save_routing_state, model, tmp_path) for _ in range(2)]
+        assert [save.result() for save in saves] == [path, path]
+    assert path.read_bytes() == expected and [file.name for file in tmp_path.iterdir()] == [path.name]
 
 
 def test_loading_a_routing_state_discards_the_statistics_gathered_before(tiny_config, tmp_path):
