@@ -2383,6 +2383,13 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         )
 
     @torch.no_grad()
+    def discard_pending_routing_updates(self):
+        """Forget what the training forwards since the last optimizer step gathered, for a step that will not come
+        (interrupted, or out of memory before a retry; their gradients discarded): the statistics, and the guard that
+        zeroes the non-finite gradients of the experts they masked."""
+        self.routing_state.discard_pending()
+        _lift_gradient_guard(self)
+
     def apply_pending_routing_updates(self):
         """Fold the statistics gathered since the last optimizer step into the reliability EMAs and balancing
         biases, and count one training step. Called by a global optimizer-step hook after each step that had a
@@ -2540,6 +2547,11 @@ def _end_accumulation(model: "ClusterMoEModel"):
     """Fold the statistics of the steps' forwards into the routing state, and lift the gradient guard."""
     if model.routing_state.has_pending_updates:  # set by training forwards only; the mode may have changed since
         model.apply_pending_routing_updates()
+    _lift_gradient_guard(model)
+
+
+def _lift_gradient_guard(model: "ClusterMoEModel"):
+    """Let non-finite expert gradients through again (to a gradient scaler): no gradient of a masked expert is due."""
     for _, block in model._moe_layers():
         # (A Python flag first: most blocks masked no expert.)
         if block.may_have_masked_fault:

@@ -613,11 +613,14 @@ def load_routing_state(model: torch.nn.Module, checkpoint: str | Path) -> None:
 def discard_pending_routing_statistics(model: torch.nn.Module) -> None:
     """Forget the routing statistics gathered since the last optimizer step of the ClusterMoE model inside `model`:
     those of forwards whose step never came (interrupted, or out of memory before the Trainer's
-    `auto_find_batch_size` retried), which the next step would otherwise fold into its update. (Code copied into a
-    checkpoint before `discard_pending` existed has none, and keeps them.)"""
-    discard_pending = getattr(find_clustermoe_model(model).base_model.routing_state, "discard_pending", None)
-    if discard_pending is not None:
-        discard_pending()
+    `auto_find_batch_size` retried), which the next step would otherwise fold into its update
+    (`ClusterMoEModel.discard_pending_routing_updates`). Code copied into a checkpoint before that method existed
+    forgets the statistics only, or, older still, nothing."""
+    base_model = find_clustermoe_model(model).base_model
+    discard = getattr(base_model, "discard_pending_routing_updates", None)
+    discard = discard or getattr(base_model.routing_state, "discard_pending", None)
+    if discard is not None:
+        discard()
 
 
 def _routing_state_problem(name: str, value: torch.Tensor, buffer: torch.Tensor) -> str | None:

@@ -386,6 +386,28 @@ def test_an_optimizer_step_lowers_the_fault_flag_of_a_block_called_on_its_own():
     assert not block.masked_faulty_expert
 
 
+
+def test_discarding_a_step_that_never_came_forgets_its_statistics_and_lowers_its_fault_flags():
+    """Its gradients are gone (the Trainer zeroes them before beginning a run again): the next step's update and
+    gradient guard are its own."""
+    model = adaptive_model()
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.experts.down_proj[0].fill_(float("nan"))
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (4, 16))
+    model(input_ids, labels=input_ids).loss.backward()
+    assert model.model.routing_state.has_pending_updates and block.masked_faulty_expert
+    before = biases(model)
+
+    model.model.discard_pending_routing_updates()
+    assert not model.model.routing_state.has_pending_updates and not block.masked_faulty_expert
+    assert not block.may_have_masked_fault
+    assert model.model.routing_state.pending_counts.sum() == 0
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    assert model.get_reliability_stats()["training_step"] == 0
+    assert all(torch.equal(a, b) for pair, other in zip(biases(model), before) for a, b in zip(pair, other))
+
+
 def test_plain_trainer_updates_routing_state_per_optimizer_step(tmp_path):
     from transformers import Trainer, TrainingArguments
 
