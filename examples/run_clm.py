@@ -1098,6 +1098,11 @@ def main(args: list[str] | None = None) -> dict:
             replaced.restore()
         raise
     trainer.save_state()
+    if torch.distributed.is_initialized():
+        # Training is over on every process: the others exit, and process 0 goes on alone. A process leaving with the
+        # process group alive can abort in its teardown (gloo: "terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if not trainer.is_world_process_zero():
         return eval_metrics
 
