@@ -1284,12 +1284,21 @@ def _inside_peft_wrappers(module: nn.Module) -> nn.Module:
         module = inner
 
 
-def _check_plain_experts(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], action: str):
-    """The fused expert weights must be this model's own parameters, not wrapped by an adapter."""
+def _check_experts_can_change(layers: list[tuple[int, "ClusterMoESparseMoeBlock"]], action: str):
+    """The fused expert weights must be this model's own parameters, not wrapped by an adapter; and they and the
+    routing state must be loaded, not on the meta device, where accelerate's offloading keeps them between forwards
+    (and would bring the old weights back at the next one)."""
     if not all(isinstance(block.experts, ClusterMoEExperts) for _, block in layers):
         raise ValueError(
             f"{action} needs the plain fused expert weights, which an adapter wraps here (e.g. peft's LoRA with "
             "`target_parameters`): merge it into the model first (`merge_and_unload()`)."
+        )
+    tensors = (tensor for _, block in layers for tensor in (*block.parameters(), *block.buffers()))
+    if any(tensor.is_meta for tensor in tensors):
+        raise ValueError(
+            f"{action} needs the expert weights and routing state, which are on the meta device here: offloaded by "
+            "accelerate (a device_map with 'cpu' or 'disk' entries), which would bring the old weights back at the "
+            "next forward, or not loaded at all. Load the model without offloading first."
         )
 
 
@@ -1724,7 +1733,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 f"No expert {expert_idx} in cluster {cluster_idx}: layer {layer_idx} has {block.num_clusters} "
                 f"clusters of {block.experts_per_cluster} experts."
             )
-        _check_plain_experts(layers, "reinitialize_expert")
+        _check_experts_can_change(layers, "reinitialize_expert")
         expert = cluster_idx * block.experts_per_cluster + expert_idx
         std = self.config.initializer_range
         distributed = _distributed_is_running()
@@ -1845,11 +1854,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         layers = self._moe_layers()
         if not layers:
             raise ValueError("This model has no MoE layers to prune.")
-        _check_plain_experts(layers, "prune_experts")
-        if any(block.router.expert_reliability.is_meta for _, block in layers):
-            raise ValueError(
-                "prune_experts ranks the experts by their routing state, which is on the meta device: load it first."
-            )
+        _check_experts_can_change(layers, "prune_experts")
         base = self.base_model
         if any(other.base_model is not base and other.config is config for other in list(_LIVE_MODELS.values())):
             raise ValueError(
@@ -1900,8 +1905,10 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         config.top_k_experts = min(config.top_k_experts, new_experts)
         for (_, block), (clusters, experts) in zip(layers, selections):
             block.keep_experts(clusters, experts)
-        # The statistics gathered before pruning are of experts that may be gone.
+        # The statistics gathered before pruning are of experts that may be gone, and the kept weights are new
+        # parameters, without the gradients that the guard watched.
         self.base_model.routing_state.discard_pending(config.num_experts)
+        _lift_gradient_guard(self.base_model)
         return kept
 
     @torch.no_grad()

@@ -160,6 +160,32 @@ def test_device_map_auto_with_disk_offload(tiny_model, tmp_path):
         torch.testing.assert_close(offloaded(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("change", ["prune_experts", "reinitialize_expert"])
+def test_changing_the_experts_of_an_offloaded_model_is_refused(tiny_model, tmp_path, change):
+    """Its expert weights wait on the meta device between forwards: new ones written there would be replaced by the
+    offloaded old ones at the next forward, and pruned ones would no longer fit them."""
+    model = tiny_model(num_hidden_layers=4)
+    model.save_pretrained(tmp_path)
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                              "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "cpu",
+                              "model.routing_state": "cpu", "lm_head": "cpu"},
+        offload_folder=tmp_path / "offload",
+    )  # fmt: skip
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        before = offloaded(ids).logits
+    with pytest.raises(ValueError, match=rf"{change} needs the expert weights .* on the meta device here: offloaded"):
+        if change == "prune_experts":
+            offloaded.prune_experts(experts_per_cluster_keep=2, rank_by="reliability")
+        else:
+            offloaded.reinitialize_expert(3, 0, 0)
+    assert offloaded.config.experts_per_cluster == model.config.experts_per_cluster
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, before)
+
+
 def test_sharded_save_and_load(tiny_model, tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path, max_shard_size="20KB")

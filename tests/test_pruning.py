@@ -144,9 +144,24 @@ def test_pruning_a_model_on_the_meta_device_is_refused_before_the_config_changes
     """A meta model has no routing state to rank by: refused up front, not half-pruned (a config that no longer
     describes its weights)."""
     model = tiny_model().to("meta")
-    with pytest.raises(ValueError, match="routing state, which is on the meta device"):
+    with pytest.raises(ValueError, match="routing state, which are on the meta device"):
         model.prune_experts(experts_per_cluster_keep=1, clusters_keep=1, rank_by="reliability")
     assert (model.config.num_clusters, model.config.experts_per_cluster) == (2, 4)
+
+
+
+def test_pruning_lowers_the_gradient_guard_of_the_step_it_abandons(tiny_model):
+    """The kept weights are new parameters, without the gradients it guarded: a non-finite gradient of the pruned
+    model's next step (an fp16 overflow) must reach the gradient scaler."""
+    model = tiny_model().train()
+    block = model.model.layers[1].mlp
+    with torch.no_grad():
+        block.experts.down_proj[0].fill_(float("nan"))
+    input_ids = torch.randint(3, 64, (4, 12))
+    model(input_ids, labels=input_ids).loss.backward()
+    assert block.masked_faulty_expert
+    model.prune_experts(experts_per_cluster_keep=2, rank_by="reliability")
+    assert not block.masked_faulty_expert and not block.may_have_masked_fault
 
 
 def test_pruning_a_model_whose_config_another_model_shares_is_refused(tiny_config):
