@@ -116,8 +116,9 @@ def _hashable_label(label) -> Hashable:
 
 def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int], token_mask) -> torch.Tensor:
     """Integer label per token, (batch, seq): from a per-token tensor, a per-sequence tensor, or a per-sequence list
-    of hashable labels (e.g. domain names), numbered in order of first appearance. Padding tokens (False in
-    `token_mask`, (batch * seq,) or None) may carry any label, e.g. -100: they are not counted."""
+    of hashable labels (e.g. domain names). Every label is numbered through `vocabulary`, in order of first
+    appearance, so that a label given as a list in one batch and as a tensor in another gets one id. Padding tokens
+    (False in `token_mask`, (batch * seq,) or None) may carry any label, e.g. -100: they are not counted."""
     if isinstance(labels, (str, bytes, Mapping)):  # would be read as one label per character / key
         raise TypeError(
             f"Labels are one per sequence (a list/tuple or tensor) or per token (a tensor); got a "
@@ -125,7 +126,8 @@ def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int], token
         )
     if isinstance(labels, torch.Tensor) and (labels.dtype.is_floating_point or labels.dtype.is_complex):
         raise ValueError(f"Labels must be integers; got a tensor of dtype {labels.dtype}.")
-    if not isinstance(labels, torch.Tensor):
+    numbered = not isinstance(labels, torch.Tensor)
+    if numbered:
         labels = torch.tensor([vocabulary.setdefault(_hashable_label(label), len(vocabulary)) for label in labels])
     labels = labels.long()
     if labels.shape not in (shape, shape[:1]):
@@ -139,7 +141,11 @@ def _label_ids(labels, shape: torch.Size, vocabulary: dict[Hashable, int], token
             f"Labels must be non-negative integers (padding tokens may have any); got {int(counted.min())} at a "
             "non-padding token."
         )
-    return labels
+    if numbered:
+        return labels
+    values, value_index = torch.unique(labels, return_inverse=True)
+    ids = torch.tensor([vocabulary.setdefault(value, len(vocabulary)) for value in values.tolist()])
+    return ids.to(labels.device)[value_index]
 
 
 @torch.no_grad()

@@ -234,6 +234,20 @@ def test_per_sequence_labels_as_one_element_tensors_are_read_by_value(tiny_model
         specialization_statistics(model, [{"input_ids": input_ids, "label": [torch.tensor([0, 1])] * 4}])
 
 
+
+def test_a_label_is_one_label_whether_a_batch_gives_it_as_a_list_or_as_a_tensor(tiny_model):
+    """Lists are numbered in order of first appearance (here 1 first): a tensor's 1 in the next batch is that label,
+    not the id the list's 0 got."""
+    model = tiny_model()
+    input_ids = torch.randint(3, 64, (2, 2, 6), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": input_ids[0], "label": [1, 0]}, {"input_ids": input_ids[1], "label": [1, 0]}]
+    expected = specialization_statistics(model, batches)
+    mixed = [batches[0], {"input_ids": input_ids[1], "label": torch.tensor([1, 0])}]
+    assert specialization_statistics(model, mixed) == pytest.approx(expected)
+    per_token = [batches[0], {"input_ids": input_ids[1], "label": torch.tensor([[1] * 6, [0] * 6])}]
+    assert specialization_statistics(model, per_token) == pytest.approx(expected)
+
+
 def test_per_token_labels_as_nested_lists_are_refused_by_name(tiny_model):
     batch = {"input_ids": torch.randint(3, 64, (2, 3)), "label": [[0, 1, 1], [1, 0, 0]]}
     with pytest.raises(TypeError, match="must be hashable .* got a list. Per-token labels are one .* tensor"):
