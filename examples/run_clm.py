@@ -416,6 +416,17 @@ def check_training_arguments(training_args: TrainingArguments, command_line: set
             f"{option}: run_clm.py always trains and then evaluates on the validation split; to only evaluate or "
             "generate, load the saved folder (examples/generate.py)."
         )
+    # The Trainer takes any metric not named "...loss" as higher-is-better: with this script's perplexity or
+    # cross-entropy, --load_best_model_at_end would keep the worst checkpoint.
+    metric = training_args.metric_for_best_model
+    if metric is not None and metric.removeprefix("eval_") in ("perplexity", "cross_entropy"):
+        if "--greater_is_better" not in command_line:
+            training_args.greater_is_better = False
+        elif training_args.greater_is_better:
+            raise ValueError(
+                f"--metric_for_best_model {metric} is better when lower; --greater_is_better true would keep the "
+                "worst checkpoint."
+            )
     # The model card reports the validation perplexity, which the Trainer computes only with predictions.
     if training_args.prediction_loss_only:
         raise ValueError(

@@ -825,6 +825,19 @@ def test_the_card_says_when_the_weights_are_the_best_checkpoints(run_clm, tmp_pa
     assert expected in (folder / "README.md").read_text()
 
 
+
+@pytest.mark.parametrize("metric", ["perplexity", "eval_cross_entropy"])
+def test_this_scripts_metrics_for_the_best_model_are_better_when_lower(run_clm, tmp_path, metric):
+    """The Trainer takes any metric not named "...loss" as higher-is-better, and would keep the worst checkpoint."""
+    arguments = TrainingArguments(output_dir=str(tmp_path), load_best_model_at_end=True, metric_for_best_model=metric,
+                                  eval_strategy="steps", save_strategy="steps")  # fmt: skip
+    run_clm.check_training_arguments(arguments, {"--metric_for_best_model"})
+    assert arguments.greater_is_better is False
+    arguments.greater_is_better = True
+    with pytest.raises(ValueError, match=f"--metric_for_best_model {metric} is better when lower"):
+        run_clm.check_training_arguments(arguments, {"--metric_for_best_model", "--greater_is_better"})
+
+
 def test_run_clm_reads_a_datasets_dataset(run_clm, monkeypatch):
     class Split(dict):
         column_names = property(lambda self: list(self))
