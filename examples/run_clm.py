@@ -603,6 +603,28 @@ class DiscardReplacedRunOnSave(TrainerCallback):
             self.replaced.discard()
 
 
+def check_weights_finite(model: torch.nn.Module, when: str) -> None:
+    """A diverged run (NaN or infinite weights) must not save: its checkpoints would resume into NaN, and its model
+    would replace an earlier run's (--overwrite_output_dir). (The Trainer's logs hide it: they leave non-finite losses
+    out, `logging_nan_inf_filter`.)"""
+    broken = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if broken:
+        raise FloatingPointError(
+            f"Training diverged: {len(broken)} weight tensors hold NaN or infinite values {when} (the first: "
+            f"{broken[0]}), and were not saved. Lower --learning_rate, or warm it up (--warmup_steps)."
+        )
+
+
+class RefuseDivergedCheckpoints(TrainerCallback):
+    """Checks the weights before each checkpoint the Trainer is about to save (`check_weights_finite`)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save:
+            check_weights_finite(model, f"at step {state.global_step}")
+
+    on_epoch_end = on_step_end
+
+
 def final_training_loss(log_history: list[dict], mean_training_loss: float) -> tuple[str, float]:
     """(model card row label, value) of the training loss at the end of the run: the last logged one, or the mean
     over the run (`TrainOutput.training_loss`) when the run was too short for a log (--logging_steps)."""
@@ -1052,6 +1074,7 @@ def main(args: list[str] | None = None) -> dict:
         ),
     )
     add_router_metrics_callback(trainer)
+    trainer.add_callback(RefuseDivergedCheckpoints())
     if model_args.lora_rank > 0:  # its adapter checkpoints hold no routing state: the callback saves and restores it
         trainer.add_callback(SaveRoutingState(resume_from_checkpoint=checkpoint))
 
@@ -1092,6 +1115,12 @@ def main(args: list[str] | None = None) -> dict:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         train_runtime = time.perf_counter() - start
         eval_metrics = trainer.evaluate()
+        check_weights_finite(trainer.model, "after training")
+        if not math.isfinite(eval_metrics["eval_cross_entropy"]):
+            raise FloatingPointError(
+                f"The validation cross-entropy is {eval_metrics['eval_cross_entropy']}: the model computes non-finite "
+                "logits, and was not saved. Lower --learning_rate, or warm it up (--warmup_steps)."
+            )
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         trainer.log_metrics("eval", eval_metrics)

@@ -360,6 +360,19 @@ def test_overwrite_keeps_the_earlier_run_when_training_fails(run_clm, trained, t
     assert {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
 
 
+
+@pytest.mark.parametrize("saving, when", [([], "at step 2"), (["--save_strategy", "no"], "after training")])
+def test_a_diverged_run_saves_nothing_and_keeps_the_earlier_run(run_clm, trained, tmp_path, saving, when):
+    """NaN weights would replace the earlier run's model, and checkpoints would resume into NaN."""
+    folder = tmp_path / "earlier"
+    shutil.copytree(trained[0], folder)
+    before = {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    diverging = [*SHORT_RUN, *saving, "--learning_rate", "1e30", "--warmup_steps", "0"]
+    with pytest.raises(FloatingPointError, match=f"Training diverged: .* NaN or infinite values {when}"):
+        run_clm.main([*diverging, "--output_dir", str(folder), "--overwrite_output_dir"])
+    assert {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+
+
 def test_overwrite_drops_the_earlier_run_once_the_new_one_saved_a_checkpoint(run_clm, trained, tmp_path, monkeypatch):
     """From its first checkpoint on, a failed run leaves that checkpoint to resume from, not the earlier run's."""
     folder = tmp_path / "earlier"
