@@ -503,6 +503,14 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
                 f"{PREFIX_CHECKPOINT_DIR}-<step> folder with trainer_state.json and the optimizer's state). To train a "
                 "finished model further, pass its folder as --model_name_or_path."
             )
+        # The optimizer's state: `optimizer.pt` (`.bin`, or FSDP's `optimizer_0/`), or DeepSpeed's `global_step*/`.
+        if not any(checkpoint.glob("optimizer*")) and not any(checkpoint.glob("global_step*")):
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint} holds no optimizer state (saved with --save_only_model?): the "
+                "run would go on with a new optimizer and learning-rate schedule, not as it was. Resume from a "
+                "checkpoint saved without --save_only_model, or train its model further with --model_name_or_path "
+                f"{checkpoint}."
+            )
         if checkpoint.resolve() == output_dir.resolve():
             raise ValueError(
                 f"--resume_from_checkpoint and --output_dir are the same folder ({output_dir}): the run would save "
