@@ -462,6 +462,38 @@ def check_training_arguments(training_args: TrainingArguments, command_line: set
         raise ValueError(f"--label_smoothing_factor must be in [0, 1), got {training_args.label_smoothing_factor}.")
 
 
+def check_resumed_optimizer_settings(training_args: TrainingArguments, checkpoint: Path) -> None:
+    """Resuming restores the checkpoint's optimizer, whose learning rate, weight decay and Adam settings then replace
+    the options given (and the model card would report options that were not used): they must be the run's. Read from
+    `optimizer.pt` (FSDP's and DeepSpeed's optimizer states are not read)."""
+    path = checkpoint / "optimizer.pt"
+    if not path.is_file():
+        return
+    try:
+        groups = torch.load(path, map_location="cpu", weights_only=True)["param_groups"]
+    except Exception as error:  # noqa: BLE001 - whatever a truncated or foreign file raises, named
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: its {path.name} cannot be read ({error}).") from error
+    saved = {}  # what the optimizer has (e.g. Adafactor has no betas)
+    if groups and all("initial_lr" in group for group in groups):  # set by the learning-rate scheduler
+        saved["learning_rate"] = max(group["initial_lr"] for group in groups)
+    if groups and all("weight_decay" in group for group in groups):
+        saved["weight_decay"] = max(group["weight_decay"] for group in groups)  # the no-decay group has 0
+    if groups and "betas" in groups[0]:
+        saved["adam_beta1"], saved["adam_beta2"] = groups[0]["betas"]
+    if groups and "eps" in groups[0]:
+        saved["adam_epsilon"] = groups[0]["eps"]
+    differing = [
+        f"--{name} {getattr(training_args, name)} (the checkpoint's: {value})"
+        for name, value in saved.items()
+        if not math.isclose(getattr(training_args, name), value, rel_tol=1e-6)
+    ]
+    if differing:
+        raise ValueError(
+            f"Resuming from {checkpoint} restores its optimizer, whose settings would replace {', '.join(differing)}. "
+            "Resume with the run's values, or train its model further with --model_name_or_path for new ones."
+        )
+
+
 def check_output_dir(training_args: TrainingArguments, report_args: ReportArguments) -> bool:
     """Refuse a non-empty --output_dir unless the run resumes from one of its checkpoints or --overwrite_output_dir is
     given; return whether an earlier run there is to be replaced.
@@ -511,6 +543,7 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
                 "checkpoint saved without --save_only_model, or train its model further with --model_name_or_path "
                 f"{checkpoint}."
             )
+        check_resumed_optimizer_settings(training_args, checkpoint)
         if checkpoint.resolve() == output_dir.resolve():
             raise ValueError(
                 f"--resume_from_checkpoint and --output_dir are the same folder ({output_dir}): the run would save "

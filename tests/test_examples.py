@@ -228,7 +228,7 @@ def test_output_dir_is_used_when_new_empty_resumed_in_place_or_overwritten(run_c
         (folder / name).mkdir(parents=True)
     for name in ("checkpoint-2", "checkpoint-4"):
         (folder / name / "trainer_state.json").write_text("{}")
-        (folder / name / "optimizer.pt").write_bytes(b"")
+        torch.save({"state": {}, "param_groups": []}, folder / name / "optimizer.pt")
     (folder / "model.safetensors").write_bytes(b"weights")
     before = snapshot(folder)
     # A finished run's folder (or any other) is no Trainer checkpoint: the Trainer would restart its optimizer.
@@ -319,7 +319,7 @@ def test_a_replaced_run_that_cannot_be_deleted_is_never_restored_over_the_new_on
     arguments = TrainingArguments(output_dir=str(folder), resume_from_checkpoint=str(folder / "checkpoint-4"))
     (folder / "checkpoint-4").mkdir()  # the new run's
     (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
-    (folder / "checkpoint-4" / "optimizer.pt").write_bytes(b"")
+    torch.save({"state": {}, "param_groups": []}, folder / "checkpoint-4" / "optimizer.pt")
     assert run_clm.check_output_dir(arguments, run_clm.ReportArguments()) is False  # it can be resumed
 
 
@@ -608,8 +608,9 @@ def test_run_clm_refuses_a_tokenizer_larger_than_the_models_vocabulary(run_clm, 
 def test_resuming_a_lora_checkpoint_needs_its_lora_rank(run_clm, tmp_path, monkeypatch):
     checkpoint = tmp_path / "run" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
-    for name in ("adapter_config.json", "trainer_state.json", "optimizer.pt"):
+    for name in ("adapter_config.json", "trainer_state.json"):
         (checkpoint / name).write_text("{}")
+    torch.save({"state": {}, "param_groups": []}, checkpoint / "optimizer.pt")
     monkeypatch.setattr(run_clm, "load_tokenizer", lambda *args: pytest.fail("the run started"))
     with pytest.raises(ValueError, match=r"holds LoRA adapters: resume it with the run's --lora_rank"):
         run_clm.main([*TINY_RUN, "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", str(checkpoint)])
@@ -678,6 +679,26 @@ def test_resume_from_a_checkpoint_without_optimizer_state_is_refused_up_front(ru
         (checkpoint / name).unlink()
     with pytest.raises(ValueError, match=re.escape(f"--resume_from_checkpoint {checkpoint} holds no optimizer state")):
         run_clm.main([*TINY_RUN, "--output_dir", str(folder), "--resume_from_checkpoint", str(checkpoint)])
+
+
+
+@pytest.mark.parametrize(
+    "option, value, named",
+    [("--learning_rate", "0.05", "--learning_rate 0.05 (the checkpoint's: 0.002)"),
+     ("--weight_decay", "0.5", "--weight_decay 0.5 (the checkpoint's: 0.1)"),
+     ("--adam_beta2", "0.95", "--adam_beta2 0.95 (the checkpoint's: 0.999)")],
+)  # fmt: skip
+def test_resume_refuses_optimizer_settings_that_the_checkpoints_optimizer_would_replace(
+    run_clm, trained, tmp_path, monkeypatch, option, value, named
+):
+    """The Trainer restores the checkpoint's optimizer: the options given would be ignored, and the card would report
+    them."""
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    folder = tmp_path / "run"
+    shutil.copytree(trained[0], folder)
+    resume = ["--output_dir", str(folder), "--resume_from_checkpoint", str(folder / "checkpoint-4")]
+    with pytest.raises(ValueError, match=re.escape(f"restores its optimizer, whose settings would replace {named}")):
+        run_clm.main([*TINY_RUN, option, value, *resume])
 
 
 def test_resume_refuses_to_write_into_another_run(run_clm, trained, tmp_path, monkeypatch):
