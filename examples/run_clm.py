@@ -958,13 +958,15 @@ def check_model_card_renders(template: str, render_card, model, training_setup: 
         with every_expert_counted_once(model):
             render_card(model, metrics, training_loss, training_setup, prompt, images)  # the prompt as its sample
     except Exception as error:  # whatever the template's code raises: UndefinedError, TypeError, ...
-        lines = [line for frame, line in traceback.walk_tb(error.__traceback__)
-                 if frame.f_code.co_filename == "<template>"]  # fmt: skip
-        where = f" (line {lines[-1]})" if lines else ""
-        raise ValueError(
-            f"--model_card_template {template} fails to render{where}: {type(error).__name__}: {error} (tried before "
-            "training, with placeholder results)."
-        ) from None
+        raise template_error(template, error, "tried before training, with placeholder results") from None
+
+
+def template_error(template: str, error: Exception, when: str) -> ValueError:
+    """The error of a model card template that fails to render, with the template's line where it failed."""
+    lines = [line for frame, line in traceback.walk_tb(error.__traceback__) if frame.f_code.co_filename == "<template>"]
+    where = f" (line {lines[-1]})" if lines else ""
+    cause = f"{type(error).__name__}: {error}"
+    return ValueError(f"--model_card_template {template} fails to render{where}: {cause} ({when}).")
 
 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
@@ -1173,6 +1175,9 @@ def main(args: list[str] | None = None) -> dict:
         trainer.model.config.use_cache = True
         if replaced is not None:
             replaced.discard()  # the new model's files replace the earlier run's from here on
+        if training_args.should_save:  # a resumed finished run's: written again once the new model is saved
+            for name in ("README.md", "expert_utilization.png", "loss_curve.png"):
+                (output_dir / name).unlink(missing_ok=True)
         trainer.save_model()  # weights, config (auto_map), modeling code, generation config, tokenizer
     except BaseException:  # Ctrl-C included
         if replaced is not None and replaced.restorable:  # nothing of the new run saved yet
@@ -1212,14 +1217,18 @@ def main(args: list[str] | None = None) -> dict:
         logger.warning(f"No plots: {error}")
         images = {}
 
-    card = render_card(
-        saved_model,
-        eval_metrics,
-        final_training_loss(trainer.state.log_history, train_result.training_loss),
-        training_setup_rows(trainer, model_args, data_args, train_runtime, started_from),
-        sample,
-        images,
-    )
+    try:
+        card = render_card(
+            saved_model,
+            eval_metrics,
+            final_training_loss(trainer.state.log_history, train_result.training_loss),
+            training_setup_rows(trainer, model_args, data_args, train_runtime, started_from),
+            sample,
+            images,
+        )
+    except Exception as error:
+        when = f"with the run's results; the model is saved in {output_dir}, without a card"
+        raise template_error(report_args.model_card_template, error, when) from None
     (output_dir / "README.md").write_text(card, encoding="utf-8")
 
     print(f"\nValidation perplexity: {eval_metrics['eval_perplexity']:.2f}")

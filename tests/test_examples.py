@@ -996,6 +996,25 @@ def test_a_model_card_template_that_fails_to_render_is_refused_before_training(r
     refused_keeping_the_earlier_run(run_clm, trained[0], tmp_path / "run", options, message)
 
 
+
+def test_a_card_failing_on_the_real_results_names_it_and_leaves_no_earlier_card_next_to_the_new_model(
+    run_clm, trained, tmp_path
+):
+    """Here in a run resumed in place after it finished, whose folder holds its earlier card and plots."""
+    template = tmp_path / "card.md"
+    template.write_text("{% if results['Validation perplexity'] > 1 %}{{ nosuch.attr }}{% endif %}")  # trial: 1.0
+    folder = tmp_path / "run"
+    shutil.copytree(trained[0], folder)
+    assert (folder / "README.md").is_file() and (folder / "loss_curve.png").is_file()
+    message = (f"--model_card_template {template} fails to render (line 1): UndefinedError: 'nosuch' is undefined "
+               f"(with the run's results; the model is saved in {folder}, without a card)")  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_clm.main([*TINY_RUN, "--model_card_template", str(template), "--output_dir", str(folder),
+                      "--resume_from_checkpoint", str(folder / "checkpoint-2")])  # fmt: skip
+    assert not (folder / "README.md").exists()  # the plots are this run's (written before the card)
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 4
+
+
 def test_the_card_trial_render_sees_the_utilisation_of_a_trained_model(run_clm, tmp_path):
     """An untrained model's utilisation rows have no metrics: the trial render counts a token for every expert, so
     that a template using them unguarded is not refused (and the saved counts are the trained ones)."""
