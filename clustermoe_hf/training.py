@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
-from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
@@ -247,6 +247,20 @@ class TokenBlocks(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+def load_saved_tokenizer(name: str | Path, option: str, **kwargs) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name, **kwargs)`, with an error that names the command-line `option` and the
+    tokenizer files where they cannot be read: transformers names neither for a missing `tokenizer.json` (it asks for
+    sentencepiece) or a truncated file (a bare JSON error)."""
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:  # a JSONDecodeError is a ValueError
+        raise ValueError(
+            f"{option} {name}: its tokenizer cannot be loaded ({type(error).__name__}: {error}). A model folder "
+            "saved by run_clm.py holds it as tokenizer.json and tokenizer_config.json: check those files, or copy "
+            "them from the run that trained the model."
+        ) from error
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, **kwargs):

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    HfArgumentParser,
+    TextStreamer,
+    set_seed,
+)
+from transformers.utils import GENERATION_CONFIG_NAME
 
 try:
     import clustermoe_hf  # noqa: F401  (registers "clustermoe" with the Auto classes when the package is installed)
@@ -151,9 +160,26 @@ def main(args: list[str] | None = None) -> list[str]:
             f"--model_name_or_path {folder} holds a model but no tokenizer (tokenizer.json): run_clm.py saves it "
             "with the model; copy it there from the run that trained the model."
         )
-    tokenizer = AutoTokenizer.from_pretrained(
-        generation_args.model_name_or_path, trust_remote_code=generation_args.trust_remote_code
-    )
+    try:  # (this script runs without clustermoe_hf too: not its `load_saved_tokenizer`)
+        tokenizer = AutoTokenizer.from_pretrained(
+            generation_args.model_name_or_path, trust_remote_code=generation_args.trust_remote_code
+        )
+    except (OSError, ValueError) as error:  # a missing tokenizer.json, a truncated file (a JSONDecodeError)
+        raise ValueError(
+            f"--model_name_or_path {folder}: its tokenizer cannot be loaded ({type(error).__name__}: {error}). "
+            "run_clm.py saves it as tokenizer.json and tokenizer_config.json next to the model: check those files, "
+            "or copy them from the run that trained the model."
+        ) from error
+    # A generation config that cannot be read would be skipped with a log line, and the model would decode with
+    # transformers' defaults instead of its own settings.
+    if (folder / GENERATION_CONFIG_NAME).is_file():
+        try:
+            GenerationConfig.from_pretrained(folder)
+        except (OSError, ValueError) as error:  # a JSONDecodeError is a ValueError
+            raise ValueError(
+                f"--model_name_or_path {folder}: its {GENERATION_CONFIG_NAME} cannot be read ({error}); fix or delete "
+                "it (without it the model decodes with transformers' defaults)."
+            ) from error
     model = AutoModelForCausalLM.from_pretrained(
         generation_args.model_name_or_path, config=config, trust_remote_code=generation_args.trust_remote_code
     ).to(device)

@@ -68,6 +68,7 @@ from clustermoe_hf.training import (
     hold_out_tails,
     label_smoothed_causal_lm_loss,
     load_dataset_documents,
+    load_saved_tokenizer,
     lora_config,
     perplexity_from_token_nll,
     plot_expert_utilization,
@@ -732,12 +733,14 @@ def load_tokenizer(
         if model_args.tokenizer_name is not None:
             logger.warning(f"Resuming: using the tokenizer of {checkpoint}, not --tokenizer_name.")
         logger.info(f"Resuming: loading the tokenizer of {checkpoint}")
-        return AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=model_args.trust_remote_code)
+        trust_remote_code = model_args.trust_remote_code
+        return load_saved_tokenizer(checkpoint, "--resume_from_checkpoint", trust_remote_code=trust_remote_code)
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name is None:
         logger.info(f"Training a byte-level BPE tokenizer with {model_args.tokenizer_vocab_size} tokens")
         return train_byte_level_bpe(train_texts, model_args.tokenizer_vocab_size)
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    option = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+    tokenizer = load_saved_tokenizer(name, option, trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is not None and tokenizer.pad_token in (tokenizer.eos_token, tokenizer.bos_token):
         logger.warning(f"Dropping the pad token {tokenizer.pad_token!r}: it is the EOS/BOS token, which has to train.")
         tokenizer.pad_token = None

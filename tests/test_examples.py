@@ -1275,6 +1275,30 @@ def test_generate_reports_what_is_not_a_clustermoe_model(tmp_path, monkeypatch):
         generate.main(["--model_name_or_path", str(tmp_path / "gpt2"), "--prompt", "DROMIO:", ""])
 
 
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("tokenizer.json", "its tokenizer cannot be loaded"),  # missing: transformers asks for sentencepiece
+        ("tokenizer_config.json", "its tokenizer cannot be loaded (JSONDecodeError"),  # truncated
+        ("generation_config.json", "its generation_config.json cannot be read"),  # truncated: decoding would use defaults
+    ],
+)
+def test_generate_and_run_clm_name_the_damaged_file_of_a_model_folder(run_clm, trained, tmp_path, damage, message):
+    folder = tmp_path / "model"
+    shutil.copytree(trained[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    if damage == "tokenizer.json":
+        (folder / damage).unlink()
+    else:
+        (folder / damage).write_text((folder / damage).read_text()[:20])
+    with pytest.raises(ValueError, match=re.escape(f"--model_name_or_path {folder}: {message}")):
+        load_script("generate").main(["--model_name_or_path", str(folder), "--prompt", "DROMIO:"])
+    if damage.startswith("tokenizer"):
+        with pytest.raises(ValueError, match=re.escape(f"--model_name_or_path {folder}: {message}")):
+            from_folder = [*without(TINY_RUN, "--config_overrides"), "--model_name_or_path", str(folder)]
+            run_clm.main([*from_folder, "--output_dir", str(tmp_path / "run")])
+
+
 def test_generate_takes_repeated_prompts_and_refuses_what_it_cannot_continue(trained, tmp_path):
     folder, _, _ = trained
     generate = load_script("generate")
