@@ -100,6 +100,52 @@ def _check_safetensors(path: Path) -> str | None:
     return None
 
 
+def _tensor_shapes(paths: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the headers of readable safetensors files."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in paths:
+        with safe_open(path, framework="pt") as weights:
+            shapes.update({name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()})
+    return shapes
+
+
+def _check_weights_match_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Whether the weights are those of the model `config` describes (built on the meta device, from the installed
+    package): missing tensors would be newly initialised on the Hub, and other shapes fail to load. Left out without
+    clustermoe_hf installed, as `_check_config`."""
+    try:
+        import torch
+
+        from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
+    except ImportError:
+        return []
+    try:
+        config = ClusterMoEConfig.from_dict(config)
+    except Exception:  # noqa: BLE001 - reported by `_check_config`
+        return []
+    with torch.device("meta"):
+        model = ClusterMoEForCausalLM(config)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()  # saved once
+    problems = []
+    missing = sorted(expected.keys() - shapes.keys() - tied)
+    if missing:
+        problems.append(f"the weights lack {len(missing)} tensors of the model config.json describes: {missing[:3]}")
+    unexpected = sorted(shapes.keys() - expected.keys())
+    if unexpected:
+        problems.append(f"the weights hold {len(unexpected)} tensors the model has no place for: {unexpected[:3]}")
+    mismatched = [
+        f"{name} {shapes[name]} (config.json: {expected[name]})"
+        for name in sorted(shapes.keys() & expected.keys())
+        if shapes[name] != expected[name]
+    ]
+    if mismatched:
+        problems.append(f"{len(mismatched)} weights do not have the shapes of config.json: {mismatched[:3]}")
+    return problems
+
+
 def _check_config(config: dict) -> str | None:
     """Why ClusterMoEConfig refuses `config` (a config.json's contents), or None: its own validation (sizes, routing,
     top-k within the experts), run from the installed package, never from the folder's code. Without clustermoe_hf
@@ -151,19 +197,34 @@ def folder_problems(folder: Path) -> list[str]:
             if require(f"{module}.py"):
                 code = (folder / f"{module}.py").read_text(encoding="utf-8")
                 pending |= set(re.findall(r"^from \.(\w+) import", code, flags=re.MULTILINE)) - checked
+    readable = []  # weights files
     if "model.safetensors.index.json" in present:
         index = _read_json(folder / "model.safetensors.index.json", problems, "a shard index") or {}
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict):
             problems.append("model.safetensors.index.json has no weight_map of tensor names to shard files.")
             weight_map = {}
-        for shard in sorted(set(map(str, weight_map.values()))):
-            if require(shard):
-                problems.extend(filter(None, [_check_safetensors(folder / shard)]))
-    elif require("model.safetensors"):
-        problems.extend(filter(None, [_check_safetensors(folder / "model.safetensors")]))
-    for name in ("generation_config.json", "tokenizer_config.json", "tokenizer.json"):
-        require(name)
+        weight_files = sorted(set(map(str, weight_map.values())))
+    else:
+        weight_files = ["model.safetensors"]
+    for name in weight_files:
+        if require(name):
+            problem = _check_safetensors(folder / name)
+            problems.extend(filter(None, [problem]))
+            readable += [folder / name] if problem is None else []
+    weights_complete = bool(weight_files) and len(readable) == len(weight_files)
+    if weights_complete and config is not None and config.get("model_type") == "clustermoe":
+        problems.extend(_check_weights_match_config(config, _tensor_shapes(readable)))
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        if require(name):
+            _read_json(folder / name, problems, "a JSON object")
+    if require("tokenizer.json"):
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as error:  # tokenizers raises its own exception types for unreadable files
+            problems.append(f"tokenizer.json cannot be loaded: {error}")
     if require("README.md"):
         from huggingface_hub import ModelCard
 

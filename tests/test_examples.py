@@ -1281,7 +1281,7 @@ def test_generate_reports_what_is_not_a_clustermoe_model(tmp_path, monkeypatch):
     [
         ("tokenizer.json", "its tokenizer cannot be loaded"),  # missing: transformers asks for sentencepiece
         ("tokenizer_config.json", "its tokenizer cannot be loaded (JSONDecodeError"),  # truncated
-        ("generation_config.json", "its generation_config.json cannot be read"),  # truncated: decoding would use defaults
+        ("generation_config.json", "its generation_config.json cannot be read"),  # truncated: defaults would decode
     ],
 )
 def test_generate_and_run_clm_name_the_damaged_file_of_a_model_folder(run_clm, trained, tmp_path, damage, message):
@@ -1546,6 +1546,9 @@ def test_push_keeps_the_training_arguments_and_outside_files_local(trained, tmp_
         ("model.safetensors.index.json", "{not json", "model.safetensors.index.json is not valid JSON"),
         ("model.safetensors.index.json", '{"weight_map": []}', "has no weight_map"),
         ("README.md", "---\nlibrary_name: [unclosed\n---\n# card\n", "README.md's YAML metadata cannot be read"),
+        ("generation_config.json", '{"do_sample": tr', "generation_config.json is not valid JSON"),
+        ("tokenizer_config.json", '{"model_max_le', "tokenizer_config.json is not valid JSON"),
+        ("tokenizer.json", '{"version": "1.0", "trunc', "tokenizer.json cannot be loaded"),
     ],
 )
 def test_push_names_unreadable_metadata_files(trained, tmp_path, file, contents, problem):
@@ -1554,6 +1557,27 @@ def test_push_names_unreadable_metadata_files(trained, tmp_path, file, contents,
     (folder / file).write_text(contents)
     problems = load_script("push_to_hub").folder_problems(folder)
     assert any(problem in line for line in problems), problems
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"vocab_size": 500}, "2 weights do not have the shapes of config.json: ['lm_head.weight (320, 32) "
+                              "(config.json: (500, 32))'"),
+        ({"num_hidden_layers": 3}, "the weights lack 15 tensors of the model config.json describes: "
+                                   "['model.layers.2.input_layernorm.weight'"),
+        ({"num_hidden_layers": 1}, "the weights hold 15 tensors the model has no place for: "
+                                   "['model.layers.1.input_layernorm.weight'"),
+    ],
+)
+def test_push_refuses_weights_that_are_not_the_model_of_the_config(trained, tmp_path, change, problem):
+    """The Hub copy would fail to load, or load with newly initialised layers."""
+    folder = tmp_path / "folder"
+    shutil.copytree(trained[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    problems = load_script("push_to_hub").folder_problems(folder)
+    assert any(line.startswith(problem) for line in problems), problems
 
 
 def test_push_refuses_a_config_the_model_cannot_load(trained, tmp_path, monkeypatch, capsys):
