@@ -88,7 +88,8 @@ def embedded_corpus_dir() -> Path:
 def read_text_documents(path: str | Path | None = None) -> dict[str, str]:
     """Read a text corpus as `{name: text}`, one document per file.
 
-    `path` is a text/Markdown file or a folder searched recursively for `TEXT_FILE_SUFFIXES` files (in sorted order);
+    `path` is a text/Markdown file or a folder searched recursively for `TEXT_FILE_SUFFIXES` files (in sorted order,
+    leaving out hidden files and folders, e.g. `.ipynb_checkpoints/` copies and a `.venv/`);
     `None` reads the embedded Shakespeare plays. Trailing whitespace is stripped from every line (Markdown marks hard
     line breaks with two trailing spaces, which would otherwise cost a token per line). A file that is not UTF-8 text
     raises a `ValueError` naming it.
@@ -99,7 +100,13 @@ def read_text_documents(path: str | Path | None = None) -> dict[str, str]:
     if root.is_file():
         files = [root]
     elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_FILE_SUFFIXES)
+        files = sorted(
+            path
+            for path in root.rglob("*")
+            if path.is_file()
+            and path.suffix.lower() in TEXT_FILE_SUFFIXES
+            and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        )
     else:
         raise FileNotFoundError(f"No such file or folder: {root}")
     if not files:

@@ -987,11 +987,13 @@ def training_setup_rows(
     """The model card's training table. `started_from` names --model_name_or_path (see `published_name`)."""
     args = trainer.args
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()})"
-    )
+    device = args.device  # where the Trainer trained: --use_cpu on a GPU machine is the CPU
+    if device.type == "cuda":
+        device = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        device = f"CPU ({platform.processor() or platform.machine()})"
+    else:  # mps, xpu, ...
+        device = device.type.upper()
     warmup_steps = args.get_warmup_steps(trainer.state.max_steps)
     # --warmup_steps below 1 is a fraction of the run's steps (transformers' convention)
     if args.warmup_steps >= 1:
@@ -1138,7 +1140,7 @@ def main(args: list[str] | None = None) -> dict:
             perplexity=eval_metrics["eval_perplexity"],
             results={
                 "Validation cross-entropy (nats/token)": eval_metrics["eval_cross_entropy"],
-                "Validation tokens": len(eval_dataset) * data_args.block_size,
+                "Validation tokens": len(eval_dataset) * (data_args.block_size - 1),  # predicted: all but a first
                 training_loss_label: training_loss_value,
             },
             training_setup=training_setup,

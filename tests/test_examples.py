@@ -166,7 +166,9 @@ def test_model_card_reports_the_run(trained):
     assert "| Optimizer steps | 4 |" in card
     assert "| Learning rate / schedule / warmup | 0.002 / cosine / 5% of the steps (1) |" in card  # a ratio
     assert re.search(r"\| Training time \| \d+\.\d s \|", card)  # seconds, not "0.0 min"
-    assert f"| Validation tokens | {MAX_EVAL_SAMPLES * BLOCK_SIZE} |" in card  # an integer, not 384.0 or 3.84e+02
+    assert "| Processes x device | 1 x CPU (" in card  # where the Trainer trained (--use_cpu)
+    # The tokens the perplexity is of, all but each block's first; an integer, not 378.0 or 3.78e+02
+    assert f"| Validation tokens | {MAX_EVAL_SAMPLES * (BLOCK_SIZE - 1)} |" in card
     # The tokenizer too: the config's auto_map would otherwise make transformers ask whether to run the stored code
     assert 'AutoTokenizer.from_pretrained("clustermoe-tiny", trust_remote_code=True)' in card
     # Its generation stays within the model's context (positions past it were never trained).

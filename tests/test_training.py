@@ -82,9 +82,12 @@ def test_read_text_documents_from_folder_and_file(tmp_path):
     (tmp_path / "b" / "play.md").write_text("**ROMEO**  \nBut soft!  \n\n", encoding="utf-8")
     (tmp_path / "a.txt").write_text("plain text\t\nsecond line", encoding="utf-8")
     (tmp_path / "weights.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "b" / ".ipynb_checkpoints").mkdir()  # a notebook's copies, a virtual env's files: not the corpus
+    (tmp_path / "b" / ".ipynb_checkpoints" / "play-checkpoint.md").write_text("**ROMEO**", encoding="utf-8")
+    (tmp_path / ".notes.txt").write_text("hidden", encoding="utf-8")
 
     documents = read_text_documents(tmp_path)
-    assert list(documents) == ["a.txt", "b/play.md"]  # sorted, other suffixes skipped
+    assert list(documents) == ["a.txt", "b/play.md"]  # sorted; other suffixes, hidden files and folders skipped
     assert documents["b/play.md"] == "**ROMEO**\nBut soft!"  # Markdown hard-break spaces and trailing blank lines go
     assert documents["a.txt"] == "plain text\nsecond line"
     assert read_text_documents(tmp_path / "a.txt") == {"a.txt": "plain text\nsecond line"}
