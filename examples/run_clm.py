@@ -463,6 +463,21 @@ def check_training_arguments(training_args: TrainingArguments, command_line: set
         raise ValueError(f"--label_smoothing_factor must be in [0, 1), got {training_args.label_smoothing_factor}.")
 
 
+def check_safetensors_readable(folder: Path, option: str) -> None:
+    """The safetensors files in `folder` (their headers), named where one cannot be read: safetensors' own error
+    ("Error while deserializing header") names no file."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as error:  # noqa: BLE001 - safetensors raises several types for unreadable files
+            raise ValueError(
+                f"{option} {folder}: {path.name} is not a readable safetensors file (truncated or corrupted?): {error}"
+            ) from error
+
+
 def check_resumed_optimizer_settings(training_args: TrainingArguments, checkpoint: Path) -> None:
     """Resuming restores the checkpoint's optimizer, whose learning rate, weight decay and Adam settings then replace
     the options given (and the model card would report options that were not used): they must be the run's. Read from
@@ -545,6 +560,14 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
                 f"{checkpoint}."
             )
         check_resumed_optimizer_settings(training_args, checkpoint)
+        try:  # read by the Trainer only once everything is built
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint}: its trainer_state.json is not valid JSON ({error}); the "
+                "checkpoint is damaged: resume from another one."
+            ) from error
+        check_safetensors_readable(checkpoint, "--resume_from_checkpoint")
         if checkpoint.resolve() == output_dir.resolve():
             raise ValueError(
                 f"--resume_from_checkpoint and --output_dir are the same folder ({output_dir}): the run would save "
@@ -1058,6 +1081,8 @@ def main(args: list[str] | None = None) -> dict:
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file():
         check_resumed_adapters(checkpoint, model_args)
+    if model_args.model_name_or_path is not None and Path(model_args.model_name_or_path).is_dir():
+        check_safetensors_readable(Path(model_args.model_name_or_path), "--model_name_or_path")
     if model_args.model_name_or_path is not None:  # before its tokenizer is read: another model is named as such
         model_type = AutoConfig.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code

@@ -703,6 +703,27 @@ def test_resume_refuses_optimizer_settings_that_the_checkpoints_optimizer_would_
         run_clm.main([*TINY_RUN, option, value, *resume])
 
 
+
+@pytest.mark.parametrize(
+    "damaged, message",
+    [("trainer_state.json", "its trainer_state.json is not valid JSON"),
+     ("model.safetensors", "model.safetensors is not a readable safetensors file (truncated or corrupted?)")],
+)  # fmt: skip
+def test_a_damaged_checkpoint_or_model_folder_is_named_up_front(run_clm, trained, tmp_path, monkeypatch, damaged,
+                                                               message):  # fmt: skip
+    monkeypatch.setattr(run_clm, "load_tokenizer", lambda *args: pytest.fail("the run started"))
+    folder = tmp_path / "run"
+    shutil.copytree(trained[0], folder)
+    checkpoint = folder / "checkpoint-4"
+    (checkpoint / damaged).write_bytes((checkpoint / damaged).read_bytes()[:50])
+    with pytest.raises(ValueError, match=re.escape(f"--resume_from_checkpoint {checkpoint}: {message}")):
+        run_clm.main([*TINY_RUN, "--output_dir", str(folder), "--resume_from_checkpoint", str(checkpoint)])
+    if damaged == "model.safetensors":
+        from_folder = [*without(TINY_RUN, "--config_overrides"), "--model_name_or_path", str(checkpoint)]
+        with pytest.raises(ValueError, match=re.escape(f"--model_name_or_path {checkpoint}: {message}")):
+            run_clm.main([*from_folder, "--output_dir", str(tmp_path / "new")])
+
+
 def test_resume_refuses_to_write_into_another_run(run_clm, trained, tmp_path, monkeypatch):
     """Resuming a run into the non-empty folder of another run would overwrite that run's weights."""
     folder, _, _ = trained
