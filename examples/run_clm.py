@@ -1024,6 +1024,9 @@ def training_setup_rows(
     else:
         warmup = f"{100 * args.warmup_steps:g}% of the steps ({warmup_steps})"
     rows = [("Optimizer steps", str(trainer.state.global_step))]
+    training_time = "Training time"  # of this process: a resumed run's earlier part is not counted
+    if args.resume_from_checkpoint:
+        training_time += f" (since resuming from {Path(args.resume_from_checkpoint).name})"
     best = trainer.state.best_model_checkpoint
     if args.load_best_model_at_end and best is not None:
         metric = args.metric_for_best_model  # the Trainer compares eval_<metric>
@@ -1040,7 +1043,7 @@ def training_setup_rows(
         ),
         ("Weight decay / max grad norm", f"{args.weight_decay} / {args.max_grad_norm}"),
         ("Processes x device", f"{args.world_size} x {device}"),
-        ("Training time", f"{runtime:.1f} s" if runtime < 60 else f"{runtime / 60:.1f} min"),
+        (training_time, f"{runtime:.1f} s" if runtime < 60 else f"{runtime / 60:.1f} min"),
         ("Seed", str(args.seed)),
     ]
     if started_from is not None:

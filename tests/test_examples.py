@@ -649,6 +649,7 @@ def test_resume_uses_the_checkpoints_tokenizer(run_clm, trained, tmp_path):
     assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 4
     assert (folder / "tokenizer.json").read_text() == checkpoint_tokenizer
     assert json.loads((folder / "config.json").read_text())["use_cache"] is True
+    assert "| Training time (since resuming from checkpoint-2) |" in (folder / "README.md").read_text()
 
 
 def test_resume_refuses_another_model_config(run_clm, trained, tmp_path):
