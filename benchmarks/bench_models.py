@@ -54,6 +54,7 @@ from common import (  # noqa: E402
     machine_description,
     parameter_counts,
     peak_allocated_bytes,
+    prepare_output_dir,
     ratio,
     tensor_bytes,
 )
@@ -506,7 +507,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     depend on other options) filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller shape and fewer repeats, about a minute (CI)")
-    parser.add_argument("--output-dir", type=Path, help="default: benchmarks/results, with --device cuda .../cuda")
+    parser.add_argument(
+        "--output-dir", type=Path,
+        help="default: benchmarks/results, with --device cuda .../cuda; --quick or some --kinds: .../partial",
+    )  # fmt: skip
     parser.add_argument(
         "--threads", type=count_at_least(1), default=1, help="torch intra-op threads (default 1: see the docstring)"
     )
@@ -532,7 +536,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         args.device = benchmark_device(args.device)
     except ValueError as error:
         parser.error(str(error))
-    args.output_dir = args.output_dir or default_output_dir(args.device)
+    partial = args.quick or set(args.kinds) != set(KINDS)
+    args.output_dir = prepare_output_dir(parser, args.output_dir or default_output_dir(args.device, partial))
     if args.repeats is None:
         args.repeats = 3 if args.quick else 9
     return args
@@ -609,7 +614,6 @@ def main(argv=None) -> dict:
             ),
         },
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "models.json").write_text(json.dumps(result, indent=2))
     (args.output_dir / "models.md").write_text(markdown(result))
     if not args.no_plot:

@@ -258,6 +258,8 @@ def benchmark_device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: the benchmarks run on 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     return device
 
 
@@ -275,11 +277,23 @@ def machine_description(device: torch.device) -> str:
     return f"{os.cpu_count()}-core CPU ({model_name}), {platform.system()}"
 
 
-def default_output_dir(device: torch.device) -> Path:
-    """benchmarks/results for CPU runs (what the docs cite), benchmarks/results/cuda for GPU runs, so that one never
-    overwrites the other."""
+def default_output_dir(device: torch.device, partial: bool = False) -> Path:
+    """benchmarks/results for full CPU runs (what the docs cite), benchmarks/results/cuda for GPU runs, and `partial`
+    runs (--quick, or some of the workloads or models) in a `partial` folder inside: none overwrites another."""
     results = Path(__file__).resolve().parent / "results"
-    return results / "cuda" if device.type == "cuda" else results
+    results = results / "cuda" if device.type == "cuda" else results
+    return results / "partial" if partial else results
+
+
+def prepare_output_dir(parser: argparse.ArgumentParser, output_dir: Path) -> Path:
+    """Create `output_dir` before anything is measured (a full run takes minutes), or stop naming --output-dir."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--output-dir {output_dir}: {error}")
+    if not os.access(output_dir, os.W_OK):
+        parser.error(f"--output-dir {output_dir}: not writable")
+    return output_dir
 
 
 def median_times(

@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     build_model,
     count_at_least,
     default_output_dir,
+    prepare_output_dir,
     keep_freed_memory,
     machine_description,
     ratio,
@@ -177,7 +178,9 @@ def markdown(result: dict) -> str:
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="bench_models.py's quick shape (a test runs it)")
-    parser.add_argument("--output-dir", type=Path, help="default: benchmarks/results")
+    parser.add_argument(
+        "--output-dir", type=Path, help="default: benchmarks/results; --quick, other kinds or models: .../partial"
+    )
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=["decode_b1", "decode_b8"])
     parser.add_argument(
         "--models", nargs="+", choices=[CLUSTERMOE, *MOE_PEERS, DENSE], default=[CLUSTERMOE, *MOE_PEERS, DENSE]
@@ -197,7 +200,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
         if missing:
             parser.error(f"{' and '.join(missing)} not found: install valgrind (e.g. `apt install valgrind`)")
-    args.output_dir = args.output_dir or default_output_dir(torch.device("cpu"))
+        defaults = {name: parser.get_default(name) for name in ("kinds", "models", "implementations")}
+        partial = args.quick or any(set(getattr(args, name)) != set(value) for name, value in defaults.items())
+        output_dir = args.output_dir or default_output_dir(torch.device("cpu"), partial)
+        args.output_dir = prepare_output_dir(parser, output_dir)
     return args
 
 
@@ -241,7 +247,6 @@ def main(argv=None) -> dict:
         "best": best,
         "summary": summarise(best),
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "instructions.json").write_text(json.dumps(result, indent=2))
     (args.output_dir / "instructions.md").write_text(markdown(result))
     print(markdown(result))

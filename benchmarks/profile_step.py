@@ -89,6 +89,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.dtype != "float32" and args.mode != "train":
         parser.error("--dtype applies to --mode train only (decoding and the memory profile run in float32)")
+    timing = [name for name in ("steps", "rows") if getattr(args, name) != parser.get_default(name)]
+    if args.mode == "memory" and timing:
+        parser.error(f"--{timing[0]} applies to the timed modes only (the memory profile is of one step, in full)")
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     keep_freed_memory()

@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     keep_freed_memory,
     machine_description,
     median_times,
+    prepare_output_dir,
     ratio,
 )
 
@@ -196,7 +197,9 @@ def write_outputs(result: dict, output_dir: Path, plot: bool) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for CI (about 10 s)")
-    parser.add_argument("--output-dir", type=Path, help="default: benchmarks/results, with --device cuda .../cuda")
+    parser.add_argument(
+        "--output-dir", type=Path, help="default: benchmarks/results, with --device cuda .../cuda; --quick: .../partial"
+    )
     parser.add_argument(
         "--threads", type=count_at_least(1), default=1, help="torch intra-op threads (default 1, see README)"
     )
@@ -210,7 +213,7 @@ def main(argv=None) -> dict:
         device = benchmark_device(args.device)
     except ValueError as error:
         parser.error(str(error))
-    args.output_dir = args.output_dir or default_output_dir(device)
+    args.output_dir = prepare_output_dir(parser, args.output_dir or default_output_dir(device, partial=args.quick))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.set_num_threads(args.threads)
     keep_freed_memory()

@@ -215,6 +215,41 @@ def test_bad_benchmark_arguments_are_refused_by_name_before_anything_runs(script
     assert f"argument {option}: {message}" in capsys.readouterr().err
 
 
+
+def test_quick_and_partial_runs_do_not_overwrite_the_results_the_docs_cite():
+    results = BENCHMARKS / "results"
+    assert bench_models.parse_arguments([]).output_dir == results
+    assert bench_models.parse_arguments(["--quick"]).output_dir == results / "partial"
+    assert bench_models.parse_arguments(["--kinds", "train_fp32"]).output_dir == results / "partial"
+
+
+@pytest.mark.parametrize("script", ["bench_models", "router_scaling"])
+def test_an_output_dir_that_cannot_be_made_is_refused_before_anything_is_measured(script, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        __import__(script).main(["--quick", "--output-dir", str(tmp_path / "file" / "results"), "--no-plot"])
+    assert f"--output-dir {tmp_path / 'file' / 'results'}: [Errno 20] Not a directory" in capsys.readouterr().err
+
+
+def test_profile_steps_memory_mode_refuses_the_timing_options(capsys):
+    import profile_step
+
+    for option, value in (("--steps", "9"), ("--rows", "3")):
+        with pytest.raises(SystemExit):
+            profile_step.main(["--mode", "memory", option, value])
+        assert f"{option} applies to the timed modes only" in capsys.readouterr().err
+
+
+def test_a_cuda_device_index_past_the_devices_is_refused_by_name(monkeypatch):
+    from common import benchmark_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert benchmark_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"--device cuda:7: torch sees 1 CUDA device\(s\), numbered from 0"):
+        benchmark_device("cuda:7")
+
+
 def test_interleaved_median_of_an_even_count_is_the_mean_of_the_middle_two():
     durations = iter([1.0, 4.0, 1.0, 2.0, 3.0])  # the probe, then four timed runs
 
