@@ -277,7 +277,8 @@ class DataArguments:
         default=128,
         metadata={
             "help": "Tokens per training sequence; documents are separated by EOS and packed. Also the context "
-            "length of a model trained from scratch unless --config_overrides sets max_position_embeddings."
+            "length of a model trained from scratch unless --config_overrides (or the --config_name file) sets "
+            "max_position_embeddings."
         },
     )
     max_train_samples: int | None = field(
@@ -507,6 +508,27 @@ def check_resumed_optimizer_settings(training_args: TrainingArguments, checkpoin
         raise ValueError(
             f"Resuming from {checkpoint} restores its optimizer, whose settings would replace {', '.join(differing)}. "
             "Resume with the run's values, or train its model further with --model_name_or_path for new ones."
+        )
+
+
+def check_options_apply(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, command_line: set[str]
+) -> None:
+    """Refuse options given where they do not apply, which would be silently ignored (e.g. --lora_alpha without
+    --lora_rank: a full fine-tune, not the LoRA run asked for); warn of a tokenizer size that another tokenizer
+    overrides."""
+    if model_args.lora_rank == 0:
+        for option in sorted({"--lora_alpha", "--lora_experts"} & command_line):
+            raise ValueError(f"{option} applies to LoRA runs (--lora_rank > 0); without --lora_rank all weights train.")
+    if data_args.dataset_name is None:
+        for option in sorted({"--dataset_config_name", "--text_column_name"} & command_line):
+            raise ValueError(f"{option} applies to --dataset_name; this corpus is a text file or folder.")
+    sources = ("--resume_from_checkpoint", "--tokenizer_name", "--model_name_or_path")
+    values = (training_args.resume_from_checkpoint, model_args.tokenizer_name, model_args.model_name_or_path)
+    source = next((option for option, value in zip(sources, values) if value), None)
+    if source is not None and "--tokenizer_vocab_size" in command_line:  # as a resumed run's --tokenizer_name
+        logger.warning(
+            f"--tokenizer_vocab_size is not used: it sizes a tokenizer trained from the corpus, and {source} gives one."
         )
 
 
@@ -815,6 +837,8 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer:
     if model_args.config_name is not None:
         base, _ = ClusterMoEConfig.get_config_dict(model_args.config_name)
         check_config_file(base, model_args.config_name)
+        # Trained on --block_size positions: the config's default context (2048) would be positions never trained.
+        base.setdefault("max_position_embeddings", data_args.block_size)
     else:
         base = {**DEFAULT_MODEL_CONFIG, "max_position_embeddings": data_args.block_size}
     settings = {
@@ -1005,9 +1029,15 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: in
 
 
 def training_setup_rows(
-    trainer: Trainer, model_args: ModelArguments, data_args: DataArguments, runtime: float, started_from: str | None
+    trainer: Trainer,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    runtime: float,
+    started_from: str | None,
+    lora_targets: str | None = None,
 ):
-    """The model card's training table. `started_from` names --model_name_or_path (see `published_name`)."""
+    """The model card's training table. `started_from` names --model_name_or_path (see `published_name`),
+    `lora_targets` what LoRA adapted (None without LoRA)."""
     args = trainer.args
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     device = args.device  # where the Trainer trained: --use_cpu on a GPU machine is the CPU
@@ -1048,10 +1078,9 @@ def training_setup_rows(
     ]
     if started_from is not None:
         rows.insert(0, ("Started from", f"`{started_from}`"))
-    if model_args.lora_rank > 0:
-        targets = "attention projections" + (" and fused experts" if model_args.lora_experts else "")
+    if lora_targets is not None:
         rows.insert(
-            1, ("LoRA", f"rank {model_args.lora_rank}, alpha {model_args.lora_alpha}, on the {targets}; merged")
+            1, ("LoRA", f"rank {model_args.lora_rank}, alpha {model_args.lora_alpha}, on the {lora_targets}; merged")
         )
     return rows
 
@@ -1068,6 +1097,7 @@ def main(args: list[str] | None = None) -> dict:
     parser.set_defaults(**defaults)
     model_args, data_args, report_args, training_args = parser.parse_args_into_dataclasses(args=args)
     check_training_arguments(training_args, command_line)
+    check_options_apply(model_args, data_args, training_args, command_line)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -1084,6 +1114,11 @@ def main(args: list[str] | None = None) -> dict:
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file():
         check_resumed_adapters(checkpoint, model_args)
+    elif checkpoint and model_args.lora_rank > 0:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} holds a whole model, not LoRA adapters: resume it without "
+            f"--lora_rank, or start a LoRA run from it with --model_name_or_path {checkpoint}."
+        )
     if model_args.model_name_or_path is not None and Path(model_args.model_name_or_path).is_dir():
         check_safetensors_readable(Path(model_args.model_name_or_path), "--model_name_or_path")
     if model_args.model_name_or_path is not None:  # before its tokenizer is read: another model is named as such
@@ -1113,7 +1148,7 @@ def main(args: list[str] | None = None) -> dict:
     started_from = None if model_args.model_name_or_path is None else published_name(model_args.model_name_or_path)
     check_context_length(model, data_args.block_size)
     context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and tokenizer.model_max_length > context:  # saved with the model, for truncation warnings
+    if context is not None:  # saved with the model, for its truncation and its warnings of inputs past the context
         tokenizer.model_max_length = context
     prompt = sample_prompt(report_args, dataset_id, validation_texts, tokenizer, context)
     if checkpoint is not None:
@@ -1124,12 +1159,16 @@ def main(args: list[str] | None = None) -> dict:
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, list({type(m) for m in model.modules() if type(m).__name__ == MOE_BLOCK_CLASS}))
+    lora_targets = None
     if model_args.lora_rank > 0:
         from peft import get_peft_model
 
         model = get_peft_model(
             model, lora_config(model_args.lora_rank, model_args.lora_alpha, include_experts=model_args.lora_experts)
         )
+        # As peft adapted them: a model without MoE layers has no fused experts to adapt.
+        adapted_experts = any("lora_" in name and ".experts." in name for name, _ in model.named_parameters())
+        lora_targets = "attention projections" + (" and fused experts" if adapted_experts else "")
     num_parameters = sum(p.numel() for p in model.parameters())
     logger.info(f"Training {type(model).__name__} with {num_parameters:,} parameters")
 
@@ -1179,7 +1218,9 @@ def main(args: list[str] | None = None) -> dict:
         )
 
     # The card is rendered last, once the earlier run is discarded: tried now, before anything in it is touched.
-    training_setup = training_setup_rows(trainer, model_args, data_args, runtime=0.0, started_from=started_from)
+    training_setup = training_setup_rows(
+        trainer, model_args, data_args, runtime=0.0, started_from=started_from, lora_targets=lora_targets
+    )
     check_model_card_renders(report_args.model_card_template, render_card, trainer.model, training_setup, prompt)
 
     replaced = None
@@ -1255,7 +1296,7 @@ def main(args: list[str] | None = None) -> dict:
             saved_model,
             eval_metrics,
             final_training_loss(trainer.state.log_history, train_result.training_loss),
-            training_setup_rows(trainer, model_args, data_args, train_runtime, started_from),
+            training_setup_rows(trainer, model_args, data_args, train_runtime, started_from, lora_targets),
             sample,
             images,
         )

@@ -835,8 +835,65 @@ def test_run_clm_fine_tunes_with_lora_and_saves_merged_weights(run_clm, trained,
     card = (output / "README.md").read_text()
     assert "base_model" not in front_matter(card)  # a local folder is not a Hub id
     # A local model by its folder's name: the card is uploaded, its path is not to be published.
-    assert "| Started from | `clustermoe-tiny` |" in card and "| LoRA | rank 4" in card
+    assert "| Started from | `clustermoe-tiny` |" in card
+    assert "| LoRA | rank 4, alpha 16.0, on the attention projections and fused experts; merged |" in card
     assert str(base_folder.parent) not in card
+
+
+def test_a_lora_card_names_the_fused_experts_only_where_the_model_has_them(run_clm, tmp_path):
+    dense = tmp_path / "dense"
+    overrides = TINY_RUN[TINY_RUN.index("--config_overrides") + 1] + ",first_k_dense_layers=2"
+    run_clm.main([*without(SHORT_RUN, "--config_overrides"), "--config_overrides", overrides,
+                  "--output_dir", str(dense)])  # fmt: skip
+    output = tmp_path / "lora"
+    run_clm.main([*without(SHORT_RUN, "--config_overrides", "--tokenizer_vocab_size"), "--model_name_or_path",
+                  str(dense), "--lora_rank", "4", "--output_dir", str(output)])  # fmt: skip
+    assert "| LoRA | rank 4, alpha 16.0, on the attention projections; merged |" in (output / "README.md").read_text()
+
+
+
+def test_a_model_from_a_config_file_without_a_context_gets_the_block_size_and_the_tokenizer_the_models(
+    run_clm, trained, tmp_path
+):
+    """Positions past --block_size were never trained: a hand-written config without max_position_embeddings would
+    get ClusterMoEConfig's default (2048). A tokenizer given with --tokenizer_name keeps its own model_max_length
+    otherwise (here the earlier run's, smaller), and would warn of, or truncate, inputs the model takes."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "clustermoe", "hidden_size": 32, "intermediate_size": 16,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                  "num_clusters": 2, "experts_per_cluster": 4}))  # fmt: skip
+    output = tmp_path / "run"
+    block_size = 2 * BLOCK_SIZE
+    run_clm.main([*without(SHORT_RUN, "--config_overrides", "--tokenizer_vocab_size", "--block_size"),
+                  "--config_name", str(config), "--tokenizer_name", str(trained[0]), "--block_size", str(block_size),
+                  "--output_dir", str(output)])  # fmt: skip
+    assert json.loads((output / "config.json").read_text())["max_position_embeddings"] == block_size
+    assert json.loads((trained[0] / "tokenizer_config.json").read_text())["model_max_length"] == BLOCK_SIZE
+    assert json.loads((output / "tokenizer_config.json").read_text())["model_max_length"] == block_size
+
+
+@pytest.mark.parametrize(
+    "options, refusal",
+    [(["--lora_alpha", "32"], "--lora_alpha applies to LoRA runs (--lora_rank > 0)"),
+     (["--lora_experts", "false"], "--lora_experts applies to LoRA runs (--lora_rank > 0)"),
+     (["--text_column_name", "body"], "--text_column_name applies to --dataset_name"),
+     (["--dataset_config_name", "en"], "--dataset_config_name applies to --dataset_name")],
+)  # fmt: skip
+def test_options_that_would_be_ignored_are_refused_up_front(run_clm, tmp_path, monkeypatch, options, refusal):
+    """E.g. --lora_alpha without --lora_rank would fine-tune every weight instead of the LoRA run asked for."""
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        run_clm.main([*TINY_RUN, *options, "--output_dir", str(tmp_path / "run")])
+
+
+def test_a_whole_model_checkpoint_resumed_as_a_lora_run_is_refused_up_front(run_clm, trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_clm, "load_tokenizer", lambda *args: pytest.fail("the run started"))
+    folder = tmp_path / "run"
+    shutil.copytree(trained[0], folder)
+    checkpoint = folder / "checkpoint-2"
+    with pytest.raises(ValueError, match=re.escape(f"{checkpoint} holds a whole model, not LoRA adapters")):
+        run_clm.main([*without(TINY_RUN, "--config_overrides"), "--model_name_or_path", str(trained[0]),
+                      "--lora_rank", "4", "--output_dir", str(folder), "--resume_from_checkpoint", str(checkpoint)])
 
 
 def test_the_card_names_a_local_starting_checkpoint_moved_away_by_its_name(run_clm, tmp_path):
