@@ -678,6 +678,55 @@ class ReplacedRun:
                 )
 
 
+# The data options a checkpoint was trained with (`SaveDataOptions`): resuming with others would not continue the run.
+DATA_OPTIONS_FILE = "data_options.json"
+RESUMED_DATA_OPTIONS = (
+    "train_file", "dataset_name", "dataset_config_name", "text_column_name", "validation_split_percentage",
+    "block_size", "max_train_samples",
+)  # fmt: skip
+
+
+class SaveDataOptions(TrainerCallback):
+    """Writes the run's data options into each checkpoint, for `check_resumed_data_options`: the model config records
+    --block_size only for a model trained from scratch (its context), and nothing records the corpus."""
+
+    def __init__(self, data_args: DataArguments):
+        self.options = data_options(data_args)
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and checkpoint.is_dir():
+            (checkpoint / DATA_OPTIONS_FILE).write_text(json.dumps(self.options, indent=2) + "\n", encoding="utf-8")
+
+
+def data_options(data_args: DataArguments) -> dict:
+    """`RESUMED_DATA_OPTIONS`, a corpus file or folder by its absolute path (the same, given from elsewhere)."""
+    options = {name: getattr(data_args, name) for name in RESUMED_DATA_OPTIONS}
+    if options["train_file"] is not None:
+        options["train_file"] = str(Path(options["train_file"]).resolve())
+    return options
+
+
+def check_resumed_data_options(checkpoint: str, data_args: DataArguments) -> None:
+    """Refuse to resume with other data options than the checkpoint's: other blocks, or another corpus, would not
+    continue the run (the Trainer skips the batches it trained on by count). Checkpoints saved before
+    `SaveDataOptions` existed have none to compare."""
+    path = Path(checkpoint) / DATA_OPTIONS_FILE
+    if not path.is_file():
+        return
+    saved, given = json.loads(path.read_text(encoding="utf-8")), data_options(data_args)
+    differences = [
+        f"--{name} {given[name]!r} (the checkpoint's: {saved[name]!r})"
+        for name in RESUMED_DATA_OPTIONS
+        if name in saved and given[name] != saved[name]
+    ]
+    if differences:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} was trained with other data options: {'; '.join(differences)}. "
+            "Resume with the run's own, or start a new run from its model with --model_name_or_path."
+        )
+
+
 class DiscardReplacedRunOnSave(TrainerCallback):
     """Discards the replaced run at the new run's first checkpoint: from then on a failed run leaves a checkpoint to
     resume from, which restoring the earlier run's checkpoints next to it would mix up."""
@@ -1109,6 +1158,8 @@ def main(args: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     replace_previous_run = check_output_dir(training_args, report_args)
+    if training_args.resume_from_checkpoint:
+        check_resumed_data_options(training_args.resume_from_checkpoint, data_args)
 
     train_texts, validation_texts, dataset_id, dataset_description = load_corpus(data_args)
     checkpoint = training_args.resume_from_checkpoint
@@ -1190,6 +1241,7 @@ def main(args: list[str] | None = None) -> dict:
     )
     add_router_metrics_callback(trainer)
     trainer.add_callback(RefuseDivergedCheckpoints())
+    trainer.add_callback(SaveDataOptions(data_args))
     if model_args.lora_rank > 0:  # its adapter checkpoints hold no routing state: the callback saves and restores it
         trainer.add_callback(SaveRoutingState(resume_from_checkpoint=checkpoint))
 

@@ -639,9 +639,11 @@ def test_run_clm_refuses_blocks_longer_than_the_context(run_clm, tmp_path):
 
 def test_resume_uses_the_checkpoints_tokenizer(run_clm, trained, tmp_path):
     """Another validation split retrains another BPE (same size, other merges): the resumed run keeps the
-    checkpoint's, which its weights were trained with."""
+    checkpoint's, which its weights were trained with. (A checkpoint saved before data_options.json, which now
+    refuses another split.)"""
     folder = tmp_path / "resumed"
     shutil.copytree(trained[0], folder)
+    (folder / "checkpoint-2" / "data_options.json").unlink()
     checkpoint_tokenizer = (folder / "checkpoint-2" / "tokenizer.json").read_text()
     run_clm.main([*without(TINY_RUN, "--max_eval_samples"), "--max_eval_samples", "2",
                   "--validation_split_percentage", "10", "--output_dir", str(folder),
@@ -723,6 +725,27 @@ def test_a_damaged_checkpoint_or_model_folder_is_named_up_front(run_clm, trained
         from_folder = [*without(TINY_RUN, "--config_overrides"), "--model_name_or_path", str(checkpoint)]
         with pytest.raises(ValueError, match=re.escape(f"--model_name_or_path {checkpoint}: {message}")):
             run_clm.main([*from_folder, "--output_dir", str(tmp_path / "new")])
+
+
+
+@pytest.mark.parametrize(
+    "option, value, named",
+    [("--block_size", "16", "--block_size 16 (the checkpoint's: 32)"),
+     ("--validation_split_percentage", "10", "--validation_split_percentage 10.0 (the checkpoint's: 5.0)")],
+)  # fmt: skip
+def test_resume_refuses_other_data_options_than_the_checkpoints(run_clm, trained, tmp_path, monkeypatch, option,
+                                                                value, named):  # fmt: skip
+    """Other blocks or another split would not continue the run: the Trainer skips the batches it trained on by
+    count. Here a run continued from a model, whose config does not record --block_size."""
+    folder = tmp_path / "run"
+    continued = [*without(SHORT_RUN, "--config_overrides", "--tokenizer_vocab_size"), "--model_name_or_path",
+                 str(trained[0])]  # fmt: skip
+    run_clm.main([*continued, "--output_dir", str(folder)])
+    assert json.loads((folder / "checkpoint-2" / "data_options.json").read_text())["block_size"] == BLOCK_SIZE
+    monkeypatch.setattr(run_clm, "load_corpus", lambda data_args: pytest.fail("the run started"))
+    changed = [*(without(continued, option) if option in continued else continued), option, value]
+    with pytest.raises(ValueError, match=re.escape(f"trained with other data options: {named}")):
+        run_clm.main([*changed, "--output_dir", str(folder), "--resume_from_checkpoint", str(folder / "checkpoint-2")])
 
 
 def test_resume_refuses_to_write_into_another_run(run_clm, trained, tmp_path, monkeypatch):
