@@ -2397,6 +2397,7 @@ class ClusterMoEModel(ClusterMoEPreTrainedModel):
         self.routing_state.discard_pending()
         _lift_gradient_guard(self)
 
+    @torch.no_grad()
     def apply_pending_routing_updates(self):
         """Fold the statistics gathered since the last optimizer step into the reliability EMAs and balancing
         biases, and count one training step. Called by a global optimizer-step hook after each step that had a
