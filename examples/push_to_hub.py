@@ -210,8 +210,10 @@ def folder_problems(folder: Path) -> list[str]:
     for name in weight_files:
         if require(name):
             problem = _check_safetensors(folder / name)
-            problems.extend(filter(None, [problem]))
-            readable += [folder / name] if problem is None else []
+            if problem is None:
+                readable.append(folder / name)
+            else:
+                problems.append(problem)
     weights_complete = bool(weight_files) and len(readable) == len(weight_files)
     if weights_complete and config is not None and config.get("model_type") == "clustermoe":
         problems.extend(_check_weights_match_config(config, _tensor_shapes(readable)))
