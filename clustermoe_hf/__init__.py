@@ -9,14 +9,18 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from .compat import CoEConfig, create_coe_model
 from .configuration_clustermoe import ClusterMoEConfig
 from .modeling_clustermoe import (
     ClusterMoEForCausalLM,
+    ClusterMoEForQuestionAnswering,
     ClusterMoEForSequenceClassification,
+    ClusterMoEForTokenClassification,
     ClusterMoEModel,
     ClusterMoEPreTrainedModel,
 )
@@ -26,6 +30,8 @@ AutoConfig.register(ClusterMoEConfig.model_type, ClusterMoEConfig, exist_ok=True
 AutoModel.register(ClusterMoEConfig, ClusterMoEModel, exist_ok=True)
 AutoModelForCausalLM.register(ClusterMoEConfig, ClusterMoEForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(ClusterMoEConfig, ClusterMoEForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(ClusterMoEConfig, ClusterMoEForTokenClassification, exist_ok=True)
+AutoModelForQuestionAnswering.register(ClusterMoEConfig, ClusterMoEForQuestionAnswering, exist_ok=True)
 
 __version__ = "0.1.0"
 
@@ -35,6 +41,8 @@ __all__ = [
     "ClusterMoEPreTrainedModel",
     "ClusterMoEForCausalLM",
     "ClusterMoEForSequenceClassification",
+    "ClusterMoEForTokenClassification",
+    "ClusterMoEForQuestionAnswering",
     "CoEConfig",
     "create_coe_model",
 ]

@@ -49,7 +49,13 @@ from transformers.integrations.moe import (
 )
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.modeling_outputs import (
+    ModelOutput,
+    MoeModelOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
 from transformers.modeling_utils import PreTrainedModel, _add_variant, slice_logits_to_keep
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -2802,6 +2808,22 @@ def _aux_loss_share(labels: torch.Tensor, num_items_in_batch, loss: torch.Tensor
     return micro_batch_items / torch.as_tensor(num_items_in_batch, dtype=torch.float32).to(loss.device)
 
 
+def _base_model_forward(head: ClusterMoEPreTrainedModel, labels_given: bool, output_router_logits, **inputs):
+    """A task head's base-model forward: `(outputs, aux_loss)`, the weighted router losses that the head adds to its
+    loss so that fine-tuning keeps the routers balanced, or None in pure inference (no gradients, no labels, no
+    `output_router_logits`), which skips them."""
+    if output_router_logits is None:
+        output_router_logits = head.config.output_router_logits
+    outputs: ClusterMoEModelOutputWithPast = head.model(
+        output_router_logits=output_router_logits,
+        output_routing_stats=torch.is_grad_enabled() or labels_given or output_router_logits,
+        return_dict=True,  # also where the config asks for tuples: the head returns what it asks for
+        **inputs,
+    )
+    parts = combine_router_losses(outputs.routing_stats)
+    return outputs, None if parts is None else weighted_router_loss(head.config, parts)
+
+
 @dataclass
 class ClusterMoESequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
     """`aux_loss`: the weighted router losses, already included in `loss` when labels are given; `None` in pure
@@ -2868,23 +2890,20 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> ClusterMoESequenceClassifierOutputWithPast:
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
         new_tokens_mask = None  # read before the model's forward adds the tokens to the cache
         inputs = input_ids if input_ids is not None else inputs_embeds
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and getattr(inputs, "ndim", 0) >= 2:
             new_tokens_mask = _new_tokens_mask(attention_mask, cache, inputs.shape[1])
-        outputs: ClusterMoEModelOutputWithPast = self.model(
-            input_ids,
+        outputs, aux_loss = _base_model_forward(
+            self,
+            labels is not None,
+            output_router_logits,
+            input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            output_routing_stats=torch.is_grad_enabled() or labels is not None or output_router_logits,
-            return_dict=True,  # also where the config asks for tuples: this head returns what it asks for
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)  # (batch, seq, num_labels)
@@ -2892,8 +2911,6 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         last_real_token = self._last_real_token(input_ids, new_tokens_mask, batch_size, sequence_length, logits.device)
         pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_real_token]
 
-        parts = combine_router_losses(outputs.routing_stats)
-        aux_loss = None if parts is None else weighted_router_loss(self.config, parts)
         loss = None
         if labels is not None:
             class_ids = labels.dtype in (torch.long, torch.int) and self.num_labels > 1  # transformers' single-label
@@ -2913,13 +2930,176 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         )
 
 
+@dataclass
+class ClusterMoETokenClassifierOutput(TokenClassifierOutput):
+    """`aux_loss` and `router_logits` as in `ClusterMoESequenceClassifierOutputWithPast`."""
+
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ClusterMoEForTokenClassification(ClusterMoEPreTrainedModel):
+    """transformers' token classification head (a label per token, from its hidden state after dropout:
+    `config.classifier_dropout` if set, else 0.1, as transformers' heads), whose loss also carries the router losses."""
+
+    accepts_loss_kwargs = False  # a mean over the labelled tokens, as the sequence classifier's (see there)
+
+    def __init__(self, config: ClusterMoEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = ClusterMoEModel(config)
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> ClusterMoETokenClassifierOutput:
+        outputs, aux_loss = _base_model_forward(
+            self,
+            labels is not None,
+            output_router_logits,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))  # (batch, seq, num_labels)
+        loss = None
+        if labels is not None:
+            _check_tensor_inputs(labels=labels)
+            if labels.shape != logits.shape[:2] or labels.dtype != torch.int64:
+                raise ValueError(
+                    f"labels must be int64 class ids, one per input token (batch_size, sequence_length) = "
+                    f"{tuple(logits.shape[:2])}, or -100 (ignored); got a {labels.dtype} tensor of shape "
+                    f"{tuple(labels.shape)}."
+                )
+            _check_token_ids(labels, "labels", self.num_labels, ignore_index=-100, bound="num_labels")
+            loss = self.loss_function(logits, labels, self.config)
+            if aux_loss is not None:
+                loss = loss + aux_loss.to(loss.device)
+        return ClusterMoETokenClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_loss=aux_loss,
+            router_logits=outputs.router_logits,
+        )
+
+
+@dataclass
+class ClusterMoEQuestionAnsweringModelOutput(QuestionAnsweringModelOutput):
+    """`aux_loss` and `router_logits` as in `ClusterMoESequenceClassifierOutputWithPast`."""
+
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ClusterMoEForQuestionAnswering(ClusterMoEPreTrainedModel):
+    """transformers' extractive question answering head (start and end logits per token), whose loss also carries the
+    router losses. As in transformers, a start or end position at or past the sequence length (an answer cut off by
+    truncation) is left out of the loss; a negative one is refused (transformers would clamp it to position 0)."""
+
+    accepts_loss_kwargs = False  # a mean over the batch, as the sequence classifier's (see there)
+
+    def __init__(self, config: ClusterMoEConfig):
+        super().__init__(config)
+        self.model = ClusterMoEModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> ClusterMoEQuestionAnsweringModelOutput:
+        if (start_positions is None) != (end_positions is None):
+            raise ValueError("Pass both start_positions and end_positions for a loss, or neither.")
+        outputs, aux_loss = _base_model_forward(
+            self,
+            start_positions is not None,
+            output_router_logits,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state)  # (batch, seq, 2)
+        start_logits, end_logits = (part.squeeze(-1).contiguous() for part in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None:
+            for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+                _check_answer_positions(positions, name, logits.shape[0])
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+            if aux_loss is not None:
+                loss = loss + aux_loss.to(loss.device)
+        return ClusterMoEQuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_loss=aux_loss,
+            router_logits=outputs.router_logits,
+        )
+
+
+def _check_answer_positions(positions: torch.Tensor, name: str, batch_size: int):
+    """One integer position per sequence, (batch,) or (batch, 1), not negative."""
+    _check_tensor_inputs(**{name: positions})
+    if positions.shape not in ((batch_size,), (batch_size, 1)) or not _is_integer_tensor(positions):
+        raise ValueError(
+            f"{name} must be integer token positions, one per sequence: shape ({batch_size},) or ({batch_size}, 1); "
+            f"got a {positions.dtype} tensor of shape {tuple(positions.shape)}."
+        )
+    if positions.numel() and _host_reads_are_free(positions) and int(positions.min()) < 0:
+        raise ValueError(
+            f"{name} must be >= 0 (positions at or past the sequence length are ignored); got {int(positions.min())}."
+        )
+
+
 # Custom code wherever these classes are loaded from, this package or a checkpoint's copy of this file: whichever of
 # them saves (also the base model of a loaded causal LM), `save_pretrained` copies this file next to the weights and
 # its `auto_map` names all of them, so that each Auto class loads the checkpoint without this package.
-_AUTO_CLASSES = (ClusterMoEModel, ClusterMoEForCausalLM, ClusterMoEForSequenceClassification)
+_AUTO_CLASSES = (
+    ClusterMoEModel,
+    ClusterMoEForCausalLM,
+    ClusterMoEForSequenceClassification,
+    ClusterMoEForTokenClassification,
+    ClusterMoEForQuestionAnswering,
+)
 ClusterMoEModel.register_for_auto_class("AutoModel")
 ClusterMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 ClusterMoEForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+ClusterMoEForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
+ClusterMoEForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 # The Trainer's built-in label smoothing (`label_smoothing_factor`) shifts the labels for the causal LMs named in this
 # mapping only (Auto-class registration does not add a name): listed, this one is shifted too, instead of learning to
 # predict each token from itself. (As for transformers' MoE models, that loss leaves out the router losses.)
@@ -2930,4 +3110,6 @@ __all__ = [
     "ClusterMoEModel",
     "ClusterMoEForCausalLM",
     "ClusterMoEForSequenceClassification",
+    "ClusterMoEForTokenClassification",
+    "ClusterMoEForQuestionAnswering",
 ]

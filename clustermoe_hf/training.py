@@ -659,7 +659,9 @@ def lora_config(
 ):
     """A peft `LoraConfig` adapting the attention projections and, with `include_experts`, the fused expert weights
     (`experts.gate_up_proj` / `experts.down_proj`, through peft's `target_parameters`). `task_type="SEQ_CLS"` for
-    `ClusterMoEForSequenceClassification` (peft then also trains and saves its newly initialised `score` head)."""
+    `ClusterMoEForSequenceClassification`, `"TOKEN_CLS"` for `ClusterMoEForTokenClassification` (peft then also trains
+    and saves their newly initialised `score` head) and `"QUESTION_ANS"` for `ClusterMoEForQuestionAnswering` (its
+    `qa_outputs`)."""
     from peft import LoraConfig
 
     return LoraConfig(

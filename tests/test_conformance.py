@@ -16,13 +16,25 @@ from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.initialization import no_init_weights
 from transformers.integrations.moe import batched_mm_experts_forward, grouped_mm_experts_forward
 
-from clustermoe_hf import ClusterMoEForCausalLM, ClusterMoEForSequenceClassification, ClusterMoEModel
+from clustermoe_hf import (
+    ClusterMoEForCausalLM,
+    ClusterMoEForQuestionAnswering,
+    ClusterMoEForSequenceClassification,
+    ClusterMoEForTokenClassification,
+    ClusterMoEModel,
+)
 from clustermoe_hf.modeling_clustermoe import ClusterMoEPreTrainedModel, ClusterMoERouter
 
 
 VOCAB_SIZE = 64  # tests/conftest.py TINY_CONFIG
 PAD = 0
-MODEL_CLASSES = (ClusterMoEModel, ClusterMoEForCausalLM, ClusterMoEForSequenceClassification)
+MODEL_CLASSES = (
+    ClusterMoEModel,
+    ClusterMoEForCausalLM,
+    ClusterMoEForSequenceClassification,
+    ClusterMoEForTokenClassification,
+    ClusterMoEForQuestionAnswering,
+)
 
 
 def random_ids(batch_size, length):

@@ -139,6 +139,8 @@ def test_run_clm_saves_a_complete_hub_folder(trained):
         "AutoModel": "modeling_clustermoe.ClusterMoEModel",
         "AutoModelForCausalLM": "modeling_clustermoe.ClusterMoEForCausalLM",
         "AutoModelForSequenceClassification": "modeling_clustermoe.ClusterMoEForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_clustermoe.ClusterMoEForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_clustermoe.ClusterMoEForQuestionAnswering",
     }
     assert (config["vocab_size"], config["hidden_size"], config["num_clusters"]) == (320, 32, 2)
     assert config["use_cache"] is True  # the Trainer turns it off for training; a Hub model generates with a cache

@@ -18,7 +18,9 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     PreTrainedTokenizerFast,
     pipeline,
 )
@@ -26,7 +28,12 @@ from transformers.distributed.fsdp import ALL_FSDP_STYLES
 from transformers.distributed.parallel_utils import _get_parameter_plan
 from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
 
-from clustermoe_hf import ClusterMoEForCausalLM, ClusterMoEForSequenceClassification
+from clustermoe_hf import (
+    ClusterMoEForCausalLM,
+    ClusterMoEForQuestionAnswering,
+    ClusterMoEForSequenceClassification,
+    ClusterMoEForTokenClassification,
+)
 from clustermoe_hf.modeling_clustermoe import ClusterMoEDecoderLayer, _is_expert_parallel
 
 
@@ -434,19 +441,29 @@ def test_a_model_with_adapters_in_place_still_saves(tiny_model, tmp_path, lora):
     assert (tmp_path / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("head", ["causal LM", "sequence classification"])
+@pytest.mark.parametrize("head", ["causal LM", "sequence classification", "token classification", "question answering"])
 def test_trainer_predictions_are_the_logits_alone(tiny_model, tiny_config, tmp_path, head):
-    """As for any transformers model, `compute_metrics` gets the logits array: the router losses and statistics the
-    outputs also carry are left out (`keys_to_ignore_at_inference`)."""
+    """As for any transformers model, `compute_metrics` gets the logits array (question answering: the start and end
+    logits): the router losses and statistics the outputs also carry are left out (`keys_to_ignore_at_inference`)."""
     from transformers import Trainer, TrainingArguments
 
-    model = tiny_model() if head == "causal LM" else ClusterMoEForSequenceClassification(tiny_config(num_labels=3))
     ids = random_ids(4, 6)
-    data = [{"input_ids": row, "labels": row if head == "causal LM" else torch.tensor(1)} for row in ids]
+    if head == "causal LM":
+        model, labels, expected_shapes = tiny_model(), {"labels": ids}, [(4, 6, VOCAB_SIZE)]
+    elif head == "sequence classification":
+        model = ClusterMoEForSequenceClassification(tiny_config(num_labels=3))
+        labels, expected_shapes = {"labels": torch.ones(4, dtype=torch.long)}, [(4, 3)]
+    elif head == "token classification":
+        model = ClusterMoEForTokenClassification(tiny_config(num_labels=3))
+        labels, expected_shapes = {"labels": torch.ones_like(ids)}, [(4, 6, 3)]
+    else:
+        model = ClusterMoEForQuestionAnswering(tiny_config())
+        labels, expected_shapes = {"start_positions": ids[:, 0] % 6, "end_positions": ids[:, 1] % 6}, [(4, 6), (4, 6)]
+    data = [{"input_ids": ids[row]} | {name: value[row] for name, value in labels.items()} for row in range(4)]
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True)
     predictions = Trainer(model=model, args=args).predict(data).predictions
-    expected_shape = (4, 6, VOCAB_SIZE) if head == "causal LM" else (4, 3)
-    assert not isinstance(predictions, tuple) and predictions.shape == expected_shape
+    predictions = list(predictions) if isinstance(predictions, tuple) else [predictions]
+    assert [prediction.shape for prediction in predictions] == expected_shapes
 
 
 def test_distributed_data_parallel_leaves_the_per_process_statistics_alone(tiny_model):
@@ -554,7 +571,63 @@ def test_sequence_classification_trusts_the_attention_mask_over_pad_ids(tiny_con
     torch.testing.assert_close(cached, scores, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("head", [ClusterMoEForCausalLM, ClusterMoEForSequenceClassification])
+def test_token_classification_labels_every_token_and_adds_the_router_losses(tiny_config):
+    """As transformers' MoE models (Qwen3-MoE, Mixtral), ClusterMoE has a token classification head behind
+    `AutoModelForTokenClassification`; its loss carries the router losses, as the other heads' do."""
+    model = AutoModelForTokenClassification.from_config(tiny_config(num_labels=5)).eval()
+    assert type(model) is ClusterMoEForTokenClassification
+    ids = random_ids(2, 6)
+    labels = torch.randint(0, 5, (2, 6))
+    labels[1, 4:] = -100  # padding, or sub-word pieces after the first: ignored
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert model(ids).aux_loss is None  # pure inference skips the router losses
+        out = model(ids, labels=labels)
+    assert logits.shape == (2, 6, 5)
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + out.aux_loss)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, num_labels=5\) or be the ignore index -100"):
+        model(ids, labels=labels.masked_fill(labels == 0, 5))
+    with pytest.raises(ValueError, match=r"labels must be int64 class ids, one per input token .* \(2, 6\)"):
+        model(ids, labels=labels[:, :5])
+    # The dropout before the score head is transformers' default, or the config's classifier_dropout.
+    assert model.dropout.p == 0.1
+    assert ClusterMoEForTokenClassification(tiny_config(num_labels=5, classifier_dropout=0.3)).dropout.p == 0.3
+
+
+def test_question_answering_scores_answer_spans_and_adds_the_router_losses(tiny_config):
+    """An extractive question answering head behind `AutoModelForQuestionAnswering`, as in transformers' MoE models:
+    start and end logits per token, whose loss (positions past the sequence, cut off by truncation, left out) carries
+    the router losses."""
+    model = AutoModelForQuestionAnswering.from_config(tiny_config()).eval()
+    assert type(model) is ClusterMoEForQuestionAnswering
+    ids = random_ids(3, 6)
+    with torch.no_grad():
+        plain = model(ids)
+        out = model(ids, start_positions=torch.tensor([1, 2, 6]), end_positions=torch.tensor([[3], [2], [9]]))
+    assert plain.start_logits.shape == plain.end_logits.shape == (3, 6) and plain.aux_loss is None
+    answered = slice(0, 2)  # the third answer lies past the 6 tokens: ignored
+    start_loss = F.cross_entropy(plain.start_logits[answered], torch.tensor([1, 2]))
+    end_loss = F.cross_entropy(plain.end_logits[answered], torch.tensor([3, 2]))
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.loss, (start_loss + end_loss) / 2 + out.aux_loss)
+    with pytest.raises(ValueError, match="start_positions must be >= 0"):
+        model(ids, start_positions=torch.tensor([1, -1, 0]), end_positions=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"end_positions must be integer token positions, one per sequence: .*\(3,\)"):
+        model(ids, start_positions=torch.tensor([1, 1, 0]), end_positions=torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="Pass both start_positions and end_positions"):
+        model(ids, start_positions=torch.tensor([1, 1, 0]))
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        ClusterMoEForCausalLM,
+        ClusterMoEForSequenceClassification,
+        ClusterMoEForTokenClassification,
+        ClusterMoEForQuestionAnswering,
+    ],
+)
 def test_heads_return_router_logits_and_tuples_as_asked(tiny_config, head):
     """The classification head dropped the router logits; `return_dict=False` in the config broke both heads, whose
     base-model call returned a tuple too."""
@@ -567,7 +640,7 @@ def test_heads_return_router_logits_and_tuples_as_asked(tiny_config, head):
         model.config.return_dict = False
         as_tuple = model(ids)
     assert isinstance(as_tuple, tuple)
-    torch.testing.assert_close(as_tuple[0], outputs.logits)
+    torch.testing.assert_close(as_tuple[0], outputs[0])  # the logits (the start logits of question answering)
 
 
 # ----- parallelism plans -----

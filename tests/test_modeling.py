@@ -520,6 +520,8 @@ def test_save_and_load_round_trip(tiny_model, tmp_path):
         "AutoModel": "modeling_clustermoe.ClusterMoEModel",
         "AutoModelForCausalLM": "modeling_clustermoe.ClusterMoEForCausalLM",
         "AutoModelForSequenceClassification": "modeling_clustermoe.ClusterMoEForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_clustermoe.ClusterMoEForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_clustermoe.ClusterMoEForQuestionAnswering",
     }
 
     ids = random_ids(2, 6)
@@ -554,7 +556,13 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
             raise SystemExit("clustermoe_hf is still importable")
 
         import torch
-        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import (
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForQuestionAnswering,
+            AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+        )
 
         ids = torch.load("ids.pt")
         model = AutoModelForCausalLM.from_pretrained("checkpoint", trust_remote_code=True)
@@ -565,12 +573,16 @@ def test_trust_remote_code_load_without_the_package(tiny_model, tmp_path):
         classifier = AutoModelForSequenceClassification.from_pretrained(
             "checkpoint", trust_remote_code=True, num_labels=3
         )
-        for loaded in (model, base, classifier):
+        tagger = AutoModelForTokenClassification.from_pretrained("checkpoint", trust_remote_code=True, num_labels=4)
+        reader = AutoModelForQuestionAnswering.from_pretrained("checkpoint", trust_remote_code=True)
+        for loaded in (model, base, classifier, tagger, reader):
             assert type(loaded).__module__.startswith("transformers_modules."), type(loaded).__module__
         with torch.no_grad():
             torch.save(model(ids).logits, "logits.pt")
             torch.save(base(ids).last_hidden_state, "hidden.pt")
             assert classifier(ids).logits.shape == (2, 3)
+            assert tagger(ids).logits.shape == (2, 6, 4)
+            assert reader(ids).end_logits.shape == (2, 6)
             torch.testing.assert_close(base_model(ids).last_hidden_state, base(ids).last_hidden_state)
         """
     )
