@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -179,6 +180,16 @@ def main(args: list[str] | None = None) -> list[str]:
             raise ValueError(
                 f"--model_name_or_path {folder}: its {GENERATION_CONFIG_NAME} cannot be read ({error}); fix or delete "
                 "it (without it the model decodes with transformers' defaults)."
+            ) from error
+    # safetensors' own error for a damaged weights file ("Error while deserializing header") names no file.
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as error:  # noqa: BLE001 - safetensors raises several types for unreadable files
+            raise ValueError(
+                f"--model_name_or_path {folder}: {path.name} is not a readable safetensors file (truncated or "
+                f"corrupted?): {error}"
             ) from error
     model = AutoModelForCausalLM.from_pretrained(
         generation_args.model_name_or_path, config=config, trust_remote_code=generation_args.trust_remote_code

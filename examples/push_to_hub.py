@@ -9,7 +9,7 @@ The folder is checked first (config with auto_map and its modeling code, a confi
 accepts, safetensors weights, tokenizer, generation config, model card with YAML metadata); nothing is uploaded if a
 check fails. `--dry-run` stops after the checks and lists exactly the files that would be uploaded. Training
 checkpoints (checkpoint-*/), the Trainer's pickled arguments (training_args.bin, which can hold a Hub token), hidden
-files and links to files outside the folder stay local.
+files and links to files outside the folder stay local; a Trainer checkpoint folder itself is refused.
 The model card names the model as run_clm.py saw it (the folder's name, unless --hub_model_id was given); the uploaded
 copy names it --repo-id instead (usage snippet, heading, model-index), while the local README.md stays as it is.
 The token comes from the HF_TOKEN environment variable or from `hf auth login`.
@@ -27,6 +27,9 @@ from transformers import HfArgumentParser
 # Files and folders (matched against every path component) that stay local. `training_args.bin` is the Trainer's
 # pickle of its arguments, which can hold a Hub token (`--hub_token`).
 IGNORED_PATTERNS = ("checkpoint-*", ".*", "__pycache__", "*.pyc", "training_args.bin")
+# The states the Trainer saves in a checkpoint to resume from (optimizer.bin, rng_state_<rank>.pth with several
+# processes); its trainer_state.json is in a run's folder too.
+TRAINER_STATE_FILES = ("optimizer.*", "scheduler.pt", "scaler.pt", "rng_state*.pth")
 REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModelForCausalLM")
 CARD_METADATA_KEYS = ("library_name", "pipeline_tag", "tags")
 # The model id in the usage snippet of a card rendered from model_card.md: `AutoTokenizer.from_pretrained("<id>")`.
@@ -165,6 +168,15 @@ def folder_problems(folder: Path) -> list[str]:
     """What keeps `folder` from being a complete Hub model repository; empty when it is one."""
     if not folder.is_dir():
         return [f"{folder} is not a folder."]
+    # A Trainer checkpoint (checkpoint-<step>/) holds, besides a model, the states it resumes from: pickles that stay
+    # local, as in a run folder (IGNORED_PATTERNS), and no card.
+    trainer_files = sorted(path.name for pattern in TRAINER_STATE_FILES for path in folder.glob(pattern))
+    if trainer_files:
+        return [
+            f"{folder} is a Trainer checkpoint ({', '.join(trainer_files)}): its optimizer, scheduler and RNG states "
+            "are for resuming the run, not for the Hub. Upload the run's folder (run_clm.py's --output_dir), which "
+            "holds the final model and its card."
+        ]
     problems = []
     present = {path.as_posix() for path in files_to_upload(folder)}
 

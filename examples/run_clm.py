@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +216,13 @@ class ModelArguments:
     def __post_init__(self):
         for option in ("model_name_or_path", "config_name", "tokenizer_name"):
             check_local_or_hub_id(getattr(self, option), f"--{option}")
+        # transformers reads a folder without a config.json as an empty config: a default ClusterMoE would be trained.
+        if self.config_name is not None and Path(self.config_name).is_dir():
+            if not (Path(self.config_name) / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"--config_name {self.config_name}: the folder holds no config.json. Pass a folder with a "
+                    "ClusterMoE config.json (a saved model's), or the JSON file itself."
+                )
         if self.model_name_or_path is not None and (self.config_name or self.config_overrides):
             raise ValueError("--config_name/--config_overrides only apply to training from scratch.")
         from_tokenizer = [name for name in parse_config_overrides(self.config_overrides) if name in TOKENIZER_FIELDS]
@@ -479,6 +487,27 @@ def check_safetensors_readable(folder: Path, option: str) -> None:
             ) from error
 
 
+# The Trainer's own states in a checkpoint besides the optimizer's (rng_state_<rank>.pth with several processes).
+TRAINER_STATE_FILES = ("scheduler.pt", "scaler.pt", "rng_state*.pth")
+
+
+def check_trainer_files_readable(checkpoint: Path) -> None:
+    """The learning-rate scheduler's, gradient scaler's and RNG states in a checkpoint (zip archives `torch.save`
+    wrote), checked without unpickling them: the Trainer reads them only once the corpus and model are built, and a
+    damaged one fails there with an error that names no file."""
+    for path in sorted(path for pattern in TRAINER_STATE_FILES for path in checkpoint.glob(pattern)):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()  # the first member whose checksum fails, or None
+        except (zipfile.BadZipFile, OSError) as error:
+            damaged = str(error)
+        if damaged is not None:
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint}: its {path.name} cannot be read (truncated or corrupted? "
+                f"{damaged}); the checkpoint is damaged: resume from another one."
+            )
+
+
 def check_resumed_optimizer_settings(training_args: TrainingArguments, checkpoint: Path) -> None:
     """Resuming restores the checkpoint's optimizer, whose learning rate, weight decay and Adam settings then replace
     the options given (and the model card would report options that were not used): they must be the run's. Read from
@@ -582,6 +611,7 @@ def check_output_dir(training_args: TrainingArguments, report_args: ReportArgume
                 f"{checkpoint}."
             )
         check_resumed_optimizer_settings(training_args, checkpoint)
+        check_trainer_files_readable(checkpoint)
         try:  # read by the Trainer only once everything is built
             json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -712,7 +712,9 @@ def test_resume_refuses_optimizer_settings_that_the_checkpoints_optimizer_would_
 @pytest.mark.parametrize(
     "damaged, message",
     [("trainer_state.json", "its trainer_state.json is not valid JSON"),
-     ("model.safetensors", "model.safetensors is not a readable safetensors file (truncated or corrupted?)")],
+     ("model.safetensors", "model.safetensors is not a readable safetensors file (truncated or corrupted?)"),
+     ("rng_state.pth", "its rng_state.pth cannot be read (truncated or corrupted?"),
+     ("scheduler.pt", "its scheduler.pt cannot be read (truncated or corrupted?")],
 )  # fmt: skip
 def test_a_damaged_checkpoint_or_model_folder_is_named_up_front(run_clm, trained, tmp_path, monkeypatch, damaged,
                                                                message):  # fmt: skip
@@ -1248,6 +1250,10 @@ def test_run_clm_reports_a_missing_local_model_tokenizer_or_config(run_clm, tmp_
     (tmp_path / "local").mkdir()
     for name in ("local", "./local", str(tmp_path / "local"), "someone/model", "gpt2"):  # a folder, or a Hub id
         run_clm.check_local_or_hub_id(name, "--model_name_or_path")
+    # transformers reads a folder without config.json (a tokenizer's, an adapter's) as an empty config
+    (tmp_path / "local" / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=re.escape("--config_name local: the folder holds no config.json")):
+        run_clm.main([*options, "--config_name", "local", "--output_dir", str(tmp_path / "run")])
 
 
 def test_config_overrides_name_fields_or_the_original_aliases(run_clm, tmp_path):
@@ -1388,6 +1394,7 @@ def test_generate_reports_what_is_not_a_clustermoe_model(tmp_path, monkeypatch):
         ("tokenizer.json", "its tokenizer cannot be loaded"),  # missing: transformers asks for sentencepiece
         ("tokenizer_config.json", "its tokenizer cannot be loaded (JSONDecodeError"),  # truncated
         ("generation_config.json", "its generation_config.json cannot be read"),  # truncated: defaults would decode
+        ("model.safetensors", "model.safetensors is not a readable safetensors file (truncated or corrupted?)"),
     ],
 )
 def test_generate_and_run_clm_name_the_damaged_file_of_a_model_folder(run_clm, trained, tmp_path, damage, message):
@@ -1396,7 +1403,7 @@ def test_generate_and_run_clm_name_the_damaged_file_of_a_model_folder(run_clm, t
     if damage == "tokenizer.json":
         (folder / damage).unlink()
     else:
-        (folder / damage).write_text((folder / damage).read_text()[:20])
+        (folder / damage).write_bytes((folder / damage).read_bytes()[:20])
     with pytest.raises(ValueError, match=re.escape(f"--model_name_or_path {folder}: {message}")):
         load_script("generate").main(["--model_name_or_path", str(folder), "--prompt", "DROMIO:"])
     if damage.startswith("tokenizer"):
@@ -1622,6 +1629,20 @@ def test_push_refuses_an_incomplete_folder(trained, tmp_path, monkeypatch, capsy
     shutil.copytree(folder, broken, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint-*", "modeling_*"))
     problems = push.folder_problems(broken)
     assert problems == ["modeling_clustermoe.py is missing."]  # found through the auto_map
+
+
+def test_push_refuses_a_trainer_checkpoint_by_name(trained, tmp_path):
+    """A checkpoint-<step>/ folder holds the optimizer's, scheduler's and RNG states (pickles, for resuming) and no
+    card: named as such, instead of only asking for the card, after which its states would be uploaded."""
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(trained[0] / "checkpoint-4", checkpoint)
+    shutil.copy(trained[0] / "README.md", checkpoint)
+    problems = load_script("push_to_hub").folder_problems(checkpoint)
+    assert problems == [
+        f"{checkpoint} is a Trainer checkpoint (optimizer.pt, rng_state.pth, scheduler.pt): its optimizer, scheduler "
+        "and RNG states are for resuming the run, not for the Hub. Upload the run's folder (run_clm.py's "
+        "--output_dir), which holds the final model and its card."
+    ]
 
 
 def test_push_keeps_the_training_arguments_and_outside_files_local(trained, tmp_path):
