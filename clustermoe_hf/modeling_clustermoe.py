@@ -2656,7 +2656,10 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        _check_logits_to_keep(logits_to_keep, input_ids if input_ids is not None else inputs_embeds)
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        _check_logits_to_keep(logits_to_keep, inputs)
+        if labels is not None:
+            _check_causal_lm_labels(labels, inputs, logits_to_keep, self.config.vocab_size)
         # Pure inference (no gradients, no labels, no router logits asked for, e.g. `generate`) skips the router
         # losses and routing counts: they would only cost time.
         output_routing_stats = torch.is_grad_enabled() or labels is not None or output_router_logits
@@ -2684,13 +2687,6 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         aux_loss = None if parts is None else weighted_router_loss(self.config, parts)
         loss = None
         if labels is not None:
-            sequence_length = outputs.last_hidden_state.shape[1]
-            if logits.shape[1] != sequence_length:
-                raise ValueError(
-                    f"labels need the logits of every position, but logits_to_keep={logits_to_keep!r} keeps "
-                    f"{logits.shape[1]} of {sequence_length}: leave logits_to_keep at 0 when passing labels."
-                )
-            _check_labels(labels, logits.shape[0], sequence_length, self.config.vocab_size)
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
             if aux_loss is not None:
                 loss = loss + aux_loss.to(loss.device) * _aux_loss_share(labels, kwargs.get("num_items_in_batch"), loss)
@@ -2760,13 +2756,35 @@ def _check_logits_to_keep(logits_to_keep, inputs: torch.Tensor | None):
         _check_token_ids(logits_to_keep, "logits_to_keep", inputs.shape[1], bound="sequence_length")
 
 
-def _check_labels(labels: torch.Tensor, batch_size: int, sequence_length: int, vocab_size: int):
-    """Labels name the next token of every input position: int64 ids of the inputs' shape, or -100 (ignored)."""
+def _check_per_token_labels(labels: torch.Tensor, inputs: torch.Tensor | None, what: str) -> bool:
+    """Labels of every input position: int64, of the inputs' (batch_size, sequence_length). Checked before the
+    forward, so that a refused call counts no routing statistics. False (nothing checked) for inputs of another kind,
+    which the forward refuses."""
     _check_tensor_inputs(labels=labels)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        return False
+    batch_size, sequence_length = inputs.shape[:2]
     if labels.shape != (batch_size, sequence_length) or labels.dtype != torch.int64:
         raise ValueError(
-            f"labels must be int64 token ids of the inputs' shape (batch_size={batch_size}, sequence_length="
-            f"{sequence_length}); got a {labels.dtype} tensor of shape {tuple(labels.shape)}."
+            f"labels must be int64 {what} of the inputs' shape (batch_size={batch_size}, sequence_length="
+            f"{sequence_length}), or -100 (ignored); got a {labels.dtype} tensor of shape {tuple(labels.shape)}."
+        )
+    return True
+
+
+def _check_causal_lm_labels(labels: torch.Tensor, inputs: torch.Tensor | None, logits_to_keep, vocab_size: int):
+    """Labels name the next token of every input position, whose logits must all be kept."""
+    if not _check_per_token_labels(labels, inputs, "token ids"):
+        return
+    sequence_length = labels.shape[-1]
+    if isinstance(logits_to_keep, torch.Tensor):
+        kept = logits_to_keep.numel()
+    else:
+        kept = sequence_length if logits_to_keep == 0 else min(logits_to_keep, sequence_length)
+    if kept != sequence_length:
+        raise ValueError(
+            f"labels need the logits of every position, but logits_to_keep={logits_to_keep!r} keeps {kept} of "
+            f"{sequence_length}: leave logits_to_keep at 0 when passing labels."
         )
     _check_token_ids(labels, "labels", vocab_size, ignore_index=-100)
 
@@ -2890,6 +2908,11 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> ClusterMoESequenceClassifierOutputWithPast:
+        if labels is not None:
+            _check_tensor_inputs(labels=labels)
+            class_ids = labels.dtype in (torch.long, torch.int) and self.num_labels > 1  # transformers' single-label
+            if class_ids and self.config.problem_type in (None, "single_label_classification"):
+                _check_token_ids(labels, "labels", self.num_labels, ignore_index=-100, bound="num_labels")
         new_tokens_mask = None  # read before the model's forward adds the tokens to the cache
         inputs = input_ids if input_ids is not None else inputs_embeds
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and getattr(inputs, "ndim", 0) >= 2:
@@ -2913,9 +2936,6 @@ class ClusterMoEForSequenceClassification(ClusterMoEPreTrainedModel):
 
         loss = None
         if labels is not None:
-            class_ids = labels.dtype in (torch.long, torch.int) and self.num_labels > 1  # transformers' single-label
-            if class_ids and self.config.problem_type in (None, "single_label_classification"):
-                _check_token_ids(labels, "labels", self.num_labels, ignore_index=-100, bound="num_labels")
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
             if aux_loss is not None:
                 loss = loss + aux_loss.to(loss.device)
@@ -2967,6 +2987,9 @@ class ClusterMoEForTokenClassification(ClusterMoEPreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> ClusterMoETokenClassifierOutput:
+        if labels is not None:
+            if _check_per_token_labels(labels, input_ids if input_ids is not None else inputs_embeds, "class ids"):
+                _check_token_ids(labels, "labels", self.num_labels, ignore_index=-100, bound="num_labels")
         outputs, aux_loss = _base_model_forward(
             self,
             labels is not None,
@@ -2982,14 +3005,6 @@ class ClusterMoEForTokenClassification(ClusterMoEPreTrainedModel):
         logits = self.score(self.dropout(outputs.last_hidden_state))  # (batch, seq, num_labels)
         loss = None
         if labels is not None:
-            _check_tensor_inputs(labels=labels)
-            if labels.shape != logits.shape[:2] or labels.dtype != torch.int64:
-                raise ValueError(
-                    f"labels must be int64 class ids, one per input token (batch_size, sequence_length) = "
-                    f"{tuple(logits.shape[:2])}, or -100 (ignored); got a {labels.dtype} tensor of shape "
-                    f"{tuple(labels.shape)}."
-                )
-            _check_token_ids(labels, "labels", self.num_labels, ignore_index=-100, bound="num_labels")
             loss = self.loss_function(logits, labels, self.config)
             if aux_loss is not None:
                 loss = loss + aux_loss.to(loss.device)
@@ -3040,6 +3055,9 @@ class ClusterMoEForQuestionAnswering(ClusterMoEPreTrainedModel):
     ) -> ClusterMoEQuestionAnsweringModelOutput:
         if (start_positions is None) != (end_positions is None):
             raise ValueError("Pass both start_positions and end_positions for a loss, or neither.")
+        if start_positions is not None:  # before the forward, so that a refused call counts no routing statistics
+            for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+                _check_answer_positions(positions, name, input_ids if input_ids is not None else inputs_embeds)
         outputs, aux_loss = _base_model_forward(
             self,
             start_positions is not None,
@@ -3055,8 +3073,6 @@ class ClusterMoEForQuestionAnswering(ClusterMoEPreTrainedModel):
         start_logits, end_logits = (part.squeeze(-1).contiguous() for part in logits.split(1, dim=-1))
         loss = None
         if start_positions is not None:
-            for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
-                _check_answer_positions(positions, name, logits.shape[0])
             loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
             if aux_loss is not None:
                 loss = loss + aux_loss.to(loss.device)
@@ -3071,18 +3087,28 @@ class ClusterMoEForQuestionAnswering(ClusterMoEPreTrainedModel):
         )
 
 
-def _check_answer_positions(positions: torch.Tensor, name: str, batch_size: int):
-    """One integer position per sequence, (batch,) or (batch, 1), not negative."""
+def _check_answer_positions(positions: torch.Tensor, name: str, inputs: torch.Tensor | None):
+    """One int64 position per sequence of `inputs`, (batch,) or (batch, 1), not negative: transformers' loss would
+    clamp it to position 0. Checked as token ids are (`_check_token_ids`): on CPU and other devices read on the host,
+    on CUDA by an asynchronous device assertion, under `torch.compile` not at all."""
     _check_tensor_inputs(**{name: positions})
-    if positions.shape not in ((batch_size,), (batch_size, 1)) or not _is_integer_tensor(positions):
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        return  # the forward's to refuse
+    batch_size = inputs.shape[0]
+    if positions.shape not in ((batch_size,), (batch_size, 1)) or positions.dtype != torch.int64:
         raise ValueError(
-            f"{name} must be integer token positions, one per sequence: shape ({batch_size},) or ({batch_size}, 1); "
+            f"{name} must be int64 token positions, one per sequence: shape ({batch_size},) or ({batch_size}, 1); "
             f"got a {positions.dtype} tensor of shape {tuple(positions.shape)}."
         )
-    if positions.numel() and _host_reads_are_free(positions) and int(positions.min()) < 0:
-        raise ValueError(
-            f"{name} must be >= 0 (positions at or past the sequence length are ignored); got {int(positions.min())}."
-        )
+    if is_torchdynamo_compiling() or positions.numel() == 0:
+        return
+    message = f"{name} must be >= 0 (positions at or past the sequence length are ignored)"
+    if _host_reads_are_free(positions) or positions.device.type not in _DEVICES_WITH_ASYNC_ASSERT:
+        lowest = int(positions.min())
+        if lowest < 0:
+            raise ValueError(f"{message}; got {lowest}.")
+    else:
+        torch._assert_async((positions >= 0).all(), message)
 
 
 # Custom code wherever these classes are loaded from, this package or a checkpoint's copy of this file: whichever of

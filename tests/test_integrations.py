@@ -588,7 +588,7 @@ def test_token_classification_labels_every_token_and_adds_the_router_losses(tiny
     torch.testing.assert_close(out.loss, F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + out.aux_loss)
     with pytest.raises(ValueError, match=r"labels must be in \[0, num_labels=5\) or be the ignore index -100"):
         model(ids, labels=labels.masked_fill(labels == 0, 5))
-    with pytest.raises(ValueError, match=r"labels must be int64 class ids, one per input token .* \(2, 6\)"):
+    with pytest.raises(ValueError, match=r"labels must be int64 class ids of the inputs' shape \(batch_size=2, "):
         model(ids, labels=labels[:, :5])
     # The dropout before the score head is transformers' default, or the config's classifier_dropout.
     assert model.dropout.p == 0.1
@@ -613,10 +613,47 @@ def test_question_answering_scores_answer_spans_and_adds_the_router_losses(tiny_
     torch.testing.assert_close(out.loss, (start_loss + end_loss) / 2 + out.aux_loss)
     with pytest.raises(ValueError, match="start_positions must be >= 0"):
         model(ids, start_positions=torch.tensor([1, -1, 0]), end_positions=torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match=r"end_positions must be integer token positions, one per sequence: .*\(3,\)"):
-        model(ids, start_positions=torch.tensor([1, 1, 0]), end_positions=torch.tensor([1.0, 2.0, 3.0]))
+    refusal = r"end_positions must be int64 token positions, one per sequence: .*\(3,\)"
+    for positions in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match=refusal):
+            model(ids, start_positions=torch.tensor([1, 1, 0]), end_positions=positions)
     with pytest.raises(ValueError, match="Pass both start_positions and end_positions"):
         model(ids, start_positions=torch.tensor([1, 1, 0]))
+
+
+@pytest.mark.parametrize("has_async_assert", [True, False], ids=["CUDA-like", "MPS-like"])
+def test_negative_answer_positions_are_refused_on_accelerators(tiny_config, monkeypatch, has_async_assert):
+    """As token ids: where a host read would wait for the device, an asynchronous device assertion (on CPU it fails at
+    once); devices without one read the positions on the host. transformers' loss would clamp them to position 0."""
+    from clustermoe_hf import modeling_clustermoe
+
+    monkeypatch.setattr(modeling_clustermoe, "_host_reads_are_free", lambda tensor: False)
+    if not has_async_assert:
+        monkeypatch.setattr(modeling_clustermoe, "_DEVICES_WITH_ASYNC_ASSERT", frozenset())
+    model, ids = ClusterMoEForQuestionAnswering(tiny_config()), random_ids(2, 6)
+    with pytest.raises(RuntimeError if has_async_assert else ValueError, match="start_positions must be >= 0"):
+        model(ids, start_positions=torch.tensor([-1, 2]), end_positions=torch.tensor([3, 4]))
+    model(ids, start_positions=torch.tensor([0, 2]), end_positions=torch.tensor([3, 9]))
+
+
+@pytest.mark.parametrize(
+    "head, bad_targets",
+    [
+        (ClusterMoEForCausalLM, {"labels": torch.ones(2, 5, dtype=torch.long)}),
+        (ClusterMoEForSequenceClassification, {"labels": torch.tensor([0, 3])}),
+        (ClusterMoEForTokenClassification, {"labels": torch.ones(2, 6)}),
+        (ClusterMoEForQuestionAnswering, {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3])}),
+    ],
+    ids=["causal LM", "sequence classification", "token classification", "question answering"],
+)
+def test_a_call_refused_for_its_targets_counts_no_routing_statistics(tiny_config, head, bad_targets):
+    """Labels and answer positions are checked before the forward: a training forward counts its tokens for the
+    utilisation and the next optimizer step's routing update."""
+    model = head(tiny_config(num_labels=3)).train()
+    with pytest.raises(ValueError):
+        model(random_ids(2, 6), **bad_targets)
+    assert not model.model.routing_state.pending_counts.any()
+    assert sum(model.get_expert_utilization().values()) == 0
 
 
 @pytest.mark.parametrize(
