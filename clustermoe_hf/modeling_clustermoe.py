@@ -2816,13 +2816,17 @@ def weighted_router_loss(config: ClusterMoEConfig, parts: tuple[torch.Tensor, ..
     )
 
 
-def _aux_loss_share(labels: torch.Tensor, num_items_in_batch, loss: torch.Tensor) -> torch.Tensor | float:
-    """With gradient accumulation the Trainer sums per-micro-batch losses normalised by the global token count;
-    weight this micro-batch's aux loss by its share of those tokens so the accumulated aux loss is an average. On the
-    loss's device: under a device map, the labels (and the count) sit on the first device, the logits on the last."""
+def _aux_loss_share(
+    labels: torch.Tensor, num_items_in_batch, loss: torch.Tensor, shifted: bool = True
+) -> torch.Tensor | float:
+    """With gradient accumulation the Trainer sums per-micro-batch losses normalised by the global token count (of the
+    labels after the first position where they are `shifted`, as a causal LM's); weight this micro-batch's aux loss by
+    its share of those tokens so the accumulated aux loss is an average. On the loss's device: under a device map, the
+    labels (and the count) sit on the first device, the logits on the last."""
     if num_items_in_batch is None:
         return 1.0
-    micro_batch_items = (labels[..., 1:] != -100).sum().to(loss.device, torch.float32)
+    counted = labels[..., 1:] if shifted else labels
+    micro_batch_items = (counted != -100).sum().to(loss.device, torch.float32)
     return micro_batch_items / torch.as_tensor(num_items_in_batch, dtype=torch.float32).to(loss.device)
 
 
@@ -2960,9 +2964,9 @@ class ClusterMoETokenClassifierOutput(TokenClassifierOutput):
 
 class ClusterMoEForTokenClassification(ClusterMoEPreTrainedModel):
     """transformers' token classification head (a label per token, from its hidden state after dropout:
-    `config.classifier_dropout` if set, else 0.1, as transformers' heads), whose loss also carries the router losses."""
-
-    accepts_loss_kwargs = False  # a mean over the labelled tokens, as the sequence classifier's (see there)
+    `config.classifier_dropout` if set, else 0.1, as transformers' heads), whose loss also carries the router losses.
+    Under gradient accumulation it takes the Trainer's count of labelled tokens (`num_items_in_batch`), as the causal
+    LM does, so that the accumulated loss weighs every token alike."""
 
     def __init__(self, config: ClusterMoEConfig):
         super().__init__(config)
@@ -3005,9 +3009,11 @@ class ClusterMoEForTokenClassification(ClusterMoEPreTrainedModel):
         logits = self.score(self.dropout(outputs.last_hidden_state))  # (batch, seq, num_labels)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.config)
+            num_items_in_batch = kwargs.get("num_items_in_batch")
+            loss = self.loss_function(logits, labels, self.config, num_items_in_batch=num_items_in_batch)
             if aux_loss is not None:
-                loss = loss + aux_loss.to(loss.device)
+                share = _aux_loss_share(labels, num_items_in_batch, loss, shifted=False)
+                loss = loss + aux_loss.to(loss.device) * share
         return ClusterMoETokenClassifierOutput(
             loss=loss,
             logits=logits,

@@ -22,7 +22,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 import clustermoe_hf.training as training
-from clustermoe_hf import ClusterMoEForCausalLM, ClusterMoEForSequenceClassification
+from clustermoe_hf import ClusterMoEForCausalLM, ClusterMoEForSequenceClassification, ClusterMoEForTokenClassification
 from clustermoe_hf.modeling_clustermoe import combine_router_losses
 from clustermoe_hf.training import (
     AUX_LOSS_PARTS,
@@ -533,6 +533,38 @@ def test_sequence_classifier_loss_with_gradient_accumulation_is_that_of_one_batc
 
     one_batch, accumulated = logged(8, 1), logged(2, 4)
     assert accumulated == pytest.approx(one_batch, rel=1e-4)
+
+
+def test_token_classifier_loss_with_gradient_accumulation_weighs_every_labelled_token_alike(tiny_config, tmp_path):
+    """Micro-batches with different numbers of labelled tokens: the logged loss of one optimizer step is the token-mean
+    cross-entropy of the whole batch plus the token-weighted mean of the micro-batches' aux losses, as for the causal
+    LM (the Trainer passes the labelled-token count of the whole batch)."""
+    generator = torch.Generator().manual_seed(0)
+    labelled = [10, 2, 7, 1]
+    data = []
+    for count in labelled:
+        labels = torch.randint(0, 3, (10,), generator=generator).masked_fill(torch.arange(10) >= count, -100)
+        data.append({"input_ids": torch.randint(3, 64, (10,), generator=generator), "labels": labels})
+    config = tiny_config(num_labels=3, classifier_dropout=0.0, router_aux_loss_coef=1.0)
+    model = ClusterMoEForTokenClassification(config)
+    initial = copy.deepcopy(model).train()
+    args = training_arguments(
+        tmp_path, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        train_sampling_strategy="sequential",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+
+    num_items = sum(labelled)
+    total_nll, aux = 0.0, 0.0
+    with torch.no_grad():
+        for micro_batch in (data[:2], data[2:]):
+            batch = {name: torch.stack([item[name] for item in micro_batch]) for name in micro_batch[0]}
+            output = initial(batch["input_ids"], output_router_logits=True)
+            labels = batch["labels"]
+            total_nll += F.cross_entropy(output.logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+            aux += output.aux_loss.item() * (labels != -100).sum().item() / num_items
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(total_nll / num_items + aux, rel=1e-5)
 
 
 def test_label_smoothed_loss_without_smoothing_is_the_models_loss(tiny_config):
