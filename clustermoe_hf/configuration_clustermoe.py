@@ -187,6 +187,7 @@ class ClusterMoEConfig(PreTrainedConfig):
     use_adaptive_routing: bool = False
     adaptive_routing_rate: float = 1e-3
     expert_capacity_factor: float | int | None = None
+    classifier_dropout: float | int | None = None
 
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
@@ -252,6 +253,12 @@ class ClusterMoEConfig(PreTrainedConfig):
         # which the model checks against its layers itself: only a depth that is not a positive integer marks it.
         if name != "num_hidden_layers" or not (_is_int(value) and value > 0):
             self.__dict__[_CHANGED_SINCE_CHECK] = True
+
+    def to_json_file(self, json_file_path, use_diff: bool = True):
+        """Checked first, as `save_pretrained` is: the file would hold a config no model can be built from (and
+        transformers opens it for writing before serialising, so a value JSON cannot hold left it empty)."""
+        self.validate()
+        super().to_json_file(json_file_path, use_diff=use_diff)
 
     def _remove_keys_not_serialized(self, d: dict):
         super()._remove_keys_not_serialized(d)
@@ -476,6 +483,8 @@ class ClusterMoEConfig(PreTrainedConfig):
                 lambda value: value >= 0,
             )  # fmt: skip
         require_number("attention_dropout", "in [0, 1)", lambda value: 0 <= value < 1)
+        if self.classifier_dropout is not None:
+            require_number("classifier_dropout", "in [0, 1), or None (0.1)", lambda value: 0 <= value < 1)
         require_number("rms_norm_eps", "> 0", lambda value: value > 0)
         # 0 would leave the experts and routers (initialised here) all-zero: they would never learn.
         require_number("initializer_range", "> 0", lambda value: value > 0)

@@ -1561,6 +1561,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             "num_attention_heads": unwrap(attention.q_proj).out_features // head_dim,
             "num_key_value_heads": unwrap(attention.k_proj).out_features // head_dim,
             "attention_dropout": attention.attention_dropout,
+            "attention_bias": unwrap(attention.q_proj).bias is not None,
             "rms_norm_eps": unwrap(layers[0].input_layernorm).variance_epsilon,
             "rope_parameters": self.base_model.rotary_emb.rope_parameters,
         }
@@ -1576,9 +1577,30 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 built["hidden_act"] = block.experts.hidden_act
             shared = block.shared_expert
             built["shared_expert_intermediate_size"] = 0 if shared is None else unwrap(shared.gate_proj).out_features
-        score = getattr(self, "score", None)  # the sequence classifier's head
+        self._check_built_with({**built, **self._head_settings()}, config)
+
+    def _head_settings(self) -> dict:
+        """The settings a task head's modules were built with, which the base model's forward does not see: the heads
+        check them before it (`_check_head_settings`), and `save_pretrained` with the rest."""
+        unwrap, built = _inside_peft_wrappers, {}
+        score = getattr(self, "score", None)  # the classifiers' head
         if score is not None:
             built["num_labels"] = unwrap(score).out_features
+        dropout = getattr(self, "dropout", None)  # the token classifier's; the config's None reads as 0.1
+        if dropout is not None:
+            unset = dropout.p == 0.1 and self.config.classifier_dropout is None
+            built["classifier_dropout"] = None if unset else dropout.p
+        lm_head = getattr(self, "lm_head", None)
+        if lm_head is not None:  # tied, the head is saved as the embeddings: untied, it would be reloaded at random
+            built["tie_word_embeddings"] = unwrap(lm_head).weight is unwrap(self.get_input_embeddings()).weight
+        return built
+
+    def _check_head_settings(self):
+        """Before a head's forward, once a setting changed (the base model's forward checks the rest)."""
+        if not is_torchdynamo_compiling() and self.config.__dict__.get(_CHANGED_SINCE_CHECK, True):
+            self._check_built_with(self._head_settings())
+
+    def _check_built_with(self, built: dict, config: ClusterMoEConfig | None = None):
         config = self.config if config is None else config
         changed = [name for name, value in built.items() if getattr(config, name) != value]
         if changed:
@@ -2656,6 +2678,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        self._check_head_settings()
         inputs = input_ids if input_ids is not None else inputs_embeds
         _check_logits_to_keep(logits_to_keep, inputs)
         if labels is not None:
@@ -2834,6 +2857,7 @@ def _base_model_forward(head: ClusterMoEPreTrainedModel, labels_given: bool, out
     """A task head's base-model forward: `(outputs, aux_loss)`, the weighted router losses that the head adds to its
     loss so that fine-tuning keeps the routers balanced, or None in pure inference (no gradients, no labels, no
     `output_router_logits`), which skips them."""
+    head._check_head_settings()
     if output_router_logits is None:
         output_router_logits = head.config.output_router_logits
     outputs: ClusterMoEModelOutputWithPast = head.model(
@@ -2972,8 +2996,7 @@ class ClusterMoEForTokenClassification(ClusterMoEPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = ClusterMoEModel(config)
-        classifier_dropout = getattr(config, "classifier_dropout", None)
-        self.dropout = nn.Dropout(0.1 if classifier_dropout is None else classifier_dropout)
+        self.dropout = nn.Dropout(0.1 if config.classifier_dropout is None else config.classifier_dropout)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 

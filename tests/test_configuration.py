@@ -8,7 +8,12 @@ import torch
 
 from transformers import AutoModelForCausalLM
 
-from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM, ClusterMoEForSequenceClassification
+from clustermoe_hf import (
+    ClusterMoEConfig,
+    ClusterMoEForCausalLM,
+    ClusterMoEForSequenceClassification,
+    ClusterMoEForTokenClassification,
+)
 
 
 ALIASES = {
@@ -289,6 +294,9 @@ def test_values_set_after_construction_are_checked_when_a_model_is_built_or_save
         ("hidden_act", "gelu", "it says hidden_act='gelu', the model was built with hidden_act='silu'"),
         ("dropout", 0.1, "it says attention_dropout=0.1"),
         ("rope_parameters", {"rope_type": "default", "rope_theta": 10.0}, "it says rope_parameters="),
+        # the saved checkpoint would reload without the attention biases / with a random untied LM head
+        ("attention_bias", True, "it says attention_bias=True, the model was built with attention_bias=False"),
+        ("tie_word_embeddings", True, "it says tie_word_embeddings=True, the model was built with tie_word_embeddings"),
     ],
 )
 def test_a_setting_changed_on_a_live_model_is_checked_before_its_next_forward(tiny_config, name, value, error):
@@ -302,6 +310,42 @@ def test_a_setting_changed_on_a_live_model_is_checked_before_its_next_forward(ti
         model.generate(ids, max_new_tokens=2)
     setattr(model.config, name, built)
     model(ids)
+
+
+def test_a_config_file_is_written_only_for_valid_settings(tiny_config, tmp_path):
+    """`to_json_file` checks as `save_pretrained` does; an earlier file stays as it was."""
+    config = tiny_config()
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    saved = path.read_text()
+    config.num_clusters = 0
+    with pytest.raises(ValueError, match="num_clusters must be a positive integer, got 0"):
+        config.to_json_file(path)
+    assert path.read_text() == saved
+
+
+def test_untying_the_embeddings_of_a_built_model_is_refused_before_a_save_loses_the_head(tiny_config, tmp_path):
+    """A tied LM head is saved as the embeddings: with the config untied, the reloaded model's head would be random."""
+    model = ClusterMoEForCausalLM(tiny_config(tie_word_embeddings=True))
+    model.config.tie_word_embeddings = False
+    with pytest.raises(ValueError, match="it says tie_word_embeddings=False, the model was built with "):
+        model.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_classifier_dropout_is_a_checked_setting_of_the_token_classifier(tiny_config):
+    """transformers' heads take `classifier_dropout` (None: 0.1) as a dropout probability: a bool (True is p = 1,
+    which zeroes the head's inputs), NaN or a value outside [0, 1) is refused by name, also on a live model."""
+    for value in (True, 1.0, -0.1, math.nan, "0.2"):
+        with pytest.raises(ValueError, match=r"classifier_dropout must be a finite number in \[0, 1\), or None"):
+            tiny_config(classifier_dropout=value)
+    assert ClusterMoEForTokenClassification(tiny_config(classifier_dropout=None)).dropout.p == 0.1
+    model = ClusterMoEForTokenClassification(tiny_config(classifier_dropout=0.2))
+    model.config.classifier_dropout = 0.5
+    with pytest.raises(ValueError, match="it says classifier_dropout=0.5, the model was built with classifier_dropout"):
+        model(torch.randint(0, 64, (1, 6)))
+    model.config.classifier_dropout = 0.2
+    model(torch.randint(0, 64, (1, 6)))
 
 
 @pytest.mark.parametrize("num_hidden_layers", [1, 0, -1])
