@@ -236,6 +236,13 @@ def perplexity(
     """Token-level perplexity of a causal LM over `batches` (`input_ids` tensors, or dicts with `input_ids` and
     optionally `attention_mask`; padding is not scored) or over one such batch, in eval mode. Raises if no token was
     scored."""
+    # A token classifier's logits have the causal LM's shape (with as many labels as tokens, even its size).
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    if output_embeddings is None or output_embeddings() is None:
+        raise ValueError(
+            f"perplexity needs a causal LM (e.g. ClusterMoEForCausalLM), whose outputs are next-token logits per "
+            f"position; {type(model).__name__} gives none (it has no language-model head)."
+        )
     total_loss, total_tokens = 0.0, 0
     with _in_eval_mode(model):
         for batch in _batches(batches, "batches"):

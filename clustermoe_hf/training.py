@@ -397,6 +397,11 @@ def label_smoothed_causal_lm_loss(epsilon: float):
     _check_fraction("epsilon", epsilon)
 
     def compute_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        if isinstance(outputs, tuple):  # which of its 0-d tensors is the aux loss depends on which outputs are None
+            raise ValueError(
+                "label_smoothed_causal_lm_loss reads the model's logits and aux_loss by name, and the model returned a "
+                "tuple (its config sets return_dict=False): set model.config.return_dict = True for training."
+            )
         logits = outputs["logits"]
         next_tokens = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)  # (batch, seq): what comes next
         predicted = (next_tokens != -100).sum()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from clustermoe_hf import ClusterMoEForSequenceClassification, ClusterMoEModel
+from clustermoe_hf import ClusterMoEForSequenceClassification, ClusterMoEForTokenClassification, ClusterMoEModel
 from clustermoe_hf.analysis import (
     entropy,
     mutual_information,
@@ -414,10 +414,13 @@ def test_perplexity_of_a_diverged_model_is_infinite(tiny_model):
     assert perplexity(model, torch.randint(3, 64, (2, 8))) == math.inf
 
 
-@pytest.mark.parametrize("model_class", [ClusterMoEModel, ClusterMoEForSequenceClassification])
+@pytest.mark.parametrize(
+    "model_class", [ClusterMoEModel, ClusterMoEForSequenceClassification, ClusterMoEForTokenClassification]
+)
 def test_perplexity_needs_a_causal_lm(tiny_config, model_class):
-    """The base model has no logits, a classifier's are per sequence: neither predicts the next token."""
-    model = model_class(tiny_config()).eval()
+    """The base model has no logits, a sequence classifier's are per sequence, a token classifier's per token but of
+    labels (here as many as tokens, so that they have the causal LM's shape): none predicts the next token."""
+    model = model_class(tiny_config(num_labels=64)).eval()
     with pytest.raises(ValueError, match=f"perplexity needs a causal LM .* {model_class.__name__} gives"):
         perplexity(model, torch.randint(3, 64, (2, 8)))
 

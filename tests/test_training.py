@@ -567,6 +567,15 @@ def test_token_classifier_loss_with_gradient_accumulation_weighs_every_labelled_
     assert trainer.state.log_history[0]["loss"] == pytest.approx(total_nll / num_items + aux, rel=1e-5)
 
 
+def test_label_smoothed_loss_names_a_model_that_returns_tuples(tiny_config):
+    """Which of a tuple's 0-d tensors is the aux loss depends on which outputs are None: refused by name, not with a
+    TypeError from indexing the tuple by name."""
+    model = ClusterMoEForCausalLM(tiny_config(return_dict=False)).train()
+    ids = torch.randint(3, 64, (2, 10))
+    with pytest.raises(ValueError, match="the model returned a tuple .* set model.config.return_dict = True"):
+        label_smoothed_causal_lm_loss(0.1)(model(ids), ids)
+
+
 def test_label_smoothed_loss_without_smoothing_is_the_models_loss(tiny_config):
     model = ClusterMoEForCausalLM(tiny_config()).train()
     ids = torch.randint(3, 64, (2, 10))
