@@ -1580,8 +1580,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         self._check_built_with({**built, **self._head_settings()}, config)
 
     def _head_settings(self) -> dict:
-        """The settings a task head's modules were built with, which the base model's forward does not see: the heads
-        check them before it (`_check_head_settings`), and `save_pretrained` with the rest."""
+        """The settings a task head's modules were built with, which the base model's forward does not see: the
+        classifiers check them before it (`_check_head_settings`), and `save_pretrained` with the rest."""
         unwrap, built = _inside_peft_wrappers, {}
         score = getattr(self, "score", None)  # the classifiers' head
         if score is not None:
@@ -1596,7 +1596,7 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         return built
 
     def _check_head_settings(self):
-        """Before a head's forward, once a setting changed (the base model's forward checks the rest)."""
+        """Before a classifier's forward, once a setting changed (the base model's forward checks the rest)."""
         if not is_torchdynamo_compiling() and self.config.__dict__.get(_CHANGED_SINCE_CHECK, True):
             self._check_built_with(self._head_settings())
 
@@ -2678,7 +2678,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        self._check_head_settings()
+        # (Its one head setting, tie_word_embeddings, changes nothing in a forward: checked when saving.)
         inputs = input_ids if input_ids is not None else inputs_embeds
         _check_logits_to_keep(logits_to_keep, inputs)
         if labels is not None:
