@@ -81,8 +81,8 @@ HIERARCHICAL_ROUTER_MIN_EXPERTS = 256
 
 # The most router weight values a forward gathers, one copy of its cluster's E x H rows per (token, cluster) pair,
 # instead of grouping the pairs by cluster: decoding's few tokens then skip grouping's sort, offsets and scatter. Past
-# it the copies cost more than grouping (benchmarks/router_scaling.py: at 4,096 experts and hidden size 256, gathering
-# 8 tokens' rows, 131k values, took 0.6 ms against grouping's 0.9; 64 tokens' 3.7 ms against 1.5).
+# it the copies cost more than grouping (one-off timings, docs/benchmarks.md: at 4,096 experts and hidden size 256,
+# gathering 64 tokens' rows, 1M values, took 3.7 ms against grouping's 1.5).
 GATHERED_ROUTER_ROWS_MAX = 2**17
 
 
@@ -240,10 +240,10 @@ class _SortedGroupedLinear(torch.autograd.Function):
         return grad_inputs, grad_weights, None, None
 
 
-# Up to this many (token, expert) pairs, inference on CPU multiplies each pair on its own (two matrix-vector
-# products), which skips grouped_mm's sort and scatter bookkeeping and its pass over every expert: at 2 pairs (batch-1
-# decoding here) it takes 0.4x grouped_mm's time, at 8 pairs 0.9x, from ~10 pairs it is slower
-# (benchmarks/pair_call_cost.py).
+# Up to this many (token, expert) pairs, inference on CPU in a dtype with fast GEMMs (not those in
+# `_CPU_DTYPES_WITHOUT_FAST_GEMM`) multiplies each pair on its own (two matrix-vector products), which skips
+# grouped_mm's sort and scatter bookkeeping and its pass over every expert: at 2 pairs (batch-1 decoding here) it
+# takes 0.4x grouped_mm's time, at 8 pairs 0.9x, from ~10 pairs it is slower (benchmarks/pair_call_cost.py).
 PER_PAIR_MAX_PAIRS = 8
 
 
@@ -313,11 +313,12 @@ def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """`experts_implementation="sorted_mm"`, ClusterMoE's default: transformers' `grouped_mm`, with two CPU paths
-    where it is slow. Without gradients and for at most `PER_PAIR_MAX_PAIRS` pairs (decoding), each pair runs on its
-    own. For weights in a half-precision dtype the CPU emulates (`_CPU_DTYPES_WITHOUT_FAST_GEMM`), or that
-    `grouped_mm`'s kernels cannot take (float64, or rows not 16-byte aligned; on any device), it sorts the (token,
-    expert) pairs by expert once and runs one GEMM per expert that received pairs (half precision in float32), forward
-    and backward; per token, outputs are summed in the eager reference's order. Both read the routing on the host
+    where it is slow. Without gradients, for at most `PER_PAIR_MAX_PAIRS` pairs (decoding) and in a dtype with fast
+    GEMMs, each pair runs on its own. For weights in a half-precision dtype the CPU emulates
+    (`_CPU_DTYPES_WITHOUT_FAST_GEMM`), or that `grouped_mm`'s kernels cannot take (float64, or rows not 16-byte
+    aligned; on any device), it sorts the (token, expert) pairs by expert once and runs one GEMM per expert that
+    received pairs (half precision in float32), forward and backward; per token, outputs are summed in the eager
+    reference's order. Both read the routing on the host
     (free on CPU; one sync elsewhere, and a graph break under compilation), which their per-expert GEMMs need. Experts
     that loop does not implement (biases, no gate) take their own eager loop at such sizes. Measured against
     `grouped_mm` in docs/benchmarks.md."""
@@ -450,7 +451,9 @@ def _broadcast_from_first_process(tensor: torch.Tensor):
 
 def _host_reads_are_free(tensor: torch.Tensor) -> bool:
     """Whether reading `tensor`'s values on the host costs no device sync: on CPU, outside `torch.compile`. There the
-    model reads values to skip work they show to be unnecessary; elsewhere it never waits for the device."""
+    model reads values to skip work they show to be unnecessary; elsewhere it reads none for that. (Input checks on
+    devices without asynchronous assertions, e.g. MPS, and `sorted_mm`'s loop for weights `grouped_mm` refuses read
+    on the host anyway: see there.)"""
     return tensor.device.type == "cpu" and not is_torchdynamo_compiling()
 
 
@@ -1065,7 +1068,8 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
                 self.masked_faulty_expert |= pair_faulty.any()  # idempotent when checkpointing re-runs the forward
                 self.may_have_masked_fault = True
             excluded = pair_faulty if excluded is None else excluded | pair_faulty
-            # exp(finfo.min) is 0; a token whose pairs are all faulty gets finite (uniform) weights for zeroed outputs
+            # exp(finfo.min) is 0; a token whose pairs are all faulty gets finite weights (uniform with norm_topk_prob,
+            # else 0) for zeroed outputs
             impossible = torch.finfo(chosen_log_probs.dtype).min
             chosen_log_probs = chosen_log_probs.masked_fill(pair_faulty.view(num_tokens, top_k), impossible)
         if excluded is not None:
@@ -1614,7 +1618,8 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Default to `sorted_mm` (see `sorted_mm_experts_forward`): transformers' `grouped_mm`, with two CPU paths,
         float32 GEMMs over the active experts where this CPU would emulate half-precision ones (~1.7x faster bf16
-        training here, docs/benchmarks.md) and one pair at a time for inference over a few pairs (decoding)."""
+        training here, docs/benchmarks.md) and, in the other dtypes, one pair at a time for inference over a few pairs
+        (decoding)."""
         return super().get_correct_experts_implementation(requested_experts or "sorted_mm")
 
     def _init_weights(self, module):
@@ -2040,8 +2045,8 @@ class ClusterMoERoutingState(_KeepsBufferDtypes):
         self.has_pending_updates = False
 
     def discard_pending(self, num_experts: int | None = None):
-        """Forget the statistics gathered since the last optimizer step, in place (data parallelism broadcasts these
-        buffers), or as new zeros for `num_experts` experts per layer (after pruning)."""
+        """Forget the statistics gathered since the last optimizer step, in place (references to the buffers stay
+        valid), or as new zeros for `num_experts` experts per layer (after pruning)."""
         for name in ("pending_counts", "pending_observed", "pending_healthy"):
             pending = getattr(self, name)
             if num_experts is None:
