@@ -275,6 +275,7 @@ def test_optimizer_steps_without_a_training_forward_change_nothing():
     model.train()
     with torch.no_grad():
         model(input_ids)
+        model(input_ids, labels=input_ids)  # computes the routing statistics, but is no training forward either
         model.generate(input_ids[:, :4], max_new_tokens=3, do_sample=False)
     optimizer.step()
     assert model.get_reliability_stats()["training_step"] == 0

@@ -83,12 +83,14 @@ def test_prune_whole_clusters(tiny_model):
 
 
 def test_prune_ranks_by_utilisation_times_reliability_by_default(tiny_model):
-    """The default `rank_by` weighs how much an expert is used by how reliable it is: a busy but unreliable expert
-    ranks below a slightly less used reliable one (by utilisation alone, experts 0 and 7 would stay)."""
-    model = with_utilization(tiny_model(), [[10, 9, 8, 7] * 2] * 2)
+    """The default `rank_by` weighs how much an expert is used by how reliable it is. In cluster 0 a busy but
+    unreliable expert (10 x 0.6) ranks below slightly less used reliable ones (8, 7), where utilisation alone would
+    keep experts 0 and 2; in cluster 1 it ranks above a reliable one used half as much (5), where reliability alone,
+    or a sum (the utilisation shares are small), would keep experts 5 and 6."""
+    model = with_utilization(tiny_model(), [[10, 1, 8, 7, 10, 5, 9, 1]] * 2)
     for layer in model.model.layers:
-        layer.mlp.router.expert_reliability.copy_(torch.tensor([0.6, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.6]))
-    assert model.prune_experts(experts_per_cluster_keep=2) == {0: [1, 2, 4, 5], 1: [1, 2, 4, 5]}
+        layer.mlp.router.expert_reliability.copy_(torch.tensor([0.6, 1.0, 1.0, 1.0, 0.6, 1.0, 1.0, 1.0]))
+    assert model.prune_experts(experts_per_cluster_keep=2) == {0: [2, 3, 4, 6], 1: [2, 3, 4, 6]}
 
 
 def test_whole_clusters_are_ranked_by_the_sum_of_their_experts_scores(tiny_model):

@@ -1058,6 +1058,7 @@ def test_eval_inference_and_no_grad_do_not_update_reliability(tiny_model):
     model.train()
     with torch.no_grad():
         model(input_ids)
+        model(input_ids, labels=input_ids)  # observes the experts' health, but is no training forward either
     optimizer.step()
     assert model.get_reliability_stats()["training_step"] == 0
     assert torch.all(model.model.layers[0].mlp.router.expert_reliability == 1.0)
