@@ -1581,7 +1581,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
                 built["hidden_act"] = block.experts.hidden_act
             shared = block.shared_expert
             built["shared_expert_intermediate_size"] = 0 if shared is None else unwrap(shared.gate_proj).out_features
+        config = self.config if config is None else config
         self._check_built_with({**built, **self._head_settings()}, config)
+        self._check_head_is_saved(config)
 
     def _head_settings(self) -> dict:
         """The settings a task head's modules were built with, which the base model's forward does not see: the
@@ -1594,10 +1596,29 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         if dropout is not None:
             unset = dropout.p == 0.1 and self.config.classifier_dropout is None
             built["classifier_dropout"] = None if unset else dropout.p
-        lm_head = getattr(self, "lm_head", None)
-        if lm_head is not None:  # tied, the head is saved as the embeddings: untied, it would be reloaded at random
-            built["tie_word_embeddings"] = unwrap(lm_head).weight is unwrap(self.get_input_embeddings()).weight
         return built
+
+    def _check_head_is_saved(self, config: ClusterMoEConfig):
+        """An LM head that shares the embeddings' weights is saved as the embeddings alone: with a config that says
+        they are untied, the reloaded model's head would be random. (The other way round, a config that says tied over
+        separate weights, as `from_pretrained(..., tie_word_embeddings=True)` of an untied checkpoint gives, is safe:
+        both are saved, and transformers does not tie different weights when loading them.)"""
+        lm_head = getattr(self, "lm_head", None)
+        if lm_head is None or config.tie_word_embeddings:
+            return
+        # The local shards of DTensors (FSDP2, tensor parallelism), whose own storage cannot be read.
+        weights = (_inside_peft_wrappers(lm_head).weight, _inside_peft_wrappers(self.get_input_embeddings()).weight)
+        head, embeddings = (weight.to_local() if _is_dtensor(weight) else weight for weight in weights)
+        shared = head is embeddings or (  # also two Parameters over one storage (e.g. `load_state_dict(assign=True)`)
+            head.numel() > 0 and head.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr()
+        )
+        if shared:
+            raise ValueError(
+                "The config says tie_word_embeddings=False, but the LM head shares the input embeddings' weights: the "
+                "checkpoint would hold the embeddings alone, and the model reloaded from it a random LM head. Set "
+                "model.config.tie_word_embeddings = True, or give the head weights of its own (lm_head.weight = "
+                "nn.Parameter(lm_head.weight.clone()))."
+            )
 
     def _check_head_settings(self):
         """Before a classifier's forward, once a setting changed (the base model's forward checks the rest)."""
@@ -2683,7 +2704,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        # (Its one head setting, tie_word_embeddings, changes nothing in a forward: checked when saving.)
+        # (tie_word_embeddings changes nothing in a forward: checked when saving, `_check_head_is_saved`.)
         inputs = input_ids if input_ids is not None else inputs_embeds
         _check_logits_to_keep(logits_to_keep, inputs)
         if labels is not None:

@@ -9,7 +9,8 @@ The folder is checked first (config with auto_map and its modeling code, a confi
 accepts, safetensors weights, tokenizer, generation config, model card with YAML metadata); nothing is uploaded if a
 check fails. `--dry-run` stops after the checks and lists exactly the files that would be uploaded. Training
 checkpoints (checkpoint-*/), the Trainer's pickled arguments (training_args.bin, which can hold a Hub token), hidden
-files and links to files outside the folder stay local; a Trainer checkpoint folder itself is refused.
+files and links to files outside the folder stay local; a Trainer checkpoint folder itself (with its optimizer,
+scheduler or RNG states) is refused.
 The model card names the model as run_clm.py saw it (the folder's name, unless --hub_model_id was given); the uploaded
 copy names it --repo-id instead (usage snippet, heading, model-index), while the local README.md stays as it is.
 The token comes from the HF_TOKEN environment variable or from `hf auth login`.

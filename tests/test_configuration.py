@@ -323,17 +323,33 @@ def test_a_config_file_is_written_only_for_valid_settings(tiny_config, tmp_path)
     assert path.read_text() == saved
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_tying_or_untying_the_embeddings_of_a_built_model_is_refused_before_a_save_loses_the_head(
-    tiny_config, tmp_path, tied
-):
-    """A tied LM head is saved as the embeddings: with the config untied, the reloaded model's head would be random;
-    an untied one, with the config tied, would be replaced by the embeddings."""
-    model = ClusterMoEForCausalLM(tiny_config(tie_word_embeddings=tied))
-    model.config.tie_word_embeddings = not tied
-    with pytest.raises(ValueError, match=f"it says tie_word_embeddings={not tied}, the model was built with "):
+def test_untying_the_embeddings_of_a_tied_model_is_refused_before_a_save_loses_the_head(tiny_config, tmp_path):
+    """A tied LM head is saved as the embeddings: with the config untied, the reloaded model's head would be random.
+    Also where the two are separate Parameters over one storage, as loading with `assign=True` leaves them."""
+    model = ClusterMoEForCausalLM(tiny_config(tie_word_embeddings=True))
+    model.config.tie_word_embeddings = False
+    with pytest.raises(ValueError, match="The config says tie_word_embeddings=False, but the LM head shares"):
         model.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())
+    with torch.device("meta"):
+        assigned = ClusterMoEForCausalLM(tiny_config(tie_word_embeddings=True))
+    assigned.load_state_dict(ClusterMoEForCausalLM(tiny_config(tie_word_embeddings=True)).state_dict(), assign=True)
+    assert assigned.lm_head.weight is not assigned.model.embed_tokens.weight
+    assigned.save_pretrained(tmp_path / "tied")  # the config says tied: saved
+    assigned.config.tie_word_embeddings = False
+    with pytest.raises(ValueError, match="The config says tie_word_embeddings=False, but the LM head shares"):
+        assigned.save_pretrained(tmp_path / "untied")
+
+
+def test_a_tied_config_over_separate_weights_saves_both(tiny_config, tmp_path):
+    """As `from_pretrained(untied_checkpoint, tie_word_embeddings=True)` leaves a model (transformers does not tie
+    different weights): both are saved, and the reloaded model is the same."""
+    model = ClusterMoEForCausalLM(tiny_config(tie_word_embeddings=False)).eval()
+    model.config.tie_word_embeddings = True
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(ClusterMoEForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
 
 
 def test_classifier_dropout_is_a_checked_setting_of_the_token_classifier(tiny_config):
