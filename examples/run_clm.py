@@ -24,6 +24,7 @@ card is written; push_to_hub.py uploads the finished folder.
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -1164,6 +1165,20 @@ def training_setup_rows(
     return rows
 
 
+def end_distributed_training(trainer: Trainer):
+    """Training is over on every process: the others exit, and process 0 goes on alone. A process leaving with the
+    process group alive can abort in its teardown (gloo: "terminate called without an active exception"), so it is
+    destroyed here; DDP's wrapper is released first, while the group is still registered. Its C++ reducer holds the
+    group too, and freed later (at exit) with the GIL held, it would take the group's destructor with it, which waits
+    for gloo's worker threads while one of them may wait for the GIL to free a finished collective's tensors: a
+    process hung at exit that way. Freed by `destroy_process_group`, the group releases the GIL first."""
+    torch.distributed.barrier()
+    trainer.accelerator.free_memory()  # its references to the wrapped model, optimizer and data loaders
+    trainer.model_wrapped = trainer.model
+    gc.collect()  # the wrapper is freed now, not by a later collection
+    torch.distributed.destroy_process_group()
+
+
 def main(args: list[str] | None = None) -> dict:
     # The options given, as `--name` (HfArgumentParser also takes `--dashed-names`)
     given = [arg.split("=", 1)[0] for arg in (sys.argv[1:] if args is None else args) if arg.startswith("--")]
@@ -1341,10 +1356,7 @@ def main(args: list[str] | None = None) -> dict:
         raise
     trainer.save_state()
     if torch.distributed.is_initialized():
-        # Training is over on every process: the others exit, and process 0 goes on alone. A process leaving with the
-        # process group alive can abort in its teardown (gloo: "terminate called without an active exception").
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        end_distributed_training(trainer)
     if not trainer.is_world_process_zero():
         return eval_metrics
 

@@ -1,6 +1,7 @@
 """The example scripts end to end: train a tiny model on a real play, check the saved folder is a complete Hub
 repository, reload it (also without the package installed), generate, prepare the upload, and run the main job."""
 
+import gc
 import importlib.util
 import json
 import math
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import weakref
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -1761,6 +1763,37 @@ def test_help_of_every_script(name, options, monkeypatch, capsys):
     printed = capsys.readouterr().out
     for option in options:
         assert option in printed, option
+
+
+def test_a_data_parallel_run_releases_its_wrapper_before_destroying_the_process_group(run_clm, monkeypatch):
+    """DDP's C++ reducer holds the process group: freed at exit with the GIL held, it destroyed the group in a way that
+    can deadlock with gloo's worker threads (a torchrun process hung at exit). So the wrapper goes first, and the
+    group is destroyed while the process is still running Python."""
+    torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    gc.disable()  # the wrapper is freed by the function's own collection, not by a timely automatic one
+    try:
+        wrapper = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        wrapper.__dict__["cycle"] = wrapper  # in a reference cycle, as plain torch's DDP is after a backward
+        accelerator = types.SimpleNamespace(_models=[wrapper])  # accelerate's reference to the prepared model
+        accelerator.free_memory = lambda: accelerator._models.clear()
+        trainer = types.SimpleNamespace(accelerator=accelerator, model=wrapper.module, model_wrapped=wrapper)
+        wrapper_alive = weakref.ref(wrapper)
+        del wrapper
+        destroy = torch.distributed.destroy_process_group
+        alive_when_destroyed = []
+        monkeypatch.setattr(
+            torch.distributed,
+            "destroy_process_group",
+            lambda *args: alive_when_destroyed.append(wrapper_alive() is not None) or destroy(*args),
+        )
+        run_clm.end_distributed_training(trainer)
+        assert alive_when_destroyed == [False]
+        assert trainer.model_wrapped is trainer.model
+    finally:
+        gc.enable()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.slow

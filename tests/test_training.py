@@ -1446,7 +1446,7 @@ def test_model_card_usage_snippet_stays_within_the_models_context(used_model, bp
 # ----- multi-process data parallel -----
 
 DATA_PARALLEL_RUN = """
-import json, sys, torch
+import gc, json, sys, torch
 torch.set_num_threads(1)
 from transformers import Trainer, TrainingArguments
 from clustermoe_hf import ClusterMoEConfig, ClusterMoEForCausalLM
@@ -1474,8 +1474,12 @@ if trainer.is_world_process_zero():
     result = {"history": history, "world_size": args.world_size, "state": model.state_dict()}
     torch.save(result, f"{output_dir}/result.pt")
 if torch.distributed.is_initialized():
-    # Tear gloo down before exit: its threads left running at interpreter shutdown abort the process.
+    # Tear gloo down before exit, DDP's wrapper first, as examples/run_clm.py's `end_distributed_training` does and
+    # says why.
     torch.distributed.barrier()
+    trainer.accelerator.free_memory()
+    trainer.model_wrapped = trainer.model
+    gc.collect()
     torch.distributed.destroy_process_group()
 """
 
