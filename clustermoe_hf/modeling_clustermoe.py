@@ -2758,6 +2758,18 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             dropped_pairs=capacity_counts.get("dropped_pairs"),
         )
 
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        """Also checks the depth of early-exit drafting (`assistant_early_exit`) before transformers lowers
+        `num_hidden_layers` to it for each draft, which it does not restore when the draft fails: the model would keep
+        refusing every later forward."""
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+        depth, num_layers = generation_config.assistant_early_exit, len(self.model.layers)
+        if depth is not None and not (_is_integral(depth) and 0 < depth <= num_layers):
+            raise ValueError(
+                f"assistant_early_exit={depth!r}: early-exit drafting runs the first n decoder layers, n from 1 to the "
+                f"model's {num_layers}."
+            )
+
 
 # `generate` checks the forward of remote-code models (ClusterMoE is one: its code travels with its checkpoints) for a
 # `cache_position` argument at every step, through `inspect.signature`: ~35 us per token, 2% of a CPU decoding step

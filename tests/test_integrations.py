@@ -749,6 +749,21 @@ def test_early_exit_assisted_generation_matches_greedy_decoding(tiny_model, sett
     torch.testing.assert_close(model.generate(ids, max_new_tokens=4, do_sample=False, assistant_early_exit=1), expected)
 
 
+@pytest.mark.parametrize("depth", [0, 3, 1.5])
+def test_an_early_exit_past_the_layers_is_refused_before_the_config_is_lowered(tiny_model, depth):
+    """transformers sets `num_hidden_layers` to the drafting depth and does not restore it when the draft fails: a
+    depth the model cannot draft with is refused before, and the model generates as before. Every depth from 1 to
+    the number of layers drafts."""
+    model = tiny_model()
+    ids = random_ids(1, 5)
+    expected = model.generate(ids, max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match=rf"assistant_early_exit={depth}: .* n from 1 to the model's 2\."):
+        model.generate(ids, max_new_tokens=3, do_sample=False, assistant_early_exit=depth)
+    assert model.config.num_hidden_layers == 2
+    torch.testing.assert_close(model.generate(ids, max_new_tokens=3, do_sample=False), expected)
+    torch.testing.assert_close(model.generate(ids, max_new_tokens=3, do_sample=False, assistant_early_exit=2), expected)
+
+
 def test_decoder_layers_wrapped_for_activation_checkpointing_train_and_save(tiny_model, tmp_path):
     """What accelerate's FSDP activation checkpointing does to each decoder layer: not a pipeline placeholder."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
