@@ -1166,13 +1166,18 @@ def training_setup_rows(
 
 
 def end_distributed_training(trainer: Trainer):
-    """Training is over on every process: the others exit, and process 0 goes on alone. A process leaving with the
-    process group alive can abort in its teardown (gloo: "terminate called without an active exception"), so it is
-    destroyed here; DDP's wrapper is released first, while the group is still registered. Its C++ reducer holds the
-    group too, and freed later (at exit) with the GIL held, it would take the group's destructor with it, which waits
-    for gloo's worker threads while one of them may wait for the GIL to free a finished collective's tensors: a
-    process hung at exit that way. Freed by `destroy_process_group`, the group releases the GIL first."""
+    """Training is over on every process: the others exit, and process 0 goes on alone."""
     torch.distributed.barrier()
+    release_process_group(trainer)
+
+
+def release_process_group(trainer: Trainer):
+    """Destroys the process group, after DDP's wrapper. A process leaving with the group alive can abort in its
+    teardown (gloo: "terminate called without an active exception"), and DDP's C++ reducer holds the group too: freed
+    at exit with the GIL held, it takes the group's destructor with it, which waits for gloo's worker threads while one
+    of them may wait for the GIL to free a finished collective's tensors. A process hung at exit that way. The wrapper
+    is released first, while the group is still registered; freed by `destroy_process_group`, the group releases the
+    GIL first."""
     trainer.accelerator.free_memory()  # its references to the wrapped model, optimizer and data loaders
     trainer.model_wrapped = trainer.model
     gc.collect()  # the wrapper is freed now, not by a later collection
@@ -1353,6 +1358,8 @@ def main(args: list[str] | None = None) -> dict:
     except BaseException:  # Ctrl-C included
         if replaced is not None and replaced.restorable:  # nothing of the new run saved yet
             replaced.restore()
+        if torch.distributed.is_initialized():
+            release_process_group(trainer)  # without waiting for the others, which may never get there
         raise
     trainer.save_state()
     if torch.distributed.is_initialized():

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -1794,6 +1795,36 @@ def test_a_data_parallel_run_releases_its_wrapper_before_destroying_the_process_
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     assert not torch.distributed.is_initialized()
+
+
+FAILING_DISTRIBUTED_RUN = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("run_clm", sys.argv[1])
+run_clm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_clm)
+try:
+    run_clm.main(sys.argv[2:])
+except FloatingPointError:
+    print("process group alive after the failure:", torch.distributed.is_initialized())
+"""
+
+
+def test_a_failing_data_parallel_run_releases_the_process_group_too(tmp_path):
+    """A run that fails after training started (here it diverges) releases DDP's wrapper and the process group as a
+    finished one does, without waiting for the other processes. A one-process group, as torchrun sets one up."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    torchrun_env["MASTER_PORT"] = str(port)
+    diverging = [*SHORT_RUN, "--save_strategy", "no", "--learning_rate", "1e30", "--warmup_steps", "0"]
+    result = subprocess.run(
+        [sys.executable, "-c", FAILING_DISTRIBUTED_RUN, str(EXAMPLES / "run_clm.py"), *diverging,
+         "--output_dir", str(tmp_path / "run")],
+        cwd=tmp_path, env={**subprocess_env(tmp_path), **torchrun_env}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process group alive after the failure: False" in result.stdout
 
 
 @pytest.mark.slow
