@@ -434,11 +434,27 @@ def test_plain_trainer_updates_routing_state_per_optimizer_step(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(state, model.model.buffers()))
 
 
-def _distributed_worker(rank, input_ids, output_dir):
+class _LanguageModelLoss(torch.nn.Module):
+    """A module that contains the model, as a value head or a reward wrapper does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels):
+        return self.model(input_ids, labels=labels)
+
+
+def _distributed_worker(rank, input_ids, output_dir, wrapped_in_a_container):
     model = adaptive_model()
     # DDP broadcasts rank 0's buffers before every forward that syncs gradients: it must leave the statistics
-    # each process gathers since the last step alone, also when accumulating without `no_sync`.
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    # each process gathers since the last step alone, also when accumulating without `no_sync`. It reads the buffers
+    # to leave alone from the module it wraps: around a container of the model, without broadcasting any (as
+    # examples/README.md says).
+    if wrapped_in_a_container:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(_LanguageModelLoss(model), broadcast_buffers=False)
+    else:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
     for micro_batch in input_ids.chunk(2)[rank].chunk(2):
         ddp_model(micro_batch, labels=micro_batch).loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.0).step()
@@ -448,11 +464,12 @@ def _distributed_worker(rank, input_ids, output_dir):
     torch.save((learnt, kept), f"{output_dir}/rank{rank}.pt")
 
 
-def test_multi_process_training_counts_the_global_batch(tmp_path, run_two_processes):
+@pytest.mark.parametrize("wrapped_in_a_container", [False, True], ids=["the model", "a container of it"])
+def test_multi_process_training_counts_the_global_batch(tmp_path, run_two_processes, wrapped_in_a_container):
     """Two gloo processes under DDP, each with half the batch in two micro-batches, end up with the biases of one
     process seeing all of it, and prune the experts it would prune."""
     input_ids = torch.randint(3, 64, (8, 16))
-    run_two_processes(_distributed_worker, input_ids, str(tmp_path))
+    run_two_processes(_distributed_worker, input_ids, str(tmp_path), wrapped_in_a_container)
 
     reference = adaptive_model()
     reference(input_ids, labels=input_ids).loss.backward()
