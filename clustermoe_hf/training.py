@@ -532,8 +532,9 @@ def save_routing_state(model: torch.nn.Module, folder: str | Path) -> Path:
 
 
 class SaveRoutingState(TrainerCallback):
-    """Writes the routing state into each checkpoint the `Trainer` saves, and restores it when training resumes: a
-    peft checkpoint holds only the adapters, and a run resumed from it would otherwise restart routing from the base
+    """Writes the routing state into each checkpoint the `Trainer` saves (just-in-time ones, `enable_jit_checkpoint`,
+    included; hyperparameter-search trials' excepted, as it warns), and restores it when training resumes: a peft
+    checkpoint holds only the adapters, and a run resumed from it would otherwise restart routing from the base
     model's biases, reliability and counts. With `load_best_model_at_end`, restores the best checkpoint's routing
     state after the Trainer loaded its adapters, so that the model is that checkpoint's. Pushes to the Hub carry it
     too. An adapter saved by hand (`trainer.save_model(folder)`) needs `save_routing_state` next to it, or merging
@@ -556,6 +557,12 @@ class SaveRoutingState(TrainerCallback):
         `resume_from_checkpoint=True` resumes from."""
         self.saved_checkpoints.clear()
         discard_pending_routing_statistics(model)  # a new run's first update is of its own forwards
+        if state.is_hyper_param_search:
+            logger.warning(
+                f"SaveRoutingState: a hyperparameter-search trial saves its checkpoints into a folder of its own in "
+                f"output_dir, which the Trainer does not tell callbacks: they hold no {ROUTING_STATE_FILE}, and a run "
+                "resumed from one continues from the model's routing state as it finds it."
+            )
         if state.global_step == 0:
             return
         checkpoint = self.resume_from_checkpoint
@@ -576,9 +583,20 @@ class SaveRoutingState(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if args.should_save and checkpoint.is_dir():  # as the Trainer decides (per node with save_on_each_node)
-            save_routing_state(model, checkpoint)
+        # (Not a trial's checkpoint, which is elsewhere: see `on_train_begin`.)
+        if args.should_save and checkpoint.is_dir() and not state.is_hyper_param_search:
+            save_routing_state(model, checkpoint)  # the Trainer decides `should_save` (per node with save_on_each_node)
             self.saved_checkpoints.add(checkpoint)
+
+    def _after_a_jit_checkpoint(self, args, state, control, model=None, **kwargs):
+        """transformers' just-in-time checkpoint (`enable_jit_checkpoint`, on SIGTERM) is saved by a callback in one of
+        these events, without `on_save`, and stops training: in the same event, this callback (registered after it)
+        writes the routing state into it."""
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.enable_jit_checkpoint and control.should_training_stop and checkpoint not in self.saved_checkpoints:
+            self.on_save(args, state, control, model)
+
+    on_pre_optimizer_step = on_step_begin = on_step_end = on_epoch_end = _after_a_jit_checkpoint
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         """The Trainer uploads `output_dir` (and with `hub_strategy="checkpoint"` the new checkpoint) right after this

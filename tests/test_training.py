@@ -1063,6 +1063,60 @@ def test_a_resumed_lora_run_restores_its_routing_state(tiny_config, tmp_path, re
     assert "resuming at step 2, but" in caplog.text and "SaveRoutingState(resume_from_checkpoint=...)" in caplog.text
 
 
+class RequestJitCheckpoint(TrainerCallback):
+    """What SIGTERM does under `enable_jit_checkpoint` (after a grace period): request the checkpoint that the
+    Trainer's JIT callback saves at the next event."""
+
+    def __init__(self, trainer, after_step):
+        self.manager = next(cb.jit_manager for cb in trainer.callback_handler.callbacks if hasattr(cb, "jit_manager"))
+        self.after_step = after_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.after_step:
+            self.manager.is_checkpoint_requested = True
+
+
+def test_a_lora_runs_jit_checkpoint_holds_its_routing_state(tiny_config, tmp_path):
+    """transformers' just-in-time checkpoint (`enable_jit_checkpoint`, on SIGTERM) is saved without `on_save`:
+    `SaveRoutingState` writes the routing state into it too, and a run resumed from it ends where an uninterrupted one
+    does."""
+    from peft import get_peft_model
+
+    def lora_run(output_dir, resume_from_checkpoint=None, jit_checkpoint_after_step=None):
+        torch.manual_seed(0)
+        config = tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.2)
+        model = get_peft_model(ClusterMoEForCausalLM(config), lora_config(rank=2))
+        args = training_arguments(output_dir, max_steps=4, enable_jit_checkpoint=jit_checkpoint_after_step is not None)
+        trainer = Trainer(model=model, args=args, train_dataset=random_blocks(16, 8), callbacks=[SaveRoutingState()])
+        if jit_checkpoint_after_step is not None:
+            trainer.add_callback(RequestJitCheckpoint(trainer, jit_checkpoint_after_step))
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        return routing_state_dict(model)
+
+    uninterrupted = lora_run(tmp_path / "uninterrupted")
+    lora_run(tmp_path / "run", jit_checkpoint_after_step=2)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["checkpoint-2"]
+    assert routing_step(tmp_path / "run" / "checkpoint-2") == 2
+    resumed = lora_run(tmp_path / "run", resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert all(torch.equal(resumed[name], value) for name, value in uninterrupted.items())
+
+
+def test_hyperparameter_search_trials_are_told_their_checkpoints_hold_no_routing_state(tiny_model, tmp_path, caplog):
+    """A trial's checkpoints are in a folder of its own (`output_dir/run-<n>/`) that callbacks are not told of: the
+    callback says so, and writes into no other run's checkpoint of the same step."""
+    from transformers import TrainerControl, TrainerState
+
+    model, args = tiny_model(), training_arguments(tmp_path)
+    (tmp_path / "checkpoint-2").mkdir()  # an earlier run's
+    callback, trial = SaveRoutingState(), TrainerState(is_hyper_param_search=True)
+    with caplog.at_level("WARNING"):
+        callback.on_train_begin(args, trial, TrainerControl(), model=model)
+    assert "a hyperparameter-search trial saves its checkpoints into a folder of its own" in caplog.text
+    trial.global_step = 2
+    callback.on_save(args, trial, TrainerControl(), model=model)
+    assert not list((tmp_path / "checkpoint-2").iterdir())
+
+
 def test_a_saved_adapter_reloads_with_its_routing_state(tiny_config, tmp_path):
     """An adapter saved after training (`save_pretrained`/`trainer.save_model`) holds no buffers: `save_routing_state`
     next to it, and `load_routing_state` after loading it, give back the trained model."""
