@@ -460,7 +460,8 @@ def _host_reads_are_free(tensor: torch.Tensor) -> bool:
 # A finite stand-in for log(0), exp() of which is 0 in float32, so that sums over it and their gradients stay finite: a
 # padding token's log-probability in the balancing loss, and, divided by a routing temperature below 1 as the logits
 # are, the log-reliability of an expert that selection must not choose (or of a cluster left with too few selectable
-# ones). Any real score then lies above it (of logits less than 1e4 apart), and the excluded still rank by theirs.
+# ones). Any real score then lies above it (of logits less than 1e4 apart), and the excluded still rank by theirs, to
+# float32's resolution there (about 1e-3; more at routing temperatures below 1).
 _LOG_ZERO = -1e4
 
 
@@ -1010,7 +1011,12 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
             # Padding tokens are neither counted nor judged: their (often all-zero) outputs must not skew the health
             # reference of their cluster and mask experts for the real tokens of the batch.
             faulty = self._faulty_experts(pair_outputs, pair_ids, valid_pairs)
-            return faulty, None if faulty is None else faulty[pair_ids]
+            if faulty is None:
+                return None, None
+            # Only pairs that ran are masked: an excluded pair of a faulty expert keeps its weight, as excluded
+            # pairs of healthy experts do (its output is zeroed anyway).
+            pair_faulty = faulty[pair_ids]
+            return faulty, pair_faulty if valid_pairs is None else pair_faulty & valid_pairs
         pair_faulty = self._non_finite_pairs(pair_outputs, valid_pairs)
         if pair_faulty is None:
             return None, None

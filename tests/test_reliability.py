@@ -754,6 +754,31 @@ def test_capacity_overflow_is_not_rerouted_to_an_excluded_expert(tiny_model):
     assert stats["rerouted_pairs"] == 0 and stats["dropped_pairs"] == 16  # ...the rest is dropped, not re-routed
 
 
+def test_a_dropped_pair_of_a_faulty_expert_keeps_its_weight_in_training_forwards_too(tiny_model):
+    """A pair the capacity limit drops contributes nothing and the token's other pairs keep their weights, also where
+    a training forward judges the dropped pair's expert faulty (from its other pairs): the dropped pair never ran, so
+    it is not masked as faulty, which would renormalise the token's other weights. Training and eval forwards then
+    agree."""
+    model = tiny_model(num_clusters=1, experts_per_cluster=4, top_k_experts=2, expert_capacity_factor=0.5)
+    block = model.model.layers[0].mlp  # capacity: 1 pair per expert for 2 tokens x 2 pairs
+    with torch.no_grad():
+        block.router.expert_weight.zero_()
+        block.router.expert_weight[:, :4].copy_(torch.eye(4))  # expert logits: a token's first four hidden values
+        block.experts.down_proj[0] = float("nan")
+    hidden = torch.zeros(1, 2, model.config.hidden_size)
+    hidden[0, 0, :4] = torch.tensor([2.0, 1.0, 0.5, 0.0])  # experts 0 and 1, both served
+    hidden[0, 1, :4] = torch.tensor([2.0, 0.5, 1.0, 0.0])  # expert 0 full, so dropped; expert 2 served
+    with torch.no_grad():
+        eval_output, eval_stats = block.eval()(hidden)
+    training_output, training_stats = block.train()(hidden.requires_grad_())
+    assert training_stats["dropped_pairs"] == eval_stats["dropped_pairs"] == 1
+    assert training_stats["expert_faulty"].tolist() == [True, False, False, False]
+    probs = hidden[0, 1, :4].detach().softmax(-1)  # P(expert), in the one cluster
+    token_output = probs[2] / (probs[0] + probs[2]) * expert_output(block.experts, 2, hidden[0, 1])
+    torch.testing.assert_close(eval_output[0, 1], token_output)
+    torch.testing.assert_close(training_output[0, 1], token_output)
+
+
 def test_reliability_stats_aggregate_by_utilisation(tiny_model):
     model = tiny_model()
     for layer_idx, layer in enumerate(model.model.layers):
