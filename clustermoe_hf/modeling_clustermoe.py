@@ -65,7 +65,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
-from .configuration_clustermoe import _CHANGED_SINCE_CHECK, ClusterMoEConfig
+from .configuration_clustermoe import _CHANGED_SINCE_CHECK, ClusterMoEConfig, _is_int
 
 
 logger = logging.get_logger(__name__)
@@ -2770,10 +2770,11 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
         refusing every later forward."""
         super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
         depth, num_layers = generation_config.assistant_early_exit, len(self.model.layers)
-        if depth is not None and not (_is_integral(depth) and 0 < depth <= num_layers):
+        # A Python int, as the config's `num_hidden_layers` must be
+        if depth is not None and not (_is_int(depth) and 0 < depth <= num_layers):
             raise ValueError(
-                f"assistant_early_exit={depth!r}: early-exit drafting runs the first n decoder layers, n from 1 to the "
-                f"model's {num_layers}."
+                f"assistant_early_exit={depth!r}: early-exit drafting runs the first n decoder layers, n an int from 1 "
+                f"to the model's {num_layers}."
             )
 
 

@@ -4,10 +4,12 @@ and tying, gradient checkpointing, extra outputs, pipelines, PEFT, sequence clas
 import copy
 import json
 import os
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -749,7 +751,7 @@ def test_early_exit_assisted_generation_matches_greedy_decoding(tiny_model, sett
     torch.testing.assert_close(model.generate(ids, max_new_tokens=4, do_sample=False, assistant_early_exit=1), expected)
 
 
-@pytest.mark.parametrize("depth", [0, 3, 1.5])
+@pytest.mark.parametrize("depth", [0, 3, 1.5, np.int64(2)])
 def test_an_early_exit_past_the_layers_is_refused_before_the_config_is_lowered(tiny_model, depth):
     """transformers sets `num_hidden_layers` to the drafting depth and does not restore it when the draft fails: a
     depth the model cannot draft with is refused before, and the model generates as before. Every depth from 1 to
@@ -757,7 +759,8 @@ def test_an_early_exit_past_the_layers_is_refused_before_the_config_is_lowered(t
     model = tiny_model()
     ids = random_ids(1, 5)
     expected = model.generate(ids, max_new_tokens=3, do_sample=False)
-    with pytest.raises(ValueError, match=rf"assistant_early_exit={depth}: .* n from 1 to the model's 2\."):
+    message = re.escape(f"assistant_early_exit={depth!r}: ") + r".* n an int from 1 to the model's 2\."
+    with pytest.raises(ValueError, match=message):
         model.generate(ids, max_new_tokens=3, do_sample=False, assistant_early_exit=depth)
     assert model.config.num_hidden_layers == 2
     torch.testing.assert_close(model.generate(ids, max_new_tokens=3, do_sample=False), expected)
