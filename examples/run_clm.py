@@ -1355,10 +1355,12 @@ def main(args: list[str] | None = None) -> dict:
             for name in ("README.md", "expert_utilization.png", "loss_curve.png"):
                 (output_dir / name).unlink(missing_ok=True)
         trainer.save_model()  # weights, config (auto_map), modeling code, generation config, tokenizer
-    except BaseException:  # Ctrl-C included
+    except BaseException as error:  # Ctrl-C included
         if replaced is not None and replaced.restorable:  # nothing of the new run saved yet
             replaced.restore()
         if torch.distributed.is_initialized():
+            # The finished frames of the traceback (the training loop's) hold DDP's wrapper: their variables go first.
+            traceback.clear_frames(error.__traceback__)
             release_process_group(trainer)  # without waiting for the others, which may never get there
         raise
     trainer.save_state()

@@ -1798,32 +1798,43 @@ def test_a_data_parallel_run_releases_its_wrapper_before_destroying_the_process_
 
 
 FAILING_DISTRIBUTED_RUN = """
-import importlib.util, sys, torch
+import gc, importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("run_clm", sys.argv[1])
 run_clm = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_clm)
+destroy = torch.distributed.destroy_process_group
+def destroy_and_tell(*args):
+    alive = any(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+    print("DDP wrapper alive when the process group was destroyed:", alive)
+    destroy(*args)
+torch.distributed.destroy_process_group = destroy_and_tell
 try:
     run_clm.main(sys.argv[2:])
-except FloatingPointError:
+except FloatingPointError as error:
+    print(error)
     print("process group alive after the failure:", torch.distributed.is_initialized())
 """
 
 
 def test_a_failing_data_parallel_run_releases_the_process_group_too(tmp_path):
-    """A run that fails after training started (here it diverges) releases DDP's wrapper and the process group as a
-    finished one does, without waiting for the other processes. A one-process group, as torchrun sets one up."""
+    """A run that fails in training (here it diverges, and its checkpoint is refused) releases DDP's wrapper and then
+    the process group, as a finished one does, without waiting for the other processes. The exception's traceback
+    holds the training loop's frames, whose variables include the wrapper. A one-process group, as torchrun sets one
+    up."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     torchrun_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     torchrun_env["MASTER_PORT"] = str(port)
-    diverging = [*SHORT_RUN, "--save_strategy", "no", "--learning_rate", "1e30", "--warmup_steps", "0"]
+    diverging = [*SHORT_RUN, "--learning_rate", "1e30", "--warmup_steps", "0"]
     result = subprocess.run(
         [sys.executable, "-c", FAILING_DISTRIBUTED_RUN, str(EXAMPLES / "run_clm.py"), *diverging,
          "--output_dir", str(tmp_path / "run")],
         cwd=tmp_path, env={**subprocess_env(tmp_path), **torchrun_env}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training diverged: " in result.stdout and "at step 2" in result.stdout  # inside trainer.train()
+    assert "DDP wrapper alive when the process group was destroyed: False" in result.stdout
     assert "process group alive after the failure: False" in result.stdout
 
 
