@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -556,6 +557,7 @@ class SaveRoutingState(TrainerCallback):
         (the path passed to `Trainer.train(resume_from_checkpoint=...)`), else `output_dir/checkpoint-{step}`, where
         `resume_from_checkpoint=True` resumes from."""
         self.saved_checkpoints.clear()
+        self.run_started = time.time()
         discard_pending_routing_statistics(model)  # a new run's first update is of its own forwards
         if state.is_hyper_param_search:
             logger.warning(
@@ -591,9 +593,16 @@ class SaveRoutingState(TrainerCallback):
     def _after_a_jit_checkpoint(self, args, state, control, model=None, **kwargs):
         """transformers' just-in-time checkpoint (`enable_jit_checkpoint`, on SIGTERM) is saved by a callback in one of
         these events, without `on_save`, and stops training: in the same event, this callback (registered after it)
-        writes the routing state into it."""
+        writes the routing state into it. A folder of the step whose trainer state this run did not write is another
+        run's (training also stops at `max_steps`, with no checkpoint saved yet), and is left alone."""
+        if not (args.enable_jit_checkpoint and control.should_training_stop):
+            return
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if args.enable_jit_checkpoint and control.should_training_stop and checkpoint not in self.saved_checkpoints:
+        trainer_state = checkpoint / "trainer_state.json"
+        if checkpoint in self.saved_checkpoints or not trainer_state.is_file():
+            return
+        # File times come from a clock coarser than time.time()'s: a second of slack.
+        if trainer_state.stat().st_mtime > self.run_started - 1:
             self.on_save(args, state, control, model)
 
     on_pre_optimizer_step = on_step_begin = on_step_end = on_epoch_end = _after_a_jit_checkpoint

@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -1079,14 +1080,14 @@ class RequestJitCheckpoint(TrainerCallback):
 def test_a_lora_runs_jit_checkpoint_holds_its_routing_state(tiny_config, tmp_path):
     """transformers' just-in-time checkpoint (`enable_jit_checkpoint`, on SIGTERM) is saved without `on_save`:
     `SaveRoutingState` writes the routing state into it too, and a run resumed from it ends where an uninterrupted one
-    does."""
+    does. A folder of the last step that an earlier run left, when training stops at `max_steps`, is not written."""
     from peft import get_peft_model
 
     def lora_run(output_dir, resume_from_checkpoint=None, jit_checkpoint_after_step=None):
         torch.manual_seed(0)
         config = tiny_config(use_adaptive_routing=True, adaptive_routing_rate=0.2)
         model = get_peft_model(ClusterMoEForCausalLM(config), lora_config(rank=2))
-        args = training_arguments(output_dir, max_steps=4, enable_jit_checkpoint=jit_checkpoint_after_step is not None)
+        args = training_arguments(output_dir, max_steps=4, enable_jit_checkpoint=True)
         trainer = Trainer(model=model, args=args, train_dataset=random_blocks(16, 8), callbacks=[SaveRoutingState()])
         if jit_checkpoint_after_step is not None:
             trainer.add_callback(RequestJitCheckpoint(trainer, jit_checkpoint_after_step))
@@ -1099,6 +1100,14 @@ def test_a_lora_runs_jit_checkpoint_holds_its_routing_state(tiny_config, tmp_pat
     assert routing_step(tmp_path / "run" / "checkpoint-2") == 2
     resumed = lora_run(tmp_path / "run", resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert all(torch.equal(resumed[name], value) for name, value in uninterrupted.items())
+
+    earlier = tmp_path / "again" / "checkpoint-4"
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", earlier)
+    (earlier / "routing_state.safetensors").unlink()
+    an_hour_ago = time.time() - 3600
+    os.utime(earlier / "trainer_state.json", (an_hour_ago, an_hour_ago))
+    lora_run(tmp_path / "again")
+    assert not (earlier / "routing_state.safetensors").exists()
 
 
 def test_hyperparameter_search_trials_are_told_their_checkpoints_hold_no_routing_state(tiny_model, tmp_path, caplog):
