@@ -768,8 +768,8 @@ def _zero_non_finite_grad(block_ref: "weakref.ref[ClusterMoESparseMoeBlock]", pa
         grad.masked_fill_(masked & ~grad.isfinite(), 0.0)
 
 
-# The floor of an expert output's norm, whose log the health check takes (an all-zero output: log(1e-12), not -inf).
-# Shared with its fast sufficient condition (`_all_pairs_healthy`): a higher floor there would pass what it flags.
+# Expert outputs of a smaller norm are all-zero to the health check, which leaves them out. Shared with its fast
+# sufficient condition (`_all_pairs_healthy`): a higher floor there would pass what it flags.
 _MIN_OUTPUT_NORM = 1e-12
 
 
@@ -931,15 +931,17 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
         """Which experts misbehaved in this forward, (N,) bool: any non-finite output, or a mean log output norm more
         than log(`reliability_max_norm_ratio`) above the median of the *other* healthy experts of its cluster (leaving
         itself out, an outsized expert cannot raise its own bar; the median, the upper one of an even count, so that a
-        dead expert with near-zero outputs cannot make its healthy peers look outsized). Pairs where `valid` (pairs,)
-        is False are not judged. None when no expert can be faulty (`_all_pairs_healthy`)."""
+        dead expert with near-zero outputs cannot make its healthy peers look outsized). All-zero outputs and pairs
+        where `valid` (pairs,) is False are not judged. None when no expert can be faulty (`_all_pairs_healthy`)."""
         norms = torch.linalg.vector_norm(expert_out.detach(), dim=-1, dtype=_at_least_float32(expert_out))  # (pairs,)
         if self._all_pairs_healthy(norms, valid):
             return None
-        log_norms = norms.clamp_min(_MIN_OUTPUT_NORM).log()  # inf or NaN where an output is not finite
-        per_pair = torch.stack([torch.ones_like(log_norms), log_norms], dim=-1)  # (pairs, 2)
-        if valid is not None:
-            per_pair = torch.where(valid.unsqueeze(-1), per_pair, 0.0)
+        # An all-zero output (a ReLU expert's gates all off for the token, a dead expert) has no scale to compare:
+        # left out, as its log would pull its expert's mean down by orders of magnitude and make the peers judged
+        # against it look outsized. Non-finite norms compare False, and stay.
+        scaled = ~(norms < _MIN_OUTPUT_NORM) if valid is None else valid & ~(norms < _MIN_OUTPUT_NORM)
+        log_norms = torch.where(scaled, norms.log(), 0.0)  # inf or NaN where an output is not finite
+        per_pair = torch.stack([scaled.to(log_norms.dtype), log_norms], dim=-1)  # (pairs, 2)
         per_expert = per_pair.new_zeros(self.num_experts, 2).index_add_(0, expert_ids, per_pair)
         pair_count, log_norm_sum = per_expert.view(self.num_clusters, -1, 2).unbind(-1)  # (C, E) each
         observed = pair_count > 0

@@ -409,6 +409,23 @@ def test_a_dead_expert_does_not_make_its_healthy_peers_look_outsized(tiny_model)
     assert block._faulty_experts(outputs, ids, None).tolist() == [False] * 6
 
 
+def test_all_zero_outputs_have_no_scale_to_judge_by(tiny_model):
+    """A ReLU expert's output is exactly zero for a token whose gates are all off: left out of its expert's geometric
+    mean, which one such pair of two would drop a million-fold, so that its healthy peer looked outsized. An expert
+    with only all-zero outputs is no reference either, also as the only other expert of its cluster. Outsized
+    experts are still flagged next to them."""
+    block = tiny_model(experts_per_cluster=2).model.layers[0].mlp  # 2 clusters x 2 experts, max norm ratio 100
+    direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    cases = {
+        (1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0): [False] * 4,  # a ReLU zero; a dead expert next to a healthy one
+        (1.0, 0.0, 500.0, 500.0, 0.0, 0.0, 1.0, 1.0): [False, True, False, False],
+    }
+    for norms, faulty in cases.items():
+        outputs = torch.stack([direction * norm for norm in norms])
+        assert block._faulty_experts(outputs, ids, None).tolist() == faulty
+
+
 def test_a_dead_expert_keeps_its_cluster_in_training(tiny_model):
     model = tiny_model(num_hidden_layers=1, reliability_decay=0.5).train()
     block = model.model.layers[0].mlp
