@@ -1357,6 +1357,30 @@ def _is_folder(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path)
 
 
+def _replace_files(target: str, staging: str, new: set[str], earlier: set[str]):
+    """Moves the files `new` from `staging` into `target` in place of the files `earlier` there, all or none as far as
+    exceptions go (a full disk, a file another program holds open, Ctrl-C): the earlier files are first moved aside
+    into `staging`, whose removal deletes them, and everything is moved back if a move fails. The earlier config.json
+    goes first and the new one last, so that a folder caught in between (a killed process) holds no config and loads
+    nothing, rather than a mix of the two checkpoints; the earlier files are then in the staging folder."""
+    aside = os.path.join(staging, ".earlier")
+    os.mkdir(aside)
+    moved_aside, moved_in = [], []
+    try:
+        for name in sorted(earlier, key=lambda name: name != CONFIG_NAME):
+            os.replace(os.path.join(target, name), os.path.join(aside, name))
+            moved_aside.append(name)
+        for name in sorted(new, key=lambda name: name == CONFIG_NAME):
+            os.replace(os.path.join(staging, name), os.path.join(target, name))
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            os.replace(os.path.join(target, name), os.path.join(staging, name))
+        for name in reversed(moved_aside):
+            os.replace(os.path.join(aside, name), os.path.join(target, name))
+        raise
+
+
 # The prefix of a save's staging folder inside its target. One that a killed save left behind is not removed by the
 # next save, which cannot tell it from the folder of a save still running (e.g. in another container): delete it.
 _STAGING_PREFIX = ".clustermoe-saving-"
@@ -1447,9 +1471,10 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, made safe for a checkpoint already in the folder: the files are written to
         a staging folder inside it and moved into place once all of them were written, so that a save that fails
-        halfway (an invalid setting or argument, a full disk) leaves the earlier checkpoint as it was. Weights files
-        of the earlier save that the new one does not replace are then removed: a sharded save over a single file (or
-        the reverse) would otherwise leave both, and `from_pretrained` load the stale one. Pushing to the Hub
+        halfway (an invalid setting or argument, a full disk, Ctrl-C) leaves the earlier checkpoint as it was
+        (`_replace_files`). Weights files of the earlier save that the new one does not replace are removed with it: a
+        sharded save over a single file (or the reverse) would otherwise leave both, and `from_pretrained` load the
+        stale one. Pushing to the Hub
         (`push_to_hub=True`) and distributed checkpoints (`distributed_checkpoint=True`, written by every rank) write
         in place, as in transformers, after the same checks. The `auto_map` of a ClusterMoE class's checkpoint names
         every ClusterMoE Auto class, not only the saved class's."""
@@ -1519,28 +1544,24 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
             return super().save_pretrained(save_directory, *args, **kwargs)
         os.makedirs(target, exist_ok=True)
         variant = options["variant"]
-        folders = {name for name in os.listdir(target) if _is_folder(os.path.join(target, name))}
         # On the target's file system, so that the files move into place by renaming.
         with tempfile.TemporaryDirectory(prefix=_STAGING_PREFIX, dir=target, ignore_cleanup_errors=True) as staging:
             result = super().save_pretrained(staging, *args, **kwargs)
             written = set(os.listdir(staging))
-            # Found before any file moves, which would otherwise fail halfway through: folders where a file of this
-            # save goes, or, if it writes weights, named as the earlier weights files it removes.
-            blocked = written & folders
+            present = set(os.listdir(target))
+            # The earlier save's weights files that this one, if it writes weights (not, e.g., only an adapter's), does
+            # not replace: removed, as `from_pretrained` would load a single file rather than new shards.
+            stale = set()
             if any(_is_weights_file(name, variant) for name in written):
-                blocked |= {name for name in folders if _is_weights_file(name, variant)}
+                stale = {name for name in present if _is_weights_file(name, variant)} - written
+            # Found before any file moves: folders where a file of this save goes, or named as a file it removes.
+            blocked = {name for name in (written | stale) & present if _is_folder(os.path.join(target, name))}
             if blocked:
                 raise IsADirectoryError(
                     f"Cannot save into {target}: it holds folders named as files of the checkpoint "
                     f"({', '.join(sorted(blocked))}); nothing in it was changed."
                 )
-            # config.json last: in a new folder, it marks a complete checkpoint.
-            for name in sorted(written, key=lambda name: name == CONFIG_NAME):
-                os.replace(os.path.join(staging, name), os.path.join(target, name))
-        weights_files = {name for name in os.listdir(target) if _is_weights_file(name, variant)}
-        if weights_files & written:  # this save wrote the model's weights (not, e.g., only an adapter's)
-            for name in weights_files - written:  # the earlier save's, not replaced by this one
-                os.remove(os.path.join(target, name))
+            _replace_files(target, staging, written, (written | stale) & present)
         return result
 
     def _check_config(self, config: ClusterMoEConfig | None = None):

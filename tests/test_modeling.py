@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -648,6 +649,35 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
         model.save_pretrained(checkpoint, **options)
     assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before  # and no staging folder left
     assert ClusterMoEForCausalLM.from_pretrained(checkpoint).config.experts_per_cluster == 4
+
+
+@pytest.mark.parametrize("failure", ["earlier weights held open", "Ctrl-C at the new config"])
+def test_a_save_interrupted_while_its_files_move_into_place_leaves_the_checkpoint_as_it_was(
+    tiny_model, tmp_path, monkeypatch, failure
+):
+    """A sharded save over a single weights file: the earlier file cannot be moved while another program holds it
+    (Windows, a model memory-mapping it), or Ctrl-C arrives as the files move. Removing the earlier file last, after
+    the new config, had left it next to the new files, and `from_pretrained` loaded it under the new config."""
+    checkpoint = tmp_path / "checkpoint"
+    tiny_model().save_pretrained(checkpoint)
+    before = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
+    replace, failed = os.replace, []
+
+    def failing_replace(source, destination):
+        if not failed and failure == "earlier weights held open" and Path(source) == checkpoint / "model.safetensors":
+            failed.append(source)
+            raise PermissionError(13, "The process cannot access the file because it is being used", source)
+        if not failed and failure == "Ctrl-C at the new config" and Path(destination) == checkpoint / "config.json":
+            failed.append(destination)
+            raise KeyboardInterrupt
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(PermissionError if failure == "earlier weights held open" else KeyboardInterrupt):
+        tiny_model(top_k_experts=1).save_pretrained(checkpoint, max_shard_size="20KB")
+    monkeypatch.undo()
+    assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before  # and no staging folder left
+    assert ClusterMoEForCausalLM.from_pretrained(checkpoint).config.top_k_experts == 2
 
 
 @pytest.mark.parametrize(
