@@ -1986,11 +1986,14 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         config.num_clusters, config.experts_per_cluster = new_clusters, new_experts
         config.top_k_clusters = min(config.top_k_clusters, new_clusters)
         config.top_k_experts = min(config.top_k_experts, new_experts)
-        for (_, block), (clusters, experts) in zip(layers, selections):
-            block.keep_experts(clusters, experts)
-        # The statistics gathered before pruning are of experts that may be gone, and the kept weights are new
-        # parameters, without the gradients that the guard watched.
-        self.base_model.routing_state.discard_pending(config.num_experts)
+        # Called inside `torch.inference_mode`, the new weights and buffers would be inference tensors, which no later
+        # training forward could save for its backward.
+        with torch.inference_mode(False):
+            for (_, block), (clusters, experts) in zip(layers, selections):
+                block.keep_experts(clusters, experts)
+            # The statistics gathered before pruning are of experts that may be gone, and the kept weights are new
+            # parameters, without the gradients that the guard watched.
+            self.base_model.routing_state.discard_pending(config.num_experts)
         _lift_gradient_guard(self.base_model)
         return kept
 

@@ -234,9 +234,13 @@ def test_prune_a_model_loaded_with_remote_code_only(tiny_model, tmp_path):
     assert "{0: [1, 3, 5, 6], 1: [1, 3, 5, 6]}" in result.stdout
 
 
-def test_pruned_model_keeps_training(tiny_model):
+@pytest.mark.parametrize("pruned_in", ["a plain call", "torch.inference_mode"])
+def test_pruned_model_keeps_training(tiny_model, pruned_in):
+    """Also pruned inside `torch.inference_mode`, whose new tensors could not be saved for a backward."""
     model = with_utilization(tiny_model(use_adaptive_routing=True), [[5, 9, 1, 7, 0, 3, 8, 2]] * 2)
-    model.prune_experts(experts_per_cluster_keep=3)
+    with torch.inference_mode(pruned_in == "torch.inference_mode"):
+        model.prune_experts(experts_per_cluster_keep=3)
+    assert not any(tensor.is_inference() for tensor in [*model.parameters(), *model.buffers()])
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     input_ids = torch.randint(3, 64, (2, 12))
