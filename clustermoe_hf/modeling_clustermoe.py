@@ -20,6 +20,7 @@ import math
 import numbers
 import os
 import re
+import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -1357,33 +1358,51 @@ def _is_folder(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path)
 
 
-def _replace_files(target: str, staging: str, new: set[str], earlier: set[str]):
-    """Moves the files `new` from `staging` into `target` in place of the files `earlier` there, all or none as far as
-    exceptions go (a full disk, a file another program holds open, Ctrl-C): the earlier files are first moved aside
-    into `staging`, whose removal deletes them, and everything is moved back if a move fails. The earlier config.json
-    goes first and the new one last, so that a folder caught in between (a killed process) holds no config and loads
-    nothing, rather than a mix of the two checkpoints; the earlier files are then in the staging folder."""
-    aside = os.path.join(staging, ".earlier")
-    os.mkdir(aside)
-    moved_aside, moved_in = [], []
-    try:
-        for name in sorted(earlier, key=lambda name: name != CONFIG_NAME):
-            os.replace(os.path.join(target, name), os.path.join(aside, name))
-            moved_aside.append(name)
-        for name in sorted(new, key=lambda name: name == CONFIG_NAME):
-            os.replace(os.path.join(staging, name), os.path.join(target, name))
-            moved_in.append(name)
-    except BaseException:
-        for name in reversed(moved_in):
-            os.replace(os.path.join(target, name), os.path.join(staging, name))
-        for name in reversed(moved_aside):
-            os.replace(os.path.join(aside, name), os.path.join(target, name))
-        raise
-
-
 # The prefix of a save's staging folder inside its target. One that a killed save left behind is not removed by the
 # next save, which cannot tell it from the folder of a save still running (e.g. in another container): delete it.
 _STAGING_PREFIX = ".clustermoe-saving-"
+# The prefix of the folder inside the target where a save moves the files it replaces while its own move into place:
+# removed once they are replaced. One left behind (the save was killed, or could not move them back) holds the earlier
+# checkpoint's files.
+_EARLIER_PREFIX = ".clustermoe-earlier-"
+
+
+def _replace_files(target: str, staging: str, new: set[str], earlier: set[str]):
+    """Moves the files `new` from `staging` into `target` in place of the files `earlier` there, all or none as far as
+    exceptions go (a full disk, a file another program holds open, Ctrl-C): the earlier files are first moved aside,
+    and if a move fails, what moved goes back (`_move_back`). The earlier config.json goes first and the new one last,
+    so that a folder caught in between (a killed process) holds no config rather than a mix of the two checkpoints;
+    the earlier files are then in the `_EARLIER_PREFIX` folder next to them."""
+    aside = tempfile.mkdtemp(prefix=_EARLIER_PREFIX, dir=target)
+    try:
+        for name in sorted(earlier, key=lambda name: name != CONFIG_NAME):
+            try:
+                os.replace(os.path.join(target, name), os.path.join(aside, name))
+            except FileNotFoundError:  # gone meanwhile, e.g. moved aside by another save into the folder
+                pass
+        for name in sorted(new, key=lambda name: name == CONFIG_NAME):
+            os.replace(os.path.join(staging, name), os.path.join(target, name))
+    except BaseException as error:
+        _move_back(target, staging, aside, new, error)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _move_back(target: str, staging: str, aside: str, new: set[str], error: BaseException):
+    """Undoes `_replace_files` as far as it went, read from the folders rather than from a record of the moves (an
+    exception may arrive between a move and its record), file by file: one that cannot move back stays where it is,
+    and the earlier files that did not go back stay in `aside`, which the error then names."""
+    for name in new:  # moved in if it is in the target and no longer staged
+        if os.path.lexists(os.path.join(target, name)) and not os.path.lexists(os.path.join(staging, name)):
+            with contextlib.suppress(OSError):
+                os.replace(os.path.join(target, name), os.path.join(staging, name))
+    for name in os.listdir(aside):
+        with contextlib.suppress(OSError):
+            os.replace(os.path.join(aside, name), os.path.join(target, name))
+    if os.listdir(aside):
+        error.add_note(f"The files of the checkpoint in {target} before this save are in {aside}: move them back.")
+    else:
+        os.rmdir(aside)
 
 
 class ClusterMoEPreTrainedModel(PreTrainedModel):

@@ -651,33 +651,79 @@ def test_a_save_that_fails_leaves_the_checkpoint_in_the_folder_as_it_was(tiny_mo
     assert ClusterMoEForCausalLM.from_pretrained(checkpoint).config.experts_per_cluster == 4
 
 
-@pytest.mark.parametrize("failure", ["earlier weights held open", "Ctrl-C at the new config"])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "earlier weights held open",
+        "Ctrl-C at the new config",
+        "Ctrl-C right after a move",
+        "a file that cannot move back",
+        "Ctrl-C twice",
+    ],
+)
 def test_a_save_interrupted_while_its_files_move_into_place_leaves_the_checkpoint_as_it_was(
     tiny_model, tmp_path, monkeypatch, failure
 ):
     """A sharded save over a single weights file: the earlier file cannot be moved while another program holds it
-    (Windows, a model memory-mapping it), or Ctrl-C arrives as the files move. Removing the earlier file last, after
-    the new config, had left it next to the new files, and `from_pretrained` loaded it under the new config."""
+    (Windows, a model memory-mapping it), or Ctrl-C arrives as the files move, also between a move and the next
+    statement. Removing the earlier file last, after the new config, had left it next to the new files, and
+    `from_pretrained` loaded it under the new config. Where the earlier files cannot all move back (one is held, or
+    Ctrl-C comes again), those left are kept aside, in a folder that the error names if it can."""
     checkpoint = tmp_path / "checkpoint"
     tiny_model().save_pretrained(checkpoint)
     before = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
-    replace, failed = os.replace, []
+    replace, moves = os.replace, []
 
     def failing_replace(source, destination):
-        if not failed and failure == "earlier weights held open" and Path(source) == checkpoint / "model.safetensors":
-            failed.append(source)
+        moves.append(source)
+        staged, moving_back = ".clustermoe-saving-" in str(source), ".clustermoe-earlier-" in str(source)
+        if failure == "earlier weights held open" and Path(source) == checkpoint / "model.safetensors":
             raise PermissionError(13, "The process cannot access the file because it is being used", source)
-        if not failed and failure == "Ctrl-C at the new config" and Path(destination) == checkpoint / "config.json":
-            failed.append(destination)
+        if failure == "Ctrl-C at the new config" and staged and Path(destination) == checkpoint / "config.json":
+            raise KeyboardInterrupt
+        if moving_back and failure == "a file that cannot move back" and Path(destination).name == "config.json":
+            raise PermissionError(13, "The process cannot access the file because it is being used", source)
+        if moving_back and failure == "Ctrl-C twice":
             raise KeyboardInterrupt
         replace(source, destination)
+        if failure == "Ctrl-C right after a move" and len(moves) == 2:
+            raise KeyboardInterrupt
+        if failure in ("a file that cannot move back", "Ctrl-C twice") and len(moves) == 7:  # the 2nd new file in
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(PermissionError if failure == "earlier weights held open" else KeyboardInterrupt):
+    with pytest.raises(PermissionError if failure == "earlier weights held open" else KeyboardInterrupt) as raised:
         tiny_model(top_k_experts=1).save_pretrained(checkpoint, max_shard_size="20KB")
     monkeypatch.undo()
-    assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before  # and no staging folder left
+    if failure in ("a file that cannot move back", "Ctrl-C twice"):
+        (earlier,) = checkpoint.glob(".clustermoe-earlier-*")
+        if failure == "a file that cannot move back":
+            assert [path.name for path in earlier.iterdir()] == ["config.json"]
+            assert f"before this save are in {earlier}: move them back" in raised.value.__notes__[0]
+        for path in earlier.iterdir():
+            path.rename(checkpoint / path.name)
+        earlier.rmdir()
+    assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before  # and no other folder left
     assert ClusterMoEForCausalLM.from_pretrained(checkpoint).config.top_k_experts == 2
+
+
+def test_a_save_whose_earlier_files_another_save_moves_meanwhile_completes(tiny_model, tmp_path, monkeypatch):
+    """Two saves into one folder at once (`save_on_each_node` on a shared file system): the earlier files one of them
+    moves aside are gone for the other, which still moves its own files in. The last save's files stay."""
+    checkpoint = tmp_path / "checkpoint"
+    tiny_model().save_pretrained(checkpoint)
+    replace = os.replace
+
+    def replace_after_another_save(source, destination):
+        if Path(source).parent == checkpoint:  # an earlier file: the other save took it first
+            Path(source).unlink(missing_ok=True)
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace_after_another_save)
+    tiny_model(top_k_experts=1).save_pretrained(checkpoint)
+    monkeypatch.undo()
+    assert not list(checkpoint.glob(".clustermoe-*"))
+    assert ClusterMoEForCausalLM.from_pretrained(checkpoint).config.top_k_experts == 1
 
 
 @pytest.mark.parametrize(
