@@ -551,6 +551,7 @@ class SaveRoutingState(TrainerCallback):
             )
         self.resume_from_checkpoint = resume_from_checkpoint or None
         self.saved_checkpoints: set[Path] = set()  # written by `on_save` in this run
+        self.run_started = time.time()  # set again as each run begins
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """A resumed run restores the routing state saved with the checkpoint it resumes from: the one given here
