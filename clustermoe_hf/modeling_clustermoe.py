@@ -1390,19 +1390,26 @@ def _replace_files(target: str, staging: str, new: set[str], earlier: set[str]):
 
 def _move_back(target: str, staging: str, aside: str, new: set[str], error: BaseException):
     """Undoes `_replace_files` as far as it went, read from the folders rather than from a record of the moves (an
-    exception may arrive between a move and its record), file by file: one that cannot move back stays where it is,
-    and the earlier files that did not go back stay in `aside`, which the error then names."""
-    for name in new:  # moved in if it is in the target and no longer staged
-        if os.path.lexists(os.path.join(target, name)) and not os.path.lexists(os.path.join(staging, name)):
+    exception may arrive between a move and its record), file by file: one that cannot move back stays where it is.
+    The new config.json leaves first and the earlier one returns last, so that a folder caught in between holds no
+    config. Earlier files that did not go back stay in `aside`, which the propagating error names."""
+    try:
+        for name in sorted(new, key=lambda name: name != CONFIG_NAME):  # moved in: in the target, no longer staged
+            if os.path.lexists(os.path.join(target, name)) and not os.path.lexists(os.path.join(staging, name)):
+                with contextlib.suppress(OSError):
+                    os.replace(os.path.join(target, name), os.path.join(staging, name))
+        for name in sorted(os.listdir(aside), key=lambda name: name == CONFIG_NAME):
             with contextlib.suppress(OSError):
-                os.replace(os.path.join(target, name), os.path.join(staging, name))
-    for name in os.listdir(aside):
+                os.replace(os.path.join(aside, name), os.path.join(target, name))
+    except BaseException as second:  # e.g. Ctrl-C again
+        error = second
+        raise
+    finally:
         with contextlib.suppress(OSError):
-            os.replace(os.path.join(aside, name), os.path.join(target, name))
-    if os.listdir(aside):
-        error.add_note(f"The files of the checkpoint in {target} before this save are in {aside}: move them back.")
-    else:
-        os.rmdir(aside)
+            if os.listdir(aside):
+                error.add_note(f"The files of the checkpoint in {target} before this save are in {aside}.")
+            else:
+                os.rmdir(aside)
 
 
 class ClusterMoEPreTrainedModel(PreTrainedModel):
