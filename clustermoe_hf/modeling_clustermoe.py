@@ -1500,10 +1500,9 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
         halfway (an invalid setting or argument, a full disk, Ctrl-C) leaves the earlier checkpoint as it was
         (`_replace_files`). Weights files of the earlier save that the new one does not replace are removed with it: a
         sharded save over a single file (or the reverse) would otherwise leave both, and `from_pretrained` load the
-        stale one. Pushing to the Hub
-        (`push_to_hub=True`) and distributed checkpoints (`distributed_checkpoint=True`, written by every rank) write
-        in place, as in transformers, after the same checks. The `auto_map` of a ClusterMoE class's checkpoint names
-        every ClusterMoE Auto class, not only the saved class's."""
+        stale one. Pushing to the Hub (`push_to_hub=True`) and distributed checkpoints (`distributed_checkpoint=True`,
+        written by every rank) write in place, as in transformers, after the same checks. The `auto_map` of a ClusterMoE
+        class's checkpoint names every ClusterMoE Auto class, not only the saved class's."""
         self._check_config()
         # What is written: the model's state, or the state dict passed (as the Trainer does). Not gathered from other
         # processes, which need not be saving too.
