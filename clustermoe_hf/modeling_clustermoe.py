@@ -66,7 +66,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
-from .configuration_clustermoe import _CHANGED_SINCE_CHECK, ClusterMoEConfig, _is_int
+from .configuration_clustermoe import _CHANGED_SINCE_CHECK, ClusterMoEConfig, RoutingSettings, _is_int
 
 
 logger = logging.get_logger(__name__)
@@ -178,8 +178,9 @@ _GROUPED_MM_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.floa
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype to sum or measure `tensor` in: float32 for half precision, whose sums overflow easily, else its own."""
-    return torch.promote_types(tensor.dtype, torch.float32)
+    """The dtype to sum or measure floating-point `tensor` in: float32 for half precision, whose sums overflow easily,
+    else its own. Compared in Python: `torch.promote_types` is a dispatched op, which shows in per-token decoding."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -253,20 +254,23 @@ def _per_pair_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     Per token, outputs are weighted and summed in pair order, in at least float32 and rounded once, as the MoE block
     combines per-pair outputs (and transformers' `grouped_mm` its weighted call); a weight of 1 (the block's per-pair
     call) is not multiplied."""
-    dtype = self.gate_up_proj.dtype
+    # Read once, not per pair: each parameter read goes through `nn.Module.__getattr__`.
+    gate_up_proj, down_proj, apply_gate = self.gate_up_proj, self.down_proj, self._apply_gate
+    num_experts, is_transposed = self.num_experts, self.is_transposed
+    dtype = gate_up_proj.dtype
     inputs = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)  # as grouped_mm computes
     weighted_dtype = _at_least_float32(inputs)
     token_outputs = []
     for token_input, experts, weights in zip(inputs, top_k_index.tolist(), top_k_weights.tolist()):
         token_output = None
         for expert, weight in zip(experts, weights):
-            if expert == self.num_experts:  # a pair the model does not serve (see `SENTINEL_SKIPPING_EXPERTS`)
+            if expert == num_experts:  # a pair the model does not serve (see `SENTINEL_SKIPPING_EXPERTS`)
                 continue
-            if self.is_transposed:  # (N, H, 2I) and (N, I, H)
-                expert_out = self._apply_gate(token_input @ self.gate_up_proj[expert]) @ self.down_proj[expert]
+            if is_transposed:  # (N, H, 2I) and (N, I, H)
+                expert_out = apply_gate(token_input @ gate_up_proj[expert]) @ down_proj[expert]
             else:  # (N, 2I, H) and (N, H, I): matrix-vector products, without transposing the weights
-                gated = self._apply_gate(torch.mv(self.gate_up_proj[expert], token_input))  # (I,)
-                expert_out = torch.mv(self.down_proj[expert], gated)  # (H,)
+                gated = apply_gate(torch.mv(gate_up_proj[expert], token_input))  # (I,)
+                expert_out = torch.mv(down_proj[expert], gated)  # (H,)
             if expert_out.dtype != weighted_dtype:
                 expert_out = expert_out.to(weighted_dtype)
             expert_out = expert_out if weight == 1.0 else expert_out * weight
@@ -572,9 +576,10 @@ class ClusterMoERouter(_KeepsBufferDtypes):
         scores = self.reliability_scores().view(self.num_clusters, -1)
         return (weights * scores).sum(-1) / weights.sum(-1)
 
-    def selection_bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def selection_bias(self, settings: RoutingSettings | None = None) -> tuple[torch.Tensor | None, ...]:
         """The terms selection adds to the log-probabilities, per cluster (C,) and per expert (C, E), or None: the
         adaptive balancing biases and the log-reliability, with experts below the reliability threshold excluded.
+        `settings`: the config's `routing_settings`, where the caller has read them already.
 
         Reused until a buffer they are computed from changes, so that decoding does not rebuild them for every token:
         in-place updates bump a tensor's version counter, and `buffer.data = ...` (or swapping tensors) replaces its
@@ -587,13 +592,13 @@ class ClusterMoERouter(_KeepsBufferDtypes):
         sources = tuple(buffers[name] for name in self._SELECTION_SOURCES)
         if any(map(torch.Tensor.is_inference, sources)):
             return self._compute_selection_bias()  # no version counters to key a cache on
-        config = self.config
+        settings = self.config.routing_settings if settings is None else settings
         key = (
-            config.use_adaptive_routing,
-            config.use_reliability_routing,
-            config.reliability_threshold,
-            config.top_k_experts,  # clusters with fewer selectable experts are excluded
-            config.routing_temperature,  # the excluded ones' terms scale with it below 1
+            settings.use_adaptive_routing,
+            settings.use_reliability_routing,
+            settings.reliability_threshold,
+            settings.top_k_experts,  # clusters with fewer selectable experts are excluded
+            settings.routing_temperature,  # the excluded ones' terms scale with it below 1
             # The cache keeps the sources alive, so their ids cannot be reused by other tensors meanwhile.
             *map(id, sources),
             *(source._version for source in sources),
@@ -671,18 +676,19 @@ class ClusterMoERouter(_KeepsBufferDtypes):
         logits = torch.empty_like(sorted_logits).index_copy_(0, perm, sorted_logits)
         return logits.view(num_tokens, top_k_clusters, self.experts_per_cluster)
 
-    def forward(self, hidden_states: torch.Tensor) -> ClusterMoERouting:
-        config = self.config
-        temperature = config.routing_temperature
-        noise = config.router_jitter_noise if self.training else 0.0
-        cluster_term, expert_term = self.selection_bias()
+    def forward(self, hidden_states: torch.Tensor, settings: RoutingSettings | None = None) -> ClusterMoERouting:
+        """`settings`: the config's `routing_settings`, where the caller has read them already."""
+        settings = self.config.routing_settings if settings is None else settings
+        temperature = settings.routing_temperature
+        noise = settings.router_jitter_noise if self.training else 0.0
+        cluster_term, expert_term = self.selection_bias(settings)
 
         cluster_logits = _router_linear(hidden_states, self.cluster_weight)  # (tokens, C)
         cluster_log_probs = F.log_softmax(_at_temperature(cluster_logits, temperature), dim=-1)
         cluster_scores = cluster_log_probs if cluster_term is None else cluster_log_probs + cluster_term
         if noise > 0:
             cluster_scores = cluster_scores + torch.randn_like(cluster_scores) * noise
-        cluster_choice = torch.topk(cluster_scores, config.top_k_clusters, dim=-1)
+        cluster_choice = torch.topk(cluster_scores, settings.top_k_clusters, dim=-1)
         cluster_index = cluster_choice.indices  # (tokens, kc)
 
         expert_logits = self._expert_logits(hidden_states, cluster_index)  # (tokens, kc, E)
@@ -690,7 +696,7 @@ class ClusterMoERouter(_KeepsBufferDtypes):
         expert_scores = expert_log_probs if expert_term is None else expert_log_probs + expert_term[cluster_index]
         if noise > 0:
             expert_scores = expert_scores + torch.randn_like(expert_scores) * noise
-        num_candidates = config.top_k_experts if config.expert_capacity_factor is None else self.experts_per_cluster
+        num_candidates = settings.top_k_experts if settings.expert_capacity_factor is None else self.experts_per_cluster
         expert_choice = torch.topk(expert_scores, num_candidates, dim=-1)
         expert_candidates = expert_choice.indices  # (tokens, kc, E')
 
@@ -985,27 +991,24 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
         bound = max(smallest, _MIN_OUTPUT_NORM) * self.config.reliability_max_norm_ratio / 2
         return math.isfinite(largest) and largest <= bound
 
-    def _may_skip_pair_checks(self, hidden_flat: torch.Tensor, judges_experts: bool) -> bool:
+    def _may_skip_pair_checks(self, hidden_flat: torch.Tensor, judges_experts: bool, settings: RoutingSettings) -> bool:
         """Whether the experts may run as one weighted call over the tokens, without per-pair outputs: without
         reliability routing nothing is judged; outside training forwards only non-finite pair outputs are masked, and
         on CPU, where reading a value costs no sync, a finite combined output shows that there is none."""
-        if not self.config.use_reliability_routing:
+        if not settings.use_reliability_routing:
             return True
         return not judges_experts and _host_reads_are_free(hidden_flat)
 
-    def _combine_weights(self, chosen_log_probs: torch.Tensor, cluster_log_probs: torch.Tensor) -> torch.Tensor:
-        """Combine weights (tokens, k) from the pairs' log P(expert | cluster) and the chosen clusters' log P(cluster)
-        (tokens, kc): P(cluster) * P(expert | cluster), the latter renormalised over the cluster's chosen experts with
-        `norm_topk_prob`. P(cluster) is not renormalised: over one chosen cluster it would be 1, and the cluster router
-        would get no gradient from the task loss (as Switch Transformer keeps its top-1 probability)."""
-        num_tokens, top_k = chosen_log_probs.shape
-        # (tokens, kc, ke): each chosen cluster's chosen experts
-        expert_log_probs = chosen_log_probs.view(num_tokens, cluster_log_probs.shape[1], -1)
-        if self.config.norm_topk_prob:
-            weights = expert_log_probs.softmax(-1) * cluster_log_probs.exp().unsqueeze(-1)
+    def _combine_weights(self, chosen_log_probs, cluster_log_probs, settings: RoutingSettings) -> torch.Tensor:
+        """Combine weights (tokens, k) from the pairs' log P(expert | cluster) (tokens, kc, ke) and the chosen clusters'
+        log P(cluster) (tokens, kc): P(cluster) * P(expert | cluster), the latter renormalised over the cluster's chosen
+        experts with `norm_topk_prob`. P(cluster) is not renormalised: over one chosen cluster it would be 1, and the
+        cluster router would get no gradient from the task loss (as Switch Transformer keeps its top-1 probability)."""
+        if settings.norm_topk_prob:
+            weights = chosen_log_probs.softmax(-1) * cluster_log_probs.exp().unsqueeze(-1)
         else:
-            weights = (expert_log_probs + cluster_log_probs.unsqueeze(-1)).exp()
-        return weights.view(num_tokens, top_k)
+            weights = (chosen_log_probs + cluster_log_probs.unsqueeze(-1)).exp()
+        return weights.view(chosen_log_probs.shape[0], -1)
 
     def _judge_pairs(self, pair_outputs, pair_ids, valid_pairs, judges_experts: bool):
         """The (N,) experts and (tokens*k,) pairs to mask, or None for none: in training forwards, the experts that
@@ -1046,7 +1049,14 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
             ) from error
 
     def _experts_per_pair(
-        self, hidden_flat, top_k_index, chosen_log_probs, cluster_log_probs, valid_pairs, judges_experts: bool
+        self,
+        hidden_flat,
+        top_k_index,
+        chosen_log_probs,
+        cluster_log_probs,
+        valid_pairs,
+        judges_experts: bool,
+        settings: RoutingSettings,
     ):
         """One fused-experts call over all (token, expert) pairs, unweighted, so that each pair's output can be judged
         and masked before it is combined; works with every experts backend (eager, grouped_mm, batched_mm, ...).
@@ -1063,12 +1073,12 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
             if skips and not _is_expert_parallel(self.experts):  # whose dispatch takes real ids only
                 expert_ids = pair_ids.masked_fill(excluded, self.num_experts)
         gate_dummy = None
-        if (self.config.use_reliability_routing or excluded is not None) and pair_inputs.requires_grad:
+        if (settings.use_reliability_routing or excluded is not None) and pair_inputs.requires_grad:
             pair_inputs, gate_dummy = _PairInputGradientGate.apply(pair_inputs)
         pair_outputs = self._run_experts(pair_inputs, expert_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
 
         faulty = pair_faulty = None  # (N,) experts and (tokens*k,) pairs masked in this forward, or None for none
-        if self.config.use_reliability_routing:
+        if settings.use_reliability_routing:
             if torch.is_grad_enabled():
                 self._guard_expert_gradients()
             faulty, pair_faulty = self._judge_pairs(pair_outputs, pair_ids, valid_pairs, judges_experts)
@@ -1080,14 +1090,14 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
             # exp(finfo.min) is 0; a token whose pairs are all faulty gets finite weights (uniform with norm_topk_prob,
             # else 0) for zeroed outputs
             impossible = torch.finfo(chosen_log_probs.dtype).min
-            chosen_log_probs = chosen_log_probs.masked_fill(pair_faulty.view(num_tokens, top_k), impossible)
+            chosen_log_probs = chosen_log_probs.masked_fill(pair_faulty.view_as(chosen_log_probs), impossible)
         if excluded is not None:
             if gate_dummy is None:
                 pair_outputs = pair_outputs.masked_fill(excluded.unsqueeze(-1), 0.0)
             else:
                 pair_outputs = _MaskExcludedPairOutputs.apply(pair_outputs, gate_dummy, excluded)
         # Dropped pairs' outputs are zero: they contribute nothing, and the token keeps its residual path.
-        weights = self._combine_weights(chosen_log_probs, cluster_log_probs)
+        weights = self._combine_weights(chosen_log_probs, cluster_log_probs, settings)
 
         # (tokens, k, 1) * (tokens, k, H) summed over k -> (tokens, H), with the router's float32 weights, as
         # transformers' `grouped_mm` and `batched_mm` combine a weighted call: a token's output rounds alike on either
@@ -1106,14 +1116,16 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         hidden_flat = hidden_states.reshape(-1, hidden_dim)  # (tokens, H)
         num_tokens = hidden_flat.shape[0]
-        routing = self.router(hidden_flat)
+        settings = self.config.routing_settings
+        routing = self.router(hidden_flat, settings)
         cluster_index = routing.cluster_index  # (tokens, kc)
 
         # Global expert ids: cluster c's experts are c*E ... c*E+E-1.
         chosen_clusters = cluster_index.unsqueeze(-1)  # (tokens, kc, 1)
-        if self.config.expert_capacity_factor is None:
+        if settings.expert_capacity_factor is None:
             local_index, served, rerouted = routing.expert_candidates, None, None  # (tokens, kc, ke)
-            chosen_log_probs = routing.candidate_log_probs  # log P(expert | cluster), at the routing temperature
+            # (tokens, kc, ke): log P(expert | cluster), at the routing temperature
+            chosen_log_probs = routing.candidate_log_probs
         else:
             # (tokens, kc, E) global ids, best first
             candidates = routing.expert_candidates.add(chosen_clusters, alpha=self.experts_per_cluster)
@@ -1123,7 +1135,6 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
         expert_index = local_index.add(chosen_clusters, alpha=self.experts_per_cluster)
         top_k_index = expert_index.view(num_tokens, -1)  # (tokens, k)
         top_k = top_k_index.shape[1]
-        chosen_log_probs = chosen_log_probs.view(num_tokens, top_k)  # (tokens, k)
 
         # Built before the experts run, so that their backward runs after the experts' (autograd runs later nodes
         # first): their gradients then do not wait through the experts' backward, where training memory peaks.
@@ -1145,27 +1156,28 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
             training_forward = self.training and torch.is_grad_enabled()
         judges_experts = self.training and training_forward
         output = faulty = None  # faulty: (N,) experts whose outputs this forward masked, or None for none
-        if valid_pairs is None and self._may_skip_pair_checks(hidden_flat, judges_experts):
+        if valid_pairs is None and self._may_skip_pair_checks(hidden_flat, judges_experts, settings):
             # Nothing to exclude and nothing to judge per pair: one weighted experts call over the tokens.
-            weights = self._combine_weights(chosen_log_probs, routing.chosen_cluster_log_probs)
+            weights = self._combine_weights(chosen_log_probs, routing.chosen_cluster_log_probs, settings)
             output = self._run_experts(hidden_flat, top_k_index, weights)
-            # Summed in float32: a half-precision sum of a layer's finite outputs overflows easily.
-            summed = output.sum(dtype=_at_least_float32(output))
-            if self.config.use_reliability_routing and not math.isfinite(summed.item()):
-                output = None  # some pair's output is not finite (or the sum overflowed): judge each pair
+            if settings.use_reliability_routing:
+                # Summed in float32: a half-precision sum of a layer's finite outputs overflows easily.
+                if not math.isfinite(output.sum(dtype=_at_least_float32(output)).item()):
+                    output = None  # some pair's output is not finite (or the sum overflowed): judge each pair
         if output is None:
             cluster_log_probs = routing.chosen_cluster_log_probs
             output, faulty = self._experts_per_pair(
-                hidden_flat, top_k_index, chosen_log_probs, cluster_log_probs, valid_pairs, judges_experts
+                hidden_flat, top_k_index, chosen_log_probs, cluster_log_probs, valid_pairs, judges_experts, settings
             )
         output = output.view(batch_size, sequence_length, hidden_dim)
         if self.shared_expert is not None:
             output = output + self.shared_expert(hidden_states)
         if not output_routing_stats:
             return output, None
-        return output, self._routing_stats(balance, top_k_index, valid_pairs, served, rerouted, token_mask, faulty)
+        stats = self._routing_stats(balance, top_k_index, valid_pairs, served, rerouted, token_mask, faulty, settings)
+        return output, stats
 
-    def _routing_stats(self, balance, top_k_index, valid_pairs, served, rerouted, token_mask, faulty) -> dict:
+    def _routing_stats(self, balance, top_k_index, valid_pairs, served, rerouted, token_mask, faulty, settings) -> dict:
         """This layer's losses and observations for the model to fold in (see the class docstring)."""
         cluster_balance, expert_balance, router_z = balance
         pair_ids = top_k_index.reshape(-1)  # (tokens*k,)
@@ -1183,7 +1195,7 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
             "dropped_pairs": dropped,
             "rerouted_pairs": pair_ids.new_zeros(()) if rerouted is None else rerouted,
         }
-        if self.config.use_reliability_routing:
+        if settings.use_reliability_routing:
             observed = expert_counts > 0
             routing_stats["expert_observed"] = observed
             routing_stats["expert_faulty"] = torch.zeros_like(observed) if faulty is None else faulty
@@ -1722,16 +1734,19 @@ class ClusterMoEPreTrainedModel(PreTrainedModel):
     def _decoder_layers(self) -> nn.ModuleList:
         """The decoder layers, all of which the routing state and statistics span: pipeline parallelism, which replaces
         the layers of other stages with placeholders, is refused here rather than failing inside."""
-        layers = self.base_model.layers
+        base_model = self.base_model  # read once: checked before every forward
+        layers = base_model.layers
+        num_moe_layers = 0
         for idx, layer in enumerate(layers):
-            if not hasattr(layer, "is_moe"):  # wrappers (activation checkpointing, torch.compile) pass it through
+            is_moe = getattr(layer, "is_moe", None)  # wrappers (activation checkpointing, torch.compile) pass it on
+            if is_moe is None:
                 placeholder = f"decoder layer {idx} is a {type(layer).__name__}"
                 raise NotImplementedError(_NO_PIPELINE_PARALLELISM.format(placeholder))
+            num_moe_layers += bool(is_moe)
         # Fewer layers than the config names were removed; more are run partly (early-exit decoding lowers
         # `num_hidden_layers` for a while), which the forward allows, as long as the MoE layers are those the routing
         # state was built for.
-        num_moe_layers = sum(bool(layer.is_moe) for layer in layers)
-        built_moe_layers = self.base_model.routing_state.pending_counts.shape[0]
+        built_moe_layers = base_model.routing_state.pending_counts.shape[0]
         if len(layers) < self.config.num_hidden_layers or num_moe_layers != built_moe_layers:
             raise ValueError(
                 f"The model has {len(layers)} decoder layers ({num_moe_layers} MoE), its config num_hidden_layers="
@@ -2786,7 +2801,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
 
         parts = combine_router_losses(outputs.routing_stats)
         capacity_counts = {}
-        if self.config.expert_capacity_factor is not None and outputs.routing_stats:
+        if outputs.routing_stats and self.config.expert_capacity_factor is not None:
             capacity_counts = {
                 name: _stack_layers(outputs.routing_stats, name) for name in ("rerouted_pairs", "dropped_pairs")
             }
@@ -2809,7 +2824,7 @@ class ClusterMoEForCausalLM(ClusterMoEPreTrainedModel, GenerationMixin):
             expert_balance_loss=None if parts is None else parts[1],
             router_z_loss=None if parts is None else parts[2],
             model_reliability=(
-                self.model_reliability() if self.config.use_reliability_routing and output_routing_stats else None
+                self.model_reliability() if output_routing_stats and self.config.use_reliability_routing else None
             ),
             rerouted_pairs=capacity_counts.get("rerouted_pairs"),
             dropped_pairs=capacity_counts.get("dropped_pairs"),

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import subprocess
@@ -436,6 +437,32 @@ def test_a_live_config_is_checked_once_per_change_and_the_mark_is_not_saved(tiny
     saved = json.loads((tmp_path / "config.json").read_text())
     assert not any(key.startswith("_changed") for key in saved)
     assert ClusterMoEConfig.from_pretrained(tmp_path).to_dict() == model.config.to_dict()
+
+
+def test_the_routing_settings_follow_every_change_and_are_not_part_of_the_config(tiny_model, tmp_path):
+    """The MoE blocks read their settings in one read per forward (`routing_settings`), kept between forwards: a
+    change through any path reaches the next forward, and the kept copy is neither saved nor compared."""
+    model = tiny_model().eval()
+    config = model.config
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        before = model(ids).logits
+        settings = config.routing_settings
+        assert config.routing_settings is settings  # kept
+        assert settings == tuple(getattr(config, name) for name in type(settings)._fields)
+        config.update({"routing_temperature": 0.5})
+        assert config.routing_settings.routing_temperature == 0.5
+        hotter = model(ids).logits
+        config.routing_temperature = 1.0
+        restored = model(ids).logits
+    assert not torch.allclose(hotter, before)
+    torch.testing.assert_close(restored, before, rtol=0, atol=0)
+
+    twin = copy.deepcopy(config)
+    twin.top_k_experts = config.top_k_experts  # the same value: the twin is marked as changed, its settings not kept
+    assert twin == config
+    model.save_pretrained(tmp_path)
+    assert not any(key.startswith("_routing") for key in json.loads((tmp_path / "config.json").read_text()))
 
 
 @pytest.mark.parametrize(

@@ -151,7 +151,7 @@ def _count_per_pair_calls(monkeypatch, model) -> list:
 
 def _judge_every_pair(monkeypatch, model):
     for layer in model.model.layers:
-        monkeypatch.setattr(layer.mlp, "_may_skip_pair_checks", lambda hidden, judges_experts: False)
+        monkeypatch.setattr(layer.mlp, "_may_skip_pair_checks", lambda hidden, judges_experts, settings: False)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm", "sorted_mm"])
