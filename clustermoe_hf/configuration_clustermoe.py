@@ -255,6 +255,11 @@ class ClusterMoEConfig(PreTrainedConfig):
         if name != "num_hidden_layers" or not (_is_int(value) and value > 0):
             self.__dict__[_CHANGED_SINCE_CHECK] = True
 
+    def __delattr__(self, name):
+        super().__delattr__(name)  # a deleted setting reads as the class default from now on
+        self.__dict__.pop(_ROUTING_SETTINGS, None)
+        self.__dict__[_CHANGED_SINCE_CHECK] = True
+
     def to_json_file(self, json_file_path, use_diff: bool = True):
         """Checked first, as `save_pretrained` is: the file would hold a config no model can be built from (and
         transformers opens it for writing before serialising, so a value JSON cannot hold left it empty)."""
@@ -265,17 +270,6 @@ class ClusterMoEConfig(PreTrainedConfig):
         super()._remove_keys_not_serialized(d)
         for key in _PRIVATE_STATE:
             d.pop(key, None)
-
-    def __eq__(self, other):
-        """Equal settings, as transformers compares configs (their `__dict__`), without this class's private state:
-        whether a setting changed since the last check, and the cached `routing_settings`."""
-        if not isinstance(other, PreTrainedConfig):
-            return False
-        ours, theirs = (
-            {key: value for key, value in config.__dict__.items() if key not in _PRIVATE_STATE}
-            for config in (self, other)
-        )
-        return ours == theirs
 
     @property
     def routing_settings(self) -> "RoutingSettings":

@@ -441,7 +441,8 @@ def test_a_live_config_is_checked_once_per_change_and_the_mark_is_not_saved(tiny
 
 def test_the_routing_settings_follow_every_change_and_are_not_part_of_the_config(tiny_model, tmp_path):
     """The MoE blocks read their settings in one read per forward (`routing_settings`), kept between forwards: a
-    change through any path reaches the next forward, and the kept copy is neither saved nor compared."""
+    change through any path (setting, `update`, deleting) reaches the next forward, and the kept copy is neither saved
+    nor compared."""
     model = tiny_model().eval()
     config = model.config
     ids = torch.randint(0, 64, (2, 6))
@@ -455,8 +456,13 @@ def test_the_routing_settings_follow_every_change_and_are_not_part_of_the_config
         hotter = model(ids).logits
         config.routing_temperature = 1.0
         restored = model(ids).logits
+        config.routing_temperature = 0.5
+        torch.testing.assert_close(model(ids).logits, hotter, rtol=0, atol=0)
+        del config.routing_temperature  # back to the default, 1.0
+        deleted = model(ids).logits
     assert not torch.allclose(hotter, before)
     torch.testing.assert_close(restored, before, rtol=0, atol=0)
+    torch.testing.assert_close(deleted, before, rtol=0, atol=0)
 
     twin = copy.deepcopy(config)
     twin.top_k_experts = config.top_k_experts  # the same value: the twin is marked as changed, its settings not kept
