@@ -603,6 +603,7 @@ class RoutingSettings(NamedTuple):
     reliability_max_norm_ratio: float
     use_adaptive_routing: bool
 
+
 # The lowest `routing_temperature`: a softmax at 1e-4 is one-hot for logits that differ by 0.01.
 MIN_ROUTING_TEMPERATURE = 1e-4
 
