@@ -1075,7 +1075,11 @@ class ClusterMoESparseMoeBlock(_KeepsBufferDtypes):
         gate_dummy = None
         if (settings.use_reliability_routing or excluded is not None) and pair_inputs.requires_grad:
             pair_inputs, gate_dummy = _PairInputGradientGate.apply(pair_inputs)
-        pair_outputs = self._run_experts(pair_inputs, expert_ids[:, None], pair_inputs.new_ones(pair_ids.shape[0], 1))
+        # Unit weights in the router's precision (float32 for half-precision models), as a weighted call gets: the
+        # backends then weigh and sum each pair's output in float32 and round it back exactly, where a bf16 sum over
+        # the single pair of each row runs torch's slow reduced-precision reduction (~5x slower on CPU).
+        unit_weights = pair_inputs.new_ones(pair_ids.shape[0], 1, dtype=_at_least_float32(pair_inputs))
+        pair_outputs = self._run_experts(pair_inputs, expert_ids[:, None], unit_weights)
 
         faulty = pair_faulty = None  # (N,) experts and (tokens*k,) pairs masked in this forward, or None for none
         if settings.use_reliability_routing:
